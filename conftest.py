@@ -1,0 +1,236 @@
+"""Fixtures with real parts: nats-server with NKey users and tiered permissions, listener processes,
+and a stand-in `nixos-rebuild` on PATH that records its argv."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nkeys
+import pytest
+
+REPO = Path(__file__).resolve().parent
+PROGRAM = [sys.executable, str(REPO / "homelab_deploy.py")]
+sys.path.insert(0, str(REPO))
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition", interval: float = 0.02):
+    """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a test process and everything in its process group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def make_user_key(directory: Path, name: str) -> tuple[Path, str]:
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    path = directory / f"{name}.seed"
+    path.write_bytes(seed + b"\n")
+    path.chmod(0o600)
+    return path, nkeys.from_seed(bytearray(seed)).public_key.decode()
+
+
+def listener_permissions(hostname: str, tier: str, role: str | None) -> dict:
+    own = [f"deploy.{tier}.{hostname}", f"deploy.{tier}.all"] + ([f"deploy.{tier}.role.{role}"] if role else [])
+    return {"subscribe": own + ["deploy.discover"], "publish": ["deploy.responses.>", "deploy.discover"]}
+
+
+# The credentials of the spec's example configuration: who may publish and subscribe where.
+FLEET = {
+    "testhost1": listener_permissions("testhost1", "test", None),
+    "testhost2": listener_permissions("testhost2", "test", "web"),
+    "dns1": listener_permissions("dns1", "prod", "dns"),
+    "test-deployer": {"publish": ["deploy.test.>", "deploy.discover"],
+                      "subscribe": ["deploy.responses.>", "deploy.discover"]},
+    "admin": {"publish": ["deploy.>"], "subscribe": ["deploy.>"]},
+}
+
+
+class NatsServer:
+    def __init__(self, workdir: Path, users: dict[str, dict]):
+        self.workdir = workdir
+        self.seeds: dict[str, Path] = {}
+        self.public: dict[str, str] = {}
+        entries = []
+        for name, perms in users.items():
+            self.seeds[name], self.public[name] = make_user_key(workdir, name)
+            entries.append({"nkey": self.public[name], "permissions": perms})
+        self.stranger_seed, _ = make_user_key(workdir, "stranger")  # a valid key the server does not know
+        self.config = workdir / "nats.conf"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.write_config(entries)
+
+    def write_config(self, entries: list[dict], port: int | str = -1) -> None:
+        # nats-server reads JSON-compatible values in its config format.
+        self.config.write_text(f"listen: 127.0.0.1:{port}\nmax_payload: 1MB\n"
+                               f"authorization {{ users = {json.dumps(entries, indent=1)} }}\n")
+
+    def start(self) -> None:
+        log = self.workdir / "nats.log"
+        log.write_text("")
+        self.proc = subprocess.Popen(["nats-server", "-c", str(self.config), "-l", str(log)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        match = wait_for(lambda: re.search(r"Listening for client connections on 127\.0\.0\.1:(\d+)",
+                                           log.read_text()), what="nats-server to listen")
+        self.port = int(match.group(1))
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc:
+            stop_process(self.proc)
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    server = NatsServer(tmp_path, FLEET)
+    server.start()
+    yield server
+    server.stop()
+
+
+STANDIN = """\
+#!{python}
+# Stand-in for nixos-rebuild: records argv, then behaves as $STANDIN_DIR/mode says.
+import json, os, subprocess, sys, time
+d = os.environ["STANDIN_DIR"]
+with open(os.path.join(d, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+mode = open(os.path.join(d, "mode")).read().strip() if os.path.exists(os.path.join(d, "mode")) else "succeed"
+print("building the system configuration...", flush=True)
+if mode == "fail":
+    print("error: builder for '/nix/store/xyz-nixos-system.drv' failed with exit code 1", file=sys.stderr, flush=True)
+    sys.exit(1)
+if mode == "block":  # until the test creates the release file; a grandchild proves the group is killed
+    child = subprocess.Popen(["sleep", "3600"])
+    with open(os.path.join(d, "pids"), "a") as f:
+        f.write(f"{{os.getpid()}} {{child.pid}}\\n")
+    while not os.path.exists(os.path.join(d, "release")):
+        time.sleep(0.05)
+    child.kill()
+profile = os.path.join(d, "profiles", "system")
+gen = int(os.readlink(profile).split("-")[1]) + 1 if os.path.islink(profile) else 1
+os.makedirs(os.path.dirname(profile), exist_ok=True)
+os.symlink(f"system-{{gen}}-link", profile + ".tmp")
+os.replace(profile + ".tmp", profile)
+print("activating the configuration...", flush=True)
+"""
+
+
+class StandIn:
+    """A `nixos-rebuild` on PATH for one listener; modes: succeed, fail, block (until release())."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        (directory / "bin").mkdir(parents=True)
+        script = directory / "bin" / "nixos-rebuild"
+        script.write_text(STANDIN.format(python=sys.executable))
+        script.chmod(0o755)
+        self.profile = directory / "profiles" / "system"
+
+    def set_mode(self, mode: str) -> None:
+        (self.dir / "mode").write_text(mode)
+
+    def release(self) -> None:
+        (self.dir / "release").write_text("")
+
+    @property
+    def calls(self) -> list[list[str]]:
+        path = self.dir / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    @property
+    def pids(self) -> list[int]:
+        path = self.dir / "pids"
+        return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+class Listener:
+    def __init__(self, server: NatsServer, hostname: str, tier: str, role: str | None, workdir: Path, *extra: str):
+        self.hostname = hostname
+        self.standin = StandIn(workdir / hostname)
+        self.log = workdir / f"{hostname}.log"
+        self.argv = [*PROGRAM, "listener", "--hostname", hostname, "--tier", tier, "--nats-url", server.url,
+                     "--nkey-file", str(server.seeds[hostname]), "--flake-url", "git+https://git.example.com/cfg.git",
+                     "--system-profile", str(self.standin.profile), *(["--role", role] if role else []), *extra]
+        self.env = {**os.environ, "PATH": f"{self.standin.dir / 'bin'}:{os.environ['PATH']}",
+                    "STANDIN_DIR": str(self.standin.dir)}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Listener:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log, start_new_session=True)
+        wait_for(lambda: " ready " in self.log.read_text() or self.proc.poll() is not None,
+                 what=f"listener {self.hostname} to be ready")
+        assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        if self.proc:
+            stop_process(self.proc)
+
+
+@pytest.fixture
+def start_listener(nats_server, tmp_path):
+    started: list[Listener] = []
+
+    def start(hostname: str, tier: str, role: str | None = None, *extra: str) -> Listener:
+        listener = Listener(nats_server, hostname, tier, role, tmp_path, *extra)
+        started.append(listener)
+        return listener.start()
+
+    yield start
+    for listener in started:
+        listener.stop()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*PROGRAM, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def bus_factory():
+    """Real in-process NATS clients (homelab_deploy.Bus), closed after the test."""
+    import homelab_deploy
+
+    buses = []
+
+    def make(server: NatsServer, user: str):
+        bus = homelab_deploy.Bus(server.url, str(server.seeds[user]), f"test-{user}")
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        bus.close()

@@ -1,0 +1,416 @@
+"""Tests for homelab_deploy, grouped by the part they exercise.
+
+Unit tests need nothing; tests marked `integration` run a real nats-server with the spec's tiered NKey
+permissions, real listener processes and a stand-in `nixos-rebuild` that records its argv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+import homelab_deploy as hd
+from conftest import FLEET, NatsServer, make_user_key, run_cli, stop_process, wait_for
+
+HOSTILE_REVISIONS = [
+    "main; rm -rf /", "$(reboot)", "`id`", "main && id", "main|id", "--upgrade", "-rf", "main#evil", "main?rev=1",
+    "main&ref=x", "a=b", "100%", "../etc", "main/../x", "a..b", "main\nid", "main id", "\tmain", "", ".hidden",
+    "x" * 300, "main\x00", "ünïcode", "ref.lock", "trailing/", "trailing.", "a//b", "~main", "main^", "main:x",
+    "*", ">", 42, None, ["main"], {"ref": "main"}, True,
+]
+HOSTILE_ACTIONS = ["reboot", "switch; id", "--help", "SWITCH", "switch ", "", "build-vm", 1, None, ["switch"]]
+
+
+def deploy_args(server, user: str, *rest: str) -> list[str]:
+    return ["--nats-url", server.url, "--nkey-file", str(server.seeds[user]), *rest]
+
+
+# ---------------------------------------------------------------- validation and protocol
+
+class TestValidation:
+    @pytest.mark.parametrize("ref", ["main", "master", "feature/x-1", "v1.2.3", "release_2024", "a" * 255,
+                                     "0123456789abcdef0123456789abcdef01234567", "HEAD", "user/feat.v2"])
+    def test_valid_refs_accepted(self, ref):
+        assert hd.is_valid_ref(ref)
+
+    @pytest.mark.parametrize("ref", HOSTILE_REVISIONS)
+    def test_hostile_refs_rejected(self, ref):
+        assert not hd.is_valid_ref(ref)
+
+    @pytest.mark.parametrize("token,ok", [("myhost", True), ("dns-1", True), ("_x", True), ("a.b", False),
+                                          ("*", False), (">", False), ("a b", False), ("", False), ("-x", False)])
+    def test_subject_tokens(self, token, ok):
+        assert hd.is_subject_token(token) is ok
+
+    @pytest.mark.parametrize("subject,ok", [("deploy.test.all", True), ("deploy.prod.role.dns", True),
+                                            ("deploy.*.all", False), ("deploy.>", False), ("deploy..x", False),
+                                            ("deploy.test.a b", False), ("", False), ("deploy.test.", False)])
+    def test_publish_subjects(self, subject, ok):
+        assert hd.is_publish_subject(subject) is ok
+
+
+class TestProtocol:
+    def request(self, **fields) -> bytes:
+        return json.dumps({"action": "switch", "revision": "main", "reply_to": "deploy.responses.abc", **fields}).encode()
+
+    def test_valid_request(self):
+        req = hd.DeployRequest.parse(self.request(action="dry-activate"))
+        assert req == hd.DeployRequest(hd.Action.DRY_ACTIVATE, "main", "deploy.responses.abc")
+        assert hd.DeployRequest.parse(req.to_json()) == req
+
+    @pytest.mark.parametrize("revision", HOSTILE_REVISIONS)
+    def test_hostile_revision_is_invalid_revision(self, revision):
+        with pytest.raises(hd.ProtocolError) as e:
+            hd.DeployRequest.parse(self.request(revision=revision))
+        assert e.value.code is hd.ErrorCode.INVALID_REVISION
+        assert e.value.reply_to == "deploy.responses.abc"
+
+    @pytest.mark.parametrize("action", HOSTILE_ACTIONS)
+    def test_hostile_action_is_invalid_action(self, action):
+        with pytest.raises(hd.ProtocolError) as e:
+            hd.DeployRequest.parse(self.request(action=action))
+        assert e.value.code is hd.ErrorCode.INVALID_ACTION
+
+    @pytest.mark.parametrize("reply_to", ["deploy.test.all", "build.responses.x", "deploy.responses.", "deploy.responses.a.b",
+                                          "deploy.responses.>", "deploy.responses.*", "x", None, 5])
+    def test_reply_to_outside_responses_is_unanswerable(self, reply_to):
+        with pytest.raises(hd.ProtocolError) as e:
+            hd.DeployRequest.parse(self.request(reply_to=reply_to))
+        assert e.value.reply_to is None
+
+    @pytest.mark.parametrize("data", [b"", b"not json", b"\xff\xfe", b"[1,2]", b'"s"', b"null", b"{" * 10000,
+                                      b'{"a":' + b" " * (hd.MAX_MESSAGE_BYTES + 1) + b"1}"])
+    def test_malformed_messages(self, data):
+        with pytest.raises(hd.ProtocolError) as e:
+            hd.DeployRequest.parse(data)
+        assert e.value.reply_to is None
+
+    def test_response_round_trip_uses_spec_field_names(self):
+        response = hd.DeployResponse("myhost", hd.Status.COMPLETED, None, "Successfully switched to generation 42")
+        d = response.to_dict()
+        assert d == {"hostname": "myhost", "status": "completed", "error": None,
+                     "message": "Successfully switched to generation 42"}
+        assert hd.DeployResponse.parse(json.dumps(d).encode()) == response
+
+
+class TestCommandLine:
+    def test_ref(self):
+        assert hd.rebuild_argv(hd.Action.SWITCH, "git+https://g.example/c.git", "main", "web1") == [
+            "nixos-rebuild", "switch", "--refresh", "--flake", "git+https://g.example/c.git?ref=main#web1"]
+
+    def test_commit_uses_rev(self):
+        rev = "0123456789abcdef0123456789abcdef01234567"
+        assert hd.rebuild_argv(hd.Action.BOOT, "git+https://g.example/c.git", rev, "web1")[-1] == \
+            f"git+https://g.example/c.git?rev={rev}#web1"
+
+    def test_url_with_query(self):
+        assert hd.rebuild_argv(hd.Action.TEST, "git+https://g.example/c.git?dir=hosts", "feat/x", "web1")[-1] == \
+            "git+https://g.example/c.git?dir=hosts&ref=feat/x#web1"
+
+    def test_subject_templates(self):
+        assert hd.expand_subjects(list(hd.DEFAULT_SUBJECTS), "h1", "prod", "dns") == [
+            "deploy.prod.h1", "deploy.prod.all", "deploy.prod.role.dns"]
+        assert hd.expand_subjects(list(hd.DEFAULT_SUBJECTS), "h1", "test", None) == ["deploy.test.h1", "deploy.test.all"]
+        assert hd.expand_subjects(["site.<tier>.<hostname>.x"], "h1", "test", None) == ["site.test.h1.x"]
+        with pytest.raises(ValueError):
+            hd.expand_subjects(["deploy.<tier>.<nope>"], "h1", "test", None)
+
+    def test_alias(self, monkeypatch):
+        monkeypatch.setenv("HOMELAB_DEPLOY_ALIAS_PROD_DNS", "deploy.prod.role.dns")
+        assert hd.resolve_alias("prod-dns") == "deploy.prod.role.dns"
+        assert hd.resolve_alias("deploy.test.all") == "deploy.test.all"
+
+    def test_generation_from_profile(self, tmp_path):
+        (tmp_path / "system").symlink_to("system-42-link")
+        assert hd.current_generation(str(tmp_path / "system")) == 42
+        assert hd.current_generation(str(tmp_path / "missing")) is None
+
+    def test_run_with_timeout_kills_process_group(self, tmp_path):
+        pidfile = tmp_path / "pid"
+        result = hd.run_with_timeout(["sh", "-c", f"sleep 3600 & echo $! > {pidfile}; echo waiting; wait"], 0.5)
+        assert result.timed_out and result.output == ["waiting"]
+        grandchild = int(pidfile.read_text())
+        wait_for(lambda: not os.path.exists(f"/proc/{grandchild}") or
+                 open(f"/proc/{grandchild}/stat").read().split()[2] == "Z", what="grandchild to die")
+
+    def test_run_missing_program(self):
+        result = hd.run_with_timeout(["/nonexistent/nixos-rebuild"], 5)
+        assert result.returncode is None and "cannot run" in result.output[0]
+
+
+# ---------------------------------------------------------------- listener and deploy over NATS
+
+def responses(bus, subject: str, request: dict, until_final: int = 1, timeout: float = 30) -> list[dict]:
+    """Publish a raw request with a fresh reply subject; collect decoded replies until `until_final` final ones."""
+    reply_to = hd.new_reply_subject("deploy")
+    q = bus.inbox(reply_to)
+    bus.publish(subject, json.dumps({**request, "reply_to": request.get("reply_to", reply_to)}).encode(), confirm=True)
+    got: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while sum(r["status"] in ("completed", "failed", "rejected") for r in got) < until_final:
+        assert time.monotonic() < deadline, f"no final reply, got {got}"
+        try:
+            got.append(json.loads(q.get(timeout=0.1)))
+        except queue.Empty:
+            pass
+    return got
+
+
+@pytest.mark.integration
+class TestListener:
+    def test_deploy_sequence_argv_and_generation(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test")
+        bus = bus_factory(nats_server, "test-deployer")
+        got = responses(bus, "deploy.test.testhost1", {"action": "switch", "revision": "main"})
+        assert [r["status"] for r in got] == ["accepted", "started", "completed"]
+        assert all(set(r) >= {"hostname", "status", "error", "message"} and r["hostname"] == "testhost1" for r in got)
+        assert got[-1]["error"] is None and got[-1]["message"] == "Successfully switched to generation 1"
+        assert host.standin.calls == [["switch", "--refresh", "--flake",
+                                       "git+https://git.example.com/cfg.git?ref=main#testhost1"]]
+        got = responses(bus, "deploy.test.testhost1", {"action": "boot", "revision": "0" * 40})
+        assert "generation 2" in got[-1]["message"]
+        assert host.standin.calls[-1][-1] == f"git+https://git.example.com/cfg.git?rev={'0' * 40}#testhost1"
+
+    def test_flake_url_with_query(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--flake-url", "git+https://g.example/c.git?dir=nixos")
+        got = responses(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1",
+                        {"action": "test", "revision": "v1.0"})
+        assert got[-1]["status"] == "completed"
+        assert host.standin.calls == [["test", "--refresh", "--flake", "git+https://g.example/c.git?dir=nixos&ref=v1.0#testhost1"]]
+
+    def test_failure_reports_build_failed_with_output(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test")
+        host.standin.set_mode("fail")
+        got = responses(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1",
+                        {"action": "switch", "revision": "main"})
+        final = got[-1]
+        assert final["status"] == "failed" and final["error"] == "build_failed"
+        assert "exit code 1" in final["message"] and "failed with exit code 1" in final["message"]
+        assert any("builder for" in line for line in final["output"])
+
+    def test_hostile_requests_rejected_and_nothing_runs(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test")
+        bus = bus_factory(nats_server, "test-deployer")
+        for revision in HOSTILE_REVISIONS:
+            got = responses(bus, "deploy.test.testhost1", {"action": "switch", "revision": revision})
+            assert [(r["status"], r["error"]) for r in got] == [("rejected", "invalid_revision")], revision
+        for action in HOSTILE_ACTIONS:
+            got = responses(bus, "deploy.test.testhost1", {"action": action, "revision": "main"})
+            assert [(r["status"], r["error"]) for r in got] == [("rejected", "invalid_action")], action
+        assert host.standin.calls == []
+        assert host.proc.poll() is None
+
+    def test_malformed_and_misdirected_messages_ignored(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test")
+        admin = bus_factory(nats_server, "admin")
+        spy = admin.inbox("deploy.test.testhost2")  # where a hostile reply_to points
+        for payload in [b"", b"garbage", b"\xff" * 100, b"[]", b"x" * (hd.MAX_MESSAGE_BYTES + 10),
+                        json.dumps({"action": "switch", "revision": "main", "reply_to": "deploy.test.testhost2"}).encode()]:
+            admin.publish("deploy.test.testhost1", payload, confirm=True)
+        wait_for(lambda: host.log_text().count("rejected:") >= 6, what="six rejections logged")
+        got = responses(admin, "deploy.test.testhost1", {"action": "switch", "revision": "main"})
+        assert got[-1]["status"] == "completed"  # still alive and working
+        assert spy.empty() and len(host.standin.calls) == 1
+
+    def test_already_running(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test")
+        host.standin.set_mode("block")
+        bus = bus_factory(nats_server, "test-deployer")
+        reply_to = hd.new_reply_subject("deploy")
+        first = bus.inbox(reply_to)
+        bus.publish("deploy.test.testhost1", json.dumps({"action": "switch", "revision": "main",
+                                                         "reply_to": reply_to}).encode(), confirm=True)
+        wait_for(lambda: host.standin.pids, what="the first deploy to run")
+        got = responses(bus, "deploy.test.all", {"action": "boot", "revision": "main"})
+        assert [(r["status"], r["error"]) for r in got] == [("rejected", "already_running")]
+        assert "already running" in got[0]["message"]
+        host.standin.release()
+        final = wait_for(lambda: [m for m in iter_queue(first) if m["status"] == "completed"], what="first deploy done")
+        assert final and len(host.standin.calls) == 1
+
+    def test_timeout_kills_hung_process_group(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--timeout", "1")
+        host.standin.set_mode("block")
+        got = responses(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1",
+                        {"action": "switch", "revision": "main"})
+        assert (got[-1]["status"], got[-1]["error"]) == ("failed", "timeout")
+        for pid in host.standin.pids:  # the stand-in and its grandchild `sleep`
+            wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                     open(f"/proc/{pid}/stat").read().split()[2] == "Z", what=f"pid {pid} killed")
+
+    def test_heartbeats_during_long_deploy(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--heartbeat-interval", "0.2")
+        host.standin.set_mode("block")
+        bus = bus_factory(nats_server, "test-deployer")
+        reply_to = hd.new_reply_subject("deploy")
+        q = bus.inbox(reply_to)
+        bus.publish("deploy.test.testhost1", json.dumps({"action": "switch", "revision": "main",
+                                                         "reply_to": reply_to}).encode(), confirm=True)
+        seen: list[dict] = []
+        wait_for(lambda: seen.extend(iter_queue(q)) or
+                 sum("still running" in m["message"] for m in seen) >= 2, what="two heartbeats")
+        host.standin.release()
+        wait_for(lambda: seen.extend(iter_queue(q)) or seen[-1]["status"] == "completed", what="completion")
+
+    def test_discovery(self, nats_server, start_listener, bus_factory):
+        start_listener("testhost1", "test")
+        start_listener("dns1", "prod", "dns")
+        hosts = hd.discover_hosts(bus_factory(nats_server, "test-deployer"))
+        assert [(h.hostname, h.tier, h.role, h.deploying) for h in hosts] == [
+            ("dns1", "prod", "dns", False), ("testhost1", "test", None, False)]
+        assert hosts[0].deploy_subjects == ["deploy.prod.dns1", "deploy.prod.all", "deploy.prod.role.dns"]
+        assert hosts[0].version == hd.__version__
+
+    def test_metrics_before_and_after(self, nats_server, start_listener, bus_factory):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        host = start_listener("dns1", "prod", "dns", "--metrics-enabled", "--metrics-addr", f"127.0.0.1:{port}")
+
+        def scrape() -> dict:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                    for f in text_string_to_metric_families(text) for s in f.samples}
+
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read() == b"ok"
+        before = scrape()
+        key = lambda status, action, code: ("homelab_deploy_deployments_total",  # noqa: E731
+                                            (("action", action), ("error_code", code), ("status", status)))
+        for status in ("completed", "failed", "rejected"):
+            for action in ("switch", "boot", "test", "dry-activate"):
+                for code in ("", "invalid_action", "invalid_revision", "already_running", "build_failed", "timeout"):
+                    assert before[key(status, action, code)] == 0
+        assert before[("homelab_deploy_deployment_in_progress", ())] == 0
+        assert before[("homelab_deploy_info", (("hostname", "dns1"), ("role", "dns"), ("tier", "prod"),
+                                               ("version", hd.__version__)))] == 1
+        buckets = {dict(labels)["le"] for (name, labels) in before if name.endswith("_bucket")}
+        assert {"1.0", "60.0", "600.0", "3600.0", "+Inf"} <= buckets
+        admin = bus_factory(nats_server, "admin")
+        responses(admin, "deploy.prod.dns1", {"action": "switch", "revision": "main"})
+        responses(admin, "deploy.prod.role.dns", {"action": "boot", "revision": "bad;rev"})
+        host.standin.set_mode("fail")
+        responses(admin, "deploy.prod.all", {"action": "test", "revision": "main"})
+        after = scrape()
+        assert after[key("completed", "switch", "")] == 1
+        assert after[key("rejected", "boot", "invalid_revision")] == 1
+        assert after[key("failed", "test", "build_failed")] == 1
+        assert after[("homelab_deploy_deployment_duration_seconds_count",
+                      (("action", "switch"), ("success", "true")))] == 1
+        assert after[("homelab_deploy_deployment_duration_seconds_count",
+                      (("action", "test"), ("success", "false")))] == 1
+
+    def test_subjects_all_and_role(self, nats_server, start_listener, bus_factory):
+        hosts = [start_listener("testhost1", "test"), start_listener("testhost2", "test", "web"),
+                 start_listener("dns1", "prod", "dns")]
+        admin = bus_factory(nats_server, "admin")
+        got = responses(admin, "deploy.test.all", {"action": "switch", "revision": "main"}, until_final=2)
+        assert sorted(r["hostname"] for r in got if r["status"] == "completed") == ["testhost1", "testhost2"]
+        got = responses(admin, "deploy.prod.role.dns", {"action": "switch", "revision": "main"})
+        assert [r["hostname"] for r in got] == ["dns1"] * 3
+        assert [len(h.standin.calls) for h in hosts] == [1, 1, 1]
+
+
+def iter_queue(q: queue.Queue):
+    while True:
+        try:
+            yield json.loads(q.get_nowait())
+        except queue.Empty:
+            return
+
+
+# ---------------------------------------------------------------- deploy and list-hosts CLI
+
+@pytest.mark.integration
+class TestDeployCLI:
+    def test_deploy_json_and_exit_code(self, nats_server, start_listener):
+        start_listener("testhost1", "test")
+        start_listener("testhost2", "test", "web")
+        r = run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--json"))
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["success"] is True
+        assert [(h["hostname"], h["status"], h["error"]) for h in doc["hosts"]] == [
+            ("testhost1", "completed", None), ("testhost2", "completed", None)]
+        assert "2/2 hosts completed" in r.stderr
+        lines = [line for line in r.stderr.splitlines() if line.startswith("testhost1:")]
+        assert [line.split()[1] for line in lines] == ["accepted", "started", "completed"]
+
+    def test_env_vars_and_alias(self, nats_server, start_listener):
+        host = start_listener("testhost2", "test", "web")
+        env = {"HOMELAB_DEPLOY_NATS_URL": nats_server.url, "HOMELAB_DEPLOY_NKEY_FILE": str(nats_server.seeds["admin"]),
+               "HOMELAB_DEPLOY_BRANCH": "release/1.2", "HOMELAB_DEPLOY_ACTION": "boot", "HOMELAB_DEPLOY_TIMEOUT": "60",
+               "HOMELAB_DEPLOY_ALIAS_TEST_WEB": "deploy.test.role.web"}
+        r = run_cli("deploy", "test-web", env=env)
+        assert r.returncode == 0, r.stderr
+        assert host.standin.calls == [["boot", "--refresh", "--flake",
+                                       "git+https://git.example.com/cfg.git?ref=release/1.2#testhost2"]]
+
+    def test_failed_host_gives_nonzero_exit(self, nats_server, start_listener):
+        start_listener("testhost1", "test")
+        start_listener("testhost2", "test", "web").standin.set_mode("fail")
+        r = run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--json"))
+        assert r.returncode == 1
+        doc = json.loads(r.stdout)
+        assert {h["hostname"]: h["status"] for h in doc["hosts"]} == {"testhost1": "completed", "testhost2": "failed"}
+        assert doc["success"] is False
+
+    def test_test_deployer_cannot_deploy_to_prod(self, nats_server, start_listener):
+        prod = start_listener("dns1", "prod", "dns")
+        for subject in ("deploy.prod.dns1", "deploy.prod.all", "deploy.prod.role.dns"):
+            r = run_cli("deploy", subject, *deploy_args(nats_server, "test-deployer"))
+            assert r.returncode == 3, r.stderr
+            assert "permission denied" in r.stderr and subject in r.stderr
+        assert prod.standin.calls == []
+
+    def test_nobody_answers(self, nats_server):
+        r = run_cli("deploy", "deploy.test.nosuchhost", *deploy_args(nats_server, "test-deployer"))
+        assert r.returncode == 4 and "no host answered" in r.stderr
+
+    def test_invalid_input_sends_nothing(self, nats_server, start_listener):
+        host = start_listener("testhost1", "test")
+        for extra in (["--branch", "main;id"], ["--action", "reboot"], ["--branch", "-x"]):
+            r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer", *extra))
+            assert r.returncode == 2 and "error:" in r.stderr, extra
+        r = run_cli("deploy", "deploy.test.*", *deploy_args(nats_server, "test-deployer"))
+        assert r.returncode == 2
+        assert host.standin.calls == []
+
+    def test_connection_errors_are_clear_and_fast(self, nats_server, tmp_path):
+        bad_seed = tmp_path / "bad.seed"
+        bad_seed.write_text("SUNOTAVALIDSEED\n")
+        cases = [
+            (["--nats-url", "nats://127.0.0.1:1", "--nkey-file", str(nats_server.seeds["admin"])], "cannot reach NATS"),
+            (["--nats-url", nats_server.url, "--nkey-file", str(tmp_path / "missing.seed")], "cannot read NKey seed"),
+            (["--nats-url", nats_server.url, "--nkey-file", str(bad_seed)], "valid NKey user seed"),
+            (["--nats-url", nats_server.url, "--nkey-file", str(nats_server.stranger_seed)], "rejected the credentials"),
+        ]
+        for args, message in cases:
+            started = time.monotonic()
+            r = run_cli("deploy", "deploy.test.all", *args, timeout=30)
+            assert r.returncode == 3 and message in r.stderr, (args, r.stderr)
+            assert time.monotonic() - started < 20
+            seeds = [open(a).read().strip() for a in args if a.endswith(".seed") and os.path.exists(a)]
+            assert not any(seed in r.stderr for seed in seeds)  # no seed material in errors
+
+    def test_missing_required_flag(self):
+        r = run_cli("deploy", "deploy.test.all", env={"HOMELAB_DEPLOY_NATS_URL": "", "HOMELAB_DEPLOY_NKEY_FILE": ""})
+        assert r.returncode == 2 and "--nats-url" in r.stderr
+
+    def test_list_hosts_and_tier_filter(self, nats_server, start_listener):
+        start_listener("testhost1", "test")
+        start_listener("dns1", "prod", "dns")
+        r = run_cli("list-hosts", *deploy_args(nats_server, "test-deployer", "--json"))
+        assert r.returncode == 0, r.stderr
+        assert [h["hostname"] for h in json.loads(r.stdout)] == ["dns1", "testhost1"]
+        r = run_cli("list-hosts", *deploy_args(nats_server, "test-deployer", "--tier", "prod"))
+        assert r.returncode == 0
+        assert "dns1" in r.stdout and "testhost1" not in r.stdout and "deploy.prod.role.dns" in r.stdout
