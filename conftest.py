@@ -67,6 +67,11 @@ FLEET = {
     "test-deployer": {"publish": ["deploy.test.>", "deploy.discover"],
                       "subscribe": ["deploy.responses.>", "deploy.discover"]},
     "admin": {"publish": ["deploy.>"], "subscribe": ["deploy.>"]},
+    # The builder serves repos fleet and evalfail; the build client may also ask for `unknown`, which no
+    # builder serves, but not for `second`.
+    "builder": {"publish": ["build.responses.>"], "subscribe": ["build.fleet.*", "build.evalfail.*"]},
+    "build-client": {"publish": ["build.fleet.*", "build.evalfail.*", "build.unknown.*"],
+                     "subscribe": ["build.responses.>"]},
 }
 
 
@@ -179,7 +184,8 @@ class Listener:
         self.log = workdir / f"{hostname}.log"
         self.argv = [*PROGRAM, "listener", "--hostname", hostname, "--tier", tier, "--nats-url", server.url,
                      "--nkey-file", str(server.seeds[hostname]), "--flake-url", "git+https://git.example.com/cfg.git",
-                     "--system-profile", str(self.standin.profile), *(["--role", role] if role else []), *extra]
+                     "--system-profile", str(self.standin.profile), "--state-dir", str(self.standin.dir / "state"),
+                     *(["--role", role] if role else []), *extra]
         self.env = {**os.environ, "PATH": f"{self.standin.dir / 'bin'}:{os.environ['PATH']}",
                     "STANDIN_DIR": str(self.standin.dir)}
         self.proc: subprocess.Popen | None = None

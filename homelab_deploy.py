@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import enum
 import json
@@ -76,6 +77,7 @@ class ErrorCode(enum.Enum):
     ALREADY_RUNNING = "already_running"
     BUILD_FAILED = "build_failed"
     TIMEOUT = "timeout"
+    INTERRUPTED = "interrupted"  # the listener stopped or died mid-deploy; not in the spec's list
 
 
 class ProtocolError(Exception):
@@ -320,6 +322,12 @@ class BuildResponse:
         if status not in BUILD_STATUSES:
             raise ProtocolError(f"malformed build response: status {status.value!r} is not a build status")
         fields = {f.name: obj.get(f.name) for f in dataclasses.fields(cls)}
+        kinds = {"repo": str, "branch": str, "host": str, "error": str, "host_success": bool, "output": list,
+                 "results": list, "hosts_total": int, "hosts_completed": int, "succeeded": int, "failed": int,
+                 "duration_seconds": (int, float), "total_duration_seconds": (int, float)}
+        wrong = [key for key, kind in kinds.items() if fields[key] is not None and not isinstance(fields[key], kind)]
+        if wrong or not all(isinstance(r, dict) for r in fields["results"] or []):
+            raise ProtocolError(f"malformed build response: wrong type for {', '.join(wrong) or 'results'}")
         return cls(**{**fields, "status": status, "error_code": code, "message": str(obj.get("message") or "")})
 
     def to_dict(self) -> dict:
@@ -382,6 +390,7 @@ class Bus:
         self.workers = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="nats-handler")
         self.nc = None
         self.closing = False
+        self.reconnects = 0
         delay = 1.0
         while True:
             try:
@@ -423,7 +432,8 @@ class Bus:
                 log.warning("disconnected from NATS; reconnecting")
 
         async def on_reconnect():
-            log.info("reconnected to NATS at %s", self.nc.connected_url.netloc if self.nc else "?")
+            self.reconnects += 1
+            log.warning("reconnected to NATS at %s", self.nc.connected_url.netloc if self.nc else "?")
 
         connecting = asyncio.ensure_future(nats.connect(
             servers=self.servers, nkeys_seed_str=seed, name=name, error_cb=on_error,
@@ -536,7 +546,7 @@ MAX_CAPTURED_STDOUT = 16 * 1024 * 1024  # `nix flake show --json` of a large fle
 
 
 def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env: dict | None = None,
-                     capture_stdout: bool = False, stop: threading.Event | None = None) -> RunResult:
+                     capture_stdout: bool = False, stop: threading.Event | None = None, on_start=None) -> RunResult:
     """Run argv (never a shell) in its own process group; kill the group after `timeout` seconds,
     or as soon as `stop` is set. With `capture_stdout`, stdout is kept apart from the logged stderr."""
     started = time.monotonic()
@@ -547,6 +557,8 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
                                 start_new_session=True, env=env)
     except OSError as e:
         return RunResult(None, False, [f"cannot run {argv[0]}: {e.strerror}"], time.monotonic() - started)
+    if on_start:
+        on_start(proc.pid)
 
     def read_output(stream) -> None:
         for raw in stream:
@@ -667,8 +679,9 @@ class BuilderMetrics:
     Rejected requests are not builds and are not counted (their repo label would be untrusted)."""
 
     def __init__(self, repos: list[str]):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+        disable_created_metrics()  # exactly the spec's six metrics, no *_created series
         self.registry = CollectorRegistry()
         self.builds = Counter("homelab_deploy_builds_total", "Total builds processed", ["repo", "status"],
                               registry=self.registry)
@@ -727,16 +740,21 @@ def current_generation(profile: str) -> int | None:
 
 
 class Listener:
-    def __init__(self, args: argparse.Namespace, subjects: list[str], bus: Bus, metrics: ListenerMetrics | None):
+    def __init__(self, args: argparse.Namespace, subjects: list[str], bus: Bus, metrics: ListenerMetrics | None,
+                 stop: threading.Event):
         self.hostname, self.tier, self.role = args.hostname, args.tier, args.role
         self.flake_url, self.timeout, self.profile = args.flake_url, args.timeout, args.system_profile
         self.heartbeat_interval = args.heartbeat_interval
+        self.restart_after_switch = args.restart_after_switch
         self.subjects = subjects
         self.discover_subject = args.discover_subject
         self.bus, self.metrics = bus, metrics
+        self.inflight_file = os.path.join(args.state_dir, "inflight.json")
         self.busy = threading.Lock()  # one deploy at a time
         self.current: DeployRequest | None = None
         self.current_since = 0.0
+        self.stop = stop  # set to shut the listener down (signal, or restart after a switch)
+        self.kill = threading.Event()  # set when the shutdown grace period is over: kill the running deploy
 
     def start(self) -> None:
         for subject in self.subjects:
@@ -771,14 +789,74 @@ class Listener:
             if self.metrics:
                 self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
             return
+        reconnects = self.bus.reconnects
         try:
             self.current, self.current_since = request, time.monotonic()
-            self.deploy(request, rid)
+            self.record_inflight(request)
+            final = self.deploy(request, rid)
         finally:
             self.current = None
-            self.busy.release()
+            self.record_inflight(None)
+            self.busy.release()  # before the final status, so the requester's next deploy is not refused
+        if self.metrics:
+            self.metrics.count(final.status, request.action, final.error)
+        self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
+        if final.status is Status.COMPLETED and request.action is Action.SWITCH and self.restart_after_switch:
+            log.info("host=%s request=%s restarting so the service manager starts the switched-to version",
+                     self.hostname, rid)
+            self.stop.set()
 
-    def deploy(self, request: DeployRequest, rid: str) -> None:
+    def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
+        """Keep the running request on disk (atomically) so a restarted listener can report it; None clears it."""
+        if request is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.inflight_file)
+            return
+        record = {"reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
+                  "started": time.time(), "pid": pid, "generation": current_generation(self.profile)}
+        tmp = self.inflight_file + ".tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.inflight_file)
+
+    def report_interrupted(self) -> None:
+        """At start: a deploy recorded in the state dir was cut short (crash, kill); tell its requester, never re-run it."""
+        try:
+            with open(self.inflight_file) as f:
+                record = json.load(f)
+            reply_to = parse_reply_to(record, "deploy")
+            action, revision = Action(record["action"]), str(record["revision"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
+            log.error("host=%s unreadable in-flight record %s (%s); removing it", self.hostname, self.inflight_file, e)
+            self.record_inflight(None)
+            return
+        pid = record.get("pid")
+        if isinstance(pid, int) and pid > 1:
+            with contextlib.suppress(OSError):  # an orphaned nixos-rebuild from the dead listener: stop it
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"nixos-rebuild" in f.read():
+                        os.killpg(pid, signal.SIGKILL)
+                        log.warning("host=%s killed the orphaned nixos-rebuild (pid %d)", self.hostname, pid)
+        before, now = record.get("generation"), current_generation(self.profile)
+        generations = (f"; the system profile is at generation {now} (was {before} when it started)"
+                       if now is not None else "")
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started") or 0))
+        message = (f"the listener on {self.hostname} stopped while nixos-rebuild {action.value} of {revision} was "
+                   f"running (started {started}); its outcome is unknown{generations}. Check the host and deploy "
+                   "again; it was not re-run")
+        log.warning("host=%s request=%s reporting interrupted deploy: %s", self.hostname,
+                    reply_to.rsplit(".", 1)[1], message)
+        self.reply(reply_to, Status.FAILED, ErrorCode.INTERRUPTED, message)
+        if self.metrics:
+            self.metrics.count(Status.FAILED, action, ErrorCode.INTERRUPTED)
+        self.record_inflight(None)
+
+    def deploy(self, request: DeployRequest, rid: str) -> DeployResponse:
+        """Run nixos-rebuild for an accepted request; returns the final status to report."""
         action, revision = request.action, request.revision
         argv = rebuild_argv(action, self.flake_url, revision, self.hostname)
         log.info("host=%s request=%s accepted %s of %s", self.hostname, rid, action.value, revision)
@@ -797,11 +875,13 @@ class Listener:
         beat = threading.Thread(target=heartbeat, name="heartbeat", daemon=True)
         beat.start()
         try:
-            result = run_with_timeout(argv, self.timeout, f"host={self.hostname} request={rid} ")
+            result = run_with_timeout(argv, self.timeout, f"host={self.hostname} request={rid} ", stop=self.kill,
+                                      on_start=lambda pid: self.record_inflight(request, pid))
         finally:
             done.set()
             if self.metrics:
                 self.metrics.in_progress.set(0)
+        killed = self.kill.is_set() and not result.timed_out and result.returncode != 0
         success = result.returncode == 0 and not result.timed_out
         if self.metrics:
             self.metrics.duration.labels(action.value, str(success).lower()).observe(result.duration)
@@ -818,15 +898,34 @@ class Listener:
         elif result.timed_out:
             status, error = Status.FAILED, ErrorCode.TIMEOUT
             message = f"nixos-rebuild {action.value} did not finish within {self.timeout}s; its process group was killed"
+        elif killed:
+            status, error = Status.FAILED, ErrorCode.INTERRUPTED
+            message = (f"the listener on {self.hostname} was shut down and nixos-rebuild {action.value} did not finish "
+                       "within the shutdown grace period; its process group was killed. Deploy again")
         else:
             status, error = Status.FAILED, ErrorCode.BUILD_FAILED
             last = next((line.strip() for line in reversed(result.output) if line.strip()), "no output")
             message = f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
         log.info("host=%s request=%s %s in %.1fs: %s", self.hostname, rid, status.value, result.duration, message)
-        self.reply(request.reply_to, status, error, message, duration_seconds=result.duration,
-                   output=None if success else result.output)
-        if self.metrics:
-            self.metrics.count(status, action, error)
+        return DeployResponse(self.hostname, status, error, message, result.duration, None if success else result.output)
+
+    def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int) -> None:
+        """Publish a final status. If NATS dropped us during the deploy, the requester may have resubscribed
+        after our buffered reply went out: send it again (clients keep the first final status, ignore repeats)."""
+        try:
+            self.bus.publish(reply_to, payload, confirm=True)  # confirm = flushed to the server
+        except NatsError as e:
+            log.warning("host=%s request=%s final status not confirmed by NATS yet (%s); nats-py resends it "
+                        "on reconnect", self.hostname, rid, e)
+        if self.bus.reconnects != reconnects or not self.bus.nc.is_connected:
+            def resend() -> None:
+                for delay in (2.0, 5.0):
+                    if self.stop.wait(delay):
+                        return
+                    self.bus.publish(reply_to, payload)
+                    log.info("host=%s request=%s re-sent the final status after a reconnect", self.hostname, rid)
+
+            threading.Thread(target=resend, name="resend-final", daemon=True).start()
 
     def handle_discover(self, subject: str, data: bytes) -> None:
         try:
@@ -847,10 +946,18 @@ def run_listener(args: argparse.Namespace) -> int:
     if not is_flake_url(args.flake_url):
         raise SystemExit(f"error: --flake-url {args.flake_url!r} must be a flake URL without '#' or whitespace, "
                          "e.g. git+https://git.example.com/user/nixos-configs.git")
-    if args.timeout <= 0 or args.heartbeat_interval <= 0:
-        raise SystemExit("error: --timeout and --heartbeat-interval must be positive")
+    if args.timeout <= 0 or args.heartbeat_interval <= 0 or args.shutdown_grace < 0:
+        raise SystemExit("error: --timeout and --heartbeat-interval must be positive, --shutdown-grace not negative")
     if not is_publish_subject(args.discover_subject):
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
+    try:
+        os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+        if os.stat(args.state_dir).st_mode & 0o077:
+            log.warning("state directory %s is accessible to group or others; run `chmod 700 %s`",
+                        args.state_dir, args.state_dir)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create state directory {args.state_dir}: {e.strerror}; "
+                         "pass --state-dir DIR (a directory only this listener writes)") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -866,10 +973,17 @@ def run_listener(args: argparse.Namespace) -> int:
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    listener = Listener(args, subjects, bus, metrics)
+    listener = Listener(args, subjects, bus, metrics, stop)
+    listener.report_interrupted()
     listener.start()
     log.info("host=%s tier=%s role=%s ready (%s)", args.hostname, args.tier, args.role or "-", ", ".join(subjects))
     stop.wait()
+    if listener.busy.locked():
+        log.warning("host=%s shutting down: waiting up to %ss for the running deploy", args.hostname,
+                    args.shutdown_grace)
+        if not listener.busy.acquire(timeout=args.shutdown_grace):
+            listener.kill.set()  # the deploy thread kills nixos-rebuild's group and reports `failed`
+            listener.busy.acquire(timeout=60)
     log.info("host=%s shutting down", args.hostname)
     bus.close()
     return 0
@@ -994,6 +1108,10 @@ class Builder:
             return
         rid = request.reply_to.rsplit(".", 1)[1]
         repo = self.repos[subject_repo]
+        if self.stop.is_set():
+            self.reply(request.reply_to, Status.REJECTED, "the builder is shutting down; retry when it is back",
+                       repo=repo.name)
+            return
         if not self.running[repo.name].acquire(blocking=False):
             running, since = self.current.get(repo.name, (None, time.monotonic()))
             what = f"{running.target} at {running.branch or repo.default_branch}, " if running else ""
@@ -1016,7 +1134,7 @@ class Builder:
         common = {"repo": repo.name, "branch": branch}
         started = time.monotonic()
         log.info("%s host=%s branch=%s accepted", where, request.target, branch)
-        self.reply(request.reply_to, Status.STARTED, f"listing the hosts of {repo.name} at {branch}", **common)
+        self.reply(request.reply_to, Status.STARTED, f"listing the hosts at {branch}", **common)
         if self.metrics:
             self.metrics.last.labels(repo.name).set_to_current_time()
         try:
@@ -1030,7 +1148,7 @@ class Builder:
                 self.metrics.build_finished(repo.name, False)
             return
         note = f" ({skipped} host(s) with unsafe names skipped; see the builder's log)" if skipped else ""
-        self.reply(request.reply_to, Status.STARTED, f"building {len(hosts)} host(s) of {repo.name} at {branch}{note}",
+        self.reply(request.reply_to, Status.STARTED, f"building {len(hosts)} host(s) at {branch}{note}",
                    hosts_total=len(hosts), **common)
         results = []
         with concurrent.futures.ThreadPoolExecutor(self.parallel, thread_name_prefix="nix-build") as pool:
@@ -1395,7 +1513,8 @@ def describe_build(response: dict) -> str:
         line = (f"[{response.get('hosts_completed')}/{response.get('hosts_total')}] {response.get('host')} "
                 f"{'ok' if response.get('host_success') else 'FAILED'} {response.get('duration_seconds') or 0:.1f}s")
         return line + (f": {response['error']}" if response.get("error") else "")
-    status = "" if response["status"] in ("started", "completed") else f"{response['status']}: "
+    said = response["status"] in ("started", "completed") or "results" in response  # "built 3/5 hosts; failed: ..."
+    status = "" if said else f"{response['status']}: "
     return f"{response.get('repo') or 'build'}: {status}{response.get('message', '')}"
 
 
@@ -1796,7 +1915,8 @@ def demo_command(args: argparse.Namespace) -> int:
             listeners.append((host, start([*me, "listener", "--hostname", host, "--tier", tier, "--role", role,
                                            "--nats-url", url, "--nkey-file", os.path.join(keys, f"{host}.seed"),
                                            "--flake-url", "git+https://git.example.com/homelab/nixos-configs.git",
-                                           "--system-profile", os.path.join(work, f"{host}.system"), *metrics],
+                                           "--system-profile", os.path.join(work, f"{host}.system"),
+                                           "--state-dir", os.path.join(work, f"{host}.state"), *metrics],
                                           host, env)))
         for host, proc in listeners:
             wait_for_log(host, r" ready ", proc)
@@ -1902,6 +2022,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-addr", default=":9972", help="metrics HTTP server address (default: :9972)")
     p.add_argument("--heartbeat-interval", type=float, default=30.0,
                    help="seconds between 'still running' messages during a deploy (default: 30)")
+    p.add_argument("--state-dir", default=(os.environ.get("STATE_DIRECTORY") or "/var/lib/homelab-deploy").split(":")[0],
+                   help="where the running deploy is recorded, so a restarted listener reports it "
+                        "(default: $STATE_DIRECTORY from systemd, else /var/lib/homelab-deploy)")
+    p.add_argument("--shutdown-grace", type=float, default=60.0,
+                   help="on SIGTERM, seconds to let a running deploy finish before killing it (default: 60)")
+    p.add_argument("--restart-after-switch", action="store_true",
+                   help="exit after reporting a successful switch so the service manager (Restart=always) starts "
+                        "the version the new generation installed; the NixOS module sets this")
     p.add_argument("--system-profile", default="/nix/var/nix/profiles/system",
                    help="system profile whose generation is reported after switch/boot "
                         "(default: /nix/var/nix/profiles/system)")
@@ -1972,6 +2100,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
                    help=f"seconds to wait for more hosts to answer (default: {ANSWER_WINDOW:.0f})")
     p.set_defaults(func=lambda args: __import__("homelab_deploy_mcp").serve(args), daemon=True)
+
+    p = sub.add_parser("build", help="ask the builder to pre-build the hosts of a repository")
+    p.add_argument("repo", metavar="REPO", help="repository name from the builder's config")
+    p.add_argument("host", metavar="HOST", nargs="?", help="build only this host (default: all hosts)")
+    p.add_argument("--all", action="store_true", help="build all hosts of the repository (the default without HOST)")
+    nats_flags(p, env=True)
+    p.add_argument("--branch", default=env_default("HOMELAB_DEPLOY_BRANCH"),
+                   help="git branch (env HOMELAB_DEPLOY_BRANCH; default: the repo's default_branch)")
+    p.add_argument("--timeout", type=float, default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, float),
+                   help="response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
+    p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
+                   help=f"seconds to wait for the builder to answer (default: {ANSWER_WINDOW:.0f})")
+    p.add_argument("--json", action="store_true", help="print the final build response as JSON")
+    p.set_defaults(func=build_command)
+
+    p = sub.add_parser("builder", help="run on a build host: pre-build a repository's hosts when a request arrives")
+    nats_flags(p, env=False)
+    p.add_argument("--config", required=True,
+                   help="YAML file naming the repositories to build: repos: {NAME: {url, default_branch}}")
+    p.add_argument("--timeout", type=int, default=1800, help="build timeout per host in seconds (default: 1800)")
+    p.add_argument("--parallel", type=int, default=1, help="hosts built at the same time (default: 1)")
+    p.add_argument("--metrics-enabled", action="store_true", help="enable the Prometheus metrics endpoint")
+    p.add_argument("--metrics-addr", default=":9973", help="metrics HTTP server address (default: :9973)")
+    p.set_defaults(func=run_builder, daemon=True)
     return parser
 
 

@@ -124,6 +124,8 @@ let
     ++ lib.optionals (lcfg.role != null) [ "--role" lcfg.role ]
     ++ lib.concatMap (subject: [ "--deploy-subject" subject ]) lcfg.deploySubjects
     ++ [ "--discover-subject" lcfg.discoverSubject ]
+    # Exit after reporting a successful switch; Restart=always starts the new unit (see restartIfChanged).
+    ++ [ "--restart-after-switch" ]
     ++ lib.optionals lcfg.metrics.enable [ "--metrics-enabled" "--metrics-addr" lcfg.metrics.address ]
     ++ lcfg.extraArgs
   );
@@ -373,6 +375,11 @@ in
           # Runs as root: nixos-rebuild switch needs it.
           Restart = "always";
           RestartSec = 5;
+          # The in-flight deploy record ($STATE_DIRECTORY), reported after a crash or kill.
+          StateDirectory = "homelab-deploy";
+          StateDirectoryMode = "0700";
+          # SIGTERM lets a running deploy finish for up to 60 s (--shutdown-grace) before it is killed.
+          TimeoutStopSec = 90;
         };
       };
 

@@ -292,6 +292,7 @@ def test_listener_minimal_exec_start(nix):
         "--timeout", "600",
         *DEFAULT_SUBJECT_ARGS,
         "--discover-subject", "deploy.discover",
+        "--restart-after-switch",
     ]
 
 
@@ -300,7 +301,7 @@ def test_listener_unit(nix):
         host(listener=listener_config()),
         f"""{{
           inherit (svc.{LISTENER}) wantedBy wants after path restartIfChanged stopIfChanged;
-          inherit (svc.{LISTENER}.serviceConfig) Restart RestartSec;
+          inherit (svc.{LISTENER}.serviceConfig) Restart RestartSec StateDirectory StateDirectoryMode TimeoutStopSec;
           user = svc.{LISTENER}.serviceConfig.User or null;
           services = builtins.attrNames svc;
           users = builtins.attrNames cfg.users.users;
@@ -315,6 +316,8 @@ def test_listener_unit(nix):
     assert unit["stopIfChanged"] is False
     assert unit["Restart"] == "always"
     assert unit["RestartSec"] == 5
+    assert (unit["StateDirectory"], unit["StateDirectoryMode"]) == ("homelab-deploy", "0700")
+    assert unit["TimeoutStopSec"] > 60  # longer than the listener's --shutdown-grace
     assert unit["user"] is None  # root: nixos-rebuild switch needs it
     tools = [p.split("-", 1)[1] for p in unit["path"]]
     assert tools == ["nix-2.28", "git-2.49", "nixos-rebuild-ng"]

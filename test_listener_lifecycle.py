@@ -1,0 +1,144 @@
+"""The listener's life cycle: state directory, a crash mid-deploy reported after restart, SIGTERM with a grace
+period, restart after a switch, and seed-file hygiene. Real nats-server, real listener processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import time
+
+import pytest
+
+import homelab_deploy as hd
+from conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def start_deploy(bus, subject: str, action: str = "switch") -> tuple[str, queue.Queue]:
+    reply_to = hd.new_reply_subject("deploy")
+    replies = bus.inbox(reply_to)
+    bus.publish(subject, json.dumps({"action": action, "revision": "main", "reply_to": reply_to}).encode(), confirm=True)
+    return reply_to, replies
+
+
+def final_reply(replies: queue.Queue, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, "no final status"
+        try:
+            reply = json.loads(replies.get(timeout=remaining))
+        except queue.Empty:
+            continue
+        if reply["status"] in ("completed", "failed", "rejected"):
+            return reply
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+class TestStateDirectory:
+    def test_created_private(self, start_listener):
+        host = start_listener("testhost1", "test")
+        state = host.standin.dir / "state"
+        assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
+
+    def test_killed_mid_deploy_is_reported_after_restart_and_not_rerun(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test")
+        host.standin.set_mode("block")
+        bus = bus_factory(nats_server, "test-deployer")
+        reply_to, replies = start_deploy(bus, "deploy.test.testhost1")
+        wait_for(lambda: host.standin.pids, what="nixos-rebuild to run")
+        record = json.loads((host.standin.dir / "state" / "inflight.json").read_text())
+        assert record["reply_to"] == reply_to and record["action"] == "switch" and record["pid"]
+        host.proc.send_signal(signal.SIGKILL)  # crash / OOM: no chance to report
+        host.proc.wait(10)
+        host.start()
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "interrupted")
+        assert "stopped while nixos-rebuild switch of main was running" in reply["message"]
+        assert "not re-run" in reply["message"]
+        for pid in host.standin.pids:  # the orphaned nixos-rebuild and its child are stopped
+            wait_for(lambda: gone(pid), what=f"orphan {pid} to be killed")
+        assert len(host.standin.calls) == 1
+        wait_for(lambda: not (host.standin.dir / "state" / "inflight.json").exists(), what="the record to be cleared")
+        host.standin.set_mode("succeed")
+        _, replies = start_deploy(bus, "deploy.test.testhost1")
+        assert final_reply(replies)["status"] == "completed"  # and it works normally afterwards
+
+    def test_garbage_record_is_discarded(self, start_listener, tmp_path):
+        state = tmp_path / "testhost1" / "state"
+        state.mkdir(parents=True)
+        (state / "inflight.json").write_text('{"reply_to": "deploy.test.all", "action": "switch"}')
+        host = start_listener("testhost1", "test")
+        assert "unreadable in-flight record" in host.log_text()
+        assert not (state / "inflight.json").exists()
+
+
+class TestShutdown:
+    def test_sigterm_when_idle_exits_zero(self, start_listener):
+        host = start_listener("testhost1", "test")
+        host.proc.send_signal(signal.SIGTERM)
+        assert host.proc.wait(15) == 0
+        assert "shutting down" in host.log_text()
+
+    def test_sigterm_lets_running_deploy_finish(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test")
+        host.standin.set_mode("block")
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        wait_for(lambda: host.standin.pids, what="nixos-rebuild to run")
+        host.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "waiting up to" in host.log_text(), what="the listener to wait for the deploy")
+        assert host.proc.poll() is None
+        host.standin.release()
+        assert final_reply(replies)["status"] == "completed"
+        assert host.proc.wait(15) == 0
+
+    def test_sigterm_kills_deploy_after_grace(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--shutdown-grace", "1")
+        host.standin.set_mode("block")
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        wait_for(lambda: host.standin.pids, what="nixos-rebuild to run")
+        host.proc.send_signal(signal.SIGTERM)
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "interrupted")
+        assert "shutdown grace period" in reply["message"]
+        assert host.proc.wait(30) == 0
+        for pid in host.standin.pids:
+            wait_for(lambda: gone(pid), what=f"pid {pid} killed")
+
+
+class TestRestartAfterSwitch:
+    def test_exits_after_successful_switch_only(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--restart-after-switch")
+        bus = bus_factory(nats_server, "test-deployer")
+        for action in ("boot", "test"):
+            _, replies = start_deploy(bus, "deploy.test.testhost1", action)
+            assert final_reply(replies)["status"] == "completed"
+        host.standin.set_mode("fail")
+        _, replies = start_deploy(bus, "deploy.test.testhost1", "switch")
+        assert final_reply(replies)["status"] == "failed"
+        assert host.proc.poll() is None
+        host.standin.set_mode("succeed")
+        _, replies = start_deploy(bus, "deploy.test.testhost1", "switch")
+        assert final_reply(replies)["status"] == "completed"
+        assert host.proc.wait(15) == 0
+        assert "restarting so the service manager starts the switched-to version" in host.log_text()
+
+
+class TestSecrets:
+    def test_world_readable_seed_warns_and_seed_never_logged(self, nats_server, start_listener):
+        seed = nats_server.seeds["testhost1"]
+        seed.chmod(0o644)
+        host = start_listener("testhost1", "test", None, "--debug")
+        log = host.log_text()
+        assert "readable by group or others (mode 644)" in log and f"chmod 600 {seed}" in log
+        assert seed.read_text().strip() not in log
