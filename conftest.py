@@ -112,6 +112,28 @@ class NatsServer:
         if self.proc:
             stop_process(self.proc)
 
+    # Restarts on the same port (test_reliability.py): clients reconnect to the URL they were given.
+    monitor_port: int | None = None
+
+    def start_again(self, *flags: str) -> None:
+        """Start after stop() on the port of the first start. `flags` are more nats-server flags; with
+        ("-m", "-1") the monitoring endpoint (/connz, /routez) listens on self.monitor_port."""
+        assert self.port, "start() chooses the port; start_again() reuses it"
+        log = self.workdir / "nats.log"
+        log.write_text("")
+        self.proc = subprocess.Popen(["nats-server", "-c", str(self.config), "-l", str(log), "-p", str(self.port),
+                                      *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        wait_for(lambda: f"Listening for client connections on 127.0.0.1:{self.port}" in log.read_text()
+                 or self.proc.poll() is not None, what=f"nats-server to listen again on port {self.port}")
+        assert self.proc.poll() is None, log.read_text()
+        match = re.search(r"Starting http monitor on 127\.0\.0\.1:(\d+)", log.read_text())
+        self.monitor_port = int(match.group(1)) if match else None
+
+    def restart(self, *flags: str) -> None:
+        self.stop()
+        self.start_again(*flags)
+
 
 @pytest.fixture
 def nats_server(tmp_path):

@@ -1025,7 +1025,8 @@ class Repo:
                 raise ValueError(f"{path}: repo name {name!r} must be one NATS subject token (letters, digits, '_' "
                                  "and '-'; no '.', '*', '>' or spaces): requests arrive on build.<repo>.<target>")
             if not isinstance(entry, dict):
-                raise ValueError(f"{where} must be a mapping with `url` and optionally `default_branch`, e.g. {example}")
+                raise ValueError(f"{where} must be a mapping with `url` and optionally `default_branch`, "
+                                 f"e.g. {example}")
             unknown = set(entry) - {"url", "default_branch"}
             if unknown:
                 raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
@@ -1252,7 +1253,8 @@ def run_builder(args: argparse.Namespace) -> int:
     try:
         builder.start()
     except NatsError as e:
-        log.error("%s; the builder's credential must be allowed to subscribe to build.<repo>.* for every configured repo", e)
+        log.error("%s; the builder's credential must be allowed to subscribe to build.<repo>.* "
+                  "for every configured repo", e)
         bus.close()
         return 1
     log.info("builder ready (repos: %s; timeout %ds per host, %d at a time)", ", ".join(
