@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""homelab-deploy MCP server: lets an AI assistant deploy NixOS hosts over NATS.
+
+`deploy` reaches the test tier only, on the `--nkey-file` credential; `deploy_admin` (with
+`--enable-admin`) reaches any tier on a separate admin credential and connection; `list_hosts`
+runs discovery; `build` (with `--enable-builds`) asks the builder to pre-build a repository.
+This is the only module that imports the `mcp` SDK; `homelab-deploy mcp` loads it when that
+command runs. Served over stdio, so stdout is the MCP channel and every log line goes to stderr.
+Sections: tool results, deploy subjects, fleet tools, server.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import sys
+import threading
+from typing import Annotated, Literal
+
+import anyio.from_thread
+import anyio.to_thread
+import nats.errors
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import Field
+
+import homelab_deploy as hd
+
+log = logging.getLogger("homelab_deploy.mcp")
+
+
+# ---------------------------------------------------------------- tool results
+
+@dataclasses.dataclass(frozen=True)
+class HostOutcome:
+    """One host's last known state after a deploy or build."""
+
+    hostname: str
+    status: str  # completed, failed or rejected; a deploy status short of those means no final answer in time
+    error: str | None
+    message: str
+    duration_seconds: float | None = None
+    output: list[str] | None = None  # last lines of nixos-rebuild's or nix's output, on failure
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """A deploy's or build's result: the tool's structured content, and its text, summary line first."""
+
+    summary: str
+    success: bool
+    target: str  # the deploy subject, or build.<repo>.<target>
+    hosts: list[HostOutcome]
+
+    def result(self) -> CallToolResult:
+        lines = [self.summary]
+        for h in self.hosts:
+            line = f"{h.hostname}: {h.status}" + (f" [{h.error}]" if h.error else "")
+            line += (f" - {h.message}" if h.message else "")
+            lines.append(line + (f" ({h.duration_seconds:.1f}s)" if h.duration_seconds is not None else ""))
+            lines += [f"    {out}" for out in h.output or []]
+        # Anything short of every host completed is an error result, so an assistant cannot take it for done.
+        return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))],
+                              structured_content=dataclasses.asdict(self), is_error=not self.success)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostList:
+    """The answer to list_hosts."""
+
+    summary: str
+    hosts: list[hd.HostInfo]
+
+
+def progress_reporter(ctx: Context):
+    """A callback for the worker thread: each call becomes an MCP progress notification, sent on the loop thread."""
+    counter = itertools.count(1)
+
+    def report(message: str) -> None:
+        try:  # the count of events so far: progress must grow, and the number of hosts is not known up front
+            anyio.from_thread.run(ctx.report_progress, next(counter), None, message)
+        except Exception as e:  # the client went away or the call was cancelled; the deploy goes on
+            log.debug("progress notification not sent: %r", e)
+
+    return report
+
+
+async def in_thread(work):
+    """Run blocking NATS work off the event loop; NATS and permission problems become tool errors."""
+    try:
+        # Abandoned on cancel: the worker ends by itself within the timeout, the server stays responsive.
+        return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except hd.NatsError as e:
+        raise ToolError(str(e)) from None
+    except (nats.errors.Error, concurrent.futures.TimeoutError) as e:  # the connection failed mid-call
+        raise ToolError(f"the NATS request failed ({e!r}); retry in a few seconds, and if it persists "
+                        "ask the operator to check nats-server and --nats-url") from None
+
+
+# ---------------------------------------------------------------- deploy subjects
+
+ActionName = Literal[tuple(a.value for a in hd.Action)]
+TierName = Literal[hd.TIERS]
+TOKEN_RULE = "one NATS subject token: letters, digits, '_' and '-', starting with a letter, digit or '_'"
+
+
+def deploy_subject(tier: str, hostname: str | None, all_hosts: bool, role: str | None) -> str:
+    """The one place the MCP server builds a deploy subject; every part is checked before it is used."""
+    given = [name for name, present in (("hostname", hostname is not None), ("all", all_hosts),
+                                        ("role", role is not None)) if present]
+    if len(given) != 1:
+        raise ToolError(f"give exactly one target: hostname=<host>, all=true or role=<role> (got "
+                        f"{' and '.join(given) or 'none'}); call list_hosts to see hostnames and roles")
+    if tier not in hd.TIERS:
+        raise ToolError(f"invalid tier {tier!r}: use one of {', '.join(hd.TIERS)}")
+    for name, value in (("hostname", hostname), ("role", role)):
+        if value is not None and not hd.is_subject_token(value):
+            raise ToolError(f"invalid {name} {str(value)[:80]!r}: it must be {TOKEN_RULE}; "
+                            "call list_hosts to see the hostnames and roles there are")
+    if hostname is not None:
+        return f"deploy.{tier}.{hostname}"
+    if role is not None:
+        return f"deploy.{tier}.role.{role}"
+    return f"deploy.{tier}.all"
+
+
+# ---------------------------------------------------------------- fleet tools
+
+HostnameParam = Annotated[str | None, Field(description="Deploy to this one host (a hostname from list_hosts).")]
+AllParam = Annotated[bool, Field(description="Deploy to every host of the tier.")]
+RoleParam = Annotated[str | None, Field(description="Deploy to every host of the tier with this role (e.g. dns).")]
+BranchParam = Annotated[str, Field(description="Git branch, tag or 40-hex commit of the fleet's flake to deploy.")]
+ActionParam = Annotated[ActionName, Field(description=(
+    "nixos-rebuild action: switch (activate now and make it the boot default), boot (boot default only, "
+    "active after a reboot), test (activate now, no boot entry), dry-activate (report what would change)."))]
+
+
+class FleetTools:
+    """The MCP tools, over lazily opened NATS connections: one per credential, each reused by later calls."""
+
+    def __init__(self, args):
+        self.args = args
+        self.buses: dict[str, hd.Bus] = {}
+        self.connecting = threading.Lock()
+
+    def bus(self, credential: str) -> hd.Bus:
+        """The connection for 'main' (--nkey-file) or 'admin' (--admin-nkey-file); called on worker threads."""
+        with self.connecting:
+            bus = self.buses.get(credential)
+            if bus is None or bus.nc.is_closed:
+                key = self.args.admin_nkey_file if credential == "admin" else self.args.nkey_file
+                bus = self.buses[credential] = hd.Bus(self.args.nats_url, key, f"homelab-deploy-mcp/{credential}")
+        # nats-py buffers what is published while it reconnects and sends it later: a deploy the
+        # assistant was told had no answer would then run after all.
+        if not bus.nc.is_connected:
+            raise hd.NatsError(f"the NATS connection to {', '.join(bus.servers)} is down and reconnecting; "
+                               "nothing was sent; retry in a few seconds")
+        return bus
+
+    def close(self) -> None:
+        for bus in self.buses.values():
+            bus.close()
+
+    async def deploy(self, ctx: Context, hostname: HostnameParam = None, all: AllParam = False,
+                     role: RoleParam = None, branch: BranchParam = "master", action: ActionParam = "switch") -> Annotated[CallToolResult, Outcome]:
+        """Deploy the fleet's NixOS configuration to TEST-tier hosts (runs nixos-rebuild on each host).
+
+        Give exactly one target: hostname (one host), all=true (every test host) or role (test hosts with
+        that role); call list_hosts first to see them. Production hosts cannot be reached with this tool,
+        whatever the arguments: the tier is fixed to test and the credential may only publish there.
+        The call waits until every answering host has finished, which can take many minutes (progress is
+        reported per host event), then returns a summary line ("2/3 hosts completed") and one line per host
+        with its final status, error code, message and duration. It returns an error when no host answers,
+        any host fails or rejects the request (e.g. already_running), or hosts do not finish in time.
+        """
+        return await self.run_deploy(ctx, "main", "test", hostname, all, role, branch, action)
+
+    async def deploy_admin(self, ctx: Context,
+                           tier: Annotated[TierName, Field(description="Tier to deploy to: test or prod.")],
+                           hostname: HostnameParam = None, all: AllParam = False, role: RoleParam = None,
+                           branch: BranchParam = "master", action: ActionParam = "switch") -> Annotated[CallToolResult, Outcome]:
+        """Deploy to ANY tier, including PRODUCTION, with the separate admin credential.
+
+        Same targets and results as deploy (exactly one of hostname, all=true or role), plus the required
+        tier. Use deploy for test hosts; use this only when the user asked to deploy to prod, and confirm
+        the target first: a prod switch changes running production systems.
+        """
+        return await self.run_deploy(ctx, "admin", tier, hostname, all, role, branch, action)
+
+    async def run_deploy(self, ctx: Context, credential: str, tier: str, hostname: str | None, all_hosts: bool,
+                         role: str | None, branch: str, action: str) -> CallToolResult:
+        if not hd.is_valid_ref(branch):
+            raise ToolError(f"invalid branch {str(branch)[:80]!r}: use a git branch, tag or 40-hex commit "
+                            "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit; no '..')")
+        subject = deploy_subject(tier, hostname, all_hosts, role)
+        report = progress_reporter(ctx)
+        hosts, finished = await in_thread(lambda: hd.deploy_hosts(
+            self.bus(credential), subject, hd.Action(action), branch, self.args.timeout, self.args.answer_window,
+            lambda response: report(hd.describe(response))))
+        if not hosts:
+            reach = "" if credential == "admin" else " (deploy reaches test-tier hosts only)"
+            raise ToolError(f"no host answered on {subject} within {self.args.answer_window:g}s: no listener there"
+                            f"{reach}; call list_hosts to see the hostnames, roles and tiers that are listening")
+        completed = sum(r.status is hd.Status.COMPLETED for r in hosts.values())
+        summary = f"{completed}/{len(hosts)} hosts completed on {subject} ({action} of {branch})"
+        if not finished:
+            waiting = ", ".join(h for h, r in sorted(hosts.items()) if not r.status.final)
+            summary += (f"; no final status within {self.args.timeout:g}s from {waiting} "
+                        "(it may still be running there; list_hosts shows which hosts are deploying)")
+        log.info("%s: %s", "deploy_admin" if credential == "admin" else "deploy", summary)
+        fields = [f.name for f in dataclasses.fields(HostOutcome)]
+        return Outcome(summary, finished and completed == len(hosts), subject, [
+            HostOutcome(**{k: v for k, v in hosts[h].to_dict().items() if k in fields}) for h in sorted(hosts)
+        ]).result()
+
+    async def list_hosts(self, tier: Annotated[TierName | None, Field(
+            description="Only hosts of this tier (test or prod); all tiers when omitted.")] = None,
+    ) -> Annotated[CallToolResult, HostList]:
+        """List the hosts whose deploy listeners answer discovery (read-only; nothing is deployed).
+
+        For each host: hostname, tier (test or prod), role, whether a deploy is running right now, the
+        listener's version and the NATS subjects it deploys on. Use it to pick a hostname or role for
+        deploy (test tier) or deploy_admin. Returns an error when no host answers.
+        """
+        found = await in_thread(lambda: hd.discover_hosts(self.bus("main"), self.args.discover_subject,
+                                                          self.args.answer_window))
+        hosts = [h for h in found if tier is None or h.tier == tier]
+        scope = f" in tier {tier}" if tier else ""
+        if not hosts:
+            raise ToolError(f"no host{scope} answered discovery on {self.args.discover_subject} within "
+                            f"{self.args.answer_window:g}s ({len(found)} in other tiers); check that the listeners "
+                            "run and are connected to NATS")
+        summary = f"{len(hosts)} host{'s' if len(hosts) > 1 else ''}{scope}: " + ", ".join(
+            f"{sum(h.tier == t for h in hosts)} {t}" for t in hd.TIERS if any(h.tier == t for h in hosts))
+        lines = [summary] + [
+            f"{h.hostname}: tier {h.tier}, role {h.role or '-'}, {'deploying' if h.deploying else 'idle'}, "
+            f"version {h.version or '?'}, subjects {' '.join(h.deploy_subjects)}" for h in hosts]
+        return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))],
+                              structured_content=dataclasses.asdict(HostList(summary, hosts)))
+
+    async def build(self, ctx: Context,
+                    repo: Annotated[str, Field(description="Repository name from the builder's configuration.")],
+                    target: Annotated[str | None, Field(
+                        description="Build only this host of the repository; every host when omitted.")] = None,
+                    all: Annotated[bool, Field(description="Build every host (the default without target).")] = False,
+                    branch: Annotated[str | None, Field(
+                        description="Git branch to build; the repository's default branch when omitted.")] = None,
+                    ) -> Annotated[CallToolResult, Outcome]:
+        """Pre-build NixOS configurations on the build server (nix build; nothing is deployed or activated).
+
+        Builds one host (target) or every host (all=true, or no target) of a repository from the builder's
+        configuration, on branch or the repository's default branch. Waits until the build ends, which can
+        take up to an hour (progress is reported per host), then returns a summary line and one line per
+        host with its result, error and duration. It returns an error when the builder rejects the request
+        (e.g. an unknown repo), nobody answers, or any host fails to build.
+        """
+        if target is not None and all:
+            raise ToolError("give either target=<host> or all=true, not both")
+        target = target or "all"
+        subject = f"build.{repo}.{target}"
+        report = progress_reporter(ctx)
+        events: list[dict] = []
+
+        def on_event(response: dict) -> None:
+            events.append(response)
+            report(hd.describe_build(response))
+
+        try:
+            final = await in_thread(lambda: hd.build_repo(self.bus("main"), repo, target, branch,
+                                                          self.args.build_timeout, self.args.answer_window, on_event))
+        except ValueError as e:  # build_repo's own checks, before anything is sent
+            raise ToolError(f"invalid build request: {e}") from None
+        if final is None and not events:
+            raise ToolError(f"no builder answered on {subject} within {self.args.answer_window:g}s: the builder is "
+                            f"not running, or {repo!r} is not in its configuration (ask the operator)")
+        if final is None:
+            raise ToolError(f"the build of {subject} gave no final status within {self.args.build_timeout:g}s; "
+                            f"last: {hd.describe_build(events[-1])}")
+        if final["status"] == "rejected":
+            raise ToolError(f"the builder rejected the build of {subject}: {final.get('message')}")
+        results = final.get("results") or []
+        succeeded = sum(bool(r.get("success")) for r in results)
+        summary = (f"{succeeded}/{len(results)} hosts completed on {subject} (branch {final.get('branch') or '?'}): "
+                   f"{final.get('message')}")
+        log.info("build: %s", summary)
+        return Outcome(summary, final["status"] == "completed" and succeeded == len(results), subject, [
+            HostOutcome(r["host"], "completed" if r.get("success") else "failed",
+                        None if r.get("success") else hd.BuildErrorCode.BUILD_FAILED.value, r.get("error") or "",
+                        r.get("duration_seconds"), r.get("output")) for r in results]).result()
+
+
+# ---------------------------------------------------------------- server
+
+INSTRUCTIONS = """\
+Deploys NixOS configurations to a homelab fleet over NATS. Call list_hosts to see the hosts, their tier
+(test or prod) and role. deploy reaches the test tier only; deploy_admin (when offered) reaches prod and
+should be used only when the user asked for it. Deploys and builds can take many minutes; each call waits
+until the hosts finish and returns one line per host. Every host must report 'completed' for success."""
+
+
+def serve(args) -> int:
+    """Check the configuration, register the tools the flags allow, and serve MCP on stdio until stdin closes."""
+    if args.enable_admin and not args.admin_nkey_file:
+        print("error: --enable-admin needs --admin-nkey-file (or HOMELAB_DEPLOY_ADMIN_NKEY_FILE): deploy_admin "
+              "uses a credential of its own, separate from --nkey-file", file=sys.stderr)
+        return 2
+    if args.admin_nkey_file and not args.enable_admin:
+        log.warning("--admin-nkey-file is ignored without --enable-admin")
+    try:  # a missing or broken key is a configuration error worth failing on; NATS itself may come up later
+        for path in [args.nkey_file] + ([args.admin_nkey_file] if args.enable_admin else []):
+            hd.read_seed(path)
+    except hd.NatsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.debug:
+        logging.getLogger("mcp").setLevel(logging.WARNING)
+        logging.getLogger("mcp.server.mcpserver.server").setLevel(logging.INFO)  # its line per refused tool call
+    tools = FleetTools(args)
+    server = MCPServer("homelab-deploy", version=hd.__version__, instructions=INSTRUCTIONS)
+    server.add_tool(tools.deploy, title="Deploy to test hosts", annotations=ToolAnnotations(
+        read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True))
+    if args.enable_admin:
+        server.add_tool(tools.deploy_admin, title="Deploy to any tier (admin)", annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True))
+    server.add_tool(tools.list_hosts, title="List hosts", annotations=ToolAnnotations(
+        read_only_hint=True, open_world_hint=True))
+    if args.enable_builds:
+        server.add_tool(tools.build, title="Build configurations", annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))
+    log.info("MCP server on stdio: tools deploy%s, list_hosts%s; NATS %s (connects on first use)",
+             ", deploy_admin" if args.enable_admin else "", ", build" if args.enable_builds else "", args.nats_url)
+    try:
+        server.run("stdio")
+    finally:
+        tools.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`homelab-deploy-mcp ...` is `homelab-deploy mcp ...`: one set of flags, defined with the other commands."""
+    return hd.main(["mcp", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""Tests for the MCP server (homelab_deploy_mcp), driven by a real MCP client over stdio.
+
+Every test starts the server as a subprocess through `mcp.Client` and `stdio_client` against the conftest
+nats-server (the spec's tiered NKey permissions) and real listener processes with a stand-in `nixos-rebuild`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import anyio
+import anyio.to_thread
+import pytest
+from mcp import Client, StdioServerParameters, stdio_client
+
+import homelab_deploy as hd
+from conftest import REPO, wait_for
+from test_builder import flake, needs_nix, nix_store, start_builder  # noqa: F401 (fixtures for the build tool)
+
+MCP_SCRIPT = [str(REPO / "homelab_deploy_mcp.py")]
+CLI_MCP = [str(REPO / "homelab_deploy.py"), "mcp"]
+ANSWER_WINDOW = "1"  # local listeners answer within milliseconds; keeps the nobody-answers cases short
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def mcp_server(nats_server, tmp_path):
+    """Connect an MCP client to a fresh server process (stopped when the `async with` ends); its stderr is kept."""
+    errlog = tmp_path / "mcp-stderr.log"
+
+    @contextlib.asynccontextmanager
+    async def connect(*flags: str, user: str = "test-deployer", program: list[str] = MCP_SCRIPT):
+        args = [*program, "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds[user]),
+                "--answer-window", ANSWER_WINDOW, *flags]
+        with open(errlog, "a") as err:
+            params = StdioServerParameters(command=sys.executable, args=args, cwd=str(REPO))
+            async with Client(stdio_client(params, errlog=err)) as client:
+                yield client
+
+    connect.errlog = errlog
+    yield connect
+    # An exception a tool did not expect reaches the assistant only as "Error executing tool ..."; none may occur.
+    assert not errlog.exists() or "Traceback" not in errlog.read_text(), errlog.read_text()
+
+
+def text(result) -> str:
+    return "\n".join(block.text for block in result.content)
+
+
+async def until(condition, what: str):
+    """conftest.wait_for on a worker thread, so the client's event loop keeps reading the server."""
+    return await anyio.to_thread.run_sync(lambda: wait_for(condition, what=what))
+
+
+# ---------------------------------------------------------------- start-up and tool lists
+
+def test_cli_never_imports_mcp():
+    code = "import homelab_deploy, sys; homelab_deploy.build_parser(); assert 'mcp' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("program", [MCP_SCRIPT, CLI_MCP], ids=["homelab-deploy-mcp", "homelab-deploy mcp"])
+@pytest.mark.parametrize("env", [{}, {"HOMELAB_DEPLOY_ENABLE_ADMIN": "yes"}], ids=["flag", "env"])
+def test_enable_admin_without_key_is_a_startup_error(nats_server, program, env):
+    flags = [] if env else ["--enable-admin"]
+    r = subprocess.run([sys.executable, *program, "--nats-url", nats_server.url,
+                        "--nkey-file", str(nats_server.seeds["test-deployer"]), *flags],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, **env},
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stderr
+    assert "--enable-admin needs --admin-nkey-file" in r.stderr and r.stdout == ""
+
+
+def test_flags_from_env_vars(monkeypatch):
+    for name, value in [("NATS_URL", "nats://nats.example:4222"), ("NKEY_FILE", "/run/mcp.seed"),
+                        ("ENABLE_ADMIN", "true"), ("ADMIN_NKEY_FILE", "/run/admin.seed"), ("ENABLE_BUILDS", "1"),
+                        ("TIMEOUT", "60"), ("BUILD_TIMEOUT", "120")]:
+        monkeypatch.setenv(f"HOMELAB_DEPLOY_{name}", value)
+    args = hd.build_parser().parse_args(["mcp"])
+    assert (args.nats_url, args.nkey_file, args.enable_admin, args.admin_nkey_file, args.enable_builds,
+            args.timeout, args.build_timeout) == ("nats://nats.example:4222", "/run/mcp.seed", True,
+                                                  "/run/admin.seed", True, 60, 120)
+    monkeypatch.setenv("HOMELAB_DEPLOY_ENABLE_ADMIN", "no")
+    assert hd.build_parser().parse_args(["mcp"]).enable_admin is False
+    monkeypatch.setenv("HOMELAB_DEPLOY_ENABLE_BUILDS", "maybe")
+    with pytest.raises(SystemExit, match="HOMELAB_DEPLOY_ENABLE_BUILDS='maybe' is not a valid boolean"):
+        hd.build_parser()
+
+
+def test_unreadable_key_is_a_startup_error(nats_server, tmp_path):
+    r = subprocess.run([sys.executable, *MCP_SCRIPT, "--nats-url", nats_server.url,
+                        "--nkey-file", str(tmp_path / "missing.seed")],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "cannot read NKey seed file" in r.stderr
+
+
+@pytest.mark.parametrize("flags,tools", [
+    ([], {"deploy", "list_hosts"}),
+    (["--enable-builds"], {"deploy", "list_hosts", "build"}),
+    (["--enable-admin", "--admin-nkey-file", "ADMIN"], {"deploy", "deploy_admin", "list_hosts"}),
+    (["--enable-admin", "--admin-nkey-file", "ADMIN", "--enable-builds"], {"deploy", "deploy_admin", "list_hosts", "build"}),
+])
+async def test_tool_lists(mcp_server, nats_server, flags, tools):
+    flags = [str(nats_server.seeds["admin"]) if f == "ADMIN" else f for f in flags]
+    async with mcp_server(*flags) as client:
+        listed = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(listed) == tools
+    deploy = listed["deploy"].input_schema
+    assert set(deploy["properties"]) == {"hostname", "all", "role", "branch", "action"}  # no tier to choose
+    assert deploy["properties"]["branch"]["default"] == "master"
+    assert deploy["properties"]["action"]["enum"] == ["switch", "boot", "test", "dry-activate"]
+    assert deploy["properties"]["action"]["default"] == "switch"
+    assert deploy["properties"]["all"] == {**deploy["properties"]["all"], "type": "boolean", "default": False}
+    assert all(p.get("description") for p in deploy["properties"].values())
+    assert "TEST-tier" in listed["deploy"].description and "cannot be reached" in listed["deploy"].description
+    assert set(listed["deploy"].output_schema["properties"]) == {"summary", "success", "target", "hosts"}
+    assert listed["list_hosts"].annotations.read_only_hint is True
+    assert listed["list_hosts"].input_schema.get("required", []) == []
+    if "deploy_admin" in tools:
+        admin = listed["deploy_admin"].input_schema
+        assert admin["required"] == ["tier"]
+        assert admin["properties"]["tier"]["enum"] == ["test", "prod"]
+        assert "PRODUCTION" in listed["deploy_admin"].description
+    if "build" in tools:
+        assert listed["build"].input_schema["required"] == ["repo"]
+        assert set(listed["build"].input_schema["properties"]) == {"repo", "target", "all", "branch"}
+
+
+async def test_same_tools_through_the_cli(mcp_server):
+    async with mcp_server("--enable-builds", program=CLI_MCP) as client:
+        assert {t.name for t in (await client.list_tools()).tools} == {"deploy", "list_hosts", "build"}
+
+
+# ---------------------------------------------------------------- list_hosts and deploy (test tier)
+
+async def test_list_hosts_and_tier_filter(mcp_server, start_listener):
+    start_listener("testhost1", "test")
+    start_listener("testhost2", "test", "web")
+    start_listener("dns1", "prod", "dns")
+    async with mcp_server() as client:
+        result = await client.call_tool("list_hosts", {})
+        assert not result.is_error, text(result)
+        lines = text(result).splitlines()
+        assert lines[0] == "3 hosts: 2 test, 1 prod"
+        assert [line.split(":")[0] for line in lines[1:]] == ["dns1", "testhost1", "testhost2"]
+        assert "tier prod, role dns, idle" in lines[1] and "deploy.prod.role.dns" in lines[1]
+        assert [(h["hostname"], h["tier"], h["role"]) for h in result.structured_content["hosts"]] == [
+            ("dns1", "prod", "dns"), ("testhost1", "test", None), ("testhost2", "test", "web")]
+        result = await client.call_tool("list_hosts", {"tier": "prod"})
+        assert [h["hostname"] for h in result.structured_content["hosts"]] == ["dns1"]
+        result = await client.call_tool("list_hosts", {"tier": "staging"})
+        assert result.is_error and "staging" in text(result)
+
+
+async def test_list_hosts_nobody_answers_is_a_tool_error(mcp_server):
+    async with mcp_server() as client:
+        result = await client.call_tool("list_hosts", {})
+    assert result.is_error and "no host answered discovery" in text(result)
+
+
+async def test_deploy_to_a_test_host_completes_with_progress(mcp_server, start_listener):
+    host = start_listener("testhost1", "test")
+    progress: list[tuple[float, str]] = []
+
+    async def on_progress(value, total, message):
+        progress.append((value, message))
+
+    async with mcp_server() as client:
+        result = await client.call_tool("deploy", {"hostname": "testhost1", "branch": "release/1.2", "action": "boot"},
+                                        progress_callback=on_progress)
+    assert not result.is_error, text(result)
+    summary, line = text(result).splitlines()
+    assert summary == "1/1 hosts completed on deploy.test.testhost1 (boot of release/1.2)"
+    assert line.startswith("testhost1: completed - Successfully set generation 1 as the boot default") and line.endswith("s)")
+    doc = result.structured_content
+    assert doc["success"] is True and doc["summary"] == summary and doc["target"] == "deploy.test.testhost1"
+    assert [(h["hostname"], h["status"], h["error"]) for h in doc["hosts"]] == [("testhost1", "completed", None)]
+    assert doc["hosts"][0]["duration_seconds"] > 0
+    assert host.standin.calls == [["boot", "--refresh", "--flake",
+                                   "git+https://git.example.com/cfg.git?ref=release/1.2#testhost1"]]
+    assert [m.split()[1] for _, m in progress] == ["accepted", "started", "completed"]
+    assert [v for v, _ in progress] == [1, 2, 3]
+
+
+async def test_deploy_all_and_role_stay_in_the_test_tier(mcp_server, start_listener):
+    hosts = {name: start_listener(name, tier, role) for name, tier, role in
+             [("testhost1", "test", None), ("testhost2", "test", "web"), ("dns1", "prod", "dns")]}
+    async with mcp_server() as client:
+        result = await client.call_tool("deploy", {"all": True})
+        assert not result.is_error, text(result)
+        assert text(result).splitlines()[0].startswith("2/2 hosts completed on deploy.test.all")
+        result = await client.call_tool("deploy", {"role": "web", "action": "dry-activate"})
+        assert [h["hostname"] for h in result.structured_content["hosts"]] == ["testhost2"]
+    assert [len(h.standin.calls) for h in hosts.values()] == [1, 2, 0]
+
+
+async def test_failed_host_is_an_error_result_with_every_host(mcp_server, start_listener):
+    start_listener("testhost1", "test")
+    start_listener("testhost2", "test", "web").standin.set_mode("fail")
+    async with mcp_server() as client:
+        result = await client.call_tool("deploy", {"all": True})
+    assert result.is_error
+    lines = text(result).splitlines()
+    assert lines[0].startswith("1/2 hosts completed on deploy.test.all")
+    assert lines[1].startswith("testhost1: completed")
+    assert lines[2].startswith("testhost2: failed [build_failed] - nixos-rebuild switch failed (exit code 1)")
+    assert any(line.startswith("    error: builder for") for line in lines[3:])  # the output's last lines
+    assert result.structured_content["success"] is False
+    assert "building the system configuration..." in result.structured_content["hosts"][1]["output"]
+
+
+# The test credential and the deploy tool must not reach dns1 (prod) whatever the arguments.
+CRAFTED_TARGETS = [
+    ({"hostname": "../dns1"}, "invalid hostname"), ({"hostname": "dns1.x"}, "invalid hostname"),
+    ({"hostname": "*"}, "invalid hostname"), ({"hostname": ">"}, "invalid hostname"),
+    ({"hostname": "prod.dns1"}, "invalid hostname"), ({"hostname": "deploy.prod.dns1"}, "invalid hostname"),
+    ({"hostname": "dns1 "}, "invalid hostname"), ({"hostname": ""}, "invalid hostname"),
+    ({"role": "dns.>"}, "invalid role"), ({"role": "*"}, "invalid role"),
+    ({"hostname": "dns1"}, "no host answered on deploy.test.dns1"),
+    ({"role": "dns"}, "no host answered on deploy.test.role.dns"),
+    ({"hostname": "dns1", "tier": "prod"}, "no host answered on deploy.test.dns1"),  # no tier to set: ignored
+]
+
+
+async def test_deploy_cannot_reach_prod(mcp_server, start_listener):
+    prod = start_listener("dns1", "prod", "dns")
+    test = start_listener("testhost1", "test")
+    async with mcp_server() as client:
+        for arguments, message in CRAFTED_TARGETS:
+            result = await client.call_tool("deploy", arguments)
+            assert result.is_error and message in text(result), (arguments, text(result))
+        result = await client.call_tool("deploy", {"all": True})
+        assert [h["hostname"] for h in result.structured_content["hosts"]] == ["testhost1"]
+    assert prod.standin.calls == [] and len(test.standin.calls) == 1
+
+
+INVALID_ARGUMENTS = [
+    ({}, "give exactly one target"), ({"hostname": "testhost1", "all": True}, "got hostname and all"),
+    ({"hostname": "testhost1", "role": "web"}, "got hostname and role"),
+    ({"hostname": "testhost1", "branch": "main;id"}, "invalid branch"),
+    ({"hostname": "testhost1", "branch": "--upgrade"}, "invalid branch"),
+    ({"hostname": "testhost1", "branch": "main#evil"}, "invalid branch"),
+    ({"hostname": "testhost1", "action": "reboot"}, "Input should be 'switch', 'boot', 'test' or 'dry-activate'"),
+    ({"hostname": "testhost1", "action": "switch; id"}, "literal_error"),
+    ({"hostname": ["testhost1"]}, "hostname"), ({"all": "yes please"}, "all"),
+]
+
+
+async def test_invalid_arguments_are_tool_errors_and_send_nothing(mcp_server, start_listener):
+    host = start_listener("testhost1", "test")
+    async with mcp_server() as client:
+        for arguments, message in INVALID_ARGUMENTS:
+            # The SDK checks the input schema inside the tool call: an isError result, not a JSON-RPC error.
+            result = await client.call_tool("deploy", arguments)
+            assert result.is_error and message in text(result), (arguments, text(result))
+        assert not (await client.call_tool("list_hosts", {})).is_error  # the server is still serving
+    assert host.standin.calls == []
+
+
+async def test_timeout_is_an_error_result_and_the_server_stays_responsive(mcp_server, start_listener):
+    host = start_listener("testhost1", "test", None, "--heartbeat-interval", "0.2")
+    host.standin.set_mode("block")
+    progress: list[str] = []
+
+    async def on_progress(value, total, message):
+        progress.append(message)
+
+    async with mcp_server("--timeout", "30") as client:
+        async with anyio.create_task_group() as tg:
+            outcome = {}
+
+            async def deploy():
+                outcome["result"] = await client.call_tool("deploy", {"hostname": "testhost1"},
+                                                           progress_callback=on_progress)
+
+            tg.start_soon(deploy)
+            await until(lambda: host.standin.pids and sum("still running" in m for m in progress) >= 2,
+                        "a running deploy with heartbeats as progress")
+            listed = await client.call_tool("list_hosts", {})  # answered while the deploy call is open
+            assert "testhost1: tier test, role -, deploying" in text(listed)
+            host.standin.release()
+        assert not outcome["result"].is_error
+    async with mcp_server("--timeout", "1") as client:
+        host.standin.set_mode("block")
+        (host.standin.dir / "release").unlink()
+        result = await client.call_tool("deploy", {"hostname": "testhost1"})
+        host.standin.release()
+    assert result.is_error
+    assert "no final status within 1s from testhost1" in text(result).splitlines()[0]
+    assert text(result).splitlines()[1].startswith("testhost1: started")
+
+
+def restart_on_same_port(nats_server, port: int) -> None:
+    nats_server.config.write_text(nats_server.config.read_text().replace("127.0.0.1:-1", f"127.0.0.1:{port}"))
+    nats_server.start()
+
+
+async def test_nats_outages_are_tool_errors_and_nothing_is_sent_late(mcp_server, nats_server, start_listener):
+    port = nats_server.port
+    nats_server.stop()
+    async with mcp_server() as client:
+        assert {t.name for t in (await client.list_tools()).tools} == {"deploy", "list_hosts"}  # started anyway
+        result = await client.call_tool("list_hosts", {})
+        assert result.is_error and "cannot reach NATS" in text(result)
+        restart_on_same_port(nats_server, port)
+        host = start_listener("testhost1", "test")
+        assert not (await client.call_tool("list_hosts", {})).is_error  # connected on this call
+        nats_server.stop()
+        result = await client.call_tool("deploy", {"hostname": "testhost1"})
+        assert result.is_error and "down and reconnecting; nothing was sent" in text(result)
+        restart_on_same_port(nats_server, port)
+        await until(lambda: "reconnected to NATS" in mcp_server.errlog.read_text(), "the server to reconnect")
+        result = await client.call_tool("deploy", {"hostname": "testhost1"})
+        assert not result.is_error, text(result)
+    assert len(host.standin.calls) == 1  # the deploy refused during the outage never arrived later
+
+
+# ---------------------------------------------------------------- deploy_admin
+
+async def test_deploy_admin_reaches_prod_on_its_own_credential(mcp_server, nats_server, start_listener):
+    prod = start_listener("dns1", "prod", "dns")
+    async with mcp_server("--enable-admin", "--admin-nkey-file", str(nats_server.seeds["admin"])) as client:
+        result = await client.call_tool("deploy_admin", {"tier": "prod", "hostname": "dns1"})
+        assert not result.is_error, text(result)
+        assert text(result).splitlines()[0] == "1/1 hosts completed on deploy.prod.dns1 (switch of master)"
+        result = await client.call_tool("deploy_admin", {"tier": "prod", "role": "dns", "action": "test"})
+        assert result.structured_content["target"] == "deploy.prod.role.dns" and not result.is_error
+        result = await client.call_tool("deploy", {"hostname": "dns1"})  # still the test tier and credential
+        assert result.is_error
+        for arguments in ({"hostname": "dns1"}, {"tier": "staging", "hostname": "dns1"},
+                          {"tier": "prod", "hostname": "dns1.>"}):
+            result = await client.call_tool("deploy_admin", arguments)
+            assert result.is_error, arguments
+    assert [call[0] for call in prod.standin.calls] == ["switch", "test"]
+
+
+async def test_admin_tool_with_a_test_credential_is_permission_denied(mcp_server, nats_server, start_listener):
+    prod = start_listener("dns1", "prod", "dns")
+    async with mcp_server("--enable-admin", "--admin-nkey-file", str(nats_server.seeds["test-deployer"])) as client:
+        result = await client.call_tool("deploy_admin", {"tier": "prod", "hostname": "dns1"})
+        assert result.is_error and "permission denied" in text(result) and "deploy.prod.dns1" in text(result)
+        assert not (await client.call_tool("list_hosts", {})).is_error
+    assert prod.standin.calls == []
+
+
+# ---------------------------------------------------------------- build
+
+@needs_nix
+async def test_build_reports_per_host_results(mcp_server, start_builder, flake):
+    builder = start_builder({"fleet": flake()})  # good1, good2, broken, and "bad;name" which is never built
+    progress: list[str] = []
+
+    async def on_progress(value, total, message):
+        progress.append(message)
+
+    async with mcp_server("--enable-builds", user="build-client") as client:
+        result = await client.call_tool("build", {"repo": "fleet"}, progress_callback=on_progress)
+        assert result.is_error  # a host failed to build
+        lines = text(result).splitlines()
+        assert lines[0] == "2/3 hosts completed on build.fleet.all (branch main): built 2/3 hosts; failed: broken"
+        assert lines[1].startswith("broken: failed [build_failed] - ") and "intentional build failure" in lines[1]
+        assert [line.split(":")[0] for line in lines if not line.startswith(" ")][2:] == ["good1", "good2"]
+        doc = result.structured_content
+        assert doc["success"] is False and doc["target"] == "build.fleet.all"
+        assert [(h["hostname"], h["status"]) for h in doc["hosts"]] == [
+            ("broken", "failed"), ("good1", "completed"), ("good2", "completed")]
+        assert all(h["duration_seconds"] > 0 for h in doc["hosts"])
+        assert sorted(m.split()[0] for m in progress if m.startswith("[")) == ["[1/3]", "[2/3]", "[3/3]"]
+        result = await client.call_tool("build", {"repo": "fleet", "target": "good1", "branch": "main"})
+        assert not result.is_error, text(result)
+        assert text(result).splitlines()[0] == "1/1 hosts completed on build.fleet.good1 (branch main): " \
+                                               "built 1/1 hosts successfully"
+        for arguments, message in [
+            ({"repo": "fleet", "target": "good1", "all": True}, "not both"),
+            ({"repo": "fleet", "target": "bad;name"}, "invalid build request"),
+            ({"repo": "fleet", "branch": "main;id"}, "invalid build request"),
+            ({"repo": "a.b"}, "invalid build request"),
+            ({"repo": "second"}, "permission denied"),
+            ({"repo": "unknown"}, "no builder answered on build.unknown.all"),
+            ({}, "repo"),
+        ]:
+            result = await client.call_tool("build", arguments)
+            assert result.is_error and message in text(result), (arguments, text(result))
+    assert len(builder.builds()) == 4
+    assert not any("bad;name" in arg for call in builder.nix_calls for arg in call)
