@@ -299,25 +299,19 @@ async def test_timeout_is_an_error_result_and_the_server_stays_responsive(mcp_se
     assert text(result).splitlines()[1].startswith("testhost1: started")
 
 
-def restart_on_same_port(nats_server, port: int) -> None:
-    nats_server.config.write_text(nats_server.config.read_text().replace("127.0.0.1:-1", f"127.0.0.1:{port}"))
-    nats_server.start()
-
-
 async def test_nats_outages_are_tool_errors_and_nothing_is_sent_late(mcp_server, nats_server, start_listener):
-    port = nats_server.port
     nats_server.stop()
     async with mcp_server() as client:
         assert {t.name for t in (await client.list_tools()).tools} == {"deploy", "list_hosts"}  # started anyway
         result = await client.call_tool("list_hosts", {})
         assert result.is_error and "cannot reach NATS" in text(result)
-        restart_on_same_port(nats_server, port)
+        nats_server.start_again()
         host = start_listener("testhost1", "test")
         assert not (await client.call_tool("list_hosts", {})).is_error  # connected on this call
         nats_server.stop()
         result = await client.call_tool("deploy", {"hostname": "testhost1"})
         assert result.is_error and "down and reconnecting; nothing was sent" in text(result)
-        restart_on_same_port(nats_server, port)
+        nats_server.start_again()
         await until(lambda: "reconnected to NATS" in mcp_server.errlog.read_text(), "the server to reconnect")
         result = await client.call_tool("deploy", {"hostname": "testhost1"})
         assert not result.is_error, text(result)
