@@ -122,7 +122,7 @@ def decode_message(data: bytes) -> dict:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: deeply nested arrays
         raise ProtocolError(f"message is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"message must be a JSON object, got {type(obj).__name__}")
@@ -475,7 +475,12 @@ class Bus:
                             "use a credential whose NATS permissions allow it")
 
     def publish(self, subject: str, payload: bytes, confirm: bool = False) -> None:
-        """Publish; with `confirm`, wait for the server and raise NatsError if it refused the subject."""
+        """Publish; with `confirm` (for requests), refuse while disconnected, since nats-py would deliver the
+        request whenever it reconnects, long after the sender gave up; then wait for the server and raise
+        NatsError if it refused the subject."""
+        if confirm and not self.nc.is_connected:
+            raise NatsError(f"not connected to NATS (reconnecting to {', '.join(self.servers)}); "
+                            f"nothing was sent to {subject}; retry in a moment")
         self._call(self.nc.publish(subject, payload))
         if confirm:
             self._check_permission(subject, "publish")
@@ -751,6 +756,7 @@ class Listener:
         self.bus, self.metrics = bus, metrics
         self.inflight_file = os.path.join(args.state_dir, "inflight.json")
         self.busy = threading.Lock()  # one deploy at a time
+        self.reporting = threading.Lock()  # held until a deploy's final status is out; shutdown waits on it
         self.current: DeployRequest | None = None
         self.current_since = 0.0
         self.stop = stop  # set to shut the listener down (signal, or restart after a switch)
@@ -790,17 +796,18 @@ class Listener:
                 self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
             return
         reconnects = self.bus.reconnects
-        try:
-            self.current, self.current_since = request, time.monotonic()
-            self.record_inflight(request)
-            final = self.deploy(request, rid)
-        finally:
-            self.current = None
-            self.record_inflight(None)
-            self.busy.release()  # before the final status, so the requester's next deploy is not refused
-        if self.metrics:
-            self.metrics.count(final.status, request.action, final.error)
-        self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
+        with self.reporting:
+            try:
+                self.current, self.current_since = request, time.monotonic()
+                self.record_inflight(request)
+                final = self.deploy(request, rid)
+            finally:
+                self.current = None
+                self.record_inflight(None)
+                self.busy.release()  # before the final status, so the requester's next deploy is not refused
+            if self.metrics:
+                self.metrics.count(final.status, request.action, final.error)
+            self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
         if final.status is Status.COMPLETED and request.action is Action.SWITCH and self.restart_after_switch:
             log.info("host=%s request=%s restarting so the service manager starts the switched-to version",
                      self.hostname, rid)
@@ -912,14 +919,10 @@ class Listener:
     def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int) -> None:
         """Publish a final status. If NATS dropped us during the deploy, the requester may have resubscribed
         after our buffered reply went out: send it again (clients keep the first final status, ignore repeats)."""
-        try:
-            self.bus.publish(reply_to, payload, confirm=True)  # confirm = flushed to the server
-        except NatsError as e:
-            log.warning("host=%s request=%s final status not confirmed by NATS yet (%s); nats-py resends it "
-                        "on reconnect", self.hostname, rid, e)
+        self.bus.publish(reply_to, payload)  # while disconnected, nats-py buffers it and sends it on reconnect
         if self.bus.reconnects != reconnects or not self.bus.nc.is_connected:
             def resend() -> None:
-                for delay in (2.0, 5.0):
+                for delay in (2.0, 5.0, 15.0, 30.0, 60.0):
                     if self.stop.wait(delay):
                         return
                     self.bus.publish(reply_to, payload)
@@ -978,12 +981,12 @@ def run_listener(args: argparse.Namespace) -> int:
     listener.start()
     log.info("host=%s tier=%s role=%s ready (%s)", args.hostname, args.tier, args.role or "-", ", ".join(subjects))
     stop.wait()
-    if listener.busy.locked():
+    if listener.reporting.locked():
         log.warning("host=%s shutting down: waiting up to %ss for the running deploy", args.hostname,
                     args.shutdown_grace)
-        if not listener.busy.acquire(timeout=args.shutdown_grace):
+        if not listener.reporting.acquire(timeout=args.shutdown_grace):
             listener.kill.set()  # the deploy thread kills nixos-rebuild's group and reports `failed`
-            listener.busy.acquire(timeout=60)
+            listener.reporting.acquire(timeout=60)
     log.info("host=%s shutting down", args.hostname)
     bus.close()
     return 0
@@ -1143,10 +1146,11 @@ class Builder:
         except EvalFailed as e:
             message, output = e.args
             log.warning("%s host=%s failed: %s", where, request.target, message)
-            self.reply(request.reply_to, Status.FAILED, message, error_code=BuildErrorCode.EVAL_FAILED,
-                       output=output, total_duration_seconds=time.monotonic() - started, **common)
             if self.metrics:
                 self.metrics.build_finished(repo.name, False)
+            self.reply(request.reply_to, Status.FAILED, message, error_code=BuildErrorCode.EVAL_FAILED,
+                       output=output, results=[], succeeded=0, failed=0,
+                       total_duration_seconds=time.monotonic() - started, **common)
             return
         note = f" ({skipped} host(s) with unsafe names skipped; see the builder's log)" if skipped else ""
         self.reply(request.reply_to, Status.STARTED, f"building {len(hosts)} host(s) at {branch}{note}",
@@ -1169,12 +1173,12 @@ class Builder:
                    else f"built {succeeded}/{len(results)} hosts successfully")
         log.info("%s host=%s %s in %.1fs: %s", where, request.target, "failed" if failed else "completed",
                  time.monotonic() - started, message)
+        if self.metrics:
+            self.metrics.build_finished(repo.name, not failed)
         self.reply(request.reply_to, Status.FAILED if failed else Status.COMPLETED, message,
                    error_code=BuildErrorCode.BUILD_FAILED if failed else None, results=results,
                    total_duration_seconds=time.monotonic() - started, succeeded=succeeded, failed=len(failed),
                    **common)
-        if self.metrics:
-            self.metrics.build_finished(repo.name, not failed)
 
     def list_hosts(self, repo: Repo, branch: str, target: str, where: str) -> tuple[list[str], int]:
         """The hosts to build and how many were skipped: nixosConfigurations from `nix flake show` whose names

@@ -1011,8 +1011,6 @@ def test_hostile_messages_on_build_subjects(fleet, spy):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="product gap: decode_message() catches ValueError but not the RecursionError "
-                   "json.loads raises for deep nesting, so the handler dies with a traceback instead of rejecting")
 def test_deeply_nested_json_is_rejected_cleanly(nats_server, start_listener, bus_factory):
     """JSON nested deeper than Python's recursion limit, within the size limit: rejected like any malformed
     message, not an unhandled exception in a handler."""
