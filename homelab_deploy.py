@@ -474,13 +474,17 @@ class Bus:
             raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not {what} {subject!r}; "
                             "use a credential whose NATS permissions allow it")
 
+    def require_connection(self, subject: str) -> None:
+        if not self.nc.is_connected:
+            raise NatsError(f"not connected to NATS (reconnecting to {', '.join(self.servers)}); "
+                            f"nothing was sent to {subject}; retry in a moment")
+
     def publish(self, subject: str, payload: bytes, confirm: bool = False) -> None:
         """Publish; with `confirm` (for requests), refuse while disconnected, since nats-py would deliver the
         request whenever it reconnects, long after the sender gave up; then wait for the server and raise
         NatsError if it refused the subject."""
-        if confirm and not self.nc.is_connected:
-            raise NatsError(f"not connected to NATS (reconnecting to {', '.join(self.servers)}); "
-                            f"nothing was sent to {subject}; retry in a moment")
+        if confirm:
+            self.require_connection(subject)
         self._call(self.nc.publish(subject, payload))
         if confirm:
             self._check_permission(subject, "publish")
@@ -502,6 +506,7 @@ class Bus:
 
     def inbox(self, subject: str) -> queue.Queue:
         """Subscribe and return a queue of message payloads in arrival order."""
+        self.require_connection(subject)
         q: queue.Queue = queue.Queue()
 
         async def on_message(msg):
