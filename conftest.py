@@ -242,6 +242,17 @@ def start_listener(nats_server, tmp_path):
         listener.stop()
 
 
+def start_deploy(bus, subject: str, action: str = "switch", revision: str = "main"):
+    """Publish a deploy request with a fresh reply subject; returns (reply_to, queue of raw replies)."""
+    import homelab_deploy
+
+    reply_to = homelab_deploy.new_reply_subject("deploy")
+    replies = bus.inbox(reply_to)
+    bus.publish(subject, json.dumps({"action": action, "revision": revision, "reply_to": reply_to}).encode(),
+                confirm=True)
+    return reply_to, replies
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*PROGRAM, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})

@@ -1315,10 +1315,15 @@ class Progress:
             self.status_line = False
 
 
-def collect_answers(bus: Bus, replies: queue.Queue, subject: str, timeout: float, window: float,
+def collect_answers(bus: Bus, subject: str, kind: str, make_request, timeout: float, window: float,
                     on_message, is_done) -> bool:
-    """Feed replies to on_message until is_done() holds and `window` passed since the last new answer,
-    nobody answered within `window`, or `timeout` passed. Returns False on timeout."""
+    """Subscribe a fresh <kind>.responses.<uuid> (before publishing, so no answer is missed), publish
+    make_request(reply_to) on `subject`, then feed replies to on_message until is_done() holds and `window`
+    passed since the last new answer, nobody answered within `window`, or `timeout` passed.
+    Returns False on timeout."""
+    reply_to = new_reply_subject(kind)
+    replies = bus.inbox(reply_to)
+    bus.publish(subject, make_request(reply_to), confirm=True)
     start = last_new = time.monotonic()
     deadline = start + timeout
     anyone = False
@@ -1343,8 +1348,6 @@ def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout:
                  window: float = ANSWER_WINDOW, on_event=None) -> tuple[dict[str, DeployResponse], bool]:
     """Publish a deploy request and gather every answering host's responses.
     Returns the last response per host and whether everything finished before the timeout."""
-    reply_to = new_reply_subject("deploy")
-    replies = bus.inbox(reply_to)
     hosts: dict[str, DeployResponse] = {}
 
     def on_message(data: bytes) -> bool:
@@ -1361,15 +1364,13 @@ def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout:
             on_event(response)
         return new
 
-    bus.publish(subject, DeployRequest(action, revision, reply_to).to_json(), confirm=True)
-    finished = collect_answers(bus, replies, subject, timeout, window, on_message,
+    finished = collect_answers(bus, subject, "deploy", lambda to: DeployRequest(action, revision, to).to_json(),
+                               timeout, window, on_message,
                                lambda: bool(hosts) and all(r.status.final for r in hosts.values()))
     return hosts, finished
 
 
 def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: float = ANSWER_WINDOW) -> list[HostInfo]:
-    reply_to = new_reply_subject("deploy")
-    replies = bus.inbox(reply_to)
     hosts: dict[str, HostInfo] = {}
 
     def on_message(data: bytes) -> bool:
@@ -1382,8 +1383,8 @@ def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: 
         hosts[info.hostname] = info
         return new
 
-    bus.publish(discover_subject, json.dumps({"reply_to": reply_to}).encode(), confirm=True)
-    collect_answers(bus, replies, discover_subject, window, window, on_message, lambda: True)
+    collect_answers(bus, discover_subject, "deploy", lambda reply_to: json.dumps({"reply_to": reply_to}).encode(),
+                    window, window, on_message, lambda: True)
     return sorted(hosts.values(), key=lambda h: (h.tier, h.hostname))
 
 
@@ -1492,8 +1493,6 @@ def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: fl
     within `timeout`. Raises ValueError for an invalid argument and NatsError when NATS refuses the publish."""
     check_build_request(repo, target, branch)
     subject = f"build.{repo}.{target}"
-    reply_to = new_reply_subject("build")
-    replies = bus.inbox(reply_to)
     final: list[dict] = []
     answered = []
 
@@ -1513,8 +1512,8 @@ def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: fl
         answered.append(True)
         return first  # only the first answer counts as new: there is one builder, and a final status ends the wait
 
-    bus.publish(subject, BuildRequest(repo, target, branch or None, reply_to).to_json(), confirm=True)
-    collect_answers(bus, replies, subject, timeout, window, on_message, lambda: bool(final))
+    collect_answers(bus, subject, "build", lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
+                    timeout, window, on_message, lambda: bool(final))
     return final[0] if final else None
 
 

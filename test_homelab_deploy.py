@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import queue
-import subprocess
 import time
 import urllib.request
 
 import pytest
 
 import homelab_deploy as hd
-from conftest import FLEET, NatsServer, make_user_key, run_cli, stop_process, wait_for
+from conftest import run_cli, start_deploy, wait_for
 
 HOSTILE_REVISIONS = [
     "main; rm -rf /", "$(reboot)", "`id`", "main && id", "main|id", "--upgrade", "-rf", "main#evil", "main?rev=1",
@@ -222,10 +221,7 @@ class TestListener:
         host = start_listener("testhost1", "test")
         host.standin.set_mode("block")
         bus = bus_factory(nats_server, "test-deployer")
-        reply_to = hd.new_reply_subject("deploy")
-        first = bus.inbox(reply_to)
-        bus.publish("deploy.test.testhost1", json.dumps({"action": "switch", "revision": "main",
-                                                         "reply_to": reply_to}).encode(), confirm=True)
+        _, first = start_deploy(bus, "deploy.test.testhost1")
         wait_for(lambda: host.standin.pids, what="the first deploy to run")
         got = responses(bus, "deploy.test.all", {"action": "boot", "revision": "main"})
         assert [(r["status"], r["error"]) for r in got] == [("rejected", "already_running")]
@@ -248,10 +244,7 @@ class TestListener:
         host = start_listener("testhost1", "test", None, "--heartbeat-interval", "0.2")
         host.standin.set_mode("block")
         bus = bus_factory(nats_server, "test-deployer")
-        reply_to = hd.new_reply_subject("deploy")
-        q = bus.inbox(reply_to)
-        bus.publish("deploy.test.testhost1", json.dumps({"action": "switch", "revision": "main",
-                                                         "reply_to": reply_to}).encode(), confirm=True)
+        _, q = start_deploy(bus, "deploy.test.testhost1")
         seen: list[dict] = []
         wait_for(lambda: seen.extend(iter_queue(q)) or
                  sum("still running" in m["message"] for m in seen) >= 2, what="two heartbeats")

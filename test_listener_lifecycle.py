@@ -4,24 +4,15 @@ period, restart after a switch, and seed-file hygiene. Real nats-server, real li
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import time
 
 import pytest
 
-import homelab_deploy as hd
-from conftest import wait_for
+from conftest import start_deploy, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def start_deploy(bus, subject: str, action: str = "switch") -> tuple[str, queue.Queue]:
-    reply_to = hd.new_reply_subject("deploy")
-    replies = bus.inbox(reply_to)
-    bus.publish(subject, json.dumps({"action": action, "revision": "main", "reply_to": reply_to}).encode(), confirm=True)
-    return reply_to, replies
 
 
 def final_reply(replies: queue.Queue, timeout: float = 60) -> dict:
