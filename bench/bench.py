@@ -111,7 +111,7 @@ class Sandbox:
         self.procs.append(proc)
         return proc
 
-    def wait_log(self, name: str, text: str, timeout: float = 60) -> None:
+    def wait_log(self, name: str, text: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         path = os.path.join(self.work, f"{name}.log")
         while True:
