@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import socket
+import subprocess
 import time
 
 import pytest
 
-from conftest import start_deploy, wait_for
+from conftest import Listener, start_deploy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +74,36 @@ class TestStateDirectory:
         host = start_listener("testhost1", "test")
         assert "unreadable in-flight record" in host.log_text()
         assert not (state / "inflight.json").exists()
+
+
+class TestConnect:
+    def test_waits_out_a_server_that_accepts_but_never_speaks(self, nats_server, bus_factory, tmp_path):
+        """A port that takes the TCP connection but never sends NATS's INFO (a wedged or overloaded server):
+        the listener gives up on each attempt by its own clock, logs it and retries, and serves once a real
+        server answers there. It never exits."""
+        nats_server.stop()
+        silent = socket.socket()
+        silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        silent.bind(("127.0.0.1", nats_server.port))
+        silent.listen(16)  # never accepted: the kernel completes the handshake, nothing is ever sent
+        host = Listener(nats_server, "testhost1", "test", None, tmp_path)
+        try:
+            with open(host.log, "ab") as log:
+                host.proc = subprocess.Popen(host.argv, env=host.env, stdout=log, stderr=log, start_new_session=True)
+            wait_for(lambda: "retrying in" in host.log_text() or host.proc.poll() is not None, timeout=30,
+                     what="the listener to give up on the silent server and retry")
+            assert host.proc.poll() is None and "Traceback" not in host.log_text()
+            assert f"cannot reach NATS at nats://127.0.0.1:{nats_server.port} within 5s" in host.log_text()
+            silent.close()
+            nats_server.start_again()
+            wait_for(lambda: " ready " in host.log_text() or host.proc.poll() is not None, timeout=90,
+                     what="the listener to connect to the real server")
+            assert host.proc.poll() is None
+            _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+            assert final_reply(replies)["status"] == "completed"
+        finally:
+            silent.close()
+            host.stop()
 
 
 class TestShutdown:
