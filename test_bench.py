@@ -38,7 +38,7 @@ def sandbox_processes(workdir: str) -> list[int]:
 @pytest.mark.skipif(not os.path.exists(PROGRAM), reason=f"the homelab-deploy entry point is not installed at {PROGRAM}")
 def test_smoke_run_produces_every_row(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.Popen([sys.executable, str(BENCH), "--fleets", "2,3", "--runs", "1", "--requests", "5",
+    proc = subprocess.Popen([sys.executable, str(BENCH), "--fleets", "2,3", "--runs", "2", "--requests", "5",
                              "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=300)
@@ -51,8 +51,10 @@ def test_smoke_run_produces_every_row(tmp_path):
 
     report = json.loads(out.read_text())
     measures = [row["measure"] for row in report["rows"]]
-    expected = ["listener idle RSS", "listener idle threads", "listener RSS after 5 deploys",
-                "listener threads after 5 deploys", "request to accepted p50", "request to accepted p99",
+    expected = ["listener idle RSS", "listener idle threads",
+                "listener CPU per deploy, nixos-rebuild stand-in included", "listener RSS after 5 deploys",
+                "listener threads after 5 deploys", "listener RSS after 10 deploys", "listener threads after 10 deploys",
+                "request to accepted p50", "request to accepted p99",
                 "homelab-deploy --help", "deploy to one host, start to exit"]
     for n in (2, 3):
         expected += [f"deploy deploy.test.all, {n} hosts: command",
