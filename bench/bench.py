@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from importlib.metadata import version
 
 import nats
@@ -31,41 +32,9 @@ import homelab_deploy as hd
 
 BIN = os.path.dirname(sys.executable)
 PROGRAM = os.path.join(BIN, "homelab-deploy")  # the installed entry point, not a pyenv shim
+FLOOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.py")  # bare nats-py processes
 NATS_SERVER = shutil.which("nats-server", path=BIN + os.pathsep + os.environ["PATH"])
 LISTENER_FLAGS = ("--flake-url", "git+https://git.example.com/fleet.git")
-
-
-# ---------------------------------------------------------------- floor processes (bare nats-py)
-
-async def floor_responder(url: str, seed_file: str, subjects: list[str]) -> None:
-    """A bare nats-py responder: answers every message on `subjects` at once, until killed."""
-    nc = await nats.connect(url, nkeys_seed=seed_file, connect_timeout=20)  # a fleet starting at once is slow
-
-    async def answer(msg):
-        await nc.publish(msg.reply, b'{"status":"ok"}')
-
-    for subject in subjects:
-        await nc.subscribe(subject, cb=answer)
-    await nc.flush()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-
-
-async def floor_client(url: str, seed_file: str, subject: str, expect: int) -> None:
-    """A bare nats-py command: connect, publish one request, wait for `expect` answers, exit."""
-    nc = await nats.connect(url, nkeys_seed=seed_file)
-    inbox = "floor.responses." + secrets.token_hex(8)
-    done, answers = asyncio.get_running_loop().create_future(), []
-
-    async def collect(msg):
-        answers.append(msg.data)
-        if len(answers) == expect and not done.done():
-            done.set_result(None)
-
-    await nc.subscribe(inbox, cb=collect)
-    await nc.publish(subject, b"{}", reply=inbox)
-    await asyncio.wait_for(done, 30)
-    await nc.close()
 
 
 # ---------------------------------------------------------------- sandbox: server, keys, fleet
@@ -83,7 +52,9 @@ class Sandbox:
         os.chmod(rebuild, 0o755)
         self.env = dict(os.environ, PATH=os.path.join(work, "bin") + os.pathsep + os.environ["PATH"])
         self.hosts = [f"h{i:03d}" for i in range(1, max_hosts)] + ["probe"]  # the probe is one of the fleet
-        fleet = {"hosts": [{"hostname": h, "tier": "test", "seed": self.seed(h)} for h in self.hosts],
+        # "metrics" is a prod host outside the measured fleet: its listener runs with metrics on, then stops.
+        fleet = {"hosts": [{"hostname": h, "tier": "test", "seed": self.seed(h)} for h in self.hosts]
+                 + [{"hostname": "metrics", "tier": "prod", "seed": self.seed("metrics")}],
                  "deployers": [{"name": "deployer", "access": "test", "seed": self.seed("deployer")}]}
         credentials = hd.fleet_credentials(fleet, work)
         self.bench_seed = self.seed("bench")
@@ -122,9 +93,9 @@ class Sandbox:
                 raise SystemExit(f"{name} did not log {text!r} within {timeout}s; see {path}")
             time.sleep(0.05)
 
-    def start_listener(self, host: str) -> subprocess.Popen:
+    def start_listener(self, host: str, tier: str = "test", *flags: str) -> subprocess.Popen:
         state = os.path.join(self.work, "state", host)
-        return self.start([PROGRAM, "listener", "--hostname", host, "--tier", "test", *LISTENER_FLAGS,
+        return self.start([PROGRAM, "listener", "--hostname", host, "--tier", tier, *LISTENER_FLAGS, *flags,
                            "--nats-url", self.url, "--nkey-file", self.seed(host), "--state-dir", state], host)
 
     def start_floors(self, first: int, end: int) -> list[subprocess.Popen]:
@@ -132,7 +103,7 @@ class Sandbox:
         procs = []
         for index in range(first, end):
             with open(os.path.join(self.work, f"floor{index}.log"), "ab") as log:
-                procs.append(subprocess.Popen([sys.executable, __file__, "floor-responder", self.url, self.bench_seed,
+                procs.append(subprocess.Popen([sys.executable, FLOOR, "responder", self.url, self.bench_seed,
                                                "floor.fan", f"floor.echo.{index}"], stdin=subprocess.DEVNULL,
                                               stdout=subprocess.PIPE, stderr=log, start_new_session=True))
         self.procs += procs
@@ -309,8 +280,8 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
             sandbox.wait_log(host, "ready (")
 
     def floor_client(subject: str, answers: int) -> float:
-        return timed_run([sys.executable, __file__, "floor-client", sandbox.url, sandbox.bench_seed, subject,
-                          str(answers)], env)[0]
+        return timed_run([sys.executable, FLOOR, "client", sandbox.url, sandbox.bench_seed, subject, str(answers)],
+                         env)[0]
 
     try:
         observer = Observer(sandbox.url, sandbox.bench_seed)
@@ -324,6 +295,18 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
         row("listener idle RSS", median(r for r, _ in idle), median(r for r, _ in bare_idle), "MiB",
             "<= 35 MiB", median(r for r, _ in idle) <= 35)
         row("listener idle threads", median(t for _, t in idle), median(t for _, t in bare_idle), "threads")
+        port = hd.free_port()
+        with_metrics = sandbox.start_listener("metrics", "prod", "--metrics-enabled", "--metrics-addr",
+                                              f"127.0.0.1:{port}")
+        sandbox.wait_log("metrics", "ready (")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            if b"homelab_deploy_info" not in response.read():
+                raise SystemExit("the metrics endpoint did not serve homelab_deploy_info")
+        rss_metrics = proc_status(with_metrics.pid)[0]
+        os.killpg(with_metrics.pid, signal.SIGTERM)
+        with_metrics.wait(30)
+        row("listener idle RSS, metrics endpoint on", rss_metrics, median(r for r, _ in bare_idle), "MiB",
+            "<= 35 MiB", rss_metrics <= 35)
 
         # One listener (the probe) deploys `requests` times per run; request-to-accepted beside a bare round trip.
         probe, probe_idle = listeners["probe"], proc_status(listeners["probe"].pid)[0]
@@ -422,13 +405,6 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] in ("floor-responder", "floor-client"):
-        url, seed, subject = sys.argv[2:5]
-        if sys.argv[1] == "floor-responder":
-            asyncio.run(floor_responder(url, seed, sys.argv[4:]))
-        else:
-            asyncio.run(floor_client(url, seed, subject, int(sys.argv[5])))
-        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fleets", type=lambda s: [int(n) for n in s.split(",")], default=[10, 50, 100],
                    help="fleet sizes for fan-out and discovery (default: 10,50,100, counting the probe host)")
