@@ -2182,6 +2182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
     p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
                    help=f"seconds to wait for the first host to answer (default: {ANSWER_WINDOW:.0f})")
+    p.add_argument("--straggler-window", type=float, default=STRAGGLER_WINDOW,
+                   help="once every answering host finished: seconds without a new host before a deploy or "
+                        f"list_hosts call returns (default: {STRAGGLER_WINDOW})")
     p.set_defaults(func=lambda args: __import__("homelab_deploy_mcp").serve(args), daemon=True)
 
     p = sub.add_parser("build", help="ask the builder to pre-build the hosts of a repository")

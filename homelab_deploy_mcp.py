@@ -206,7 +206,7 @@ class FleetTools:
         report = progress_reporter(ctx)
         hosts, finished = await in_thread(lambda: hd.deploy_hosts(
             self.bus(credential), subject, hd.Action(action), branch, self.args.timeout, self.args.answer_window,
-            lambda response: report(hd.describe(response))))
+            lambda response: report(hd.describe(response)), self.args.straggler_window))
         if not hosts:
             reach = "" if credential == "admin" else " (deploy reaches test-tier hosts only)"
             raise ToolError(f"no host answered on {subject} within {self.args.answer_window:g}s: no listener there"
@@ -233,7 +233,7 @@ class FleetTools:
         deploy (test tier) or deploy_admin. Returns an error when no host answers.
         """
         found = await in_thread(lambda: hd.discover_hosts(self.bus("main"), self.args.discover_subject,
-                                                          self.args.answer_window))
+                                                          self.args.answer_window, self.args.straggler_window))
         hosts = [h for h in found if tier is None or h.tier == tier]
         scope = f" in tier {tier}" if tier else ""
         if not hosts:

@@ -356,6 +356,41 @@ class TestDeployCLI:
         assert {h["hostname"]: h["status"] for h in doc["hosts"]} == {"testhost1": "completed", "testhost2": "failed"}
         assert doc["success"] is False
 
+    def test_named_host_ends_at_its_final_status(self, nats_server, start_listener):
+        """deploy.<tier>.<host> names one host: the client exits at its final status. With both windows at
+        600 s, waiting on either would run into the 120 s deadline below."""
+        start_listener("testhost1", "test")
+        r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(
+            nats_server, "test-deployer", "--answer-window", "600", "--straggler-window", "600"), timeout=120)
+        assert r.returncode == 0 and "1/1 hosts completed" in r.stderr, r.stderr
+
+    def test_host_answering_after_the_others_finished_is_reported(self, nats_server, start_listener, bus_factory):
+        """deploy.test.all reaches an unknown number of hosts. A host whose `accepted` arrives only after every
+        other host finished, within --straggler-window, is waited for and reported."""
+        start_listener("testhost1", "test")
+        late = bus_factory(nats_server, "admin")
+        finished: set[str] = set()  # reply subjects on which testhost1's final status went out
+
+        def watch(subject: str, data: bytes) -> None:
+            if json.loads(data).get("hostname") == "testhost1" and json.loads(data)["status"] == "completed":
+                finished.add(subject)
+
+        def answer_late(subject: str, data: bytes) -> None:
+            reply_to = json.loads(data)["reply_to"]
+            wait_for(lambda: reply_to in finished, what="testhost1 to finish")
+            for status in ("accepted", "started", "completed"):
+                late.publish(reply_to, json.dumps({"hostname": "late-host", "status": status, "error": None,
+                                                   "message": f"late {status}"}).encode())
+
+        late.subscribe("deploy.responses.>", watch)
+        late.subscribe("deploy.test.all", answer_late)
+        r = run_cli("deploy", "deploy.test.all", *deploy_args(
+            nats_server, "test-deployer", "--json", "--straggler-window", "5"))
+        assert r.returncode == 0, r.stderr
+        assert {h["hostname"]: h["status"] for h in json.loads(r.stdout)["hosts"]} == {
+            "testhost1": "completed", "late-host": "completed"}
+        assert "2/2 hosts completed" in r.stderr
+
     def test_test_deployer_cannot_deploy_to_prod(self, nats_server, start_listener):
         prod = start_listener("dns1", "prod", "dns")
         for subject in ("deploy.prod.dns1", "deploy.prod.all", "deploy.prod.role.dns"):
