@@ -25,6 +25,9 @@ import threading
 import time
 import typing
 
+if typing.TYPE_CHECKING:
+    import subprocess
+
 # asyncio, subprocess, concurrent.futures and logging load on first use: they would double the CLI's start-up.
 __version__ = "0.1.0"
 
@@ -415,11 +418,12 @@ class Bus:
 
     def _call(self, coro, timeout: float | None = 10.0):
         import asyncio
+        import concurrent.futures
 
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             future.cancel()
             raise NatsError(f"NATS client did not answer within {timeout:.0f}s (machine overloaded?)") from None
 
@@ -2084,6 +2088,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="path to NKey seed file" + (" (env HOMELAB_DEPLOY_NKEY_FILE)" if env else ""))
         p.add_argument("--debug", action="store_true", help="log debug detail (child output, NATS events)")
 
+    def window_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
+                       help=f"seconds to wait for the first host to answer (default: {ANSWER_WINDOW:.0f})")
+        p.add_argument("--straggler-window", type=float, default=STRAGGLER_WINDOW,
+                       help="once every answering host finished: seconds without a new host before stopping; "
+                            f"at least twice the first answer's delay (default: {STRAGGLER_WINDOW})")
+
     p = sub.add_parser("listener", help="run on a NixOS host: deploy when a request arrives")
     nats_flags(p, env=False)
     p.add_argument("--hostname", required=True, help="hostname for this listener (one subject token)")
@@ -2123,11 +2134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(env HOMELAB_DEPLOY_ACTION, default: switch)")
     p.add_argument("--timeout", type=float, default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, float),
                    help="response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
-    p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
-                   help=f"seconds to wait for the first host to answer (default: {ANSWER_WINDOW:.0f})")
-    p.add_argument("--straggler-window", type=float, default=STRAGGLER_WINDOW,
-                   help="once every answering host finished: seconds without a new host before stopping; "
-                        f"at least twice the first answer's delay (default: {STRAGGLER_WINDOW})")
+    window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
     p.set_defaults(func=deploy_command)
 
@@ -2135,11 +2142,7 @@ def build_parser() -> argparse.ArgumentParser:
     nats_flags(p, env=True)
     p.add_argument("--tier", choices=TIERS, help="only hosts of this tier")
     p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
-    p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
-                   help=f"seconds to wait for the first host to answer (default: {ANSWER_WINDOW:.0f})")
-    p.add_argument("--straggler-window", type=float, default=STRAGGLER_WINDOW,
-                   help="once every answering host finished: seconds without a new host before stopping; "
-                        f"at least twice the first answer's delay (default: {STRAGGLER_WINDOW})")
+    window_flags(p)
     p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(func=list_hosts_command)
 
@@ -2180,11 +2183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build-timeout", type=float, default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, float),
                    help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
     p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
-    p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
-                   help=f"seconds to wait for the first host to answer (default: {ANSWER_WINDOW:.0f})")
-    p.add_argument("--straggler-window", type=float, default=STRAGGLER_WINDOW,
-                   help="once every answering host finished: seconds without a new host before a deploy or "
-                        f"list_hosts call returns (default: {STRAGGLER_WINDOW})")
+    window_flags(p)
     p.set_defaults(func=lambda args: __import__("homelab_deploy_mcp").serve(args), daemon=True)
 
     p = sub.add_parser("build", help="ask the builder to pre-build the hosts of a repository")
