@@ -1352,10 +1352,11 @@ class Progress:
             self.status_line = False
 
 
-def collect_answers(bus: Bus, subject: str, kind: str, make_request, timeout: float, window: float,
-                    on_message, is_done, is_complete=lambda: False, stragglers: float = STRAGGLER_WINDOW) -> bool:
+def collect_answers(bus: Bus, subject: str, kind: str, make_request, parse, timeout: float, window: float,
+                    on_answer, is_done, is_complete=lambda: False, stragglers: float = STRAGGLER_WINDOW) -> bool:
     """Subscribe a fresh <kind>.responses.<random hex> (before publishing, so no answer is missed), publish
-    make_request(reply_to) on `subject`, then feed replies to on_message (True for a new responder) until
+    make_request(reply_to) on `subject`, then feed each reply that parse() accepts (malformed ones are
+    logged and skipped) to on_answer (True for a new responder) until
     nobody answered within `window`; or is_complete() holds (no other responder can exist); or is_done()
     holds (every responder so far finished) and no new one answered for max(stragglers, twice the first
     answer's delay), as a fan-out's answers arrive together; or `timeout` passed. Returns False on timeout."""
@@ -1384,7 +1385,12 @@ def collect_answers(bus: Bus, subject: str, kind: str, make_request, timeout: fl
             data = replies.get(timeout=max(0.0, min(0.1, wake - now, deadline - now)))
         except queue.Empty:
             continue
-        if on_message(data):
+        try:
+            answer = parse(data)
+        except ProtocolError as e:
+            log.warning("ignoring a malformed answer on %s: %s", reply_to, e)
+            continue
+        if on_answer(answer):
             last_new = time.monotonic()
             settle = settle or max(stragglers, 2 * (last_new - start))
 
@@ -1396,12 +1402,7 @@ def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout:
     Returns the last response per host and whether everything finished before the timeout."""
     hosts: dict[str, DeployResponse] = {}
 
-    def on_message(data: bytes) -> bool:
-        try:
-            response = DeployResponse.parse(data)
-        except ProtocolError as e:
-            log.warning("ignoring malformed response: %s", e)
-            return False
+    def on_answer(response: DeployResponse) -> bool:
         new = response.hostname not in hosts
         if not new and hosts[response.hostname].status.final:
             return False  # a final status is final
@@ -1417,8 +1418,8 @@ def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout:
     tokens = subject.split(".")
     addressed = tokens[2] if len(tokens) == 3 and tokens[2] != "all" else None
     finished = collect_answers(bus, subject, "deploy", lambda to: DeployRequest(action, revision, to).to_json(),
-                               timeout, window, on_message, is_done, lambda: addressed in hosts and is_done(),
-                               stragglers)
+                               DeployResponse.parse, timeout, window, on_answer, is_done,
+                               lambda: addressed in hosts and is_done(), stragglers)
     return hosts, finished
 
 
@@ -1426,18 +1427,13 @@ def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: 
                    stragglers: float = STRAGGLER_WINDOW) -> list[HostInfo]:
     hosts: dict[str, HostInfo] = {}
 
-    def on_message(data: bytes) -> bool:
-        try:
-            info = HostInfo.parse(data)
-        except ProtocolError as e:
-            log.warning("ignoring malformed discovery answer: %s", e)
-            return False
+    def on_answer(info: HostInfo) -> bool:
         new = info.hostname not in hosts
         hosts[info.hostname] = info
         return new
 
     collect_answers(bus, discover_subject, "deploy", lambda reply_to: json.dumps({"reply_to": reply_to}).encode(),
-                    window, window, on_message, lambda: True, stragglers=stragglers)
+                    HostInfo.parse, window, window, on_answer, lambda: True, stragglers=stragglers)
     return sorted(hosts.values(), key=lambda h: (h.tier, h.hostname))
 
 
@@ -1547,26 +1543,19 @@ def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: fl
     check_build_request(repo, target, branch)
     subject = f"build.{repo}.{target}"
     final: list[dict] = []
-    answered = []
 
-    def on_message(data: bytes) -> bool:
-        try:
-            response = BuildResponse.parse(data).to_dict()
-        except ProtocolError as e:
-            log.warning("ignoring malformed build response: %s", e)
-            return False
+    def on_answer(response: dict) -> bool:
         if final:
             return False  # a final status is final
         if on_event:
             on_event(response)
         if Status(response["status"]).final:
             final.append(response)
-        first = not answered
-        answered.append(True)
-        return first  # only the first answer counts as new: there is one builder, and a final status ends the wait
+        return True  # one builder serves a repo: its final status ends the wait
 
     collect_answers(bus, subject, "build", lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
-                    timeout, window, on_message, lambda: bool(final), lambda: bool(final))
+                    lambda data: BuildResponse.parse(data).to_dict(), timeout, window, on_answer,
+                    lambda: bool(final), lambda: bool(final))
     return final[0] if final else None
 
 
