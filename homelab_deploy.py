@@ -88,6 +88,7 @@ class ErrorCode(enum.Enum):
     BUILD_FAILED = "build_failed"
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted"  # the listener stopped or died mid-deploy; not in the spec's list
+    INTERNAL_ERROR = "internal_error"  # the listener failed after `accepted` (state dir unwritable, a bug); not in the spec
 
 
 class ProtocolError(Exception):
@@ -260,6 +261,7 @@ class BuildErrorCode(enum.Enum):
     ALREADY_RUNNING = "already_running"
     EVAL_FAILED = "eval_failed"
     BUILD_FAILED = "build_failed"
+    INTERNAL_ERROR = "internal_error"  # the builder failed after `started` (a bug, NATS trouble mid-build)
 
 
 class BuildRequest(typing.NamedTuple):
@@ -348,6 +350,24 @@ class BuildResponse(typing.NamedTuple):
 
 # ---------------------------------------------------------------- NATS facade
 
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM and SIGINT set; the main thread waits for it with wait_for_stop."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def wait_for_stop(stop: threading.Event, timeout: float | None = None) -> bool:
+    """stop.wait(timeout) for the main thread, in 0.2 s slices: the kernel may hand SIGTERM to any thread, and
+    CPython runs the handler only when the main thread next runs bytecode, which an untimed wait never does."""
+    deadline = float("inf") if timeout is None else time.monotonic() + timeout
+    while not stop.wait(max(0.0, min(0.2, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            return False
+    return True
+
+
 class NatsError(Exception):
     """A connection, credential or permission problem, worded for the operator."""
 
@@ -403,14 +423,14 @@ class Bus:
         delay = 1.0
         while True:
             try:  # _connect gives up after connect_timeout by the loop's own clock, also when CPU-starved
-                self.nc = self._call(self._connect(seed, name, daemon, connect_timeout), None)
+                self.nc = self._call(self._connect(seed, name, daemon, connect_timeout), connect_timeout + 10)
                 break
             except NatsError as e:
                 if not daemon:
                     self.close()
                     raise
                 log.error("%s; retrying in %.0fs", e, delay)
-                if (stop or threading.Event()).wait(delay):
+                if wait_for_stop(stop or threading.Event(), delay):
                     self.close()
                     raise
                 delay = min(delay * 2, 30.0)
@@ -543,8 +563,8 @@ class Bus:
     def close(self) -> None:
         self.closing = True
         if self.nc is not None and not self.nc.is_closed:
-            try:
-                self._call(self.nc.drain(), 10)
+            try:  # a disconnected client has nothing to drain: waiting for the server would only delay the exit
+                self._call(self.nc.drain() if self.nc.is_connected else self.nc.close(), 10)
             except Exception as e:
                 log.debug("NATS drain failed: %r", e)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -595,7 +615,10 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
     except OSError as e:
         return RunResult(None, False, [f"cannot run {argv[0]}: {e.strerror}"], time.monotonic() - started)
     if on_start:
-        on_start(proc.pid)
+        try:  # the child runs already: a failing callback must not leave it unsupervised
+            on_start(proc.pid)
+        except Exception:
+            log.exception("%scallback after starting %s failed; the command runs on", log_prefix, argv[0])
 
     def read_output(stream) -> None:
         for raw in stream:
@@ -786,6 +809,7 @@ class Listener:
         self.subjects = subjects
         self.discover_subject = args.discover_subject
         self.bus, self.metrics = bus, metrics
+        self.state_dir = args.state_dir
         self.inflight_file = os.path.join(args.state_dir, "inflight.json")
         self.busy = threading.Lock()  # one deploy at a time
         self.reporting = threading.Lock()  # held until a deploy's final status is out; shutdown waits on it
@@ -829,14 +853,29 @@ class Listener:
             return
         reconnects = self.bus.reconnects
         with self.reporting:
-            try:
+            try:  # from `accepted` on, whatever raises, exactly one final status goes out
                 self.current, self.current_since = request, time.monotonic()
                 log.info("host=%s request=%s accepted %s of %s", self.hostname, rid, request.action.value,
                          request.revision)
                 self.reply(request.reply_to, Status.ACCEPTED,
                            message=f"{request.action.value} of {request.revision} accepted")
-                self.record_inflight(request)  # after `accepted`: its fsync stays off the requester's path
-                final = self.deploy(request, rid)
+                try:
+                    self.record_inflight(request)  # after `accepted`: its fsync stays off the requester's path
+                except OSError as e:
+                    log.error("host=%s request=%s not run: cannot write %s: %s", self.hostname, rid,
+                              e.filename or self.inflight_file, e.strerror)
+                    final = DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
+                        f"nothing was run: the listener on {self.hostname} cannot write its in-flight record "
+                        f"{e.filename or self.inflight_file} ({e.strerror}); make {self.state_dir} a writable "
+                        "directory that only this listener uses (--state-dir, or systemd's StateDirectory=) "
+                        "and deploy again"))
+                else:
+                    final = self.deploy(request, rid)
+            except Exception as e:
+                log.exception("host=%s request=%s failed unexpectedly", self.hostname, rid)
+                final = DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
+                    f"the listener on {self.hostname} failed unexpectedly ({type(e).__name__}: {str(e)[:200]}); the "
+                    "deploy's outcome is unknown. Its log has the details; check the host and deploy again"))
             finally:
                 self.current = None
                 self.record_inflight(None)
@@ -850,10 +889,16 @@ class Listener:
             self.stop.set()
 
     def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
-        """Keep the running request on disk (atomically) so a restarted listener can report it; None clears it."""
+        """Keep the running request on disk (atomically) so a restarted listener can report it; None clears it,
+        and never raises: a record left behind is reported as interrupted by the next start, which is safe."""
         if request is None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(self.inflight_file)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("host=%s cannot remove the in-flight record %s: %s", self.hostname, self.inflight_file,
+                          e.strerror)
             return
         record = {"reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
                   "started": time.time(), "pid": pid, "generation": current_generation(self.profile)}
@@ -910,8 +955,11 @@ class Listener:
         def heartbeat() -> None:
             started = time.monotonic()
             while not done.wait(self.heartbeat_interval):
-                self.reply(request.reply_to, Status.STARTED,
-                           message=f"{action.value} still running after {time.monotonic() - started:.0f}s")
+                try:
+                    self.reply(request.reply_to, Status.STARTED,
+                               message=f"{action.value} still running after {time.monotonic() - started:.0f}s")
+                except Exception as e:  # NATS trouble: the final status has its own delivery path
+                    log.warning("host=%s request=%s heartbeat not sent: %r", self.hostname, rid, e)
 
         beat = threading.Thread(target=heartbeat, name="heartbeat", daemon=True)
         beat.start()
@@ -987,17 +1035,27 @@ def run_listener(args: argparse.Namespace) -> int:
         raise SystemExit("error: --timeout and --heartbeat-interval must be positive, --shutdown-grace not negative")
     if not is_publish_subject(args.discover_subject):
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
+    import fcntl
+
+    lock_file = os.path.join(args.state_dir, "lock")
     try:
         os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
         if os.stat(args.state_dir).st_mode & 0o077:
             log.warning("state directory %s is accessible to group or others; run `chmod 700 %s`",
                         args.state_dir, args.state_dir)
+        lock = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # held (close-on-exec) until the process ends
     except OSError as e:
-        raise SystemExit(f"error: cannot create state directory {args.state_dir}: {e.strerror}; "
+        raise SystemExit(f"error: cannot use state directory {args.state_dir}: {e.strerror}; "
                          "pass --state-dir DIR (a directory only this listener writes)") from None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
+        raise SystemExit(f"error: state directory {args.state_dir} is in use by another listener (pid {other}); "
+                         "give each listener its own --state-dir (under systemd, its own StateDirectory=)") from None
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+    stop = stop_on_signals()
     metrics = ListenerMetrics(args.hostname, args.tier, args.role) if args.metrics_enabled else None
     try:
         subjects = expand_subjects(args.deploy_subject or list(DEFAULT_SUBJECTS), args.hostname, args.tier, args.role)
@@ -1020,7 +1078,7 @@ def run_listener(args: argparse.Namespace) -> int:
         bus.close()
         return 1
     log.info("host=%s tier=%s role=%s ready (%s)", args.hostname, args.tier, args.role or "-", ", ".join(subjects))
-    stop.wait()
+    wait_for_stop(stop)
     if listener.reporting.locked():
         log.warning("host=%s shutting down: waiting up to %ss for the running deploy", args.hostname,
                     args.shutdown_grace)
@@ -1164,17 +1222,26 @@ class Builder:
             self.reply(request.reply_to, Status.REJECTED, message, repo=repo.name,
                        error_code=BuildErrorCode.ALREADY_RUNNING)
             return
-        try:
-            self.current[repo.name] = (request, time.monotonic())
-            self.build(repo, request, rid)
+        branch = request.branch or repo.default_branch
+        started = time.monotonic()
+        try:  # from `started` on, whatever raises, exactly one final status goes out
+            self.current[repo.name] = (request, started)
+            final = self.build(repo, request, branch, rid)
+        except Exception as e:
+            log.exception("repo=%s host=%s request=%s failed unexpectedly", repo.name, request.target, rid)
+            final = BuildResponse(Status.FAILED, (
+                f"the builder failed unexpectedly ({type(e).__name__}: {str(e)[:200]}); its log has the details; "
+                "build again"), repo.name, branch, BuildErrorCode.INTERNAL_ERROR, results=[], succeeded=0, failed=0,
+                total_duration_seconds=time.monotonic() - started)
         finally:
             self.current.pop(repo.name, None)
             self.running[repo.name].release()
+        self.bus.publish(request.reply_to, json.dumps(final.to_dict()).encode())
 
-    def build(self, repo: Repo, request: BuildRequest, rid: str) -> None:
+    def build(self, repo: Repo, request: BuildRequest, branch: str, rid: str) -> BuildResponse:
+        """Build the requested hosts, reporting progress; returns the final status to report."""
         import concurrent.futures
 
-        branch = request.branch or repo.default_branch
         where = f"repo={repo.name} request={rid}"
         common = {"repo": repo.name, "branch": branch}
         started = time.monotonic()
@@ -1189,10 +1256,9 @@ class Builder:
             log.warning("%s host=%s failed: %s", where, request.target, message)
             if self.metrics:
                 self.metrics.build_finished(repo.name, False)
-            self.reply(request.reply_to, Status.FAILED, message, error_code=BuildErrorCode.EVAL_FAILED,
-                       output=output, results=[], succeeded=0, failed=0,
-                       total_duration_seconds=time.monotonic() - started, **common)
-            return
+            return BuildResponse(Status.FAILED, message, error_code=BuildErrorCode.EVAL_FAILED, output=output,
+                                 results=[], succeeded=0, failed=0,
+                                 total_duration_seconds=time.monotonic() - started, **common)
         note = f" ({skipped} host(s) with unsafe names skipped; see the builder's log)" if skipped else ""
         self.reply(request.reply_to, Status.STARTED, f"building {len(hosts)} host(s) at {branch}{note}",
                    hosts_total=len(hosts), **common)
@@ -1216,10 +1282,10 @@ class Builder:
                  time.monotonic() - started, message)
         if self.metrics:
             self.metrics.build_finished(repo.name, not failed)
-        self.reply(request.reply_to, Status.FAILED if failed else Status.COMPLETED, message,
-                   error_code=BuildErrorCode.BUILD_FAILED if failed else None, results=results,
-                   total_duration_seconds=time.monotonic() - started, succeeded=succeeded, failed=len(failed),
-                   **common)
+        return BuildResponse(Status.FAILED if failed else Status.COMPLETED, message,
+                             error_code=BuildErrorCode.BUILD_FAILED if failed else None, results=results,
+                             total_duration_seconds=time.monotonic() - started, succeeded=succeeded,
+                             failed=len(failed), **common)
 
     def list_hosts(self, repo: Repo, branch: str, target: str, where: str) -> tuple[list[str], int]:
         """The hosts to build and how many were skipped: nixosConfigurations from `nix flake show` whose names
@@ -1283,9 +1349,7 @@ def run_builder(args: argparse.Namespace) -> int:
     if args.timeout <= 0 or args.parallel < 1:
         print("error: --timeout must be positive and --parallel at least 1", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     metrics = BuilderMetrics(list(repos)) if args.metrics_enabled else None
     if metrics:
         serve_metrics(args.metrics_addr, metrics.registry)
@@ -1304,7 +1368,7 @@ def run_builder(args: argparse.Namespace) -> int:
         return 1
     log.info("builder ready (repos: %s; timeout %ds per host, %d at a time)", ", ".join(
         f"{r.name}={r.url} [{r.default_branch}]" for r in repos.values()), args.timeout, args.parallel)
-    stop.wait()
+    wait_for_stop(stop)
     log.info("builder shutting down; cancelling running builds")
     deadline = time.monotonic() + 30  # kill_process_group needs at most 15s; then the final statuses go out
     for lock in builder.running.values():
@@ -2010,7 +2074,7 @@ def demo_command(args: argparse.Namespace) -> int:
                 f"  export HOMELAB_DEPLOY_NATS_URL={url}\n  export HOMELAB_DEPLOY_NKEY_FILE={keys}/admin.seed\n"
                 f"  {shown} list-hosts\n  {shown} deploy deploy.prod.role.dns --branch main\n"
                 f"  {shown} deploy deploy.test.test-web1 --action boot --nkey-file {keys}/test-deployer.seed")
-            signal.pause()
+            wait_for_stop(threading.Event())  # until SIGINT/SIGTERM raise KeyboardInterrupt
         return 0 if ok else 1
     except KeyboardInterrupt:
         say("\ninterrupted; stopping the sandbox")
@@ -2018,16 +2082,17 @@ def demo_command(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError) as e:
         print(f"error: demo failed: {e}", file=sys.stderr)
         return 1
-    finally:
-        for proc in reversed(processes):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in processes:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    finally:  # the listeners first, while nats-server still runs, so each closes its connection at once
+        for group in (processes[1:], processes[:1]):
+            for proc in group:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
         say("sandbox stopped and removed")
 

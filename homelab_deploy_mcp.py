@@ -15,10 +15,13 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import os
+import signal
 import sys
 import threading
 from typing import Annotated, Literal
 
+import anyio
 import anyio.from_thread
 import anyio.to_thread
 import nats.errors
@@ -340,8 +343,25 @@ def serve(args) -> int:
             read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))
     log.info("MCP server on stdio: tools deploy%s, list_hosts%s; NATS %s (connects on first use)",
              ", deploy_admin" if args.enable_admin else "", ", build" if args.enable_builds else "", args.nats_url)
+
+    async def serve_until_stopped() -> None:
+        # anyio's signal receiver wakes the loop through a wakeup fd, whichever thread the kernel handed the signal
+        # to; the thread blocked reading stdin cannot be cancelled, so a signal ends the process once NATS is closed.
+        async with anyio.create_task_group() as tasks:
+            async def stdio() -> None:
+                await server.run_stdio_async()
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(stdio)
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for number in signals:
+                    log.info("%s: closing the NATS connections and exiting", signal.Signals(number).name)
+                    await anyio.to_thread.run_sync(tools.close)
+                    sys.stderr.flush()
+                    os._exit(0)
+
     try:
-        server.run("stdio")
+        anyio.run(serve_until_stopped)
     finally:
         tools.close()
     return 0

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 import uuid
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 import homelab_deploy as hd
 from conftest import PROGRAM, run_cli, stop_process, wait_for
 from test_homelab_deploy import iter_queue
+from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
 
 NIX = shutil.which("nix")
 needs_nix = pytest.mark.skipif(NIX is None, reason="nix not found (Debian: apt-get install nix-bin)")
@@ -556,6 +558,54 @@ class TestBuilder:
                 >= last["homelab_deploy_build_last_failure_timestamp"])
         assert after[("homelab_deploy_build_last_timestamp", (("repo", "evalfail"),))] == 0
         assert "bad;name" not in text
+
+
+@needs_nix
+@pytest.mark.integration
+class TestBuilderLifeCycle:
+    @pytest.mark.slow
+    @pytest.mark.skipif(TGKILL is None, reason="tgkill's syscall number is known for x86_64 and aarch64 only")
+    def test_sigterm_during_build_every_time(self, nats_server, start_builder, flake, bus_factory, tmp_path):
+        """20 SIGTERMs, each to another thread of a builder running a build: every one stops it."""
+        pidfile = tmp_path / "pid"
+        url = flake({"hang": f"echo $$ > {pidfile}; exec sleep 300"})
+        bus = bus_factory(nats_server, "build-client")
+        exits = []
+        for run in range(20):
+            pidfile.unlink(missing_ok=True)
+            builder = start_builder({"fleet": url})
+            q = send(bus, "build.fleet.all", {"repo": "fleet", "target": "all"})
+            wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the build to run")
+            sigterm_to_a_thread(builder.proc.pid, run)
+            final = until_final(q)[-1]
+            assert (final["status"], final["failed"]) == ("failed", 1), final
+            exits.append(builder.proc.wait(30))  # killing nix takes at most 15 s, then the final status goes out
+        assert exits == [0] * 20
+
+    def test_unexpected_error_after_started(self, nats_server, flake, nix_store, bus_factory, monkeypatch):
+        """A bug inside a build (injected in an in-process builder on a real NATS connection) answers
+        `failed`/internal_error once; the builder then builds normally."""
+        for key, value in nix_store.items():
+            monkeypatch.setenv(key, value)
+        repos = {"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")}
+        builder = hd.Builder(repos, bus_factory(nats_server, "builder"), 600, 1, None, threading.Event())
+        builder.start()
+        bus = bus_factory(nats_server, "build-client")
+
+        def broken(*args):
+            raise RuntimeError("injected fault")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(hd.Builder, "list_hosts", broken)
+            q = send(bus, "build.fleet.all", {"repo": "fleet", "target": "all"})
+            got = until_final(q)
+            assert [r["status"] for r in got] == ["started", "failed"]
+            assert got[-1]["error_code"] == "internal_error"
+            assert "failed unexpectedly (RuntimeError: injected fault)" in got[-1]["message"]
+            with pytest.raises(queue.Empty):
+                q.get(timeout=0.5)  # exactly one final status
+        final = hd.build_repo(bus, "fleet", "all", None, 120, 5)
+        assert (final["status"], final["succeeded"]) == ("completed", 1)
 
 
 # ---------------------------------------------------------------- build CLI

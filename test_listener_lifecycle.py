@@ -3,16 +3,20 @@ period, restart after a switch, and seed-file hygiene. Real nats-server, real li
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import queue
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
-from conftest import Listener, start_deploy, wait_for
+import homelab_deploy as hd
+from conftest import Listener, StandIn, run_cli, start_deploy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +169,112 @@ class TestSecrets:
         log = host.log_text()
         assert "readable by group or others (mode 644)" in log and f"chmod 600 {seed}" in log
         assert seed.read_text().strip() not in log
+
+
+TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+
+
+def sigterm_to_a_thread(pid: int, run: int) -> None:
+    """SIGTERM through tgkill to one of the process's other threads, a different one each run: the kernel may hand
+    a process-directed signal to any thread that does not block it, and CPython handles it on the main thread."""
+    threads = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert threads and ctypes.CDLL(None, use_errno=True).syscall(TGKILL, pid, threads[run % len(threads)],
+                                                                 signal.SIGTERM) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TGKILL is None, reason="tgkill's syscall number is known for x86_64 and aarch64 only")
+class TestSignalsAlwaysActedOn:
+    RUNS = 20
+
+    def test_sigterm_during_deploy_every_time(self, nats_server, bus_factory, tmp_path):
+        bus = bus_factory(nats_server, "test-deployer")
+        exits = []
+        for run in range(self.RUNS):
+            host = Listener(nats_server, "testhost1", "test", None, tmp_path / f"run{run}", "--shutdown-grace", "1")
+            host.standin.set_mode("block")
+            try:
+                host.start()
+                _, replies = start_deploy(bus, "deploy.test.testhost1")
+                wait_for(lambda: host.standin.pids, what="nixos-rebuild to run")
+                sigterm_to_a_thread(host.proc.pid, run)
+                reply = final_reply(replies)
+                assert (reply["status"], reply["error"]) == ("failed", "interrupted"), reply
+                exits.append(host.proc.wait(1 + 20))  # the grace period, then the kill and the report
+            finally:
+                host.stop()
+        assert exits == [0] * self.RUNS
+
+
+class TestFinalStatusWhateverFails:
+    def test_state_dir_replaced_by_a_file(self, nats_server, start_listener, tmp_path):
+        """An in-flight record that cannot be written: `failed`/internal_error naming the path, nothing run, the
+        deploy command exits 1 at once (not after --timeout); the next deploy works once the directory is back."""
+        host = start_listener("testhost1", "test")
+        state = host.standin.dir / "state"
+        state.rename(tmp_path / "moved")
+        state.write_text("not a directory")
+        cli = ["deploy", "deploy.test.testhost1", "--branch", "main", "--json", "--timeout", "600",
+               "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])]
+        r = run_cli(*cli)
+        assert r.returncode == 1, r.stderr
+        answer = json.loads(r.stdout)["hosts"][0]
+        assert (answer["status"], answer["error"]) == ("failed", "internal_error")
+        assert f"cannot write its in-flight record {state}/inflight.json.tmp (Not a directory)" in answer["message"]
+        assert "nothing was run" in answer["message"] and "--state-dir" in answer["message"]
+        assert host.standin.calls == [] and host.proc.poll() is None
+        state.unlink()
+        (tmp_path / "moved").rename(state)
+        r = run_cli(*cli)
+        assert r.returncode == 0 and json.loads(r.stdout)["hosts"][0]["status"] == "completed", r.stderr
+        assert len(host.standin.calls) == 1
+
+    def test_unexpected_error_after_accepted(self, nats_server, bus_factory, tmp_path, monkeypatch):
+        """A bug inside the deploy (injected in an in-process listener on a real NATS connection) answers
+        `failed`/internal_error; the listener then serves the next request normally."""
+        standin = StandIn(tmp_path / "standin")
+        monkeypatch.setenv("PATH", f"{standin.dir / 'bin'}:{os.environ['PATH']}")
+        monkeypatch.setenv("STANDIN_DIR", str(standin.dir))
+        args = hd.build_parser().parse_args([
+            "listener", "--hostname", "testhost1", "--tier", "test", "--nats-url", nats_server.url,
+            "--nkey-file", str(nats_server.seeds["testhost1"]), "--flake-url", "git+https://git.example.com/c.git",
+            "--state-dir", str(tmp_path / "state"), "--system-profile", str(standin.profile)])
+        os.makedirs(args.state_dir)
+        listener = hd.Listener(args, ["deploy.test.testhost1"], bus_factory(nats_server, "testhost1"), None,
+                               threading.Event())
+        listener.start()
+        bus = bus_factory(nats_server, "test-deployer")
+
+        def broken(self, request, rid):
+            raise RuntimeError("injected fault")
+
+        monkeypatch.setattr(hd.Listener, "deploy", broken)
+        _, replies = start_deploy(bus, "deploy.test.testhost1")
+        answers = [json.loads(replies.get(timeout=30))["status"]]
+        reply = final_reply(replies)
+        assert answers == ["accepted"] and (reply["status"], reply["error"]) == ("failed", "internal_error")
+        assert "failed unexpectedly (RuntimeError: injected fault)" in reply["message"]
+        assert not listener.busy.locked() and not os.path.exists(listener.inflight_file)
+        with pytest.raises(queue.Empty):
+            replies.get(timeout=0.5)  # exactly one final status: nothing follows it
+        monkeypatch.undo()
+        monkeypatch.setenv("PATH", f"{standin.dir / 'bin'}:{os.environ['PATH']}")
+        monkeypatch.setenv("STANDIN_DIR", str(standin.dir))
+        _, replies = start_deploy(bus, "deploy.test.testhost1")
+        assert final_reply(replies)["status"] == "completed"
+        assert len(standin.calls) == 1
+
+
+class TestStateDirectoryLock:
+    def test_second_listener_on_the_same_directory_exits(self, nats_server, start_listener, tmp_path):
+        first = start_listener("testhost1", "test")
+        state = first.standin.dir / "state"
+        second = Listener(nats_server, "testhost2", "test", "web", tmp_path)
+        second.argv[second.argv.index("--state-dir") + 1] = str(state)
+        r = subprocess.run(second.argv, env=second.env, capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0
+        assert (f"state directory {state} is in use by another listener (pid {first.proc.pid}); give each listener "
+                "its own --state-dir") in r.stderr
+        assert "Traceback" not in r.stderr and first.proc.poll() is None
+        first.stop()
+        second.start()  # the lock goes with the process

@@ -192,9 +192,15 @@ class Observer:
     """An all-access nats-py connection in a thread of its own: stamps requests and final statuses as the
     server delivers them, and drives request/reply loops against the listener and the floor."""
 
+    def run_loop(self) -> None:
+        # Ctrl-C and SIGTERM go to the main thread only: the kernel may hand them to any thread that does not
+        # block them, and the main thread may then sleep on in a blocking call; this thread starts no process.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        self.loop.run_forever()
+
     def __init__(self, url: str, seed_file: str):
         self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        threading.Thread(target=self.run_loop, daemon=True).start()
         self.seen: dict[str, float] = {}  # reply_to -> when its request crossed the server
         self.finals: dict[str, dict[str, float]] = {}  # reply_to -> host -> when its final status crossed
         self.nc = self.call(self.connect(url, seed_file))
