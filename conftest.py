@@ -212,12 +212,12 @@ class Listener:
                     "STANDIN_DIR": str(self.standin.dir)}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Listener:
+    def start(self, expect_ready: bool = True) -> Listener:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log, start_new_session=True)
         wait_for(lambda: " ready " in self.log.read_text() or self.proc.poll() is not None,
                  what=f"listener {self.hostname} to be ready")
-        assert self.proc.poll() is None, self.log.read_text()
+        assert (self.proc.poll() is None) == expect_ready, self.log.read_text()
         return self
 
     def log_text(self) -> str:
@@ -232,10 +232,10 @@ class Listener:
 def start_listener(nats_server, tmp_path):
     started: list[Listener] = []
 
-    def start(hostname: str, tier: str, role: str | None = None, *extra: str) -> Listener:
+    def start(hostname: str, tier: str, role: str | None = None, *extra: str, expect_ready: bool = True) -> Listener:
         listener = Listener(nats_server, hostname, tier, role, tmp_path, *extra)
         started.append(listener)
-        return listener.start()
+        return listener.start(expect_ready)
 
     yield start
     for listener in started:

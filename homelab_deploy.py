@@ -54,7 +54,7 @@ DEFAULT_SUBJECTS = ("deploy.<tier>.<hostname>", "deploy.<tier>.all", "deploy.<ti
 # A git ref: no flake-URL syntax (? & # = %), no whitespace, no leading '-'.
 REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-# Build targets and hostnames found in `nix flake show` output (the security commit).
+# Hostnames found in `nix flake show` output (the security commit); a single build target is also a TOKEN_RE.
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
 # One NATS subject token: hostnames, roles and repo names that are put into subjects.
 TOKEN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
@@ -110,6 +110,18 @@ def is_valid_ref(ref: object) -> bool:
         and all(p and not p.startswith(".") and not p.endswith(".lock") for p in parts)
         and not ref.endswith(".")
     )
+
+
+def is_branch_or_tag(ref: str) -> bool:
+    """A plain name (nix fetches it as refs/heads/<name>), refs/heads/... or refs/tags/...; a commit is a plain
+    name too. Other refs (refs/pull/1/head) hold commits no maintainer merged."""
+    return not ref.startswith("refs/") or ref.startswith(("refs/heads/", "refs/tags/"))
+
+
+# Why a ref outside branches and tags was refused, and the opt-in that allows it.
+REF_POLICY = ("{what} {ref!r} is outside branches and tags: use a branch (a plain name or refs/heads/...), a tag "
+              "(refs/tags/...) or a 40-hex commit; to allow any ref, e.g. refs/pull/1/head, start the {daemon} "
+              "with --allow-any-ref")
 
 
 def is_subject_token(value: object) -> bool:
@@ -177,7 +189,7 @@ class DeployRequest(typing.NamedTuple):
     reply_to: str
 
     @classmethod
-    def parse(cls, data: bytes) -> DeployRequest:
+    def parse(cls, data: bytes, allow_any_ref: bool = False) -> DeployRequest:
         obj = decode_message(data)
         reply_to = parse_reply_to(obj, "deploy")
         action = obj.get("action")
@@ -191,6 +203,9 @@ class DeployRequest(typing.NamedTuple):
                 f"invalid revision {str(revision)[:40]!r}: must be a git branch, tag or 40-hex commit "
                 "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit)",
                 ErrorCode.INVALID_REVISION, reply_to)
+        if not allow_any_ref and not is_branch_or_tag(revision):
+            raise ProtocolError(REF_POLICY.format(what="revision", ref=revision, daemon="listener"),
+                                ErrorCode.INVALID_REVISION, reply_to)
         return cls(Action(action), revision, reply_to)
 
     def to_json(self) -> bytes:
@@ -266,27 +281,31 @@ class BuildErrorCode(enum.Enum):
 
 class BuildRequest(typing.NamedTuple):
     repo: str
-    target: str  # "all" or one host of the flake's nixosConfigurations
+    target: str  # "all" or one host of the flake's nixosConfigurations whose name is one subject token
     branch: str | None  # None: the repo's default_branch
     reply_to: str
 
     @classmethod
-    def parse(cls, data: bytes) -> BuildRequest:
+    def parse(cls, data: bytes, allow_any_ref: bool = False) -> BuildRequest:
         obj = decode_message(data)
         reply_to = parse_reply_to(obj, "build")
         repo, target, branch = obj.get("repo"), obj.get("target"), obj.get("branch")
         if not is_subject_token(repo):
             raise ProtocolError(f"invalid repo {str(repo)[:40]!r}: must be a repository name from the builder's "
                                 "config (letters, digits, '_' and '-')", BuildErrorCode.UNKNOWN_REPO, reply_to)
-        if target != "all" and not is_valid_name(target):
-            raise ProtocolError(f"invalid target {str(target)[:40]!r}: must be 'all' or a host name (letters, digits, "
-                                "'.', '_', '-'; starting with a letter, digit or '_')",
+        if target != "all" and not is_subject_token(target):  # it travels as the subject's last token
+            raise ProtocolError(f"invalid target {str(target)[:40]!r}: must be 'all' or a host name that is one NATS "
+                                "subject token (letters, digits, '_', '-'; no '.': it is sent to build.<repo>.<host>); "
+                                "build hosts named with '.' with --all (target 'all'), or rename them",
                                 BuildErrorCode.INVALID_TARGET, reply_to)
         if branch == "":
             branch = None  # Go's omitempty: an empty branch means the repo's default
         if branch is not None and not is_valid_ref(branch):
             raise ProtocolError(f"invalid branch {str(branch)[:40]!r}: must be a git branch, tag or 40-hex commit "
                                 "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit)",
+                                BuildErrorCode.INVALID_BRANCH, reply_to)
+        if branch is not None and not allow_any_ref and not is_branch_or_tag(branch):
+            raise ProtocolError(REF_POLICY.format(what="branch", ref=branch, daemon="builder"),
                                 BuildErrorCode.INVALID_BRANCH, reply_to)
         return cls(repo, target, branch, reply_to)
 
@@ -368,8 +387,21 @@ def wait_for_stop(stop: threading.Event, timeout: float | None = None) -> bool:
     return True
 
 
+# An NKey seed (S + base32; one passed where a path belongs), and the password or token of a URL's userinfo,
+# in a URL (nats://user:pass@host) or a bare netloc (user:pass@host:4222).
+SECRET_RE = re.compile(r"(?P<seed>(?<![A-Za-z0-9])S[A-Z2-7]{39,})|(?:(?<=://)|(?<!\S))(?P<user>[^\s/@:]*:)?[^\s/]*@")
+
+
+def redact(text: str) -> str:
+    """`text` without NKey seeds, URL passwords and tokens: for every error and log line naming a key or URL."""
+    return SECRET_RE.sub(lambda m: "<an NKey seed, redacted>" if m["seed"] else f"{m['user'] or ''}***@", text)
+
+
 class NatsError(Exception):
-    """A connection, credential or permission problem, worded for the operator."""
+    """A connection, credential or permission problem, worded for the operator; secrets in it are redacted."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 def read_seed(path: str) -> str:
@@ -381,8 +413,8 @@ def read_seed(path: str) -> str:
         with open(path, "rb") as f:
             raw = f.read(4096).strip()
     except OSError as e:
-        raise NatsError(f"cannot read NKey seed file {path}: {e.strerror}; pass --nkey-file with a seed "
-                        "made by `homelab-deploy keygen` or `nk -gen user`") from None
+        raise NatsError(f"cannot read NKey seed file {path}: {e.strerror}; pass --nkey-file the path of a file "
+                        "holding the seed (made by `homelab-deploy keygen` or `nk -gen user`)") from None
     try:
         public = nkeys.from_seed(bytearray(raw)).public_key.decode()
     except Exception:
@@ -434,7 +466,8 @@ class Bus:
                     self.close()
                     raise
                 delay = min(delay * 2, 30.0)
-        log.info("connected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else self.servers)
+        log.info("connected to NATS at %s", redact(self.nc.connected_url.netloc if self.nc.connected_url
+                                                   else ", ".join(self.servers)))
 
     def _call(self, coro, timeout: float | None = 10.0):
         import asyncio
@@ -473,7 +506,7 @@ class Bus:
 
         async def on_reconnect():
             self.reconnects += 1
-            log.warning("reconnected to NATS at %s", self.nc.connected_url.netloc if self.nc else "?")
+            log.warning("reconnected to NATS at %s", redact(self.nc.connected_url.netloc) if self.nc else "?")
 
         connecting = asyncio.ensure_future(nats.connect(
             servers=self.servers, nkeys_seed_str=seed, name=name, error_cb=on_error,
@@ -780,9 +813,13 @@ def flake_ref(flake_url: str, revision: str) -> str:
 
 
 def is_flake_url(url: object) -> bool:
-    """A flake URL that `flake_ref` can extend: no fragment, no whitespace, not an option."""
+    """A flake URL that `flake_ref` can extend: no fragment, no whitespace, not an option, and no ref= or rev=
+    of its own (nix uses the first ref=, so the requested one would be ignored)."""
+    import urllib.parse
+
     return isinstance(url, str) and bool(url) and not url.startswith("-") and not any(
-        c.isspace() or c == "#" for c in url)
+        c.isspace() or c == "#" for c in url) and not any(  # parse_qsl decodes keys as nix does (r%65f=)
+        key in ("ref", "rev") for key, _ in urllib.parse.parse_qsl(url.partition("?")[2], keep_blank_values=True))
 
 
 def rebuild_argv(action: Action, flake_url: str, revision: str, hostname: str) -> list[str]:
@@ -805,7 +842,7 @@ class Listener:
         self.hostname, self.tier, self.role = args.hostname, args.tier, args.role
         self.flake_url, self.timeout, self.profile = args.flake_url, args.timeout, args.system_profile
         self.heartbeat_interval = args.heartbeat_interval
-        self.restart_after_switch = args.restart_after_switch
+        self.restart_after_switch, self.allow_any_ref = args.restart_after_switch, args.allow_any_ref
         self.subjects = subjects
         self.discover_subject = args.discover_subject
         self.bus, self.metrics = bus, metrics
@@ -830,7 +867,7 @@ class Listener:
 
     def handle_deploy(self, subject: str, data: bytes) -> None:
         try:
-            request = DeployRequest.parse(data)
+            request = DeployRequest.parse(data, self.allow_any_ref)
         except ProtocolError as e:
             log.warning("host=%s subject=%s request=%s rejected: %s", self.hostname, subject,
                         e.reply_to or "-", e)
@@ -1029,7 +1066,8 @@ def run_listener(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {flag} {value!r} must be one NATS subject token "
                              "(letters, digits, '_' and '-', starting with a letter, digit or '_')")
     if not is_flake_url(args.flake_url):
-        raise SystemExit(f"error: --flake-url {args.flake_url!r} must be a flake URL without '#' or whitespace, "
+        raise SystemExit(f"error: --flake-url {args.flake_url!r} must be a flake URL without '#', whitespace, "
+                         "ref= or rev= (each request's revision is added as ref= or rev=), "
                          "e.g. git+https://git.example.com/user/nixos-configs.git")
     if args.timeout <= 0 or args.heartbeat_interval <= 0 or args.shutdown_grace < 0:
         raise SystemExit("error: --timeout and --heartbeat-interval must be positive, --shutdown-grace not negative")
@@ -1135,7 +1173,7 @@ class Repo(typing.NamedTuple):
             if url is None:
                 raise ValueError(f"{where}: missing `url`, the flake URL of the repository, "
                                  "e.g. git+https://git.example.com/org/nixos-servers.git")
-            if not is_flake_url(url) or re.search(r"[?&](ref|rev)=", url):
+            if not is_flake_url(url):
                 raise ValueError(f"{where}: url {url!r} must be a flake URL string without '#', whitespace, "
                                  "ref= or rev= (the branch is added per request), "
                                  "e.g. git+https://git.example.com/org/nixos-servers.git")
@@ -1176,9 +1214,9 @@ class EvalFailed(Exception):
 
 class Builder:
     def __init__(self, repos: dict[str, Repo], bus: Bus, timeout: int, parallel: int,
-                 metrics: BuilderMetrics | None, stop: threading.Event):
+                 metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool):
         self.repos, self.bus, self.metrics, self.stop = repos, bus, metrics, stop
-        self.timeout, self.parallel = timeout, parallel
+        self.timeout, self.parallel, self.allow_any_ref = timeout, parallel, allow_any_ref
         self.running = {name: threading.Lock() for name in repos}  # one build per repo at a time
         self.current: dict[str, tuple[BuildRequest, float]] = {}
 
@@ -1192,7 +1230,7 @@ class Builder:
     def handle_build(self, subject: str, data: bytes) -> None:
         _, subject_repo, subject_target = subject.split(".", 2)
         try:
-            request = BuildRequest.parse(data)
+            request = BuildRequest.parse(data, self.allow_any_ref)
             if request.repo != subject_repo:
                 raise ProtocolError(f"repo {request.repo!r} does not match the subject {subject}; send a build of "
                                     f"{request.repo} to build.{request.repo}.<target>",
@@ -1358,7 +1396,7 @@ def run_builder(args: argparse.Namespace) -> int:
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop)
+    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref)
     try:
         builder.start()
     except NatsError as e:
@@ -1590,10 +1628,11 @@ def list_hosts_command(args: argparse.Namespace) -> int:
 
 
 def check_build_request(repo: object, target: object, branch: object) -> None:
-    """Raise ValueError naming the bad field, by the builder's own checks, before anything is sent."""
+    """Raise ValueError naming the bad field, by the builder's own checks, before anything is sent; refs outside
+    branches and tags pass, since only the builder knows its --allow-any-ref."""
     try:
         BuildRequest.parse(json.dumps({"repo": repo, "target": target, "branch": branch,
-                                       "reply_to": "build.responses.check"}).encode())
+                                       "reply_to": "build.responses.check"}).encode(), allow_any_ref=True)
     except (ProtocolError, TypeError) as e:
         raise ValueError(str(e)) from None
 
@@ -2172,6 +2211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-after-switch", action="store_true",
                    help="exit after reporting a successful switch so the service manager (Restart=always) starts "
                         "the version the new generation installed; the NixOS module sets this")
+    p.add_argument("--allow-any-ref", action="store_true",
+                   help="deploy any git ref, e.g. refs/pull/1/head; by default only branches, tags and commits")
     p.add_argument("--system-profile", default="/nix/var/nix/profiles/system",
                    help="system profile whose generation is reported after switch/boot "
                         "(default: /nix/var/nix/profiles/system)")
@@ -2260,6 +2301,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML file naming the repositories to build: repos: {NAME: {url, default_branch}}")
     p.add_argument("--timeout", type=int, default=1800, help="build timeout per host in seconds (default: 1800)")
     p.add_argument("--parallel", type=int, default=1, help="hosts built at the same time (default: 1)")
+    p.add_argument("--allow-any-ref", action="store_true",
+                   help="build any git ref, e.g. refs/pull/1/head; by default only branches, tags and commits")
     p.add_argument("--metrics-enabled", action="store_true", help="enable the Prometheus metrics endpoint")
     p.add_argument("--metrics-addr", default=":9973", help="metrics HTTP server address (default: :9973)")
     p.set_defaults(func=run_builder, daemon=True)

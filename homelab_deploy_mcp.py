@@ -111,8 +111,8 @@ async def in_thread(work):
     except hd.NatsError as e:
         raise ToolError(str(e)) from None
     except (nats.errors.Error, concurrent.futures.TimeoutError) as e:  # the connection failed mid-call
-        raise ToolError(f"the NATS request failed ({e!r}); retry in a few seconds, and if it persists "
-                        "ask the operator to check nats-server and --nats-url") from None
+        raise ToolError(hd.redact(f"the NATS request failed ({e!r}); retry in a few seconds, and if it persists "
+                                  "ask the operator to check nats-server and --nats-url")) from None
 
 
 # ---------------------------------------------------------------- deploy subjects
@@ -255,7 +255,8 @@ class FleetTools:
     async def build(self, ctx: Context,
                     repo: Annotated[str, Field(description="Repository name from the builder's configuration.")],
                     target: Annotated[str | None, Field(
-                        description="Build only this host of the repository; every host when omitted.")] = None,
+                        description="Build only this host of the repository; every host when omitted. A host "
+                                    "whose name has a '.' can only be built with all=true.")] = None,
                     all: Annotated[bool, Field(description="Build every host (the default without target).")] = False,
                     branch: Annotated[str | None, Field(
                         description="Git branch to build; the repository's default branch when omitted.")] = None,
@@ -342,7 +343,8 @@ def serve(args) -> int:
         server.add_tool(tools.build, title="Build configurations", annotations=ToolAnnotations(
             read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))
     log.info("MCP server on stdio: tools deploy%s, list_hosts%s; NATS %s (connects on first use)",
-             ", deploy_admin" if args.enable_admin else "", ", build" if args.enable_builds else "", args.nats_url)
+             ", deploy_admin" if args.enable_admin else "", ", build" if args.enable_builds else "",
+             hd.redact(args.nats_url))
 
     async def serve_until_stopped() -> None:
         # anyio's signal receiver wakes the loop through a wakeup fd, whichever thread the kernel handed the signal

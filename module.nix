@@ -92,6 +92,17 @@ let
     description = "Additional environment variables for the ${what} service.";
   };
 
+  allowAnyRefOption = what: verb: mkOption {
+    type = types.bool;
+    default = false;
+    description = ''
+      Whether the ${what} may ${verb} any git ref a request names, such as
+      `refs/pull/1/head` (a pull request nobody merged).  By default only
+      branches (a plain name or `refs/heads/...`), tags (`refs/tags/...`)
+      and 40-hex commits are accepted.
+    '';
+  };
+
   extraArgsOption = what: mkOption {
     type = types.listOf types.str;
     default = [ ];
@@ -126,6 +137,7 @@ let
     ++ [ "--discover-subject" lcfg.discoverSubject ]
     # Exit after reporting a successful switch; Restart=always starts the new unit (see restartIfChanged).
     ++ [ "--restart-after-switch" ]
+    ++ lib.optionals lcfg.allowAnyRef [ "--allow-any-ref" ]
     ++ lib.optionals lcfg.metrics.enable [ "--metrics-enabled" "--metrics-addr" lcfg.metrics.address ]
     ++ lcfg.extraArgs
   );
@@ -149,6 +161,7 @@ let
     "%d/nkey"
     (systemdCommand (
       [ "--config" builderConfigFile "--timeout" (toString bcfg.timeout) ]
+      ++ lib.optionals bcfg.allowAnyRef [ "--allow-any-ref" ]
       ++ lib.optionals bcfg.metrics.enable [ "--metrics-enabled" "--metrics-addr" bcfg.metrics.address ]
       ++ bcfg.extraArgs
     ))
@@ -217,7 +230,8 @@ in
       example = "git+https://git.example.com/user/nixos-configs.git";
       description = ''
         Git flake URL `nixos-rebuild` builds this host's configuration from;
-        the requested branch or commit is added as `ref=`/`rev=`.
+        the requested branch or commit is added as `ref=`/`rev=`, so the URL
+        must not carry either (the listener refuses to start).
       '';
     };
 
@@ -246,6 +260,8 @@ in
       default = "deploy.discover";
       description = "NATS subject on which the listener answers discovery requests.";
     };
+
+    allowAnyRef = allowAnyRefOption "listener" "deploy";
 
     environment = environmentOption "listener";
 
@@ -309,6 +325,8 @@ in
       default = 1800;
       description = "Build timeout per host in seconds.";
     };
+
+    allowAnyRef = allowAnyRefOption "builder" "build";
 
     environment = environmentOption "builder";
 

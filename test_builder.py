@@ -231,7 +231,7 @@ def cli_args(server, user: str, *rest: str) -> list[str]:
 # ---------------------------------------------------------------- protocol, validation and command lines
 
 HOSTILE_TARGETS = ["x;rm -rf /", "../x", "-rf", "$(id)", "a b", "", "ALL;", "host#x", "h?ref=x", "x" * 100,
-                   None, 42, ["all"], {"host": "a"}]
+                   "web.example", None, 42, ["all"], {"host": "a"}]
 HOSTILE_BRANCHES = ["main;id", "--foo", "a..b", "main#x", "main?ref=y", "$(id)", "-", "main id", "../etc",
                     "x" * 300, 42, ["main"], True]
 
@@ -245,8 +245,24 @@ class TestBuildProtocol:
         assert hd.BuildRequest.parse(self.request()) == hd.BuildRequest("fleet", "all", "main", "build.responses.abc")
         for branch in (None, ""):  # missing or empty: the repo's default branch
             assert hd.BuildRequest.parse(self.request(branch=branch)).branch is None
-        req = hd.BuildRequest("fleet", "web-1.x_y", "feature/x", "build.responses.abc")
+        req = hd.BuildRequest("fleet", "web-1_y", "feature/x", "build.responses.abc")
         assert hd.BuildRequest.parse(req.to_json()) == req
+
+    def test_dotted_target_is_refused_with_the_way_out(self):
+        with pytest.raises(hd.ProtocolError) as e:
+            hd.BuildRequest.parse(self.request(target="web.example"))
+        assert e.value.code is hd.BuildErrorCode.INVALID_TARGET
+        assert "no '.': it is sent to build.<repo>.<host>" in str(e.value) and "with --all" in str(e.value)
+
+    def test_refs_outside_branches_and_tags_need_the_opt_in(self):
+        for branch in ("refs/heads/main", "refs/tags/v1", "0" * 40):
+            assert hd.BuildRequest.parse(self.request(branch=branch)).branch == branch
+        with pytest.raises(hd.ProtocolError) as e:
+            hd.BuildRequest.parse(self.request(branch="refs/pull/1/head"))
+        assert e.value.code is hd.BuildErrorCode.INVALID_BRANCH
+        assert "start the builder with --allow-any-ref" in str(e.value)
+        assert hd.BuildRequest.parse(self.request(branch="refs/pull/1/head"), allow_any_ref=True).branch == \
+            "refs/pull/1/head"
 
     @pytest.mark.parametrize("target", HOSTILE_TARGETS)
     def test_hostile_target(self, target):
@@ -337,6 +353,7 @@ class TestBuilderConfig:
         ("repos:\n  r: {url: 'git+https://x/ y.git'}\n", "whitespace"),
         ("repos:\n  r: {url: [a]}\n", "must be a flake URL string"),
         ("repos:\n  r: {url: 'git+https://x/y.git?ref=main'}\n", "ref= or rev="),
+        ("repos:\n  r: {url: 'git+https://x/y.git?dir=a&r%65v=abc'}\n", "ref= or rev="),
         ("repos:\n  r: {url: x, default_branch: 'main;id'}\n", "default_branch 'main;id'"),
         ("repos:\n  r: url\n", "must be a mapping"),
         ("repos: {}\n", "at least one repository"),
@@ -503,6 +520,28 @@ class TestBuilder:
                  what="the cancelled build to be killed")
         assert builder.builds() == [attr("hang")]
 
+    def test_pull_request_ref_needs_allow_any_ref(self, nats_server, start_builder, flake, bus_factory, tmp_path):
+        """A commit only on refs/pull/1/head (nobody merged it) is built with --allow-any-ref only; real nix
+        fetches such a ref, so the default must refuse it."""
+        url = flake({"good1": GOOD})
+        flake({"pr-only": GOOD}, branch="pr-1")
+        repo = tmp_path / "repos" / "fleet"
+        for args in (["checkout", "-q", "main"], ["update-ref", "refs/pull/1/head", "pr-1"],
+                     ["branch", "-q", "-D", "pr-1"]):
+            subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+        strict = start_builder({"fleet": url})
+        bus = bus_factory(nats_server, "build-client")
+        final = hd.build_repo(bus, "fleet", "pr-only", "refs/pull/1/head", 60, 1)
+        assert (final["status"], final["error_code"]) == ("rejected", "invalid_branch")
+        assert "start the builder with --allow-any-ref" in final["message"]
+        assert strict.nix_calls == []
+        assert hd.build_repo(bus, "fleet", "good1", "refs/heads/main", 60, 1)["status"] == "completed"
+        strict.stop()
+        trusting = start_builder({"fleet": url}, "--allow-any-ref")
+        final = hd.build_repo(bus, "fleet", "pr-only", "refs/pull/1/head", 60, 1)
+        assert (final["status"], final["branch"]) == ("completed", "refs/pull/1/head"), final
+        assert trusting.builds() == [attr("pr-only")]
+
     def test_credential_must_allow_every_repo(self, start_builder, flake):
         builder = start_builder({"fleet": flake(), "second": flake(name="second")}, expect_ready=False)
         assert builder.proc.returncode == 1
@@ -648,6 +687,18 @@ class TestBuildCLI:
             r = run_cli("build", *args, *cli_args(nats_server, "build-client"))
             assert r.returncode == 2 and "error:" in r.stderr, (args, r.stderr)
         assert builder.nix_calls == []
+
+    def test_dotted_host_is_built_with_all_only(self, nats_server, start_builder, flake):
+        """build.fleet.web.example never reaches build.fleet.*: the CLI refuses it before sending; --all builds it."""
+        builder = start_builder({"fleet": flake({"web.example": GOOD, "good1": GOOD})})
+        r = run_cli("build", "fleet", "web.example", *cli_args(nats_server, "build-client"))
+        assert r.returncode == 2 and "error: invalid target 'web.example'" in r.stderr, r.stderr
+        assert "build hosts named with '.' with --all" in r.stderr and builder.nix_calls == []
+        r = run_cli("build", "fleet", "--all", "--json", *cli_args(nats_server, "build-client"))
+        assert r.returncode == 0, r.stderr
+        assert [(h["host"], h["success"]) for h in json.loads(r.stdout)["results"]] == [
+            ("good1", True), ("web.example", True)]
+        assert sorted(builder.builds()) == [attr("good1"), attr("web.example")]
 
     def test_rejected_gives_exit_1(self, nats_server, start_builder, flake, tmp_path):
         marker, release = tmp_path / "started", tmp_path / "release"

@@ -47,6 +47,40 @@ class TestValidation:
     def test_subject_tokens(self, token, ok):
         assert hd.is_subject_token(token) is ok
 
+    @pytest.mark.parametrize("ref,ok", [("main", True), ("pull/1/head", True), ("0" * 40, True), ("HEAD", True),
+                                        ("refs/heads/main", True), ("refs/tags/v1.0", True),
+                                        ("refs/pull/1/head", False), ("refs/merge-requests/1/head", False),
+                                        ("refs/remotes/origin/main", False), ("refs/heads", False)])
+    def test_branch_or_tag(self, ref, ok):
+        assert hd.is_branch_or_tag(ref) is ok
+
+    @pytest.mark.parametrize("url,ok", [("git+https://g.example/c.git", True),
+                                        ("git+https://g.example/c.git?dir=x", True),
+                                        ("git+https://g.example/c.git?refresh=1", True),
+                                        ("git+https://g.example/c.git?ref=main", False),
+                                        ("git+https://g.example/c.git?dir=x&rev=" + "0" * 40, False),
+                                        ("git+https://g.example/c.git?r%65f=main", False),
+                                        ("git+https://g.example/c.git#h1", False), ("-x", False), ("", False)])
+    def test_flake_url(self, url, ok):
+        assert hd.is_flake_url(url) is ok
+
+    SEED = "SUAIBDPBAUTWCWBKIO6XTTUUWEBH5EMNKCMNKRX4KVPG3OLDJJ5SEBRSAI"  # the example seed of the nkeys docs
+
+    @pytest.mark.parametrize("text,shown", [
+        (f"cannot read NKey seed file {SEED}: No such file",
+         "cannot read NKey seed file <an NKey seed, redacted>: No such file"),
+        (f"/run/secrets/{SEED}", "/run/secrets/<an NKey seed, redacted>"),
+        ("cannot reach NATS at nats://deploy:s3cret@h:4222, nats://tok3n@h2:4222 within 5s",
+         "cannot reach NATS at nats://deploy:***@h:4222, nats://***@h2:4222 within 5s"),
+        ("connected to NATS at deploy:s3cret@127.0.0.1:4222", "connected to NATS at deploy:***@127.0.0.1:4222"),
+        ("nats://u:p@ss@h:4222", "nats://u:***@h:4222"),
+        ("nats://127.0.0.1:4222 UDVRWFORRSGNSBF354R4CMAMEGYAXK27DSM5MQHSY6WNGTUP3KMVCLYW",  # a public key is kept
+         "nats://127.0.0.1:4222 UDVRWFORRSGNSBF354R4CMAMEGYAXK27DSM5MQHSY6WNGTUP3KMVCLYW"),
+    ])
+    def test_redact(self, text, shown):
+        assert hd.redact(text) == shown
+        assert str(hd.NatsError(text)) == shown
+
     @pytest.mark.parametrize("subject,ok", [("deploy.test.all", True), ("deploy.prod.role.dns", True),
                                             ("deploy.*.all", False), ("deploy.>", False), ("deploy..x", False),
                                             ("deploy.test.a b", False), ("", False), ("deploy.test.", False)])
@@ -69,6 +103,16 @@ class TestProtocol:
             hd.DeployRequest.parse(self.request(revision=revision))
         assert e.value.code is hd.ErrorCode.INVALID_REVISION
         assert e.value.reply_to == "deploy.responses.abc"
+
+    def test_refs_outside_branches_and_tags_need_the_opt_in(self):
+        for revision in ("main", "refs/heads/main", "refs/tags/v1", "0" * 40):
+            assert hd.DeployRequest.parse(self.request(revision=revision)).revision == revision
+        with pytest.raises(hd.ProtocolError) as e:
+            hd.DeployRequest.parse(self.request(revision="refs/pull/1/head"))
+        assert e.value.code is hd.ErrorCode.INVALID_REVISION and e.value.reply_to == "deploy.responses.abc"
+        assert "outside branches and tags" in str(e.value) and "start the listener with --allow-any-ref" in str(e.value)
+        assert hd.DeployRequest.parse(self.request(revision="refs/pull/1/head"), allow_any_ref=True).revision == \
+            "refs/pull/1/head"
 
     @pytest.mark.parametrize("action", HOSTILE_ACTIONS)
     def test_hostile_action_is_invalid_action(self, action):
@@ -182,6 +226,34 @@ class TestListener:
                         {"action": "test", "revision": "v1.0"})
         assert got[-1]["status"] == "completed"
         assert host.standin.calls == [["test", "--refresh", "--flake", "git+https://g.example/c.git?dir=nixos&ref=v1.0#testhost1"]]
+
+    @pytest.mark.parametrize("url", ["git+https://g.example/c.git?ref=main",
+                                     "git+https://g.example/c.git?dir=x&r%65v=1"])
+    def test_flake_url_with_its_own_ref_is_refused_at_start(self, start_listener, url):
+        """nix takes the first ref= of `<url>?ref=main&ref=<requested>`: the listener would report a revision it
+        did not deploy."""
+        host = start_listener("testhost1", "test", None, "--flake-url", url, expect_ready=False)
+        assert host.proc.returncode == 1
+        assert f"error: --flake-url {url!r} must be a flake URL without '#', whitespace, ref= or rev=" in \
+            host.log_text()
+        assert host.standin.calls == []
+
+    def test_refs_outside_branches_and_tags_need_allow_any_ref(self, nats_server, start_listener, bus_factory):
+        strict = start_listener("testhost1", "test")
+        trusting = start_listener("testhost2", "test", "web", "--allow-any-ref")
+        bus = bus_factory(nats_server, "test-deployer")
+        got = responses(bus, "deploy.test.testhost1", {"action": "test", "revision": "refs/pull/1/head"})
+        assert [(r["status"], r["error"]) for r in got] == [("rejected", "invalid_revision")]
+        assert "start the listener with --allow-any-ref" in got[0]["message"]
+        for revision in ("refs/heads/main", "refs/tags/v1.0"):
+            got = responses(bus, "deploy.test.testhost1", {"action": "test", "revision": revision})
+            assert got[-1]["status"] == "completed", got
+        assert [call[-1] for call in strict.standin.calls] == [
+            "git+https://git.example.com/cfg.git?ref=refs/heads/main#testhost1",
+            "git+https://git.example.com/cfg.git?ref=refs/tags/v1.0#testhost1"]
+        got = responses(bus, "deploy.test.testhost2", {"action": "test", "revision": "refs/pull/1/head"})
+        assert got[-1]["status"] == "completed", got
+        assert trusting.standin.calls[-1][-1] == "git+https://git.example.com/cfg.git?ref=refs/pull/1/head#testhost2"
 
     def test_failure_reports_build_failed_with_output(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test")
@@ -411,6 +483,34 @@ class TestDeployCLI:
         r = run_cli("deploy", "deploy.test.*", *deploy_args(nats_server, "test-deployer"))
         assert r.returncode == 2
         assert host.standin.calls == []
+
+    def test_pull_request_ref_is_left_to_the_listener(self, nats_server, start_listener):
+        """The CLI cannot know a listener's --allow-any-ref: it sends any valid ref and shows the verdict."""
+        host = start_listener("testhost1", "test")
+        r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer", "--branch",
+                                                                    "refs/pull/1/head", "--json"))
+        assert r.returncode == 1 and "start the listener with --allow-any-ref" in r.stderr, r.stderr
+        assert [(h["status"], h["error"]) for h in json.loads(r.stdout)["hosts"]] == [("rejected", "invalid_revision")]
+        assert host.standin.calls == []
+
+    def test_secrets_never_in_errors(self, nats_server):
+        seed = nats_server.seeds["admin"].read_text().strip()
+        password_url = nats_server.url.replace("nats://", "nats://deploy:s3cret@")
+        cases = [  # (argv, environment, exit code, what stderr must say)
+            (deploy_args(nats_server, "admin")[:2] + ["--nkey-file", seed], {}, 3,
+             "cannot read NKey seed file <an NKey seed, redacted>: No such file or directory; "
+             "pass --nkey-file the path of a file holding the seed"),
+            (deploy_args(nats_server, "admin")[:2], {"HOMELAB_DEPLOY_NKEY_FILE": seed}, 3,
+             "cannot read NKey seed file <an NKey seed, redacted>"),
+            (["--nats-url", "nats://deploy:s3cret@127.0.0.1:1", "--nkey-file", str(nats_server.seeds["admin"])], {}, 3,
+             "cannot reach NATS at nats://deploy:***@127.0.0.1:1"),
+            (["--nats-url", password_url, "--nkey-file", str(nats_server.seeds["admin"]), "--debug"], {}, 4,
+             f"connected to NATS at deploy:***@127.0.0.1:{nats_server.port}"),
+        ]
+        for args, env, code, message in cases:
+            r = run_cli("deploy", "deploy.test.nosuchhost", *args, "--answer-window", "0.5", env=env, timeout=30)
+            assert r.returncode == code and message in r.stderr, (args, env, r.stderr)
+            assert seed not in r.stderr and "s3cret" not in r.stderr
 
     def test_connection_errors_are_clear_and_fast(self, nats_server, tmp_path):
         bad_seed = tmp_path / "bad.seed"

@@ -170,6 +170,20 @@ class TestSecrets:
         assert "readable by group or others (mode 644)" in log and f"chmod 600 {seed}" in log
         assert seed.read_text().strip() not in log
 
+    def test_seed_given_as_path_and_url_password_never_logged(self, nats_server, start_listener):
+        seed = nats_server.seeds["testhost1"].read_text().strip()
+        refused = start_listener("testhost1", "test", None, "--nkey-file", seed, expect_ready=False)
+        assert refused.proc.returncode == 1
+        assert "cannot read NKey seed file <an NKey seed, redacted>: No such file" in refused.log_text()
+        assert seed not in refused.log_text()
+        password_url = nats_server.url.replace("nats://", "nats://deploy:s3cret@")
+        host = start_listener("testhost2", "test", "web", "--nats-url", password_url, "--debug")
+        assert f"connected to NATS at deploy:***@127.0.0.1:{nats_server.port}" in host.log_text()
+        nats_server.restart()
+        wait_for(lambda: f"reconnected to NATS at deploy:***@127.0.0.1:{nats_server.port}" in host.log_text(),
+                 what="the listener to reconnect")
+        assert "s3cret" not in host.log_text()
+
 
 TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
 

@@ -103,6 +103,23 @@ def test_unreadable_key_is_a_startup_error(nats_server, tmp_path):
     assert r.returncode == 2 and "cannot read NKey seed file" in r.stderr
 
 
+async def test_secrets_never_reach_stderr_or_tool_errors(mcp_server, nats_server):
+    seed = nats_server.seeds["test-deployer"].read_text().strip()
+    r = subprocess.run([sys.executable, *MCP_SCRIPT, "--nats-url", nats_server.url, "--nkey-file", seed],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "cannot read NKey seed file <an NKey seed, redacted>" in r.stderr, r.stderr
+    assert seed not in r.stderr
+    password_url = nats_server.url.replace("nats://", "nats://deploy:s3cret@")
+    for url, message in ((password_url, "no host answered discovery"),
+                         ("nats://deploy:s3cret@127.0.0.1:1", "cannot reach NATS at nats://deploy:***@127.0.0.1:1")):
+        async with mcp_server("--nats-url", url) as client:
+            result = await client.call_tool("list_hosts", {})
+            assert result.is_error and message in text(result) and "s3cret" not in text(result), text(result)
+    stderr = mcp_server.errlog.read_text()
+    assert f"NATS nats://deploy:***@127.0.0.1:{nats_server.port} (connects on first use)" in stderr
+    assert f"connected to NATS at deploy:***@127.0.0.1:{nats_server.port}" in stderr and "s3cret" not in stderr
+
+
 @pytest.mark.parametrize("flags,tools", [
     ([], {"deploy", "list_hosts"}),
     (["--enable-builds"], {"deploy", "list_hosts", "build"}),
@@ -376,6 +393,7 @@ async def test_build_reports_per_host_results(mcp_server, start_builder, flake):
         for arguments, message in [
             ({"repo": "fleet", "target": "good1", "all": True}, "not both"),
             ({"repo": "fleet", "target": "bad;name"}, "invalid build request"),
+            ({"repo": "fleet", "target": "web.example"}, "build hosts named with '.' with --all"),
             ({"repo": "fleet", "branch": "main;id"}, "invalid build request"),
             ({"repo": "a.b"}, "invalid build request"),
             ({"repo": "second"}, "permission denied"),

@@ -402,6 +402,15 @@ def test_listener_custom_subjects_timeout_and_extra_args(nix):
     assert argv[-len(extra):] == extra
 
 
+def test_allow_any_ref(nix):
+    cfg = host(listener=listener_config(allowAnyRef=True),
+               builder=builder_config(configFile="/etc/hd.yaml", allowAnyRef=True))
+    assert listener_argv(nix, cfg).count("--allow-any-ref") == 1
+    assert builder_argv(nix, cfg).count("--allow-any-ref") == 1
+    cfg = host(listener=listener_config(), builder=builder_config(configFile="/etc/hd.yaml"))
+    assert "--allow-any-ref" not in listener_argv(nix, cfg) + builder_argv(nix, cfg)
+
+
 def test_listener_environment(nix):
     env = nix.host(
         host(listener=listener_config(environment={"HTTPS_PROXY": "http://proxy:3128"})),
