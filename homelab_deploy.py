@@ -633,11 +633,16 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
 # ---------------------------------------------------------------- metrics
 
 DEPLOY_BUCKETS = (1, 5, 10, 30, 60, 120, 180, 300, 450, 600, 900, 1200, 1800, 2700, 3600)
+METRICS_CONNECTIONS = 32  # open metrics connections at most (a thread and a descriptor each); more are closed at once
+METRICS_DEADLINE = 5.0  # seconds a metrics connection may stay open: idle, half-sent or trickled requests are cut off
 
 
 def serve_metrics(address: str, registry) -> object:
-    """Serve /metrics and /health on address (host:port, ':port' for all interfaces) in a daemon thread."""
+    """Serve /metrics and /health on address (host:port, ':port' for all interfaces) in a daemon thread.
+    At most METRICS_CONNECTIONS at a time, each for at most METRICS_DEADLINE seconds, so connections nobody
+    finishes cannot take the descriptors and threads a deploy needs."""
     import http.server
+    import socket
 
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -662,16 +667,42 @@ def serve_metrics(address: str, registry) -> object:
         def log_message(self, fmt, *args):
             log.debug("metrics http: " + fmt, *args)
 
-    server_class = http.server.ThreadingHTTPServer
-    if ":" in host:
-        import socket
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        request_queue_size = METRICS_CONNECTIONS  # socketserver's 5 stalls clients while the accept loop catches up
+        refusing = False  # a flood is logged once, not once per connection
 
-        server_class = type("V6Server", (http.server.ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+        def verify_request(self, request, client_address) -> bool:
+            with lock:
+                full = len(deadlines) >= METRICS_CONNECTIONS
+                if full and not self.refusing:
+                    log.warning("metrics http: %d connections open; closing new ones (from %s first) until they "
+                                "end, at most %gs each", METRICS_CONNECTIONS, client_address[0], METRICS_DEADLINE)
+                self.refusing = full
+                if not full:
+                    deadlines[request] = time.monotonic() + METRICS_DEADLINE
+                return not full
+
+        def shutdown_request(self, request):
+            with lock:
+                deadlines.pop(request, None)  # before close: service_actions must never see a reused descriptor
+            super().shutdown_request(request)
+
+        def service_actions(self):  # serve_forever calls this at least every 0.5 s
+            now = time.monotonic()
+            with lock:
+                for request in [r for r, deadline in deadlines.items() if deadline < now]:
+                    with contextlib.suppress(OSError):
+                        request.shutdown(socket.SHUT_RDWR)  # the handler's read or write ends; so does its thread
+
+        def handle_error(self, request, client_address):
+            log.debug("metrics http: connection from %s ended: %s", client_address[0], sys.exc_info()[1])
+
+    lock, deadlines = threading.Lock(), {}  # open connections: when each is cut off
     try:
-        server = server_class((host, int(port)), Handler)
+        server = Server((host, int(port)), Handler)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot serve metrics on {address!r}: {e}; pass --metrics-addr HOST:PORT") from None
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     log.info("serving metrics on http://%s:%d/metrics", host or "0.0.0.0", server.server_address[1])
     return server
