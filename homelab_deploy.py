@@ -2071,8 +2071,18 @@ def env_default(name: str, fallback=None, convert=str):
         return fallback
     try:
         return convert(value)
-    except ValueError:
-        raise SystemExit(f"error: ${name}={value!r} is not a valid {convert.__name__}") from None
+    except (ValueError, argparse.ArgumentTypeError) as e:  # the converter's message names the valid values
+        print(f"error: ${name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def positive_seconds(text: str) -> float:
+    """type= of every client duration flag: nan would remove the deadline, 0 or less end it before any answer."""
+    with contextlib.suppress(ValueError):
+        if 0 < float(text) < float("inf"):
+            return float(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give a finite number of seconds greater than 0, "
+                                     "e.g. 30")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -2109,9 +2119,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="log debug detail (child output, NATS events)")
 
     def window_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
+        p.add_argument("--answer-window", type=positive_seconds, default=ANSWER_WINDOW,
                        help=f"seconds to wait for the first host to answer (default: {ANSWER_WINDOW:.0f})")
-        p.add_argument("--straggler-window", type=float, default=STRAGGLER_WINDOW,
+        p.add_argument("--straggler-window", type=positive_seconds, default=STRAGGLER_WINDOW,
                        help="once every answering host finished: seconds without a new host before stopping; "
                             f"at least twice the first answer's delay (default: {STRAGGLER_WINDOW})")
 
@@ -2152,7 +2162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action", default=env_default("HOMELAB_DEPLOY_ACTION", "switch"),
                    help="nixos-rebuild action: switch, boot, test, dry-activate "
                         "(env HOMELAB_DEPLOY_ACTION, default: switch)")
-    p.add_argument("--timeout", type=float, default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, float),
+    p.add_argument("--timeout", type=positive_seconds,
+                   default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, positive_seconds),
                    help="response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
@@ -2183,7 +2194,7 @@ def build_parser() -> argparse.ArgumentParser:
     def boolean(value: str) -> bool:
         word = value.strip().lower()
         if word not in ("1", "true", "yes", "0", "false", "no"):
-            raise ValueError(value)
+            raise ValueError(f"{value!r} is not a boolean: give 1, true, yes, 0, false or no")
         return word in ("1", "true", "yes")
 
     # Same flags for `homelab-deploy-mcp`; homelab_deploy_mcp (and the mcp SDK) load only when this command runs.
@@ -2198,9 +2209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-builds", action="store_true",
                    default=env_default("HOMELAB_DEPLOY_ENABLE_BUILDS", False, boolean),
                    help="add the build tool (env HOMELAB_DEPLOY_ENABLE_BUILDS)")
-    p.add_argument("--timeout", type=float, default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, float),
+    p.add_argument("--timeout", type=positive_seconds,
+                   default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, positive_seconds),
                    help="deploy response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
-    p.add_argument("--build-timeout", type=float, default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, float),
+    p.add_argument("--build-timeout", type=positive_seconds,
+                   default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, positive_seconds),
                    help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
     p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
     window_flags(p)
@@ -2213,9 +2226,10 @@ def build_parser() -> argparse.ArgumentParser:
     nats_flags(p, env=True)
     p.add_argument("--branch", default=env_default("HOMELAB_DEPLOY_BRANCH"),
                    help="git branch (env HOMELAB_DEPLOY_BRANCH; default: the repo's default_branch)")
-    p.add_argument("--timeout", type=float, default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, float),
+    p.add_argument("--timeout", type=positive_seconds,
+                   default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, positive_seconds),
                    help="response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
-    p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
+    p.add_argument("--answer-window", type=positive_seconds, default=ANSWER_WINDOW,
                    help=f"seconds to wait for the builder to answer (default: {ANSWER_WINDOW:.0f})")
     p.add_argument("--json", action="store_true", help="print the final build response as JSON")
     p.set_defaults(func=build_command)
