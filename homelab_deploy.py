@@ -695,8 +695,10 @@ def serve_metrics(address: str, registry) -> object:
                     with contextlib.suppress(OSError):
                         request.shutdown(socket.SHUT_RDWR)  # the handler's read or write ends; so does its thread
 
-        def handle_error(self, request, client_address):
-            log.debug("metrics http: connection from %s ended: %s", client_address[0], sys.exc_info()[1])
+        def handle_error(self, request, client_address):  # a peer that left or was cut off is no bug of ours
+            error = sys.exc_info()[1]
+            (log.debug if isinstance(error, OSError) else log.exception)(
+                "metrics http: connection from %s ended: %s", client_address[0], error)
 
     lock, deadlines = threading.Lock(), {}  # open connections: when each is cut off
     try:
