@@ -689,11 +689,16 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
 # ---------------------------------------------------------------- metrics
 
 DEPLOY_BUCKETS = (1, 5, 10, 30, 60, 120, 180, 300, 450, 600, 900, 1200, 1800, 2700, 3600)
+METRICS_CONNECTIONS = 32  # open metrics connections at most (a thread and a descriptor each); more are closed at once
+METRICS_DEADLINE = 5.0  # seconds a metrics connection may stay open: idle, half-sent or trickled requests are cut off
 
 
 def serve_metrics(address: str, registry) -> object:
-    """Serve /metrics and /health on address (host:port, ':port' for all interfaces) in a daemon thread."""
+    """Serve /metrics and /health on address (host:port, ':port' for all interfaces) in a daemon thread.
+    At most METRICS_CONNECTIONS at a time, each for at most METRICS_DEADLINE seconds, so connections nobody
+    finishes cannot take the descriptors and threads a deploy needs."""
     import http.server
+    import socket
 
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -718,16 +723,44 @@ def serve_metrics(address: str, registry) -> object:
         def log_message(self, fmt, *args):
             log.debug("metrics http: " + fmt, *args)
 
-    server_class = http.server.ThreadingHTTPServer
-    if ":" in host:
-        import socket
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        request_queue_size = METRICS_CONNECTIONS  # socketserver's 5 stalls clients while the accept loop catches up
+        refusing = False  # a flood is logged once, not once per connection
 
-        server_class = type("V6Server", (http.server.ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+        def verify_request(self, request, client_address) -> bool:
+            with lock:
+                full = len(deadlines) >= METRICS_CONNECTIONS
+                if full and not self.refusing:
+                    log.warning("metrics http: %d connections open; closing new ones (from %s first) until they "
+                                "end, at most %gs each", METRICS_CONNECTIONS, client_address[0], METRICS_DEADLINE)
+                self.refusing = full
+                if not full:
+                    deadlines[request] = time.monotonic() + METRICS_DEADLINE
+                return not full
+
+        def shutdown_request(self, request):
+            with lock:
+                deadlines.pop(request, None)  # before close: service_actions must never see a reused descriptor
+            super().shutdown_request(request)
+
+        def service_actions(self):  # serve_forever calls this at least every 0.5 s
+            now = time.monotonic()
+            with lock:
+                for request in [r for r, deadline in deadlines.items() if deadline < now]:
+                    with contextlib.suppress(OSError):
+                        request.shutdown(socket.SHUT_RDWR)  # the handler's read or write ends; so does its thread
+
+        def handle_error(self, request, client_address):  # a peer that left or was cut off is no bug of ours
+            error = sys.exc_info()[1]
+            (log.debug if isinstance(error, OSError) else log.exception)(
+                "metrics http: connection from %s ended: %s", client_address[0], error)
+
+    lock, deadlines = threading.Lock(), {}  # open connections: when each is cut off
     try:
-        server = server_class((host, int(port)), Handler)
+        server = Server((host, int(port)), Handler)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot serve metrics on {address!r}: {e}; pass --metrics-addr HOST:PORT") from None
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     log.info("serving metrics on http://%s:%d/metrics", host or "0.0.0.0", server.server_address[1])
     return server
@@ -2144,8 +2177,18 @@ def env_default(name: str, fallback=None, convert=str):
         return fallback
     try:
         return convert(value)
-    except ValueError:
-        raise SystemExit(f"error: ${name}={value!r} is not a valid {convert.__name__}") from None
+    except (ValueError, argparse.ArgumentTypeError) as e:  # the converter's message names the valid values
+        print(f"error: ${name}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def positive_seconds(text: str) -> float:
+    """type= of every client duration flag: nan would remove the deadline, 0 or less end it before any answer."""
+    with contextlib.suppress(ValueError):
+        if 0 < float(text) < float("inf"):
+            return float(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give a finite number of seconds greater than 0, "
+                                     "e.g. 30")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -2182,9 +2225,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="log debug detail (child output, NATS events)")
 
     def window_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
+        p.add_argument("--answer-window", type=positive_seconds, default=ANSWER_WINDOW,
                        help=f"seconds to wait for the first host to answer (default: {ANSWER_WINDOW:.0f})")
-        p.add_argument("--straggler-window", type=float, default=STRAGGLER_WINDOW,
+        p.add_argument("--straggler-window", type=positive_seconds, default=STRAGGLER_WINDOW,
                        help="once every answering host finished: seconds without a new host before stopping; "
                             f"at least twice the first answer's delay (default: {STRAGGLER_WINDOW})")
 
@@ -2227,7 +2270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action", default=env_default("HOMELAB_DEPLOY_ACTION", "switch"),
                    help="nixos-rebuild action: switch, boot, test, dry-activate "
                         "(env HOMELAB_DEPLOY_ACTION, default: switch)")
-    p.add_argument("--timeout", type=float, default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, float),
+    p.add_argument("--timeout", type=positive_seconds,
+                   default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, positive_seconds),
                    help="response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
@@ -2258,7 +2302,7 @@ def build_parser() -> argparse.ArgumentParser:
     def boolean(value: str) -> bool:
         word = value.strip().lower()
         if word not in ("1", "true", "yes", "0", "false", "no"):
-            raise ValueError(value)
+            raise ValueError(f"{value!r} is not a boolean: give 1, true, yes, 0, false or no")
         return word in ("1", "true", "yes")
 
     # Same flags for `homelab-deploy-mcp`; homelab_deploy_mcp (and the mcp SDK) load only when this command runs.
@@ -2273,9 +2317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-builds", action="store_true",
                    default=env_default("HOMELAB_DEPLOY_ENABLE_BUILDS", False, boolean),
                    help="add the build tool (env HOMELAB_DEPLOY_ENABLE_BUILDS)")
-    p.add_argument("--timeout", type=float, default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, float),
+    p.add_argument("--timeout", type=positive_seconds,
+                   default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, positive_seconds),
                    help="deploy response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
-    p.add_argument("--build-timeout", type=float, default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, float),
+    p.add_argument("--build-timeout", type=positive_seconds,
+                   default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, positive_seconds),
                    help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
     p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
     window_flags(p)
@@ -2288,9 +2334,10 @@ def build_parser() -> argparse.ArgumentParser:
     nats_flags(p, env=True)
     p.add_argument("--branch", default=env_default("HOMELAB_DEPLOY_BRANCH"),
                    help="git branch (env HOMELAB_DEPLOY_BRANCH; default: the repo's default_branch)")
-    p.add_argument("--timeout", type=float, default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, float),
+    p.add_argument("--timeout", type=positive_seconds,
+                   default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, positive_seconds),
                    help="response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
-    p.add_argument("--answer-window", type=float, default=ANSWER_WINDOW,
+    p.add_argument("--answer-window", type=positive_seconds, default=ANSWER_WINDOW,
                    help=f"seconds to wait for the builder to answer (default: {ANSWER_WINDOW:.0f})")
     p.add_argument("--json", action="store_true", help="print the final build response as JSON")
     p.set_defaults(func=build_command)

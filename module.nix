@@ -398,6 +398,8 @@ in
           StateDirectoryMode = "0700";
           # SIGTERM lets a running deploy finish for up to 60 s (--shutdown-grace) before it is killed.
           TimeoutStopSec = 90;
+          # Headroom for nixos-rebuild and nix, which inherit it; the metrics port takes 33 descriptors at most.
+          LimitNOFILE = 65536;
         };
       };
 
@@ -454,6 +456,8 @@ in
           StateDirectoryMode = "0750";
           WorkingDirectory = builderStateDir;
           LoadCredential = [ "nkey:${toString bcfg.nkeyFile}" ];
+          # Headroom for nix evaluations, which inherit it; the metrics port takes 33 descriptors at most.
+          LimitNOFILE = 65536;
 
           # Builds themselves run in the nix daemon; this process only
           # evaluates, fetches and talks to NATS and the daemon socket.

@@ -542,3 +542,75 @@ class TestDeployCLI:
         r = run_cli("list-hosts", *deploy_args(nats_server, "test-deployer", "--tier", "prod"))
         assert r.returncode == 0
         assert "dns1" in r.stdout and "testhost1" not in r.stdout and "deploy.prod.role.dns" in r.stdout
+
+
+# ---------------------------------------------------------------- duration flags of every client
+
+# Every client duration flag, after what its command needs besides it.
+DURATION_FLAGS = [(cmd, flag) for cmd, flags in [
+    (["deploy", "deploy.test.all"], ["--timeout", "--answer-window", "--straggler-window"]),
+    (["list-hosts"], ["--answer-window", "--straggler-window"]),
+    (["build", "fleet"], ["--timeout", "--answer-window"]),
+    (["mcp"], ["--timeout", "--build-timeout", "--answer-window", "--straggler-window"]),
+] for flag in flags]
+BAD_DURATIONS = ["nan", "NaN", "inf", "-inf", "0", "-0", "-5", "1e400", "soon", ""]
+DURATION_RULE = "is not a duration: give a finite number of seconds greater than 0"
+
+
+class TestDurationFlags:
+    """Issue 13: `nan` removed a client's deadline; 0 or less sent the request, gave up at once (exit 4) and the
+    deploy ran anyway. Every client duration flag and env var is refused before anything is sent."""
+
+    @pytest.mark.parametrize("command,flag", DURATION_FLAGS, ids=[f"{c[0]} {f}" for c, f in DURATION_FLAGS])
+    def test_flag_refuses_nan_inf_zero_and_negative(self, command, flag, capsys):
+        def parse(value: str):
+            return hd.build_parser().parse_args([*command, "--nats-url", "nats://127.0.0.1:1", "--nkey-file", "k",
+                                                 f"{flag}={value}"])
+
+        for value in BAD_DURATIONS:
+            with pytest.raises(SystemExit) as exit:
+                parse(value)
+            assert exit.value.code == 2
+            assert f"argument {flag}: {value!r} {DURATION_RULE}" in capsys.readouterr().err
+        assert getattr(parse("0.25"), flag[2:].replace("-", "_")) == 0.25
+
+    @pytest.mark.parametrize("var", ["HOMELAB_DEPLOY_TIMEOUT", "HOMELAB_DEPLOY_BUILD_TIMEOUT"])
+    def test_env_var_refuses_the_same(self, var, monkeypatch, capsys):
+        for value in BAD_DURATIONS[:-1]:  # an empty variable means unset
+            monkeypatch.setenv(var, value)
+            with pytest.raises(SystemExit) as exit:
+                hd.build_parser()
+            assert exit.value.code == 2
+            assert f"error: ${var}: {value!r} {DURATION_RULE}" in capsys.readouterr().err
+        monkeypatch.setenv(var, "0.25")
+        args = hd.build_parser().parse_args(["mcp", "--nats-url", "nats://127.0.0.1:1", "--nkey-file", "k"])
+        assert (args.timeout if var == "HOMELAB_DEPLOY_TIMEOUT" else args.build_timeout) == 0.25
+
+    @pytest.mark.integration
+    def test_nothing_is_sent(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test")
+        seen: list[str] = []
+        admin, builder = bus_factory(nats_server, "admin"), bus_factory(nats_server, "builder")
+        admin.subscribe("deploy.>", lambda subject, data: seen.append(subject))
+        builder.subscribe("build.fleet.*", lambda subject, data: seen.append(subject))
+        deployer, build_client = deploy_args(nats_server, "test-deployer"), deploy_args(nats_server, "build-client")
+        deploy = ["deploy", "deploy.test.testhost1", *deployer]
+        runs = [([*deploy, "--timeout", value], {}, "--timeout") for value in ("0", "-5", "nan", "inf")] + [
+            ([*deploy, "--answer-window", "0"], {}, "--answer-window"),
+            ([*deploy, "--straggler-window", "nan"], {}, "--straggler-window"),
+            (deploy, {"HOMELAB_DEPLOY_TIMEOUT": "nan"}, "$HOMELAB_DEPLOY_TIMEOUT"),
+            (["list-hosts", *deployer, "--answer-window", "-1"], {}, "--answer-window"),
+            (["build", "fleet", *build_client, "--timeout", "nan"], {}, "--timeout"),
+            (["build", "fleet", *build_client], {"HOMELAB_DEPLOY_BUILD_TIMEOUT": "0"}, "$HOMELAB_DEPLOY_BUILD_TIMEOUT"),
+            (["mcp", *deployer, "--build-timeout", "inf"], {}, "--build-timeout"),
+            (["mcp", *deployer], {"HOMELAB_DEPLOY_TIMEOUT": "-5"}, "$HOMELAB_DEPLOY_TIMEOUT"),
+        ]
+        for args, env, named in runs:
+            r = run_cli(*args, env=env)
+            assert r.returncode == 2 and named in r.stderr and DURATION_RULE in r.stderr, (args, env, r.stderr)
+        # Published after every run: once the spies have these, they would have had anything a run sent.
+        admin.publish("deploy.test.marker", b"{}", confirm=True)
+        bus_factory(nats_server, "build-client").publish("build.fleet.marker", b"{}", confirm=True)
+        wait_for(lambda: len(seen) >= 2, what="the spies to see the markers")
+        assert sorted(seen) == ["build.fleet.marker", "deploy.test.marker"]
+        assert host.standin.calls == []

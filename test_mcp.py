@@ -80,7 +80,7 @@ def test_enable_admin_without_key_is_a_startup_error(nats_server, program, env):
     assert "--enable-admin needs --admin-nkey-file" in r.stderr and r.stdout == ""
 
 
-def test_flags_from_env_vars(monkeypatch):
+def test_flags_from_env_vars(monkeypatch, capsys):
     for name, value in [("NATS_URL", "nats://nats.example:4222"), ("NKEY_FILE", "/run/mcp.seed"),
                         ("ENABLE_ADMIN", "true"), ("ADMIN_NKEY_FILE", "/run/admin.seed"), ("ENABLE_BUILDS", "1"),
                         ("TIMEOUT", "60"), ("BUILD_TIMEOUT", "120")]:
@@ -92,8 +92,11 @@ def test_flags_from_env_vars(monkeypatch):
     monkeypatch.setenv("HOMELAB_DEPLOY_ENABLE_ADMIN", "no")
     assert hd.build_parser().parse_args(["mcp"]).enable_admin is False
     monkeypatch.setenv("HOMELAB_DEPLOY_ENABLE_BUILDS", "maybe")
-    with pytest.raises(SystemExit, match="HOMELAB_DEPLOY_ENABLE_BUILDS='maybe' is not a valid boolean"):
+    with pytest.raises(SystemExit) as exit:
         hd.build_parser()
+    assert exit.value.code == 2  # like any invalid argument
+    assert "$HOMELAB_DEPLOY_ENABLE_BUILDS: 'maybe' is not a boolean: give 1, true, yes, 0, false or no" in \
+        capsys.readouterr().err
 
 
 def test_unreadable_key_is_a_startup_error(nats_server, tmp_path):

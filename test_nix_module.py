@@ -301,7 +301,8 @@ def test_listener_unit(nix):
         host(listener=listener_config()),
         f"""{{
           inherit (svc.{LISTENER}) wantedBy wants after path restartIfChanged stopIfChanged;
-          inherit (svc.{LISTENER}.serviceConfig) Restart RestartSec StateDirectory StateDirectoryMode TimeoutStopSec;
+          inherit (svc.{LISTENER}.serviceConfig) Restart RestartSec StateDirectory StateDirectoryMode TimeoutStopSec
+            LimitNOFILE;
           user = svc.{LISTENER}.serviceConfig.User or null;
           services = builtins.attrNames svc;
           users = builtins.attrNames cfg.users.users;
@@ -318,6 +319,7 @@ def test_listener_unit(nix):
     assert unit["RestartSec"] == 5
     assert (unit["StateDirectory"], unit["StateDirectoryMode"]) == ("homelab-deploy", "0700")
     assert unit["TimeoutStopSec"] > 60  # longer than the listener's --shutdown-grace
+    assert unit["LimitNOFILE"] == 65536  # not systemd's 1,024: nixos-rebuild and nix inherit it
     assert unit["user"] is None  # root: nixos-rebuild switch needs it
     tools = [p.split("-", 1)[1] for p in unit["path"]]
     assert tools == ["nix-2.28", "git-2.49", "nixos-rebuild-ng"]
@@ -524,6 +526,7 @@ def test_builder_user_and_hardening(nix):
         "RestrictRealtime": True,
         "SystemCallArchitectures": "native",
         "CapabilityBoundingSet": "",
+        "LimitNOFILE": 65536,  # not systemd's 1,024: nix evaluations inherit it
     }.items():
         assert sc[key] == value, key
     assert unit["wantedBy"] == ["multi-user.target"]

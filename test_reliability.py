@@ -9,6 +9,8 @@
 - Hostile input at scale: hypothesis throws at least 1,000 generated messages per subject class (deploy,
   discover, build) at running daemons; the validators are property-tested on their own.
 - Load: 50 requests/s for 30 s at a busy listener; every one is answered and RSS and threads return to baseline.
+- Metrics port flood: hundreds of idle and half-sent connections to a daemon's metrics port take a bounded number
+  of its threads and descriptors, are cut off, and deploys and builds go on meanwhile.
 
 Each test prints a `[figures]` line (run with `-s`) with what it measured; the README's Reliability section
 quotes them.
@@ -23,6 +25,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import statistics
 import string
 import subprocess
@@ -1025,6 +1028,130 @@ def test_deeply_nested_json_is_rejected_cleanly(nats_server, start_listener, bus
     assert "Traceback" not in host.log_text()
     got = request(admin, "deploy.test.testhost1", {"action": "switch", "revision": "main"})
     assert got[-1]["status"] == "completed"
+
+
+# ---------------------------------------------------------------- metrics port flood
+
+FLOOD = 300  # connections that never finish a request
+NOFILE = 256  # the listener's descriptor limit here; on a host, 1,022 idle connections used up systemd's 1,024
+SLACK = 4  # threads or descriptors the daemon may open meanwhile for other work (NATS handlers, a refused socket)
+
+
+def threads_and_fds(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:  # closed with the half-sent request unread
+        return True
+
+
+class MetricsFlood:
+    """FLOOD connections to a daemon's metrics port: idle, or a request without its blank line that grows by a
+    byte whenever the test looks (a per-read timeout never fires). The peak of the daemon's threads and descriptors
+    is sampled while they are opened."""
+
+    def __init__(self, pid: int, log_text: str):
+        self.pid = pid
+        self.port = int(re.search(r"serving metrics on http://127\.0\.0\.1:(\d+)", log_text)[1])
+        self.scrape()  # the baseline includes everything a scrape loads
+        self.baseline = threads_and_fds(pid)
+        self.peak = self.baseline
+        self.cpu = self.cpu_seconds()
+        self.sockets: list[socket.socket] = []
+        for i in range(FLOOD):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            self.sockets.append(sock)
+            if i % 2:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            sock.setblocking(False)
+            self.peak = tuple(map(max, self.peak, threads_and_fds(pid)))
+        self.open, self.trickling = set(self.sockets), set(self.sockets[1::2])
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def still_open(self) -> int:
+        self.open = {s for s in self.open if not closed_by_server(s)}
+        for sock in self.open & self.trickling:
+            with contextlib.suppress(OSError):
+                sock.send(b"x")
+        return len(self.open)
+
+    def check_bounded(self) -> None:
+        """Every connection beyond the cap is closed at once; threads and descriptors grew by the cap at most."""
+        wait_for(lambda: self.still_open() <= hd.METRICS_CONNECTIONS, 30,
+                 f"the daemon to close the connections beyond its {hd.METRICS_CONNECTIONS}")
+        for name, base, peak in zip(("threads", "descriptors"), self.baseline, self.peak):
+            assert peak <= base + hd.METRICS_CONNECTIONS + SLACK, f"{name}: {base} before the flood, {peak} during it"
+
+    def check_cut_off(self) -> str:
+        """Every connection is closed by the daemon, then /metrics answers; returns the figures."""
+        started = time.monotonic()
+        wait_for(lambda: self.still_open() == 0, 30, f"the daemon to cut off connections after {hd.METRICS_DEADLINE}s")
+        self.scrape()
+        return (f"{FLOOD} connections: threads {self.baseline[0]} -> peak {self.peak[0]}, descriptors "
+                f"{self.baseline[1]} -> peak {self.peak[1]}; the last cut off {time.monotonic() - started:.1f}s after "
+                f"the check; CPU {self.cpu_seconds() - self.cpu:.2f}s during the flood")
+
+    def scrape(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+METRICS_ON = ("--metrics-enabled", "--metrics-addr", "127.0.0.1:0")
+
+
+@contextlib.contextmanager
+def flooded(daemon):
+    """Start a daemon (a conftest Listener or BuilderProcess given METRICS_ON), flood its metrics port and check
+    the bounds; yields the flood; stops both."""
+    with contextlib.ExitStack() as stack:
+        stack.callback(daemon.stop)
+        daemon.start()
+        flood = MetricsFlood(daemon.proc.pid, daemon.log_text())
+        stack.callback(flood.close)
+        flood.check_bounded()
+        yield flood
+
+
+@pytest.mark.integration
+class TestMetricsPortFlood:
+    """Issue 13: connections to the metrics port that never finish a request took a thread and a descriptor each,
+    forever; at the descriptor limit the next deploy was `accepted` and never ran."""
+
+    def test_listener_keeps_deploying(self, nats_server, bus_factory, tmp_path):
+        listener = Listener(nats_server, "testhost1", "test", None, tmp_path, *METRICS_ON)
+        listener.argv = ["prlimit", f"--nofile={NOFILE}", "--", *listener.argv]  # prlimit execs: same pid
+        with flooded(listener) as flood:
+            got = request(bus_factory(nats_server, "admin"), "deploy.test.testhost1",
+                          {"action": "switch", "revision": "main"})
+            assert [r["status"] for r in got] == ["accepted", "started", "completed"]
+            assert len(listener.standin.calls) == 1
+            figures = flood.check_cut_off()
+            assert 'homelab_deploy_deployments_total{action="switch",error_code="",status="completed"} 1.0' \
+                in flood.scrape()
+        print(f"\n[figures] listener metrics flood: {figures}")
+
+    @pytest.mark.skipif(NO_BUILDER is not None, reason=f"builds need it: {NO_BUILDER}")
+    def test_builder_keeps_building(self, nats_server, bus_factory, tmp_path):
+        url = commit_flake(tmp_path / "repos" / "fleet", flake_text({"good1": GOOD}))
+        builder = BuilderProcess(nats_server, tmp_path / "builder", {"repos": {"fleet": {
+            "url": url, "default_branch": "main"}}}, nix_env(tmp_path / "nix"), *METRICS_ON)
+        with flooded(builder) as flood:
+            final = hd.build_repo(bus_factory(nats_server, "build-client"), "fleet", "good1", None, 120, 5)
+            assert final and final["status"] == "completed", final
+            figures = flood.check_cut_off()
+            assert 'homelab_deploy_builds_total{repo="fleet",status="success"} 1.0' in flood.scrape()
+        print(f"\n[figures] builder metrics flood: {figures}")
 
 
 # ---------------------------------------------------------------- load
