@@ -243,11 +243,11 @@ def start_listener(nats_server, tmp_path):
 
 
 def start_deploy(bus, subject: str, action: str = "switch", revision: str = "main"):
-    """Publish a deploy request with a fresh reply subject; returns (reply_to, queue of raw replies)."""
+    """Publish a deploy request with a fresh reply subject; returns (reply_to, queue of (subject, raw reply))."""
     import homelab_deploy
 
-    reply_to = homelab_deploy.new_reply_subject("deploy")
-    replies = bus.inbox(reply_to)
+    reply_to = homelab_deploy.new_reply_subject("deploy", bus.public_key)
+    replies = bus.inbox(homelab_deploy.answer_subject(reply_to, "*"))
     bus.publish(subject, json.dumps({"action": action, "revision": revision, "reply_to": reply_to}).encode(),
                 confirm=True)
     return reply_to, replies

@@ -153,20 +153,29 @@ def decode_message(data: bytes) -> dict:
 
 
 def parse_reply_to(obj: dict, kind: str) -> str:
-    """The reply subject, which must be <kind>.responses.<token> so a message cannot redirect replies."""
+    """The reply subject, which must be <kind>.responses.<requester>.<token> so a message cannot redirect replies."""
     reply_to = obj.get("reply_to")
     prefix = f"{kind}.responses."
     if not (
         isinstance(reply_to, str)
         and reply_to.startswith(prefix)
-        and REPLY_TOKEN_RE.fullmatch(reply_to[len(prefix):])
+        and all(REPLY_TOKEN_RE.fullmatch(t) for t in reply_to[len(prefix):].split(".", 1))
+        and reply_to.count(".") == 3
     ):
-        raise ProtocolError(f"reply_to must be {prefix}<token>, got {str(reply_to)[:80]!r}; ignoring the message")
+        raise ProtocolError(f"reply_to must be {prefix}<requester>.<token>, got {str(reply_to)[:80]!r}; "
+                            "ignoring the message")
     return reply_to
 
 
-def new_reply_subject(kind: str) -> str:
-    return f"{kind}.responses.{os.urandom(16).hex()}"
+def new_reply_subject(kind: str, requester: str) -> str:
+    """<kind>.responses.<requester's public key>.<random>: each credential may read only its own replies."""
+    return f"{kind}.responses.{requester}.{os.urandom(16).hex()}"
+
+
+def answer_subject(reply_to: str, responder: str) -> str:
+    """Where a host (or a builder, for a repo) answers: NATS lets each credential publish only under its own name,
+    so a client knows who sent an answer from its subject, not from what the answer claims."""
+    return f"{reply_to}.{responder}"
 
 
 def expand_subjects(templates: list[str], hostname: str, tier: str, role: str | None) -> list[str]:
@@ -442,8 +451,11 @@ class Bus:
         self.servers = [u.strip() for u in urls.split(",") if u.strip()]
         if not self.servers:
             raise NatsError("no NATS server given; pass --nats-url nats://HOST:4222 (comma-separated for a cluster)")
+        import nkeys
+
         seed = read_seed(nkey_file)
         self.nkey_file = nkey_file
+        self.public_key = nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
         self.permission_errors: list[str] = []
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="nats-loop", daemon=True).start()
@@ -531,7 +543,8 @@ class Bus:
 
     def denied(self, subject: str, operation: str = "publish") -> str | None:
         """The server's permission error for `operation` ("publish" or "subscription") on `subject`, if any."""
-        return next((e for e in self.permission_errors if f'{operation} to "{subject}"' in e), None)
+        wanted = f'{operation} to "{subject}"'.lower()  # nats-py lowercases the server's error, subject included
+        return next((e for e in self.permission_errors if wanted in e.lower()), None)
 
     def _check_permission(self, subject: str, operation: str) -> None:
         # The server sends -ERR for a denied subject within a round trip or two (measured); flush thrice to see it.
@@ -582,12 +595,12 @@ class Bus:
         self._check_permission(subject, "subscription")
 
     def inbox(self, subject: str) -> queue.Queue:
-        """Subscribe and return a queue of message payloads in arrival order."""
+        """Subscribe and return a queue of (subject, payload) in arrival order."""
         self.require_connection(subject)
         q: queue.Queue = queue.Queue()
 
         async def on_message(msg):
-            q.put(msg.data)
+            q.put((msg.subject, msg.data))
 
         self._call(self.nc.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
@@ -896,7 +909,7 @@ class Listener:
 
     def reply(self, reply_to: str, status: Status, error: ErrorCode | None = None, message: str = "", **extra) -> None:
         response = DeployResponse(self.hostname, status, error, message, **extra)
-        self.bus.publish(reply_to, json.dumps(response.to_dict()).encode())
+        self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(response.to_dict()).encode())
 
     def handle_deploy(self, subject: str, data: bytes) -> None:
         try:
@@ -1071,13 +1084,14 @@ class Listener:
     def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int) -> None:
         """Publish a final status. If NATS dropped us during the deploy, the requester may have resubscribed
         after our buffered reply went out: send it again (clients keep the first final status, ignore repeats)."""
-        self.bus.publish(reply_to, payload)  # while disconnected, nats-py buffers it and sends it on reconnect
+        subject = answer_subject(reply_to, self.hostname)
+        self.bus.publish(subject, payload)  # while disconnected, nats-py buffers it and sends it on reconnect
         if self.bus.reconnects != reconnects or not self.bus.nc.is_connected:
             def resend() -> None:
                 for delay in (2.0, 5.0, 15.0, 30.0, 60.0):
                     if self.stop.wait(delay):
                         return
-                    self.bus.publish(reply_to, payload)
+                    self.bus.publish(subject, payload)
                     log.info("host=%s request=%s re-sent the final status after a reconnect", self.hostname, rid)
 
             threading.Thread(target=resend, name="resend-final", daemon=True).start()
@@ -1089,7 +1103,7 @@ class Listener:
             log.warning("host=%s discovery request ignored: %s", self.hostname, e)
             return
         info = HostInfo(self.hostname, self.tier, self.role, self.subjects, __version__, self.busy.locked())
-        self.bus.publish(reply_to, json.dumps(info._asdict()).encode())
+        self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(info._asdict()).encode())
         log.debug("host=%s answered discovery on %s", self.hostname, reply_to)
 
 
@@ -1257,8 +1271,9 @@ class Builder:
         for name in self.repos:
             self.bus.subscribe(f"build.{name}.*", self.handle_build)
 
-    def reply(self, reply_to: str, status: Status, message: str, **fields) -> None:
-        self.bus.publish(reply_to, json.dumps(BuildResponse(status, message, **fields).to_dict()).encode())
+    def reply(self, reply_to: str, status: Status, message: str, repo: str, **fields) -> None:
+        response = BuildResponse(status, message, repo, **fields)
+        self.bus.publish(answer_subject(reply_to, repo), json.dumps(response.to_dict()).encode())
 
     def handle_build(self, subject: str, data: bytes) -> None:
         _, subject_repo, subject_target = subject.split(".", 2)
@@ -1307,7 +1322,7 @@ class Builder:
         finally:
             self.current.pop(repo.name, None)
             self.running[repo.name].release()
-        self.bus.publish(request.reply_to, json.dumps(final.to_dict()).encode())
+        self.reply(request.reply_to, **final._asdict())
 
     def build(self, repo: Repo, request: BuildRequest, branch: str, rid: str) -> BuildResponse:
         """Build the requested hosts, reporting progress; returns the final status to report."""
@@ -1487,16 +1502,17 @@ class Progress:
             self.status_line = False
 
 
-def collect_answers(bus: Bus, subject: str, kind: str, make_request, parse, timeout: float, window: float,
+def collect_answers(bus: Bus, subject: str, kind: str, make_request, parse, sender, timeout: float, window: float,
                     on_answer, is_done, is_complete=lambda: False, stragglers: float = STRAGGLER_WINDOW) -> bool:
-    """Subscribe a fresh <kind>.responses.<random hex> (before publishing, so no answer is missed), publish
-    make_request(reply_to) on `subject`, then feed each reply that parse() accepts (malformed ones are
-    logged and skipped) to on_answer (True for a new responder) until
+    """Subscribe the answers to a fresh reply subject of this credential (before publishing, so none is missed),
+    publish make_request(reply_to) on `subject`, then feed each reply that parse() accepts and that came from the
+    responder sender(answer) names (malformed and forged ones are logged and skipped) to on_answer (True for a
+    new responder) until
     nobody answered within `window`; or is_complete() holds (no other responder can exist); or is_done()
     holds (every responder so far finished) and no new one answered for max(stragglers, twice the first
     answer's delay), as a fan-out's answers arrive together; or `timeout` passed. Returns False on timeout."""
-    reply_to = new_reply_subject(kind)
-    replies = bus.inbox(reply_to)
+    reply_to = new_reply_subject(kind, bus.public_key)
+    replies = bus.inbox(answer_subject(reply_to, "*"))
     bus.publish(subject, make_request(reply_to), confirm=True)
     start = time.monotonic()
     deadline = start + timeout
@@ -1517,13 +1533,17 @@ def collect_answers(bus: Bus, subject: str, kind: str, make_request, parse, time
         if now >= deadline:
             return False
         try:  # wake up for the next decision; at least every 0.1 s to notice a late permission error
-            data = replies.get(timeout=max(0.0, min(0.1, wake - now, deadline - now)))
+            answered_on, data = replies.get(timeout=max(0.0, min(0.1, wake - now, deadline - now)))
         except queue.Empty:
             continue
         try:
             answer = parse(data)
         except ProtocolError as e:
-            log.warning("ignoring a malformed answer on %s: %s", reply_to, e)
+            log.warning("ignoring a malformed answer on %s: %s", answered_on, e)
+            continue
+        if sender(answer) != answered_on.rsplit(".", 1)[1]:
+            log.warning("ignoring an answer on %s that claims to come from %r: only that responder's credential "
+                        "may publish there", answered_on, str(sender(answer))[:80])
             continue
         if on_answer(answer):
             last_new = time.monotonic()
@@ -1553,7 +1573,7 @@ def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout:
     tokens = subject.split(".")
     addressed = tokens[2] if len(tokens) == 3 and tokens[2] != "all" else None
     finished = collect_answers(bus, subject, "deploy", lambda to: DeployRequest(action, revision, to).to_json(),
-                               DeployResponse.parse, timeout, window, on_answer, is_done,
+                               DeployResponse.parse, lambda r: r.hostname, timeout, window, on_answer, is_done,
                                lambda: addressed in hosts and is_done(), stragglers)
     return hosts, finished
 
@@ -1568,7 +1588,8 @@ def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: 
         return new
 
     collect_answers(bus, discover_subject, "deploy", lambda reply_to: json.dumps({"reply_to": reply_to}).encode(),
-                    HostInfo.parse, window, window, on_answer, lambda: True, stragglers=stragglers)
+                    HostInfo.parse, lambda h: h.hostname, window, window, on_answer, lambda: True,
+                    stragglers=stragglers)
     return sorted(hosts.values(), key=lambda h: (h.tier, h.hostname))
 
 
@@ -1665,7 +1686,7 @@ def check_build_request(repo: object, target: object, branch: object) -> None:
     branches and tags pass, since only the builder knows its --allow-any-ref."""
     try:
         BuildRequest.parse(json.dumps({"repo": repo, "target": target, "branch": branch,
-                                       "reply_to": "build.responses.check"}).encode(), allow_any_ref=True)
+                                       "reply_to": "build.responses.check.check"}).encode(), allow_any_ref=True)
     except (ProtocolError, TypeError) as e:
         raise ValueError(str(e)) from None
 
@@ -1690,8 +1711,8 @@ def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: fl
         return True  # one builder serves a repo: its final status ends the wait
 
     collect_answers(bus, subject, "build", lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
-                    lambda data: BuildResponse.parse(data).to_dict(), timeout, window, on_answer,
-                    lambda: bool(final), lambda: bool(final))
+                    lambda data: BuildResponse.parse(data).to_dict(), lambda r: r.get("repo"), timeout, window,
+                    on_answer, lambda: bool(final), lambda: bool(final))
     return final[0] if final else None
 
 
@@ -1851,10 +1872,14 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                              "each one subject token (letters, digits, '_' and '-')")
         return value
 
-    def build_client(repo_names: list[str]) -> tuple[list[str], list[str]]:
-        return [f"build.{r}.*" for r in repo_names], ["build.responses.>"]
+    # Replies: each client reads only its own (<kind>.responses.<its key>.>); each host answers only as itself
+    # (deploy.responses.*.*.<hostname>) and a builder only for its repos, so an answer's subject names its sender.
+    def build_client(public: str, repo_names: list[str]) -> tuple[list[str], list[str]]:
+        return [f"build.{r}.*" for r in repo_names], [f"build.responses.{public}.>"]
 
-    test_deployer = (["deploy.test.>", discover], ["deploy.responses.>", discover])
+    def test_deployer(public: str) -> tuple[list[str], list[str]]:
+        return ["deploy.test.>", discover], [f"deploy.responses.{public}.>", discover]
+
     admin_deployer = (["deploy.>"], ["deploy.>"])
 
     for section, fields in FLEET_SECTIONS.items():
@@ -1889,27 +1914,29 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                     raise FleetError(f"{where}: deploy_subjects: {e}") from None
                 credentials.append(Credential(
                     f"listener {name} (tier {tier}{', role ' + role if role else ''})", key(entry, where),
-                    ("deploy.responses.>", discover), (*own, discover)))
+                    (f"deploy.responses.*.*.{name}", discover), (*own, discover)))
             elif section == "deployers":
                 access = entry.get("access")
                 if access not in ("test", "admin"):
                     raise FleetError(f"{where}: access {access!r} must be 'test' (deploy.test.> only) or 'admin'")
-                publish, subscribe = test_deployer if access == "test" else admin_deployer
-                credentials.append(Credential(f"{access} deployer {name}", key(entry, where),
-                                              tuple(publish), tuple(subscribe)))
+                public = key(entry, where)
+                publish, subscribe = test_deployer(public) if access == "test" else admin_deployer
+                credentials.append(Credential(f"{access} deployer {name}", public, tuple(publish), tuple(subscribe)))
             elif section == "builders":
                 names = repos(entry, "repos", where)
                 credentials.append(Credential(f"builder {name} ({', '.join(names)})", key(entry, where),
-                                              ("build.responses.>",), tuple(f"build.{r}.*" for r in names)))
+                                              tuple(f"build.responses.*.*.{r}" for r in names),
+                                              tuple(f"build.{r}.*" for r in names)))
             elif section == "build_clients":
-                publish, subscribe = build_client(repos(entry, "repos", where))
-                credentials.append(Credential(f"build client {name}", key(entry, where),
-                                              tuple(publish), tuple(subscribe)))
+                names, public = repos(entry, "repos", where), key(entry, where)
+                publish, subscribe = build_client(public, names)
+                credentials.append(Credential(f"build client {name}", public, tuple(publish), tuple(subscribe)))
             else:  # mcp: test-tier deployer, plus builds of build_repos; the admin key is a separate user
-                build_repos = repos(entry, "build_repos", where, required=False)
-                publish, subscribe = build_client(build_repos) if build_repos else ([], [])
-                credentials.append(Credential(f"MCP server {name} (test tier)", key(entry, where),
-                                              (*test_deployer[0], *publish), (*test_deployer[1], *subscribe)))
+                build_repos, public = repos(entry, "build_repos", where, required=False), key(entry, where)
+                publish, subscribe = build_client(public, build_repos) if build_repos else ([], [])
+                deploy_publish, deploy_subscribe = test_deployer(public)
+                credentials.append(Credential(f"MCP server {name} (test tier)", public,
+                                              (*deploy_publish, *publish), (*deploy_subscribe, *subscribe)))
                 if "admin_nkey" in entry or "admin_seed" in entry:
                     credentials.append(Credential(f"MCP server {name} admin", key(entry, where + " admin",
                                                   "admin_nkey", "admin_seed"), *map(tuple, admin_deployer)))

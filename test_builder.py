@@ -211,8 +211,8 @@ def attr(host: str) -> str:
 
 def send(bus, subject: str, fields: dict) -> queue.Queue:
     """Publish a raw build request (reply_to added unless given); returns the queue of replies."""
-    reply_to = hd.new_reply_subject("build")
-    q = bus.inbox(reply_to)
+    reply_to = fields.get("reply_to") or hd.new_reply_subject("build", bus.public_key)
+    q = bus.inbox(hd.answer_subject(reply_to, "*"))
     bus.publish(subject, json.dumps({"reply_to": reply_to, **fields}).encode(), confirm=True)
     return q
 
@@ -238,14 +238,14 @@ HOSTILE_BRANCHES = ["main;id", "--foo", "a..b", "main#x", "main?ref=y", "$(id)",
 
 class TestBuildProtocol:
     def request(self, **fields) -> bytes:
-        return json.dumps({"repo": "fleet", "target": "all", "branch": "main", "reply_to": "build.responses.abc",
+        return json.dumps({"repo": "fleet", "target": "all", "branch": "main", "reply_to": "build.responses.me.abc",
                            **fields}).encode()
 
     def test_valid_requests(self):
-        assert hd.BuildRequest.parse(self.request()) == hd.BuildRequest("fleet", "all", "main", "build.responses.abc")
+        assert hd.BuildRequest.parse(self.request()) == hd.BuildRequest("fleet", "all", "main", "build.responses.me.abc")
         for branch in (None, ""):  # missing or empty: the repo's default branch
             assert hd.BuildRequest.parse(self.request(branch=branch)).branch is None
-        req = hd.BuildRequest("fleet", "web-1_y", "feature/x", "build.responses.abc")
+        req = hd.BuildRequest("fleet", "web-1_y", "feature/x", "build.responses.me.abc")
         assert hd.BuildRequest.parse(req.to_json()) == req
 
     def test_dotted_target_is_refused_with_the_way_out(self):
@@ -268,7 +268,7 @@ class TestBuildProtocol:
     def test_hostile_target(self, target):
         with pytest.raises(hd.ProtocolError) as e:
             hd.BuildRequest.parse(self.request(target=target))
-        assert e.value.code is hd.BuildErrorCode.INVALID_TARGET and e.value.reply_to == "build.responses.abc"
+        assert e.value.code is hd.BuildErrorCode.INVALID_TARGET and e.value.reply_to == "build.responses.me.abc"
 
     @pytest.mark.parametrize("branch", HOSTILE_BRANCHES)
     def test_hostile_branch(self, branch):
@@ -627,7 +627,7 @@ class TestBuilderLifeCycle:
         for key, value in nix_store.items():
             monkeypatch.setenv(key, value)
         repos = {"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")}
-        builder = hd.Builder(repos, bus_factory(nats_server, "builder"), 600, 1, None, threading.Event())
+        builder = hd.Builder(repos, bus_factory(nats_server, "builder"), 600, 1, None, threading.Event(), False)
         builder.start()
         bus = bus_factory(nats_server, "build-client")
 

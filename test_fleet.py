@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import homelab_deploy as hd
-from conftest import PROGRAM, make_user_key, run_cli, stop_process, wait_for
+from conftest import PROGRAM, Listener, NatsServer, make_user_key, run_cli, stop_process, wait_for
 
 
 # ---------------------------------------------------------------- keygen
@@ -125,21 +125,27 @@ SUBJECTS = {
     "own host": "deploy.test.t1", "other host": "deploy.test.t2", "other tier host": "deploy.prod.p1",
     "own role": "deploy.test.role.web", "other role": "deploy.test.role.db", "prod role": "deploy.prod.role.dns",
     "tier all": "deploy.test.all", "prod all": "deploy.prod.all", "discovery": "deploy.discover",
-    "deploy responses": "deploy.responses.abc", "build own repo": "build.r1.all", "build other repo": "build.r2.all",
-    "build responses": "build.responses.abc",
+    # answers: deploy.responses.<requester's key>.<token>.<host>, build.responses.<requester's key>.<token>.<repo>
+    "t1 answers tdep": "deploy.responses.{tdep}.r.t1", "t1 answers admin": "deploy.responses.{admin}.r.t1",
+    "p1 answers admin": "deploy.responses.{admin}.r.p1", "t2 answers mcp": "deploy.responses.{mcp}.r.t2",
+    "build own repo": "build.r1.all", "build other repo": "build.r2.all",
+    "r1 answers bclient": "build.responses.{bclient}.r.r1", "r2 answers bclient": "build.responses.{bclient}.r.r2",
+    "r1 answers mcp": "build.responses.{mcp}.r.r1",
 }
-# Allowed (publish, subscribe) subject classes per credential, written out from the spec's Key Permission Patterns.
+# Allowed (publish, subscribe) subject classes per credential: the spec's Key Permission Patterns, with replies
+# readable only by their requester and answers publishable only by the host (or builder) they name.
 TEST_DEPLOY_PUB = {"own host", "other host", "own role", "other role", "tier all", "discovery"}
+DEPLOY_ALL = {c for c, s in SUBJECTS.items() if s.startswith("deploy.")}
 MATRIX = {
-    "t1": ({"deploy responses", "discovery"}, {"own host", "tier all", "discovery"}),
-    "t2": ({"deploy responses", "discovery"}, {"other host", "own role", "tier all", "discovery"}),
-    "p1": ({"deploy responses", "discovery"}, {"other tier host", "prod role", "prod all", "discovery"}),
-    "tdep": (TEST_DEPLOY_PUB, {"deploy responses", "discovery"}),
-    "admin": (set(SUBJECTS) - {"build own repo", "build other repo", "build responses"},) * 2,
-    "builder": ({"build responses"}, {"build own repo"}),
-    "bclient": ({"build own repo"}, {"build responses"}),
-    "mcp": (TEST_DEPLOY_PUB | {"build own repo"}, {"deploy responses", "discovery", "build responses"}),
-    "mcpadmin": (set(SUBJECTS) - {"build own repo", "build other repo", "build responses"},) * 2,
+    "t1": ({"t1 answers tdep", "t1 answers admin", "discovery"}, {"own host", "tier all", "discovery"}),
+    "t2": ({"t2 answers mcp", "discovery"}, {"other host", "own role", "tier all", "discovery"}),
+    "p1": ({"p1 answers admin", "discovery"}, {"other tier host", "prod role", "prod all", "discovery"}),
+    "tdep": (TEST_DEPLOY_PUB, {"t1 answers tdep", "discovery"}),
+    "admin": (DEPLOY_ALL, DEPLOY_ALL),
+    "builder": ({"r1 answers bclient", "r1 answers mcp"}, {"build own repo"}),
+    "bclient": ({"build own repo"}, {"r1 answers bclient", "r2 answers bclient"}),
+    "mcp": (TEST_DEPLOY_PUB | {"build own repo"}, {"t2 answers mcp", "discovery", "r1 answers mcp"}),
+    "mcpadmin": (DEPLOY_ALL, DEPLOY_ALL),
 }
 
 
@@ -166,15 +172,17 @@ def test_permission_matrix(tmp_path):
 
         def observed(payload: bytes) -> bool:
             while not seen.empty():
-                seen_payloads.add(seen.get_nowait())
+                seen_payloads.add(seen.get_nowait()[1])
             return payload in seen_payloads
 
         got: dict[str, tuple[set, set]] = {}
+        keys = {name: hd.public_key_of(str(seed)) for name, seed in seeds.items()}
         for name, seed in seeds.items():
             bus = hd.Bus(url, str(seed), name)
             buses.append(bus)
             published, subscribed = set(), set()
-            for cls, subject in SUBJECTS.items():
+            for cls, template in SUBJECTS.items():
+                subject = template.format(**keys)
                 payload = f"{name}:{cls}".encode()
                 bus.publish(subject, payload)
                 if wait_for(lambda: observed(payload) or bus.denied(subject), what=f"{name} publish {subject}") is True:
@@ -185,7 +193,7 @@ def test_permission_matrix(tmp_path):
                     continue
                 probe = f"probe {name}:{cls}".encode()
                 observer.publish(subject, probe)
-                received = wait_for(lambda: (not q.empty() and q.get_nowait() == probe) or
+                received = wait_for(lambda: (not q.empty() and q.get_nowait()[1] == probe) or
                                     bus.denied(subject, "subscription"),
                                     what=f"{name} subscribe {subject}")
                 if received is True:
@@ -199,6 +207,84 @@ def test_permission_matrix(tmp_path):
 
 
 # ---------------------------------------------------------------- demo
+
+# ---------------------------------------------------------------- forged answers, on nats-config's permissions
+
+@pytest.fixture
+def least_privilege(tmp_path):
+    """A real nats-server whose users are exactly what `nats-config` grants: test hosts testhost1, testhost2
+    (role web), prod host dns1, a test deployer and an admin deployer."""
+    server = NatsServer(tmp_path, {name: {} for name in ("testhost1", "testhost2", "dns1", "test-deployer", "admin")})
+    doc = {"hosts": [{"hostname": "testhost1", "tier": "test", "nkey": server.public["testhost1"]},
+                     {"hostname": "testhost2", "tier": "test", "role": "web", "nkey": server.public["testhost2"]},
+                     {"hostname": "dns1", "tier": "prod", "role": "dns", "nkey": server.public["dns1"]}],
+           "deployers": [{"name": "test-deployer", "access": "test", "nkey": server.public["test-deployer"]},
+                         {"name": "admin", "access": "admin", "nkey": server.public["admin"]}]}
+    server.config.write_text("listen: 127.0.0.1:-1\n" + hd.authorization_config(hd.fleet_credentials(doc)))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.integration
+class TestForgedAnswers:
+    def test_a_host_cannot_answer_for_another(self, least_privilege, tmp_path, bus_factory):
+        """testhost1's key answers `testhost2 completed` to a deploy.test.all request while testhost2 fails:
+        on testhost2's answer subject the server refuses it; on its own or the bare reply subject the client
+        drops or never sees it. The deploy reports testhost2's real failure and exits 1."""
+        hosts = [Listener(least_privilege, name, "test", role, tmp_path) for name, role in
+                 (("testhost1", None), ("testhost2", "web"))]
+        forger = bus_factory(least_privilege, "testhost1")
+        forged_on: list[str] = []
+
+        def forge(subject: str, data: bytes) -> None:
+            reply_to = json.loads(data)["reply_to"]
+            lie = json.dumps({"hostname": "testhost2", "status": "completed", "error": None,
+                              "message": "Successfully switched to generation 7"}).encode()
+            for target in (hd.answer_subject(reply_to, "testhost2"), hd.answer_subject(reply_to, "testhost1"),
+                           reply_to):
+                forger.publish(target, lie)
+                forged_on.append(target)
+
+        try:
+            for host in hosts:
+                host.start()
+            hosts[1].standin.set_mode("fail")
+            forger.subscribe("deploy.test.all", forge)
+            r = run_cli("deploy", "deploy.test.all", "--branch", "main", "--json", "--nats-url", least_privilege.url,
+                        "--nkey-file", str(least_privilege.seeds["test-deployer"]))
+        finally:
+            for host in hosts:
+                host.stop()
+        assert len(forged_on) == 3
+        assert forger.denied(forged_on[0])  # the server refused testhost1 on testhost2's answer subject
+        assert r.returncode == 1, r.stderr
+        assert {h["hostname"]: h["status"] for h in json.loads(r.stdout)["hosts"]} == {
+            "testhost1": "completed", "testhost2": "failed"}
+        assert "1/2 hosts completed" in r.stderr and "claims to come from 'testhost2'" in r.stderr
+
+    def test_a_test_credential_cannot_read_or_inject_into_prod_replies(self, least_privilege, tmp_path,
+                                                                       bus_factory):
+        """The test deployer may read only its own replies, so it never learns a prod deploy's reply subject to
+        inject a `rejected` into through a test host; the prod deploy completes untouched."""
+        prod = Listener(least_privilege, "dns1", "prod", "dns", tmp_path)
+        test_host = Listener(least_privilege, "testhost1", "test", None, tmp_path)
+        spy = bus_factory(least_privilege, "test-deployer")
+        for subject in ("deploy.responses.>", f"deploy.responses.{least_privilege.public['admin']}.>"):
+            with pytest.raises(hd.NatsError, match="permission denied"):
+                spy.inbox(subject)
+        own = spy.inbox(f"deploy.responses.{least_privilege.public['test-deployer']}.>")
+        try:
+            prod.start()
+            test_host.start()
+            r = run_cli("deploy", "deploy.prod.all", "--branch", "main", "--json", "--nats-url", least_privilege.url,
+                        "--nkey-file", str(least_privilege.seeds["admin"]))
+        finally:
+            prod.stop()
+            test_host.stop()
+        assert r.returncode == 0 and [h["hostname"] for h in json.loads(r.stdout)["hosts"]] == ["dns1"], r.stderr
+        assert own.empty() and test_host.standin.calls == []
+
 
 def demo_processes(workdir: str) -> list[int]:
     """PIDs of live processes whose command line names the demo's sandbox directory."""

@@ -90,11 +90,11 @@ class TestValidation:
 
 class TestProtocol:
     def request(self, **fields) -> bytes:
-        return json.dumps({"action": "switch", "revision": "main", "reply_to": "deploy.responses.abc", **fields}).encode()
+        return json.dumps({"action": "switch", "revision": "main", "reply_to": "deploy.responses.me.abc", **fields}).encode()
 
     def test_valid_request(self):
         req = hd.DeployRequest.parse(self.request(action="dry-activate"))
-        assert req == hd.DeployRequest(hd.Action.DRY_ACTIVATE, "main", "deploy.responses.abc")
+        assert req == hd.DeployRequest(hd.Action.DRY_ACTIVATE, "main", "deploy.responses.me.abc")
         assert hd.DeployRequest.parse(req.to_json()) == req
 
     @pytest.mark.parametrize("revision", HOSTILE_REVISIONS)
@@ -102,14 +102,14 @@ class TestProtocol:
         with pytest.raises(hd.ProtocolError) as e:
             hd.DeployRequest.parse(self.request(revision=revision))
         assert e.value.code is hd.ErrorCode.INVALID_REVISION
-        assert e.value.reply_to == "deploy.responses.abc"
+        assert e.value.reply_to == "deploy.responses.me.abc"
 
     def test_refs_outside_branches_and_tags_need_the_opt_in(self):
         for revision in ("main", "refs/heads/main", "refs/tags/v1", "0" * 40):
             assert hd.DeployRequest.parse(self.request(revision=revision)).revision == revision
         with pytest.raises(hd.ProtocolError) as e:
             hd.DeployRequest.parse(self.request(revision="refs/pull/1/head"))
-        assert e.value.code is hd.ErrorCode.INVALID_REVISION and e.value.reply_to == "deploy.responses.abc"
+        assert e.value.code is hd.ErrorCode.INVALID_REVISION and e.value.reply_to == "deploy.responses.me.abc"
         assert "outside branches and tags" in str(e.value) and "start the listener with --allow-any-ref" in str(e.value)
         assert hd.DeployRequest.parse(self.request(revision="refs/pull/1/head"), allow_any_ref=True).revision == \
             "refs/pull/1/head"
@@ -120,7 +120,7 @@ class TestProtocol:
             hd.DeployRequest.parse(self.request(action=action))
         assert e.value.code is hd.ErrorCode.INVALID_ACTION
 
-    @pytest.mark.parametrize("reply_to", ["deploy.test.all", "build.responses.x", "deploy.responses.", "deploy.responses.a.b",
+    @pytest.mark.parametrize("reply_to", ["deploy.test.all", "build.responses.x", "deploy.responses.", "deploy.responses.a.b.c",
                                           "deploy.responses.>", "deploy.responses.*", "x", None, 5])
     def test_reply_to_outside_responses_is_unanswerable(self, reply_to):
         with pytest.raises(hd.ProtocolError) as e:
@@ -191,15 +191,15 @@ class TestCommandLine:
 
 def responses(bus, subject: str, request: dict, until_final: int = 1, timeout: float = 30) -> list[dict]:
     """Publish a raw request with a fresh reply subject; collect decoded replies until `until_final` final ones."""
-    reply_to = hd.new_reply_subject("deploy")
-    q = bus.inbox(reply_to)
+    reply_to = hd.new_reply_subject("deploy", bus.public_key)
+    q = bus.inbox(hd.answer_subject(request.get("reply_to", reply_to), "*"))
     bus.publish(subject, json.dumps({**request, "reply_to": request.get("reply_to", reply_to)}).encode(), confirm=True)
     got: list[dict] = []
     deadline = time.monotonic() + timeout
     while sum(r["status"] in ("completed", "failed", "rejected") for r in got) < until_final:
         assert time.monotonic() < deadline, f"no final reply, got {got}"
         try:
-            got.append(json.loads(q.get(timeout=0.1)))
+            got.append(json.loads(q.get(timeout=0.1)[1]))
         except queue.Empty:
             pass
     return got
@@ -387,7 +387,7 @@ class TestListener:
 def iter_queue(q: queue.Queue):
     while True:
         try:
-            yield json.loads(q.get_nowait())
+            yield json.loads(q.get_nowait()[1])
         except queue.Empty:
             return
 
@@ -449,9 +449,9 @@ class TestDeployCLI:
 
         def answer_late(subject: str, data: bytes) -> None:
             reply_to = json.loads(data)["reply_to"]
-            wait_for(lambda: reply_to in finished, what="testhost1 to finish")
+            wait_for(lambda: hd.answer_subject(reply_to, "testhost1") in finished, what="testhost1 to finish")
             for status in ("accepted", "started", "completed"):
-                late.publish(reply_to, json.dumps({"hostname": "late-host", "status": status, "error": None,
+                late.publish(hd.answer_subject(reply_to, "late-host"), json.dumps({"hostname": "late-host", "status": status, "error": None,
                                                    "message": f"late {status}"}).encode())
 
         late.subscribe("deploy.responses.>", watch)

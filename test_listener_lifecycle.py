@@ -27,7 +27,7 @@ def final_reply(replies: queue.Queue, timeout: float = 60) -> dict:
         remaining = deadline - time.monotonic()
         assert remaining > 0, "no final status"
         try:
-            reply = json.loads(replies.get(timeout=remaining))
+            reply = json.loads(replies.get(timeout=remaining)[1])
         except queue.Empty:
             continue
         if reply["status"] in ("completed", "failed", "rejected"):
@@ -264,7 +264,7 @@ class TestFinalStatusWhateverFails:
 
         monkeypatch.setattr(hd.Listener, "deploy", broken)
         _, replies = start_deploy(bus, "deploy.test.testhost1")
-        answers = [json.loads(replies.get(timeout=30))["status"]]
+        answers = [json.loads(replies.get(timeout=30)[1])["status"]]
         reply = final_reply(replies)
         assert answers == ["accepted"] and (reply["status"], reply["error"]) == ("failed", "internal_error")
         assert "failed unexpectedly (RuntimeError: injected fault)" in reply["message"]

@@ -17,7 +17,8 @@ import pytest
 from mcp import Client, StdioServerParameters, stdio_client
 
 import homelab_deploy as hd
-from conftest import REPO, wait_for
+from conftest import REPO, stop_process, wait_for
+from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
 from test_builder import flake, needs_nix, nix_store, start_builder  # noqa: F401 (fixtures for the build tool)
 
 MCP_SCRIPT = [str(REPO / "homelab_deploy_mcp.py")]
@@ -97,6 +98,28 @@ def test_flags_from_env_vars(monkeypatch, capsys):
     assert exit.value.code == 2  # like any invalid argument
     assert "$HOMELAB_DEPLOY_ENABLE_BUILDS: 'maybe' is not a boolean: give 1, true, yes, 0, false or no" in \
         capsys.readouterr().err
+
+
+@pytest.mark.skipif(TGKILL is None, reason="tgkill's syscall number is known for x86_64 and aarch64 only")
+def test_sigterm_to_any_thread_stops_the_server(nats_server, tmp_path):
+    """10 SIGTERMs, each sent to another thread than the main one: every one closes NATS and exits 0."""
+    exits = []
+    for run in range(10):
+        err = tmp_path / f"stderr{run}"
+        with open(err, "wb") as stderr:
+            proc = subprocess.Popen([sys.executable, *MCP_SCRIPT, "--nats-url", nats_server.url, "--nkey-file",
+                                     str(nats_server.seeds["test-deployer"])], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        try:
+            wait_for(lambda: "MCP server on stdio" in err.read_text() and len(os.listdir(f"/proc/{proc.pid}/task")) > 1,
+                     what="the MCP server to serve")
+            sigterm_to_a_thread(proc.pid, run)
+            exits.append(proc.wait(30))
+        finally:
+            stop_process(proc)
+            proc.stdin.close()
+        assert "SIGTERM: closing the NATS connections and exiting" in err.read_text()
+    assert exits == [0] * 10
 
 
 def test_unreadable_key_is_a_startup_error(nats_server, tmp_path):

@@ -81,7 +81,7 @@ def collect(q: queue.Queue, done, timeout: float, what: str) -> list[dict]:
         if remaining <= 0:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; got {got}")
         try:
-            got.append(json.loads(q.get(timeout=min(remaining, 0.5))))
+            got.append(json.loads(q.get(timeout=min(remaining, 0.5))[1]))
         except queue.Empty:
             pass
     return got
@@ -91,7 +91,7 @@ def drain(q: queue.Queue) -> list[dict]:
     got = []
     while True:
         try:
-            got.append(json.loads(q.get_nowait()))
+            got.append(json.loads(q.get_nowait()[1]))
         except queue.Empty:
             return got
 
@@ -102,22 +102,22 @@ def has_final(messages: list[dict]) -> bool:
 
 def request(bus: hd.Bus, subject: str, body: dict, kind: str = "deploy", timeout: float = 60) -> list[dict]:
     """Send a request with a fresh reply subject and return every status up to the final one."""
-    reply_to = hd.new_reply_subject(kind)
-    q = bus.inbox(reply_to)
+    reply_to = hd.new_reply_subject(kind, bus.public_key)
+    q = bus.inbox(hd.answer_subject(reply_to, "*"))
     bus.publish(subject, json.dumps({**body, "reply_to": reply_to}).encode(), confirm=True)
     return collect(q, has_final, timeout, f"a final status for {subject}")
 
 
 def answers_discovery(bus: hd.Bus, hostnames: set[str]) -> bool:
     """One discovery round: do all of `hostnames` answer within 2 s? For wait_for."""
-    reply_to = hd.new_reply_subject("deploy")
-    q = bus.inbox(reply_to)
+    reply_to = hd.new_reply_subject("deploy", bus.public_key)
+    q = bus.inbox(hd.answer_subject(reply_to, "*"))
     bus.publish("deploy.discover", json.dumps({"reply_to": reply_to}).encode(), confirm=True)
     seen: set[str] = set()
     deadline = time.monotonic() + 2
     while not hostnames <= seen and (remaining := deadline - time.monotonic()) > 0:
         with contextlib.suppress(queue.Empty):
-            seen.add(json.loads(q.get(timeout=min(remaining, 0.5))).get("hostname"))
+            seen.add(json.loads(q.get(timeout=min(remaining, 0.5))[1]).get("hostname"))
     return hostnames <= seen
 
 
@@ -221,7 +221,8 @@ def name_ok(s: object) -> bool:
 
 def reply_ok(kind: str, s: object) -> bool:
     prefix = f"{kind}.responses."
-    return isinstance(s, str) and s.startswith(prefix) and REPLY_TOKEN.fullmatch(s[len(prefix):]) is not None
+    tokens = s[len(prefix):].split(".") if isinstance(s, str) and s.startswith(prefix) else []
+    return len(tokens) == 2 and all(REPLY_TOKEN.fullmatch(t) for t in tokens)
 
 
 # ---------------------------------------------------------------- strategies
@@ -258,7 +259,7 @@ HOSTILE_REPLY_TO = [
     "deploy.test.testhost2", "deploy.test.testhost1", "deploy.test.all", "deploy.prod.all", "deploy.discover",
     "build.x", "build.fleet.all", "build.responses.abc", "deploy.responses.abc", ">", "*", "deploy.>",
     "deploy.responses.>", "deploy.responses.*", "build.responses.>", "deploy.responses.", "deploy.responses",
-    "build.responses.", "deploy.responses.a.b", "deploy.responses.a b", "deploy.responses.é", "deploy.responses.\x00",
+    "build.responses.", "deploy.responses.a.b.c", "deploy.responses.a b", "deploy.responses.é", "deploy.responses.\x00",
     "deploy.responses." + "x" * 65, "build.responses." + "y" * 65, "deploy.responses.abc\r\nPUB deploy.prod.all 2",
     "_INBOX.abc", "$SYS.REQ.SERVER.PING", "", " ", "deploy.responses.abc ", " deploy.responses.abc",
     "DEPLOY.RESPONSES.abc",
@@ -406,8 +407,8 @@ class TestValidatorProperties:
     @FUZZ_SETTINGS
     @given(st.sampled_from(["deploy", "build"]), st.one_of(st.text(TOKEN_CHARS, min_size=1, max_size=64),
                                                           st.sampled_from(HOSTILE_REPLY_TO), st.text(max_size=70)))
-    def test_reply_to_is_exactly_kind_responses_token(self, kind, token):
-        for reply_to in (f"{kind}.responses.{token}", token):
+    def test_reply_to_is_exactly_kind_responses_requester_token(self, kind, token):
+        for reply_to in (f"{kind}.responses.{token}", f"{kind}.responses.requester.{token}", token):
             try:
                 accepted = hd.parse_reply_to({"reply_to": reply_to}, kind) == reply_to
             except hd.ProtocolError:
@@ -760,13 +761,13 @@ class Thrower:
 
     def throw(self, subject: str, template: bytes) -> tuple[dict | None, list[dict]]:
         """Send one message; for one the daemon must answer, wait for its first answer and return it."""
-        payload = template.replace(OURS.encode(), hd.new_reply_subject(self.kind).encode())
+        payload = template.replace(OURS.encode(), hd.new_reply_subject(self.kind, self.fleet.chaos.public_key).encode())
         obj = parse_like_a_daemon(payload)
         reply_to = obj.get("reply_to") if obj is not None and reply_ok(self.kind, obj.get("reply_to")) else None
         q = None
         if reply_to:
             assert reply_to not in self.answered, "reply subjects are fresh for every message"
-            q = self.fleet.chaos.inbox(reply_to)
+            q = self.fleet.chaos.inbox(hd.answer_subject(reply_to, "*"))
         self.fleet.chaos.publish(subject, payload)
         self.published[subject] += 1
         if not reply_to:
@@ -784,7 +785,9 @@ class Thrower:
             if subject in self.published:
                 assert n <= self.published[subject], f"{n - self.published[subject]} extra message(s) on {subject}"
             else:
-                assert subject in self.answered and reply_ok(self.kind, subject), f"a reply went to {subject!r}"
+                reply_to, _, responder = subject.rpartition(".")
+                assert reply_to in self.answered and reply_ok(self.kind, reply_to) and responder in (
+                    "testhost1", "fleet", "evalfail"), f"a reply went to {subject!r}"
 
     def audit(self, spy: list, handled_pattern: str, log_text, expected_handled: int) -> None:
         """Once every message was handled (one log line each, counted with `handled_pattern`), check the spy."""
@@ -1175,7 +1178,7 @@ def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener,
 
     admin.subscribe("deploy.responses.>", on_reply)
     body = {"action": "switch", "revision": "main"}
-    first = hd.new_reply_subject("deploy")
+    first = hd.new_reply_subject("deploy", admin.public_key)
     admin.publish("deploy.test.testhost1", json.dumps({**body, "reply_to": first}).encode(), confirm=True)
     wait_for(lambda: host.standin.pids, what="the deploy that keeps the host busy")
 
@@ -1184,7 +1187,7 @@ def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener,
         for i in range(n):
             if pace:  # a monotonic schedule: request i goes out at start + i/RATE
                 time.sleep(max(0.0, start + i / RATE - time.monotonic()))
-            reply_to = f"deploy.responses.{tag}-{i:05d}-{uuid.uuid4().hex[:8]}"
+            reply_to = f"deploy.responses.{tag}.{i:05d}-{uuid.uuid4().hex[:8]}"
             sent[reply_to] = time.monotonic()
             admin.publish("deploy.test.testhost1", json.dumps({**body, "reply_to": reply_to}).encode())
             if pace and i % RATE == 0:
@@ -1193,7 +1196,7 @@ def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener,
 
     def all_answered(sent: dict) -> bool:
         with lock:
-            return all(s in replies for s in sent)
+            return all(hd.answer_subject(s, "testhost1") in replies for s in sent)
 
     peak: list[tuple[int, int]] = []
     cold_rss, cold_threads = proc_status(pid)
@@ -1205,7 +1208,7 @@ def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener,
     load_took = time.monotonic() - load_started
     wait_for(lambda: all_answered(sent), 60, f"all {len(sent)} requests to be answered")
     with lock:
-        answers = {s: list(replies[s]) for s in sent}
+        answers = {s: list(replies[hd.answer_subject(s, "testhost1")]) for s in sent}
     assert all(len(a) == 1 for a in answers.values())  # every reply subject answered exactly once
     decoded = [json.loads(a[0][1]) for a in answers.values()]
     for r in decoded:

@@ -217,7 +217,7 @@ class Observer:
         async def on_response(msg):
             now, body = time.monotonic(), json.loads(msg.data)
             if body.get("status") in ("completed", "failed", "rejected"):
-                self.finals.setdefault(msg.subject, {}).setdefault(body["hostname"], now)
+                self.finals.setdefault(msg.subject.rsplit(".", 1)[0], {}).setdefault(body["hostname"], now)
 
         await nc.subscribe("deploy.test.all", cb=on_request)
         await nc.subscribe("deploy.responses.>", cb=on_response)
@@ -257,7 +257,7 @@ class Observer:
     async def request_loop(self, subject: str, count: int, payload, first: str, last: str) -> list[float]:
         """Send `count` requests one after another; per request, seconds from publish to the `first` answer,
         then wait for the `last` one (the final status) before the next."""
-        inbox = "deploy.responses." + secrets.token_hex(8)
+        inbox = "deploy.responses.bench." + secrets.token_hex(8)  # answers arrive on <inbox>.<host>
         waiting: dict[str, asyncio.Future] = {}
 
         async def collect(msg):
@@ -268,13 +268,13 @@ class Observer:
             if future and not future.done():
                 future.set_result(time.monotonic())
 
-        sub = await self.nc.subscribe(inbox, cb=collect)
+        sub = await self.nc.subscribe(inbox + ".*", cb=collect)
         await self.nc.flush()
         latencies = []
         for _ in range(count):
             waiting = {first: self.loop.create_future(), last: self.loop.create_future()}
             start = time.monotonic()
-            await self.nc.publish(subject, payload(inbox), reply=inbox)
+            await self.nc.publish(subject, payload(inbox), reply=inbox + ".floor")  # floor responders answer there
             latencies.append(await asyncio.wait_for(waiting[first], 30) - start)
             await asyncio.wait_for(waiting[last], 30)
         await sub.unsubscribe()
