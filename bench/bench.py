@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import secrets
+import select
 import shutil
 import signal
 import statistics
@@ -133,8 +134,8 @@ class Sandbox:
         """Bare nats-py responders first..end-1, each on floor.fan and floor.echo.<index>; waits until ready."""
         procs = [self.start([sys.executable, FLOOR, "responder", self.url, self.bench_seed, "floor.fan",
                              f"floor.echo.{index}"], f"floor{index}", stdout_pipe=True) for index in range(first, end)]
-        for proc in procs:
-            if proc.stdout.readline().strip() != b"ready":
+        for proc in procs:  # each prints "ready" once subscribed; a hung one must not stall the bench
+            if not select.select([proc.stdout], [], [], 60)[0] or proc.stdout.readline().strip() != b"ready":
                 raise SystemExit(f"a floor responder did not start; see {self.work}/floor*.log")
             proc.stdout.close()
         return procs
@@ -192,12 +193,6 @@ class Observer:
     """An all-access nats-py connection in a thread of its own: stamps requests and final statuses as the
     server delivers them, and drives request/reply loops against the listener and the floor."""
 
-    def run_loop(self) -> None:
-        # Ctrl-C and SIGTERM go to the main thread only: the kernel may hand them to any thread that does not
-        # block them, and the main thread may then sleep on in a blocking call; this thread starts no process.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        self.loop.run_forever()
-
     def __init__(self, url: str, seed_file: str):
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.run_loop, daemon=True).start()
@@ -207,6 +202,12 @@ class Observer:
 
     def call(self, coro, timeout: float = 600):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def run_loop(self) -> None:
+        # Ctrl-C and SIGTERM go to the main thread only: the kernel may hand them to any thread that does not
+        # block them, and the main thread may then sleep on in a blocking call; this thread starts no process.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        self.loop.run_forever()
 
     async def connect(self, url: str, seed_file: str):
         nc = await nats.connect(url, nkeys_seed=seed_file, allow_reconnect=False)
