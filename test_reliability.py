@@ -1220,7 +1220,7 @@ def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener,
              30, f"RSS and threads to return to baseline ({base_rss} KiB, {base_threads} threads)")
     after_rss, after_threads = proc_status(pid)
     host.standin.release()
-    wait_for(lambda: any(json.loads(d)["status"] == "completed" for _, d in list(replies[first])), 30,
+    wait_for(lambda: any(json.loads(d)["status"] == "completed" for _, d in list(replies[hd.answer_subject(first, "testhost1")])), 30,
              "the deploy that kept the host busy to complete")
     assert len(host.standin.calls) == 1 and host.proc.poll() is None
     rss = f"{cold_rss / 1024:.1f} MiB cold, {base_rss / 1024:.1f} after a 500-request warm-up burst, peak " \
