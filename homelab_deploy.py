@@ -413,6 +413,10 @@ class NatsError(Exception):
         super().__init__(redact(message))
 
 
+class OutcomeUnknown(NatsError):
+    """A request went out but NATS did not confirm it: it may have been delivered and be running."""
+
+
 def read_seed(path: str) -> str:
     """Read and check an NKey user seed; warn when others can read it. Never logs the seed."""
     import nkeys
@@ -456,7 +460,10 @@ class Bus:
         seed = read_seed(nkey_file)
         self.nkey_file = nkey_file
         self.public_key = nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
-        self.permission_errors: list[str] = []
+        # (number, text) of the server's last permission errors; a request looks only at those numbered after it
+        self.permission_errors: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
+        self.permission_errors_seen = 0
+        self.stalled = False  # the server stopped confirming: close() does not drain, which would wait for it
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="nats-loop", daemon=True).start()
         self.workers = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="nats-handler")
@@ -488,7 +495,9 @@ class Bus:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
-        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        except concurrent.futures.TimeoutError as e:  # not the builtin TimeoutError before Python 3.11
+            if future.done():  # since 3.11 nats' own timeouts (a flush's) are one too: the server is what is slow
+                raise NatsError(f"the NATS server did not answer in time: {e}") from None
             future.cancel()
             raise NatsError(f"NATS client did not answer within {timeout:.0f}s (machine overloaded?)") from None
 
@@ -504,7 +513,8 @@ class Bus:
         async def on_error(e):
             text = str(e)
             if "ermissions violation" in text:
-                self.permission_errors.append(text)
+                self.permission_errors_seen += 1
+                self.permission_errors.append((self.permission_errors_seen, text))
                 log.log(logging.WARNING if daemon else logging.DEBUG, "NATS refused: %s", text)
             else:
                 last_error.append(e)
@@ -541,16 +551,18 @@ class Bus:
         raise NatsError(f"cannot reach NATS at {', '.join(self.servers)} within {connect_timeout:.0f}s{cause}; "
                         "check --nats-url and that nats-server is running")
 
-    def denied(self, subject: str, operation: str = "publish") -> str | None:
-        """The server's permission error for `operation` ("publish" or "subscription") on `subject`, if any."""
+    def denied(self, subject: str, operation: str = "publish", since: int = 0) -> str | None:
+        """The server's permission error for `operation` ("publish" or "subscription") on `subject` numbered
+        after `since` (publish's return value: errors of this request only; 0: any still remembered)."""
         wanted = f'{operation} to "{subject}"'.lower()  # nats-py lowercases the server's error, subject included
-        return next((e for e in self.permission_errors if wanted in e.lower()), None)
+        return next((e for n, e in list(self.permission_errors) if n > since and wanted in e.lower()), None)
 
-    def _check_permission(self, subject: str, operation: str) -> None:
+    def _check_permission(self, subject: str, operation: str, since: int = 0) -> None:
         # The server sends -ERR for a denied subject within a round trip or two (measured); flush thrice to see it.
+        # Subscriptions keep since=0: reply subjects are fresh and daemons subscribe once, so a match is this one.
         what = "publish to" if operation == "publish" else "subscribe to"
         for _ in range(3):
-            if self.denied(subject, operation):
+            if self.denied(subject, operation, since):
                 break
             try:
                 self._call(self.nc.flush(timeout=5), 6)
@@ -559,8 +571,13 @@ class Bus:
                     log.warning("NATS did not confirm the subscription to %s yet (%r); a denial will be logged",
                                 subject, e)
                     return
+                self.stalled = True
+                if operation == "publish":  # it left this client (or nats-py sends it on reconnect)
+                    raise OutcomeUnknown(f"the request on {subject} went out but was not confirmed "
+                                         f"({str(e) or repr(e)}), so it may have been delivered and be running now"
+                                         ) from None
                 raise NatsError(f"NATS did not confirm the {what} {subject}: {e!r}") from None
-        if self.denied(subject, operation):
+        if self.denied(subject, operation, since):
             raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not {what} {subject!r}; "
                             "use a credential whose NATS permissions allow it")
 
@@ -569,15 +586,18 @@ class Bus:
             raise NatsError(f"not connected to NATS (reconnecting to {', '.join(self.servers)}); "
                             f"nothing was sent to {subject}; retry in a moment")
 
-    def publish(self, subject: str, payload: bytes, confirm: bool = False) -> None:
+    def publish(self, subject: str, payload: bytes, confirm: bool = False) -> int:
         """Publish; with `confirm` (for requests), refuse while disconnected, since nats-py would deliver the
         request whenever it reconnects, long after the sender gave up; then wait for the server and raise
-        NatsError if it refused the subject."""
+        NatsError if it refused the subject, OutcomeUnknown if it did not answer. Returns the `since` for
+        denied() that covers this publish's errors only."""
         if confirm:
             self.require_connection(subject)
+        since = self.permission_errors_seen
         self._call(self.nc.publish(subject, payload))
         if confirm:
-            self._check_permission(subject, "publish")
+            self._check_permission(subject, "publish", since)
+        return since
 
     def subscribe(self, subject: str, handler) -> None:
         """Call handler(subject, data) on a worker thread for every message; errors are logged, never raised."""
@@ -609,8 +629,8 @@ class Bus:
     def close(self) -> None:
         self.closing = True
         if self.nc is not None and not self.nc.is_closed:
-            try:  # a disconnected client has nothing to drain: waiting for the server would only delay the exit
-                self._call(self.nc.drain() if self.nc.is_connected else self.nc.close(), 10)
+            try:  # a disconnected or stalled client has nothing to drain: waiting for the server only delays the exit
+                self._call(self.nc.drain() if self.nc.is_connected and not self.stalled else self.nc.close(), 10)
             except Exception as e:
                 log.debug("NATS drain failed: %r", e)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -1513,12 +1533,12 @@ def collect_answers(bus: Bus, subject: str, kind: str, make_request, parse, send
     answer's delay), as a fan-out's answers arrive together; or `timeout` passed. Returns False on timeout."""
     reply_to = new_reply_subject(kind, bus.public_key)
     replies = bus.inbox(answer_subject(reply_to, "*"))
-    bus.publish(subject, make_request(reply_to), confirm=True)
+    since = bus.publish(subject, make_request(reply_to), confirm=True)
     start = time.monotonic()
     deadline = start + timeout
     settle = last_new = None
     while True:
-        if bus.denied(subject):
+        if bus.denied(subject, since=since):
             raise NatsError(f"permission denied: this credential ({bus.nkey_file}) may not publish to {subject!r}; "
                             "use a credential whose NATS permissions allow it")
         now = time.monotonic()
@@ -1627,6 +1647,12 @@ def deploy_command(args: argparse.Namespace) -> int:
         hosts, finished = deploy_hosts(bus, subject, Action(args.action), args.branch, args.timeout,
                                        args.answer_window,
                                        lambda r: progress.event(describe(r), r.status.final), args.straggler_window)
+    except OutcomeUnknown as e:
+        progress.done()
+        print(f"error: OUTCOME UNKNOWN: {e}; do not deploy again blindly: `homelab-deploy list-hosts` shows which "
+              "hosts are deploying now (a host's listener log has its result); deploy again once they are idle",
+              file=sys.stderr)
+        return 5
     except NatsError as e:
         progress.done()
         print(f"error: {e}", file=sys.stderr)
@@ -1750,6 +1776,12 @@ def build_command(args: argparse.Namespace) -> int:
         return 3
     try:
         final = build_repo(bus, args.repo, target, args.branch, args.timeout, args.answer_window, on_event)
+    except OutcomeUnknown as e:
+        progress.done()
+        print(f"error: OUTCOME UNKNOWN: {e}; the builder may be building it: the builder's log shows it, and a "
+              "repeated build is answered already_running while one runs (nix reuses what was built)",
+              file=sys.stderr)
+        return 5
     except NatsError as e:
         progress.done()
         print(f"error: {e}", file=sys.stderr)

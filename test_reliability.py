@@ -6,6 +6,8 @@
   deploys through the CLI, given all three URLs, keep succeeding.
 - Outage during a deploy: the server goes down and comes back while a deploy runs; the CLI gets the final
   status and exits 0, also when it resubscribes only after the deploy ended.
+- Stall after publishing: a proxy drops everything nats-server sends once a request went through; the CLI
+  says the outcome is unknown (exit 5) and the listener or builder, connected directly, acts on the request.
 - Hostile input at scale: hypothesis throws at least 1,000 generated messages per subject class (deploy,
   discover, build) at running daemons; the validators are property-tested on their own.
 - Load: 50 requests/s for 30 s at a busy listener; every one is answered and RSS and threads return to baseline.
@@ -695,6 +697,104 @@ def test_final_status_reaches_a_deployer_that_resubscribes_after_the_deploy_ende
     wait_for(lambda: re.search(r"request=\S+ completed in", host.log_text()), what="the deploy to end")
     os.killpg(cli.proc.pid, signal.SIGCONT)
     check_completed(cli, host)
+
+
+# ---------------------------------------------------------------- a stall right after publishing
+
+class StallingProxy:
+    """A TCP proxy on 127.0.0.1 in front of nats-server. It forwards both ways until it has forwarded a client's
+    `PUB deploy.` or `PUB build.` line; from then on it drops every byte from the server (the request arrived,
+    its confirmation never does)."""
+
+    TRIGGERS = (b"PUB deploy.", b"PUB build.")
+
+    def __init__(self, server_port: int):
+        self.server_port = server_port
+        self.stalled = threading.Event()
+        self.listening = socket.create_server(("127.0.0.1", 0))
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.listening.getsockname()[1]}"
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listening.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self.server_port))
+            self.sockets += [client, server]
+            threading.Thread(target=self.pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self.pump, args=(server, client, False), daemon=True).start()
+
+    def pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        tail = b""  # a trigger may span two reads
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if from_client:
+                    if any(t in tail + data for t in self.TRIGGERS):
+                        self.stalled.set()  # before forwarding: no answer to this line may get through
+                    tail = data[-16:]
+                elif self.stalled.is_set():
+                    continue
+                sink.sendall(data)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for sock in [self.listening, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked in accept() and recv()
+            sock.close()
+
+
+@pytest.fixture
+def stalling_proxy(nats_server):
+    proxy = StallingProxy(nats_server.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.integration
+class TestStallAfterPublishing:
+    """The request reached nats-server, the client never hears back: the CLI must say the outcome is unknown
+    (exit 5), never that it failed, and the listener or builder, connected directly, does act on it."""
+
+    def test_deploy_outcome_unknown_and_the_deploy_ran(self, nats_server, start_listener, stalling_proxy):
+        host = start_listener("testhost1", "test")
+        started = time.monotonic()
+        r = run_cli("deploy", "deploy.test.testhost1", "--nats-url", stalling_proxy.url,
+                    "--nkey-file", str(nats_server.seeds["test-deployer"]), timeout=60)
+        took = time.monotonic() - started
+        assert stalling_proxy.stalled.is_set()
+        assert r.returncode == 5, r.stderr
+        assert "error: OUTCOME UNKNOWN: the request on deploy.test.testhost1 went out but was not confirmed " \
+               "(the NATS server did not answer in time: nats: flush timeout)" in r.stderr, r.stderr
+        assert "`homelab-deploy list-hosts` shows which hosts are deploying" in r.stderr
+        wait_for(lambda: re.search(r"request=\S+ completed in", host.log_text()), what="the deploy to end")
+        assert len(host.standin.calls) == 1
+        print(f"\n[figures] stall after publishing: CLI exit {r.returncode} after {took:.1f}s; "
+              "nixos-rebuild ran 1 time")
+
+    @pytest.mark.skipif(NO_BUILDER is not None, reason=f"the builder needs it: {NO_BUILDER}")
+    def test_build_outcome_unknown_and_the_build_ran(self, nats_server, builder_on, stalling_proxy):
+        builder, _ = builder_on(nats_server, {"good1": GOOD})
+        r = run_cli("build", "fleet", "--nats-url", stalling_proxy.url,
+                    "--nkey-file", str(nats_server.seeds["build-client"]), timeout=60)
+        assert stalling_proxy.stalled.is_set()
+        assert r.returncode == 5, r.stderr
+        assert "error: OUTCOME UNKNOWN: the request on build.fleet.all went out" in r.stderr
+        assert "repeated build is answered already_running" in r.stderr, r.stderr
+        wait_for(lambda: "built 1/1 hosts" in builder.log_text(), 60, "the build to end")
+        assert len(builder.builds()) == 1
 
 
 # ---------------------------------------------------------------- hostile input at scale
