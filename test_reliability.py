@@ -534,12 +534,13 @@ class NatsCluster:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             node = Node(f"n{i}", proc, log)
             self.nodes.append(node)
-            wait_for(lambda: "Server is ready" in log.read_text() or proc.poll() is not None, what=f"node n{i}")
+            ports = (r"client connections on 127\.0\.0\.1:(\d+)", r"route connections on 127\.0\.0\.1:(\d+)",
+                     r"http monitor on 127\.0\.0\.1:(\d+)")  # logged in no fixed order around "Server is ready"
+            wait_for(lambda: all(re.search(p, log.read_text()) for p in ports) or proc.poll() is not None,
+                     what=f"node n{i}")
             assert node.alive, log.read_text()
             text = log.read_text()
-            node.port = int(re.search(r"client connections on 127\.0\.0\.1:(\d+)", text)[1])
-            node.route_port = int(re.search(r"route connections on 127\.0\.0\.1:(\d+)", text)[1])
-            node.monitor_port = int(re.search(r"http monitor on 127\.0\.0\.1:(\d+)", text)[1])
+            node.port, node.route_port, node.monitor_port = (int(re.search(p, text)[1]) for p in ports)
         wait_for(self.meshed, what="every node to route to every other")
 
     def meshed(self) -> bool:
