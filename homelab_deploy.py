@@ -2384,7 +2384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
     p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
     window_flags(p)
-    p.set_defaults(func=lambda args: __import__("homelab_deploy_mcp").serve(args), daemon=True)
+    p.set_defaults(func=mcp_command, daemon=True)
 
     p = sub.add_parser("build", help="ask the builder to pre-build the hosts of a repository")
     p.add_argument("repo", metavar="REPO", help="repository name from the builder's config")
@@ -2425,6 +2425,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "debug", False):
         logging.getLogger("nats").setLevel(logging.CRITICAL)  # its reconnect noise; we log our own line
     return args.func(args)
+
+
+def mcp_command(args: argparse.Namespace) -> int:
+    try:
+        import homelab_deploy_mcp
+    except ModuleNotFoundError as e:  # a plain install has no [mcp] extra: the fix, not a traceback
+        print(f"error: this install has no MCP server ({e}): pip install 'homelab-deploy[mcp]', "
+              "or with Nix use the flake's packages.<system>.mcp", file=sys.stderr)
+        return 2
+    return homelab_deploy_mcp.serve(args)
+
+
+def mcp_main() -> int:
+    """`homelab-deploy-mcp ...` is `homelab-deploy mcp ...`: one set of flags, defined with the other commands."""
+    return main(["mcp", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -390,10 +390,5 @@ def serve(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`homelab-deploy-mcp ...` is `homelab-deploy mcp ...`: one set of flags, defined with the other commands."""
-    return hd.main(["mcp", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(hd.mcp_main())
