@@ -196,6 +196,7 @@ class DeployRequest(typing.NamedTuple):
     action: Action
     revision: str
     reply_to: str
+    expires_in: float | None = None  # seconds from arrival within which `accepted` must go out; None: no limit
 
     @classmethod
     def parse(cls, data: bytes, allow_any_ref: bool = False) -> DeployRequest:
@@ -215,10 +216,18 @@ class DeployRequest(typing.NamedTuple):
         if not allow_any_ref and not is_branch_or_tag(revision):
             raise ProtocolError(REF_POLICY.format(what="revision", ref=revision, daemon="listener"),
                                 ErrorCode.INVALID_REVISION, reply_to)
-        return cls(Action(action), revision, reply_to)
+        expires_in = obj.get("expires_in")
+        if expires_in is not None and not (type(expires_in) in (int, float) and 0 < expires_in < float("inf")):
+            raise ProtocolError(f"invalid expires_in {str(expires_in)[:40]!r}: must be the seconds the sender waits "
+                                "for `accepted`, a number greater than 0; leave it out to wait without a limit",
+                                None, reply_to)
+        return cls(Action(action), revision, reply_to, expires_in)
 
     def to_json(self) -> bytes:
-        return json.dumps({"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}).encode()
+        obj = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
+        if self.expires_in is not None:
+            obj["expires_in"] = self.expires_in
+        return json.dumps(obj).encode()
 
 
 class DeployResponse(typing.NamedTuple):
@@ -440,8 +449,46 @@ def read_seed(path: str) -> str:
     return raw.decode()
 
 
+LANE_WORKERS = 8  # threads per lane: one may run a deploy or build for minutes while the others answer
+LANE_DEPTH = 1024  # messages a lane holds, running or waiting (about 1 KiB each); a flood's surplus is dropped
+DROP_LOG_INTERVAL = 10.0  # seconds between "dropped" lines of one lane during a flood
+
+
+class Lane:
+    """A bounded queue of received messages and the threads that handle them. A flood fills only its own lane
+    and what does not fit is dropped, so other subscriptions are served at once and memory stays bounded."""
+
+    def __init__(self, name: str):
+        import concurrent.futures
+
+        self.name = name
+        self.workers = concurrent.futures.ThreadPoolExecutor(LANE_WORKERS, thread_name_prefix=f"lane-{name}")
+        self.room = threading.BoundedSemaphore(LANE_DEPTH)
+        self.dropped, self.reported = 0, -DROP_LOG_INTERVAL
+
+    def offer(self, handler, subject: str, data: bytes) -> None:
+        """On the event loop: queue the message with its arrival time, or drop it when the lane is full."""
+        if self.room.acquire(blocking=False):
+            self.workers.submit(self.run, handler, subject, data, time.monotonic())
+            return
+        self.dropped += 1
+        if time.monotonic() - self.reported >= DROP_LOG_INTERVAL:
+            log.warning("lane=%s full (%d messages waiting): dropped %d message(s) since the last such line; a "
+                        "client allowed to publish there is flooding it: narrow its credential's NATS permissions",
+                        self.name, LANE_DEPTH, self.dropped)
+            self.dropped, self.reported = 0, time.monotonic()
+
+    def run(self, handler, subject: str, data: bytes, received: float) -> None:
+        try:
+            handler(subject, data, received)
+        except Exception:
+            log.exception("handler for %s failed", subject)
+        finally:
+            self.room.release()
+
+
 class Bus:
-    """nats-py behind blocking calls: one asyncio loop in a daemon thread, handlers on worker threads.
+    """nats-py behind blocking calls: one asyncio loop in a daemon thread, handlers on bounded lanes of threads.
 
     Daemons (`daemon=True`) wait for the server and reconnect forever; the CLI fails within
     `connect_timeout` seconds with a clear message.
@@ -450,7 +497,6 @@ class Bus:
     def __init__(self, urls: str, nkey_file: str, name: str, daemon: bool = False,
                  connect_timeout: float = 5.0, stop: threading.Event | None = None):
         import asyncio
-        import concurrent.futures
 
         self.servers = [u.strip() for u in urls.split(",") if u.strip()]
         if not self.servers:
@@ -466,7 +512,7 @@ class Bus:
         self.stalled = False  # the server stopped confirming: close() does not drain, which would wait for it
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="nats-loop", daemon=True).start()
-        self.workers = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="nats-handler")
+        self.lanes: dict[str, Lane] = {}
         self.nc = None
         self.closing = False
         self.daemon = daemon
@@ -599,17 +645,16 @@ class Bus:
             self._check_permission(subject, "publish", since)
         return since
 
-    def subscribe(self, subject: str, handler) -> None:
-        """Call handler(subject, data) on a worker thread for every message; errors are logged, never raised."""
-
-        def run(msg_subject: str, data: bytes) -> None:
-            try:
-                handler(msg_subject, data)
-            except Exception:
-                log.exception("handler for %s failed", msg_subject)
+    def subscribe(self, subject: str, handler, lane: str | None = None) -> None:
+        """Call handler(subject, data, received) for every message on a thread of `lane` (default: a lane of
+        the subject's own), `received` being its time.monotonic() of arrival; errors are logged, never raised."""
+        lane = lane or subject
+        if lane not in self.lanes:
+            self.lanes[lane] = Lane(lane)
+        offer = self.lanes[lane].offer
 
         async def on_message(msg):
-            self.workers.submit(run, msg.subject, msg.data)
+            offer(handler, msg.subject, msg.data)
 
         self._call(self.nc.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
@@ -634,7 +679,8 @@ class Bus:
             except Exception as e:
                 log.debug("NATS drain failed: %r", e)
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.workers.shutdown(wait=False, cancel_futures=True)
+        for lane in self.lanes.values():
+            lane.workers.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- subprocess runner
@@ -893,6 +939,10 @@ def rebuild_argv(action: Action, flake_url: str, revision: str, hostname: str) -
     return ["nixos-rebuild", action.value, "--refresh", "--flake", f"{flake_ref(flake_url, revision)}#{hostname}"]
 
 
+RESEND_AFTER = (2.0, 7.0, 22.0, 52.0, 112.0)  # seconds after a deploy's end to re-send its final status
+RESEND_PREFIX = "resend-"  # state files <prefix><request>.json: final statuses still to be re-sent
+
+
 def current_generation(profile: str) -> int | None:
     """The generation number the system profile points to (system-42-link -> 42)."""
     try:
@@ -916,6 +966,7 @@ class Listener:
         self.inflight_file = os.path.join(args.state_dir, "inflight.json")
         self.busy = threading.Lock()  # one deploy at a time
         self.reporting = threading.Lock()  # held until a deploy's final status is out; shutdown waits on it
+        self.restarting = False  # a switch succeeded with --restart-after-switch: set before `busy` is released
         self.current: DeployRequest | None = None
         self.current_since = 0.0
         self.stop = stop  # set to shut the listener down (signal, or restart after a switch)
@@ -923,7 +974,7 @@ class Listener:
 
     def start(self) -> None:
         for subject in self.subjects:
-            self.bus.subscribe(subject, self.handle_deploy)
+            self.bus.subscribe(subject, self.handle_deploy, lane="deploy")  # never queued behind discovery
         self.bus.subscribe(self.discover_subject, self.handle_discover)
         log.info("host=%s listening on %s and %s", self.hostname, ", ".join(self.subjects), self.discover_subject)
 
@@ -931,9 +982,15 @@ class Listener:
         response = DeployResponse(self.hostname, status, error, message, **extra)
         self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(response.to_dict()).encode())
 
-    def handle_deploy(self, subject: str, data: bytes) -> None:
+    def handle_deploy(self, subject: str, data: bytes, received: float) -> None:
         try:
             request = DeployRequest.parse(data, self.allow_any_ref)
+            waited = time.monotonic() - received
+            if request.expires_in is not None and waited > request.expires_in:
+                raise ProtocolError(
+                    f"not run: the request waited {waited:.1f}s in the listener's queue on {self.hostname}, longer "
+                    f"than the {request.expires_in:g}s its sender waits for `accepted` (expires_in); the listener is "
+                    "overloaded, deploy again", ErrorCode.TIMEOUT, request.reply_to)
         except ProtocolError as e:
             log.warning("host=%s subject=%s request=%s rejected: %s", self.hostname, subject,
                         e.reply_to or "-", e)
@@ -946,16 +1003,21 @@ class Listener:
         rid = request.reply_to.rsplit(".", 1)[1]
         if not self.busy.acquire(blocking=False):
             running = self.current
-            message = (f"a deploy is already running on {self.hostname} ({running.action.value} of "
-                       f"{running.revision}, for {time.monotonic() - self.current_since:.0f}s); retry when it ends"
-                       if running else f"a deploy is already running on {self.hostname}")
-            log.warning("host=%s request=%s rejected: already running", self.hostname, rid)
-            self.reply(request.reply_to, Status.REJECTED, ErrorCode.ALREADY_RUNNING, message)
-            if self.metrics:
-                self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
+            self.refuse(request, rid, "already running", (
+                f"a deploy is already running on {self.hostname} ({running.action.value} of {running.revision}, "
+                f"for {time.monotonic() - self.current_since:.0f}s); retry when it ends"
+                if running else f"a deploy is already running on {self.hostname}"))
             return
         reconnects = self.bus.reconnects
         with self.reporting:
+            # Checked holding both locks: the deploy that set `restarting` did so before freeing `busy`, and
+            # shutdown waits for `reporting`, so no request is accepted and then cut off by the exit.
+            if self.restarting or self.stop.is_set():
+                self.busy.release()
+                self.refuse(request, rid, "restarting" if self.restarting else "shutting down", (
+                    f"the listener on {self.hostname} is restarting after a switch; retry in a few seconds"
+                    if self.restarting else f"the listener on {self.hostname} is shutting down; retry when it is back"))
+                return
             try:  # from `accepted` on, whatever raises, exactly one final status goes out
                 self.current, self.current_since = request, time.monotonic()
                 log.info("host=%s request=%s accepted %s of %s", self.hostname, rid, request.action.value,
@@ -986,31 +1048,42 @@ class Listener:
             if self.metrics:
                 self.metrics.count(final.status, request.action, final.error)
             self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
-        if final.status is Status.COMPLETED and request.action is Action.SWITCH and self.restart_after_switch:
+        if self.restarting:
             log.info("host=%s request=%s restarting so the service manager starts the switched-to version",
                      self.hostname, rid)
             self.stop.set()
 
-    def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
-        """Keep the running request on disk (atomically) so a restarted listener can report it; None clears it,
-        and never raises: a record left behind is reported as interrupted by the next start, which is safe."""
-        if request is None:
+    def refuse(self, request: DeployRequest, rid: str, why: str, message: str) -> None:
+        """Answer `rejected`/already_running: the host cannot take a deploy now, a retry later can."""
+        log.warning("host=%s request=%s rejected: %s", self.hostname, rid, why)
+        self.reply(request.reply_to, Status.REJECTED, ErrorCode.ALREADY_RUNNING, message)
+        if self.metrics:
+            self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
+
+    def save(self, path: str, record: dict | None) -> None:
+        """Write a state file atomically (mode 0600, fsynced); None removes it and never raises: what is left
+        behind is read defensively by the next start."""
+        if record is None:
             try:
-                os.unlink(self.inflight_file)
+                os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as e:
-                log.error("host=%s cannot remove the in-flight record %s: %s", self.hostname, self.inflight_file,
-                          e.strerror)
+                log.error("host=%s cannot remove %s: %s", self.hostname, path, e.strerror)
             return
-        record = {"reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
-                  "started": time.time(), "pid": pid, "generation": current_generation(self.profile)}
-        tmp = self.inflight_file + ".tmp"
+        tmp = path + ".tmp"
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(record, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.inflight_file)
+        os.replace(tmp, path)
+
+    def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
+        """Keep the running request on disk so a restarted listener can report it; None clears it, and never
+        raises: a record left behind is reported as interrupted by the next start, which is safe."""
+        self.save(self.inflight_file, None if request is None else {
+            "reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
+            "started": time.time(), "pid": pid, "generation": current_generation(self.profile)})
 
     def report_interrupted(self) -> None:
         """At start: a deploy recorded in the state dir was cut short (crash, kill); tell its requester, never re-run it."""
@@ -1078,6 +1151,8 @@ class Listener:
         if self.metrics:
             self.metrics.duration.labels(action.value, str(success).lower()).observe(result.duration)
         if success:
+            # decided here, while `busy` is held: from now on requests are refused until the exit
+            self.restarting = action is Action.SWITCH and self.restart_after_switch
             generation = current_generation(self.profile)
             gen = f"generation {generation}" if generation is not None else "the new generation"
             message = {
@@ -1101,22 +1176,73 @@ class Listener:
         log.info("host=%s request=%s %s in %.1fs: %s", self.hostname, rid, status.value, result.duration, message)
         return DeployResponse(self.hostname, status, error, message, result.duration, None if success else result.output)
 
-    def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int) -> None:
+    def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int | None,
+                      schedule: list[float] | None = None) -> None:
         """Publish a final status. If NATS dropped us during the deploy, the requester may have resubscribed
-        after our buffered reply went out: send it again (clients keep the first final status, ignore repeats)."""
+        after our buffered reply went out: send it again (clients keep the first final status, ignore repeats).
+        The re-sends left are kept in the state directory, so a listener that stops (restart after a switch,
+        SIGTERM, crash) leaves them to the next start, which calls this with their `schedule` (wall-clock times)."""
         subject = answer_subject(reply_to, self.hostname)
-        self.bus.publish(subject, payload)  # while disconnected, nats-py buffers it and sends it on reconnect
-        if self.bus.reconnects != reconnects or not self.bus.nc.is_connected:
-            def resend() -> None:
-                for delay in (2.0, 5.0, 15.0, 30.0, 60.0):
-                    if self.stop.wait(delay):
-                        return
+        if schedule is None:
+            try:  # while disconnected, nats-py buffers it and sends it on reconnect
+                self.bus.publish(subject, payload)
+            except Exception as e:  # its buffer full, the loop wedged: the re-sends below are the way out
+                log.warning("host=%s request=%s final status not sent (%r); re-sending it", self.hostname, rid, e)
+            else:
+                if self.bus.reconnects == reconnects and self.bus.nc.is_connected:
+                    return
+            schedule = [time.time() + delay for delay in RESEND_AFTER]
+        path = os.path.join(self.state_dir, f"{RESEND_PREFIX}{rid}.json")
+
+        def keep(left: list[float]) -> None:
+            try:
+                self.save(path, {"reply_to": reply_to, "response": json.loads(payload), "schedule": left} if left
+                          else None)
+            except OSError as e:
+                log.error("host=%s request=%s cannot keep the pending final status in %s (%s); a restart will not "
+                          "re-send it: make %s writable", self.hostname, rid, path, e.strerror, self.state_dir)
+
+        def resend(left: list[float]) -> None:
+            while left:
+                if self.stop.wait(max(0.0, left[0] - time.time())):
+                    return  # the file holds what is left
+                try:
                     self.bus.publish(subject, payload)
                     log.info("host=%s request=%s re-sent the final status after a reconnect", self.hostname, rid)
+                except Exception as e:
+                    log.warning("host=%s request=%s final status not re-sent (%r)", self.hostname, rid, e)
+                left = [due for due in left if due > time.time()]  # one send for all that fell due meanwhile
+                keep(left)
 
-            threading.Thread(target=resend, name="resend-final", daemon=True).start()
+        keep(schedule)
+        threading.Thread(target=resend, args=(schedule,), name="resend-final", daemon=True).start()
 
-    def handle_discover(self, subject: str, data: bytes) -> None:
+    def resume_resends(self) -> None:
+        """At start: continue the final-status re-sends a stopped listener left in the state directory."""
+        for name in sorted(os.listdir(self.state_dir)):
+            if not (name.startswith(RESEND_PREFIX) and name.endswith(".json")):
+                continue
+            path = os.path.join(self.state_dir, name)
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                reply_to = parse_reply_to(record, "deploy")
+                response = DeployResponse.parse(json.dumps(record["response"]).encode())
+                schedule, rid = record["schedule"], reply_to.rsplit(".", 1)[1]
+                latest = time.time() + RESEND_AFTER[-1]
+                if not (response.status.final and response.hostname == self.hostname
+                        and name == f"{RESEND_PREFIX}{rid}.json" and isinstance(schedule, list) and schedule
+                        and all(type(due) in (int, float) and 0 < due <= latest for due in schedule)):
+                    raise ValueError("not a final status of this host with a schedule of re-sends")
+            except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
+                log.error("host=%s unreadable pending final status %s (%s); removing it", self.hostname, path, e)
+                self.save(path, None)
+                continue
+            log.info("host=%s request=%s resuming the re-sends of its final status (%d left)", self.hostname, rid,
+                     len(schedule))
+            self.deliver_final(reply_to, json.dumps(response.to_dict()).encode(), rid, None, schedule)
+
+    def handle_discover(self, subject: str, data: bytes, received: float) -> None:
         try:
             reply_to = parse_reply_to(decode_message(data), "deploy")
         except ProtocolError as e:
@@ -1176,6 +1302,7 @@ def run_listener(args: argparse.Namespace) -> int:
     listener = Listener(args, subjects, bus, metrics, stop)
     try:
         listener.report_interrupted()
+        listener.resume_resends()
         listener.start()
     except NatsError as e:
         log.error("host=%s %s; the listener's credential must be allowed to subscribe to its deploy subjects "
@@ -1295,7 +1422,7 @@ class Builder:
         response = BuildResponse(status, message, repo, **fields)
         self.bus.publish(answer_subject(reply_to, repo), json.dumps(response.to_dict()).encode())
 
-    def handle_build(self, subject: str, data: bytes) -> None:
+    def handle_build(self, subject: str, data: bytes, received: float) -> None:
         _, subject_repo, subject_target = subject.split(".", 2)
         try:
             request = BuildRequest.parse(data, self.allow_any_ref)
@@ -1592,7 +1719,9 @@ def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout:
     # deploy.<tier>.<host> names one host: once it (and any other that answered) finished, nobody else will
     tokens = subject.split(".")
     addressed = tokens[2] if len(tokens) == 3 and tokens[2] != "all" else None
-    finished = collect_answers(bus, subject, "deploy", lambda to: DeployRequest(action, revision, to).to_json(),
+    # expires_in: half the window, the other half covers the trips of the request and of `accepted` through NATS
+    finished = collect_answers(bus, subject, "deploy",
+                               lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
                                DeployResponse.parse, lambda r: r.hostname, timeout, window, on_answer, is_done,
                                lambda: addressed in hosts and is_done(), stragglers)
     return hosts, finished

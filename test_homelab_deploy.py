@@ -122,6 +122,17 @@ class TestProtocol:
         assert hd.DeployRequest.parse(self.request(revision="refs/pull/1/head"), allow_any_ref=True).revision == \
             "refs/pull/1/head"
 
+    def test_expires_in_is_optional_and_a_positive_number(self):
+        assert hd.DeployRequest.parse(self.request()).expires_in is None
+        req = hd.DeployRequest.parse(self.request(expires_in=1.5))
+        assert req.expires_in == 1.5 and json.loads(req.to_json())["expires_in"] == 1.5
+        assert "expires_in" not in json.loads(req._replace(expires_in=None).to_json())  # as the Go tool sends it
+        for bad in (0, -1, True, "1", [1], float("inf"), float("nan")):
+            with pytest.raises(hd.ProtocolError) as e:
+                hd.DeployRequest.parse(self.request(expires_in=bad))
+            assert e.value.code is None and e.value.reply_to == "deploy.responses.me.abc"
+            assert "invalid expires_in" in str(e.value) and "a number greater than 0" in str(e.value)
+
     @pytest.mark.parametrize("action", HOSTILE_ACTIONS)
     def test_hostile_action_is_invalid_action(self, action):
         with pytest.raises(hd.ProtocolError) as e:
@@ -451,11 +462,11 @@ class TestDeployCLI:
         late = bus_factory(nats_server, "admin")
         finished: set[str] = set()  # reply subjects on which testhost1's final status went out
 
-        def watch(subject: str, data: bytes) -> None:
+        def watch(subject: str, data: bytes, received: float) -> None:
             if json.loads(data).get("hostname") == "testhost1" and json.loads(data)["status"] == "completed":
                 finished.add(subject)
 
-        def answer_late(subject: str, data: bytes) -> None:
+        def answer_late(subject: str, data: bytes, received: float) -> None:
             reply_to = json.loads(data)["reply_to"]
             wait_for(lambda: hd.answer_subject(reply_to, "testhost1") in finished, what="testhost1 to finish")
             for status in ("accepted", "started", "completed"):
@@ -599,8 +610,8 @@ class TestDurationFlags:
         host = start_listener("testhost1", "test")
         seen: list[str] = []
         admin, builder = bus_factory(nats_server, "admin"), bus_factory(nats_server, "builder")
-        admin.subscribe("deploy.>", lambda subject, data: seen.append(subject))
-        builder.subscribe("build.fleet.*", lambda subject, data: seen.append(subject))
+        admin.subscribe("deploy.>", lambda subject, data, received: seen.append(subject))
+        builder.subscribe("build.fleet.*", lambda subject, data, received: seen.append(subject))
         deployer, build_client = deploy_args(nats_server, "test-deployer"), deploy_args(nats_server, "build-client")
         deploy = ["deploy", "deploy.test.testhost1", *deployer]
         runs = [([*deploy, "--timeout", value], {}, "--timeout") for value in ("0", "-5", "nan", "inf")] + [
