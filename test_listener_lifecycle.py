@@ -325,4 +325,7 @@ class TestStateDirectoryLock:
                 "its own --state-dir") in r.stderr
         assert "Traceback" not in r.stderr and first.proc.poll() is None
         first.stop()
-        second.start()  # the lock goes with the process
+        try:
+            second.start()  # the lock goes with the process
+        finally:
+            second.stop()
