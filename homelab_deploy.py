@@ -1175,6 +1175,7 @@ class Builder:
         self.repos, self.bus, self.metrics, self.stop = repos, bus, metrics, stop
         self.timeout, self.parallel = timeout, parallel
         self.running = {name: threading.Lock() for name in repos}  # one build per repo at a time
+        self.reporting = {name: threading.Lock() for name in repos}  # held while a build's final answer goes out
         self.current: dict[str, tuple[BuildRequest, float]] = {}
 
     def start(self) -> None:
@@ -1220,12 +1221,18 @@ class Builder:
             return
         try:
             self.current[repo.name] = (request, time.monotonic())
-            self.build(repo, request, rid)
+            final = self.build(repo, request, rid)
+            self.reporting[repo.name].acquire()  # before the repo is free: shutdown waits for the final answer
         finally:
             self.current.pop(repo.name, None)
-            self.running[repo.name].release()
+            self.running[repo.name].release()  # before the final answer, so the next build is not refused
+        try:
+            self.reply(request.reply_to, **final._asdict())
+        finally:
+            self.reporting[repo.name].release()
 
-    def build(self, repo: Repo, request: BuildRequest, rid: str) -> None:
+    def build(self, repo: Repo, request: BuildRequest, rid: str) -> BuildResponse:
+        """Build the hosts of an accepted request, answering as it goes; returns the final answer to send."""
         import concurrent.futures
 
         branch = request.branch or repo.default_branch
@@ -1243,10 +1250,9 @@ class Builder:
             log.warning("%s host=%s failed: %s", where, request.target, message)
             if self.metrics:
                 self.metrics.build_finished(repo.name, False)
-            self.reply(request.reply_to, Status.FAILED, message, error_code=BuildErrorCode.EVAL_FAILED,
-                       output=output, results=[], succeeded=0, failed=0,
-                       total_duration_seconds=time.monotonic() - started, **common)
-            return
+            return BuildResponse(Status.FAILED, message, error_code=BuildErrorCode.EVAL_FAILED, output=output,
+                                 results=[], succeeded=0, failed=0, total_duration_seconds=time.monotonic() - started,
+                                 **common)
         note = f" ({skipped} host(s) with unsafe names skipped; see the builder's log)" if skipped else ""
         self.reply(request.reply_to, Status.STARTED, f"building {len(hosts)} host(s) at {branch}{note}",
                    hosts_total=len(hosts), **common)
@@ -1270,10 +1276,10 @@ class Builder:
                  time.monotonic() - started, message)
         if self.metrics:
             self.metrics.build_finished(repo.name, not failed)
-        self.reply(request.reply_to, Status.FAILED if failed else Status.COMPLETED, message,
-                   error_code=BuildErrorCode.BUILD_FAILED if failed else None, results=results,
-                   total_duration_seconds=time.monotonic() - started, succeeded=succeeded, failed=len(failed),
-                   **common)
+        return BuildResponse(Status.FAILED if failed else Status.COMPLETED, message,
+                             error_code=BuildErrorCode.BUILD_FAILED if failed else None, results=results,
+                             total_duration_seconds=time.monotonic() - started, succeeded=succeeded,
+                             failed=len(failed), **common)
 
     def list_hosts(self, repo: Repo, branch: str, target: str, where: str) -> tuple[list[str], int]:
         """The hosts to build and how many were skipped: nixosConfigurations from `nix flake show` whose names
@@ -1361,7 +1367,7 @@ def run_builder(args: argparse.Namespace) -> int:
     stop.wait()
     log.info("builder shutting down; cancelling running builds")
     deadline = time.monotonic() + 30  # kill_process_group needs at most 15s; then the final statuses go out
-    for lock in builder.running.values():
+    for lock in [*builder.running.values(), *builder.reporting.values()]:  # builds, then their final answers
         if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             lock.release()
     bus.close()

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 import uuid
 from pathlib import Path
@@ -501,6 +502,31 @@ class TestBuilder:
         final = until_final(first)[-1]
         assert final["status"] == "completed" and final["succeeded"] == 2
         assert builder.builds().count(attr("blocker")) == 1
+
+    def test_the_next_build_may_follow_a_final_answer_at_once(self, nats_server, flake, nix_store, bus_factory,
+                                                               monkeypatch):
+        """A client may ask again the moment a final answer arrives: the repo is free before that answer goes out.
+        In process, where the builder's publish of its final answer can be held until the next request is answered."""
+        for key in set(os.environ) - set(nix_store):
+            monkeypatch.delenv(key)
+        for key, value in nix_store.items():
+            monkeypatch.setenv(key, value)  # the builder's nix runs on the private store
+        builder_bus, client = bus_factory(nats_server, "builder"), bus_factory(nats_server, "build-client")
+        builder = hd.Builder({"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")}, builder_bus, 60, 1, None,
+                             threading.Event())
+        publish, held, following = builder_bus.publish, [], []
+
+        def hold_the_first_final_answer(subject: str, payload: bytes, confirm: bool = False) -> None:
+            if json.loads(payload)["status"] in FINAL and not held:
+                held.append(subject)
+                following.append(send(client, "build.fleet.good1", {"repo": "fleet", "target": "good1"}))
+                wait_for(lambda: not following[0].empty(), what="the next request's first answer")
+            publish(subject, payload, confirm)
+
+        monkeypatch.setattr(builder_bus, "publish", hold_the_first_final_answer)
+        builder.start()
+        assert hd.build_repo(client, "fleet", "good1", None, 60, 1)["status"] == "completed"
+        assert [r["status"] for r in until_final(following[0])] == ["started", "started", "progress", "completed"]
 
     def test_per_host_timeout_kills_the_build(self, nats_server, start_builder, flake, bus_factory, tmp_path):
         pidfile = tmp_path / "slow.pid"
