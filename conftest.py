@@ -3,6 +3,7 @@ and a stand-in `nixos-rebuild` on PATH that records its argv."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -241,6 +242,62 @@ def start_listener(nats_server, tmp_path):
     yield start
     for listener in started:
         listener.stop()
+
+
+class Rogue:
+    """A second connection on a daemon's own credential, which may publish answers: on each request on `subject`
+    it publishes the loaded answers where the daemon answers the request's reply_to,
+    flushes, then resumes the daemons it paused, so all of them reach the client before any genuine answer."""
+
+    def __init__(self, server: NatsServer, user: str, subject: str, daemons: list):
+        import homelab_deploy
+
+        self.bus = homelab_deploy.Bus(server.url, str(server.seeds[user]), f"rogue-{user}")
+        self.daemons = daemons  # anything with a running `proc`: Listener, test_builder.BuilderProcess
+        # where the daemon answers: <reply_to>.<hostname>, or <reply_to>.<repo> for a builder (its credential may)
+        self.responder = subject.split(".")[1] if subject.startswith("build.") else user
+        self.answers: list[bytes] = []
+        self.bus.subscribe(subject, self.answer)
+
+    def load(self, answers: list[bytes]) -> None:
+        """Answer the next request with `answers` (at least one); the daemons pause (SIGSTOP) until they are out."""
+        self.answers = answers
+        for daemon in self.daemons:
+            os.kill(daemon.proc.pid, signal.SIGSTOP)
+
+    def answer(self, subject: str, data: bytes, received: float) -> None:
+        import homelab_deploy
+
+        try:
+            answer_to = homelab_deploy.answer_subject(json.loads(data)["reply_to"], self.responder)
+            for payload in self.answers[:-1]:
+                self.bus.publish(answer_to, payload)
+            self.bus.publish(answer_to, self.answers[-1], confirm=True)  # flushed: the server has routed them all
+        finally:
+            self.resume()
+
+    def resume(self) -> None:
+        for daemon in self.daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon.proc.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        self.resume()
+        self.bus.close()
+
+
+@pytest.fixture
+def rogue(nats_server):
+    """rogue(user, subject, *daemons) -> a Rogue on nats_server, closed (and its daemons resumed) after the test."""
+    made: list[Rogue] = []
+
+    def make(user: str, subject: str, *daemons) -> Rogue:
+        made.append(Rogue(nats_server, user, subject, list(daemons)))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
 
 
 def start_deploy(bus, subject: str, action: str = "switch", revision: str = "main"):

@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import re
+import reprlib
 import signal
 import stat
 import sys
@@ -46,8 +47,10 @@ log = Log()
 
 # ---------------------------------------------------------------- protocol and validation
 
-MAX_MESSAGE_BYTES = 64 * 1024  # requests are tiny; anything bigger is hostile
+MAX_MESSAGE_BYTES = 64 * 1024  # requests are tiny; anything bigger is hostile (answers: up to the server's max_payload)
 OUTPUT_TAIL_LINES = 20  # lines of nixos-rebuild / nix output kept for a failure report
+OUTPUT_LINE_CHARS = 500  # characters kept of each output line
+ANSWER_TEXT_CHARS = 2000  # characters kept of a message or error in an answer, so no answer floods a terminal
 TIERS = ("test", "prod")
 DEFAULT_SUBJECTS = ("deploy.<tier>.<hostname>", "deploy.<tier>.all", "deploy.<tier>.role.<role>")
 
@@ -140,9 +143,9 @@ def is_publish_subject(subject: str) -> bool:
     )
 
 
-def decode_message(data: bytes) -> dict:
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+def decode_message(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict:
+    if len(data) > limit:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {limit}-byte limit")
     try:
         obj = json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: deeply nested arrays
@@ -150,6 +153,48 @@ def decode_message(data: bytes) -> dict:
     if not isinstance(obj, dict):
         raise ProtocolError(f"message must be a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def clip(text: str, limit: int = ANSWER_TEXT_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def answer_fields(obj: dict, kinds: dict, what: str, required: tuple[str, ...] = ()) -> dict:
+    """The fields of an answer named in `kinds`, None when missing, each checked against its kind: a type (str:
+    cut to ANSWER_TEXT_CHARS; list: of str, the last OUTPUT_TAIL_LINES cut to OUTPUT_LINE_CHARS; int, float:
+    0 <= n < 1e9, bool is neither), a tuple of allowed values or enum members (gives the member), or a predicate
+    on a str; for these two "" is missing (Go's empty string). A required field missing, or any of another kind,
+    raises ProtocolError."""
+    fields = {}
+    for name, kind in kinds.items():
+        value = obj.get(name)
+        if value is None or (value == "" and not isinstance(kind, type)):
+            if name in required:
+                raise ProtocolError(f"malformed {what}: {name} is missing")
+            fields[name] = None
+            continue
+        if isinstance(kind, tuple):
+            allowed = {getattr(m, "value", m): m for m in kind}
+            ok, want = isinstance(value, str) and value in allowed, "one of " + ", ".join(allowed)
+        elif kind is list:
+            ok, want = isinstance(value, list) and all(isinstance(line, str) for line in value), "a list of strings"
+        elif kind in (int, float):
+            ok = type(value) in ((int,) if kind is int else (int, float)) and 0 <= value < 1e9  # NaN fails too
+            want = f"a {'whole ' if kind is int else ''}number from 0 to 1e9"
+        elif kind in (str, bool):
+            ok, want = isinstance(value, kind), "a string" if kind is str else "true or false"
+        else:
+            ok, want = isinstance(value, str) and kind(value), f"a valid {name}"
+        if not ok:
+            raise ProtocolError(f"malformed {what}: {name} is {reprlib.repr(value)}, not {want}")
+        if isinstance(kind, tuple):
+            value = allowed[value]
+        elif kind is list:
+            value = [clip(line, OUTPUT_LINE_CHARS) for line in value[-OUTPUT_TAIL_LINES:]]
+        elif kind is str:
+            value = clip(value)
+        fields[name] = value
+    return fields
 
 
 def parse_reply_to(obj: dict, kind: str) -> str:
@@ -230,6 +275,9 @@ class DeployRequest(typing.NamedTuple):
         return json.dumps(obj).encode()
 
 
+DEPLOY_STATUSES = (Status.ACCEPTED, Status.REJECTED, Status.STARTED, Status.COMPLETED, Status.FAILED)
+
+
 class DeployResponse(typing.NamedTuple):
     hostname: str
     status: Status
@@ -239,18 +287,11 @@ class DeployResponse(typing.NamedTuple):
     output: list[str] | None = None  # last lines of nixos-rebuild's output, on failure
 
     @classmethod
-    def parse(cls, data: bytes) -> DeployResponse:
-        obj = decode_message(data)
-        try:
-            hostname, status = obj["hostname"], Status(obj["status"])
-            error = ErrorCode(obj["error"]) if obj.get("error") else None
-        except (KeyError, ValueError, TypeError) as e:
-            raise ProtocolError(f"malformed deploy response: {e}") from None
-        if not isinstance(hostname, str):
-            raise ProtocolError("malformed deploy response: hostname is not a string")
-        output = obj.get("output")
-        return cls(hostname, status, error, str(obj.get("message") or ""), obj.get("duration_seconds"),
-                   [str(line) for line in output] if isinstance(output, list) else None)
+    def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> DeployResponse:
+        fields = answer_fields(decode_message(data, limit), {
+            "hostname": is_subject_token, "status": DEPLOY_STATUSES, "error": tuple(ErrorCode), "message": str,
+            "duration_seconds": float, "output": list}, "deploy answer", required=("hostname", "status"))
+        return cls(**{**fields, "message": fields["message"] or ""})
 
     def to_dict(self) -> dict:
         d = {"hostname": self.hostname, "status": self.status.value,
@@ -273,16 +314,11 @@ class HostInfo(typing.NamedTuple):
     deploying: bool
 
     @classmethod
-    def parse(cls, data: bytes) -> HostInfo:
-        obj = decode_message(data)
-        try:
-            info = cls(obj["hostname"], obj["tier"], obj.get("role"), list(obj["deploy_subjects"]),
-                       str(obj.get("version", "")), bool(obj.get("deploying", False)))
-        except (KeyError, TypeError) as e:
-            raise ProtocolError(f"malformed discovery answer: {e}") from None
-        if not (isinstance(info.hostname, str) and isinstance(info.tier, str)):
-            raise ProtocolError("malformed discovery answer: hostname and tier must be strings")
-        return info
+    def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> HostInfo:
+        fields = answer_fields(decode_message(data, limit), {
+            "hostname": is_subject_token, "tier": TIERS, "role": is_subject_token, "deploy_subjects": list,
+            "version": str, "deploying": bool}, "discovery answer", required=("hostname", "tier", "deploy_subjects"))
+        return cls(**{**fields, "version": fields["version"] or "", "deploying": bool(fields["deploying"])})
 
 
 class BuildErrorCode(enum.Enum):
@@ -356,23 +392,40 @@ class BuildResponse(typing.NamedTuple):
     failed: int | None = None
 
     @classmethod
-    def parse(cls, data: bytes) -> BuildResponse:
-        obj = decode_message(data)
-        try:
-            status = Status(obj["status"])
-            code = BuildErrorCode(obj["error_code"]) if obj.get("error_code") else None
-        except (KeyError, ValueError, TypeError) as e:
-            raise ProtocolError(f"malformed build response: {e}") from None
-        if status not in BUILD_STATUSES:
-            raise ProtocolError(f"malformed build response: status {status.value!r} is not a build status")
-        fields = {name: obj.get(name) for name in cls._fields}
-        kinds = {"repo": str, "branch": str, "host": str, "error": str, "host_success": bool, "output": list,
-                 "results": list, "hosts_total": int, "hosts_completed": int, "succeeded": int, "failed": int,
-                 "duration_seconds": (int, float), "total_duration_seconds": (int, float)}
-        wrong = [key for key, kind in kinds.items() if fields[key] is not None and not isinstance(fields[key], kind)]
-        if wrong or not all(isinstance(r, dict) for r in fields["results"] or []):
-            raise ProtocolError(f"malformed build response: wrong type for {', '.join(wrong) or 'results'}")
-        return cls(**{**fields, "status": status, "error_code": code, "message": str(obj.get("message") or "")})
+    def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> BuildResponse:
+        obj = decode_message(data, limit)
+        results = obj.get("results")
+        if results is not None and not (isinstance(results, list) and all(isinstance(r, dict) for r in results)):
+            raise ProtocolError(f"malformed build answer: results is {reprlib.repr(results)}, not a list of objects")
+        fields = answer_fields(obj, {
+            "status": BUILD_STATUSES, "message": str, "repo": is_subject_token, "branch": is_valid_ref,
+            "error_code": tuple(BuildErrorCode), "hosts_total": int, "host": is_valid_name, "host_success": bool,
+            "hosts_completed": int, "duration_seconds": float, "error": str, "output": list,
+            "total_duration_seconds": float, "succeeded": int, "failed": int}, "build answer", required=("status",))
+        entry = {"host": is_valid_name, "success": bool, "duration_seconds": float, "error": str, "output": list}
+        fields["results"] = None if results is None else [
+            {k: v for k, v in answer_fields(r, entry, "build result", ("host", "success")).items() if v is not None}
+            for r in results]
+        return cls(**{**fields, "message": fields["message"] or ""})
+
+    def fitted(self, budget: int) -> BuildResponse:
+        """This answer as a client keeps it (parse cuts the texts), with as many `results`, in order, as fit in
+        `budget` bytes of JSON; when some do not, the message says how many are listed."""
+        answer = BuildResponse.parse(json.dumps(self.to_dict()).encode(), sys.maxsize)
+        if len(json.dumps(answer.to_dict())) <= budget:
+            return answer
+        results = answer.results or []
+        note = (f" (results: the first {{}} of {len(results)} hosts, as many as NATS max_payload allows; every "
+                "host's result is in its progress message and the builder's log)")
+        message = clip(answer.message, ANSWER_TEXT_CHARS - len(note.format(len(results))))
+        size = len(json.dumps(answer._replace(message=message + note.format(len(results)), results=[]).to_dict()))
+        kept = []
+        for result in results:
+            size += len(json.dumps(result)) + (2 if kept else 0)  # ", " between entries
+            if size > budget:
+                break
+            kept.append(result)
+        return answer._replace(message=message + note.format(len(kept)), results=kept)
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self._asdict().items() if v is not None}
@@ -735,7 +788,7 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
     def read_output(stream) -> None:
         for raw in stream:
             line = raw.decode("utf-8", "replace").rstrip()
-            tail.append(line[:500])
+            tail.append(line[:OUTPUT_LINE_CHARS])
             log.debug("%s%s", log_prefix, line)
 
     captured: list[bytes] = []
@@ -1412,6 +1465,7 @@ class Builder:
         self.repos, self.bus, self.metrics, self.stop = repos, bus, metrics, stop
         self.timeout, self.parallel, self.allow_any_ref = timeout, parallel, allow_any_ref
         self.running = {name: threading.Lock() for name in repos}  # one build per repo at a time
+        self.reporting = {name: threading.Lock() for name in repos}  # held while a build's final answer goes out
         self.current: dict[str, tuple[BuildRequest, float]] = {}
 
     def start(self) -> None:
@@ -1419,8 +1473,8 @@ class Builder:
             self.bus.subscribe(f"build.{name}.*", self.handle_build)
 
     def reply(self, reply_to: str, status: Status, message: str, repo: str, **fields) -> None:
-        response = BuildResponse(status, message, repo, **fields)
-        self.bus.publish(answer_subject(reply_to, repo), json.dumps(response.to_dict()).encode())
+        answer = BuildResponse(status, message, repo, **fields).fitted(self.bus.nc.max_payload // 2)  # well under it
+        self.bus.publish(answer_subject(reply_to, repo), json.dumps(answer.to_dict()).encode())
 
     def handle_build(self, subject: str, data: bytes, received: float) -> None:
         _, subject_repo, subject_target = subject.split(".", 2)
@@ -1467,12 +1521,16 @@ class Builder:
                 "build again"), repo.name, branch, BuildErrorCode.INTERNAL_ERROR, results=[], succeeded=0, failed=0,
                 total_duration_seconds=time.monotonic() - started)
         finally:
+            self.reporting[repo.name].acquire()  # before the repo is free: shutdown waits for the final answer
             self.current.pop(repo.name, None)
-            self.running[repo.name].release()
-        self.reply(request.reply_to, **final._asdict())
+            self.running[repo.name].release()  # before the final answer, so the next build is not refused
+        try:
+            self.reply(request.reply_to, **final._asdict())
+        finally:
+            self.reporting[repo.name].release()
 
     def build(self, repo: Repo, request: BuildRequest, branch: str, rid: str) -> BuildResponse:
-        """Build the requested hosts, reporting progress; returns the final status to report."""
+        """Build the hosts of an accepted request, answering as it goes; returns the final answer to send."""
         import concurrent.futures
 
         where = f"repo={repo.name} request={rid}"
@@ -1604,7 +1662,7 @@ def run_builder(args: argparse.Namespace) -> int:
     wait_for_stop(stop)
     log.info("builder shutting down; cancelling running builds")
     deadline = time.monotonic() + 30  # kill_process_group needs at most 15s; then the final statuses go out
-    for lock in builder.running.values():
+    for lock in [*builder.running.values(), *builder.reporting.values()]:  # builds, then their final answers
         if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             lock.release()
     bus.close()
@@ -1684,7 +1742,7 @@ def collect_answers(bus: Bus, subject: str, kind: str, make_request, parse, send
         except queue.Empty:
             continue
         try:
-            answer = parse(data)
+            answer = parse(data, bus.nc.max_payload)  # answers may be as large as the server allows
         except ProtocolError as e:
             log.warning("ignoring a malformed answer on %s: %s", answered_on, e)
             continue
@@ -1866,8 +1924,8 @@ def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: fl
         return True  # one builder serves a repo: its final status ends the wait
 
     collect_answers(bus, subject, "build", lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
-                    lambda data: BuildResponse.parse(data).to_dict(), lambda r: r.get("repo"), timeout, window,
-                    on_answer, lambda: bool(final), lambda: bool(final))
+                    lambda data, limit: BuildResponse.parse(data, limit).to_dict(), lambda r: r.get("repo"), timeout,
+                    window, on_answer, lambda: bool(final), lambda: bool(final))
     return final[0] if final else None
 
 

@@ -205,6 +205,19 @@ def flake(tmp_path):
     return make
 
 
+# nixosConfigurations.host-<i> for i < COUNT, each throwing a 600-character message when evaluated
+THROWING_FLEET = """{
+  outputs = { self }: {
+    nixosConfigurations = builtins.listToAttrs (map (i: {
+      name = "host-${toString i}";
+      value.config.system.build.toplevel =
+        throw "host-${toString i}: ${builtins.concatStringsSep "" (builtins.genList (_: "x") 600)}";
+    }) (builtins.genList (i: i) COUNT));
+  };
+}
+"""
+
+
 def attr(host: str) -> str:
     return f'nixosConfigurations."{host}".config.system.build.toplevel'
 
@@ -301,6 +314,33 @@ class TestBuildProtocol:
                     {"status": "failed", "results": ["x"]}, {"status": "started", "hosts_total": "3"}, {}):
             with pytest.raises(hd.ProtocolError):
                 hd.BuildResponse.parse(json.dumps(bad).encode())
+
+    def test_answers_are_sized_to_fit(self):
+        """The builder's budget is half the server's max_payload (512 KiB of 1 MiB). 150 failing hosts with
+        600-character errors make more than a request may be, and fit whole; 20,000 are cut to the first results
+        that fit, and the message says so."""
+        def failing(n: int) -> list[dict]:
+            return [{"host": f"host-{i}", "success": False, "duration_seconds": 0.25,
+                     "error": f"host-{i}: " + "x" * 600} for i in range(n)]
+
+        budget = 512 * 1024
+        small = hd.BuildResponse(hd.Status.FAILED, "built 0/150 hosts", results=failing(150), succeeded=0, failed=150)
+        assert len(json.dumps(small.to_dict())) > hd.MAX_MESSAGE_BYTES and small.fitted(budget) == small
+        message = "built 0/20000 hosts; failed: " + ", ".join(f"host-{i}" for i in range(20000))
+        big = hd.BuildResponse(hd.Status.FAILED, message, results=failing(20000), succeeded=0, failed=20000)
+        fitted = big.fitted(budget)
+        kept = len(fitted.results)
+        assert len(json.dumps(fitted.to_dict())) <= budget < len(json.dumps(
+            fitted._replace(results=big.results[:kept + 1]).to_dict()))  # as many as fit
+        assert fitted.results == big.results[:kept] and (fitted.succeeded, fitted.failed) == (0, 20000)
+        assert fitted.message.startswith("built 0/20000 hosts; failed: host-0, host-1, ") and fitted.message.endswith(
+            f"... (results: the first {kept} of 20000 hosts, as many as NATS max_payload allows; every host's result "
+            "is in its progress message and the builder's log)")
+        assert len(fitted.message) <= hd.ANSWER_TEXT_CHARS
+        progress = hd.BuildResponse(hd.Status.PROGRESS, "h failed", host="h", error="e" * 5000,
+                                    output=["o" * 900] * 100).fitted(budget)  # texts cut as a client would
+        assert progress.error == "e" * (hd.ANSWER_TEXT_CHARS - 3) + "..."
+        assert progress.output == ["o" * (hd.OUTPUT_LINE_CHARS - 3) + "..."] * hd.OUTPUT_TAIL_LINES
 
     def test_argv(self):
         url = "git+https://g.example/c.git"
@@ -480,6 +520,31 @@ class TestBuilder:
         final = until_final(first)[-1]
         assert final["status"] == "completed" and final["succeeded"] == 2
         assert builder.builds().count(attr("blocker")) == 1
+
+    def test_the_next_build_may_follow_a_final_answer_at_once(self, nats_server, flake, nix_store, bus_factory,
+                                                               monkeypatch):
+        """A client may ask again the moment a final answer arrives: the repo is free before that answer goes out.
+        In process, where the builder's publish of its final answer can be held until the next request is answered."""
+        for key in set(os.environ) - set(nix_store):
+            monkeypatch.delenv(key)
+        for key, value in nix_store.items():
+            monkeypatch.setenv(key, value)  # the builder's nix runs on the private store
+        builder_bus, client = bus_factory(nats_server, "builder"), bus_factory(nats_server, "build-client")
+        builder = hd.Builder({"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")}, builder_bus, 60, 1, None,
+                             threading.Event(), False)
+        publish, held, following = builder_bus.publish, [], []
+
+        def hold_the_first_final_answer(subject: str, payload: bytes, confirm: bool = False) -> None:
+            if json.loads(payload)["status"] in FINAL and not held:
+                held.append(subject)
+                following.append(send(client, "build.fleet.good1", {"repo": "fleet", "target": "good1"}))
+                wait_for(lambda: not following[0].empty(), what="the next request's first answer")
+            publish(subject, payload, confirm)
+
+        monkeypatch.setattr(builder_bus, "publish", hold_the_first_final_answer)
+        builder.start()
+        assert hd.build_repo(client, "fleet", "good1", None, 60, 1)["status"] == "completed"
+        assert [r["status"] for r in until_final(following[0])] == ["started", "started", "progress", "completed"]
 
     def test_per_host_timeout_kills_the_build(self, nats_server, start_builder, flake, bus_factory, tmp_path):
         pidfile = tmp_path / "slow.pid"
@@ -668,6 +733,27 @@ class TestBuildCLI:
         r = run_cli("build", "fleet", "good1", "--json", *cli_args(nats_server, "build-client"))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["message"] == "built 1/1 hosts successfully"
+
+    def test_final_answer_larger_than_a_request_arrives(self, nats_server, start_builder, flake, tmp_path):
+        """150 hosts whose evaluation throws a long message (nix's line is kept to 500 characters): the final answer,
+        with every host's error, is about 88 KB, more than a request may be and well under the server's
+        max_payload. The CLI gets it and exits 1 as soon as it arrives; it does not wait for --timeout."""
+        hosts = [f"host-{i}" for i in range(150)]
+        start_builder({"fleet": flake(text=THROWING_FLEET.replace("COUNT", str(len(hosts))))}, "--parallel", "4")
+        with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+            proc = subprocess.Popen([*PROGRAM, "build", "fleet", "--all", "--json", "--timeout", "3600",
+                                     *cli_args(nats_server, "build-client")], stdout=out, stderr=err,
+                                    start_new_session=True)
+        try:
+            assert proc.wait(600) == 1, (tmp_path / "err").read_text()[-3000:]  # a deadline far below --timeout
+        finally:
+            stop_process(proc)
+        final = json.loads((tmp_path / "out").read_text())
+        assert len(json.dumps(final)) > hd.MAX_MESSAGE_BYTES
+        assert (final["status"], final["succeeded"], final["failed"]) == ("failed", 0, len(hosts))
+        assert sorted(r["host"] for r in final["results"]) == sorted(hosts)
+        assert all(r["error"].startswith(f"error: {r['host']}: xxxx") and len(r["error"]) == hd.OUTPUT_LINE_CHARS
+                   for r in final["results"])
 
     def test_env_vars(self, nats_server, start_builder, flake):
         url = flake()

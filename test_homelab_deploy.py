@@ -160,6 +160,33 @@ class TestProtocol:
                      "message": "Successfully switched to generation 42"}
         assert hd.DeployResponse.parse(json.dumps(d).encode()) == response
 
+    @pytest.mark.parametrize("parse,answer,problem", [
+        (hd.DeployResponse.parse, {"hostname": "h1", "status": "completed", "duration_seconds": "soon"},
+         "malformed deploy answer: duration_seconds is 'soon', not a number"),
+        (hd.HostInfo.parse, {"hostname": "h1", "tier": "test", "role": 5, "deploy_subjects": []},
+         "malformed discovery answer: role is 5, not a valid role"),
+        (hd.BuildResponse.parse, {"status": "failed", "results": [{"host": "h1", "success": "no"}]},
+         "malformed build result: success is 'no', not true or false"),
+    ])
+    def test_malformed_answers_are_protocol_errors(self, parse, answer, problem):
+        """The answers of issue 13 that crashed the clients: a ProtocolError, which collect_answers logs and skips."""
+        with pytest.raises(hd.ProtocolError) as e:
+            parse(json.dumps(answer).encode())
+        assert str(e.value).startswith(problem)
+
+    def test_answers_may_be_as_large_as_the_server_allows(self):
+        """Requests stay capped at 64 KiB; answers are read up to the limit a client passes (its connection's
+        max_payload), their texts and output cut to the bounds."""
+        answer = json.dumps({"hostname": "h1", "status": "failed", "error": "build_failed", "message": "m" * 100_000,
+                             "output": ["o" * 1000] * 100}).encode()
+        request = self.request(padding="x" * hd.MAX_MESSAGE_BYTES)
+        for data, parse in ((answer, hd.DeployResponse.parse), (request, hd.DeployRequest.parse)):
+            with pytest.raises(hd.ProtocolError, match=f"exceeds the {hd.MAX_MESSAGE_BYTES}-byte limit"):
+                parse(data)
+        response = hd.DeployResponse.parse(answer, 1024 * 1024)
+        assert response.message == "m" * (hd.ANSWER_TEXT_CHARS - 3) + "..."
+        assert response.output == ["o" * (hd.OUTPUT_LINE_CHARS - 3) + "..."] * hd.OUTPUT_TAIL_LINES
+
 
 class TestCommandLine:
     def test_ref(self):

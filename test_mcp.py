@@ -7,6 +7,7 @@ nats-server (the spec's tiered NKey permissions) and real listener processes wit
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -261,6 +262,20 @@ async def test_failed_host_is_an_error_result_with_every_host(mcp_server, start_
     assert any(line.startswith("    error: builder for") for line in lines[3:])  # the output's last lines
     assert result.structured_content["success"] is False
     assert "building the system configuration..." in result.structured_content["hosts"][1]["output"]
+
+
+async def test_a_malformed_answer_does_not_hide_the_other_hosts(mcp_server, start_listener, rogue):
+    """A listener's credential may publish to any deploy reply subject: one answer with a duration of "soon", ahead
+    of the genuine ones, is logged and skipped, and the tool reports both hosts."""
+    hosts = [start_listener("testhost1", "test"), start_listener("testhost2", "test", "web")]
+    rogue("testhost1", "deploy.test.all", *hosts).load([json.dumps({
+        "hostname": "testhost1", "status": "accepted", "error": None, "message": "", "duration_seconds": "soon"}).encode()])
+    async with mcp_server() as client:
+        result = await client.call_tool("deploy", {"all": True})
+    assert not result.is_error, text(result)
+    assert [(h["hostname"], h["status"]) for h in result.structured_content["hosts"]] == [
+        ("testhost1", "completed"), ("testhost2", "completed")]
+    assert "malformed deploy answer: duration_seconds is 'soon'" in mcp_server.errlog.read_text()
 
 
 # The test credential and the deploy tool must not reach dns1 (prod) whatever the arguments.

@@ -11,6 +11,9 @@
   says the outcome is unknown (exit 5) and the listener or builder, connected directly, acts on the request.
 - Hostile input at scale: hypothesis throws at least 1,000 generated messages per subject class (deploy,
   discover, build) at running daemons; the validators are property-tested on their own.
+- Hostile answers at the clients: hypothesis generates malformed answers that a daemon's own credential publishes
+  into a running client's reply subject ahead of the genuine ones (deploy_hosts, discover_hosts, build_repo and
+  their CLI commands); the answer validators are property-tested on their own, and the builder's answer sizing.
 - Load: 50 requests/s for 30 s at a busy listener; every one is answered and RSS and threads return to baseline.
 - Overload: a flood of discovery requests neither delays a deploy nor grows the listener; a deploy request held
   past the time its sender waits is answered `rejected` and never run.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import os
 import queue
 import re
@@ -38,11 +42,11 @@ import threading
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import homelab_deploy as hd
@@ -312,6 +316,8 @@ def hostile_reply_to(kind: str) -> st.SearchStrategy:
 class Field:
     valid: st.SearchStrategy  # what the spec allows
     near: st.SearchStrategy  # almost that: the cases a validator is most likely to get wrong
+    rule: object = None  # answers: the rule a present value must pass (None is missing)
+    required: bool = False  # answers: missing is malformed
 
 
 @st.composite
@@ -346,9 +352,10 @@ def messages(draw, kind: str, fields: dict[str, Field]) -> bytes:
     return text.encode()
 
 
-def parse_like_a_daemon(payload: bytes) -> dict | None:
-    """The JSON object a daemon can act on, or None (oversized, not JSON, not an object)."""
-    if len(payload) > hd.MAX_MESSAGE_BYTES:
+def parse_like_a_daemon(payload: bytes, limit: int = hd.MAX_MESSAGE_BYTES) -> dict | None:
+    """The JSON object a daemon (or, with the server's max_payload as `limit`, a client) can act on, or None
+    (oversized, not JSON, not an object)."""
+    if len(payload) > limit:
         return None
     try:
         obj = json.loads(payload)
@@ -359,6 +366,122 @@ def parse_like_a_daemon(payload: bytes) -> dict | None:
 
 FUZZ_SETTINGS = settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.large_base_example])
+
+
+# ---------------------------------------------------------------- answers: the rules and strategies
+
+MAX_PAYLOAD = 1024 * 1024  # conftest's nats-server: the largest answer a client gets
+DEPLOY_ERROR_CODES = DEPLOY_ERRORS | {"interrupted"}  # the spec's, and the one the README adds
+BUILD_ERROR_CODES = {"unknown_repo", "invalid_target", "invalid_branch", "already_running", "eval_failed",
+                     "build_failed"}
+
+
+def number_ok(v: object, whole: bool = False) -> bool:
+    """A count or a number of seconds: not a bool, finite, 0 <= n < 1e9."""
+    return type(v) in ((int,) if whole else (int, float)) and 0 <= v < 1e9
+
+
+def lines_ok(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(line, str) for line in v)
+
+
+def answer_ok(fields: dict[str, Field], obj: object) -> bool:
+    """An answer a client must accept: an object whose fields are each missing (if optional) or pass their rule."""
+    return isinstance(obj, dict) and all(
+        (obj.get(name) is None and not f.required) or (obj.get(name) is not None and f.rule(obj[name]))
+        for name, f in fields.items())
+
+
+def wrong(rule, *near) -> st.SearchStrategy:
+    """Present values `rule` rejects: the near misses given (values or strategies), and any JSON value."""
+    return st.one_of(*[n if isinstance(n, st.SearchStrategy) else st.just(n) for n in near], json_values).filter(
+        lambda v: v is not None and not rule(v))
+
+
+def field(rule, valid: st.SearchStrategy, *near, required: bool = False) -> Field:
+    return Field(valid, wrong(rule, *near), rule, required)
+
+
+long_text = st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=3), st.integers(100, 2500))
+TEXT = field(lambda v: isinstance(v, str), st.text(max_size=60) | long_text, 0, 1.5, True, ["a"], {"a": "b"})
+LINES = field(lines_ok, st.lists(st.text(max_size=40), max_size=30) | st.lists(long_text, max_size=3), "line", [1],
+              ["a", None], [["a"]])
+SECONDS = field(number_ok, st.floats(0, 1e6) | st.integers(0, 10**6), "soon", "1.5", True, False, -1, -0.5, 1e9,
+                10**12, float("nan"), float("inf"), -float("inf"), [], {})
+COUNT = field(lambda v: number_ok(v, whole=True), st.integers(0, 10**6), 1.5, 3.0, True, "3", -1, 10**9)
+FLAG = field(lambda v: isinstance(v, bool), st.booleans(), 0, 1, "true", "false", [], {})
+
+
+def name_field(rule, valid: st.SearchStrategy, *near, required: bool = False) -> Field:
+    """A name or a choice: a string `rule` accepts; an optional one may also be "" (Go's empty string for none)."""
+    return field(lambda v: isinstance(v, str) and (rule(v) or (v == "" and not required)), valid, "", *near,
+                 required=required)
+
+
+def choice(values: set[str], *near, required: bool = False) -> Field:
+    return name_field(values.__contains__, st.sampled_from(sorted(values)), *near, required=required)
+
+
+HOST_NAME = name_field(token_ok, tokens(), "a.b", "testhost1 ", "testhost1\n", "x" * 64, near_names, required=True)
+
+
+DEPLOY_ANSWER = {
+    "hostname": HOST_NAME,
+    "status": choice(DEPLOY_STATUSES, "progress", "ACCEPTED", "complete", " completed", "accepted\n", required=True),
+    "error": choice(DEPLOY_ERROR_CODES, "build-failed", "BUILD_FAILED", "unknown", "x" * 3000),
+    "message": TEXT, "duration_seconds": SECONDS, "output": LINES}
+DISCOVERY_ANSWER = {
+    "hostname": HOST_NAME, "tier": choice({"test", "prod"}, "staging", "Test", required=True),
+    "role": name_field(token_ok, tokens(), "a.b", "dns ", 5, near_names),
+    "deploy_subjects": replace(LINES, required=True),
+    "version": TEXT, "deploying": FLAG}
+BUILD_RESULT = {
+    "host": name_field(name_ok, tokens(NAME_CHARS), "a;b", "-rf", "x" * 64, near_names, required=True),
+    "success": replace(FLAG, required=True),
+    "duration_seconds": SECONDS, "error": TEXT, "output": LINES}
+
+
+@st.composite
+def answer_objects(draw, fields: dict[str, Field], poison: str) -> dict:
+    """An answer object: each field valid or, if optional, missing; the `poison`ed ones ("none", "some": at
+    least one, "any") wrong or, if required, missing; unknown keys beside them."""
+    names = draw(st.sets(st.sampled_from(sorted(fields)), min_size=int(poison == "some"),
+                         max_size=0 if poison == "none" else None))
+    body = draw(st.dictionaries(st.text(max_size=8), json_values, max_size=2))
+    for name, f in fields.items():
+        how = draw(st.sampled_from((["wrong", "missing"] if f.required else ["wrong"]) if name in names else
+                                   ["valid"] if f.required else ["valid", "valid", "missing"]))
+        if how == "missing":
+            body.pop(name, None)
+        else:
+            body[name] = draw(f.valid if how == "valid" else f.near)
+    return body
+
+
+BUILD_ANSWER = {
+    "status": choice(BUILD_STATUSES, "accepted", "COMPLETED", "done", required=True),
+    "error_code": choice(BUILD_ERROR_CODES, "unknown", "BUILD_FAILED", "timeout"),
+    "message": TEXT, "error": TEXT, "output": LINES,
+    "repo": name_field(token_ok, tokens(), "a.b", 5, near_names),
+    "branch": name_field(ref_ok, git_refs(), 5, near_refs),
+    "host": name_field(name_ok, tokens(NAME_CHARS), "a;b", "-rf", "x" * 64, near_names),
+    "host_success": FLAG, "hosts_total": COUNT, "hosts_completed": COUNT, "succeeded": COUNT, "failed": COUNT,
+    "duration_seconds": SECONDS, "total_duration_seconds": SECONDS,
+    "results": field(lambda v: isinstance(v, list) and all(answer_ok(BUILD_RESULT, r) for r in v),
+                     st.lists(answer_objects(BUILD_RESULT, "none"), max_size=4),
+                     st.lists(answer_objects(BUILD_RESULT, "some"), min_size=1, max_size=3),
+                     st.lists(json_values.filter(lambda v: not isinstance(v, dict)), min_size=1, max_size=3))}
+
+
+@st.composite
+def answers(draw, fields: dict[str, Field], poison: str) -> bytes:
+    """An encoded answer (see answer_objects); sometimes, unless poison is "none", no JSON object at all."""
+    if poison != "none" and draw(st.integers(0, 5)) == 0:
+        return draw(st.binary(max_size=200) | json_values.filter(lambda v: not isinstance(v, dict)).map(
+            lambda v: json.dumps(v).encode()))
+    data = json.dumps(draw(answer_objects(fields, poison))).encode()
+    assume(len(data) <= MAX_PAYLOAD // 2)  # the server refuses more than MAX_PAYLOAD; half keeps the runs light
+    return data
 
 
 # ---------------------------------------------------------------- validators on their own (no daemon)
@@ -427,6 +550,75 @@ class TestValidatorProperties:
         assert len(argv) == 5 and argv[:4] == ["nixos-rebuild", action.value, "--refresh", "--flake"]
         m = re.fullmatch(r"git\+https://g\.example/c\.git\?(ref|rev)=([^#?&=%]*)#([^#?&]*)", argv[4])
         assert m and m[2] == ref and m[3] == host
+
+
+def parsed(parse, data: bytes):
+    """What a client makes of an answer: the parsed answer, or None when it skips it (ProtocolError, nothing else)."""
+    try:
+        return parse(data, MAX_PAYLOAD)
+    except hd.ProtocolError:
+        return None
+
+
+def lines_bounded(lines: list[str] | None) -> bool:
+    return lines is None or (len(lines) <= hd.OUTPUT_TAIL_LINES and all(len(x) <= hd.OUTPUT_LINE_CHARS for x in lines))
+
+
+PRINTED_CHARS = hd.ANSWER_TEXT_CHARS + 200  # the longest line a client prints for one answer
+
+
+class TestAnswerValidatorProperties:
+    """Every answer a client can get (up to the server's max_payload) is accepted exactly when the rules hold, and
+    then has bounded texts and output that the clients print without error; otherwise it is a ProtocolError."""
+
+    @FUZZ_SETTINGS
+    @given(answers(DEPLOY_ANSWER, "any"))
+    def test_deploy_answers(self, data):
+        response = parsed(hd.DeployResponse.parse, data)
+        assert (response is not None) == answer_ok(DEPLOY_ANSWER, parse_like_a_daemon(data, MAX_PAYLOAD)), data[:300]
+        if response:
+            assert len(response.message) <= hd.ANSWER_TEXT_CHARS and lines_bounded(response.output)
+            assert len(hd.describe(response)) <= PRINTED_CHARS and json.dumps(response.to_dict())
+
+    @FUZZ_SETTINGS
+    @given(answers(DISCOVERY_ANSWER, "any"))
+    def test_discovery_answers(self, data):
+        info = parsed(hd.HostInfo.parse, data)
+        assert (info is not None) == answer_ok(DISCOVERY_ANSWER, parse_like_a_daemon(data, MAX_PAYLOAD)), data[:300]
+        if info:
+            assert lines_bounded(info.deploy_subjects) and len(info.version) <= hd.ANSWER_TEXT_CHARS
+            assert isinstance(info.deploying, bool) and json.dumps(info._asdict())
+
+    @FUZZ_SETTINGS
+    @given(answers(BUILD_ANSWER, "any"))
+    def test_build_answers(self, data):
+        response = parsed(lambda d, limit: hd.BuildResponse.parse(d, limit).to_dict(), data)
+        assert (response is not None) == answer_ok(BUILD_ANSWER, parse_like_a_daemon(data, MAX_PAYLOAD)), data[:300]
+        if response:
+            assert len(hd.describe_build(response)) <= PRINTED_CHARS and lines_bounded(response.get("output"))
+            for r in response.get("results") or []:
+                assert len(r.get("error") or "") <= hd.ANSWER_TEXT_CHARS and lines_bounded(r.get("output"))
+
+    @settings(FUZZ_SETTINGS, max_examples=100)
+    @given(st.integers(0, 200), st.integers(0, 2500), st.text(max_size=2500), st.integers(32 * 1024, MAX_PAYLOAD // 2))
+    def test_build_answers_are_fitted_to_any_budget(self, n, chars, message, budget):
+        """The builder's answers fit its budget (half the server's max_payload): the first results that fit, and the
+        message says so exactly when some had to be left out; a client keeps the answer as it is."""
+        results = [{"host": f"host-{i}", "success": i % 3 == 0, "duration_seconds": 1.25,
+                    **({} if i % 3 == 0 else {"error": ("é" if i % 2 else "e") * chars})} for i in range(n)]
+        answer = hd.BuildResponse(hd.Status.FAILED, message, results=results, succeeded=-(-n // 3),
+                                  failed=n - -(-n // 3))
+        fitted = answer.fitted(budget)
+        encoded = json.dumps(fitted.to_dict())
+        assert len(encoded) <= budget and hd.BuildResponse.parse(encoded.encode(), MAX_PAYLOAD) == fitted
+        cut = [{**r, "error": hd.clip(r["error"])} if "error" in r else r for r in results]
+        k = len(fitted.results)
+        assert fitted.results == cut[:k] and (fitted.succeeded, fitted.failed) == (answer.succeeded, answer.failed)
+        whole = answer._replace(message=hd.clip(message), results=cut)
+        cut_short = f"(results: the first {k} of {n} hosts" in fitted.message
+        assert cut_short == (len(json.dumps(whole.to_dict())) > budget)
+        assert k == n or len(json.dumps(fitted._replace(results=cut[:k + 1]).to_dict())) > budget  # as many as fit
+        assert len(fitted.message) <= hd.ANSWER_TEXT_CHARS
 
 
 # ---------------------------------------------------------------- broker restarts
@@ -1141,6 +1333,111 @@ def test_hostile_messages_on_build_subjects(fleet, spy):
           f"{len(thrower.answered) - 1} answered (finals {dict(finals)}, sentinel included), {thrower.ignored} "
           f"ignored; nix ran {len(calls)}x ({sum(c[0] == 'build' for c in calls)} builds), with a bad argument 0x; "
           "replies elsewhere 0; crashes 0")
+
+
+CLIENT_FUZZ = settings(FUZZ_SETTINGS, max_examples=100)  # one client run per example, 5 to 20 answers each
+CLI_FUZZ = settings(FUZZ_SETTINGS, max_examples=10)  # one CLI process per example, 10 to 40 answers each
+
+
+def malformed_logged(caplog) -> int:
+    """Answers skipped as malformed since caplog.clear(); fails on any error logged (a handler's exception)."""
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-3000:]
+    return sum("ignoring a malformed answer" in r.getMessage() for r in caplog.records)
+
+
+def throw_answers(liar, fields: dict[str, Field], caplog, in_process, cli_args: list[str], cli_ok, what: str) -> int:
+    """Run the client in_process() 100 times, then the CLI (cli_args + --json) 10 times, each time after loading `liar`
+    with generated malformed answers, which all reach the client ahead of the genuine ones. in_process() and
+    cli_ok(exit code, JSON output) check the genuine result; each malformed answer must be logged once and skipped,
+    without a traceback or a printed line longer than one answer may make. Returns the number of client runs."""
+    thrown: list[int] = []
+
+    @CLIENT_FUZZ
+    @given(st.lists(answers(fields, "some"), min_size=5, max_size=20))
+    def run_in_process(hostile):
+        liar.load(hostile)
+        caplog.clear()
+        in_process()
+        assert malformed_logged(caplog) == len(hostile)
+        thrown.append(len(hostile))
+
+    @CLI_FUZZ
+    @given(st.lists(answers(fields, "some"), min_size=10, max_size=40))
+    def run_cli_process(hostile):
+        liar.load(hostile)
+        r = run_cli(*cli_args, "--json")
+        assert "Traceback" not in r.stderr and cli_ok(r.returncode, json.loads(r.stdout)), r.stderr[-3000:]
+        assert r.stderr.count("ignoring a malformed answer") == len(hostile), r.stderr[-3000:]
+        assert max(map(len, (r.stderr + r.stdout).splitlines())) <= PRINTED_CHARS
+        thrown.append(len(hostile))
+
+    run_in_process()
+    runs = len(thrown)
+    run_cli_process()
+    print(f"\n[figures] hostile answers at the {what} clients: malformed answers ahead of the genuine ones, "
+          f"{sum(thrown[:runs])} in {runs} in-process calls and {sum(thrown[runs:])} in {len(thrown) - runs} CLI runs; "
+          "all skipped and logged, every genuine result reported, crashes 0")
+    return len(thrown)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+class TestHostileAnswersAtClients:
+    """Malformed answers (generated: wrong types, values out of range, texts and lists of any length, not JSON at
+    all) published with a daemon's own credential into the reply subject of a running client, before the daemon's
+    genuine answers: the client never crashes, logs each malformed answer once and reports the genuine result.
+    In process (deploy_hosts, discover_hosts, build_repo) and through the CLI (deploy, list-hosts, build)."""
+
+    def test_deploy(self, nats_server, start_listener, rogue, bus_factory, caplog):
+        host = start_listener("testhost1", "test")
+        bus = bus_factory(nats_server, "test-deployer")
+
+        def in_process() -> None:
+            events: list[hd.DeployResponse] = []
+            hosts, finished = hd.deploy_hosts(bus, "deploy.test.testhost1", hd.Action.SWITCH, "main", 60,
+                                              on_event=events.append)
+            assert finished and [(h, r.status, r.error) for h, r in hosts.items()] == [
+                ("testhost1", hd.Status.COMPLETED, None)]
+            assert [e.status.value for e in events] == ["accepted", "started", "completed"]
+
+        runs = throw_answers(rogue("testhost1", "deploy.test.testhost1", host), DEPLOY_ANSWER, caplog, in_process, [
+            "deploy", "deploy.test.testhost1", "--nats-url", nats_server.url, "--nkey-file",
+            str(nats_server.seeds["test-deployer"])], lambda code, doc: code == 0 and [
+                (h["hostname"], h["status"]) for h in doc["hosts"]] == [("testhost1", "completed")], "deploy")
+        assert len(host.standin.calls) == runs  # every request deployed once, whatever came before it
+        assert "Traceback" not in host.log_text() and host.proc.poll() is None
+
+    def test_discovery(self, nats_server, start_listener, rogue, bus_factory, caplog):
+        host = start_listener("testhost1", "test")
+        bus = bus_factory(nats_server, "test-deployer")
+        genuine = hd.HostInfo("testhost1", "test", None, ["deploy.test.testhost1", "deploy.test.all"], hd.__version__,
+                              False)
+
+        def in_process() -> None:
+            assert hd.discover_hosts(bus, stragglers=0.05) == [genuine]
+
+        throw_answers(rogue("testhost1", "deploy.discover", host), DISCOVERY_ANSWER, caplog, in_process, [
+            "list-hosts", "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"]),
+            "--straggler-window", "0.05"], lambda code, doc: code == 0 and doc == [genuine._asdict()], "discovery")
+        assert "Traceback" not in host.log_text() and host.proc.poll() is None
+
+    @pytest.mark.skipif(NO_BUILDER is not None, reason=f"needs the builder: {NO_BUILDER}")
+    def test_build(self, nats_server, builder_on, rogue, bus_factory, caplog):
+        builder, _ = builder_on(nats_server, {"good1": GOOD})
+        bus = bus_factory(nats_server, "build-client")
+
+        def in_process() -> None:
+            events: list[dict] = []
+            final = hd.build_repo(bus, "fleet", "good1", None, 120, on_event=events.append)
+            assert [e["status"] for e in events] == ["started", "started", "progress", "completed"]
+            assert final is events[-1] and (final["succeeded"], [r["host"] for r in final["results"]]) == (1, ["good1"])
+
+        runs = throw_answers(rogue("builder", "build.fleet.*", builder), BUILD_ANSWER, caplog, in_process, [
+            "build", "fleet", "good1", "--nats-url", nats_server.url, "--nkey-file",
+            str(nats_server.seeds["build-client"])], lambda code, doc: code == 0 and (
+                doc["status"], [r["host"] for r in doc["results"]]) == ("completed", ["good1"]), "build")
+        assert len(builder.builds()) == runs  # every request built once
+        assert "Traceback" not in builder.log_text() and builder.proc.poll() is None
 
 
 @pytest.mark.integration
