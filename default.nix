@@ -2,8 +2,10 @@
 #
 #   nix-build -E 'with import <nixpkgs> { }; callPackage ./default.nix { }'
 #
-# The flake (flake.nix) exposes it as packages.<system>.default.
-{ lib, python3Packages }:
+# The flake (flake.nix) exposes it as packages.<system>.default, and with
+# withMcp = true (the MCP server's SDK and its ~25 dependencies) as
+# packages.<system>.mcp; the listener and builder run the one without.
+{ lib, python3Packages, withMcp ? false }:
 
 python3Packages.buildPythonApplication {
   pname = "homelab-deploy";
@@ -20,8 +22,7 @@ python3Packages.buildPythonApplication {
     nkeys
     pyyaml
     prometheus-client
-    mcp
-  ];
+  ] ++ lib.optional withMcp mcp;
 
   # The version bounds in setup.cfg are for pip; nixpkgs supplies one
   # consistent set, which may trail PyPI by a release.  The import check and
@@ -41,7 +42,7 @@ python3Packages.buildPythonApplication {
     runHook postCheck
   '';
 
-  pythonImportsCheck = [ "homelab_deploy" ];
+  pythonImportsCheck = [ "homelab_deploy" ] ++ lib.optional withMcp "homelab_deploy_mcp";
 
   meta = {
     description = "Message-based deployment of NixOS configurations over NATS";

@@ -19,6 +19,8 @@
       packages = forAllSystems (pkgs: rec {
         homelab-deploy = pkgs.callPackage ./default.nix { };
         default = homelab-deploy;
+        # For an MCP client (`homelab-deploy mcp`); hosts run the package without the MCP SDK.
+        mcp = pkgs.callPackage ./default.nix { withMcp = true; };
       });
 
       overlays.default = final: _prev: {

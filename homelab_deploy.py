@@ -196,6 +196,7 @@ class DeployRequest(typing.NamedTuple):
     action: Action
     revision: str
     reply_to: str
+    expires_in: float | None = None  # seconds from arrival within which `accepted` must go out; None: no limit
 
     @classmethod
     def parse(cls, data: bytes, allow_any_ref: bool = False) -> DeployRequest:
@@ -215,10 +216,18 @@ class DeployRequest(typing.NamedTuple):
         if not allow_any_ref and not is_branch_or_tag(revision):
             raise ProtocolError(REF_POLICY.format(what="revision", ref=revision, daemon="listener"),
                                 ErrorCode.INVALID_REVISION, reply_to)
-        return cls(Action(action), revision, reply_to)
+        expires_in = obj.get("expires_in")
+        if expires_in is not None and not (type(expires_in) in (int, float) and 0 < expires_in < float("inf")):
+            raise ProtocolError(f"invalid expires_in {str(expires_in)[:40]!r}: must be the seconds the sender waits "
+                                "for `accepted`, a number greater than 0; leave it out to wait without a limit",
+                                None, reply_to)
+        return cls(Action(action), revision, reply_to, expires_in)
 
     def to_json(self) -> bytes:
-        return json.dumps({"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}).encode()
+        obj = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
+        if self.expires_in is not None:
+            obj["expires_in"] = self.expires_in
+        return json.dumps(obj).encode()
 
 
 class DeployResponse(typing.NamedTuple):
@@ -413,6 +422,10 @@ class NatsError(Exception):
         super().__init__(redact(message))
 
 
+class OutcomeUnknown(NatsError):
+    """A request went out but NATS did not confirm it: it may have been delivered and be running."""
+
+
 NKEY_FILE_FIX = ("pass --nkey-file the path of a file holding the seed (made by `homelab-deploy keygen` or "
                  "`nk -gen user`)")
 
@@ -440,8 +453,46 @@ def read_seed(path: str, fix: str = NKEY_FILE_FIX) -> str:
     return raw.decode()
 
 
+LANE_WORKERS = 8  # threads per lane: one may run a deploy or build for minutes while the others answer
+LANE_DEPTH = 1024  # messages a lane holds, running or waiting (about 1 KiB each); a flood's surplus is dropped
+DROP_LOG_INTERVAL = 10.0  # seconds between "dropped" lines of one lane during a flood
+
+
+class Lane:
+    """A bounded queue of received messages and the threads that handle them. A flood fills only its own lane
+    and what does not fit is dropped, so other subscriptions are served at once and memory stays bounded."""
+
+    def __init__(self, name: str):
+        import concurrent.futures
+
+        self.name = name
+        self.workers = concurrent.futures.ThreadPoolExecutor(LANE_WORKERS, thread_name_prefix=f"lane-{name}")
+        self.room = threading.BoundedSemaphore(LANE_DEPTH)
+        self.dropped, self.reported = 0, -DROP_LOG_INTERVAL
+
+    def offer(self, handler, subject: str, data: bytes) -> None:
+        """On the event loop: queue the message with its arrival time, or drop it when the lane is full."""
+        if self.room.acquire(blocking=False):
+            self.workers.submit(self.run, handler, subject, data, time.monotonic())
+            return
+        self.dropped += 1
+        if time.monotonic() - self.reported >= DROP_LOG_INTERVAL:
+            log.warning("lane=%s full (%d messages waiting): dropped %d message(s) since the last such line; a "
+                        "client allowed to publish there is flooding it: narrow its credential's NATS permissions",
+                        self.name, LANE_DEPTH, self.dropped)
+            self.dropped, self.reported = 0, time.monotonic()
+
+    def run(self, handler, subject: str, data: bytes, received: float) -> None:
+        try:
+            handler(subject, data, received)
+        except Exception:
+            log.exception("handler for %s failed", subject)
+        finally:
+            self.room.release()
+
+
 class Bus:
-    """nats-py behind blocking calls: one asyncio loop in a daemon thread, handlers on worker threads.
+    """nats-py behind blocking calls: one asyncio loop in a daemon thread, handlers on bounded lanes of threads.
 
     Daemons (`daemon=True`) wait for the server and reconnect forever; the CLI fails within
     `connect_timeout` seconds with a clear message.
@@ -450,7 +501,6 @@ class Bus:
     def __init__(self, urls: str, nkey_file: str, name: str, daemon: bool = False,
                  connect_timeout: float = 5.0, stop: threading.Event | None = None):
         import asyncio
-        import concurrent.futures
 
         self.servers = [u.strip() for u in urls.split(",") if u.strip()]
         if not self.servers:
@@ -460,10 +510,12 @@ class Bus:
         seed = read_seed(nkey_file)
         self.nkey_file = nkey_file
         self.public_key = nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
-        self.permission_errors: list[str] = []
+        # (number, text) of the server's last permission errors; a request looks only at those numbered after it
+        self.permission_errors: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
+        self.permission_errors_seen = 0
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="nats-loop", daemon=True).start()
-        self.workers = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="nats-handler")
+        self.lanes: dict[str, Lane] = {}
         self.nc = None
         self.closing = False
         self.daemon = daemon
@@ -492,7 +544,9 @@ class Bus:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
-        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        except concurrent.futures.TimeoutError as e:  # not the builtin TimeoutError before Python 3.11
+            if future.done():  # since 3.11 nats' own timeouts (a flush's) are one too: the server is what is slow
+                raise NatsError(f"the NATS server did not answer in time: {e}") from None
             future.cancel()
             raise NatsError(f"NATS client did not answer within {timeout:.0f}s (machine overloaded?)") from None
 
@@ -508,7 +562,8 @@ class Bus:
         async def on_error(e):
             text = str(e)
             if "ermissions violation" in text:
-                self.permission_errors.append(text)
+                self.permission_errors_seen += 1
+                self.permission_errors.append((self.permission_errors_seen, text))
                 log.log(logging.WARNING if daemon else logging.DEBUG, "NATS refused: %s", text)
             else:
                 last_error.append(e)
@@ -545,16 +600,18 @@ class Bus:
         raise NatsError(f"cannot reach NATS at {', '.join(self.servers)} within {connect_timeout:.0f}s{cause}; "
                         "check --nats-url and that nats-server is running")
 
-    def denied(self, subject: str, operation: str = "publish") -> str | None:
-        """The server's permission error for `operation` ("publish" or "subscription") on `subject`, if any."""
+    def denied(self, subject: str, operation: str = "publish", since: int = 0) -> str | None:
+        """The server's permission error for `operation` ("publish" or "subscription") on `subject` numbered
+        after `since` (publish's return value: errors of this request only; 0: any still remembered)."""
         wanted = f'{operation} to "{subject}"'.lower()  # nats-py lowercases the server's error, subject included
-        return next((e for e in self.permission_errors if wanted in e.lower()), None)
+        return next((e for n, e in list(self.permission_errors) if n > since and wanted in e.lower()), None)
 
-    def _check_permission(self, subject: str, operation: str) -> None:
+    def _check_permission(self, subject: str, operation: str, since: int = 0) -> None:
         # The server sends -ERR for a denied subject within a round trip or two (measured); flush thrice to see it.
+        # Subscriptions keep since=0: reply subjects are fresh and daemons subscribe once, so a match is this one.
         what = "publish to" if operation == "publish" else "subscribe to"
         for _ in range(3):
-            if self.denied(subject, operation):
+            if self.denied(subject, operation, since):
                 break
             try:
                 self._call(self.nc.flush(timeout=5), 6)
@@ -563,8 +620,12 @@ class Bus:
                     log.warning("NATS did not confirm the subscription to %s yet (%r); a denial will be logged",
                                 subject, e)
                     return
+                if operation == "publish":  # it left this client (or nats-py sends it on reconnect)
+                    raise OutcomeUnknown(f"the request on {subject} went out but was not confirmed "
+                                         f"({str(e) or repr(e)}), so it may have been delivered and be running now"
+                                         ) from None
                 raise NatsError(f"NATS did not confirm the {what} {subject}: {e!r}") from None
-        if self.denied(subject, operation):
+        if self.denied(subject, operation, since):
             raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not {what} {subject!r}; "
                             "use a credential whose NATS permissions allow it")
 
@@ -573,27 +634,29 @@ class Bus:
             raise NatsError(f"not connected to NATS (reconnecting to {', '.join(self.servers)}); "
                             f"nothing was sent to {subject}; retry in a moment")
 
-    def publish(self, subject: str, payload: bytes, confirm: bool = False) -> None:
+    def publish(self, subject: str, payload: bytes, confirm: bool = False) -> int:
         """Publish; with `confirm` (for requests), refuse while disconnected, since nats-py would deliver the
         request whenever it reconnects, long after the sender gave up; then wait for the server and raise
-        NatsError if it refused the subject."""
+        NatsError if it refused the subject, OutcomeUnknown if it did not answer. Returns the `since` for
+        denied() that covers this publish's errors only."""
         if confirm:
             self.require_connection(subject)
+        since = self.permission_errors_seen
         self._call(self.nc.publish(subject, payload))
         if confirm:
-            self._check_permission(subject, "publish")
+            self._check_permission(subject, "publish", since)
+        return since
 
-    def subscribe(self, subject: str, handler) -> None:
-        """Call handler(subject, data) on a worker thread for every message; errors are logged, never raised."""
-
-        def run(msg_subject: str, data: bytes) -> None:
-            try:
-                handler(msg_subject, data)
-            except Exception:
-                log.exception("handler for %s failed", msg_subject)
+    def subscribe(self, subject: str, handler, lane: str | None = None) -> None:
+        """Call handler(subject, data, received) for every message on a thread of `lane` (default: a lane of
+        the subject's own), `received` being its time.monotonic() of arrival; errors are logged, never raised."""
+        lane = lane or subject
+        if lane not in self.lanes:
+            self.lanes[lane] = Lane(lane)
+        offer = self.lanes[lane].offer
 
         async def on_message(msg):
-            self.workers.submit(run, msg.subject, msg.data)
+            offer(handler, msg.subject, msg.data)
 
         self._call(self.nc.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
@@ -614,11 +677,12 @@ class Bus:
         self.closing = True
         if self.nc is not None and not self.nc.is_closed:
             try:  # close, not drain: close writes out what is buffered too, and drain waits up to 10 s for a server
-                self._call(self.nc.close(), 10)  # that may be going away (stopped together with the daemon)
+                self._call(self.nc.close(), 10)  # that stalled or is going away (stopped together with the daemon)
             except Exception as e:
                 log.debug("NATS close failed: %r", e)
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.workers.shutdown(wait=False, cancel_futures=True)
+        for lane in self.lanes.values():
+            lane.workers.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- subprocess runner
@@ -877,6 +941,10 @@ def rebuild_argv(action: Action, flake_url: str, revision: str, hostname: str) -
     return ["nixos-rebuild", action.value, "--refresh", "--flake", f"{flake_ref(flake_url, revision)}#{hostname}"]
 
 
+RESEND_AFTER = (2.0, 7.0, 22.0, 52.0, 112.0)  # seconds after a deploy's end to re-send its final status
+RESEND_PREFIX = "resend-"  # state files <prefix><request>.json: final statuses still to be re-sent
+
+
 def current_generation(profile: str) -> int | None:
     """The generation number the system profile points to (system-42-link -> 42)."""
     try:
@@ -900,6 +968,7 @@ class Listener:
         self.inflight_file = os.path.join(args.state_dir, "inflight.json")
         self.busy = threading.Lock()  # one deploy at a time
         self.reporting = threading.Lock()  # held until a deploy's final status is out; shutdown waits on it
+        self.restarting = False  # a switch succeeded with --restart-after-switch: set before `busy` is released
         self.current: DeployRequest | None = None
         self.current_since = 0.0
         self.stop = stop  # set to shut the listener down (signal, or restart after a switch)
@@ -907,7 +976,7 @@ class Listener:
 
     def start(self) -> None:
         for subject in self.subjects:
-            self.bus.subscribe(subject, self.handle_deploy)
+            self.bus.subscribe(subject, self.handle_deploy, lane="deploy")  # never queued behind discovery
         self.bus.subscribe(self.discover_subject, self.handle_discover)
         log.info("host=%s listening on %s and %s", self.hostname, ", ".join(self.subjects), self.discover_subject)
 
@@ -915,9 +984,15 @@ class Listener:
         response = DeployResponse(self.hostname, status, error, message, **extra)
         self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(response.to_dict()).encode())
 
-    def handle_deploy(self, subject: str, data: bytes) -> None:
+    def handle_deploy(self, subject: str, data: bytes, received: float) -> None:
         try:
             request = DeployRequest.parse(data, self.allow_any_ref)
+            waited = time.monotonic() - received
+            if request.expires_in is not None and waited > request.expires_in:
+                raise ProtocolError(
+                    f"not run: the request waited {waited:.1f}s in the listener's queue on {self.hostname}, longer "
+                    f"than the {request.expires_in:g}s its sender waits for `accepted` (expires_in); the listener is "
+                    "overloaded, deploy again", ErrorCode.TIMEOUT, request.reply_to)
         except ProtocolError as e:
             log.warning("host=%s subject=%s request=%s rejected: %s", self.hostname, subject,
                         e.reply_to or "-", e)
@@ -930,16 +1005,21 @@ class Listener:
         rid = request.reply_to.rsplit(".", 1)[1]
         if not self.busy.acquire(blocking=False):
             running = self.current
-            message = (f"a deploy is already running on {self.hostname} ({running.action.value} of "
-                       f"{running.revision}, for {time.monotonic() - self.current_since:.0f}s); retry when it ends"
-                       if running else f"a deploy is already running on {self.hostname}")
-            log.warning("host=%s request=%s rejected: already running", self.hostname, rid)
-            self.reply(request.reply_to, Status.REJECTED, ErrorCode.ALREADY_RUNNING, message)
-            if self.metrics:
-                self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
+            self.refuse(request, rid, "already running", (
+                f"a deploy is already running on {self.hostname} ({running.action.value} of {running.revision}, "
+                f"for {time.monotonic() - self.current_since:.0f}s); retry when it ends"
+                if running else f"a deploy is already running on {self.hostname}"))
             return
         reconnects = self.bus.reconnects
         with self.reporting:
+            # Checked holding both locks: the deploy that set `restarting` did so before freeing `busy`, and
+            # shutdown waits for `reporting`, so no request is accepted and then cut off by the exit.
+            if self.restarting or self.stop.is_set():
+                self.busy.release()
+                self.refuse(request, rid, "restarting" if self.restarting else "shutting down", (
+                    f"the listener on {self.hostname} is restarting after a switch; retry in a few seconds"
+                    if self.restarting else f"the listener on {self.hostname} is shutting down; retry when it is back"))
+                return
             try:  # from `accepted` on, whatever raises, exactly one final status goes out
                 self.current, self.current_since = request, time.monotonic()
                 log.info("host=%s request=%s accepted %s of %s", self.hostname, rid, request.action.value,
@@ -970,31 +1050,42 @@ class Listener:
             if self.metrics:
                 self.metrics.count(final.status, request.action, final.error)
             self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
-        if final.status is Status.COMPLETED and request.action is Action.SWITCH and self.restart_after_switch:
+        if self.restarting:
             log.info("host=%s request=%s restarting so the service manager starts the switched-to version",
                      self.hostname, rid)
             self.stop.set()
 
-    def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
-        """Keep the running request on disk (atomically) so a restarted listener can report it; None clears it,
-        and never raises: a record left behind is reported as interrupted by the next start, which is safe."""
-        if request is None:
+    def refuse(self, request: DeployRequest, rid: str, why: str, message: str) -> None:
+        """Answer `rejected`/already_running: the host cannot take a deploy now, a retry later can."""
+        log.warning("host=%s request=%s rejected: %s", self.hostname, rid, why)
+        self.reply(request.reply_to, Status.REJECTED, ErrorCode.ALREADY_RUNNING, message)
+        if self.metrics:
+            self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
+
+    def save(self, path: str, record: dict | None) -> None:
+        """Write a state file atomically (mode 0600, fsynced); None removes it and never raises: what is left
+        behind is read defensively by the next start."""
+        if record is None:
             try:
-                os.unlink(self.inflight_file)
+                os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as e:
-                log.error("host=%s cannot remove the in-flight record %s: %s", self.hostname, self.inflight_file,
-                          e.strerror)
+                log.error("host=%s cannot remove %s: %s", self.hostname, path, e.strerror)
             return
-        record = {"reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
-                  "started": time.time(), "pid": pid, "generation": current_generation(self.profile)}
-        tmp = self.inflight_file + ".tmp"
+        tmp = path + ".tmp"
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(record, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.inflight_file)
+        os.replace(tmp, path)
+
+    def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
+        """Keep the running request on disk so a restarted listener can report it; None clears it, and never
+        raises: a record left behind is reported as interrupted by the next start, which is safe."""
+        self.save(self.inflight_file, None if request is None else {
+            "reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
+            "started": time.time(), "pid": pid, "generation": current_generation(self.profile)})
 
     def report_interrupted(self) -> None:
         """At start: a deploy recorded in the state dir was cut short (crash, kill); tell its requester, never re-run it."""
@@ -1062,6 +1153,8 @@ class Listener:
         if self.metrics:
             self.metrics.duration.labels(action.value, str(success).lower()).observe(result.duration)
         if success:
+            # decided here, while `busy` is held: from now on requests are refused until the exit
+            self.restarting = action is Action.SWITCH and self.restart_after_switch
             generation = current_generation(self.profile)
             gen = f"generation {generation}" if generation is not None else "the new generation"
             message = {
@@ -1085,22 +1178,73 @@ class Listener:
         log.info("host=%s request=%s %s in %.1fs: %s", self.hostname, rid, status.value, result.duration, message)
         return DeployResponse(self.hostname, status, error, message, result.duration, None if success else result.output)
 
-    def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int) -> None:
+    def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int | None,
+                      schedule: list[float] | None = None) -> None:
         """Publish a final status. If NATS dropped us during the deploy, the requester may have resubscribed
-        after our buffered reply went out: send it again (clients keep the first final status, ignore repeats)."""
+        after our buffered reply went out: send it again (clients keep the first final status, ignore repeats).
+        The re-sends left are kept in the state directory, so a listener that stops (restart after a switch,
+        SIGTERM, crash) leaves them to the next start, which calls this with their `schedule` (wall-clock times)."""
         subject = answer_subject(reply_to, self.hostname)
-        self.bus.publish(subject, payload)  # while disconnected, nats-py buffers it and sends it on reconnect
-        if self.bus.reconnects != reconnects or not self.bus.nc.is_connected:
-            def resend() -> None:
-                for delay in (2.0, 5.0, 15.0, 30.0, 60.0):
-                    if self.stop.wait(delay):
-                        return
+        if schedule is None:
+            try:  # while disconnected, nats-py buffers it and sends it on reconnect
+                self.bus.publish(subject, payload)
+            except Exception as e:  # its buffer full, the loop wedged: the re-sends below are the way out
+                log.warning("host=%s request=%s final status not sent (%r); re-sending it", self.hostname, rid, e)
+            else:
+                if self.bus.reconnects == reconnects and self.bus.nc.is_connected:
+                    return
+            schedule = [time.time() + delay for delay in RESEND_AFTER]
+        path = os.path.join(self.state_dir, f"{RESEND_PREFIX}{rid}.json")
+
+        def keep(left: list[float]) -> None:
+            try:
+                self.save(path, {"reply_to": reply_to, "response": json.loads(payload), "schedule": left} if left
+                          else None)
+            except OSError as e:
+                log.error("host=%s request=%s cannot keep the pending final status in %s (%s); a restart will not "
+                          "re-send it: make %s writable", self.hostname, rid, path, e.strerror, self.state_dir)
+
+        def resend(left: list[float]) -> None:
+            while left:
+                if self.stop.wait(max(0.0, left[0] - time.time())):
+                    return  # the file holds what is left
+                try:
                     self.bus.publish(subject, payload)
                     log.info("host=%s request=%s re-sent the final status after a reconnect", self.hostname, rid)
+                except Exception as e:
+                    log.warning("host=%s request=%s final status not re-sent (%r)", self.hostname, rid, e)
+                left = [due for due in left if due > time.time()]  # one send for all that fell due meanwhile
+                keep(left)
 
-            threading.Thread(target=resend, name="resend-final", daemon=True).start()
+        keep(schedule)
+        threading.Thread(target=resend, args=(schedule,), name="resend-final", daemon=True).start()
 
-    def handle_discover(self, subject: str, data: bytes) -> None:
+    def resume_resends(self) -> None:
+        """At start: continue the final-status re-sends a stopped listener left in the state directory."""
+        for name in sorted(os.listdir(self.state_dir)):
+            if not (name.startswith(RESEND_PREFIX) and name.endswith(".json")):
+                continue
+            path = os.path.join(self.state_dir, name)
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                reply_to = parse_reply_to(record, "deploy")
+                response = DeployResponse.parse(json.dumps(record["response"]).encode())
+                schedule, rid = record["schedule"], reply_to.rsplit(".", 1)[1]
+                latest = time.time() + RESEND_AFTER[-1]
+                if not (response.status.final and response.hostname == self.hostname
+                        and name == f"{RESEND_PREFIX}{rid}.json" and isinstance(schedule, list) and schedule
+                        and all(type(due) in (int, float) and 0 < due <= latest for due in schedule)):
+                    raise ValueError("not a final status of this host with a schedule of re-sends")
+            except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
+                log.error("host=%s unreadable pending final status %s (%s); removing it", self.hostname, path, e)
+                self.save(path, None)
+                continue
+            log.info("host=%s request=%s resuming the re-sends of its final status (%d left)", self.hostname, rid,
+                     len(schedule))
+            self.deliver_final(reply_to, json.dumps(response.to_dict()).encode(), rid, None, schedule)
+
+    def handle_discover(self, subject: str, data: bytes, received: float) -> None:
         try:
             reply_to = parse_reply_to(decode_message(data), "deploy")
         except ProtocolError as e:
@@ -1160,6 +1304,7 @@ def run_listener(args: argparse.Namespace) -> int:
     listener = Listener(args, subjects, bus, metrics, stop)
     try:
         listener.report_interrupted()
+        listener.resume_resends()
         listener.start()
     except NatsError as e:
         log.error("host=%s %s; the listener's credential must be allowed to subscribe to its deploy subjects "
@@ -1279,7 +1424,7 @@ class Builder:
         response = BuildResponse(status, message, repo, **fields)
         self.bus.publish(answer_subject(reply_to, repo), json.dumps(response.to_dict()).encode())
 
-    def handle_build(self, subject: str, data: bytes) -> None:
+    def handle_build(self, subject: str, data: bytes, received: float) -> None:
         _, subject_repo, subject_target = subject.split(".", 2)
         try:
             request = BuildRequest.parse(data, self.allow_any_ref)
@@ -1538,12 +1683,12 @@ def collect_answers(bus: Bus, subject: str, kind: str, make_request, parse, send
     answer's delay), as a fan-out's answers arrive together; or `timeout` passed. Returns False on timeout."""
     reply_to = new_reply_subject(kind, bus.public_key)
     replies = bus.inbox(answer_subject(reply_to, "*"))
-    bus.publish(subject, make_request(reply_to), confirm=True)
+    since = bus.publish(subject, make_request(reply_to), confirm=True)
     start = time.monotonic()
     deadline = start + timeout
     settle = last_new = None
     while True:
-        if bus.denied(subject):
+        if bus.denied(subject, since=since):
             raise NatsError(f"permission denied: this credential ({bus.nkey_file}) may not publish to {subject!r}; "
                             "use a credential whose NATS permissions allow it")
         now = time.monotonic()
@@ -1597,7 +1742,9 @@ def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout:
     # deploy.<tier>.<host> names one host: once it (and any other that answered) finished, nobody else will
     tokens = subject.split(".")
     addressed = tokens[2] if len(tokens) == 3 and tokens[2] != "all" else None
-    finished = collect_answers(bus, subject, "deploy", lambda to: DeployRequest(action, revision, to).to_json(),
+    # expires_in: half the window, the other half covers the trips of the request and of `accepted` through NATS
+    finished = collect_answers(bus, subject, "deploy",
+                               lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
                                DeployResponse.parse, lambda r: r.hostname, timeout, window, on_answer, is_done,
                                lambda: addressed in hosts and is_done(), stragglers)
     return hosts, finished
@@ -1652,6 +1799,12 @@ def deploy_command(args: argparse.Namespace) -> int:
         hosts, finished = deploy_hosts(bus, subject, Action(args.action), args.branch, args.timeout,
                                        args.answer_window,
                                        lambda r: progress.event(describe(r), r.status.final), args.straggler_window)
+    except OutcomeUnknown as e:
+        progress.done()
+        print(f"error: OUTCOME UNKNOWN: {e}; do not deploy again blindly: `homelab-deploy list-hosts` shows which "
+              "hosts are deploying now (a host's listener log has its result); deploy again once they are idle",
+              file=sys.stderr)
+        return 5
     except NatsError as e:
         progress.done()
         print(f"error: {e}", file=sys.stderr)
@@ -1775,6 +1928,12 @@ def build_command(args: argparse.Namespace) -> int:
         return 3
     try:
         final = build_repo(bus, args.repo, target, args.branch, args.timeout, args.answer_window, on_event)
+    except OutcomeUnknown as e:
+        progress.done()
+        print(f"error: OUTCOME UNKNOWN: {e}; the builder may be building it: the builder's log shows it, and a "
+              "repeated build is answered already_running while one runs (nix reuses what was built)",
+              file=sys.stderr)
+        return 5
     except NatsError as e:
         progress.done()
         print(f"error: {e}", file=sys.stderr)
@@ -2387,7 +2546,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
     p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
     window_flags(p)
-    p.set_defaults(func=lambda args: __import__("homelab_deploy_mcp").serve(args), daemon=True)
+    p.set_defaults(func=mcp_command, daemon=True)
 
     p = sub.add_parser("build", help="ask the builder to pre-build the hosts of a repository")
     p.add_argument("repo", metavar="REPO", help="repository name from the builder's config")
@@ -2435,6 +2594,21 @@ def main(argv: list[str] | None = None) -> int:
                   "(pip install prometheus-client) or leave out --metrics-enabled", file=sys.stderr)
             return 2
     return args.func(args)
+
+
+def mcp_command(args: argparse.Namespace) -> int:
+    try:
+        import homelab_deploy_mcp
+    except ModuleNotFoundError as e:  # a plain install has no [mcp] extra: the fix, not a traceback
+        print(f"error: this install has no MCP server ({e}): pip install 'homelab-deploy[mcp]', "
+              "or with Nix use the flake's packages.<system>.mcp", file=sys.stderr)
+        return 2
+    return homelab_deploy_mcp.serve(args)
+
+
+def mcp_main() -> int:
+    """`homelab-deploy-mcp ...` is `homelab-deploy mcp ...`: one set of flags, defined with the other commands."""
+    return main(["mcp", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -69,6 +69,11 @@ class Outcome:
         return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))],
                               structured_content=dataclasses.asdict(self), is_error=not self.success)
 
+    @classmethod
+    def unknown(cls, target: str, error: hd.OutcomeUnknown, advice: str) -> CallToolResult:
+        """The result for a request NATS did not confirm: not a bare tool error, which an assistant would retry."""
+        return cls(f"OUTCOME UNKNOWN: {error}. {advice}", False, target, []).result()
+
 
 @dataclasses.dataclass(frozen=True)
 class ListedHost:
@@ -103,12 +108,15 @@ def progress_reporter(ctx: Context):
     return report
 
 
-async def in_thread(work):
-    """Run blocking NATS work off the event loop; NATS and permission problems become tool errors."""
+async def in_thread(work, acts: bool = False):
+    """Run blocking NATS work off the event loop; NATS and permission problems become tool errors, except
+    hd.OutcomeUnknown for work that `acts` (deploy, build): its caller answers with Outcome.unknown."""
     try:
         # Abandoned on cancel: the worker ends by itself within the timeout, the server stays responsive.
         return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
     except hd.NatsError as e:
+        if acts and isinstance(e, hd.OutcomeUnknown):
+            raise
         raise ToolError(str(e)) from None
     except (nats.errors.Error, concurrent.futures.TimeoutError) as e:  # the connection failed mid-call
         raise ToolError(hd.redact(f"the NATS request failed ({e!r}); retry in a few seconds, and if it persists "
@@ -184,7 +192,9 @@ class FleetTools:
         The call waits until every answering host has finished, which can take many minutes (progress is
         reported per host event), then returns a summary line ("2/3 hosts completed") and one line per host
         with its final status, error code, message and duration. It returns an error when no host answers,
-        any host fails or rejects the request (e.g. already_running), or hosts do not finish in time.
+        any host fails or rejects the request (e.g. already_running), or hosts do not finish in time. A result
+        starting OUTCOME UNKNOWN means the request went out but NATS stopped answering: the deploy may be
+        running, so call list_hosts instead of retrying.
         """
         return await self.run_deploy(ctx, "main", "test", hostname, all, role, branch, action)
 
@@ -207,9 +217,14 @@ class FleetTools:
                             "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit; no '..')")
         subject = deploy_subject(tier, hostname, all_hosts, role)
         report = progress_reporter(ctx)
-        hosts, finished = await in_thread(lambda: hd.deploy_hosts(
-            self.bus(credential), subject, hd.Action(action), branch, self.args.timeout, self.args.answer_window,
-            lambda response: report(hd.describe(response)), self.args.straggler_window))
+        try:
+            hosts, finished = await in_thread(lambda: hd.deploy_hosts(
+                self.bus(credential), subject, hd.Action(action), branch, self.args.timeout, self.args.answer_window,
+                lambda response: report(hd.describe(response)), self.args.straggler_window), acts=True)
+        except hd.OutcomeUnknown as e:
+            log.warning("deploy to %s: outcome unknown: %s", subject, e)
+            return Outcome.unknown(subject, e, "Do not retry blindly: call list_hosts to see which hosts are "
+                                               "deploying now, and deploy again only once they are idle")
         if not hosts:
             reach = "" if credential == "admin" else " (deploy reaches test-tier hosts only)"
             raise ToolError(f"no host answered on {subject} within {self.args.answer_window:g}s: no listener there"
@@ -282,9 +297,15 @@ class FleetTools:
 
         try:
             final = await in_thread(lambda: hd.build_repo(self.bus("main"), repo, target, branch,
-                                                          self.args.build_timeout, self.args.answer_window, on_event))
+                                                          self.args.build_timeout, self.args.answer_window, on_event),
+                                    acts=True)
         except ValueError as e:  # build_repo's own checks, before anything is sent
             raise ToolError(f"invalid build request: {e}") from None
+        except hd.OutcomeUnknown as e:
+            log.warning("build of %s: outcome unknown: %s", subject, e)
+            return Outcome.unknown(subject, e, "The builder may be building it; repeating the build is safe: it "
+                                               "is answered already_running while one runs, and nix reuses what "
+                                               "was built")
         if final is None and not events:
             raise ToolError(f"no builder answered on {subject} within {self.args.answer_window:g}s: the builder is "
                             f"not running, or {repo!r} is not in its configuration (ask the operator)")
@@ -369,10 +390,5 @@ def serve(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`homelab-deploy-mcp ...` is `homelab-deploy mcp ...`: one set of flags, defined with the other commands."""
-    return hd.main(["mcp", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(hd.mcp_main())

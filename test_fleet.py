@@ -285,7 +285,7 @@ class TestForgedAnswers:
         forger = bus_factory(least_privilege, "testhost1")
         forged_on: list[str] = []
 
-        def forge(subject: str, data: bytes) -> None:
+        def forge(subject: str, data: bytes, received: float) -> None:
             reply_to = json.loads(data)["reply_to"]
             lie = json.dumps({"hostname": "testhost2", "status": "completed", "error": None,
                               "message": "Successfully switched to generation 7"}).encode()

@@ -9,13 +9,21 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
+import subprocess
+import sys
 import time
 import urllib.request
+from importlib import metadata
+from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+import conftest
 import homelab_deploy as hd
-from conftest import run_cli, start_deploy, wait_for
+from conftest import REPO, run_cli, start_deploy, wait_for
 
 HOSTILE_REVISIONS = [
     "main; rm -rf /", "$(reboot)", "`id`", "main && id", "main|id", "--upgrade", "-rf", "main#evil", "main?rev=1",
@@ -113,6 +121,17 @@ class TestProtocol:
         assert "outside branches and tags" in str(e.value) and "start the listener with --allow-any-ref" in str(e.value)
         assert hd.DeployRequest.parse(self.request(revision="refs/pull/1/head"), allow_any_ref=True).revision == \
             "refs/pull/1/head"
+
+    def test_expires_in_is_optional_and_a_positive_number(self):
+        assert hd.DeployRequest.parse(self.request()).expires_in is None
+        req = hd.DeployRequest.parse(self.request(expires_in=1.5))
+        assert req.expires_in == 1.5 and json.loads(req.to_json())["expires_in"] == 1.5
+        assert "expires_in" not in json.loads(req._replace(expires_in=None).to_json())  # as the Go tool sends it
+        for bad in (0, -1, True, "1", [1], float("inf"), float("nan")):
+            with pytest.raises(hd.ProtocolError) as e:
+                hd.DeployRequest.parse(self.request(expires_in=bad))
+            assert e.value.code is None and e.value.reply_to == "deploy.responses.me.abc"
+            assert "invalid expires_in" in str(e.value) and "a number greater than 0" in str(e.value)
 
     @pytest.mark.parametrize("action", HOSTILE_ACTIONS)
     def test_hostile_action_is_invalid_action(self, action):
@@ -503,11 +522,11 @@ class TestDeployCLI:
         late = bus_factory(nats_server, "admin")
         finished: set[str] = set()  # reply subjects on which testhost1's final status went out
 
-        def watch(subject: str, data: bytes) -> None:
+        def watch(subject: str, data: bytes, received: float) -> None:
             if json.loads(data).get("hostname") == "testhost1" and json.loads(data)["status"] == "completed":
                 finished.add(subject)
 
-        def answer_late(subject: str, data: bytes) -> None:
+        def answer_late(subject: str, data: bytes, received: float) -> None:
             reply_to = json.loads(data)["reply_to"]
             wait_for(lambda: hd.answer_subject(reply_to, "testhost1") in finished, what="testhost1 to finish")
             for status in ("accepted", "started", "completed"):
@@ -665,8 +684,8 @@ class TestDurationFlags:
         host = start_listener("testhost1", "test")
         seen: list[str] = []
         admin, builder = bus_factory(nats_server, "admin"), bus_factory(nats_server, "builder")
-        admin.subscribe("deploy.>", lambda subject, data: seen.append(subject))
-        builder.subscribe("build.fleet.*", lambda subject, data: seen.append(subject))
+        admin.subscribe("deploy.>", lambda subject, data, received: seen.append(subject))
+        builder.subscribe("build.fleet.*", lambda subject, data, received: seen.append(subject))
         deployer, build_client = deploy_args(nats_server, "test-deployer"), deploy_args(nats_server, "build-client")
         deploy = ["deploy", "deploy.test.testhost1", *deployer]
         runs = [([*deploy, "--timeout", value], {}, "--timeout") for value in ("0", "-5", "nan", "inf")] + [
@@ -688,3 +707,90 @@ class TestDurationFlags:
         wait_for(lambda: len(seen) >= 2, what="the spies to see the markers")
         assert sorted(seen) == ["build.fleet.marker", "deploy.test.marker"]
         assert host.standin.calls == []
+
+
+# ---------------------------------------------------------------- what an install carries
+
+LISTENER_DEPENDENCIES = ("nats-py", "nkeys", "pyyaml", "prometheus-client")
+
+
+def link_distributions(names, into: Path) -> None:
+    """Symlink the installed distributions `names` and all they require (this platform, no extras) into `into`:
+    an import path with those and nothing else."""
+    todo, seen = list(names), set()
+    while todo:
+        dist = metadata.distribution(todo.pop())
+        if canonicalize_name(dist.metadata["Name"]) in seen:
+            continue
+        seen.add(canonicalize_name(dist.metadata["Name"]))
+        for entry in {Path(f).parts[0] for f in dist.files} - {"..", "__pycache__"}:
+            (into / entry).symlink_to(dist.locate_file(entry))
+        todo += [r.name for r in map(Requirement, dist.requires or [])
+                 if not r.marker or r.marker.evaluate({"extra": ""})]
+
+
+@pytest.fixture(scope="module")
+def plain_install(tmp_path_factory) -> Path:
+    """The bin directory of a venv with `pip install homelab-deploy` (no extras) from a wheel of this tree, made
+    offline: the only other distributions pip can find are the listener's dependencies, linked from this one."""
+    work = tmp_path_factory.mktemp("plain-install")
+    src = shutil.copytree(REPO, work / "src",
+                          ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__"))
+    # No pip configuration: a configured index or --find-links would supply what the wheel must not need.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation", "-w", work / "wheel", src],
+                   env=env, check=True, timeout=300)  # pytest shows pip's stderr on failure
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", work / "venv"], check=True, timeout=120)
+    (work / "deps").mkdir()
+    link_distributions(LISTENER_DEPENDENCIES, work / "deps")
+    site = subprocess.run([work / "venv/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "listener-deps.pth").write_text(f"{work / 'deps'}\n")
+    r = subprocess.run([*pip, "--python", work / "venv/bin/python", "install", "-q", "--no-index",
+                        *(work / "wheel").glob("*.whl")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr  # before the [mcp] extra: "No matching distribution found for mcp>=2.0"
+    return work / "venv/bin"
+
+
+@pytest.fixture(scope="module")
+def dropin(tmp_path_factory) -> list[str]:
+    """homelab_deploy.py copied into an empty directory beside only the listener's dependencies, run with -E -S:
+    no site-packages and no PYTHONPATH, so nothing else is importable."""
+    directory = tmp_path_factory.mktemp("dropin")
+    shutil.copy(REPO / "homelab_deploy.py", directory)
+    link_distributions(LISTENER_DEPENDENCIES, directory)
+    return [sys.executable, "-E", "-S", str(directory / "homelab_deploy.py")]
+
+
+@pytest.mark.integration
+class TestInstall:
+    """`pip install homelab-deploy` carries the listener's four dependencies and no MCP SDK; without the [mcp]
+    extra, the MCP commands name the fix."""
+
+    def test_plain_install_has_no_mcp_sdk(self, plain_install):
+        code = "import importlib.util as u; print([m for m in ('mcp', 'pydantic', 'anyio') if u.find_spec(m)])"
+        r = subprocess.run([plain_install / "python", "-c", code], capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stdout) == (0, "[]\n"), r.stderr
+
+    @pytest.mark.parametrize("program", ["plain install", "drop-in file"])
+    def test_listener_deploys(self, request, program, nats_server, start_listener, monkeypatch):
+        argv = request.getfixturevalue("dropin") if program == "drop-in file" else \
+            [str(request.getfixturevalue("plain_install") / "homelab-deploy")]
+        monkeypatch.setattr(conftest, "PROGRAM", argv)  # the listener and the deploy client both run it
+        host = start_listener("testhost1", "test")
+        r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer"))
+        assert r.returncode == 0, r.stderr
+        assert host.standin.calls == [["switch", "--refresh", "--flake",
+                                       "git+https://git.example.com/cfg.git?ref=master#testhost1"]]
+
+    @pytest.mark.parametrize("command", ["homelab-deploy mcp", "homelab-deploy-mcp", "homelab_deploy.py mcp"])
+    def test_mcp_without_the_extra_names_the_fix(self, request, command):
+        program, *rest = command.split()
+        argv = [*request.getfixturevalue("dropin"), *rest] if program == "homelab_deploy.py" else \
+            [str(request.getfixturevalue("plain_install") / program), *rest]
+        r = subprocess.run([*argv, "--nats-url", "nats://127.0.0.1:4222", "--nkey-file", "/nonexistent"],
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert (r.returncode, r.stdout, len(r.stderr.splitlines())) == (2, "", 1), r.stderr
+        assert r.stderr.startswith("error: this install has no MCP server (No module named ")
+        assert "pip install 'homelab-deploy[mcp]', or with Nix use the flake's packages.<system>.mcp" in r.stderr

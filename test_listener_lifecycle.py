@@ -10,13 +10,12 @@ import queue
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
 
 import homelab_deploy as hd
-from conftest import Listener, StandIn, run_cli, start_deploy, wait_for
+from conftest import Listener, run_cli, start_deploy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -78,6 +77,20 @@ class TestStateDirectory:
         host = start_listener("testhost1", "test")
         assert "unreadable in-flight record" in host.log_text()
         assert not (state / "inflight.json").exists()
+
+    def test_garbage_pending_final_status_is_discarded(self, start_listener, tmp_path):
+        state = tmp_path / "testhost1" / "state"
+        state.mkdir(parents=True)
+        garbage = {"resend-a.json": "{not json", "resend-b.json": json.dumps(
+            {"reply_to": "deploy.test.all", "response": {"hostname": "testhost1", "status": "completed"},
+             "schedule": [1e12]})}
+        for name, text in garbage.items():
+            (state / name).write_text(text)
+        host = start_listener("testhost1", "test")
+        for name in garbage:
+            assert f"unreadable pending final status {state / name}" in host.log_text()
+            assert not (state / name).exists()
+        assert "Traceback" not in host.log_text()
 
 
 class TestConnect:
@@ -159,6 +172,37 @@ class TestRestartAfterSwitch:
         assert final_reply(replies)["status"] == "completed"
         assert host.proc.wait(15) == 0
         assert "restarting so the service manager starts the switched-to version" in host.log_text()
+
+    def test_request_just_before_the_exit_is_refused(self, nats_server, bus_factory, listener_in_process,
+                                                    monkeypatch):
+        """A request that arrives after a successful switch freed the deploy slot, but before the listener exits
+        (a hook sends it exactly then), is answered `rejected` and never run."""
+        listener, standin = listener_in_process("--restart-after-switch")
+        bus = bus_factory(nats_server, "test-deployer")
+        deliver_final, second = hd.Listener.deliver_final, []
+
+        def send_second_request_first(self, *args, **kwargs):
+            if not second:  # the switch's final status: `busy` is free and the listener has not stopped yet
+                second.append(start_deploy(bus, "deploy.test.testhost1"))
+                wait_for(self.busy.locked, what="the second request to take the free deploy slot")
+            deliver_final(self, *args, **kwargs)
+
+        monkeypatch.setattr(hd.Listener, "deliver_final", send_second_request_first)
+        _, replies = start_deploy(bus, "deploy.test.testhost1")
+        assert final_reply(replies)["status"] == "completed"
+        reply = final_reply(second[0][1])
+        assert (reply["status"], reply["error"]) == ("rejected", "already_running")
+        assert reply["message"] == "the listener on testhost1 is restarting after a switch; retry in a few seconds"
+        assert len(standin.calls) == 1 and listener.stop.is_set() and not listener.busy.locked()
+
+    def test_request_during_shutdown_is_refused(self, nats_server, bus_factory, listener_in_process):
+        listener, standin = listener_in_process()
+        listener.stop.set()  # SIGTERM: the main thread is closing the connection
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("rejected", "already_running")
+        assert reply["message"] == "the listener on testhost1 is shutting down; retry when it is back"
+        assert standin.calls == [] and not listener.busy.locked()
 
 
 class TestSecrets:
@@ -243,20 +287,10 @@ class TestFinalStatusWhateverFails:
         assert r.returncode == 0 and json.loads(r.stdout)["hosts"][0]["status"] == "completed", r.stderr
         assert len(host.standin.calls) == 1
 
-    def test_unexpected_error_after_accepted(self, nats_server, bus_factory, tmp_path, monkeypatch):
+    def test_unexpected_error_after_accepted(self, nats_server, bus_factory, listener_in_process, monkeypatch):
         """A bug inside the deploy (injected in an in-process listener on a real NATS connection) answers
         `failed`/internal_error; the listener then serves the next request normally."""
-        standin = StandIn(tmp_path / "standin")
-        monkeypatch.setenv("PATH", f"{standin.dir / 'bin'}:{os.environ['PATH']}")
-        monkeypatch.setenv("STANDIN_DIR", str(standin.dir))
-        args = hd.build_parser().parse_args([
-            "listener", "--hostname", "testhost1", "--tier", "test", "--nats-url", nats_server.url,
-            "--nkey-file", str(nats_server.seeds["testhost1"]), "--flake-url", "git+https://git.example.com/c.git",
-            "--state-dir", str(tmp_path / "state"), "--system-profile", str(standin.profile)])
-        os.makedirs(args.state_dir)
-        listener = hd.Listener(args, ["deploy.test.testhost1"], bus_factory(nats_server, "testhost1"), None,
-                               threading.Event())
-        listener.start()
+        listener, standin = listener_in_process()
         bus = bus_factory(nats_server, "test-deployer")
 
         def broken(self, request, rid):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,9 +18,10 @@ import pytest
 from mcp import Client, StdioServerParameters, stdio_client
 
 import homelab_deploy as hd
-from conftest import REPO, stop_process, wait_for
+from conftest import FLEET, REPO, stop_process, wait_for
 from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
 from test_builder import flake, needs_nix, nix_store, start_builder  # noqa: F401 (fixtures for the build tool)
+from test_reliability import stalling_proxy  # noqa: F401 (a fixture: NATS stops answering after a request)
 
 MCP_SCRIPT = [str(REPO / "homelab_deploy_mcp.py")]
 CLI_MCP = [str(REPO / "homelab_deploy.py"), "mcp"]
@@ -359,6 +361,47 @@ async def test_nats_outages_are_tool_errors_and_nothing_is_sent_late(mcp_server,
         result = await client.call_tool("deploy", {"hostname": "testhost1"})
         assert not result.is_error, text(result)
     assert len(host.standin.calls) == 1  # the deploy refused during the outage never arrived later
+
+
+async def test_a_denial_counts_for_its_own_call_only(mcp_server, nats_server, start_listener):
+    """The operator grants the permission and reloads nats-server: the same call on the same connection works."""
+    host = start_listener("testhost1", "test")
+
+    def reload_with(publish: list[str]) -> None:
+        fleet = {**FLEET, "test-deployer": {**FLEET["test-deployer"], "publish": publish}}
+        nats_server.write_config([{"nkey": nats_server.public[name], "permissions": permissions}
+                                  for name, permissions in fleet.items()], nats_server.port)
+        log = nats_server.workdir / "nats.log"
+        reloads = log.read_text().count("Reloaded server configuration")
+        nats_server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: log.read_text().count("Reloaded server configuration") > reloads, what="nats-server to reload")
+
+    async with mcp_server() as client:
+        reload_with(["deploy.discover"])
+        result = await client.call_tool("deploy", {"hostname": "testhost1"})
+        assert result.is_error and "permission denied" in text(result), text(result)
+        assert host.standin.calls == []
+        reload_with(FLEET["test-deployer"]["publish"])
+        result = await client.call_tool("deploy", {"hostname": "testhost1"})
+        assert not result.is_error, text(result)
+        assert text(result).startswith("1/1 hosts completed on deploy.test.testhost1")
+    assert len(host.standin.calls) == 1
+
+
+async def test_stall_after_publishing_is_outcome_unknown(mcp_server, start_listener, stalling_proxy):
+    """NATS took the request, then stopped answering: the result says the outcome is unknown and how to check,
+    in the deploy's result shape, not a bare tool error an assistant would retry; the deploy did run."""
+    host = start_listener("testhost1", "test")
+    async with mcp_server("--nats-url", stalling_proxy.url) as client:
+        result = await client.call_tool("deploy", {"hostname": "testhost1"})
+    assert stalling_proxy.stalled.is_set()
+    assert text(result).startswith("OUTCOME UNKNOWN: the request on deploy.test.testhost1 went out but was not "
+                                   "confirmed"), text(result)
+    assert "Do not retry blindly: call list_hosts to see which hosts are deploying now" in text(result)
+    assert result.is_error and result.structured_content == {
+        "summary": text(result), "success": False, "target": "deploy.test.testhost1", "hosts": []}
+    wait_for(lambda: "completed in" in host.log_text(), what="the deploy to end")
+    assert len(host.standin.calls) == 1
 
 
 # ---------------------------------------------------------------- deploy_admin

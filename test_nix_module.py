@@ -657,6 +657,9 @@ def flake_expr(select):
     """
 
 
+LISTENER_DEPS = ["nats-py", "nkeys", "pyyaml", "prometheus-client"]
+
+
 def test_package(nix):
     pkg = nix.eval(
         flake_expr("""
@@ -676,7 +679,7 @@ def test_package(nix):
     assert pkg["pyproject"] is True
     assert pkg["mainProgram"] == "homelab-deploy"
     assert pkg["license"] == "MIT"
-    assert sorted(pkg["deps"]) == sorted(["nats-py", "nkeys", "pyyaml", "prometheus-client", "mcp"])
+    assert sorted(pkg["deps"]) == sorted(LISTENER_DEPS)
     assert pkg["buildSystem"] == ["setuptools"]
     assert "pytest" in pkg["checkInputs"]
     assert 'pytest -m "not integration" test_homelab_deploy.py' in pkg["checkPhase"]
@@ -737,3 +740,39 @@ def test_flake_module_defaults_to_the_flakes_package(nix):
         with_module=False,
     )
     assert exe == "/nix/store/cccccccccccccccccccccccccccccccc-custom/bin/homelab-deploy"
+
+
+class TestMcpOnlyInTheMcpPackage:
+    """The package hosts run has no MCP SDK in its closure; packages.<system>.mcp, for MCP clients, has it."""
+
+    def test_flake_packages(self, nix):
+        pkgs = nix.eval(flake_expr("""
+          builtins.mapAttrs (_: p: { deps = map (d: d.pname) p.dependencies; imports = p.pythonImportsCheck; })
+            { inherit (out.packages.x86_64-linux) default mcp; }
+        """))
+        assert sorted(pkgs["default"]["deps"]) == sorted(LISTENER_DEPS)
+        assert sorted(pkgs["mcp"]["deps"]) == sorted([*LISTENER_DEPS, "mcp"])
+        assert pkgs["mcp"]["imports"] == ["homelab_deploy", "homelab_deploy_mcp"]
+
+    @pytest.mark.parametrize("through_flake", [True, False], ids=["flake module", "module.nix"])
+    def test_listener_and_builder_run_the_package_without_mcp(self, nix, through_flake):
+        flake = '(import (nixlib + "/eval-flake.nix") { inherit nixpkgsLib; }).outputs'
+        select = f"""let
+          packages = if {to_nix(through_flake)} then {flake}.packages.x86_64-linux else {{
+            default = h.pkgs.callPackage (nixlib + "/../../default.nix") {{ }};
+            mcp = h.pkgs.callPackage (nixlib + "/../../default.nix") {{ withMcp = true; }};
+          }};
+        in {{
+          exes = map (n: builtins.head (lib.splitString " " svc.${{n}}.serviceConfig.ExecStart))
+            [ "{LISTENER}" "{BUILDER}" ];
+          deps = map (r: map (d: d.pname) cfg.services.homelab-deploy.${{r}}.package.dependencies)
+            [ "listener" "builder" ];
+          lean = packages.default.outPath;
+          mcp = packages.mcp.outPath;
+        }}"""
+        cfg = host(listener=listener_config(), builder=builder_config(configFile="/etc/hd.yaml"))
+        result = nix.host(cfg, select, **({"modules_prefix": f"{flake}.nixosModules.default", "with_module": False}
+                                          if through_flake else {}))
+        assert result["exes"] == [result["lean"] + "/bin/homelab-deploy"] * 2
+        assert result["lean"] != result["mcp"]
+        assert result["deps"] == [LISTENER_DEPS, LISTENER_DEPS]

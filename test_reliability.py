@@ -5,10 +5,15 @@
 - Cluster failover: a 3-node cluster routed on loopback; the node a listener is connected to is killed (twice);
   deploys through the CLI, given all three URLs, keep succeeding.
 - Outage during a deploy: the server goes down and comes back while a deploy runs; the CLI gets the final
-  status and exits 0, also when it resubscribes only after the deploy ended.
+  status and exits 0, also when it resubscribes only after the deploy ended, and when the listener restarted
+  after the switch meanwhile.
+- Stall after publishing: a proxy drops everything nats-server sends once a request went through; the CLI
+  says the outcome is unknown (exit 5) and the listener or builder, connected directly, acts on the request.
 - Hostile input at scale: hypothesis throws at least 1,000 generated messages per subject class (deploy,
   discover, build) at running daemons; the validators are property-tested on their own.
 - Load: 50 requests/s for 30 s at a busy listener; every one is answered and RSS and threads return to baseline.
+- Overload: a flood of discovery requests neither delays a deploy nor grows the listener; a deploy request held
+  past the time its sender waits is answered `rejected` and never run.
 - Metrics port flood: hundreds of idle and half-sent connections to a daemon's metrics port take a bounded number
   of its threads and descriptors, are cut off, and deploys and builds go on meanwhile.
 
@@ -532,12 +537,13 @@ class NatsCluster:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             node = Node(f"n{i}", proc, log)
             self.nodes.append(node)
-            wait_for(lambda: "Server is ready" in log.read_text() or proc.poll() is not None, what=f"node n{i}")
+            ports = (r"client connections on 127\.0\.0\.1:(\d+)", r"route connections on 127\.0\.0\.1:(\d+)",
+                     r"http monitor on 127\.0\.0\.1:(\d+)")  # logged in no fixed order around "Server is ready"
+            wait_for(lambda: all(re.search(p, log.read_text()) for p in ports) or proc.poll() is not None,
+                     what=f"node n{i}")
             assert node.alive, log.read_text()
             text = log.read_text()
-            node.port = int(re.search(r"client connections on 127\.0\.0\.1:(\d+)", text)[1])
-            node.route_port = int(re.search(r"route connections on 127\.0\.0\.1:(\d+)", text)[1])
-            node.monitor_port = int(re.search(r"http monitor on 127\.0\.0\.1:(\d+)", text)[1])
+            node.port, node.route_port, node.monitor_port = (int(re.search(p, text)[1]) for p in ports)
         wait_for(self.meshed, what="every node to route to every other")
 
     def meshed(self) -> bool:
@@ -621,10 +627,11 @@ def test_cluster_failover(cluster, tmp_path):
 
 # ---------------------------------------------------------------- outage during a deploy
 
-def start_blocked_deploy(nats_server, start_listener, cli_run):
-    """A listener whose nixos-rebuild blocks, and a CLI deploy to it that is waiting for the final status."""
+def start_blocked_deploy(nats_server, start_listener, cli_run, *flags: str):
+    """A listener (with more `flags`) whose nixos-rebuild blocks, and a CLI deploy to it that is waiting for the
+    final status."""
     nats_server.restart("-m", "-1")  # the monitoring endpoint shows who is connected and subscribed
-    host = start_listener("testhost1", "test", None, "--debug")  # --debug: failed reconnect attempts are logged
+    host = start_listener("testhost1", "test", None, "--debug", *flags)  # --debug: failed reconnects are logged
     host.standin.set_mode("block")
     cli = cli_run("deploy", "deploy.test.testhost1", "--nats-url", nats_server.url, "--nkey-file",
                   str(nats_server.seeds["admin"]), "--timeout", "120", "--json", "--debug")
@@ -697,6 +704,126 @@ def test_final_status_reaches_a_deployer_that_resubscribes_after_the_deploy_ende
     check_completed(cli, host)
 
 
+# ---------------------------------------------------------------- a stall right after publishing
+
+class StallingProxy:
+    """A TCP proxy on 127.0.0.1 in front of nats-server. It forwards both ways until it has forwarded a client's
+    `PUB deploy.` or `PUB build.` line; from then on it drops every byte from the server (the request arrived,
+    its confirmation never does)."""
+
+    TRIGGERS = (b"PUB deploy.", b"PUB build.")
+
+    def __init__(self, server_port: int):
+        self.server_port = server_port
+        self.stalled = threading.Event()
+        self.listening = socket.create_server(("127.0.0.1", 0))
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.listening.getsockname()[1]}"
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listening.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self.server_port))
+            self.sockets += [client, server]
+            threading.Thread(target=self.pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self.pump, args=(server, client, False), daemon=True).start()
+
+    def pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        tail = b""  # a trigger may span two reads
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if from_client:
+                    if any(t in tail + data for t in self.TRIGGERS):
+                        self.stalled.set()  # before forwarding: no answer to this line may get through
+                    tail = data[-16:]
+                elif self.stalled.is_set():
+                    continue
+                sink.sendall(data)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for sock in [self.listening, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked in accept() and recv()
+            sock.close()
+
+
+@pytest.fixture
+def stalling_proxy(nats_server):
+    proxy = StallingProxy(nats_server.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.integration
+class TestStallAfterPublishing:
+    """The request reached nats-server, the client never hears back: the CLI must say the outcome is unknown
+    (exit 5), never that it failed, and the listener or builder, connected directly, does act on it."""
+
+    def test_deploy_outcome_unknown_and_the_deploy_ran(self, nats_server, start_listener, stalling_proxy):
+        host = start_listener("testhost1", "test")
+        started = time.monotonic()
+        r = run_cli("deploy", "deploy.test.testhost1", "--nats-url", stalling_proxy.url,
+                    "--nkey-file", str(nats_server.seeds["test-deployer"]), timeout=60)
+        took = time.monotonic() - started
+        assert stalling_proxy.stalled.is_set()
+        assert r.returncode == 5, r.stderr
+        assert "error: OUTCOME UNKNOWN: the request on deploy.test.testhost1 went out but was not confirmed " \
+               "(the NATS server did not answer in time: nats: flush timeout)" in r.stderr, r.stderr
+        assert "`homelab-deploy list-hosts` shows which hosts are deploying" in r.stderr
+        wait_for(lambda: re.search(r"request=\S+ completed in", host.log_text()), what="the deploy to end")
+        assert len(host.standin.calls) == 1
+        print(f"\n[figures] stall after publishing: CLI exit {r.returncode} after {took:.1f}s; "
+              "nixos-rebuild ran 1 time")
+
+    @pytest.mark.skipif(NO_BUILDER is not None, reason=f"the builder needs it: {NO_BUILDER}")
+    def test_build_outcome_unknown_and_the_build_ran(self, nats_server, builder_on, stalling_proxy):
+        builder, _ = builder_on(nats_server, {"good1": GOOD})
+        r = run_cli("build", "fleet", "--nats-url", stalling_proxy.url,
+                    "--nkey-file", str(nats_server.seeds["build-client"]), timeout=60)
+        assert stalling_proxy.stalled.is_set()
+        assert r.returncode == 5, r.stderr
+        assert "error: OUTCOME UNKNOWN: the request on build.fleet.all went out" in r.stderr
+        assert "repeated build is answered already_running" in r.stderr, r.stderr
+        wait_for(lambda: "built 1/1 hosts" in builder.log_text(), 60, "the build to end")
+        assert len(builder.builds()) == 1
+
+
+@pytest.mark.integration
+def test_final_status_re_sent_by_the_listener_that_starts_after_a_switch(nats_server, start_listener, cli_run):
+    """As above, with --restart-after-switch (the NixOS module sets it): the listener exits right after the switch,
+    before its first re-send; the re-sends it left in the state directory are made by the next listener."""
+    host, cli = start_blocked_deploy(nats_server, start_listener, cli_run, "--restart-after-switch")
+    os.killpg(cli.proc.pid, signal.SIGSTOP)
+    nats_server.stop()
+    wait_for(lambda: "disconnected from NATS" in host.log_text(), what="the listener to notice the outage")
+    nats_server.start_again("-m", "-1")
+    wait_for(lambda: "reconnected to NATS" in host.log_text(), 30, "the listener to reconnect")
+    host.standin.release()
+    assert host.proc.wait(30) == 0  # restarting after the switch
+    state = host.standin.dir / "state"
+    [pending] = state.glob("resend-*.json")
+    assert pending.stat().st_mode & 0o777 == 0o600 and "re-sent the final status" not in host.log_text()
+    host.start()  # what systemd's Restart=always does, on the same state directory
+    os.killpg(cli.proc.pid, signal.SIGCONT)
+    check_completed(cli, host)
+    restarted = host.log_text().rsplit("resuming the re-sends of its final status", 1)
+    assert len(restarted) == 2 and "re-sent the final status after a reconnect" in restarted[1]
+
+
 # ---------------------------------------------------------------- hostile input at scale
 
 @dataclass
@@ -745,7 +872,7 @@ def spy(fleet):
     """Every message anyone publishes while the test runs, as (subject, payload)."""
     seen: list[tuple[str, bytes]] = []
     bus = hd.Bus(fleet.server.url, str(fleet.server.seeds["chaos"]), "spy")
-    bus.subscribe(">", lambda subject, data: seen.append((subject, data)))
+    bus.subscribe(">", lambda subject, data, received: seen.append((subject, data)))
     yield seen
     bus.close()
 
@@ -1033,6 +1160,91 @@ def test_deeply_nested_json_is_rejected_cleanly(nats_server, start_listener, bus
     assert got[-1]["status"] == "completed"
 
 
+# ---------------------------------------------------------------- overload
+
+FLOOD_REQUESTS = 100_000  # discovery requests; the unbounded queue of before grew the listener by ~0.7 KiB each
+
+
+def flood_discovery(url: str, seed: Path, half_sent: threading.Event) -> None:
+    """Publish FLOOD_REQUESTS discovery requests as fast as nats-py can, with a listener's credential (it may
+    publish on deploy.discover); sets `half_sent` halfway."""
+    import asyncio
+
+    import nats
+
+    async def flood() -> None:
+        nc = await nats.connect(url, nkeys_seed_str=seed.read_text().strip())
+        body = json.dumps({"reply_to": "deploy.responses.flood.x"}).encode()
+        for i in range(FLOOD_REQUESTS):
+            await nc.publish("deploy.discover", body)
+            if i == FLOOD_REQUESTS // 2:
+                half_sent.set()
+        await nc.drain()
+
+    asyncio.run(flood())
+
+
+@pytest.mark.integration
+class TestOverload:
+    def test_discovery_flood_neither_delays_a_deploy_nor_grows_the_listener(self, nats_server, start_listener,
+                                                                          bus_factory):
+        host = start_listener("testhost1", "test")
+        pid, half_sent, flood_over = host.proc.pid, threading.Event(), threading.Event()
+        rss = [proc_status(pid)[0]]
+
+        def sample_rss() -> None:
+            while not flood_over.wait(0.05):
+                rss.append(proc_status(pid)[0])
+
+        threads = [threading.Thread(target=sample_rss),
+                   threading.Thread(target=flood_discovery, args=(nats_server.url, nats_server.seeds["testhost1"],
+                                                                  half_sent))]
+        for thread in threads:
+            thread.start()
+        try:
+            assert half_sent.wait(60), "the flood did not start"
+            deploy = run_cli("deploy", "deploy.test.testhost1", "--branch", "main", "--json", "--nats-url",
+                             nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"]))
+            threads[1].join(120)
+            admin = bus_factory(nats_server, "admin")
+            wait_for(lambda: answers_discovery(admin, {"testhost1"}), 60, "the listener to answer discovery again")
+        finally:
+            flood_over.set()
+            for thread in threads:
+                thread.join(120)
+        assert deploy.returncode == 0, deploy.stderr
+        assert json.loads(deploy.stdout)["hosts"][0]["status"] == "completed"
+        assert len(host.standin.calls) == 1
+        assert "lane=deploy.discover full (1024 messages waiting)" in host.log_text()
+        growth = (max(rss) - rss[0]) / 1024
+        assert growth < 50, f"the listener grew by {growth:.0f} MiB"
+        print(f"\n[figures] discovery flood: {FLOOD_REQUESTS} requests; a deploy sent halfway completed (exit 0); "
+              f"listener RSS {rss[0] / 1024:.1f} MiB -> peak {max(rss) / 1024:.1f} MiB")
+
+    def test_deploy_held_past_its_senders_wait_is_not_run(self, nats_server, listener_in_process, monkeypatch,
+                                                          caplog):
+        """The CLI says how long it waits for `accepted` (expires_in: half its answer window). A request held in
+        the listener longer than that after it arrived (a hook holds it, as a full queue would) is answered
+        `rejected`/timeout and never run; the next one runs."""
+        listener, standin = listener_in_process()
+        parse, gate = hd.DeployRequest.parse, threading.Event()
+
+        def held(data: bytes, allow_any_ref: bool = False) -> hd.DeployRequest:
+            gate.wait(60)
+            return parse(data, allow_any_ref)
+
+        monkeypatch.setattr(hd.DeployRequest, "parse", staticmethod(held))
+        cli = ["deploy", "deploy.test.testhost1", "--branch", "main", "--answer-window", "1", "--nats-url",
+               nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])]
+        assert run_cli(*cli).returncode == 4  # nothing answered within its window: the sender gave up
+        gate.set()
+        wait_for(lambda: "the request waited" in caplog.text or standin.calls, what="the held request to be handled")
+        assert standin.calls == []
+        assert re.search(r"rejected: not run: the request waited \d+\.\ds in the listener's queue on testhost1, "
+                         r"longer than the 0\.5s its sender waits for `accepted` \(expires_in\)", caplog.text)
+        assert run_cli(*cli).returncode == 0 and len(standin.calls) == 1
+
+
 # ---------------------------------------------------------------- metrics port flood
 
 FLOOD = 300  # connections that never finish a request
@@ -1172,7 +1384,7 @@ def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener,
     replies: dict[str, list[tuple[float, bytes]]] = collections.defaultdict(list)
     lock = threading.Lock()
 
-    def on_reply(subject: str, data: bytes) -> None:
+    def on_reply(subject: str, data: bytes, received: float) -> None:
         with lock:
             replies[subject].append((time.monotonic(), data))
 
@@ -1220,7 +1432,7 @@ def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener,
              30, f"RSS and threads to return to baseline ({base_rss} KiB, {base_threads} threads)")
     after_rss, after_threads = proc_status(pid)
     host.standin.release()
-    wait_for(lambda: any(json.loads(d)["status"] == "completed" for _, d in list(replies[first])), 30,
+    wait_for(lambda: any(json.loads(d)["status"] == "completed" for _, d in list(replies[hd.answer_subject(first, "testhost1")])), 30,
              "the deploy that kept the host busy to complete")
     assert len(host.standin.calls) == 1 and host.proc.poll() is None
     rss = f"{cold_rss / 1024:.1f} MiB cold, {base_rss / 1024:.1f} after a 500-request warm-up burst, peak " \

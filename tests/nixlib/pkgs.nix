@@ -10,10 +10,14 @@
 { lib, system ? "x86_64-linux", flavour ? "host" }:
 let
   fakeDrv = name: attrs:
+    let
+      # Like a real store path, the hash covers the build's inputs: other dependencies, another path.
+      inputs = "${flavour}-${system}-${name}-${builtins.toJSON (attrs.drvArgs or null)}";
+    in
     {
       type = "derivation";
       inherit name system;
-      outPath = "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" "${flavour}-${system}-${name}")}-${name}";
+      outPath = "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" inputs)}-${name}";
     }
     // attrs;
 
