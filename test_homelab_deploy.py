@@ -555,7 +555,7 @@ class TestDeployCLI:
         denied" after publishing; now exit 2, naming the alias variable looked for, and nothing reaches NATS."""
         host = start_listener("testhost1", "test")
         seen: list[str] = []
-        bus_factory(nats_server, "admin").subscribe("deploy.>", lambda subject, data: seen.append(subject))
+        bus_factory(nats_server, "admin").subscribe("deploy.>", lambda subject, data, received: seen.append(subject))
         for target, message in [("prod-web", "$HOMELAB_DEPLOY_ALIAS_PROD_WEB is not set"),
                                 ("deploy.staging.all", "'deploy.staging.all' is not a deploy subject")]:
             r = run_cli("deploy", target, *deploy_args(nats_server, "test-deployer"))
