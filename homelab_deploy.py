@@ -479,8 +479,13 @@ class OutcomeUnknown(NatsError):
     """A request went out but NATS did not confirm it: it may have been delivered and be running."""
 
 
-def read_seed(path: str) -> str:
-    """Read and check an NKey user seed; warn when others can read it. Never logs the seed."""
+NKEY_FILE_FIX = ("pass --nkey-file the path of a file holding the seed (made by `homelab-deploy keygen` or "
+                 "`nk -gen user`)")
+
+
+def read_seed(path: str, fix: str = NKEY_FILE_FIX) -> str:
+    """Read and check an NKey user seed; warn when others can read it. Never logs the seed. `fix` says what to do
+    when the file cannot be read, in the words of whatever named it."""
     import nkeys
 
     try:
@@ -488,8 +493,7 @@ def read_seed(path: str) -> str:
         with open(path, "rb") as f:
             raw = f.read(4096).strip()
     except OSError as e:
-        raise NatsError(f"cannot read NKey seed file {path}: {e.strerror}; pass --nkey-file the path of a file "
-                        "holding the seed (made by `homelab-deploy keygen` or `nk -gen user`)") from None
+        raise NatsError(f"cannot read NKey seed file {path}: {e.strerror}; {fix}") from None
     try:
         public = nkeys.from_seed(bytearray(raw)).public_key.decode()
     except Exception:
@@ -562,7 +566,6 @@ class Bus:
         # (number, text) of the server's last permission errors; a request looks only at those numbered after it
         self.permission_errors: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
         self.permission_errors_seen = 0
-        self.stalled = False  # the server stopped confirming: close() does not drain, which would wait for it
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="nats-loop", daemon=True).start()
         self.lanes: dict[str, Lane] = {}
@@ -670,7 +673,6 @@ class Bus:
                     log.warning("NATS did not confirm the subscription to %s yet (%r); a denial will be logged",
                                 subject, e)
                     return
-                self.stalled = True
                 if operation == "publish":  # it left this client (or nats-py sends it on reconnect)
                     raise OutcomeUnknown(f"the request on {subject} went out but was not confirmed "
                                          f"({str(e) or repr(e)}), so it may have been delivered and be running now"
@@ -727,10 +729,10 @@ class Bus:
     def close(self) -> None:
         self.closing = True
         if self.nc is not None and not self.nc.is_closed:
-            try:  # a disconnected or stalled client has nothing to drain: waiting for the server only delays the exit
-                self._call(self.nc.drain() if self.nc.is_connected and not self.stalled else self.nc.close(), 10)
+            try:  # close, not drain: close writes out what is buffered too, and drain waits up to 10 s for a server
+                self._call(self.nc.close(), 10)  # that stalled or is going away (stopped together with the daemon)
             except Exception as e:
-                log.debug("NATS drain failed: %r", e)
+                log.debug("NATS close failed: %r", e)
         self.loop.call_soon_threadsafe(self.loop.stop)
         for lane in self.lanes.values():
             lane.workers.shutdown(wait=False, cancel_futures=True)
@@ -1675,9 +1677,29 @@ ANSWER_WINDOW = 2.0  # seconds to wait for the first answer before concluding th
 STRAGGLER_WINDOW = 0.5  # seconds without a new host, once all answering hosts finished, before the client stops
 
 
-def resolve_alias(target: str) -> str:
-    """deploy prod-dns -> $HOMELAB_DEPLOY_ALIAS_PROD_DNS, if set."""
-    return os.environ.get("HOMELAB_DEPLOY_ALIAS_" + target.upper().replace("-", "_"), target)
+DEPLOY_SUBJECT_RE = re.compile(rf"deploy\.({'|'.join(TIERS)})\.(role\.)?{TOKEN_RE.pattern}")
+DEPLOY_SUBJECTS = "deploy.<test|prod>.<host>, deploy.<test|prod>.all or deploy.<test|prod>.role.<role>"
+
+
+def resolve_target(target: str) -> str:
+    """The subject of `deploy TARGET`: $HOMELAB_DEPLOY_ALIAS_<TARGET> if set (any subject: listeners may have their
+    own --deploy-subject), else TARGET if it is a deploy subject of a known tier. A ValueError names the variable
+    looked for: a typo would otherwise reach NATS and come back as "permission denied" or nobody answering."""
+    variable = "HOMELAB_DEPLOY_ALIAS_" + target.upper().replace("-", "_")
+    subject = os.environ.get(variable)
+    if subject:
+        if not is_publish_subject(subject):
+            raise ValueError(f"${variable} is {subject!r}, which is not a NATS subject; set it to a deploy subject "
+                             f"({DEPLOY_SUBJECTS})")
+        return subject
+    if DEPLOY_SUBJECT_RE.fullmatch(target):
+        return target
+    if "." in target:
+        raise ValueError(f"{target!r} is not a deploy subject: use {DEPLOY_SUBJECTS} (`homelab-deploy list-hosts` "
+                         "shows every host's subjects), or an alias")
+    raise ValueError(f"{target!r} is neither a deploy subject ({DEPLOY_SUBJECTS}) nor an alias: ${variable} is not "
+                     f"set; export {variable}=<deploy subject>, or give the subject itself (`homelab-deploy "
+                     "list-hosts` shows every host's subjects)")
 
 
 class Progress:
@@ -1693,7 +1715,8 @@ class Progress:
         if self.quiet:
             return
         if self.tty and not final:
-            self.stream.write("\r\x1b[K" + line[: os.get_terminal_size(self.stream.fileno()).columns - 1])
+            columns = os.get_terminal_size(self.stream.fileno()).columns  # 0 when the terminal does not say
+            self.stream.write("\r\x1b[K" + (line[: columns - 1] if columns else line))
             self.status_line = True
         else:
             self.stream.write(("\r\x1b[K" if self.status_line else "") + line + "\n")
@@ -1812,10 +1835,10 @@ def describe(response: DeployResponse) -> str:
 
 
 def deploy_command(args: argparse.Namespace) -> int:
-    subject = resolve_alias(args.target)
-    if not is_publish_subject(subject):
-        print(f"error: {subject!r} is not a deploy subject (e.g. deploy.test.myhost, deploy.prod.all, "
-              "deploy.prod.role.dns) and no HOMELAB_DEPLOY_ALIAS_* names it", file=sys.stderr)
+    try:
+        subject = resolve_target(args.target)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.action not in [a.value for a in Action]:
         print(f"error: invalid --action {args.action!r}; use one of {', '.join(a.value for a in Action)}",
@@ -2022,10 +2045,10 @@ def new_user_seed(path: str) -> str:
     return nkeys.from_seed(bytearray(seed)).public_key.decode()
 
 
-def public_key_of(seed_path: str) -> str:
+def public_key_of(seed_path: str, fix: str = NKEY_FILE_FIX) -> str:
     import nkeys
 
-    return nkeys.from_seed(bytearray(read_seed(seed_path).encode())).public_key.decode()
+    return nkeys.from_seed(bytearray(read_seed(seed_path, fix).encode())).public_key.decode()
 
 
 class FleetError(ValueError):
@@ -2074,8 +2097,11 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                 raise FleetError(f"{where}: {nkey_field} {str(public)[:60]!r} is not an NKey user public key "
                                  "(56 characters starting with U; `homelab-deploy keygen` makes one)")
         else:
+            path = os.path.join(base_dir, str(entry[seed_field]))
             try:
-                public = public_key_of(os.path.join(base_dir, str(entry[seed_field])))
+                public = public_key_of(path, f"create it with `homelab-deploy keygen --out {path}` (`{seed_field}: "
+                                             f"{entry[seed_field]}` is relative to the fleet file), or give the "
+                                             f"public key as `{nkey_field}: U...` instead")
             except NatsError as e:
                 raise FleetError(f"{where}: {e}") from None
         if public in seen_keys:
@@ -2178,18 +2204,23 @@ def authorization_config(credentials: list[Credential], source: str = "") -> str
 def keygen_command(args: argparse.Namespace) -> int:
     try:
         if args.pubout and args.input:
-            print(public_key_of(args.input))
+            print(public_key_of(args.input, "pass --in the path of an NKey seed file"))
         elif args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", mode=0o700, exist_ok=True)  # keys/ of a first setup
             print(new_user_seed(args.out))
         else:
             print("error: use `keygen --out FILE` to write a new seed, or `keygen --pubout --in FILE`",
                   file=sys.stderr)
             return 2
-    except FileExistsError:
-        print(f"error: {args.out} exists; refusing to overwrite a key (remove it first or pick another name)",
-              file=sys.stderr)
+    except OSError as e:
+        if isinstance(e, FileExistsError) and e.filename == args.out:
+            print(f"error: {args.out} exists; refusing to overwrite a key (remove it first or pick another name)",
+                  file=sys.stderr)
+        else:
+            print(f"error: cannot write {e.filename or args.out}: {e.strerror}; give --out a path in a writable "
+                  "directory", file=sys.stderr)
         return 2
-    except (OSError, NatsError) as e:
+    except NatsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -2230,7 +2261,7 @@ drv = f"/nix/store/{{os.urandom(16).hex()[:32]}}-nixos-system-{{host}}-25.05.drv
 for line in ("building the system configuration...", "these 2 derivations will be built:",
              f"  {{drv}}", f"building '{{drv}}'..."):
     print(line, flush=True)
-    time.sleep(0.15)
+    time.sleep(0.05)
 if os.environ.get("HOMELAB_DEMO_FAIL"):
     print(f"error: builder for '{{drv}}' failed with exit code 1;", file=sys.stderr)
     print("       last 1 log lines:\\n       > error: The option `services.nginx.virtualHosts.www' does not exist.",
@@ -2243,7 +2274,7 @@ if action in ("switch", "boot"):
     os.replace(profile + ".new", profile)
 for line in ("activating the configuration...", "setting up /etc...", "reloading user units for root..."):
     print(line, flush=True)
-    time.sleep(0.1)
+    time.sleep(0.03)
 """
 
 
@@ -2257,6 +2288,7 @@ def free_port() -> int:
 
 def demo_command(args: argparse.Namespace) -> int:
     """A local NATS server, simulated hosts, and the main operations, with readable output."""
+    import shlex
     import shutil
     import subprocess
     import tempfile
@@ -2296,10 +2328,11 @@ def demo_command(args: argparse.Namespace) -> int:
         raise RuntimeError(f"{name} did not start; see {work}/{name}.log")
 
     def cli(title: str, argv: list[str], key: str, expect: int) -> tuple[int, object]:
-        say(f"\n== {title}\n$ {shown} {' '.join(argv)} --nkey-file keys/{key}.seed")
-        env = {**os.environ, "HOMELAB_DEPLOY_NATS_URL": url,
-               "HOMELAB_DEPLOY_NKEY_FILE": os.path.join(keys, f"{key}.seed")}
-        r = subprocess.run([*me, *argv, "--json"], capture_output=True, text=True, env=env, timeout=120)
+        # Printed as run, so it can be pasted; every host is on this machine, so stragglers need no 0.5 s
+        command = [*me, *argv, "--json", "--straggler-window", "0.2", "--nats-url", url,
+                   "--nkey-file", os.path.join(keys, f"{key}.seed")]
+        say(f"\n== {title}\n$ {shlex.join(command)}")
+        r = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if argv[0] == "list-hosts" and r.returncode == 0:
             for h in json.loads(r.stdout):
                 say(f"  {h['hostname']:10} {h['tier']:5} {h['role'] or '-':4} {' '.join(h['deploy_subjects'])}")
@@ -2512,7 +2545,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deploy subject (deploy.<tier>.<host>|all|role.<role>) or alias from HOMELAB_DEPLOY_ALIAS_<NAME>")
     nats_flags(p, env=True)
     p.add_argument("--branch", default=env_default("HOMELAB_DEPLOY_BRANCH", "master"),
-                   help="git branch or commit (env HOMELAB_DEPLOY_BRANCH, default: master)")
+                   help="git branch, tag or commit (env HOMELAB_DEPLOY_BRANCH, default: master)")
     p.add_argument("--action", default=env_default("HOMELAB_DEPLOY_ACTION", "switch"),
                    help="nixos-rebuild action: switch, boot, test, dry-activate "
                         "(env HOMELAB_DEPLOY_ACTION, default: switch)")
@@ -2538,7 +2571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=keygen_command)
 
     p = sub.add_parser("nats-config", help="print a least-privilege nats-server authorization block for a fleet file")
-    p.add_argument("fleet", metavar="FLEET.yaml", help="fleet file (see README, 'Fleet file')")
+    p.add_argument("fleet", metavar="FLEET.yaml", help="fleet file (see README, 'Keys and NATS permissions')")
     p.set_defaults(func=nats_config_command)
 
     p = sub.add_parser("demo", help="run a local sandbox: nats-server, simulated hosts, deploys, metrics")
@@ -2579,7 +2612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="build all hosts of the repository (the default without HOST)")
     nats_flags(p, env=True)
     p.add_argument("--branch", default=env_default("HOMELAB_DEPLOY_BRANCH"),
-                   help="git branch (env HOMELAB_DEPLOY_BRANCH; default: the repo's default_branch)")
+                   help="git branch, tag or commit (env HOMELAB_DEPLOY_BRANCH; default: the repo's default_branch)")
     p.add_argument("--timeout", type=positive_seconds,
                    default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, positive_seconds),
                    help="response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
@@ -2611,6 +2644,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     if not getattr(args, "debug", False):
         logging.getLogger("nats").setLevel(logging.CRITICAL)  # its reconnect noise; we log our own line
+    if getattr(args, "metrics_enabled", False):
+        try:  # the drop-in script's host may lack it: a message, not a traceback
+            import prometheus_client  # noqa: F401
+        except ImportError as e:
+            print(f"error: --metrics-enabled needs the Python package prometheus-client ({e}); install it "
+                  "(pip install prometheus-client) or leave out --metrics-enabled", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

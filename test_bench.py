@@ -57,7 +57,9 @@ def test_smoke_run_produces_every_row(tmp_path):
                 "listener CPU per deploy, nixos-rebuild stand-in included", "listener RSS after 5 deploys",
                 "listener threads after 5 deploys", "listener RSS after 10 deploys", "listener threads after 10 deploys",
                 "request to accepted p50", "request to accepted p99",
-                "homelab-deploy --help", "deploy to one host, start to exit"]
+                "homelab-deploy --help", "deploy to one host, start to exit",
+                *(f"{daemon} idle, SIGTERM to exit, NATS {state} (slowest run)" for daemon in ("listener", "builder")
+                  for state in ("up", "stopped first", "stopped at once"))]
     for n in (2, 3):
         expected += [f"deploy deploy.test.all, {n} hosts: command",
                      f"deploy deploy.test.all, {n} hosts: publish to last final",
@@ -68,9 +70,11 @@ def test_smoke_run_produces_every_row(tmp_path):
         if row["floor"]:
             assert row["ratio"] == pytest.approx(row["ours"] / row["floor"]), row
         elif not row["measure"].startswith("listener CPU"):  # 10 bare requests may not take one clock tick
-            assert row["floor"] is None and row["measure"].endswith("exit after last final"), row
+            assert row["floor"] is None and row["measure"].endswith(("exit after last final", "(slowest run)")), row
     assert {r["measure"] for r in report["rows"] if r["target"]} >= {
-        "listener idle RSS", "request to accepted p50", "homelab-deploy --help", "deploy to one host, start to exit"}
+        "listener idle RSS", "request to accepted p50", "homelab-deploy --help", "deploy to one host, start to exit",
+        "listener idle, SIGTERM to exit, NATS stopped at once (slowest run)",
+        "builder idle, SIGTERM to exit, NATS stopped at once (slowest run)"}
     # The printed table has the same rows, and the bench left nothing running behind it.
     table_rows = [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table_rows) == len(expected) + 1

@@ -1,13 +1,19 @@
 """Key generation, the fleet file -> nats-server authorization block, the permission matrix it enforces on a
-real nats-server, and the demo sandbox."""
+real nats-server, the demo sandbox, and the README's first real setup."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import nkeys
@@ -15,7 +21,9 @@ import pytest
 import yaml
 
 import homelab_deploy as hd
-from conftest import PROGRAM, Listener, NatsServer, make_user_key, run_cli, stop_process, wait_for
+from conftest import PROGRAM, REPO, Listener, NatsServer, StandIn, make_user_key, run_cli, stop_process, wait_for
+from test_builder import GOOD, commit_flake, flake_text, needs_nix, nix_env
+from test_listener_lifecycle import gone
 
 
 # ---------------------------------------------------------------- keygen
@@ -47,6 +55,23 @@ class TestKeygen:
         r = run_cli("keygen", "--pubout", "--in", str(tmp_path / "junk"))
         assert r.returncode == 2 and "valid NKey user seed" in r.stderr
         assert run_cli("keygen").returncode == 2
+
+    def test_creates_a_missing_directory(self, tmp_path):
+        """`keygen --out keys/x.seed` before keys/ exists printed a raw errno message; it creates keys/, mode 0700."""
+        r = run_cli("keygen", "--out", str(tmp_path / "keys" / "x.seed"))
+        assert r.returncode == 0, r.stderr
+        assert oct((tmp_path / "keys").stat().st_mode & 0o777) == "0o700"
+        assert oct((tmp_path / "keys" / "x.seed").stat().st_mode & 0o777) == "0o600"
+        (tmp_path / "file").write_text("")
+        r = run_cli("keygen", "--out", str(tmp_path / "file" / "x.seed"))
+        assert r.returncode == 2 and "Errno" not in r.stderr, r.stderr
+        assert f"error: cannot write {tmp_path / 'file'}: File exists; give --out a path in a writable directory" \
+            in r.stderr
+
+    def test_missing_input_names_the_flag(self, tmp_path):
+        r = run_cli("keygen", "--pubout", "--in", str(tmp_path / "nope.seed"))
+        assert r.returncode == 2 and "No such file or directory; pass --in the path of an NKey seed file" in r.stderr
+        assert "--nkey-file" not in r.stderr
 
     @pytest.mark.parametrize("key,ok", [(None, True), ("U" + "A" * 55, False), ("N" + "A" * 55, False), ("", False),
                                         (42, False)])
@@ -110,6 +135,29 @@ class TestFleetConfig:
         r = run_cli("nats-config", str(tmp_path / "fleet.yaml"))
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert r.stdout == ""
+
+    def test_missing_seed_says_which_entry_and_how_to_create_it(self, tmp_path):
+        """A seed file that does not exist yet suggested `pass --nkey-file`, which nats-config does not have."""
+        doc, _ = fleet_doc(tmp_path)
+        doc["hosts"][1]["seed"] = "keys/new.seed"
+        (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+        r = run_cli("nats-config", str(tmp_path / "fleet.yaml"))
+        seed = tmp_path / "keys" / "new.seed"
+        assert r.returncode == 2 and "--nkey-file" not in r.stderr, r.stderr
+        assert (f"hosts[1] (t2): cannot read NKey seed file {seed}: No such file or directory; create it with "
+                f"`homelab-deploy keygen --out {seed}` (`seed: keys/new.seed` is relative to the fleet file), or "
+                "give the public key as `nkey: U...` instead") in r.stderr
+        assert run_cli("keygen", "--out", str(seed)).returncode == 0  # the advice, followed, works
+        assert run_cli("nats-config", str(tmp_path / "fleet.yaml")).returncode == 0
+
+    def test_help_points_to_readme_sections_that_exist(self):
+        """`nats-config --help` pointed to a README section "Fleet file" that does not exist."""
+        headings = set(re.findall(r"^#+ (.+)$", (REPO / "README.md").read_text(), re.M))
+        commands = next(a.choices for a in hd.build_parser()._actions if isinstance(a.choices, dict))
+        cited = {name: re.findall(r"README, '([^']+)'", " ".join(sub.format_help().split()))
+                 for name, sub in commands.items()}
+        assert cited["nats-config"] == ["Keys and NATS permissions"]
+        assert all(section in headings for sections in cited.values() for section in sections), cited
 
     def test_not_yaml_or_missing(self, tmp_path):
         (tmp_path / "f.yaml").write_text("hosts: [\n")
@@ -329,9 +377,137 @@ class TestDemo:
             admin_seed = os.path.join(workdir, "keys", "admin.seed")
             r = run_cli("list-hosts", "--nats-url", url, "--nkey-file", admin_seed, "--json")
             assert r.returncode == 0 and len(json.loads(r.stdout)) == 5  # the printed instructions work
+            # Each step prints the command it runs, so it can be pasted: run step 1's as printed.
+            printed = re.search(r"^== 1\. list hosts.*\n\$ (.+)$", text, re.M).group(1)
+            r = subprocess.run(shlex.split(printed), capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, printed + r.stderr
+            assert sorted(h["hostname"] for h in json.loads(r.stdout)) == sorted(h[0] for h in hd.DEMO_HOSTS)
             assert len(demo_processes(workdir)) >= 6
             os.killpg(proc.pid, signal.SIGINT)
             assert proc.wait(60) == 130
             assert demo_processes(workdir) == [] and not os.path.exists(workdir)
         finally:
             stop_process(proc)
+
+
+# ---------------------------------------------------------------- the README's first real setup
+
+CONFIGS_URL = "https://git.example.com/you/nixos-configs.git"  # the README's flake; git fetches it from a local repo
+
+
+def readme_blocks(section: str) -> list[str]:
+    """The ```bash blocks of a README section, in order, byte for byte."""
+    body = (REPO / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```bash\n(.*?)^```$", body, re.S | re.M)
+
+
+class Shell:
+    """One bash that runs blocks in turn, as a reader pasting them does: exports and background jobs carry over,
+    and `set -e -o pipefail` ends it at the first failing command."""
+
+    def __init__(self, cwd: Path, env: dict, blocks_dir: Path):
+        self.blocks_dir = blocks_dir
+        self.proc = subprocess.Popen(["bash"], cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [*map(self.lines.put, self.proc.stdout), self.lines.put(None)],
+                         daemon=True).start()
+        self.send("set -e -o pipefail")
+
+    def send(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def run(self, block: str, timeout: float = 180) -> str:
+        """Run `block` (from a file, stdin closed, as pasted) and return its output."""
+        script = self.blocks_dir / f"{len(os.listdir(self.blocks_dir))}.sh"
+        script.write_text(block)
+        self.send(f"source {shlex.quote(str(script))} </dev/null; echo __block_done__")
+        out: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"block still running after {timeout}s:\n{block}\noutput:\n{''.join(out)}")
+            assert line is not None, f"the shell ended (a command failed) in:\n{block}\noutput:\n{''.join(out)}"
+            if line == "__block_done__\n":
+                return "".join(out)
+            out.append(line)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc.stdin.close()
+
+
+def log_says(path: Path, text: str) -> bool:
+    return path.exists() and text in path.read_text()
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@needs_nix
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("npx") is None, reason="npx not found: the MCP step needs Node.js 20 or newer")
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not found (Debian: apt-get install curl)")
+class TestFirstRealSetup:
+    def test_every_block_of_the_readme_works(self, tmp_path):
+        """The README's walkthrough, block by block, in one bash in an empty directory, with real nats-server,
+        listener, builder, nix and MCP Inspector. The machine provides what a fleet would: a `nixos-rebuild`
+        (the stand-in) on PATH, and the git server (git's url.insteadOf points the README's URL at a local
+        repository with host web1); nix.conf holds this machine's settings, the README's NIX_CONFIG adds flakes."""
+        busy = [port for port in (4222, 9972, 9973) if port_in_use(port)]
+        assert not busy, f"the walkthrough uses 127.0.0.1 ports 4222, 9972 and 9973; in use: {busy}"
+        blocks = readme_blocks("First real setup")
+        assert len(blocks) == 10, blocks
+        standin = StandIn(tmp_path / "machine")
+        (standin.dir / "bin" / "homelab-deploy").write_text(f"#!/bin/sh\nexec {shlex.join(PROGRAM)} \"$@\"\n")
+        (standin.dir / "bin" / "homelab-deploy").chmod(0o755)
+        remote = commit_flake(tmp_path / "remote" / "nixos-configs", flake_text({"web1": GOOD}))
+        env = {k: v for k, v in nix_env(tmp_path / "nix").items() if not k.startswith("HOMELAB_DEPLOY_")}
+        (tmp_path / "nix" / "etc" / "nix.conf").write_text(env.pop("NIX_CONFIG").replace(
+            "experimental-features = nix-command flakes\n", ""))
+        env.update(PATH=f"{standin.dir / 'bin'}:{env['PATH']}", STANDIN_DIR=str(standin.dir),
+                   GIT_CONFIG_COUNT="2", GIT_CONFIG_KEY_1=f"url.{remote.removeprefix('git+')}.insteadOf",
+                   GIT_CONFIG_VALUE_1=CONFIGS_URL,
+                   npm_config_cache=os.environ.get("npm_config_cache", os.path.expanduser("~/.npm")))
+        setup = tmp_path / "setup"
+        setup.mkdir()
+        (tmp_path / "blocks").mkdir()
+        shell = Shell(setup, env, tmp_path / "blocks")
+        try:
+            out = shell.run(blocks[0])  # keys
+            assert len(re.findall(r"^U[A-Z2-7]{55}$", out, re.M)) == 5, out
+            assert oct((setup / "keys").stat().st_mode & 0o777) == "0o700"
+            shell.run(blocks[1])  # fleet file
+            shell.run(blocks[2])  # nats-server
+            wait_for(lambda: log_says(setup / "nats.log", "Server is ready"), what="nats-server")
+            shell.run(blocks[3])  # listener
+            wait_for(lambda: log_says(setup / "web1.log", " ready ("), what="the listener")
+            out = shell.run(blocks[4])  # list-hosts, deploy
+            assert re.search(r"^web1\s+test\s+web\s+idle\s+deploy\.test\.web1", out, re.M), out
+            assert "deploy.test.web1: 1/1 hosts completed" in out, out
+            assert standin.calls == [["switch", "--refresh", "--flake", f"git+{CONFIGS_URL}?ref=main#web1"]]
+            shell.run(blocks[5])  # builder
+            wait_for(lambda: log_says(setup / "builder.log", "builder ready"), what="the builder")
+            out = shell.run(blocks[6])  # build
+            assert "nixos-configs: built 1/1 hosts successfully" in out and "[1/1] web1 ok" in out, out
+            out = shell.run(blocks[7])  # metrics
+            assert 'homelab_deploy_deployments_total{action="switch",error_code="",status="completed"} 1.0' in out
+            assert 'homelab_deploy_builds_total{repo="nixos-configs",status="success"} 1.0' in out, out
+            out = shell.run(blocks[8])  # MCP: .mcp.json, tools/list, tools/call list_hosts
+            assert json.loads((setup / ".mcp.json").read_text())["mcpServers"]["homelab-deploy"]["args"][-1] == \
+                str(setup / "keys" / "assistant.seed")
+            assert '"name": "deploy"' in out and '"name": "list_hosts"' in out, out
+            assert "web1: tier test, role web, idle" in out and '"isError": true' not in out, out
+            shell.send("jobs -p > daemons.pid")
+            shell.run("true")
+            daemons = [int(pid) for pid in (setup / "daemons.pid").read_text().split()]
+            assert len(daemons) == 3
+            shell.run(blocks[9])  # stop
+            wait_for(lambda: all(map(gone, daemons)), what="nats-server, listener and builder to exit")
+        finally:
+            shell.stop()

@@ -210,10 +210,70 @@ class TestCommandLine:
         with pytest.raises(ValueError):
             hd.expand_subjects(["deploy.<tier>.<nope>"], "h1", "test", None)
 
-    def test_alias(self, monkeypatch):
+    def test_deploy_target(self, monkeypatch):
+        """A deploy subject of a known tier, or an alias (which may name any subject, such as a listener's own
+        --deploy-subject); anything else is a ValueError naming what was looked for (issue 15: `deploy prod-web`
+        was sent as a subject and came back as "permission denied")."""
         monkeypatch.setenv("HOMELAB_DEPLOY_ALIAS_PROD_DNS", "deploy.prod.role.dns")
-        assert hd.resolve_alias("prod-dns") == "deploy.prod.role.dns"
-        assert hd.resolve_alias("deploy.test.all") == "deploy.test.all"
+        monkeypatch.setenv("HOMELAB_DEPLOY_ALIAS_SITE", "site.test.h1")
+        assert hd.resolve_target("prod-dns") == "deploy.prod.role.dns"
+        assert hd.resolve_target("site") == "site.test.h1"
+        for subject in ("deploy.test.all", "deploy.prod.h1", "deploy.test.role.dns", "deploy.prod.role"):
+            assert hd.resolve_target(subject) == subject
+        for target, message in [
+                ("prod-web", "'prod-web' is neither a deploy subject (deploy.<test|prod>.<host>, "
+                             "deploy.<test|prod>.all or deploy.<test|prod>.role.<role>) nor an alias: "
+                             "$HOMELAB_DEPLOY_ALIAS_PROD_WEB is not set"),
+                ("deploy.staging.all", "'deploy.staging.all' is not a deploy subject: use deploy.<test|prod>.<host>"),
+                ("deploy.test", "is not a deploy subject"), ("deploy.test.role.dns.x", "is not a deploy subject"),
+                ("deploy.test.*", "is not a deploy subject"), ("deploy.responses.x", "is not a deploy subject")]:
+            with pytest.raises(ValueError) as error:
+                hd.resolve_target(target)
+            assert message in str(error.value), target
+        monkeypatch.setenv("HOMELAB_DEPLOY_ALIAS_PROD_DNS", "deploy.prod.role.dns ")
+        with pytest.raises(ValueError, match=r"\$HOMELAB_DEPLOY_ALIAS_PROD_DNS is .* not a NATS subject"):
+            hd.resolve_target("prod-dns")
+
+    @pytest.mark.parametrize("command", ["deploy", "build"])
+    def test_branch_help_says_tag_or_commit(self, command, capsys):
+        with pytest.raises(SystemExit):
+            hd.build_parser().parse_args([command, "--help"])
+        assert "git branch, tag or commit" in " ".join(capsys.readouterr().out.split())
+
+    @pytest.mark.parametrize("daemon", ["listener", "builder"])
+    def test_metrics_without_prometheus_client(self, daemon, tmp_path):
+        """The drop-in script on a host without prometheus-client: exit 2 naming the package and the fix, no
+        traceback (the import is shadowed by a module that raises as a missing one does)."""
+        (tmp_path / "shadow").mkdir()
+        (tmp_path / "shadow" / "prometheus_client.py").write_text(
+            "raise ModuleNotFoundError(\"No module named 'prometheus_client'\", name='prometheus_client')\n")
+        (tmp_path / "builder.yaml").write_text("repos: {fleet: {url: 'git+https://git.example.com/fleet.git'}}\n")
+        flags = {"listener": ["--hostname", "h1", "--tier", "test", "--flake-url", "git+https://g.example/c.git",
+                              "--state-dir", str(tmp_path / "state")],
+                 "builder": ["--config", str(tmp_path / "builder.yaml")]}[daemon]
+        r = run_cli(daemon, *flags, "--nats-url", "nats://127.0.0.1:1", "--nkey-file", str(tmp_path / "k.seed"),
+                    "--metrics-enabled", env={"PYTHONPATH": str(tmp_path / "shadow")}, timeout=30)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "error: --metrics-enabled needs the Python package prometheus-client (No module named " \
+               "'prometheus_client'); install it (pip install prometheus-client) or leave out --metrics-enabled" \
+               in r.stderr
+
+
+class TestProgress:
+    def test_terminal_without_a_width_gets_whole_lines(self):
+        """A terminal that reports 0 columns (a fresh pty does) cut the last character of every redrawn line."""
+        import pty
+
+        master, replica = pty.openpty()
+        assert os.get_terminal_size(replica).columns == 0
+        with open(replica, "w") as stream, open(master, "rb", buffering=0) as screen:
+            progress = hd.Progress(stream)
+            progress.event("testhost1: started - running nixos-rebuild", final=False)
+            progress.event("testhost1: completed - Successfully switched to generation 42", final=True)
+            shown = b""
+            while b"generation 42" not in shown:
+                shown += screen.read(4096)
+        assert b"\r\x1b[Ktesthost1: started - running nixos-rebuild\r\x1b[K" in shown
 
     def test_generation_from_profile(self, tmp_path):
         (tmp_path / "system").symlink_to("system-42-link")
@@ -516,6 +576,20 @@ class TestDeployCLI:
             assert r.returncode == 3, r.stderr
             assert "permission denied" in r.stderr and subject in r.stderr
         assert prod.standin.calls == []
+
+    def test_unknown_target_is_refused_before_sending(self, nats_server, start_listener, bus_factory):
+        """`deploy prod-web` (an alias never set) and `deploy.staging.all` (no such tier) exited 3 with "permission
+        denied" after publishing; now exit 2, naming the alias variable looked for, and nothing reaches NATS."""
+        host = start_listener("testhost1", "test")
+        seen: list[str] = []
+        bus_factory(nats_server, "admin").subscribe("deploy.>", lambda subject, data, received: seen.append(subject))
+        for target, message in [("prod-web", "$HOMELAB_DEPLOY_ALIAS_PROD_WEB is not set"),
+                                ("deploy.staging.all", "'deploy.staging.all' is not a deploy subject")]:
+            r = run_cli("deploy", target, *deploy_args(nats_server, "test-deployer"))
+            assert r.returncode == 2 and message in r.stderr, r.stderr
+        bus_factory(nats_server, "admin").publish("deploy.test.marker", b"{}", confirm=True)
+        wait_for(lambda: seen, what="the spy to see the marker")
+        assert seen == ["deploy.test.marker"] and host.standin.calls == []
 
     def test_nobody_answers(self, nats_server):
         r = run_cli("deploy", "deploy.test.nosuchhost", *deploy_args(nats_server, "test-deployer"))

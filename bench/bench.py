@@ -81,10 +81,11 @@ class Sandbox:
         os.chmod(rebuild, 0o755)
         self.env = dict(os.environ, PATH=os.path.join(work, "bin") + os.pathsep + os.environ["PATH"])
         self.hosts = [f"h{i:03d}" for i in range(1, max_hosts)] + ["probe"]  # the probe is one of the fleet
-        # "metrics" is a prod host outside the measured fleet: its listener runs with metrics on, then stops.
+        # Outside the measured fleet: "metrics", a listener with metrics on, and "stop" and a builder, stopped idle.
         fleet = {"hosts": [{"hostname": h, "tier": "test", "seed": self.seed(h)} for h in self.hosts]
-                 + [{"hostname": "metrics", "tier": "prod", "seed": self.seed("metrics")}],
-                 "deployers": [{"name": "deployer", "access": "test", "seed": self.seed("deployer")}]}
+                 + [{"hostname": h, "tier": "prod", "seed": self.seed(h)} for h in ("metrics", "stop")],
+                 "deployers": [{"name": "deployer", "access": "test", "seed": self.seed("deployer")}],
+                 "builders": [{"name": "builder", "repos": ["bench"], "seed": self.seed("builder")}]}
         credentials = hd.fleet_credentials(fleet, work)
         self.bench_seed = self.seed("bench")
         credentials.append(hd.Credential("bench observer and floor", hd.public_key_of(self.seed("bench")),
@@ -388,6 +389,52 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
             lambda: floor_client("floor.echo.0", 1))
         row("deploy to one host, start to exit", median(ones), median(bare_ones), "s", "<= 400 ms",
             median(ones) <= 0.400)
+
+        # Stopping: SIGTERM to exit of an idle listener and builder, on a server of their own that is up, was
+        # stopped before (the daemons are reconnecting), or is stopped at the same moment (a host shutting down).
+        builder_config = os.path.join(work, "builder.yaml")
+        with open(builder_config, "w") as f:
+            f.write("repos: {bench: {url: 'git+https://git.example.com/bench.git'}}\n")
+        stop_port = hd.free_port()
+        stop_url = f"nats://127.0.0.1:{stop_port}"
+
+        def stop_seconds(name: str, nats: str) -> list[float]:
+            """Seconds from the first SIGTERM to the exit of the listener, and of the builder."""
+            server = sandbox.start([NATS_SERVER, "-c", os.path.join(work, "nats.conf"), "-p", str(stop_port)],
+                                   f"{name}-nats")
+            sandbox.wait_log(f"{name}-nats", "Server is ready")
+            daemons = [sandbox.start([PROGRAM, "listener", "--hostname", "stop", "--tier", "prod", *LISTENER_FLAGS,
+                                      "--nats-url", stop_url, "--nkey-file", sandbox.seed("stop"),
+                                      "--state-dir", os.path.join(work, "state", "stop")], f"{name}-listener"),
+                       sandbox.start([PROGRAM, "builder", "--nats-url", stop_url, "--config", builder_config,
+                                      "--nkey-file", sandbox.seed("builder")], f"{name}-builder")]
+            sandbox.wait_log(f"{name}-listener", "ready (")
+            sandbox.wait_log(f"{name}-builder", "builder ready")
+            if nats == "stopped first":
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(30)
+                for daemon in ("listener", "builder"):
+                    sandbox.wait_log(f"{name}-{daemon}", "disconnected from NATS")
+            start = time.perf_counter()
+            for proc in ([server] if nats == "stopped at once" else []) + daemons:
+                os.killpg(proc.pid, signal.SIGTERM)
+            seconds = []
+            for proc in daemons:
+                proc.wait(60)
+                seconds.append(time.perf_counter() - start)
+            if nats == "up":
+                os.killpg(server.pid, signal.SIGTERM)
+            server.wait(30)
+            return seconds
+
+        states = ("up", "stopped first", "stopped at once")
+        stops = {state: [stop_seconds(f"stop{run}-{state.replace(' ', '-')}", state) for run in range(args.runs)]
+                 for state in states}
+        for index, daemon in enumerate(("listener", "builder")):
+            for state in states:  # the slowest run: a 10 s drain in one run of five would hide behind a median
+                seconds = max(run[index] for run in stops[state])
+                row(f"{daemon} idle, SIGTERM to exit, NATS {state} (slowest run)", seconds, None, "s", "<= 1 s",
+                    seconds <= 1.0)
 
         # Fleets: fan out to all hosts, beside a bare nats-py command and a bare fan-out to as many responders.
         for n in fleets:
