@@ -58,7 +58,7 @@ def make_user_key(directory: Path, name: str) -> tuple[Path, str]:
 
 def listener_permissions(hostname: str, tier: str, role: str | None) -> dict:
     own = [f"deploy.{tier}.{hostname}", f"deploy.{tier}.all"] + ([f"deploy.{tier}.role.{role}"] if role else [])
-    return {"subscribe": own + ["deploy.discover"], "publish": ["deploy.responses.>", "deploy.discover"]}
+    return {"subscribe": own + ["deploy.discover", "deploy.status"], "publish": ["deploy.responses.>", "deploy.discover"]}
 
 
 # The credentials of the spec's example configuration: who may publish and subscribe where.
@@ -66,7 +66,7 @@ FLEET = {
     "testhost1": listener_permissions("testhost1", "test", None),
     "testhost2": listener_permissions("testhost2", "test", "web"),
     "dns1": listener_permissions("dns1", "prod", "dns"),
-    "test-deployer": {"publish": ["deploy.test.>", "deploy.discover"],
+    "test-deployer": {"publish": ["deploy.test.>", "deploy.discover", "deploy.status"],
                       "subscribe": ["deploy.responses.>", "deploy.discover"]},
     "admin": {"publish": ["deploy.>"], "subscribe": ["deploy.>"]},
     # The builder serves repos fleet and evalfail; the build client may also ask for `unknown`, which no
@@ -167,6 +167,13 @@ if mode == "block":  # until the test creates the release file; a grandchild pro
 profile = os.path.join(d, "profiles", "system")
 gen = int(os.readlink(profile).split("-")[1]) + 1 if os.path.islink(profile) else 1
 os.makedirs(os.path.dirname(profile), exist_ok=True)
+if os.path.exists(os.path.join(d, "revision")):  # the new system's nixos-version reports this configurationRevision
+    version = os.path.join(d, "profiles", f"system-{{gen}}-link", "sw", "bin", "nixos-version")
+    os.makedirs(os.path.dirname(version))
+    with open(version, "w") as f:
+        rev = open(os.path.join(d, "revision")).read().strip()
+        f.write(f"#!/bin/sh\\necho '{{{{\\"nixosVersion\\": \\"25.05\\", \\"configurationRevision\\": \\"{{rev}}\\"}}}}'\\n")
+    os.chmod(version, 0o755)
 os.symlink(f"system-{{gen}}-link", profile + ".tmp")
 os.replace(profile + ".tmp", profile)
 print("activating the configuration...", flush=True)
@@ -186,6 +193,10 @@ class StandIn:
 
     def set_mode(self, mode: str) -> None:
         (self.dir / "mode").write_text(mode)
+
+    def set_revision(self, revision: str) -> None:
+        """Generations made from now on report `revision` as their configurationRevision (nixos-version --json)."""
+        (self.dir / "revision").write_text(revision)
 
     def release(self) -> None:
         (self.dir / "release").write_text("")

@@ -321,6 +321,71 @@ class HostInfo(typing.NamedTuple):
         return cls(**{**fields, "version": fields["version"] or "", "deploying": bool(fields["deploying"])})
 
 
+ISO_TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # UTC, ISO 8601, as the listener writes it
+HISTORY_LENGTH = 20  # finished deploys a listener keeps and reports
+STATUS_SUBJECT = "deploy.status"
+
+
+class DeployRecord(typing.NamedTuple):
+    """One finished deploy in a listener's history."""
+
+    request: str  # the request id: the last token of its reply_to
+    action: Action
+    revision: str
+    commit: str | None  # configurationRevision of the new system after a successful switch/boot; None if unset
+    status: Status
+    error: ErrorCode | None
+    started: str
+    finished: str
+    generation_before: int | None
+    generation_after: int | None
+    duration_seconds: float
+
+    @classmethod
+    def parse(cls, obj: object) -> DeployRecord:
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"malformed deploy record: {reprlib.repr(obj)} is not an object")
+        return cls(**answer_fields(obj, {
+            "request": REPLY_TOKEN_RE.fullmatch, "action": tuple(Action), "revision": is_valid_ref,
+            "commit": is_valid_ref, "status": (Status.COMPLETED, Status.FAILED), "error": tuple(ErrorCode),
+            "started": ISO_TIME_RE.fullmatch, "finished": ISO_TIME_RE.fullmatch, "generation_before": int,
+            "generation_after": int, "duration_seconds": float}, "deploy record",
+            required=("request", "action", "revision", "status", "started", "finished", "duration_seconds")))
+
+    def to_dict(self) -> dict:
+        return {**self._asdict(), "action": self.action.value, "status": self.status.value,
+                "error": self.error.value if self.error else None}
+
+
+class HostStatus(typing.NamedTuple):
+    """A listener's answer to a status query: what its system profile holds now and its last deploys, oldest first."""
+
+    hostname: str
+    tier: str
+    role: str | None
+    deploy_subjects: list[str]
+    deploying: bool
+    generation: int | None
+    commit: str | None  # configurationRevision of the profile's current generation; None when the flake sets none
+    history: list[DeployRecord]
+
+    @classmethod
+    def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> HostStatus:
+        obj = decode_message(data, limit)
+        fields = answer_fields(obj, {
+            "hostname": is_subject_token, "tier": TIERS, "role": is_subject_token, "deploy_subjects": list,
+            "deploying": bool, "generation": int, "commit": is_valid_ref}, "status answer",
+            required=("hostname", "tier", "deploy_subjects"))
+        history = obj.get("history") or []
+        if not isinstance(history, list) or len(history) > HISTORY_LENGTH:
+            raise ProtocolError(f"malformed status answer: history is {reprlib.repr(history)}, not a list of at most "
+                                f"{HISTORY_LENGTH} deploys")
+        return cls(**fields, history=[DeployRecord.parse(r) for r in history])
+
+    def to_dict(self) -> dict:
+        return {**self._asdict(), "history": [r.to_dict() for r in self.history]}
+
+
 class BuildErrorCode(enum.Enum):
     """Why a build request was rejected or failed as a whole (`error_code` of a build response)."""
 
@@ -1019,6 +1084,9 @@ class Listener:
         self.bus, self.metrics = bus, metrics
         self.state_dir = args.state_dir
         self.inflight_file = os.path.join(args.state_dir, "inflight.json")
+        self.history_file = os.path.join(args.state_dir, "history.json")
+        self.history: list[DeployRecord] = []  # replaced, never changed in place: status queries read it unlocked
+        self.profile_commit_of: tuple[int | None, str | None] = (None, None)  # (generation, its commit), cached
         self.busy = threading.Lock()  # one deploy at a time
         self.reporting = threading.Lock()  # held until a deploy's final status is out; shutdown waits on it
         self.restarting = False  # a switch succeeded with --restart-after-switch: set before `busy` is released
@@ -1030,7 +1098,12 @@ class Listener:
     def start(self) -> None:
         for subject in self.subjects:
             self.bus.subscribe(subject, self.handle_deploy, lane="deploy")  # never queued behind discovery
-        self.bus.subscribe(self.discover_subject, self.handle_discover)
+        self.bus.subscribe(self.discover_subject, self.handle_query)
+        try:
+            self.bus.subscribe(STATUS_SUBJECT, self.handle_query)
+        except NatsError as e:  # a NATS config from before status queries: deploys work on, status does not
+            log.warning("host=%s status queries not answered: %s; regenerate the NATS config with `homelab-deploy "
+                        "nats-config` so listeners may subscribe to %s", self.hostname, e, STATUS_SUBJECT)
         log.info("host=%s listening on %s and %s", self.hostname, ", ".join(self.subjects), self.discover_subject)
 
     def reply(self, reply_to: str, status: Status, error: ErrorCode | None = None, message: str = "", **extra) -> None:
@@ -1073,6 +1146,7 @@ class Listener:
                     f"the listener on {self.hostname} is restarting after a switch; retry in a few seconds"
                     if self.restarting else f"the listener on {self.hostname} is shutting down; retry when it is back"))
                 return
+            final, started, before = None, time.time(), current_generation(self.profile)
             try:  # from `accepted` on, whatever raises, exactly one final status goes out
                 self.current, self.current_since = request, time.monotonic()
                 log.info("host=%s request=%s accepted %s of %s", self.hostname, rid, request.action.value,
@@ -1099,6 +1173,8 @@ class Listener:
             finally:
                 self.current = None
                 self.record_inflight(None)
+                if final is not None:  # while `busy` is held: the next deploy starts from this record's generation
+                    self.remember(request, rid, final, started, before)
                 self.busy.release()  # before the final status, so the requester's next deploy is not refused
             if self.metrics:
                 self.metrics.count(final.status, request.action, final.error)
@@ -1115,7 +1191,7 @@ class Listener:
         if self.metrics:
             self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
 
-    def save(self, path: str, record: dict | None) -> None:
+    def save(self, path: str, record: dict | list | None) -> None:
         """Write a state file atomically (mode 0600, fsynced); None removes it and never raises: what is left
         behind is read defensively by the next start."""
         if record is None:
@@ -1139,6 +1215,57 @@ class Listener:
         self.save(self.inflight_file, None if request is None else {
             "reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
             "started": time.time(), "pid": pid, "generation": current_generation(self.profile)})
+
+    def load_history(self) -> None:
+        """At start: the deploys recorded before; a corrupt file is logged and replaced, never fatal."""
+        try:
+            with open(self.history_file) as f:
+                records = json.load(f)
+            if not isinstance(records, list):
+                raise ValueError(f"a JSON {type(records).__name__}, not a list")
+            self.history = [DeployRecord.parse(r) for r in records][-HISTORY_LENGTH:]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, ProtocolError) as e:
+            log.error("host=%s unreadable deploy history %s (%s); starting a new one", self.hostname,
+                      self.history_file, e)
+            self.save(self.history_file, [])
+
+    def profile_commit(self) -> str | None:
+        """configurationRevision of the system profile's current generation (its `nixos-version --json`), None
+        when the flake does not set system.configurationRevision; asked once per generation."""
+        generation = current_generation(self.profile)
+        if generation is None or self.profile_commit_of[0] == generation:
+            return self.profile_commit_of[1] if generation is not None else None
+        result = run_with_timeout([os.path.join(self.profile, "sw", "bin", "nixos-version"), "--json"], 10,
+                                  f"host={self.hostname} ", capture_stdout=True)
+        try:
+            commit = json.loads(result.stdout).get("configurationRevision") if result.returncode == 0 else None
+        except (ValueError, AttributeError):
+            commit = None
+        if not is_valid_ref(commit):
+            log.info("host=%s generation %d reports no configurationRevision (%s); set system.configurationRevision "
+                     "in the flake (e.g. self.rev or self.dirtyRev) to see commits in `homelab-deploy status`",
+                     self.hostname, generation, "; ".join(result.output[-1:]) or "nixos-version --json has none")
+            commit = None
+        self.profile_commit_of = (generation, commit)
+        return commit
+
+    def remember(self, request: DeployRequest, rid: str, final: DeployResponse, started: float,
+                 before: int | None) -> None:
+        """Add a finished deploy to the history file (its last HISTORY_LENGTH); a failed write is logged, not fatal."""
+        try:
+            commit = (self.profile_commit() if final.status is Status.COMPLETED
+                      and request.action in (Action.SWITCH, Action.BOOT) else None)
+            iso = "%Y-%m-%dT%H:%M:%SZ"
+            record = DeployRecord(rid, request.action, request.revision, commit, final.status, final.error,
+                                  time.strftime(iso, time.gmtime(started)), time.strftime(iso, time.gmtime()), before,
+                                  current_generation(self.profile), round(time.time() - started, 3))
+            self.history = (self.history + [record])[-HISTORY_LENGTH:]
+            self.save(self.history_file, [r.to_dict() for r in self.history])
+        except Exception as e:
+            log.error("host=%s request=%s deploy not added to the history %s: %r; make %s writable", self.hostname,
+                      rid, self.history_file, e, self.state_dir)
 
     def report_interrupted(self) -> None:
         """At start: a deploy recorded in the state dir was cut short (crash, kill); tell its requester, never re-run it."""
@@ -1297,15 +1424,19 @@ class Listener:
                      len(schedule))
             self.deliver_final(reply_to, json.dumps(response.to_dict()).encode(), rid, None, schedule)
 
-    def handle_discover(self, subject: str, data: bytes, received: float) -> None:
+    def handle_query(self, subject: str, data: bytes, received: float) -> None:
+        """Answer discovery (HostInfo) or, on STATUS_SUBJECT, a status query (HostStatus)."""
         try:
             reply_to = parse_reply_to(decode_message(data), "deploy")
         except ProtocolError as e:
-            log.warning("host=%s discovery request ignored: %s", self.hostname, e)
+            log.warning("host=%s query on %s ignored: %s", self.hostname, subject, e)
             return
-        info = HostInfo(self.hostname, self.tier, self.role, self.subjects, __version__, self.busy.locked())
-        self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(info._asdict()).encode())
-        log.debug("host=%s answered discovery on %s", self.hostname, reply_to)
+        answer = (HostStatus(self.hostname, self.tier, self.role, self.subjects, self.busy.locked(),
+                             current_generation(self.profile), self.profile_commit(), self.history).to_dict()
+                  if subject == STATUS_SUBJECT else
+                  HostInfo(self.hostname, self.tier, self.role, self.subjects, __version__, self.busy.locked())._asdict())
+        self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(answer).encode())
+        log.debug("host=%s answered %s on %s", self.hostname, subject, reply_to)
 
 
 def run_listener(args: argparse.Namespace) -> int:
@@ -1357,6 +1488,7 @@ def run_listener(args: argparse.Namespace) -> int:
     listener = Listener(args, subjects, bus, metrics, stop)
     try:
         listener.report_interrupted()
+        listener.load_history()
         listener.resume_resends()
         listener.start()
     except NatsError as e:
@@ -1809,16 +1941,17 @@ def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout:
 
 
 def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: float = ANSWER_WINDOW,
-                   stragglers: float = STRAGGLER_WINDOW) -> list[HostInfo]:
-    hosts: dict[str, HostInfo] = {}
+                   stragglers: float = STRAGGLER_WINDOW, parse=HostInfo.parse) -> list:
+    """Every listener's answer to discovery (HostInfo), or with STATUS_SUBJECT and HostStatus.parse, to status."""
+    hosts: dict[str, HostInfo | HostStatus] = {}
 
-    def on_answer(info: HostInfo) -> bool:
+    def on_answer(info: HostInfo | HostStatus) -> bool:
         new = info.hostname not in hosts
         hosts[info.hostname] = info
         return new
 
     collect_answers(bus, discover_subject, "deploy", lambda reply_to: json.dumps({"reply_to": reply_to}).encode(),
-                    HostInfo.parse, lambda h: h.hostname, window, window, on_answer, lambda: True,
+                    parse, lambda h: h.hostname, window, window, on_answer, lambda: True,
                     stragglers=stragglers)
     return sorted(hosts.values(), key=lambda h: (h.tier, h.hostname))
 
@@ -1888,19 +2021,21 @@ def deploy_command(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def list_hosts_command(args: argparse.Namespace) -> int:
+def survey(args: argparse.Namespace, subject: str, parse) -> list:
+    """discover_hosts (discovery or status) on a connection of the CLI's flags; raises NatsError."""
+    bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
     try:
-        bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
-    except NatsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    try:
-        hosts = discover_hosts(bus, args.discover_subject, args.answer_window, args.straggler_window)
-    except NatsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return discover_hosts(bus, subject, args.answer_window, args.straggler_window, parse)
     finally:
         bus.close()
+
+
+def list_hosts_command(args: argparse.Namespace) -> int:
+    try:
+        hosts = survey(args, args.discover_subject, HostInfo.parse)
+    except NatsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     hosts = [h for h in hosts if args.tier is None or h.tier == args.tier]
     if args.json:
         print(json.dumps([h._asdict() for h in hosts], indent=2))
@@ -1915,6 +2050,70 @@ def list_hosts_command(args: argparse.Namespace) -> int:
         print("no host answered" + (f" in tier {args.tier}" if args.tier else ""), file=sys.stderr)
         return 4
     return 0
+
+
+def drift(host: HostStatus, expect: str | None) -> list[str]:
+    """Why a host is not where homelab-deploy left it (or, with `expect`, not on that revision)."""
+    problems = []
+    last = next((r for r in reversed(host.history) if r.generation_after is not None), None)
+    if last and host.generation is not None and host.generation != last.generation_after:
+        problems.append(f"generation {host.generation} was made outside homelab-deploy (its last deploy left "
+                        f"{last.generation_after})")
+    if expect is not None:
+        switch = next((r for r in reversed(host.history)
+                       if r.action is Action.SWITCH and r.status is Status.COMPLETED), None)
+        if switch is None:
+            problems.append(f"no successful switch recorded, expected {expect}")
+        elif expect not in (switch.revision, switch.commit):
+            problems.append(f"last switch was {switch.revision}" + (f" ({switch.commit})" if switch.commit else "")
+                            + f", expected {expect}")
+    return problems
+
+
+def status_command(args: argparse.Namespace) -> int:
+    import datetime
+
+    try:
+        subject = resolve_target(args.target) if args.target else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        hosts = survey(args, STATUS_SUBJECT, HostStatus.parse)
+    except NatsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    hosts = [h for h in hosts if (args.tier is None or h.tier == args.tier)
+             and (subject is None or subject in h.deploy_subjects)]
+    problems = {h.hostname: drift(h, args.expect) for h in hosts}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if args.json:
+        print(json.dumps([{**h.to_dict(), "drift": problems[h.hostname]} for h in hosts], indent=2))
+    else:
+        rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "GEN", "COMMIT", "LAST DEPLOY")]
+        for h in hosts:
+            last = h.history[-1] if h.history else None
+            age = last and now - datetime.datetime.strptime(last.finished, "%Y-%m-%dT%H:%M:%SZ").replace(
+                tzinfo=datetime.timezone.utc)
+            rows.append((h.hostname, h.tier, h.role or "-", "deploying" if h.deploying else "idle",
+                         "-" if h.generation is None else str(h.generation), (h.commit or "-")[:12],
+                         f"{last.action.value} {last.revision} {last.error.value if last.error else last.status.value}"
+                         f" {int(age.total_seconds() // 60)}m ago" if last else "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        for row, host in zip(rows, [None, *hosts]):
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[6])
+            for problem in problems[host.hostname] if host else []:
+                print(f"    DRIFT: {problem}")
+            for r in host.history[-args.history:] if host and args.history else []:
+                print(f"    {r.finished} {r.request[:8]} {r.action.value} {r.revision} -> "
+                      f"{r.status.value}{' [' + r.error.value + ']' if r.error else ''} generation "
+                      f"{r.generation_before} -> {r.generation_after} commit {r.commit or '-'} "
+                      f"({r.duration_seconds:.1f}s)")
+    if not hosts:
+        print("no host answered" + (f" on {subject}" if subject else "") + (f" in tier {args.tier}" if args.tier else "")
+              + "; the listeners' NATS credentials must allow subscribing to " + STATUS_SUBJECT, file=sys.stderr)
+        return 4
+    return 1 if args.expect is not None and any(problems.values()) else 0
 
 
 def check_build_request(repo: object, target: object, branch: object) -> None:
@@ -2123,7 +2322,7 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
         return [f"build.{r}.*" for r in repo_names], [f"build.responses.{public}.>"]
 
     def test_deployer(public: str) -> tuple[list[str], list[str]]:
-        return ["deploy.test.>", discover], [f"deploy.responses.{public}.>", discover]
+        return ["deploy.test.>", discover, STATUS_SUBJECT], [f"deploy.responses.{public}.>", discover]
 
     admin_deployer = (["deploy.>"], ["deploy.>"])
 
@@ -2159,7 +2358,7 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                     raise FleetError(f"{where}: deploy_subjects: {e}") from None
                 credentials.append(Credential(
                     f"listener {name} (tier {tier}{', role ' + role if role else ''})", key(entry, where),
-                    (f"deploy.responses.*.*.{name}", discover), (*own, discover)))
+                    (f"deploy.responses.*.*.{name}", discover), (*own, discover, STATUS_SUBJECT)))
             elif section == "deployers":
                 access = entry.get("access")
                 if access not in ("test", "admin"):
@@ -2563,6 +2762,19 @@ def build_parser() -> argparse.ArgumentParser:
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(func=list_hosts_command)
+
+    p = sub.add_parser("status", help="what each host runs, its last deploys, and drift")
+    p.add_argument("target", metavar="SUBJECT_OR_ALIAS", nargs="?", help="only the hosts of this deploy subject or alias")
+    nats_flags(p, env=True)
+    p.add_argument("--tier", choices=TIERS, help="only hosts of this tier")
+    p.add_argument("--expect", metavar="REV",
+                   help="exit 1 and mark hosts whose last successful switch was not REV (branch or commit) "
+                        "or whose generation changed outside homelab-deploy")
+    p.add_argument("--history", metavar="N", type=int, default=0, choices=range(HISTORY_LENGTH + 1),
+                   help=f"also print each host's last N deploys (0 to {HISTORY_LENGTH}; default: 0)")
+    window_flags(p)
+    p.add_argument("--json", action="store_true", help="print the hosts as JSON")
+    p.set_defaults(func=status_command)
 
     p = sub.add_parser("keygen", help="make an NKey user seed, or print the public key of one")
     p.add_argument("--out", metavar="FILE", help="write a new seed here (mode 0600, never overwritten); prints its public key")

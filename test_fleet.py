@@ -173,6 +173,7 @@ SUBJECTS = {
     "own host": "deploy.test.t1", "other host": "deploy.test.t2", "other tier host": "deploy.prod.p1",
     "own role": "deploy.test.role.web", "other role": "deploy.test.role.db", "prod role": "deploy.prod.role.dns",
     "tier all": "deploy.test.all", "prod all": "deploy.prod.all", "discovery": "deploy.discover",
+    "status": "deploy.status",
     # answers: deploy.responses.<requester's key>.<token>.<host>, build.responses.<requester's key>.<token>.<repo>
     "t1 answers tdep": "deploy.responses.{tdep}.r.t1", "t1 answers admin": "deploy.responses.{admin}.r.t1",
     "p1 answers admin": "deploy.responses.{admin}.r.p1", "t2 answers mcp": "deploy.responses.{mcp}.r.t2",
@@ -182,12 +183,12 @@ SUBJECTS = {
 }
 # Allowed (publish, subscribe) subject classes per credential: the spec's Key Permission Patterns, with replies
 # readable only by their requester and answers publishable only by the host (or builder) they name.
-TEST_DEPLOY_PUB = {"own host", "other host", "own role", "other role", "tier all", "discovery"}
+TEST_DEPLOY_PUB = {"own host", "other host", "own role", "other role", "tier all", "discovery", "status"}
 DEPLOY_ALL = {c for c, s in SUBJECTS.items() if s.startswith("deploy.")}
 MATRIX = {
-    "t1": ({"t1 answers tdep", "t1 answers admin", "discovery"}, {"own host", "tier all", "discovery"}),
-    "t2": ({"t2 answers mcp", "discovery"}, {"other host", "own role", "tier all", "discovery"}),
-    "p1": ({"p1 answers admin", "discovery"}, {"other tier host", "prod role", "prod all", "discovery"}),
+    "t1": ({"t1 answers tdep", "t1 answers admin", "discovery"}, {"own host", "tier all", "discovery", "status"}),
+    "t2": ({"t2 answers mcp", "discovery"}, {"other host", "own role", "tier all", "discovery", "status"}),
+    "p1": ({"p1 answers admin", "discovery"}, {"other tier host", "prod role", "prod all", "discovery", "status"}),
     "tdep": (TEST_DEPLOY_PUB, {"t1 answers tdep", "discovery"}),
     "admin": (DEPLOY_ALL, DEPLOY_ALL),
     "builder": ({"r1 answers bclient", "r1 answers mcp"}, {"build own repo"}),

@@ -667,6 +667,110 @@ class TestDeployCLI:
 # ---------------------------------------------------------------- duration flags of every client
 
 # Every client duration flag, after what its command needs besides it.
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+@pytest.mark.integration
+class TestStatus:
+    """Deploy history (listener), status queries on deploy.status, and `homelab-deploy status` with drift."""
+
+    def status(self, server, *flags: str) -> subprocess.CompletedProcess:
+        return run_cli("status", *deploy_args(server, "test-deployer", "--answer-window", "3", *flags))
+
+    def test_history_records_each_deploy_with_commit_and_generations(self, nats_server, start_listener):
+        host = start_listener("testhost1", "test")
+        host.standin.set_revision(COMMIT_A)
+        assert run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer")).returncode == 0
+        host.standin.set_mode("fail")
+        assert run_cli("deploy", "deploy.test.testhost1",
+                       *deploy_args(nats_server, "test-deployer", "--branch", "v2", "--action", "boot")).returncode == 1
+        history = json.loads((host.standin.dir / "state" / "history.json").read_text())
+        assert oct((host.standin.dir / "state" / "history.json").stat().st_mode & 0o777) == "0o600"
+        first, second = (hd.DeployRecord.parse(r) for r in history)
+        assert (first.action, first.revision, first.commit, first.status, first.error,
+                first.generation_before, first.generation_after) == (
+            hd.Action.SWITCH, "master", COMMIT_A, hd.Status.COMPLETED, None, None, 1)
+        assert (second.action, second.revision, second.commit, second.status, second.error,
+                second.generation_before, second.generation_after) == (
+            hd.Action.BOOT, "v2", None, hd.Status.FAILED, hd.ErrorCode.BUILD_FAILED, 1, 1)
+        assert first.started <= first.finished <= second.started and first.duration_seconds >= 0
+
+    def test_history_is_bounded_survives_a_restart_and_a_corrupt_file_is_replaced(self, nats_server,
+                                                                                   start_listener, bus_factory):
+        host = start_listener("testhost1", "test")
+        bus = bus_factory(nats_server, "test-deployer")
+        for i in range(hd.HISTORY_LENGTH + 2):
+            hd.deploy_hosts(bus, "deploy.test.testhost1", hd.Action.TEST, f"r{i}", 30)
+        host.stop()
+        host.log.write_text("")  # start() waits for a new " ready " line
+        host.start()
+        [status] = hd.discover_hosts(bus, hd.STATUS_SUBJECT, parse=hd.HostStatus.parse)
+        assert [r.revision for r in status.history] == [f"r{i}" for i in range(2, hd.HISTORY_LENGTH + 2)]
+        host.stop()
+        (host.standin.dir / "state" / "history.json").write_text('[{"request": 1}')
+        host.log.write_text("")
+        host.start()
+        assert "unreadable deploy history" in host.log_text()
+        [status] = hd.discover_hosts(bus, hd.STATUS_SUBJECT, parse=hd.HostStatus.parse)
+        assert status.history == []
+        assert json.loads((host.standin.dir / "state" / "history.json").read_text()) == []
+
+    def test_status_cli_rows_subject_history_and_json(self, nats_server, start_listener):
+        start_listener("testhost1", "test").standin.set_revision(COMMIT_A)
+        start_listener("testhost2", "test", "web")
+        start_listener("dns1", "prod", "dns")
+        assert run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer")).returncode == 0
+        r = self.status(nats_server)
+        assert r.returncode == 0, r.stderr
+        rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+        assert rows["testhost1"][:7] == ["testhost1", "test", "-", "idle", "1", COMMIT_A[:12], "switch"]
+        assert rows["testhost2"][4:9] == ["1", "-", "switch", "master", "completed"]
+        assert rows["dns1"][4:] == ["-", "-", "-"]
+        r = self.status(nats_server, "deploy.test.role.web", "--history", "1")
+        header, row, deploy = r.stdout.splitlines()
+        assert row.split()[0] == "testhost2"
+        assert deploy.split(maxsplit=2)[2] == "switch master -> completed generation None -> 1 commit - " + \
+            deploy.rsplit(" ", 1)[1]
+        doc = json.loads(self.status(nats_server, "--tier", "test", "--json").stdout)
+        assert [(h["hostname"], h["generation"], h["commit"], h["drift"]) for h in doc] == [
+            ("testhost1", 1, COMMIT_A, []), ("testhost2", 1, None, [])]
+        assert doc[0]["history"][0]["commit"] == COMMIT_A
+
+    def test_expect_and_drift(self, nats_server, start_listener):
+        one = start_listener("testhost1", "test")
+        one.standin.set_revision(COMMIT_A)
+        two = start_listener("testhost2", "test", "web")
+        two.standin.set_revision(COMMIT_A)
+        assert run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer")).returncode == 0
+        r = self.status(nats_server, "--tier", "test", "--expect", COMMIT_A)
+        assert r.returncode == 0 and "DRIFT" not in r.stdout, r.stdout + r.stderr
+        assert self.status(nats_server, "--tier", "test", "--expect", "master").returncode == 0
+        # someone runs nixos-rebuild by hand on testhost2: a generation no deploy left
+        two.standin.set_revision(COMMIT_B)
+        subprocess.run([str(two.standin.dir / "bin" / "nixos-rebuild"), "switch"], env=two.env, check=True,
+                       capture_output=True)
+        r = self.status(nats_server, "--tier", "test", "--expect", COMMIT_A)
+        assert r.returncode == 1
+        assert r.stdout.count("DRIFT") == 1
+        assert "DRIFT: generation 2 was made outside homelab-deploy (its last deploy left 1)" in r.stdout
+        assert COMMIT_B[:12] in r.stdout.splitlines()[2]
+        r = self.status(nats_server, "--tier", "test", "--expect", "release", "--json")
+        assert r.returncode == 1
+        assert [h["drift"][-1] for h in json.loads(r.stdout)] == [
+            f"last switch was master ({COMMIT_A}), expected release"] * 2
+        assert self.status(nats_server, "--tier", "test").returncode == 0  # drift is shown, fails only with --expect
+
+    def test_malformed_status_answers_are_refused(self):
+        good = {"hostname": "h1", "tier": "test", "deploy_subjects": [], "history": []}
+        assert hd.HostStatus.parse(json.dumps(good).encode()).history == []
+        record = {"request": "r1", "action": "switch", "revision": "main", "status": "completed",
+                  "started": "2026-01-01T00:00:00Z", "finished": "2026-01-01T00:00:01Z", "duration_seconds": 1}
+        for bad in ([record] * (hd.HISTORY_LENGTH + 1), [{**record, "commit": "x; rm"}], [{**record, "status": "accepted"}],
+                    [{**record, "finished": "yesterday"}], ["main"], {"a": 1}):
+            with pytest.raises(hd.ProtocolError):
+                hd.HostStatus.parse(json.dumps({**good, "history": bad}).encode())
+
+
 DURATION_FLAGS = [(cmd, flag) for cmd, flags in [
     (["deploy", "deploy.test.all"], ["--timeout", "--answer-window", "--straggler-window"]),
     (["list-hosts"], ["--answer-window", "--straggler-window"]),
