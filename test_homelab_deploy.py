@@ -760,6 +760,24 @@ class TestStatus:
             f"last switch was master ({COMMIT_A}), expected release"] * 2
         assert self.status(nats_server, "--tier", "test").returncode == 0  # drift is shown, fails only with --expect
 
+    def test_listener_on_a_config_without_status_permission_still_deploys(self, tmp_path):
+        listener = conftest.listener_permissions("testhost1", "test", None)
+        server = conftest.NatsServer(tmp_path, {
+            "testhost1": {**listener, "subscribe": [s for s in listener["subscribe"] if s != hd.STATUS_SUBJECT]},
+            "test-deployer": conftest.FLEET["test-deployer"]})
+        host = None
+        try:
+            server.start()
+            host = conftest.Listener(server, "testhost1", "test", None, tmp_path).start()
+            assert "status queries not answered" in host.log_text() and "homelab-deploy nats-config" in host.log_text()
+            assert run_cli("deploy", "deploy.test.testhost1", *deploy_args(server, "test-deployer")).returncode == 0
+            r = self.status(server)
+            assert r.returncode == 4 and "must allow subscribing to deploy.status" in r.stderr
+        finally:
+            if host:
+                host.stop()
+            server.stop()
+
     def test_malformed_status_answers_are_refused(self):
         good = {"hostname": "h1", "tier": "test", "deploy_subjects": [], "history": []}
         assert hd.HostStatus.parse(json.dumps(good).encode()).history == []
