@@ -1429,7 +1429,8 @@ class Listener:
         try:
             reply_to = parse_reply_to(decode_message(data), "deploy")
         except ProtocolError as e:
-            log.warning("host=%s query on %s ignored: %s", self.hostname, subject, e)
+            log.warning("host=%s %s request ignored: %s", self.hostname,
+                        "status" if subject == STATUS_SUBJECT else "discovery", e)
             return
         answer = (HostStatus(self.hostname, self.tier, self.role, self.subjects, self.busy.locked(),
                              current_generation(self.profile), self.profile_commit(), self.history).to_dict()
