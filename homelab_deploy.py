@@ -947,6 +947,7 @@ def serve_metrics(address: str, registry) -> object:
             now = time.monotonic()
             with lock:
                 for request in [r for r, deadline in deadlines.items() if deadline < now]:
+                    del deadlines[request]  # its slot is free before its peer can see it closed
                     with contextlib.suppress(OSError):
                         request.shutdown(socket.SHUT_RDWR)  # the handler's read or write ends; so does its thread
 
