@@ -548,9 +548,9 @@ NKEY_FILE_FIX = ("pass --nkey-file the path of a file holding the seed (made by 
                  "`nk -gen user`)")
 
 
-def read_seed(path: str, fix: str = NKEY_FILE_FIX) -> str:
+def read_seed(path: str, fix: str = NKEY_FILE_FIX) -> tuple[str, str]:
     """Read and check an NKey user seed; warn when others can read it. Never logs the seed. `fix` says what to do
-    when the file cannot be read, in the words of whatever named it."""
+    when the file cannot be read, in the words of whatever named it. Returns the seed and its public key."""
     import nkeys
 
     try:
@@ -568,7 +568,7 @@ def read_seed(path: str, fix: str = NKEY_FILE_FIX) -> str:
         log.warning("NKey seed file %s is readable by group or others (mode %o); run `chmod 600 %s`",
                     path, stat.S_IMODE(st.st_mode), path)
     log.debug("using NKey %s from %s", public, path)
-    return raw.decode()
+    return raw.decode(), public
 
 
 LANE_WORKERS = 8  # threads per lane: one may run a deploy or build for minutes while the others answer
@@ -623,11 +623,8 @@ class Bus:
         self.servers = [u.strip() for u in urls.split(",") if u.strip()]
         if not self.servers:
             raise NatsError("no NATS server given; pass --nats-url nats://HOST:4222 (comma-separated for a cluster)")
-        import nkeys
-
-        seed = read_seed(nkey_file)
+        seed, self.public_key = read_seed(nkey_file)
         self.nkey_file = nkey_file
-        self.public_key = nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
         # (number, text) of the server's last permission errors; a request looks only at those numbered after it
         self.permission_errors: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
         self.permission_errors_seen = 0
@@ -2247,9 +2244,7 @@ def new_user_seed(path: str) -> str:
 
 
 def public_key_of(seed_path: str, fix: str = NKEY_FILE_FIX) -> str:
-    import nkeys
-
-    return nkeys.from_seed(bytearray(read_seed(seed_path, fix).encode())).public_key.decode()
+    return read_seed(seed_path, fix)[1]
 
 
 class FleetError(ValueError):
