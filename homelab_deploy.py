@@ -285,12 +285,14 @@ class DeployResponse(typing.NamedTuple):
     message: str = ""
     duration_seconds: float | None = None
     output: list[str] | None = None  # last lines of nixos-rebuild's output, on failure
+    commit: str | None = None  # configurationRevision of the new system after a successful switch/boot, if set
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> DeployResponse:
         fields = answer_fields(decode_message(data, limit), {
             "hostname": is_subject_token, "status": DEPLOY_STATUSES, "error": tuple(ErrorCode), "message": str,
-            "duration_seconds": float, "output": list}, "deploy answer", required=("hostname", "status"))
+            "duration_seconds": float, "output": list, "commit": is_valid_ref}, "deploy answer",
+            required=("hostname", "status"))
         return cls(**{**fields, "message": fields["message"] or ""})
 
     def to_dict(self) -> dict:
@@ -300,6 +302,8 @@ class DeployResponse(typing.NamedTuple):
             d["duration_seconds"] = round(self.duration_seconds, 3)
         if self.output is not None:
             d["output"] = self.output
+        if self.commit is not None:
+            d["commit"] = self.commit
         return d
 
 
@@ -1253,10 +1257,8 @@ class Listener:
                  before: int | None) -> None:
         """Add a finished deploy to the history file (its last HISTORY_LENGTH); a failed write is logged, not fatal."""
         try:
-            commit = (self.profile_commit() if final.status is Status.COMPLETED
-                      and request.action in (Action.SWITCH, Action.BOOT) else None)
             iso = "%Y-%m-%dT%H:%M:%SZ"
-            record = DeployRecord(rid, request.action, request.revision, commit, final.status, final.error,
+            record = DeployRecord(rid, request.action, request.revision, final.commit, final.status, final.error,
                                   time.strftime(iso, time.gmtime(started)), time.strftime(iso, time.gmtime()), before,
                                   current_generation(self.profile), round(time.time() - started, 3))
             self.history = (self.history + [record])[-HISTORY_LENGTH:]
@@ -1354,7 +1356,9 @@ class Listener:
             last = next((line.strip() for line in reversed(result.output) if line.strip()), "no output")
             message = f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
         log.info("host=%s request=%s %s in %.1fs: %s", self.hostname, rid, status.value, result.duration, message)
-        return DeployResponse(self.hostname, status, error, message, result.duration, None if success else result.output)
+        commit = self.profile_commit() if success and action in (Action.SWITCH, Action.BOOT) else None
+        return DeployResponse(self.hostname, status, error, message, result.duration,
+                              None if success else result.output, commit)
 
     def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int | None,
                       schedule: list[float] | None = None) -> None:
@@ -1833,6 +1837,41 @@ def resolve_target(target: str) -> str:
                      "list-hosts` shows every host's subjects)")
 
 
+PIN_SCHEMES = ("git+https://", "git+ssh://", "git+file://", "git+http://")
+PIN_TIMEOUT = 60.0  # seconds `git ls-remote` may take: a host that does not answer must not hang the deploy
+
+
+def pin_revision(flake_url: str | None, revision: str) -> str:
+    """The commit `revision` names now in the git repository of flake_url (`git ls-remote`; a branch before a
+    tag, as nix looks up a plain name), so every host deploys that one commit; a 40-hex revision already is one.
+    A ValueError names the problem and the fix."""
+    if COMMIT_RE.fullmatch(revision):
+        return revision
+    if not flake_url:
+        raise ValueError("--pin needs the fleet's git flake URL, the listeners' --flake-url: pass --flake-url or set "
+                         "HOMELAB_DEPLOY_FLAKE_URL")
+    if not (is_flake_url(flake_url) and flake_url.startswith(PIN_SCHEMES)):
+        raise ValueError(f"--pin resolves branches with git, so the flake URL must start with "
+                         f"{', '.join(PIN_SCHEMES[:3])} (without ref= or rev=), not {flake_url[:100]!r}; give the "
+                         "listeners' --flake-url, or drop --pin")
+    url = flake_url[len("git+"):].partition("?")[0]  # git knows the URL without nix's prefix and query (dir=...)
+    refs = [revision] if revision.startswith("refs/") else [
+        f"refs/heads/{revision}", f"refs/tags/{revision}^{{}}", f"refs/tags/{revision}"]  # ^{}: an annotated tag's commit
+    result = run_with_timeout(["git", "ls-remote", url, *refs], PIN_TIMEOUT, "pin: ",
+                              {**os.environ, "GIT_TERMINAL_PROMPT": "0"}, capture_stdout=True)
+    if result.returncode != 0:
+        why = f"timed out after {PIN_TIMEOUT:.0f}s" if result.timed_out else "; ".join(result.output[-2:]) or "no output"
+        raise ValueError(f"cannot resolve {revision!r}: `git ls-remote {redact(url)}` failed ({redact(why)}); check "
+                         "the flake URL and that this machine can reach the repository, or give a 40-hex commit")
+    found = dict(line.split("\t")[::-1] for line in result.stdout.decode(errors="replace").splitlines()
+                 if line.count("\t") == 1)
+    commit = next((found[ref] for ref in refs if COMMIT_RE.fullmatch(found.get(ref, ""))), None)
+    if commit is None:
+        raise ValueError(f"{revision!r} is neither a branch nor a tag of {redact(url)}; nothing was sent. Push it "
+                         "first, or check the spelling (`git ls-remote` lists the branches and tags)")
+    return commit
+
+
 class Progress:
     """Prints host events: a line each, or on a TTY a status line redrawn in place and a line per final status."""
 
@@ -1979,6 +2018,14 @@ def deploy_command(args: argparse.Namespace) -> int:
     if not is_valid_ref(args.branch):
         print(f"error: invalid --branch {args.branch!r}; use a git branch, tag or 40-hex commit", file=sys.stderr)
         return 2
+    revision = args.branch
+    if args.pin:
+        try:
+            revision = pin_revision(args.flake_url, args.branch)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"pinned {args.branch} -> {revision}", file=sys.stderr)
     progress = Progress(quiet=False)
     try:
         bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
@@ -1986,7 +2033,7 @@ def deploy_command(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     try:
-        hosts, finished = deploy_hosts(bus, subject, Action(args.action), args.branch, args.timeout,
+        hosts, finished = deploy_hosts(bus, subject, Action(args.action), revision, args.timeout,
                                        args.answer_window,
                                        lambda r: progress.event(describe(r), r.status.final), args.straggler_window)
     except OutcomeUnknown as e:
@@ -2004,8 +2051,9 @@ def deploy_command(args: argparse.Namespace) -> int:
     progress.done()
     counts = collections.Counter(r.status.value if r.status.final else "unfinished" for r in hosts.values())
     ok = bool(hosts) and counts["completed"] == len(hosts)
+    pin = {"pin": f"{args.branch} -> {revision}"} if args.pin else {}
     if args.json:
-        print(json.dumps({"subject": subject, "action": args.action, "revision": args.branch, "success": ok,
+        print(json.dumps({"subject": subject, "action": args.action, "revision": revision, **pin, "success": ok,
                           "hosts": [hosts[h].to_dict() for h in sorted(hosts)]}, indent=2))
     if not hosts:
         print(f"error: no host answered on {subject} within {args.answer_window:.0f}s; check the subject "
@@ -2013,7 +2061,17 @@ def deploy_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 4
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    print(f"{subject}: {counts['completed']}/{len(hosts)} hosts completed ({summary})", file=sys.stderr)
+    print(f"{subject}: {counts['completed']}/{len(hosts)} hosts completed ({summary})"
+          + (f"; {pin['pin']}" if pin else ""), file=sys.stderr)
+    running = collections.defaultdict(list)  # commit -> hosts that report it after this deploy
+    for host, response in sorted(hosts.items()):
+        if response.commit:
+            running[response.commit].append(host)
+    if len(running) > 1:
+        print(f"warning: the hosts of this deploy now run {len(running)} different commits: " + "; ".join(
+            f"{commit[:12]} on {', '.join(names)}" for commit, names in running.items())
+            + ("" if args.pin else f". {args.branch} moved while they fetched it; deploy with --pin (or "
+               "HOMELAB_DEPLOY_PIN=1) to send one commit to every host"), file=sys.stderr)
     if not finished:
         waiting = [h for h, r in sorted(hosts.items()) if not r.status.final]
         print(f"error: no final status within {args.timeout:.0f}s from: {', '.join(waiting)}", file=sys.stderr)
@@ -2069,9 +2127,20 @@ def drift(host: HostStatus, expect: str | None) -> list[str]:
     return problems
 
 
-def status_command(args: argparse.Namespace) -> int:
+def last_deploy(host: HostStatus) -> str:
+    """A host's last deploy in a few words, `switch main completed 5m ago`; '-' before its first."""
     import datetime
 
+    if not host.history:
+        return "-"
+    last = host.history[-1]
+    age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.strptime(
+        last.finished, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return (f"{last.action.value} {last.revision} {last.error.value if last.error else last.status.value} "
+            f"{int(age.total_seconds() // 60)}m ago")
+
+
+def status_command(args: argparse.Namespace) -> int:
     try:
         subject = resolve_target(args.target) if args.target else None
     except ValueError as e:
@@ -2085,19 +2154,13 @@ def status_command(args: argparse.Namespace) -> int:
     hosts = [h for h in hosts if (args.tier is None or h.tier == args.tier)
              and (subject is None or subject in h.deploy_subjects)]
     problems = {h.hostname: drift(h, args.expect) for h in hosts}
-    now = datetime.datetime.now(datetime.timezone.utc)
     if args.json:
         print(json.dumps([{**h.to_dict(), "drift": problems[h.hostname]} for h in hosts], indent=2))
     else:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "GEN", "COMMIT", "LAST DEPLOY")]
         for h in hosts:
-            last = h.history[-1] if h.history else None
-            age = last and now - datetime.datetime.strptime(last.finished, "%Y-%m-%dT%H:%M:%SZ").replace(
-                tzinfo=datetime.timezone.utc)
             rows.append((h.hostname, h.tier, h.role or "-", "deploying" if h.deploying else "idle",
-                         "-" if h.generation is None else str(h.generation), (h.commit or "-")[:12],
-                         f"{last.action.value} {last.revision} {last.error.value if last.error else last.status.value}"
-                         f" {int(age.total_seconds() // 60)}m ago" if last else "-"))
+                         "-" if h.generation is None else str(h.generation), (h.commit or "-")[:12], last_deploy(h)))
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
         for row, host in zip(rows, [None, *hosts]):
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[6])
@@ -2706,6 +2769,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="once every answering host finished: seconds without a new host before stopping; "
                             f"at least twice the first answer's delay (default: {STRAGGLER_WINDOW})")
 
+    def boolean(value: str) -> bool:
+        word = value.strip().lower()
+        if word not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(f"{value!r} is not a boolean: give 1, true, yes, 0, false or no")
+        return word in ("1", "true", "yes")
+
     p = sub.add_parser("listener", help="run on a NixOS host: deploy when a request arrives")
     nats_flags(p, env=False)
     p.add_argument("--hostname", required=True, help="hostname for this listener (one subject token)")
@@ -2748,6 +2817,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=positive_seconds,
                    default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, positive_seconds),
                    help="response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
+    p.add_argument("--pin", action="store_true", default=env_default("HOMELAB_DEPLOY_PIN", False, boolean),
+                   help="resolve --branch once to its commit with git ls-remote and send that commit to every host "
+                        "(env HOMELAB_DEPLOY_PIN)")
+    p.add_argument("--flake-url", default=env_default("HOMELAB_DEPLOY_FLAKE_URL"),
+                   help="the listeners' git flake URL, for --pin (env HOMELAB_DEPLOY_FLAKE_URL)")
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
     p.set_defaults(func=deploy_command)
@@ -2787,12 +2861,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="leave the sandbox running until Ctrl-C and print how to use it")
     p.set_defaults(func=demo_command)
 
-    def boolean(value: str) -> bool:
-        word = value.strip().lower()
-        if word not in ("1", "true", "yes", "0", "false", "no"):
-            raise ValueError(f"{value!r} is not a boolean: give 1, true, yes, 0, false or no")
-        return word in ("1", "true", "yes")
-
     # Same flags for `homelab-deploy-mcp`; homelab_deploy_mcp (and the mcp SDK) load only when this command runs.
     p = sub.add_parser("mcp", help="run the MCP server (stdio) that lets an AI assistant deploy, list hosts and build")
     nats_flags(p, env=True)
@@ -2812,6 +2880,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, positive_seconds),
                    help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
     p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
+    p.add_argument("--flake-url", default=env_default("HOMELAB_DEPLOY_FLAKE_URL"),
+                   help="the listeners' git flake URL, for the deploy tools' pin argument (env HOMELAB_DEPLOY_FLAKE_URL)")
     window_flags(p)
     p.set_defaults(func=mcp_command, daemon=True)
 

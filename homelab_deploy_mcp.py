@@ -3,7 +3,8 @@
 
 `deploy` reaches the test tier only, on the `--nkey-file` credential; `deploy_admin` (with
 `--enable-admin`) reaches any tier on a separate admin credential and connection; `list_hosts`
-runs discovery; `build` (with `--enable-builds`) asks the builder to pre-build a repository.
+runs discovery; `fleet_status` asks every listener what it runs and how its last deploys went;
+`build` (with `--enable-builds`) asks the builder to pre-build a repository.
 This is the only module that imports the `mcp` SDK; `homelab-deploy mcp` loads it when that
 command runs. Served over stdio, so stdout is the MCP channel and every log line goes to stderr.
 Sections: tool results, deploy subjects, fleet tools, server.
@@ -47,6 +48,7 @@ class HostOutcome:
     message: str
     duration_seconds: float | None = None
     output: list[str] | None = None  # last lines of nixos-rebuild's or nix's output, on failure
+    commit: str | None = None  # the configurationRevision a host reports after a successful switch or boot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +158,9 @@ HostnameParam = Annotated[str | None, Field(description="Deploy to this one host
 AllParam = Annotated[bool, Field(description="Deploy to every host of the tier.")]
 RoleParam = Annotated[str | None, Field(description="Deploy to every host of the tier with this role (e.g. dns).")]
 BranchParam = Annotated[str, Field(description="Git branch, tag or 40-hex commit of the fleet's flake to deploy.")]
+PinParam = Annotated[bool, Field(description=(
+    "Resolve branch once to its commit (git ls-remote of the fleet's flake) and send that commit to every host, "
+    "so a push during the deploy cannot leave hosts on different commits."))]
 ActionParam = Annotated[ActionName, Field(description=(
     "nixos-rebuild action: switch (activate now and make it the boot default), boot (boot default only, "
     "active after a reboot), test (activate now, no boot entry), dry-activate (report what would change)."))]
@@ -183,7 +188,8 @@ class FleetTools:
             bus.close()
 
     async def deploy(self, ctx: Context, hostname: HostnameParam = None, all: AllParam = False,
-                     role: RoleParam = None, branch: BranchParam = "master", action: ActionParam = "switch") -> Annotated[CallToolResult, Outcome]:
+                     role: RoleParam = None, branch: BranchParam = "master", action: ActionParam = "switch",
+                     pin: PinParam = False) -> Annotated[CallToolResult, Outcome]:
         """Deploy the fleet's NixOS configuration to TEST-tier hosts (runs nixos-rebuild on each host).
 
         Give exactly one target: hostname (one host), all=true (every test host) or role (test hosts with
@@ -196,30 +202,37 @@ class FleetTools:
         starting OUTCOME UNKNOWN means the request went out but NATS stopped answering: the deploy may be
         running, so call list_hosts instead of retrying.
         """
-        return await self.run_deploy(ctx, "main", "test", hostname, all, role, branch, action)
+        return await self.run_deploy(ctx, "main", "test", hostname, all, role, branch, action, pin)
 
     async def deploy_admin(self, ctx: Context,
                            tier: Annotated[TierName, Field(description="Tier to deploy to: test or prod.")],
                            hostname: HostnameParam = None, all: AllParam = False, role: RoleParam = None,
-                           branch: BranchParam = "master", action: ActionParam = "switch") -> Annotated[CallToolResult, Outcome]:
+                           branch: BranchParam = "master", action: ActionParam = "switch",
+                           pin: PinParam = False) -> Annotated[CallToolResult, Outcome]:
         """Deploy to ANY tier, including PRODUCTION, with the separate admin credential.
 
         Same targets and results as deploy (exactly one of hostname, all=true or role), plus the required
         tier. Use deploy for test hosts; use this only when the user asked to deploy to prod, and confirm
         the target first: a prod switch changes running production systems.
         """
-        return await self.run_deploy(ctx, "admin", tier, hostname, all, role, branch, action)
+        return await self.run_deploy(ctx, "admin", tier, hostname, all, role, branch, action, pin)
 
     async def run_deploy(self, ctx: Context, credential: str, tier: str, hostname: str | None, all_hosts: bool,
-                         role: str | None, branch: str, action: str) -> CallToolResult:
+                         role: str | None, branch: str, action: str, pin: bool) -> CallToolResult:
         if not hd.is_valid_ref(branch):
             raise ToolError(f"invalid branch {str(branch)[:80]!r}: use a git branch, tag or 40-hex commit "
                             "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit; no '..')")
         subject = deploy_subject(tier, hostname, all_hosts, role)
+        revision = branch
+        if pin:
+            try:
+                revision = await anyio.to_thread.run_sync(hd.pin_revision, self.args.flake_url, branch)
+            except ValueError as e:  # its words name flags: here the operator sets them, so say so
+                raise ToolError(f"cannot pin {branch!r}: {e} (the MCP server's setting: ask the operator)") from None
         report = progress_reporter(ctx)
         try:
             hosts, finished = await in_thread(lambda: hd.deploy_hosts(
-                self.bus(credential), subject, hd.Action(action), branch, self.args.timeout, self.args.answer_window,
+                self.bus(credential), subject, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
                 lambda response: report(hd.describe(response)), self.args.straggler_window), acts=True)
         except hd.OutcomeUnknown as e:
             log.warning("deploy to %s: outcome unknown: %s", subject, e)
@@ -230,7 +243,12 @@ class FleetTools:
             raise ToolError(f"no host answered on {subject} within {self.args.answer_window:g}s: no listener there"
                             f"{reach}; call list_hosts to see the hostnames, roles and tiers that are listening")
         completed = sum(r.status is hd.Status.COMPLETED for r in hosts.values())
-        summary = f"{completed}/{len(hosts)} hosts completed on {subject} ({action} of {branch})"
+        shown = f"{branch} -> {revision}" if pin else branch
+        summary = f"{completed}/{len(hosts)} hosts completed on {subject} ({action} of {shown})"
+        commits = {r.commit for r in hosts.values() if r.commit}
+        if len(commits) > 1:
+            summary += (f"; the hosts now run {len(commits)} different commits (fleet_status shows which)"
+                        + ("" if pin else f": {branch} moved during the deploy; deploy again with pin=true"))
         if not finished:
             waiting = ", ".join(h for h, r in sorted(hosts.items()) if not r.status.final)
             summary += (f"; no final status within {self.args.timeout:g}s from {waiting} "
@@ -266,6 +284,43 @@ class FleetTools:
         return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))],
                               structured_content=dataclasses.asdict(
                                   HostList(summary, [ListedHost(**h._asdict()) for h in hosts])))
+
+    async def fleet_status(self, tier: Annotated[TierName | None, Field(
+            description="Only hosts of this tier (test or prod); all tiers when omitted.")] = None,
+                           expect: Annotated[str | None, Field(description=(
+                               "Mark hosts whose last successful switch was not this branch or commit."))] = None,
+                           ) -> CallToolResult:
+        """What each host runs and how its last deploys went (read-only; nothing is deployed).
+
+        For each host: tier, role, whether it is deploying now, its system generation, the commit it runs
+        (when the flake sets system.configurationRevision), its last deploys (action, revision, result, time)
+        and drift: a generation made outside homelab-deploy (someone ran nixos-rebuild by hand), or, with
+        expect, a last successful switch that was not that revision. It is an error result when no host
+        answers or any host has drifted.
+        """
+        if expect is not None and not hd.is_valid_ref(expect):
+            raise ToolError(f"invalid expect {str(expect)[:80]!r}: use a git branch, tag or 40-hex commit")
+        found = await in_thread(lambda: hd.discover_hosts(self.bus("main"), hd.STATUS_SUBJECT,
+                                                          self.args.answer_window, self.args.straggler_window,
+                                                          hd.HostStatus.parse))
+        hosts = [h for h in found if tier is None or h.tier == tier]
+        if not hosts:
+            raise ToolError(f"no host{f' in tier {tier}' if tier else ''} answered {hd.STATUS_SUBJECT} within "
+                            f"{self.args.answer_window:g}s; check that the listeners run, are connected to NATS "
+                            f"and may subscribe to {hd.STATUS_SUBJECT}")
+        problems = {h.hostname: hd.drift(h, expect) for h in hosts}
+        commits = {h.commit for h in hosts if h.commit}
+        summary = (f"{len(hosts)} host{'s' if len(hosts) > 1 else ''}, {sum(map(bool, problems.values()))} drifted"
+                   + (f", on {len(commits)} different commits" if len(commits) > 1 else ""))
+        lines = [summary]
+        for h in hosts:
+            lines.append(f"{h.hostname}: tier {h.tier}, role {h.role or '-'}, "
+                         f"{'deploying' if h.deploying else 'idle'}, generation {h.generation}, commit "
+                         f"{h.commit or 'unknown'}, last deploy {hd.last_deploy(h)}")
+            lines += [f"    DRIFT: {problem}" for problem in problems[h.hostname]]
+        return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))], is_error=any(
+            problems.values()), structured_content={"summary": summary, "hosts": [
+                {**h.to_dict(), "drift": problems[h.hostname]} for h in hosts]})
 
     async def build(self, ctx: Context,
                     repo: Annotated[str, Field(description="Repository name from the builder's configuration.")],
@@ -360,10 +415,12 @@ def serve(args) -> int:
             read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True))
     server.add_tool(tools.list_hosts, title="List hosts", annotations=ToolAnnotations(
         read_only_hint=True, open_world_hint=True))
+    server.add_tool(tools.fleet_status, title="Fleet status and drift", annotations=ToolAnnotations(
+        read_only_hint=True, open_world_hint=True))
     if args.enable_builds:
         server.add_tool(tools.build, title="Build configurations", annotations=ToolAnnotations(
             read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))
-    log.info("MCP server on stdio: tools deploy%s, list_hosts%s; NATS %s (connects on first use)",
+    log.info("MCP server on stdio: tools deploy%s, list_hosts, fleet_status%s; NATS %s (connects on first use)",
              ", deploy_admin" if args.enable_admin else "", ", build" if args.enable_builds else "",
              hd.redact(args.nats_url))
 

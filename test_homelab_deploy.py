@@ -789,6 +789,80 @@ class TestStatus:
                 hd.HostStatus.parse(json.dumps({**good, "history": bad}).encode())
 
 
+@pytest.fixture
+def git_repo(tmp_path):
+    """A real git repository with a branch `main` and an annotated tag `v1` on its first commit: (flake URL, git)."""
+    repo = tmp_path / "fleet-config"
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                              capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+    repo.mkdir()
+    git("init", "-q", "-b", "main")
+    git("commit", "-q", "--allow-empty", "-m", "first")
+    git("tag", "-a", "v1", "-m", "release 1")
+    git("commit", "-q", "--allow-empty", "-m", "second")
+    return f"git+file://{repo}?dir=hosts", git
+
+
+@pytest.mark.integration
+class TestPin:
+    """`deploy --pin`: one commit for every host, resolved with git ls-remote before anything is sent; and the
+    summary that names hosts left on different commits."""
+
+    def test_pin_sends_the_branch_commit_to_every_host(self, nats_server, start_listener, git_repo):
+        url, git = git_repo
+        hosts = [start_listener("testhost1", "test"), start_listener("testhost2", "test", "web")]
+        commit = git("rev-parse", "main")
+        r = run_cli("deploy", "deploy.test.all", "--pin", "--flake-url", url, "--branch", "main", "--json",
+                    *deploy_args(nats_server, "test-deployer"))
+        assert r.returncode == 0, r.stderr
+        assert f"pinned main -> {commit}" in r.stderr and f"2/2 hosts completed (2 completed); main -> {commit}" in r.stderr
+        doc = json.loads(r.stdout)
+        assert (doc["revision"], doc["pin"]) == (commit, f"main -> {commit}")
+        for host in hosts:
+            assert host.standin.calls == [["switch", "--refresh", "--flake",
+                                           f"git+https://git.example.com/cfg.git?rev={commit}#{host.hostname}"]]
+        # an annotated tag pins to its commit, not the tag object; the environment variables do the same
+        r = run_cli("deploy", "deploy.test.testhost1", "--branch", "v1", *deploy_args(nats_server, "test-deployer"),
+                    env={"HOMELAB_DEPLOY_PIN": "1", "HOMELAB_DEPLOY_FLAKE_URL": url})
+        assert r.returncode == 0 and f"pinned v1 -> {git('rev-parse', 'v1^{commit}')}" in r.stderr, r.stderr
+        assert hosts[0].standin.calls[-1][3].endswith(f"?rev={git('rev-parse', 'v1^{commit}')}#testhost1")
+        # a commit is sent as is, without asking git
+        r = run_cli("deploy", "deploy.test.testhost1", "--pin", "--branch", COMMIT_A,
+                    *deploy_args(nats_server, "test-deployer"))
+        assert r.returncode == 0 and f"pinned {COMMIT_A} -> {COMMIT_A}" in r.stderr, r.stderr
+
+    def test_what_cannot_be_pinned_exits_2_and_sends_nothing(self, nats_server, start_listener, git_repo):
+        url, _ = git_repo
+        host = start_listener("testhost1", "test")
+        deploy = ["deploy", "deploy.test.testhost1", "--pin", *deploy_args(nats_server, "test-deployer")]
+        for flags, said in [
+                (["--flake-url", url, "--branch", "nope"], "'nope' is neither a branch nor a tag of file://"),
+                (["--branch", "main"], "--pin needs the fleet's git flake URL"),
+                (["--flake-url", "github:example/cfg", "--branch", "main"], "must start with git+https://"),
+                (["--flake-url", "git+file:///nonexistent/repo", "--branch", "main"], "git ls-remote file:///nonexistent"),
+        ]:
+            r = run_cli(*deploy, *flags)
+            assert r.returncode == 2 and said in r.stderr, (flags, r.stderr)
+        assert host.standin.calls == []
+        assert "nothing was sent" in run_cli(*deploy, "--flake-url", url, "--branch", "nope").stderr
+
+    def test_hosts_on_different_commits_are_named(self, nats_server, start_listener):
+        start_listener("testhost1", "test").standin.set_revision(COMMIT_A)
+        start_listener("testhost2", "test", "web").standin.set_revision(COMMIT_B)
+        r = run_cli("deploy", "deploy.test.all", "--branch", "main", "--json",
+                    *deploy_args(nats_server, "test-deployer"))
+        assert r.returncode == 0, r.stderr
+        assert (f"warning: the hosts of this deploy now run 2 different commits: {COMMIT_A[:12]} on testhost1; "
+                f"{COMMIT_B[:12]} on testhost2. main moved while they fetched it; deploy with --pin") in r.stderr
+        assert [(h["hostname"], h["commit"]) for h in json.loads(r.stdout)["hosts"]] == [
+            ("testhost1", COMMIT_A), ("testhost2", COMMIT_B)]
+        r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer"))
+        assert r.returncode == 0 and "different commits" not in r.stderr
+
+
 DURATION_FLAGS = [(cmd, flag) for cmd, flags in [
     (["deploy", "deploy.test.all"], ["--timeout", "--answer-window", "--straggler-window"]),
     (["list-hosts"], ["--answer-window", "--straggler-window"]),

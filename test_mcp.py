@@ -23,6 +23,7 @@ from conftest import FLEET, REPO, stop_process, wait_for
 from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
 from test_builder import flake, needs_nix, nix_store, start_builder  # noqa: F401 (fixtures for the build tool)
 from test_reliability import stalling_proxy  # noqa: F401 (a fixture: NATS stops answering after a request)
+from test_homelab_deploy import COMMIT_A, git_repo  # noqa: F401 (a fixture: a real git repository for pin)
 
 MCP_SCRIPT = [str(REPO / "homelab_deploy_mcp.py")]
 CLI_MCP = [str(REPO / "homelab_deploy.py"), "mcp"]
@@ -150,10 +151,11 @@ async def test_secrets_never_reach_stderr_or_tool_errors(mcp_server, nats_server
 
 
 @pytest.mark.parametrize("flags,tools", [
-    ([], {"deploy", "list_hosts"}),
-    (["--enable-builds"], {"deploy", "list_hosts", "build"}),
-    (["--enable-admin", "--admin-nkey-file", "ADMIN"], {"deploy", "deploy_admin", "list_hosts"}),
-    (["--enable-admin", "--admin-nkey-file", "ADMIN", "--enable-builds"], {"deploy", "deploy_admin", "list_hosts", "build"}),
+    ([], {"deploy", "list_hosts", "fleet_status"}),
+    (["--enable-builds"], {"deploy", "list_hosts", "fleet_status", "build"}),
+    (["--enable-admin", "--admin-nkey-file", "ADMIN"], {"deploy", "deploy_admin", "list_hosts", "fleet_status"}),
+    (["--enable-admin", "--admin-nkey-file", "ADMIN", "--enable-builds"],
+     {"deploy", "deploy_admin", "list_hosts", "fleet_status", "build"}),
 ])
 async def test_tool_lists(mcp_server, nats_server, flags, tools):
     flags = [str(nats_server.seeds["admin"]) if f == "ADMIN" else f for f in flags]
@@ -161,7 +163,7 @@ async def test_tool_lists(mcp_server, nats_server, flags, tools):
         listed = {t.name: t for t in (await client.list_tools()).tools}
     assert set(listed) == tools
     deploy = listed["deploy"].input_schema
-    assert set(deploy["properties"]) == {"hostname", "all", "role", "branch", "action"}  # no tier to choose
+    assert set(deploy["properties"]) == {"hostname", "all", "role", "branch", "action", "pin"}  # no tier to choose
     assert deploy["properties"]["branch"]["default"] == "master"
     assert deploy["properties"]["action"]["enum"] == ["switch", "boot", "test", "dry-activate"]
     assert deploy["properties"]["action"]["default"] == "switch"
@@ -170,6 +172,7 @@ async def test_tool_lists(mcp_server, nats_server, flags, tools):
     assert "TEST-tier" in listed["deploy"].description and "cannot be reached" in listed["deploy"].description
     assert set(listed["deploy"].output_schema["properties"]) == {"summary", "success", "target", "hosts"}
     assert listed["list_hosts"].annotations.read_only_hint is True
+    assert listed["fleet_status"].annotations.read_only_hint is True
     assert listed["list_hosts"].input_schema.get("required", []) == []
     if "deploy_admin" in tools:
         admin = listed["deploy_admin"].input_schema
@@ -183,7 +186,7 @@ async def test_tool_lists(mcp_server, nats_server, flags, tools):
 
 async def test_same_tools_through_the_cli(mcp_server):
     async with mcp_server("--enable-builds", program=CLI_MCP) as client:
-        assert {t.name for t in (await client.list_tools()).tools} == {"deploy", "list_hosts", "build"}
+        assert {t.name for t in (await client.list_tools()).tools} == {"deploy", "list_hosts", "fleet_status", "build"}
 
 
 # ---------------------------------------------------------------- list_hosts and deploy (test tier)
@@ -211,6 +214,52 @@ async def test_list_hosts_nobody_answers_is_a_tool_error(mcp_server):
     async with mcp_server() as client:
         result = await client.call_tool("list_hosts", {})
     assert result.is_error and "no host answered discovery" in text(result)
+
+
+async def test_fleet_status_reports_commits_history_and_drift(mcp_server, start_listener):
+    one, two = start_listener("testhost1", "test"), start_listener("dns1", "prod", "dns")
+    one.standin.set_revision(COMMIT_A)
+    async with mcp_server() as client:
+        assert not (await client.call_tool("deploy", {"hostname": "testhost1"})).is_error
+        result = await client.call_tool("fleet_status", {})
+        assert not result.is_error, text(result)
+        lines = text(result).splitlines()
+        assert lines[0] == "2 hosts, 0 drifted"
+        assert lines[1].startswith("dns1: tier prod, role dns, idle, generation None, commit unknown, last deploy -")
+        assert lines[2].startswith(f"testhost1: tier test, role -, idle, generation 1, commit {COMMIT_A}, last "
+                                   "deploy switch master completed 0m ago")
+        [host] = [h for h in result.structured_content["hosts"] if h["hostname"] == "testhost1"]
+        assert (host["generation"], host["commit"], host["drift"]) == (1, COMMIT_A, [])
+        assert [(r["action"], r["revision"], r["status"]) for r in host["history"]] == [("switch", "master", "completed")]
+        # someone switches testhost1 by hand: drift, and an error result so an assistant does not read it as fine
+        subprocess.run([str(one.standin.dir / "bin" / "nixos-rebuild"), "switch"], env=one.env, check=True,
+                       capture_output=True)
+        result = await client.call_tool("fleet_status", {"tier": "test", "expect": "release"})
+        assert result.is_error
+        assert text(result).splitlines()[0] == "1 host, 1 drifted"
+        assert result.structured_content["hosts"][0]["drift"] == [
+            "generation 2 was made outside homelab-deploy (its last deploy left 1)",
+            "last switch was master (" + COMMIT_A + "), expected release"]
+        result = await client.call_tool("fleet_status", {"expect": "x; rm -rf /"})
+        assert result.is_error and "invalid expect" in text(result)
+    assert len(two.standin.calls) == 0
+
+
+async def test_deploy_with_pin_sends_one_commit(mcp_server, start_listener, git_repo):
+    url, git = git_repo
+    host = start_listener("testhost1", "test")
+    async with mcp_server() as client:  # no --flake-url: pin cannot work, and nothing is sent
+        result = await client.call_tool("deploy", {"hostname": "testhost1", "branch": "main", "pin": True})
+        assert result.is_error and "cannot pin 'main'" in text(result) and "ask the operator" in text(result)
+    assert host.standin.calls == []
+    async with mcp_server("--flake-url", url) as client:
+        result = await client.call_tool("deploy", {"hostname": "testhost1", "branch": "main", "pin": True})
+        assert not result.is_error, text(result)
+        commit = git("rev-parse", "main")
+        assert text(result).splitlines()[0] == f"1/1 hosts completed on deploy.test.testhost1 (switch of main -> {commit})"
+        result = await client.call_tool("deploy", {"hostname": "testhost1", "branch": "gone", "pin": True})
+        assert result.is_error and "'gone' is neither a branch nor a tag" in text(result)
+    assert [call[3] for call in host.standin.calls] == [f"git+https://git.example.com/cfg.git?rev={commit}#testhost1"]
 
 
 async def test_deploy_to_a_test_host_completes_with_progress(mcp_server, start_listener):
@@ -362,7 +411,7 @@ async def test_timeout_is_an_error_result_and_the_server_stays_responsive(mcp_se
 async def test_nats_outages_are_tool_errors_and_nothing_is_sent_late(mcp_server, nats_server, start_listener):
     nats_server.stop()
     async with mcp_server() as client:
-        assert {t.name for t in (await client.list_tools()).tools} == {"deploy", "list_hosts"}  # started anyway
+        assert {t.name for t in (await client.list_tools()).tools} == {"deploy", "list_hosts", "fleet_status"}  # started anyway
         result = await client.call_tool("list_hosts", {})
         assert result.is_error and "cannot reach NATS" in text(result)
         nats_server.start_again()
