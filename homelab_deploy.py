@@ -326,6 +326,7 @@ class HostInfo(typing.NamedTuple):
 
 
 ISO_TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # UTC, ISO 8601, as the listener writes it
+ISO_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # how the listener writes ISO_TIME_RE times (strftime/strptime)
 HISTORY_LENGTH = 20  # finished deploys a listener keeps and reports
 STATUS_SUBJECT = "deploy.status"
 
@@ -968,9 +969,10 @@ def serve_metrics(address: str, registry) -> object:
 
 
 class ListenerMetrics:
-    """The spec's four listener metrics; every label combination exists from start-up."""
+    """The spec's four listener metrics, plus when deploys last ended, the profile's generation and the age of the
+    last success; every label combination exists from start-up."""
 
-    def __init__(self, hostname: str, tier: str, role: str | None):
+    def __init__(self, hostname: str, tier: str, role: str | None, profile: str):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
         disable_created_metrics()  # *_created series only add noise to a host's scrape
@@ -993,9 +995,28 @@ class ListenerMetrics:
                 self.duration.labels(action, success)
         # A request with an invalid action has no action to label it with.
         self.deployments.labels("rejected", "", ErrorCode.INVALID_ACTION.value)
+        # Computed at each scrape (set_function): a readlink and a subtraction, always current, never stale.
+        self.last_end = {Status.COMPLETED: 0.0, Status.FAILED: 0.0}  # unix end time of the last such deploy; 0 = none
+        last = Gauge("homelab_deploy_last_deployment_timestamp_seconds",
+                     "End time of the last deployment per final status (unix seconds; 0 = none yet)", ["status"],
+                     registry=self.registry)
+        for status in self.last_end:
+            last.labels(status.value).set_function(lambda status=status: self.last_end[status])
+        Gauge("homelab_deploy_generation", "Generation the system profile points to (0 = unreadable)",
+              registry=self.registry).set_function(lambda: current_generation(profile) or 0)
+        Gauge("homelab_deploy_seconds_since_last_success",
+              "Seconds since the last completed deployment ended (-1 = none yet)", registry=self.registry,
+              ).set_function(lambda: time.time() - self.last_end[Status.COMPLETED] if self.last_end[Status.COMPLETED]
+                             else -1)
 
     def count(self, status: Status, action: Action | None, error: ErrorCode | None) -> None:
         self.deployments.labels(status.value, action.value if action else "", error.value if error else "").inc()
+
+    def deployed(self, record: DeployRecord) -> None:
+        """A finished deploy, live or from the history at start (so the end times survive a restart)."""
+        import calendar
+
+        self.last_end[record.status] = calendar.timegm(time.strptime(record.finished, ISO_TIME_FORMAT))
 
 
 BUILD_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200, 10800, 14400)
@@ -1226,6 +1247,9 @@ class Listener:
             if not isinstance(records, list):
                 raise ValueError(f"a JSON {type(records).__name__}, not a list")
             self.history = [DeployRecord.parse(r) for r in records][-HISTORY_LENGTH:]
+            if self.metrics:
+                for record in self.history:
+                    self.metrics.deployed(record)
         except FileNotFoundError:
             return
         except (OSError, ValueError, ProtocolError) as e:
@@ -1257,11 +1281,13 @@ class Listener:
                  before: int | None) -> None:
         """Add a finished deploy to the history file (its last HISTORY_LENGTH); a failed write is logged, not fatal."""
         try:
-            iso = "%Y-%m-%dT%H:%M:%SZ"
             record = DeployRecord(rid, request.action, request.revision, final.commit, final.status, final.error,
-                                  time.strftime(iso, time.gmtime(started)), time.strftime(iso, time.gmtime()), before,
+                                  time.strftime(ISO_TIME_FORMAT, time.gmtime(started)),
+                                  time.strftime(ISO_TIME_FORMAT, time.gmtime()), before,
                                   current_generation(self.profile), round(time.time() - started, 3))
             self.history = (self.history + [record])[-HISTORY_LENGTH:]
+            if self.metrics:
+                self.metrics.deployed(record)
             self.save(self.history_file, [r.to_dict() for r in self.history])
         except Exception as e:
             log.error("host=%s request=%s deploy not added to the history %s: %r; make %s writable", self.hostname,
@@ -1476,7 +1502,7 @@ def run_listener(args: argparse.Namespace) -> int:
     os.ftruncate(lock, 0)
     os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
     stop = stop_on_signals()
-    metrics = ListenerMetrics(args.hostname, args.tier, args.role) if args.metrics_enabled else None
+    metrics = ListenerMetrics(args.hostname, args.tier, args.role, args.system_profile) if args.metrics_enabled else None
     try:
         subjects = expand_subjects(args.deploy_subject or list(DEFAULT_SUBJECTS), args.hostname, args.tier, args.role)
     except ValueError as e:

@@ -439,19 +439,7 @@ class TestListener:
         assert hosts[0].version == hd.__version__
 
     def test_metrics_before_and_after(self, nats_server, start_listener, bus_factory):
-        from prometheus_client.parser import text_string_to_metric_families
-
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        host = start_listener("dns1", "prod", "dns", "--metrics-enabled", "--metrics-addr", f"127.0.0.1:{port}")
-
-        def scrape() -> dict:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                    for f in text_string_to_metric_families(text) for s in f.samples}
-
+        host, port, scrape = metrics_listener(start_listener)
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read() == b"ok"
         before = scrape()
         key = lambda status, action, code: ("homelab_deploy_deployments_total",  # noqa: E731
@@ -479,6 +467,39 @@ class TestListener:
         assert after[("homelab_deploy_deployment_duration_seconds_count",
                       (("action", "test"), ("success", "false")))] == 1
 
+    def test_last_deploy_generation_and_age_of_success_survive_a_restart(self, nats_server, start_listener,
+                                                                         bus_factory):
+        """The issue-16 gauges: before any deploy, after a completed and a failed one, and after a restart, when
+        only the history file on disk knows the end times."""
+        host, _, scrape = metrics_listener(start_listener)
+        ended = lambda status: ("homelab_deploy_last_deployment_timestamp_seconds",  # noqa: E731
+                                (("status", status),))
+        generation, since = ("homelab_deploy_generation", ()), ("homelab_deploy_seconds_since_last_success", ())
+        before = scrape()
+        assert (before[ended("completed")], before[ended("failed")], before[generation], before[since]) == (0, 0, 0, -1)
+        admin = bus_factory(nats_server, "admin")
+        first = int(time.time())  # end times are whole seconds
+        assert responses(admin, "deploy.prod.dns1", {"action": "switch", "revision": "main"})[-1]["status"] == \
+            "completed"
+        completed = scrape()
+        assert first <= completed[ended("completed")] <= time.time() and completed[ended("failed")] == 0
+        assert completed[generation] == 1
+        assert 0 <= completed[since] and time.time() - completed[since] >= completed[ended("completed")]
+        host.standin.set_mode("fail")
+        second = int(time.time())
+        assert responses(admin, "deploy.prod.dns1", {"action": "boot", "revision": "main"})[-1]["status"] == "failed"
+        failed = scrape()
+        assert second <= failed[ended("failed")] <= time.time()
+        assert failed[ended("completed")] == completed[ended("completed")] and failed[generation] == 1
+        assert failed[since] >= completed[since]
+        host.stop()
+        host.log.write_text("")  # start() waits for a new " ready " line
+        host.start()
+        restarted = scrape()
+        assert (restarted[ended("completed")], restarted[ended("failed")], restarted[generation]) == \
+            (failed[ended("completed")], failed[ended("failed")], 1)
+        assert restarted[since] >= failed[since]
+
     def test_subjects_all_and_role(self, nats_server, start_listener, bus_factory):
         hosts = [start_listener("testhost1", "test"), start_listener("testhost2", "test", "web"),
                  start_listener("dns1", "prod", "dns")]
@@ -488,6 +509,26 @@ class TestListener:
         got = responses(admin, "deploy.prod.role.dns", {"action": "switch", "revision": "main"})
         assert [r["hostname"] for r in got] == ["dns1"] * 3
         assert [len(h.standin.calls) for h in hosts] == [1, 1, 1]
+
+
+def metrics_listener(start_listener):
+    """Listener dns1 serving /metrics on a free loopback port: (listener, port, scrape), where scrape() returns
+    {(name, sorted label items): value}."""
+    import socket
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = start_listener("dns1", "prod", "dns", "--metrics-enabled", "--metrics-addr", f"127.0.0.1:{port}")
+
+    def scrape() -> dict:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    return host, port, scrape
 
 
 def iter_queue(q: queue.Queue):
