@@ -539,6 +539,64 @@ def iter_queue(q: queue.Queue):
             return
 
 
+# ---------------------------------------------------------------- monitoring files in contrib/
+
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool not installed; apt-get install prometheus (.ci/run does)")
+
+
+class TestMonitoringFiles:
+    """contrib/'s alert rules and Grafana dashboard: valid for Prometheus, and about metrics the code exports."""
+
+    def queries(self) -> tuple[list[str], list[str]]:
+        """(the dashboard's PromQL expressions with its variables, the rules' expressions)."""
+        import yaml
+
+        dashboard = json.loads((REPO / "contrib" / "grafana-dashboard.json").read_text())
+        rules = yaml.safe_load((REPO / "contrib" / "prometheus-rules.yml").read_text())
+        return ([t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+                + [v["definition"] for v in dashboard["templating"]["list"]],
+                [rule["expr"] for group in rules["groups"] for rule in group["rules"]])
+
+    @needs_promtool
+    def test_rules_pass_promtool_check_and_their_unit_test(self):
+        for command in (["check", "rules", "prometheus-rules.yml"], ["test", "rules", "prometheus-rules.test.yml"]):
+            result = subprocess.run(["promtool", *command], cwd=REPO / "contrib", capture_output=True, text=True,
+                                    timeout=60)
+            assert result.returncode == 0, result.stdout + result.stderr
+
+    @needs_promtool
+    def test_dashboard_queries_are_valid_promql(self, tmp_path):
+        """promtool parses PromQL only in rule files: each panel query becomes a recording rule, with Grafana's
+        variables replaced by values."""
+        import re
+
+        import yaml
+
+        panels = [e for e in self.queries()[0] if not e.startswith("label_values(")]
+        (tmp_path / "dashboard.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": [
+            {"record": f"dashboard:query{i}", "expr": re.sub(r"\$__\w+", "5m", e).replace("$hostname", ".*")}
+            for i, e in enumerate(panels)]}]}))
+        result = subprocess.run(["promtool", "check", "rules", "dashboard.yml"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0 and f"{len(panels)} rules found" in result.stdout, result.stdout + result.stderr
+
+    def test_queries_name_only_metrics_the_listener_and_builder_export(self, tmp_path):
+        import re
+
+        suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
+        exported = {family.name + suffix
+                    for metrics in (hd.ListenerMetrics("web1", "prod", "web", str(tmp_path / "system")),
+                                    hd.BuilderMetrics(["fleet"]))
+                    for family in metrics.registry.collect() for suffix in suffixes[family.type]}
+        dashboard, rules = self.queries()
+        assert all(re.search(r"homelab_deploy_[a-z_]+", e) for e in dashboard), "a dashboard query names no metric"
+        named = set(re.findall(r"homelab_deploy_[a-z_]+", " ".join(dashboard + rules)))
+        assert {"homelab_deploy_generation", "homelab_deploy_seconds_since_last_success",
+                "homelab_deploy_last_deployment_timestamp_seconds", "homelab_deploy_builds_total"} <= named
+        assert named <= exported, f"not exported: {sorted(named - exported)}"
+
+
 # ---------------------------------------------------------------- deploy and list-hosts CLI
 
 @pytest.mark.integration
