@@ -2451,8 +2451,8 @@ DEMO_HOSTS = (("test-web1", "test", "web", False), ("test-db1", "test", "db", Fa
 
 SIMULATED_REBUILD = """#!{python}
 # Simulated nixos-rebuild for the homelab-deploy demo: takes a moment and prints like the real one.
-import os, sys, time
-action, host = sys.argv[1], sys.argv[-1].rsplit("#", 1)[-1]
+import hashlib, json, os, sys, time
+action, (flake, host) = sys.argv[1], sys.argv[-1].rsplit("#", 1)
 drv = f"/nix/store/{{os.urandom(16).hex()[:32]}}-nixos-system-{{host}}-25.05.drv"
 for line in ("building the system configuration...", "these 2 derivations will be built:",
              f"  {{drv}}", f"building '{{drv}}'..."):
@@ -2465,8 +2465,15 @@ if os.environ.get("HOMELAB_DEMO_FAIL"):
     sys.exit(1)
 if action in ("switch", "boot"):
     profile = os.environ["HOMELAB_DEMO_PROFILE"]
-    gen = int(os.readlink(profile).split("-")[1]) + 1 if os.path.islink(profile) else 41
-    os.symlink(f"system-{{gen}}-link", profile + ".new")
+    gen = int(os.readlink(profile).rsplit("-", 2)[1]) + 1 if os.path.islink(profile) else 41
+    # Named as Nix names generations (<profile>-<N>-link), with the nixos-version that reports its commit
+    link = f"{{profile}}-{{gen}}-link"
+    os.makedirs(f"{{link}}/sw/bin")
+    version = {{"configurationRevision": hashlib.sha1(flake.encode()).hexdigest(), "nixosVersion": "25.05"}}
+    with open(f"{{link}}/sw/bin/nixos-version", "w") as f:
+        f.write(f"#!/bin/sh\\necho '{{json.dumps(version)}}'\\n")
+    os.chmod(f"{{link}}/sw/bin/nixos-version", 0o755)
+    os.symlink(os.path.basename(link), profile + ".new")
     os.replace(profile + ".new", profile)
 for line in ("activating the configuration...", "setting up /etc...", "reloading user units for root..."):
     print(line, flush=True)
