@@ -2540,8 +2540,8 @@ DEMO_HOSTS = (("test-web1", "test", "web", False), ("test-db1", "test", "db", Fa
 
 SIMULATED_REBUILD = """#!{python}
 # Simulated nixos-rebuild for the homelab-deploy demo: takes a moment and prints like the real one.
-import os, sys, time
-action, host = sys.argv[1], sys.argv[-1].rsplit("#", 1)[-1]
+import hashlib, json, os, sys, time
+action, (flake, host) = sys.argv[1], sys.argv[-1].rsplit("#", 1)
 drv = f"/nix/store/{{os.urandom(16).hex()[:32]}}-nixos-system-{{host}}-25.05.drv"
 for line in ("building the system configuration...", "these 2 derivations will be built:",
              f"  {{drv}}", f"building '{{drv}}'..."):
@@ -2554,8 +2554,15 @@ if os.environ.get("HOMELAB_DEMO_FAIL"):
     sys.exit(1)
 if action in ("switch", "boot"):
     profile = os.environ["HOMELAB_DEMO_PROFILE"]
-    gen = int(os.readlink(profile).split("-")[1]) + 1 if os.path.islink(profile) else 41
-    os.symlink(f"system-{{gen}}-link", profile + ".new")
+    gen = int(os.readlink(profile).rsplit("-", 2)[1]) + 1 if os.path.islink(profile) else 41
+    # Named as Nix names generations (<profile>-<N>-link), with the nixos-version that reports its commit
+    link = f"{{profile}}-{{gen}}-link"
+    os.makedirs(f"{{link}}/sw/bin")
+    version = {{"configurationRevision": hashlib.sha1(flake.encode()).hexdigest(), "nixosVersion": "25.05"}}
+    with open(f"{{link}}/sw/bin/nixos-version", "w") as f:
+        f.write(f"#!/bin/sh\\necho '{{json.dumps(version)}}'\\n")
+    os.chmod(f"{{link}}/sw/bin/nixos-version", 0o755)
+    os.symlink(os.path.basename(link), profile + ".new")
     os.replace(profile + ".new", profile)
 for line in ("activating the configuration...", "setting up /etc...", "reloading user units for root..."):
     print(line, flush=True)
@@ -2621,6 +2628,15 @@ def demo_command(args: argparse.Namespace) -> int:
         if argv[0] == "list-hosts" and r.returncode == 0:
             for h in json.loads(r.stdout):
                 say(f"  {h['hostname']:10} {h['tier']:5} {h['role'] or '-':4} {' '.join(h['deploy_subjects'])}")
+        if argv[0] == "status" and r.stdout.strip():  # exit 1 with --expect still prints every host
+            for h in json.loads(r.stdout):
+                last = h["history"][-1] if h["history"] else None
+                say(f"  {h['hostname']:10} {h['tier']:5} generation {'-' if h['generation'] is None else h['generation']}"
+                    f"  commit {(h['commit'] or '-')[:12]}  last deploy: " + (
+                        f"{last['action']} {last['revision']} {last['error'] or last['status']} at {last['finished']}"
+                        if last else "-"))
+                for problem in h["drift"]:
+                    say(f"    DRIFT: {problem}")
         for line in r.stderr.splitlines():
             say(f"  {line}")
         verdict = "as expected" if r.returncode == expect else f"UNEXPECTED, wanted exit {expect}"
@@ -2699,6 +2715,25 @@ def demo_command(args: argparse.Namespace) -> int:
             say(f"  {line}")
         checks.append(any('status="completed"' in line and line.endswith(" 2.0") for line in shown_lines))
 
+        # Drift as a person makes it: nixos-rebuild run by hand on the host, a generation homelab-deploy never saw
+        drifted, profile = "prod-dns2", os.path.join(work, "prod-dns2.system")
+        before = current_generation(profile)
+        manual = ["env", f"HOMELAB_DEMO_PROFILE={profile}", os.path.join(bindir, "nixos-rebuild"), "switch",
+                  "--flake", f"/etc/nixos#{drifted}"]
+        say(f"\n== 7. someone runs nixos-rebuild switch by hand on {drifted}, outside homelab-deploy\n"
+            f"$ {shlex.join(manual)}")
+        r = subprocess.run(manual, capture_output=True, text=True, timeout=60)
+        say(f"  -> exit {r.returncode}; {drifted}'s system profile: generation {before} -> "
+            f"{current_generation(profile)}")
+        checks.append(r.returncode == 0 and current_generation(profile) == before + 1)
+        rc, hosts = cli("8. fleet status against main: drift is marked and the exit code is 1",
+                        ["status", "--expect", "main"], "admin", 1)
+        marked = {h["hostname"]: h["drift"] for h in hosts or [] if h["drift"]}
+        say(f"  marked: {', '.join(sorted(marked)) or 'none'} ({drifted}: a generation made by hand; prod-web1: "
+            "its switch to main failed, so it does not run main, which --expect main checks)")
+        checks.append(rc == 1 and sorted(marked) == [drifted, "prod-web1"]
+                      and any("outside homelab-deploy" in problem for problem in marked[drifted]))
+
         say("\n== summary: final status per host")
         for host, *_ in DEMO_HOSTS:
             say(f"  {host:10} {results.get(host, 'not deployed')}")
@@ -2708,7 +2743,7 @@ def demo_command(args: argparse.Namespace) -> int:
             say(f"\nSandbox running until Ctrl-C.\n  NATS:    {url}\n  keys:    {keys}/*.seed\n"
                 f"  metrics: http://127.0.0.1:{metrics_port}/metrics (prod-dns1)\n  logs:    {work}/*.log\nTry:\n"
                 f"  export HOMELAB_DEPLOY_NATS_URL={url}\n  export HOMELAB_DEPLOY_NKEY_FILE={keys}/admin.seed\n"
-                f"  {shown} list-hosts\n  {shown} deploy deploy.prod.role.dns --branch main\n"
+                f"  {shown} list-hosts\n  {shown} status --expect main\n  {shown} deploy deploy.prod.role.dns --branch main\n"
                 f"  {shown} deploy deploy.test.test-web1 --action boot --nkey-file {keys}/test-deployer.seed")
             wait_for_stop(threading.Event())  # until SIGINT/SIGTERM raise KeyboardInterrupt
         return 0 if ok else 1

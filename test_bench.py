@@ -63,7 +63,8 @@ def test_smoke_run_produces_every_row(tmp_path):
     for n in (2, 3):
         expected += [f"deploy deploy.test.all, {n} hosts: command",
                      f"deploy deploy.test.all, {n} hosts: publish to last final",
-                     f"deploy deploy.test.all, {n} hosts: exit after last final", f"list-hosts, {n} hosts"]
+                     f"deploy deploy.test.all, {n} hosts: exit after last final", f"list-hosts, {n} hosts",
+                     f"status, {n} hosts"]
     assert measures == expected
     for row in report["rows"]:
         assert row["ours"] > 0, row
@@ -74,7 +75,7 @@ def test_smoke_run_produces_every_row(tmp_path):
     assert {r["measure"] for r in report["rows"] if r["target"]} >= {
         "listener idle RSS", "request to accepted p50", "homelab-deploy --help", "deploy to one host, start to exit",
         "listener idle, SIGTERM to exit, NATS stopped at once (slowest run)",
-        "builder idle, SIGTERM to exit, NATS stopped at once (slowest run)"}
+        "builder idle, SIGTERM to exit, NATS stopped at once (slowest run)", "status, 3 hosts"}
     # The printed table has the same rows, and the bench left nothing running behind it.
     table_rows = [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table_rows) == len(expected) + 1

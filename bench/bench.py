@@ -128,6 +128,13 @@ class Sandbox:
 
     def start_listener(self, host: str, tier: str = "test", *flags: str) -> subprocess.Popen:
         state = os.path.join(self.work, "state", host)
+        os.makedirs(state, mode=0o700)
+        # A host deployed to for a while: a full history, which every status answer carries
+        with open(os.path.join(state, "history.json"), "w") as f:
+            json.dump([hd.DeployRecord(secrets.token_hex(8), hd.Action.SWITCH, "main", secrets.token_hex(20),
+                                       hd.Status.COMPLETED, None, "2026-11-29T06:00:00Z", "2026-11-29T06:00:09Z",
+                                       generation, generation + 1, 9.0).to_dict()
+                       for generation in range(40, 40 + hd.HISTORY_LENGTH)], f)
         return self.start([PROGRAM, "listener", "--hostname", host, "--tier", tier, *LISTENER_FLAGS, *flags,
                            "--nats-url", self.url, "--nkey-file", self.seed(host), "--state-dir", state], host)
 
@@ -453,15 +460,17 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
                 tails.append(end - last)
                 return end - start
 
-            def list_hosts() -> float:
-                elapsed, out = timed_run(sandbox.cli("list-hosts", "--json"), env)
+            def survey(command: str) -> float:
+                elapsed, out = timed_run(sandbox.cli(command, "--json"), env)
                 if len(json.loads(out)) != n:
-                    raise SystemExit(f"list-hosts: expected {n} hosts, got {out[:300]}")
+                    raise SystemExit(f"{command}: expected {n} hosts, got {out[:300]}")
                 return elapsed
 
             walls, bare_cmds = interleaved(args.runs, fan_out, lambda: floor_client("floor.fan", n))
             bare_fans = [observer.call(observer.bare_fanout(n)) for _ in range(args.runs)]
-            listings, bare_lists = interleaved(args.runs, list_hosts, lambda: floor_client("floor.fan", n))
+            surveys, bare_lists = interleaved(args.runs, lambda: (survey("list-hosts"), survey("status")),
+                                              lambda: floor_client("floor.fan", n))
+            listings, statuses = zip(*surveys)
             big = n >= 100
             row(f"deploy deploy.test.all, {n} hosts: command", median(walls), median(bare_cmds), "s",
                 "<= 2.5 s" if big else "", median(walls) <= 2.5 if big else None)
@@ -470,6 +479,8 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
                 "<= 1.0 s" if big else "", median(tails) <= 1.0 if big else None)
             row(f"list-hosts, {n} hosts", median(listings), median(bare_lists), "s", "<= 1.0 s" if big else "",
                 median(listings) <= 1.0 if big else None)
+            row(f"status, {n} hosts", median(statuses), median(bare_lists), "s", "<= 1.2x list-hosts",
+                median(statuses) <= 1.2 * median(listings))
     finally:
         if observer:
             observer.call(observer.nc.close())
