@@ -2990,8 +2990,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nixos-rebuild action: switch, boot, test, dry-activate "
                         "(env HOMELAB_DEPLOY_ACTION, default: switch)")
     p.add_argument("--timeout", type=positive_seconds,
-                   default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, positive_seconds),
-                   help="response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
+                   default=env_default("HOMELAB_DEPLOY_TIMEOUT", 1500.0, positive_seconds),
+                   help="response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 1500: the listener's "
+                        "600 s nixos-rebuild, the module's 120 s wait for the new system to confirm over NATS, "
+                        "and a rollback)")
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
     p.set_defaults(func=deploy_command)

@@ -465,3 +465,21 @@ class TestAutomaticRollback:
             "nixos-rebuild", "switch", "--rollback"]
         assert hd.rollback_argv(hd.Action.TEST, "/nix/var/nix/profiles/system", 41) == [
             "/nix/var/nix/profiles/system-41-link/bin/switch-to-configuration", "test"]
+
+    def test_deploy_cli_shows_the_confirmation_wait(self, nats_server, start_listener):
+        """The deploy CLI prints the `started` "switched; waiting ..." line, then the restarted listener's
+        confirmation, and exits 0."""
+        host = start_listener("testhost1", "test", None, "--restart-after-switch", "--rollback-timeout", "30")
+        host.standin.set_generation(1)
+        cli = subprocess.Popen([*PROGRAM, "deploy", "deploy.test.testhost1", "--branch", "main", "--nats-url",
+                                nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert host.proc.wait(30) == 0
+            host.start()
+            _, err = cli.communicate(timeout=60)
+        finally:
+            stop_process(cli)
+        assert cli.returncode == 0, err
+        assert "testhost1: started - switched; waiting for the new system to confirm over NATS" in err
+        assert "testhost1: completed - switch of main confirmed over NATS" in err
