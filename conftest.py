@@ -153,6 +153,14 @@ d = os.environ["STANDIN_DIR"]
 with open(os.path.join(d, "calls.jsonl"), "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
 mode = open(os.path.join(d, "mode")).read().strip() if os.path.exists(os.path.join(d, "mode")) else "succeed"
+profile = os.path.join(d, "profiles", "system")
+if "--rollback" in sys.argv:  # back to the generation before the current one; fails if $STANDIN_DIR/rollback-fails
+    if os.path.exists(os.path.join(d, "rollback-fails")):
+        print("error: cannot roll back: no generation before", file=sys.stderr, flush=True)
+        sys.exit(1)
+    os.symlink(f"system-{{int(os.readlink(profile).split('-')[1]) - 1}}-link", profile + ".tmp")
+    os.replace(profile + ".tmp", profile)
+    sys.exit(0)
 print("building the system configuration...", flush=True)
 if mode == "fail":
     print("error: builder for '/nix/store/xyz-nixos-system.drv' failed with exit code 1", file=sys.stderr, flush=True)
@@ -164,7 +172,6 @@ if mode == "block":  # until the test creates the release file; a grandchild pro
     while not os.path.exists(os.path.join(d, "release")):
         time.sleep(0.05)
     child.kill()
-profile = os.path.join(d, "profiles", "system")
 gen = int(os.readlink(profile).split("-")[1]) + 1 if os.path.islink(profile) else 1
 os.makedirs(os.path.dirname(profile), exist_ok=True)
 if os.path.exists(os.path.join(d, "revision")):  # the new system's nixos-version reports this configurationRevision
@@ -200,6 +207,16 @@ class StandIn:
 
     def release(self) -> None:
         (self.dir / "release").write_text("")
+
+    def set_generation(self, generation: int) -> None:
+        """Point the system profile at `generation`, as if the host had been switched to it before."""
+        self.profile.parent.mkdir(parents=True, exist_ok=True)
+        self.profile.unlink(missing_ok=True)
+        self.profile.symlink_to(f"system-{generation}-link")
+
+    @property
+    def generation(self) -> int:
+        return int(os.readlink(self.profile).split("-")[1])
 
     @property
     def calls(self) -> list[list[str]]:

@@ -92,6 +92,8 @@ class ErrorCode(enum.Enum):
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted"  # the listener stopped or died mid-deploy; not in the spec's list
     INTERNAL_ERROR = "internal_error"  # the listener failed after `accepted` (state dir unwritable, a bug); not in the spec
+    ROLLED_BACK = "rolled_back"  # the new system did not confirm over NATS in time; the watchdog rolled it back
+    ROLLBACK_FAILED = "rollback_failed"  # as rolled_back, but the rollback command failed: the host needs a person
 
 
 class ProtocolError(Exception):
@@ -1095,12 +1097,108 @@ def current_generation(profile: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def save_state(path: str, record: dict | list | None) -> None:
+    """Write a state file atomically (mode 0600, fsynced); None removes it and never raises: what is left
+    behind is read defensively by the next start."""
+    if record is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.error("cannot remove %s: %s", path, e.strerror)
+        return
+    tmp = path + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+ROLLBACK_STATES = ("pending", "switched", "rollback")  # <state>-<request>.json; one exists at a time, see README
+WATCHDOG_POLL = 0.5  # seconds between the watchdog's looks at the state directory
+
+
+def rollback_path(state_dir: str, state: str, rid: str) -> str:
+    return os.path.join(state_dir, f"{state}-{rid}.json")
+
+
+def rollback_argv(action: Action, profile: str, generation: int) -> list[str]:
+    """What the watchdog runs: a switch goes back one generation; a test installed nothing, so the generation
+    recorded before it is activated again."""
+    if action is Action.SWITCH:
+        return ["nixos-rebuild", "switch", "--rollback"]
+    return [f"{profile}-{generation}-link/bin/switch-to-configuration", "test"]
+
+
+def read_rollback_record(path: str) -> tuple[DeployRequest, dict]:
+    """A watchdog record, checked; raises FileNotFoundError (another party decided first) or ValueError."""
+    with open(path) as f:
+        record = json.load(f)
+    try:
+        request = DeployRequest.parse(json.dumps(record["request"]).encode(), allow_any_ref=True)
+    except (KeyError, TypeError, ProtocolError) as e:
+        raise ValueError(f"no valid request in it ({e})") from None
+    if not (request.action in (Action.SWITCH, Action.TEST) and type(record.get("generation_before")) in (int, type(None))
+            and isinstance(record.get("profile"), str) and type(record.get("armed_at")) in (int, float)
+            and type(record.get("rollback_timeout")) in (int, float)):
+        raise ValueError("not a record of a switch or test with its generation, profile and times")
+    return request, record
+
+
+def rollback_watchdog_command(args: argparse.Namespace) -> int:
+    """Armed by the listener before a switch or test: rolls it back unless a listener confirms it over NATS within
+    --rollback-timeout seconds after it ended. Renaming the record is the decision, so only one party acts."""
+    if not REPLY_TOKEN_RE.fullmatch(args.request):
+        raise SystemExit(f"error: --request {args.request!r} must be a request id (the last token of its reply_to)")
+    pending, switched, rolled = (rollback_path(args.state_dir, state, args.request) for state in ROLLBACK_STATES)
+    prefix = f"request={args.request} "
+    pending_due = time.monotonic() + args.timeout + args.rollback_timeout  # the listener kills nixos-rebuild at timeout
+    switched_due = None
+    while True:
+        if os.path.exists(switched):
+            switched_due = switched_due or time.monotonic() + args.rollback_timeout
+            source, due = switched, switched_due
+        elif os.path.exists(pending):
+            source, due = pending, pending_due
+        else:
+            log.info("%sconfirmed over NATS or disarmed; the rollback watchdog exits", prefix)
+            return 0
+        if time.monotonic() >= due:
+            try:
+                os.rename(source, rolled)
+                break
+            except FileNotFoundError:  # confirmed, or switched, meanwhile: look again
+                continue
+        time.sleep(WATCHDOG_POLL)
+    try:
+        request, record = read_rollback_record(rolled)
+    except (OSError, ValueError) as e:
+        log.error("%sunreadable rollback record %s (%s); nothing was rolled back: check the host", prefix, rolled, e)
+        return 1
+    before, now = record["generation_before"], current_generation(record["profile"])
+    if before is None or (request.action is Action.SWITCH and now == before):
+        outcome = {"argv": None, "returncode": 0, "output": [
+            f"nothing was rolled back: the system profile is at generation {now}, as before the {request.action.value}"
+            if before is not None else "nothing was rolled back: no system generation was recorded before it"]}
+    else:
+        argv = rollback_argv(request.action, record["profile"], before)
+        log.warning("%sno listener confirmed the %s over NATS in time; running %s", prefix, request.action.value,
+                    " ".join(argv))
+        result = run_with_timeout(argv, args.timeout, prefix)
+        outcome = {"argv": argv, "returncode": None if result.timed_out else result.returncode, "output": result.output}
+    log.warning("%srollback outcome: exit code %s: %s", prefix, outcome["returncode"], "; ".join(outcome["output"][-1:]))
+    save_state(rolled, {**record, "rollback": outcome})
+    return 0
+
+
 class Listener:
     def __init__(self, args: argparse.Namespace, subjects: list[str], bus: Bus, metrics: ListenerMetrics | None,
                  stop: threading.Event):
         self.hostname, self.tier, self.role = args.hostname, args.tier, args.role
         self.flake_url, self.timeout, self.profile = args.flake_url, args.timeout, args.system_profile
-        self.heartbeat_interval = args.heartbeat_interval
+        self.heartbeat_interval, self.rollback_timeout = args.heartbeat_interval, args.rollback_timeout
         self.restart_after_switch, self.allow_any_ref = args.restart_after_switch, args.allow_any_ref
         self.subjects = subjects
         self.discover_subject = args.discover_subject
@@ -1199,9 +1297,10 @@ class Listener:
                 if final is not None:  # while `busy` is held: the next deploy starts from this record's generation
                     self.remember(request, rid, final, started, before)
                 self.busy.release()  # before the final status, so the requester's next deploy is not refused
-            if self.metrics:
-                self.metrics.count(final.status, request.action, final.error)
-            self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
+            if final is not None:  # None: the switch awaits confirmation by the listener that starts next
+                if self.metrics:
+                    self.metrics.count(final.status, request.action, final.error)
+                self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
         if self.restarting:
             log.info("host=%s request=%s restarting so the service manager starts the switched-to version",
                      self.hostname, rid)
@@ -1214,23 +1313,7 @@ class Listener:
         if self.metrics:
             self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
 
-    def save(self, path: str, record: dict | list | None) -> None:
-        """Write a state file atomically (mode 0600, fsynced); None removes it and never raises: what is left
-        behind is read defensively by the next start."""
-        if record is None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.error("host=%s cannot remove %s: %s", self.hostname, path, e.strerror)
-            return
-        tmp = path + ".tmp"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    save = staticmethod(save_state)  # a method for the listener's callers; the watchdog has no Listener
 
     def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
         """Keep the running request on disk so a restarted listener can report it; None clears it, and never
@@ -1327,10 +1410,55 @@ class Listener:
             self.metrics.count(Status.FAILED, action, ErrorCode.INTERRUPTED)
         self.record_inflight(None)
 
-    def deploy(self, request: DeployRequest, rid: str) -> DeployResponse:
-        """Run nixos-rebuild for an accepted request; returns the final status to report."""
+    def arm_watchdog(self, request: DeployRequest, rid: str) -> None:
+        """Record the coming switch or test (fsynced), then start the watchdog that rolls it back unless a listener
+        confirms it over NATS in time. Raises OSError or SubprocessError; the record is removed then."""
+        import shutil
+        import subprocess
+
+        pending = rollback_path(self.state_dir, "pending", rid)
+        self.save(pending, {"request": json.loads(request.to_json()), "generation_before": current_generation(
+            self.profile), "profile": os.path.abspath(self.profile), "armed_at": time.time(),
+            "rollback_timeout": self.rollback_timeout})
+        argv = [sys.executable, os.path.abspath(__file__), "rollback-watchdog", "--state-dir",
+                os.path.abspath(self.state_dir), "--request", rid, "--rollback-timeout", str(self.rollback_timeout),
+                "--timeout", str(self.timeout)]
+        try:
+            if os.environ.get("INVOCATION_ID") and shutil.which("systemd-run"):
+                # a transient unit: a child would die with this service's cgroup when the service restarts
+                watchdog = f"homelab-deploy-rollback-{rid}"
+                result = subprocess.run(["systemd-run", f"--unit={watchdog}", "--collect", "--quiet",
+                                         f"--setenv=PATH={os.environ.get('PATH', '')}", "--", *argv],
+                                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+                if result.returncode != 0:
+                    raise OSError(f"systemd-run exited with {result.returncode}: {result.stderr.strip()[-300:]}")
+            else:  # its own session: a signal to the listener's process group does not reach it
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+                threading.Thread(target=proc.wait, name="reap-watchdog", daemon=True).start()
+                watchdog = f"pid {proc.pid}"
+        except BaseException:
+            self.save(pending, None)
+            raise
+        log.info("host=%s request=%s rollback watchdog armed (%s): it rolls back the %s unless it is confirmed over "
+                 "NATS within %gs after it", self.hostname, rid, watchdog, request.action.value, self.rollback_timeout)
+
+    def deploy(self, request: DeployRequest, rid: str) -> DeployResponse | None:
+        """Run nixos-rebuild for an accepted request; returns the final status to report, None when it is left to
+        the listener that starts next (a switch awaiting confirmation, or this listener stopping)."""
+        import subprocess
+
         action, revision = request.action, request.revision
         argv = rebuild_argv(action, self.flake_url, revision, self.hostname)
+        armed = self.rollback_timeout > 0 and action in (Action.SWITCH, Action.TEST)
+        if armed:
+            try:
+                self.arm_watchdog(request, rid)
+            except (OSError, subprocess.SubprocessError) as e:
+                log.error("host=%s request=%s not run: cannot arm the rollback watchdog: %s", self.hostname, rid, e)
+                return DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
+                    f"nothing was run: the listener on {self.hostname} cannot arm its rollback watchdog ({e}); make "
+                    f"{self.state_dir} writable (under systemd, give the service systemd-run on its PATH), or turn "
+                    "automatic rollback off with --rollback-timeout 0"))
         self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(argv)}")
         if self.metrics:
             self.metrics.in_progress.set(1)
@@ -1382,9 +1510,114 @@ class Listener:
             last = next((line.strip() for line in reversed(result.output) if line.strip()), "no output")
             message = f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
         log.info("host=%s request=%s %s in %.1fs: %s", self.hostname, rid, status.value, result.duration, message)
+        if armed and not success:  # nothing new is active to roll back, or this listener is up to report the failure
+            self.save(rollback_path(self.state_dir, "pending", rid), None)
+        elif armed:
+            switched = rollback_path(self.state_dir, "switched", rid)
+            with contextlib.suppress(FileNotFoundError):  # gone: the watchdog gave up waiting; settle reports it
+                os.rename(rollback_path(self.state_dir, "pending", rid), switched)
+                os.utime(switched)  # when the switch ended, for the confirmation's message
+            self.record_inflight(None)  # nixos-rebuild is over: from here on the watchdog's record stands for it
+            self.reply(request.reply_to, Status.STARTED, message=(
+                f"switched; waiting for the new system to confirm over NATS (it is rolled back unless it does "
+                f"within {self.rollback_timeout:g}s): {message}"))
+            if self.restarting:
+                log.info("host=%s request=%s switched; the listener that starts next confirms it over NATS",
+                         self.hostname, rid)
+                return None
+            settled = self.settle(rid)
+            return settled and settled[1]
         commit = self.profile_commit() if success and action in (Action.SWITCH, Action.BOOT) else None
         return DeployResponse(self.hostname, status, error, message, result.duration,
                               None if success else result.output, commit)
+
+    def settle(self, rid: str) -> tuple[DeployRequest, DeployResponse, dict] | None:
+        """Confirm a switch after one round trip through the NATS server by removing its record (which the watchdog
+        would rename to roll back), or wait for the watchdog's rollback and report its outcome. None: stopping, or
+        the record is unreadable (logged)."""
+        _, switched, rolled = (rollback_path(self.state_dir, state, rid) for state in ROLLBACK_STATES)
+        try:
+            while os.path.exists(switched):
+                try:  # while disconnected nats-py's flush returns at once without a PING: check both sides of it
+                    reconnects = self.bus.reconnects
+                    self.bus.require_connection("the confirmation's round trip")
+                    self.bus._call(self.bus.nc.flush(timeout=5), 6)
+                    if self.bus.reconnects != reconnects or not self.bus.nc.is_connected:
+                        raise NatsError("the connection dropped during the round trip")
+                except Exception as e:
+                    log.warning("host=%s request=%s no round trip through NATS yet (%r); the switch is rolled back "
+                                "unless one succeeds in time", self.hostname, rid, e)
+                    if self.stop.wait(1):
+                        return None
+                    continue
+                try:
+                    request, record = read_rollback_record(switched)
+                    after = time.time() - os.stat(switched).st_mtime
+                    os.unlink(switched)  # the decision: from here on the watchdog finds nothing to roll back
+                except FileNotFoundError:
+                    break  # the watchdog took it first
+                log.info("host=%s request=%s %s confirmed over NATS %.1fs after the switch", self.hostname, rid,
+                         request.action.value, after)
+                generation = current_generation(self.profile)
+                return request, DeployResponse(self.hostname, Status.COMPLETED, None, (
+                    f"{request.action.value} of {request.revision} confirmed over NATS {after:.1f}s after the switch"
+                    + (f"; the system profile is at generation {generation}" if generation is not None else "")),
+                    commit=self.profile_commit() if request.action is Action.SWITCH else None), record
+            while True:
+                request, record = read_rollback_record(rolled)
+                # by then the watchdog's nixos-rebuild and its rollback, each bounded by --timeout, are long over
+                if "rollback" in record or time.time() > record["armed_at"] + 2 * self.timeout + \
+                        record["rollback_timeout"] + 60:
+                    break
+                if self.stop.wait(WATCHDOG_POLL):  # the watchdog is rolling back; the next start reports it
+                    return None
+            outcome = record.get("rollback") or {"argv": None, "returncode": None, "output": [
+                "the watchdog stopped before it recorded the rollback's outcome"]}
+            output = [clip(str(line), OUTPUT_LINE_CHARS) for line in outcome["output"]][-OUTPUT_TAIL_LINES:]
+            command = " ".join(map(str, outcome["argv"])) if outcome["argv"] else None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("host=%s request=%s unreadable rollback record in %s (%r); removing it: check the host",
+                      self.hostname, rid, self.state_dir, e)
+            self.save(switched, None)
+            self.save(rolled, None)
+            return None
+        what = (f"the new system did not confirm over NATS within {record['rollback_timeout']:g}s after the "
+                f"{request.action.value} of {request.revision}")
+        generation = current_generation(self.profile)
+        if outcome["returncode"] != 0:
+            error, message = ErrorCode.ROLLBACK_FAILED, (
+                f"{what}, and the rollback {f'`{command}` ' if command else ''}failed (exit code "
+                f"{outcome['returncode']}): "
+                f"{output[-1] if output else 'no output'}; the host needs a person at its console")
+        else:
+            error, message = ErrorCode.ROLLED_BACK, (
+                f"{what}; rolled back with `{command}`" if command else f"{what}; {output[-1]}") + (
+                f"; the system profile is at generation {generation}" if generation is not None else "")
+        log.warning("host=%s request=%s %s: %s", self.hostname, rid, error.value, message)
+        self.save(rolled, None)
+        return request, DeployResponse(self.hostname, Status.FAILED, error, message, None, output), record
+
+    def settle_switches(self) -> None:
+        """At start, connected to NATS: confirm the switches awaiting it, report the watchdog's rollbacks to their
+        requesters and history; a pending record (its listener stopped mid-deploy) is disarmed: NATS is reachable."""
+        for name in sorted(os.listdir(self.state_dir)):
+            state, _, rest = name.partition("-")
+            rid = rest.removesuffix(".json")
+            if state not in ROLLBACK_STATES or not rest.endswith(".json") or not REPLY_TOKEN_RE.fullmatch(rid):
+                continue
+            if state == "pending":
+                log.warning("host=%s request=%s disarmed the rollback watchdog of an interrupted deploy: this listener "
+                            "reached NATS", self.hostname, rid)
+                self.save(os.path.join(self.state_dir, name), None)
+                continue
+            settled = self.settle(rid)
+            if settled is None:
+                continue
+            request, final, record = settled
+            self.remember(request, rid, final, record["armed_at"], record["generation_before"])
+            if self.metrics:
+                self.metrics.count(final.status, request.action, final.error)
+            self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, self.bus.reconnects)
 
     def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int | None,
                       schedule: list[float] | None = None) -> None:
@@ -1477,8 +1710,9 @@ def run_listener(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --flake-url {args.flake_url!r} must be a flake URL without '#', whitespace, "
                          "ref= or rev= (each request's revision is added as ref= or rev=), "
                          "e.g. git+https://git.example.com/user/nixos-configs.git")
-    if args.timeout <= 0 or args.heartbeat_interval <= 0 or args.shutdown_grace < 0:
-        raise SystemExit("error: --timeout and --heartbeat-interval must be positive, --shutdown-grace not negative")
+    if args.timeout <= 0 or args.heartbeat_interval <= 0 or args.shutdown_grace < 0 or args.rollback_timeout < 0:
+        raise SystemExit("error: --timeout and --heartbeat-interval must be positive, --shutdown-grace and "
+                         "--rollback-timeout not negative")
     if not is_publish_subject(args.discover_subject):
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
     import fcntl
@@ -1519,6 +1753,7 @@ def run_listener(args: argparse.Namespace) -> int:
         listener.report_interrupted()
         listener.load_history()
         listener.resume_resends()
+        listener.settle_switches()
         listener.start()
     except NatsError as e:
         log.error("host=%s %s; the listener's credential must be allowed to subscribe to its deploy subjects "
@@ -2861,10 +3096,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "the version the new generation installed; the NixOS module sets this")
     p.add_argument("--allow-any-ref", action="store_true",
                    help="deploy any git ref, e.g. refs/pull/1/head; by default only branches, tags and commits")
+    p.add_argument("--rollback-timeout", type=float, default=0.0, metavar="S",
+                   help="after a switch or test, roll it back unless the new system confirms over NATS within S "
+                        "seconds (see README, 'Automatic rollback'); 0 turns it off (default: 0; NixOS module: 120)")
     p.add_argument("--system-profile", default="/nix/var/nix/profiles/system",
                    help="system profile whose generation is reported after switch/boot "
                         "(default: /nix/var/nix/profiles/system)")
     p.set_defaults(func=run_listener, daemon=True)
+
+    p = sub.add_parser("rollback-watchdog")  # no help: armed by the listener, not run by hand
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--request", required=True)
+    p.add_argument("--rollback-timeout", type=positive_seconds, required=True)
+    p.add_argument("--timeout", type=positive_seconds, required=True)
+    p.set_defaults(func=rollback_watchdog_command, daemon=True)
 
     p = sub.add_parser("deploy", help="deploy to the hosts behind a subject or alias")
     p.add_argument("target", metavar="SUBJECT_OR_ALIAS",
@@ -2876,8 +3121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nixos-rebuild action: switch, boot, test, dry-activate "
                         "(env HOMELAB_DEPLOY_ACTION, default: switch)")
     p.add_argument("--timeout", type=positive_seconds,
-                   default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, positive_seconds),
-                   help="response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
+                   default=env_default("HOMELAB_DEPLOY_TIMEOUT", 1500.0, positive_seconds),
+                   help="response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 1500: the listener's "
+                        "600 s nixos-rebuild, the module's 120 s wait for the new system to confirm over NATS, "
+                        "and a rollback)")
     p.add_argument("--pin", action="store_true", default=env_default("HOMELAB_DEPLOY_PIN", False, boolean),
                    help="resolve --branch once to its commit with git ls-remote and send that commit to every host "
                         "(env HOMELAB_DEPLOY_PIN)")
@@ -2935,8 +3182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=env_default("HOMELAB_DEPLOY_ENABLE_BUILDS", False, boolean),
                    help="add the build tool (env HOMELAB_DEPLOY_ENABLE_BUILDS)")
     p.add_argument("--timeout", type=positive_seconds,
-                   default=env_default("HOMELAB_DEPLOY_TIMEOUT", 900.0, positive_seconds),
-                   help="deploy response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 900)")
+                   default=env_default("HOMELAB_DEPLOY_TIMEOUT", 1500.0, positive_seconds),
+                   help="deploy response timeout in seconds (env HOMELAB_DEPLOY_TIMEOUT, default: 1500, as deploy's)")
     p.add_argument("--build-timeout", type=positive_seconds,
                    default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, positive_seconds),
                    help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")

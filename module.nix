@@ -131,6 +131,7 @@ let
       "--nkey-file" (toString lcfg.nkeyFile)
       "--flake-url" lcfg.flakeUrl
       "--timeout" (toString lcfg.timeout)
+      "--rollback-timeout" (toString lcfg.rollbackTimeout)
     ]
     ++ lib.optionals (lcfg.role != null) [ "--role" lcfg.role ]
     ++ lib.concatMap (subject: [ "--deploy-subject" subject ]) lcfg.deploySubjects
@@ -239,6 +240,19 @@ in
       type = types.ints.positive;
       default = 600;
       description = "Deployment timeout in seconds; a `nixos-rebuild` running longer is killed.";
+    };
+
+    rollbackTimeout = mkOption {
+      type = types.ints.unsigned;
+      default = 120;
+      description = ''
+        Seconds after a `switch` or `test` within which the listener on the
+        new system must reach NATS and complete a round trip through the
+        server; otherwise a watchdog (a transient systemd unit, started with
+        `systemd-run`) rolls the host back and the requester gets `failed`
+        with error `rolled_back`.  0 turns automatic rollback off.  See the
+        README, "Automatic rollback".
+      '';
     };
 
     deploySubjects = mkOption {
@@ -365,6 +379,8 @@ in
           config.nix.package
           pkgs.git
           (config.system.build.nixos-rebuild or pkgs.nixos-rebuild)
+          # systemd-run: the rollback watchdog runs as a transient unit, outside this service's cgroup
+          config.systemd.package
         ];
         environment = nixEnvironment // lcfg.environment;
 

@@ -1001,6 +1001,14 @@ class TestDurationFlags:
         args = hd.build_parser().parse_args(["mcp", "--nats-url", "nats://127.0.0.1:1", "--nkey-file", "k"])
         assert (args.timeout if var == "HOMELAB_DEPLOY_TIMEOUT" else args.build_timeout) == 0.25
 
+    def test_deploy_default_covers_a_switch_its_confirmation_and_a_rollback(self, monkeypatch):
+        """Issue 18: after a switch (bounded by the listener's --timeout) the module waits up to 120 s for the new
+        system to confirm over NATS, then a rollback (bounded by --timeout again) decides the final status."""
+        monkeypatch.delenv("HOMELAB_DEPLOY_TIMEOUT", raising=False)
+        parser, nats = hd.build_parser(), ["--nats-url", "nats://127.0.0.1:1", "--nkey-file", "k"]
+        listener = parser.parse_args(["listener", *nats, "--hostname", "h", "--tier", "test", "--flake-url", "u"])
+        assert parser.parse_args(["deploy", "deploy.test.all", *nats]).timeout > 2 * listener.timeout + 120
+
     @pytest.mark.integration
     def test_nothing_is_sent(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test")

@@ -3,10 +3,12 @@ period, restart after a switch, and seed-file hygiene. Real nats-server, real li
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +17,7 @@ import time
 import pytest
 
 import homelab_deploy as hd
-from conftest import Listener, run_cli, start_deploy, wait_for
+from conftest import PROGRAM, Listener, run_cli, start_deploy, stop_process, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -329,3 +331,155 @@ class TestStateDirectoryLock:
             second.start()  # the lock goes with the process
         finally:
             second.stop()
+
+
+@pytest.fixture
+def watchdogs(tmp_path):
+    """Kills, after the test, every rollback watchdog its listeners armed: they run in sessions of their own."""
+    yield
+    for log in tmp_path.glob("*.log"):
+        for pid in map(int, re.findall(r"rollback watchdog armed \(pid (\d+)\)", log.read_text())):
+            with contextlib.suppress(OSError):
+                if b"rollback-watchdog" in open(f"/proc/{pid}/cmdline", "rb").read():
+                    os.kill(pid, signal.SIGKILL)
+
+
+def rollbacks(host: Listener) -> list[list[str]]:
+    return [call for call in host.standin.calls if "--rollback" in call]
+
+
+def start_unreachable(host: Listener) -> None:
+    """Start `host` on a NATS URL where nothing listens: the new system cannot reach the bus."""
+    argv = list(host.argv)
+    argv[argv.index("--nats-url") + 1] = f"nats://127.0.0.1:{hd.free_port()}"
+    with open(host.log, "ab") as log:
+        host.proc = subprocess.Popen(argv, env=host.env, stdout=log, stderr=log, start_new_session=True)
+    wait_for(lambda: "cannot reach NATS" in host.log_text(), what="the listener to fail to reach NATS")
+
+
+@pytest.mark.usefixtures("watchdogs")
+class TestAutomaticRollback:
+    """--rollback-timeout: a switch is confirmed by a round trip through NATS from the new system, or a watchdog in
+    its own session rolls it back and the next listener that reaches NATS reports it. Outside systemd."""
+
+    def test_good_switch_is_confirmed_and_nothing_rolled_back(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--restart-after-switch", "--rollback-timeout", "30")
+        host.standin.set_generation(1)
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        assert host.proc.wait(30) == 0  # switched; the final status is left to the listener that starts next
+        host.start()
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("completed", None)
+        assert "switch of main confirmed over NATS" in reply["message"] and "generation 2" in reply["message"]
+        wait_for(lambda: "the rollback watchdog exits" in host.log_text(), what="the watchdog to stand down")
+        assert rollbacks(host) == [] and host.standin.generation == 2
+        assert not [p for p in (host.standin.dir / "state").iterdir() if p.name.split("-")[0] in hd.ROLLBACK_STATES]
+
+    def test_switch_confirmed_at_once_without_restart(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--rollback-timeout", "30")
+        host.standin.set_generation(1)
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        messages = []
+        while not messages or messages[-1]["status"] not in ("completed", "failed"):
+            messages.append(json.loads(replies.get(timeout=30)[1]))
+        assert messages[-1]["status"] == "completed" and "confirmed over NATS" in messages[-1]["message"]
+        assert any(m["message"].startswith("switched; waiting for the new system to confirm over NATS")
+                   for m in messages if m["status"] == "started")
+        wait_for(lambda: "the rollback watchdog exits" in host.log_text(), what="the watchdog to stand down")
+        assert rollbacks(host) == [] and host.proc.poll() is None
+
+    def test_unreachable_new_system_is_rolled_back_and_reported(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--restart-after-switch", "--rollback-timeout", "2")
+        host.standin.set_generation(1)
+        reply_to, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        assert host.proc.wait(30) == 0
+        start_unreachable(host)
+        wait_for(lambda: rollbacks(host), timeout=60, what="the watchdog to roll back")
+        assert rollbacks(host) == [["switch", "--rollback"]] and host.standin.generation == 1
+        host.stop()
+        host.start()  # the right URL again: it reaches NATS and tells the original requester
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "rolled_back")
+        assert "did not confirm over NATS within 2s after the switch of main" in reply["message"]
+        assert "rolled back with `nixos-rebuild switch --rollback`" in reply["message"]
+        history = json.loads((host.standin.dir / "state" / "history.json").read_text())
+        assert [(r["request"], r["status"], r["error"], r["generation_before"], r["generation_after"])
+                for r in history] == [(reply_to.rsplit(".", 1)[1], "failed", "rolled_back", 1, 1)]
+
+    def test_watchdog_survives_sigkill_of_the_listener(self, nats_server, start_listener, bus_factory):
+        """The switch cuts the host off NATS (the server stops), the listener waiting to confirm is SIGKILLed with
+        its process group: the watchdog, in its own session, still rolls back."""
+        host = start_listener("testhost1", "test", None, "--rollback-timeout", "2")
+        host.standin.set_generation(1)
+        host.standin.set_mode("block")
+        bus = bus_factory(nats_server, "test-deployer")
+        _, replies = start_deploy(bus, "deploy.test.testhost1")
+        wait_for(lambda: host.standin.pids, what="nixos-rebuild to run")
+        nats_server.stop()
+        host.standin.release()
+        wait_for(lambda: "no round trip through NATS yet" in host.log_text(), what="the confirmation to fail")
+        os.killpg(host.proc.pid, signal.SIGKILL)
+        host.proc.wait(10)
+        wait_for(lambda: rollbacks(host), timeout=60, what="the watchdog to roll back")
+        assert host.standin.generation == 1
+        nats_server.start_again()
+        wait_for(lambda: bus.nc.is_connected, what="the deployer to reconnect")
+        host.start()
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "rolled_back")
+
+    def test_two_watchdogs_roll_back_once(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--restart-after-switch", "--rollback-timeout", "2")
+        host.standin.set_generation(1)
+        reply_to, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        assert host.proc.wait(30) == 0
+        first = int(re.search(r"rollback watchdog armed \(pid (\d+)\)", host.log_text())[1])
+        with open(host.log, "ab") as log:
+            second = subprocess.Popen([*PROGRAM, "rollback-watchdog", "--state-dir", str(host.standin.dir / "state"),
+                                       "--request", reply_to.rsplit(".", 1)[1], "--rollback-timeout", "1",
+                                       "--timeout", "10"], env=host.env, stdout=log, stderr=log, start_new_session=True)
+        try:
+            assert second.wait(60) == 0
+            wait_for(lambda: gone(first), timeout=60, what="the first watchdog to finish")
+        finally:
+            stop_process(second)
+        assert rollbacks(host) == [["switch", "--rollback"]] and host.standin.generation == 1
+        host.start()
+        assert final_reply(replies)["error"] == "rolled_back"
+
+    def test_failed_rollback_is_reported_with_its_output(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--restart-after-switch", "--rollback-timeout", "1")
+        host.standin.set_generation(1)
+        (host.standin.dir / "rollback-fails").write_text("")
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        assert host.proc.wait(30) == 0
+        wait_for(lambda: "rollback outcome" in host.log_text(), timeout=60, what="the watchdog to try the rollback")
+        host.start()
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "rollback_failed")
+        assert "the rollback `nixos-rebuild switch --rollback` failed (exit code 1)" in reply["message"]
+        assert "error: cannot roll back: no generation before" in reply["output"]
+
+    def test_rollback_argv(self):
+        assert hd.rollback_argv(hd.Action.SWITCH, "/nix/var/nix/profiles/system", 41) == [
+            "nixos-rebuild", "switch", "--rollback"]
+        assert hd.rollback_argv(hd.Action.TEST, "/nix/var/nix/profiles/system", 41) == [
+            "/nix/var/nix/profiles/system-41-link/bin/switch-to-configuration", "test"]
+
+    def test_deploy_cli_shows_the_confirmation_wait(self, nats_server, start_listener):
+        """The deploy CLI prints the `started` "switched; waiting ..." line, then the restarted listener's
+        confirmation, and exits 0."""
+        host = start_listener("testhost1", "test", None, "--restart-after-switch", "--rollback-timeout", "30")
+        host.standin.set_generation(1)
+        cli = subprocess.Popen([*PROGRAM, "deploy", "deploy.test.testhost1", "--branch", "main", "--nats-url",
+                                nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert host.proc.wait(30) == 0
+            host.start()
+            _, err = cli.communicate(timeout=60)
+        finally:
+            stop_process(cli)
+        assert cli.returncode == 0, err
+        assert "testhost1: started - switched; waiting for the new system to confirm over NATS" in err
+        assert "testhost1: completed - switch of main confirmed over NATS" in err

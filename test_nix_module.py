@@ -290,6 +290,7 @@ def test_listener_minimal_exec_start(nix):
         "--nkey-file", "/run/secrets/homelab-deploy-nkey",
         "--flake-url", "git+https://git.example.com/user/nixos-configs.git",
         "--timeout", "600",
+        "--rollback-timeout", "120",
         *DEFAULT_SUBJECT_ARGS,
         "--discover-subject", "deploy.discover",
         "--restart-after-switch",
@@ -322,7 +323,7 @@ def test_listener_unit(nix):
     assert unit["LimitNOFILE"] == 65536  # not systemd's 1,024: nixos-rebuild and nix inherit it
     assert unit["user"] is None  # root: nixos-rebuild switch needs it
     tools = [p.split("-", 1)[1] for p in unit["path"]]
-    assert tools == ["nix-2.28", "git-2.49", "nixos-rebuild-ng"]
+    assert tools == ["nix-2.28", "git-2.49", "nixos-rebuild-ng", "systemd-257"]  # systemd-run: rollback watchdog
     assert unit["services"] == [LISTENER]
     assert unit["users"] == []
     assert unit["ports"] == []
@@ -332,7 +333,7 @@ def test_listener_uses_pkgs_nixos_rebuild_without_system_build(nix):
     cfg = host(listener=listener_config())
     cfg["system"] = {"build": Nix("lib.mkForce { }")}
     path = nix.host(cfg, f"svc.{LISTENER}.path")
-    assert path[-1].endswith("-nixos-rebuild")
+    assert path[2].endswith("-nixos-rebuild")
 
 
 def test_listener_hostname_defaults_to_networking_hostname(nix):
@@ -402,6 +403,15 @@ def test_listener_custom_subjects_timeout_and_extra_args(nix):
     assert subjects == ["deploy.<tier>.<hostname>", "deploy.lab.special"]
     assert argv[argv.index("--discover-subject") + 1] == "lab.discover"
     assert argv[-len(extra):] == extra
+
+
+def test_listener_rollback_timeout(nix):
+    argv = listener_argv(nix, host(listener=listener_config(rollbackTimeout=0)))
+    assert argv[argv.index("--rollback-timeout") + 1] == "0"  # off
+    argv = listener_argv(nix, host(listener=listener_config(rollbackTimeout=300)))
+    assert argv.count("--rollback-timeout") == 1 and argv[argv.index("--rollback-timeout") + 1] == "300"
+    err = nix.host_error(host(listener=listener_config(rollbackTimeout=-1)))
+    assert "services.homelab-deploy.listener.rollbackTimeout" in err and "is not of type" in err
 
 
 def test_allow_any_ref(nix):

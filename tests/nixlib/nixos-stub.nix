@@ -74,6 +74,7 @@ in
     # installer/tools/tools.nix puts nixos-rebuild there.
     system.build = mkOption { type = types.attrs; default = { }; };
 
+    systemd.package = mkOption { type = types.package; default = pkgs.systemd; };
     systemd.services = mkOption { type = types.attrsOf (types.submodule serviceModule); default = { }; };
 
     users.users = mkOption { type = types.attrsOf (types.submodule userModule); default = { }; };

@@ -69,6 +69,7 @@ let
     git = fakeDrv "git-2.49" { meta.mainProgram = "git"; };
     nixos-rebuild = fakeDrv "nixos-rebuild" { meta.mainProgram = "nixos-rebuild"; };
     nixos-rebuild-ng = fakeDrv "nixos-rebuild-ng" { meta.mainProgram = "nixos-rebuild"; };
+    systemd = fakeDrv "systemd-257" { meta.mainProgram = "systemctl"; };
     nats-server = fakeDrv "nats-server" { meta.mainProgram = "nats-server"; };
   };
 in
