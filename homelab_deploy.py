@@ -2050,7 +2050,8 @@ def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollo
         if failed and name == "canary":
             why = "the canary failed"
         elif failed > rollout.max_failures:
-            why = f"{failed} hosts failed, more than the {rollout.max_failures} allowed (max failures)"
+            why = (f"{failed} host{'s' * (failed > 1)} failed, more than the {rollout.max_failures} allowed "
+                   "(max failures)")
         if why or stop.is_set():
             report(f"stopping the rollout: {why or 'interrupted'}", True)
 
@@ -2732,18 +2733,22 @@ def demo_command(args: argparse.Namespace) -> int:
         rc, hosts = cli("1. list hosts (discovery)", ["list-hosts"], "test-deployer", 0)
         checks.append(rc == 0 and sorted(h["hostname"] for h in hosts or []) == sorted(h[0] for h in DEMO_HOSTS))
         results: dict[str, str] = {}
-        for title, subject, key, expect, wanted in (
+        for title, subject, key, expect, wanted, rollout in (
                 ("2. deploy the test tier", "deploy.test.all", "test-deployer", 0,
-                 {"test-web1": "completed", "test-db1": "completed"}),
+                 {"test-web1": "completed", "test-db1": "completed"}, []),
                 ("3. deploy a role: every prod DNS server", "deploy.prod.role.dns", "admin", 0,
-                 {"prod-dns1": "completed", "prod-dns2": "completed"}),
-                ("4. the test-tier credential is refused on prod", "deploy.prod.all", "test-deployer", 3, {}),
-                ("5. deploy all of prod: the broken host is reported as failed", "deploy.prod.all", "admin", 1,
-                 {"prod-dns1": "completed", "prod-dns2": "completed", "prod-web1": "failed"})):
-            rc, doc = cli(title, ["deploy", subject, "--branch", "main"], key, expect)
+                 {"prod-dns1": "completed", "prod-dns2": "completed"}, []),
+                ("4. the test-tier credential is refused on prod", "deploy.prod.all", "test-deployer", 3, {}, []),
+                ("5. roll out all of prod: canary prod-dns1, then a host per batch; the rollout stops at the "
+                 "broken prod-web1", "deploy.prod.all", "admin", 1,
+                 {"prod-dns1": "completed", "prod-dns2": "completed", "prod-web1": "failed"},
+                 ["--canary", "1", "--batch-size", "1"])):
+            rc, doc = cli(title, ["deploy", subject, "--branch", "main", *rollout], key, expect)
             got = {h["hostname"]: h["status"] for h in (doc or {}).get("hosts", [])}
             results.update(got)
-            checks.append(rc == expect and got == wanted)
+            batches = [b["name"] for b in (doc or {}).get("batches", [])]
+            checks.append(rc == expect and got == wanted
+                          and batches == ["canary", "batch 1", "batch 2"] * bool(rollout))
         say(f"\n== 6. metrics of prod-dns1 (http://127.0.0.1:{metrics_port}/metrics)")
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         shown_lines = [line for line in text.splitlines() if line.startswith("homelab_deploy_")

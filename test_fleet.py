@@ -362,6 +362,10 @@ class TestDemo:
             assert re.search(rf"{host}\s+{status}", summary), host
         assert "permission denied" in r.stdout and "homelab_deploy_deployments_total" in r.stdout
         assert "6/6 steps behaved as expected" in r.stdout
+        prod_rollout = r.stdout.split("== 5.")[1].split("== 6.")[0]
+        assert "--canary 1 --batch-size 1" in prod_rollout and "canary: deploying prod-dns1" in prod_rollout
+        assert "batch 2: deploying prod-web1" in prod_rollout and "prod-web1: failed" in prod_rollout
+        assert "stopping the rollout: 1 host failed" in prod_rollout
         assert demo_processes(workdir) == [] and not os.path.exists(workdir)
 
     def test_keep_until_ctrl_c(self, tmp_path):
