@@ -788,7 +788,7 @@ class TestRollout:
         assert "stopping the rollout: interrupted" in err
         assert [h.standin.calls for h in hosts[1:]] == [[], []]
 
-    def test_plan_deploys_nothing(self, nats_server, start_listener, bus_factory):
+    def test_plan_deploys_nothing(self, nats_server, start_listener):
         hosts = self.fleet(start_listener, "succeed", "succeed", "succeed")
         r = run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--canary", "1",
                                                               "--batch-size", "50%", "--plan"))
