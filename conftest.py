@@ -148,10 +148,14 @@ def nats_server(tmp_path):
 STANDIN = """\
 #!{python}
 # Stand-in for nixos-rebuild: records argv, then behaves as $STANDIN_DIR/mode says.
-import json, os, subprocess, sys, time
+import atexit, json, os, subprocess, sys, time
 d = os.environ["STANDIN_DIR"]
 with open(os.path.join(d, "calls.jsonl"), "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
+# spans: its start and end times (time.time()), a line each
+with open(os.path.join(d, "times"), "a") as f:
+    f.write(f"{{time.time()}}\\n")
+atexit.register(lambda: open(os.path.join(d, "times"), "a").write(f"{{time.time()}}\\n"))
 mode = open(os.path.join(d, "mode")).read().strip() if os.path.exists(os.path.join(d, "mode")) else "succeed"
 profile = os.path.join(d, "profiles", "system")
 if "--rollback" in sys.argv:  # back to the generation before the current one; fails if $STANDIN_DIR/rollback-fails
@@ -165,6 +169,8 @@ print("building the system configuration...", flush=True)
 if mode == "fail":
     print("error: builder for '/nix/store/xyz-nixos-system.drv' failed with exit code 1", file=sys.stderr, flush=True)
     sys.exit(1)
+if mode == "slow":  # a deploy that takes a moment, so that overlapping runs would show in the spans
+    time.sleep(0.3)
 if mode == "block":  # until the test creates the release file; a grandchild proves the group is killed
     child = subprocess.Popen(["sleep", "3600"])
     with open(os.path.join(d, "pids"), "a") as f:
@@ -188,7 +194,7 @@ print("activating the configuration...", flush=True)
 
 
 class StandIn:
-    """A `nixos-rebuild` on PATH for one listener; modes: succeed, fail, block (until release())."""
+    """A `nixos-rebuild` on PATH for one listener; modes: succeed, fail, slow (0.3 s), block (until release())."""
 
     def __init__(self, directory: Path):
         self.dir = directory
@@ -222,6 +228,13 @@ class StandIn:
     def calls(self) -> list[list[str]]:
         path = self.dir / "calls.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    @property
+    def spans(self) -> list[tuple[float, float]]:
+        """(start, end) of each finished run, by time.time()."""
+        path = self.dir / "times"
+        times = [float(t) for t in path.read_text().split()] if path.exists() else []
+        return list(zip(times[::2], times[1::2]))
 
     @property
     def pids(self) -> list[int]:

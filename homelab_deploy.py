@@ -78,10 +78,11 @@ class Status(enum.Enum):
     PROGRESS = "progress"
     COMPLETED = "completed"
     FAILED = "failed"
+    SKIPPED = "skipped"  # a rollout never started this host; never on the wire
 
     @property
     def final(self) -> bool:
-        return self in (Status.REJECTED, Status.COMPLETED, Status.FAILED)
+        return self in (Status.REJECTED, Status.COMPLETED, Status.FAILED, Status.SKIPPED)
 
 
 class ErrorCode(enum.Enum):
@@ -512,11 +513,12 @@ class BuildResponse(typing.NamedTuple):
 
 # ---------------------------------------------------------------- NATS facade
 
-def stop_on_signals() -> threading.Event:
-    """An event that SIGTERM and SIGINT set; the main thread waits for it with wait_for_stop."""
+def stop_on_signals(notice: bytes = b"") -> threading.Event:
+    """An event that SIGTERM and SIGINT set, writing `notice` to stderr (os.write: a handler may interrupt a print);
+    the main thread waits for it with wait_for_stop."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: (stop.set(), notice and os.write(2, notice)))
     return stop
 
 
@@ -2161,10 +2163,11 @@ class Progress:
             self.status_line = False
 
 
-def collect_answers(bus: Bus, subject: str, kind: str, make_request, parse, sender, timeout: float, window: float,
-                    on_answer, is_done, is_complete=lambda: False, stragglers: float = STRAGGLER_WINDOW) -> bool:
+def collect_answers(bus: Bus, subject: str | list[str], kind: str, make_request, parse, sender, timeout: float,
+                    window: float, on_answer, is_done, is_complete=lambda: False,
+                    stragglers: float = STRAGGLER_WINDOW) -> bool:
     """Subscribe the answers to a fresh reply subject of this credential (before publishing, so none is missed),
-    publish make_request(reply_to) on `subject`, then feed each reply that parse() accepts and that came from the
+    publish make_request(reply_to) on `subject` (on each of a list, all answering to that one reply subject), then feed each reply that parse() accepts and that came from the
     responder sender(answer) names (malformed and forged ones are logged and skipped) to on_answer (True for a
     new responder) until
     nobody answered within `window`; or is_complete() holds (no other responder can exist); or is_done()
@@ -2172,13 +2175,15 @@ def collect_answers(bus: Bus, subject: str, kind: str, make_request, parse, send
     answer's delay), as a fan-out's answers arrive together; or `timeout` passed. Returns False on timeout."""
     reply_to = new_reply_subject(kind, bus.public_key)
     replies = bus.inbox(answer_subject(reply_to, "*"))
-    since = bus.publish(subject, make_request(reply_to), confirm=True)
+    subjects = [subject] if isinstance(subject, str) else subject
+    since = [bus.publish(s, make_request(reply_to), confirm=True) for s in subjects][0]
     start = time.monotonic()
     deadline = start + timeout
     settle = last_new = None
     while True:
-        if bus.denied(subject, since=since):
-            raise NatsError(f"permission denied: this credential ({bus.nkey_file}) may not publish to {subject!r}; "
+        refused = next((s for s in subjects if bus.denied(s, since=since)), None)
+        if refused:
+            raise NatsError(f"permission denied: this credential ({bus.nkey_file}) may not publish to {refused!r}; "
                             "use a credential whose NATS permissions allow it")
         now = time.monotonic()
         if last_new is None:
@@ -2209,12 +2214,17 @@ def collect_answers(bus: Bus, subject: str, kind: str, make_request, parse, send
             settle = settle or max(stragglers, 2 * (last_new - start))
 
 
-def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout: float,
+def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
                  window: float = ANSWER_WINDOW, on_event=None,
                  stragglers: float = STRAGGLER_WINDOW) -> tuple[dict[str, DeployResponse], bool]:
-    """Publish a deploy request and gather every answering host's responses.
+    """Publish a deploy request (on each subject of a list) and gather every answering host's responses.
     Returns the last response per host and whether everything finished before the timeout."""
     hosts: dict[str, DeployResponse] = {}
+    subjects = [subject] if isinstance(subject, str) else subject
+    # deploy.<tier>.<host> names one host: once every named host (and any other that answered) finished, nobody
+    # else will; a named host not heard from yet is waited for until the answer window closes
+    addressed = {s.split(".")[2] for s in subjects if len(s.split(".")) == 3 and s.split(".")[2] != "all"}
+    answer_deadline = time.monotonic() + window
 
     def on_answer(response: DeployResponse) -> bool:
         new = response.hostname not in hosts
@@ -2226,16 +2236,15 @@ def deploy_hosts(bus: Bus, subject: str, action: Action, revision: str, timeout:
         return new
 
     def is_done() -> bool:
-        return all(r.status.final for r in hosts.values())
+        return all(r.status.final for r in hosts.values()) and (
+            addressed <= hosts.keys() or time.monotonic() >= answer_deadline)
 
-    # deploy.<tier>.<host> names one host: once it (and any other that answered) finished, nobody else will
-    tokens = subject.split(".")
-    addressed = tokens[2] if len(tokens) == 3 and tokens[2] != "all" else None
     # expires_in: half the window, the other half covers the trips of the request and of `accepted` through NATS
     finished = collect_answers(bus, subject, "deploy",
                                lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
                                DeployResponse.parse, lambda r: r.hostname, timeout, window, on_answer, is_done,
-                               lambda: addressed in hosts and is_done(), stragglers)
+                               lambda: len(addressed) == len(subjects) and addressed <= hosts.keys() and is_done(),
+                               stragglers)
     return hosts, finished
 
 
@@ -2266,6 +2275,158 @@ def describe(response: DeployResponse) -> str:
     return " ".join(parts)
 
 
+class Rollout(typing.NamedTuple):
+    """A deploy host by host from discovery's plan: `canary` hosts alone first, then `batch_size` hosts at a time
+    (N, or P% of the plan, at least 1); no batch starts once more than `max_failures` hosts failed, or a canary."""
+
+    canary: int = 0
+    batch_size: str = "100%"
+    max_failures: int = 0
+
+    def batches(self, hosts: list[HostInfo]) -> list[tuple[str, list[HostInfo]]]:
+        size = (max(1, len(hosts) * int(self.batch_size[:-1]) // 100) if self.batch_size.endswith("%")
+                else int(self.batch_size))
+        rest = hosts[self.canary:]
+        return [("canary", hosts[:self.canary])] * bool(self.canary and hosts) + [
+            (f"batch {n + 1}", rest[i:i + size]) for n, i in enumerate(range(0, len(rest), size))]
+
+
+def count_flag(text: str) -> int:
+    """type= of --canary and --max-failures."""
+    if re.fullmatch(r"\d{1,6}", text):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number of hosts: give a whole number 0 or more, e.g. 1")
+
+
+def batch_size_flag(text: str) -> str:
+    """type= of --batch-size (and the MCP tools' batch_size): N hosts, or P% of the plan."""
+    match = re.fullmatch(r"(\d{1,6})(%?)", text)
+    if match and int(match[1]) >= 1 and (not match[2] or int(match[1]) <= 100):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a batch size: give a number of hosts of 1 or more (e.g. 10) "
+                                     "or a percentage of the plan from 1% to 100% (e.g. 25%)")
+
+
+def rollout_plan(bus: Bus, subject: str, rollout: Rollout, window: float,
+                 stragglers: float) -> list[tuple[str, list[HostInfo]]]:
+    """The batches of the hosts whose deploy subjects include `subject`, sorted by hostname. A ValueError names a
+    host that does not listen on its own subject, which is where a rollout deploys it."""
+    hosts = sorted((h for h in discover_hosts(bus, window=window, stragglers=stragglers)
+                    if subject in h.deploy_subjects), key=lambda h: h.hostname)
+    for h in hosts:
+        if f"deploy.{h.tier}.{h.hostname}" not in h.deploy_subjects:
+            raise ValueError(f"host {h.hostname} does not listen on deploy.{h.tier}.{h.hostname}, where a rollout "
+                             "deploys each host; add that subject to its --deploy-subject list, or deploy without "
+                             "rollout flags")
+    return rollout.batches(hosts)
+
+
+def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollout, action: Action, revision: str,
+             timeout: float, window: float, stragglers: float, report, stop: threading.Event,
+             results: list[tuple[str, list[DeployResponse]]]) -> None:
+    """Deploy batch after batch, each host on its own subject, reporting report(line, final) per batch start and
+    host event; once a canary or more than max_failures hosts failed, or `stop` is set, the rest are skipped.
+    Appends (batch name, final responses) to `results` as each batch ends, kept when a NatsError ends it early."""
+    failed = 0
+    why = ""
+    for name, batch in batches:
+        if why or stop.is_set():
+            why = why or "interrupted"
+            results.append((name, [DeployResponse(h.hostname, Status.SKIPPED, message=f"not started: {why}")
+                                   for h in batch]))
+            for r in results[-1][1]:
+                report(describe(r), True)
+            continue
+        report(f"{name}: deploying {', '.join(h.hostname for h in batch)}", True)
+        hosts, _ = deploy_hosts(bus, [f"deploy.{h.tier}.{h.hostname}" for h in batch], action, revision, timeout,
+                                window, lambda r: report(describe(r), r.status.final), stragglers)
+        gone = [DeployResponse(h.hostname, Status.FAILED, message=f"did not answer within {window:g}s: it left the "
+                               "fleet since the plan, or its listener is down (`homelab-deploy list-hosts` shows who "
+                               "listens)") for h in batch if h.hostname not in hosts]
+        for r in gone:
+            report(describe(r), True)
+        results.append((name, sorted([*hosts.values(), *gone], key=lambda r: r.hostname)))
+        failed += sum(r.status is not Status.COMPLETED for r in results[-1][1])
+        if failed and name == "canary":
+            why = "the canary failed"
+        elif failed > rollout.max_failures:
+            why = (f"{failed} host{'s' * (failed > 1)} failed, more than the {rollout.max_failures} allowed "
+                   "(max failures)")
+        if why or stop.is_set():
+            report(f"stopping the rollout: {why or 'interrupted'}", True)
+
+
+def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: list[DeployResponse],
+                  batches: list[tuple[str, list[DeployResponse]]] | None = None) -> bool:
+    """Print a deploy's --json document, its summary line and which hosts run which commit when they differ;
+    True when every host completed."""
+    hosts = sorted(hosts, key=lambda r: r.hostname)
+    counts = collections.Counter(r.status.value if r.status.final else "unfinished" for r in hosts)
+    ok = bool(hosts) and counts["completed"] == len(hosts)
+    pin = {"pin": f"{args.branch} -> {revision}"} if args.pin else {}
+    if args.json:
+        print(json.dumps({"subject": subject, "action": args.action, "revision": revision, **pin, "success": ok,
+                          "hosts": [r.to_dict() for r in hosts], **({} if batches is None else {"batches": [
+                              {"name": name, "hosts": [r.to_dict() for r in batch]} for name, batch in batches]})},
+                         indent=2))
+    if not hosts:
+        return ok
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    print(f"{subject}: {counts['completed']}/{len(hosts)} hosts completed ({summary})"
+          + (f" in {len(batches)} batches" if batches is not None else "") + (f"; {pin['pin']}" if pin else ""),
+          file=sys.stderr)
+    running = collections.defaultdict(list)  # commit -> hosts that report it after this deploy
+    for response in hosts:
+        if response.commit:
+            running[response.commit].append(response.hostname)
+    if len(running) > 1:
+        print(f"warning: the hosts of this deploy now run {len(running)} different commits: " + "; ".join(
+            f"{commit[:12]} on {', '.join(names)}" for commit, names in running.items())
+            + ("" if args.pin else f". {args.branch} moved while they fetched it; deploy with --pin (or "
+               "HOMELAB_DEPLOY_PIN=1) to send one commit to every host"), file=sys.stderr)
+    return ok
+
+
+def rollout_command(args: argparse.Namespace, subject: str, revision: str, bus: Bus, progress: Progress) -> int:
+    """deploy with rollout flags: a plan from discovery, then roll_out; exit 130 when a signal stopped it."""
+    rollout = Rollout(args.canary or 0, args.batch_size or "100%", args.max_failures or 0)
+    stop = stop_on_signals(b"interrupted: starting no new batch; waiting for the running hosts to finish\n")
+    results: list[tuple[str, list[DeployResponse]]] = []
+    error = None
+    try:
+        batches = rollout_plan(bus, subject, rollout, args.answer_window, args.straggler_window)
+        if not batches:
+            print(f"error: no host answered discovery with {subject} among its deploy subjects within "
+                  f"{args.answer_window:g}s; check the subject (`homelab-deploy list-hosts` shows every host's "
+                  "subjects) and that the listeners are connected", file=sys.stderr)
+            return 4
+        if args.plan:
+            if args.json:
+                print(json.dumps({"subject": subject, "batches": [
+                    {"name": name, "hosts": [h.hostname for h in batch]} for name, batch in batches]}, indent=2))
+            else:
+                print("\n".join(f"{name}: {' '.join(h.hostname for h in batch)}" for name, batch in batches))
+            return 0
+        roll_out(bus, batches, rollout, Action(args.action), revision, args.timeout, args.answer_window,
+                 args.straggler_window, progress.event, stop, results)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OutcomeUnknown as e:
+        error = 5, (f"OUTCOME UNKNOWN: {e}; do not deploy again blindly: `homelab-deploy list-hosts` shows which "
+                    "hosts are deploying now; deploy again once they are idle")
+    except NatsError as e:  # the batches before this one are reported below
+        error = 3, str(e)
+    finally:
+        bus.close()
+    progress.done()
+    ok = report_deploy(args, subject, revision, [r for _, batch in results for r in batch], results)
+    if error:
+        print(f"error: {error[1]}", file=sys.stderr)
+        return error[0]
+    return 130 if stop.is_set() else 0 if ok else 1
+
+
 def deploy_command(args: argparse.Namespace) -> int:
     try:
         subject = resolve_target(args.target)
@@ -2293,6 +2454,8 @@ def deploy_command(args: argparse.Namespace) -> int:
     except NatsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    if args.canary is not None or args.batch_size is not None or args.max_failures is not None or args.plan:
+        return rollout_command(args, subject, revision, bus, progress)
     try:
         hosts, finished = deploy_hosts(bus, subject, Action(args.action), revision, args.timeout,
                                        args.answer_window,
@@ -2310,29 +2473,12 @@ def deploy_command(args: argparse.Namespace) -> int:
     finally:
         bus.close()
     progress.done()
-    counts = collections.Counter(r.status.value if r.status.final else "unfinished" for r in hosts.values())
-    ok = bool(hosts) and counts["completed"] == len(hosts)
-    pin = {"pin": f"{args.branch} -> {revision}"} if args.pin else {}
-    if args.json:
-        print(json.dumps({"subject": subject, "action": args.action, "revision": revision, **pin, "success": ok,
-                          "hosts": [hosts[h].to_dict() for h in sorted(hosts)]}, indent=2))
+    ok = report_deploy(args, subject, revision, list(hosts.values()))
     if not hosts:
         print(f"error: no host answered on {subject} within {args.answer_window:.0f}s; check the subject "
               "(`homelab-deploy list-hosts` shows what is listening) and that the listeners are connected",
               file=sys.stderr)
         return 4
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    print(f"{subject}: {counts['completed']}/{len(hosts)} hosts completed ({summary})"
-          + (f"; {pin['pin']}" if pin else ""), file=sys.stderr)
-    running = collections.defaultdict(list)  # commit -> hosts that report it after this deploy
-    for host, response in sorted(hosts.items()):
-        if response.commit:
-            running[response.commit].append(host)
-    if len(running) > 1:
-        print(f"warning: the hosts of this deploy now run {len(running)} different commits: " + "; ".join(
-            f"{commit[:12]} on {', '.join(names)}" for commit, names in running.items())
-            + ("" if args.pin else f". {args.branch} moved while they fetched it; deploy with --pin (or "
-               "HOMELAB_DEPLOY_PIN=1) to send one commit to every host"), file=sys.stderr)
     if not finished:
         waiting = [h for h, r in sorted(hosts.items()) if not r.status.final]
         print(f"error: no final status within {args.timeout:.0f}s from: {', '.join(waiting)}", file=sys.stderr)
@@ -2930,18 +3076,22 @@ def demo_command(args: argparse.Namespace) -> int:
         rc, hosts = cli("1. list hosts (discovery)", ["list-hosts"], "test-deployer", 0)
         checks.append(rc == 0 and sorted(h["hostname"] for h in hosts or []) == sorted(h[0] for h in DEMO_HOSTS))
         results: dict[str, str] = {}
-        for title, subject, key, expect, wanted in (
+        for title, subject, key, expect, wanted, rollout in (
                 ("2. deploy the test tier", "deploy.test.all", "test-deployer", 0,
-                 {"test-web1": "completed", "test-db1": "completed"}),
+                 {"test-web1": "completed", "test-db1": "completed"}, []),
                 ("3. deploy a role: every prod DNS server", "deploy.prod.role.dns", "admin", 0,
-                 {"prod-dns1": "completed", "prod-dns2": "completed"}),
-                ("4. the test-tier credential is refused on prod", "deploy.prod.all", "test-deployer", 3, {}),
-                ("5. deploy all of prod: the broken host is reported as failed", "deploy.prod.all", "admin", 1,
-                 {"prod-dns1": "completed", "prod-dns2": "completed", "prod-web1": "failed"})):
-            rc, doc = cli(title, ["deploy", subject, "--branch", "main"], key, expect)
+                 {"prod-dns1": "completed", "prod-dns2": "completed"}, []),
+                ("4. the test-tier credential is refused on prod", "deploy.prod.all", "test-deployer", 3, {}, []),
+                ("5. roll out all of prod: canary prod-dns1, then a host per batch; the rollout stops at the "
+                 "broken prod-web1", "deploy.prod.all", "admin", 1,
+                 {"prod-dns1": "completed", "prod-dns2": "completed", "prod-web1": "failed"},
+                 ["--canary", "1", "--batch-size", "1"])):
+            rc, doc = cli(title, ["deploy", subject, "--branch", "main", *rollout], key, expect)
             got = {h["hostname"]: h["status"] for h in (doc or {}).get("hosts", [])}
             results.update(got)
-            checks.append(rc == expect and got == wanted)
+            batches = [b["name"] for b in (doc or {}).get("batches", [])]
+            checks.append(rc == expect and got == wanted
+                          and batches == ["canary", "batch 1", "batch 2"] * bool(rollout))
         say(f"\n== 6. metrics of prod-dns1 (http://127.0.0.1:{metrics_port}/metrics)")
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         shown_lines = [line for line in text.splitlines() if line.startswith("homelab_deploy_")
@@ -3132,6 +3282,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the listeners' git flake URL, for --pin (env HOMELAB_DEPLOY_FLAKE_URL)")
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
+    p.add_argument("--canary", type=count_flag, metavar="K",
+                   help="roll out: deploy the first K hosts of the plan alone first; stop if any fails")
+    p.add_argument("--batch-size", type=batch_size_flag, metavar="N|P%",
+                   help="roll out: hosts per batch after the canary, a number or a percentage of the plan "
+                        "(default: the rest at once)")
+    p.add_argument("--max-failures", type=count_flag, metavar="F",
+                   help="roll out: start no new batch once more than F hosts failed (default: 0)")
+    p.add_argument("--plan", action="store_true", help="roll out: print the batches and exit without deploying")
     p.set_defaults(func=deploy_command)
 
     p = sub.add_parser("list-hosts", help="list the listening hosts (discovery)")

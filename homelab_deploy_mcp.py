@@ -12,6 +12,7 @@ Sections: tool results, deploy subjects, fleet tools, server.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import itertools
@@ -164,6 +165,12 @@ PinParam = Annotated[bool, Field(description=(
 ActionParam = Annotated[ActionName, Field(description=(
     "nixos-rebuild action: switch (activate now and make it the boot default), boot (boot default only, "
     "active after a reboot), test (activate now, no boot entry), dry-activate (report what would change)."))]
+CanaryParam = Annotated[int | None, Field(ge=0, description=(
+    "Roll out: deploy the first K target hosts (sorted by hostname) alone first; stop if any fails."))]
+BatchSizeParam = Annotated[str | None, Field(description=(
+    "Roll out: hosts per batch after the canary, a number ('2') or a percentage of the target hosts ('25%')."))]
+MaxFailuresParam = Annotated[int | None, Field(ge=0, description=(
+    "Roll out: start no new batch once more than this many hosts failed (0 when omitted in a rollout)."))]
 
 
 class FleetTools:
@@ -189,7 +196,8 @@ class FleetTools:
 
     async def deploy(self, ctx: Context, hostname: HostnameParam = None, all: AllParam = False,
                      role: RoleParam = None, branch: BranchParam = "master", action: ActionParam = "switch",
-                     pin: PinParam = False) -> Annotated[CallToolResult, Outcome]:
+                     pin: PinParam = False, canary: CanaryParam = None, batch_size: BatchSizeParam = None,
+                     max_failures: MaxFailuresParam = None) -> Annotated[CallToolResult, Outcome]:
         """Deploy the fleet's NixOS configuration to TEST-tier hosts (runs nixos-rebuild on each host).
 
         Give exactly one target: hostname (one host), all=true (every test host) or role (test hosts with
@@ -201,24 +209,30 @@ class FleetTools:
         any host fails or rejects the request (e.g. already_running), or hosts do not finish in time. A result
         starting OUTCOME UNKNOWN means the request went out but NATS stopped answering: the deploy may be
         running, so call list_hosts instead of retrying.
+        Any of canary, batch_size or max_failures rolls out: the target's hosts in batches, one batch after the
+        other, stopping when the canary or more than max_failures hosts fail; hosts never started are "skipped".
         """
-        return await self.run_deploy(ctx, "main", "test", hostname, all, role, branch, action, pin)
+        return await self.run_deploy(ctx, "main", "test", hostname, all, role, branch, action, pin,
+                                     canary, batch_size, max_failures)
 
     async def deploy_admin(self, ctx: Context,
                            tier: Annotated[TierName, Field(description="Tier to deploy to: test or prod.")],
                            hostname: HostnameParam = None, all: AllParam = False, role: RoleParam = None,
                            branch: BranchParam = "master", action: ActionParam = "switch",
-                           pin: PinParam = False) -> Annotated[CallToolResult, Outcome]:
+                           pin: PinParam = False, canary: CanaryParam = None, batch_size: BatchSizeParam = None,
+                           max_failures: MaxFailuresParam = None) -> Annotated[CallToolResult, Outcome]:
         """Deploy to ANY tier, including PRODUCTION, with the separate admin credential.
 
-        Same targets and results as deploy (exactly one of hostname, all=true or role), plus the required
-        tier. Use deploy for test hosts; use this only when the user asked to deploy to prod, and confirm
-        the target first: a prod switch changes running production systems.
+        Same targets, rollout options and results as deploy (exactly one of hostname, all=true or role), plus
+        the required tier; prefer a canary for prod. Use deploy for test hosts; use this only when the user
+        asked to deploy to prod, and confirm the target first: a prod switch changes running production systems.
         """
-        return await self.run_deploy(ctx, "admin", tier, hostname, all, role, branch, action, pin)
+        return await self.run_deploy(ctx, "admin", tier, hostname, all, role, branch, action, pin,
+                                     canary, batch_size, max_failures)
 
     async def run_deploy(self, ctx: Context, credential: str, tier: str, hostname: str | None, all_hosts: bool,
-                         role: str | None, branch: str, action: str, pin: bool) -> CallToolResult:
+                         role: str | None, branch: str, action: str, pin: bool, canary: int | None = None,
+                         batch_size: str | None = None, max_failures: int | None = None) -> CallToolResult:
         if not hd.is_valid_ref(branch):
             raise ToolError(f"invalid branch {str(branch)[:80]!r}: use a git branch, tag or 40-hex commit "
                             "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit; no '..')")
@@ -229,11 +243,28 @@ class FleetTools:
                 revision = await anyio.to_thread.run_sync(hd.pin_revision, self.args.flake_url, branch)
             except ValueError as e:  # its words name flags: here the operator sets them, so say so
                 raise ToolError(f"cannot pin {branch!r}: {e} (the MCP server's setting: ask the operator)") from None
-        report = progress_reporter(ctx)
         try:
-            hosts, finished = await in_thread(lambda: hd.deploy_hosts(
+            rollout = None if canary is None and batch_size is None and max_failures is None else hd.Rollout(
+                canary or 0, hd.batch_size_flag(batch_size or "100%"), max_failures or 0)
+        except argparse.ArgumentTypeError as e:
+            raise ToolError(f"invalid batch_size: {e}") from None
+        report = progress_reporter(ctx)
+        results: list = []  # a rollout's (batch name, final statuses)
+
+        def roll_out() -> tuple[dict[str, hd.DeployResponse], bool]:
+            bus = self.bus(credential)
+            batches = hd.rollout_plan(bus, subject, rollout, self.args.answer_window, self.args.straggler_window)
+            hd.roll_out(bus, batches, rollout, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
+                        self.args.straggler_window, lambda line, final: report(line), threading.Event(), results)
+            hosts = {r.hostname: r for _, batch in results for r in batch}
+            return hosts, all(r.status.final for r in hosts.values())
+
+        try:
+            hosts, finished = await in_thread(roll_out if rollout else lambda: hd.deploy_hosts(
                 self.bus(credential), subject, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
                 lambda response: report(hd.describe(response)), self.args.straggler_window), acts=True)
+        except ValueError as e:  # rollout_plan: a host that does not listen on its own subject
+            raise ToolError(str(e)) from None
         except hd.OutcomeUnknown as e:
             log.warning("deploy to %s: outcome unknown: %s", subject, e)
             return Outcome.unknown(subject, e, "Do not retry blindly: call list_hosts to see which hosts are "
@@ -245,6 +276,9 @@ class FleetTools:
         completed = sum(r.status is hd.Status.COMPLETED for r in hosts.values())
         shown = f"{branch} -> {revision}" if pin else branch
         summary = f"{completed}/{len(hosts)} hosts completed on {subject} ({action} of {shown})"
+        if rollout:
+            skipped = sum(r.status is hd.Status.SKIPPED for r in hosts.values())
+            summary += f" in {len(results)} batches" + (f"; {skipped} skipped: the rollout stopped" if skipped else "")
         commits = {r.commit for r in hosts.values() if r.commit}
         if len(commits) > 1:
             summary += (f"; the hosts now run {len(commits)} different commits (fleet_status shows which)"

@@ -64,7 +64,10 @@ def test_smoke_run_produces_every_row(tmp_path):
         expected += [f"deploy deploy.test.all, {n} hosts: command",
                      f"deploy deploy.test.all, {n} hosts: publish to last final",
                      f"deploy deploy.test.all, {n} hosts: exit after last final", f"list-hosts, {n} hosts",
-                     f"status, {n} hosts"]
+                     f"status, {n} hosts",
+                     f"rollout, {n} hosts in batches of 10: command",
+                     f"rollout, {n} hosts in batches of 10: first publish to last final",
+                     f"rollout, {n} hosts in batches of 10: exit after last final"]
     assert measures == expected
     for row in report["rows"]:
         assert row["ours"] > 0, row

@@ -373,6 +373,10 @@ class TestDemo:
         assert {commits[h] for h in ("test-web1", "test-db1", "prod-dns1")} == {commits["prod-dns1"]}
         assert commits["prod-dns2"] not in ("-", commits["prod-dns1"])
         assert "8/8 steps behaved as expected" in r.stdout
+        prod_rollout = r.stdout.split("== 5.")[1].split("== 6.")[0]
+        assert "--canary 1 --batch-size 1" in prod_rollout and "canary: deploying prod-dns1" in prod_rollout
+        assert "batch 2: deploying prod-web1" in prod_rollout and "prod-web1: failed" in prod_rollout
+        assert "stopping the rollout: 1 host failed" in prod_rollout
         assert demo_processes(workdir) == [] and not os.path.exists(workdir)
 
     def test_keep_until_ctrl_c(self, tmp_path):

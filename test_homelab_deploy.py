@@ -24,6 +24,7 @@ from packaging.utils import canonicalize_name
 import conftest
 import homelab_deploy as hd
 from conftest import REPO, run_cli, start_deploy, wait_for
+from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
 
 HOSTILE_REVISIONS = [
     "main; rm -rf /", "$(reboot)", "`id`", "main && id", "main|id", "--upgrade", "-rf", "main#evil", "main?rev=1",
@@ -763,6 +764,150 @@ class TestDeployCLI:
         assert "dns1" in r.stdout and "testhost1" not in r.stdout and "deploy.prod.role.dns" in r.stdout
 
 
+# ---------------------------------------------------------------- rollouts (deploy --canary/--batch-size/--max-failures)
+
+class TestRolloutFlags:
+    def test_batches_canary_then_sizes_of_the_plan(self):
+        hosts = [hd.HostInfo(f"h{i:02}", "test", None, [], "", False) for i in range(10)]
+        for rollout, sizes in [(hd.Rollout(1, "30%"), [1, 3, 3, 3]), (hd.Rollout(0, "4"), [4, 4, 2]),
+                               (hd.Rollout(2), [2, 8]), (hd.Rollout(0, "1%"), [1] * 10), (hd.Rollout(12, "5"), [10])]:
+            batches = rollout.batches(hosts)
+            assert [len(b) for _, b in batches] == sizes
+            assert [h for _, b in batches for h in b] == hosts
+            assert [n for n, _ in batches] == ["canary"] * bool(rollout.canary) + [
+                f"batch {i}" for i in range(1, len(sizes) + 1 - bool(rollout.canary))]
+
+    @pytest.mark.parametrize("flags, message", [
+        (["--batch-size", "0"], "'0' is not a batch size"), (["--batch-size", "0%"], "from 1% to 100%"),
+        (["--batch-size", "101%"], "from 1% to 100%"), (["--batch-size", "x"], "not a batch size"),
+        (["--canary", "-1"], "'-1' is not a number of hosts"), (["--max-failures", "two"], "whole number 0 or more")])
+    def test_invalid_values_exit_2_before_connecting(self, flags, message):
+        r = run_cli("deploy", "deploy.test.all", "--nats-url", "nats://127.0.0.1:1", "--nkey-file", "/nonexistent",
+                    *flags)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+ROLLOUT_HOSTS = ("r1", "r2", "r3", "r4")
+
+
+@pytest.mark.integration
+class TestRollout:
+    """A rollout deploys discovery's plan batch by batch, each host on deploy.<tier>.<host>."""
+
+    @pytest.fixture
+    def nats_server(self, tmp_path):  # the spec's fleet plus test hosts r1..r4 (role web) for start_listener
+        server = conftest.NatsServer(tmp_path, {**conftest.FLEET, **{
+            h: conftest.listener_permissions(h, "test", "web") for h in ROLLOUT_HOSTS}})
+        server.start()
+        yield server
+        server.stop()
+
+    @staticmethod
+    def fleet(start_listener, *modes: str) -> list:
+        hosts = [start_listener(h, "test", "web") for h in ROLLOUT_HOSTS[:len(modes)]]
+        for host, mode in zip(hosts, modes):
+            host.standin.set_mode(mode)
+        return hosts
+
+    def test_batches_never_overlap_and_the_canary_runs_alone(self, nats_server, start_listener):
+        """--answer-window 600: a batch ends when its named hosts are final, not when a window closes."""
+        hosts = self.fleet(start_listener, "slow", "slow", "slow", "slow")
+        start_listener("testhost1", "test")  # not in role web: not in the plan
+        r = run_cli("deploy", "deploy.test.role.web", *deploy_args(
+            nats_server, "test-deployer", "--canary", "1", "--batch-size", "2", "--answer-window", "600", "--json"))
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["success"] is True and {h["status"] for h in doc["hosts"]} == {"completed"}
+        assert [(b["name"], [h["hostname"] for h in b["hosts"]]) for b in doc["batches"]] == [
+            ("canary", ["r1"]), ("batch 1", ["r2", "r3"]), ("batch 2", ["r4"])]
+        assert "canary: deploying r1" in r.stderr and "batch 1: deploying r2, r3" in r.stderr
+        assert "4/4 hosts completed (4 completed) in 3 batches" in r.stderr
+        spans = {h.hostname: h.standin.spans for h in hosts}
+        assert all(len(s) == 1 for s in spans.values()), spans
+        batches = [["r1"], ["r2", "r3"], ["r4"]]
+        for before, after in zip(batches, batches[1:]):
+            assert max(spans[h][0][1] for h in before) < min(spans[h][0][0] for h in after), spans
+
+    def test_failures_over_the_budget_stop_the_rollout_and_skip_the_rest(self, nats_server, start_listener):
+        hosts = self.fleet(start_listener, "succeed", "fail", "fail", "succeed")
+        r = run_cli("deploy", "deploy.test.all", *deploy_args(
+            nats_server, "test-deployer", "--batch-size", "1", "--max-failures", "1", "--json"))
+        assert r.returncode == 1, r.stderr
+        assert {h["hostname"]: h["status"] for h in json.loads(r.stdout)["hosts"]} == {
+            "r1": "completed", "r2": "failed", "r3": "failed", "r4": "skipped"}
+        assert "stopping the rollout: 2 hosts failed, more than the 1 allowed" in r.stderr
+        assert "2 failed, 1 skipped" in r.stderr and hosts[3].standin.calls == []
+
+    def test_a_failed_canary_stops_whatever_the_budget(self, nats_server, start_listener):
+        hosts = self.fleet(start_listener, "fail", "succeed", "succeed")
+        r = run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--canary", "1",
+                                                              "--max-failures", "5"))
+        assert r.returncode == 1 and "stopping the rollout: the canary failed" in r.stderr, r.stderr
+        assert "r2: skipped - not started: the canary failed" in r.stderr
+        assert [h.standin.calls for h in hosts[1:]] == [[], []]
+
+    def test_a_host_gone_since_the_plan_is_reported_and_counts_as_failed(self, nats_server, start_listener):
+        hosts = self.fleet(start_listener, "block", "succeed", "succeed")
+        cli = subprocess.Popen([*conftest.PROGRAM, "deploy", "deploy.test.all", *deploy_args(
+            nats_server, "test-deployer", "--canary", "1", "--batch-size", "1", "--max-failures", "1", "--json")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            wait_for(lambda: hosts[0].standin.calls, what="the canary to start")
+            hosts[1].stop()  # planned, then gone
+            hosts[0].standin.release()
+            out, err = cli.communicate(timeout=60)
+        finally:
+            conftest.stop_process(cli)
+        assert cli.returncode == 1, err
+        result = {h["hostname"]: h for h in json.loads(out)["hosts"]}
+        assert {h: r["status"] for h, r in result.items()} == {"r1": "completed", "r2": "failed", "r3": "completed"}
+        assert "did not answer within 2s: it left the fleet since the plan" in result["r2"]["message"]
+
+    @pytest.mark.skipif(TGKILL is None, reason="tgkill's syscall number is known for x86_64 and aarch64 only")
+    def test_sigterm_starts_nothing_new_and_reports_the_running_host(self, nats_server, start_listener, tmp_path):
+        """SIGTERM to a thread other than the main one, while the first batch runs."""
+        hosts = self.fleet(start_listener, "block", "succeed", "succeed")
+        stderr = tmp_path / "cli.err"
+        with open(stderr, "w") as err_file:
+            cli = subprocess.Popen([*conftest.PROGRAM, "deploy", "deploy.test.all", *deploy_args(
+                nats_server, "test-deployer", "--batch-size", "1", "--json")],
+                stdout=subprocess.PIPE, stderr=err_file, text=True, start_new_session=True)
+        try:
+            wait_for(lambda: hosts[0].standin.calls, what="the first batch to start")
+            sigterm_to_a_thread(cli.pid, 0)
+            wait_for(lambda: "interrupted: starting no new batch" in stderr.read_text(), what="the CLI to notice")
+            hosts[0].standin.release()
+            out, _ = cli.communicate(timeout=60)
+        finally:
+            conftest.stop_process(cli)
+        err = stderr.read_text()
+        assert cli.returncode == 130, err
+        assert {h["hostname"]: h["status"] for h in json.loads(out)["hosts"]} == {
+            "r1": "completed", "r2": "skipped", "r3": "skipped"}
+        assert "stopping the rollout: interrupted" in err
+        assert [h.standin.calls for h in hosts[1:]] == [[], []]
+
+    def test_plan_deploys_nothing(self, nats_server, start_listener):
+        hosts = self.fleet(start_listener, "succeed", "succeed", "succeed")
+        r = run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--canary", "1",
+                                                              "--batch-size", "50%", "--plan"))
+        assert r.returncode == 0 and r.stdout == "canary: r1\nbatch 1: r2\nbatch 2: r3\n", r.stderr
+        r = run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--plan", "--json"))
+        assert json.loads(r.stdout)["batches"] == [{"name": "batch 1", "hosts": ["r1", "r2", "r3"]}]
+        assert [h.standin.calls for h in hosts] == [[], [], []]
+
+    def test_a_refused_host_subject_exits_3_naming_it(self, nats_server, start_listener):
+        prod = start_listener("dns1", "prod", "dns")
+        r = run_cli("deploy", "deploy.prod.all", *deploy_args(nats_server, "test-deployer", "--canary", "1"))
+        assert r.returncode == 3 and "may not publish to 'deploy.prod.dns1'" in r.stderr, r.stderr
+        assert prod.standin.calls == []
+
+    def test_no_host_in_the_plan_exits_4(self, nats_server, start_listener):
+        start_listener("testhost1", "test")
+        r = run_cli("deploy", "deploy.test.role.nosuch", *deploy_args(nats_server, "test-deployer", "--canary", "1"))
+        assert r.returncode == 4 and "no host answered discovery with deploy.test.role.nosuch" in r.stderr
+
+
 # ---------------------------------------------------------------- duration flags of every client
 
 # Every client duration flag, after what its command needs besides it.
@@ -928,6 +1073,12 @@ class TestPin:
                     env={"HOMELAB_DEPLOY_PIN": "1", "HOMELAB_DEPLOY_FLAKE_URL": url})
         assert r.returncode == 0 and f"pinned v1 -> {git('rev-parse', 'v1^{commit}')}" in r.stderr, r.stderr
         assert hosts[0].standin.calls[-1][3].endswith(f"?rev={git('rev-parse', 'v1^{commit}')}#testhost1")
+        # a rollout sends the pinned commit to every batch
+        r = run_cli("deploy", "deploy.test.all", "--pin", "--flake-url", url, "--branch", "main", "--batch-size", "1",
+                    *deploy_args(nats_server, "test-deployer"))
+        assert r.returncode == 0 and f"in 2 batches; main -> {commit}" in r.stderr, r.stderr
+        assert [h.standin.calls[-1][3] for h in hosts] == [
+            f"git+https://git.example.com/cfg.git?rev={commit}#{h.hostname}" for h in hosts]
         # a commit is sent as is, without asking git
         r = run_cli("deploy", "deploy.test.testhost1", "--pin", "--branch", COMMIT_A,
                     *deploy_args(nats_server, "test-deployer"))

@@ -163,7 +163,8 @@ async def test_tool_lists(mcp_server, nats_server, flags, tools):
         listed = {t.name: t for t in (await client.list_tools()).tools}
     assert set(listed) == tools
     deploy = listed["deploy"].input_schema
-    assert set(deploy["properties"]) == {"hostname", "all", "role", "branch", "action", "pin"}  # no tier to choose
+    assert set(deploy["properties"]) == {"hostname", "all", "role", "branch", "action", "pin",  # no tier to choose
+                                         "canary", "batch_size", "max_failures"}
     assert deploy["properties"]["branch"]["default"] == "master"
     assert deploy["properties"]["action"]["enum"] == ["switch", "boot", "test", "dry-activate"]
     assert deploy["properties"]["action"]["default"] == "switch"
@@ -178,6 +179,7 @@ async def test_tool_lists(mcp_server, nats_server, flags, tools):
         admin = listed["deploy_admin"].input_schema
         assert admin["required"] == ["tier"]
         assert admin["properties"]["tier"]["enum"] == ["test", "prod"]
+        assert {"canary", "batch_size", "max_failures"} <= set(admin["properties"])
         assert "PRODUCTION" in listed["deploy_admin"].description
     if "build" in tools:
         assert listed["build"].input_schema["required"] == ["repo"]
@@ -325,6 +327,41 @@ async def test_a_malformed_answer_does_not_hide_the_other_hosts(mcp_server, star
     assert [(h["hostname"], h["status"]) for h in result.structured_content["hosts"]] == [
         ("testhost1", "completed"), ("testhost2", "completed")]
     assert "malformed deploy answer: duration_seconds is 'soon'" in mcp_server.errlog.read_text()
+
+
+async def test_rollout_stops_at_a_failed_canary_then_runs_in_batches(mcp_server, nats_server, start_listener):
+    """canary, batch_size and max_failures make deploy and deploy_admin roll out (README, Rollouts)."""
+    first = start_listener("testhost1", "test")
+    second = start_listener("testhost2", "test", "web")
+    prod = start_listener("dns1", "prod", "dns")
+    first.standin.set_mode("fail")
+    progress: list[str] = []
+
+    async def on_progress(value, total, message):
+        progress.append(message)
+
+    async with mcp_server("--enable-admin", "--admin-nkey-file", str(nats_server.seeds["admin"])) as client:
+        result = await client.call_tool("deploy", {"all": True, "canary": 1, "max_failures": 5},
+                                        progress_callback=on_progress)
+        assert result.is_error
+        assert text(result).splitlines()[0] == ("0/2 hosts completed on deploy.test.all (switch of master) in 2 "
+                                                "batches; 1 skipped: the rollout stopped")
+        assert [(h["hostname"], h["status"]) for h in result.structured_content["hosts"]] == [
+            ("testhost1", "failed"), ("testhost2", "skipped")]
+        assert "canary: deploying testhost1" in progress and "stopping the rollout: the canary failed" in progress
+        assert second.standin.calls == []
+        first.standin.set_mode("succeed")
+        result = await client.call_tool("deploy", {"all": True, "batch_size": "1"})
+        assert not result.is_error and "2/2 hosts completed on deploy.test.all (switch of master) in 2 batches" \
+            == text(result).splitlines()[0], text(result)
+        for arguments, message in [({"batch_size": "0%"}, "invalid batch_size: '0%' is not a batch size"),
+                                   ({"canary": -1}, "greater than or equal to 0"),
+                                   ({"max_failures": -1}, "greater than or equal to 0")]:
+            result = await client.call_tool("deploy", {"all": True, **arguments})
+            assert result.is_error and message in text(result), (arguments, text(result))
+        result = await client.call_tool("deploy_admin", {"tier": "prod", "all": True, "canary": 1})
+        assert not result.is_error and "1/1 hosts completed on deploy.prod.all" in text(result), text(result)
+    assert [len(h.standin.calls) for h in (first, second, prod)] == [2, 1, 1]
 
 
 # The test credential and the deploy tool must not reach dns1 (prod) whatever the arguments.

@@ -37,6 +37,8 @@ PROGRAM = os.path.join(BIN, "homelab-deploy")  # the installed entry point, not 
 FLOOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.py")  # bare nats-py processes
 NATS_SERVER = shutil.which("nats-server", path=BIN + os.pathsep + os.environ["PATH"])
 LISTENER_FLAGS = ("--flake-url", "git+https://git.example.com/fleet.git")
+BARE_REPLY = "deploy.responses.bench."  # the floor's rollouts answer here; the CLI's under its own key
+ROLLOUT_BATCH = 10  # hosts per batch of the rollout rows
 
 
 # ---------------------------------------------------------------- sandbox: server, keys, fleet
@@ -220,15 +222,15 @@ class Observer:
     async def connect(self, url: str, seed_file: str):
         nc = await nats.connect(url, nkeys_seed=seed_file, allow_reconnect=False)
 
-        async def on_request(msg):
-            self.seen[json.loads(msg.data)["reply_to"]] = time.monotonic()
+        async def on_request(msg):  # a rollout's batch: the first of its requests
+            self.seen.setdefault(json.loads(msg.data)["reply_to"], time.monotonic())
 
         async def on_response(msg):
             now, body = time.monotonic(), json.loads(msg.data)
             if body.get("status") in ("completed", "failed", "rejected"):
                 self.finals.setdefault(msg.subject.rsplit(".", 1)[0], {}).setdefault(body["hostname"], now)
 
-        await nc.subscribe("deploy.test.all", cb=on_request)
+        await nc.subscribe("deploy.test.*", cb=on_request)  # .all, and each host's own subject in a rollout
         await nc.subscribe("deploy.responses.>", cb=on_response)
         await nc.flush()
         return nc
@@ -244,6 +246,33 @@ class Observer:
             if time.monotonic() > deadline:
                 raise SystemExit(f"observer saw {len(finals)} of {hosts} final statuses for {reply_to}")
             time.sleep(0.01)
+
+    def rollout_span(self, start: float, hosts: int, timeout: float = 10) -> tuple[float, float]:
+        """(first request seen, last final status) of the batches of the rollout the CLI started at `start`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            batches = [r for r, seen in self.seen.items() if seen >= start and not r.startswith(BARE_REPLY)]
+            finals = [t for r in batches for t in self.finals.get(r, {}).values()]
+            if len(finals) >= hosts:
+                return min(self.seen.pop(r) for r in batches), max(finals)
+            if time.monotonic() > deadline:
+                raise SystemExit(f"observer saw {len(finals)} of {hosts} final statuses of the rollout")
+            time.sleep(0.01)
+
+    async def bare_batches(self, hosts: list[str], size: int) -> float:
+        """The floor of a rollout: nats-py sends a deploy to each host of a batch on its own subject and waits for
+        their final statuses, batch after batch; seconds from the first request to the last final status."""
+        start = time.monotonic()
+        for i in range(0, len(hosts), size):
+            reply_to = BARE_REPLY + secrets.token_hex(8)
+            request = json.dumps({"action": "switch", "revision": "main", "reply_to": reply_to}).encode()
+            for host in hosts[i:i + size]:
+                await self.nc.publish(f"deploy.test.{host}", request)
+            while len(self.finals.get(reply_to, {})) < len(hosts[i:i + size]):
+                if time.monotonic() - start > 30:
+                    raise SystemExit(f"bare rollout: no final status from every host of {hosts[i:i + size]}")
+                await asyncio.sleep(0.0005)
+        return max(self.finals[reply_to].values()) - start
 
     async def bare_fanout(self, expect: int) -> float:
         """Publish once to the floor responders; seconds until all `expect` answered."""
@@ -466,7 +495,24 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
                     raise SystemExit(f"{command}: expected {n} hosts, got {out[:300]}")
                 return elapsed
 
+            def roll_out() -> float:
+                start = time.monotonic()
+                _, out = timed_run(sandbox.cli("deploy", "deploy.test.all", "--branch", "main", "--batch-size",
+                                               str(ROLLOUT_BATCH), "--json"), env)
+                end = time.monotonic()
+                doc = json.loads(out)
+                if len(doc["batches"]) != -(-n // ROLLOUT_BATCH) or not all(
+                        h["status"] == "completed" for h in doc["hosts"]) or len(doc["hosts"]) != n:
+                    raise SystemExit(f"rollout: expected {n} completed hosts in batches of {ROLLOUT_BATCH}, got {out}")
+                first, last = observer.rollout_span(start, n)
+                rollout_spans.append(last - first)
+                rollout_tails.append(end - last)
+                return end - start
+
             walls, bare_cmds = interleaved(args.runs, fan_out, lambda: floor_client("floor.fan", n))
+            rollout_spans, rollout_tails = [], []
+            rollout_walls, bare_batches = interleaved(args.runs, roll_out, lambda: observer.call(
+                observer.bare_batches(sorted(listeners), ROLLOUT_BATCH)))
             bare_fans = [observer.call(observer.bare_fanout(n)) for _ in range(args.runs)]
             surveys, bare_lists = interleaved(args.runs, lambda: (survey("list-hosts"), survey("status")),
                                               lambda: floor_client("floor.fan", n))
@@ -481,6 +527,12 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
                 median(listings) <= 1.0 if big else None)
             row(f"status, {n} hosts", median(statuses), median(bare_lists), "s", "<= 1.2x list-hosts",
                 median(statuses) <= 1.2 * median(listings))
+            rollout = f"rollout, {n} hosts in batches of {ROLLOUT_BATCH}"  # floor of the command: one fan-out
+            row(f"{rollout}: command", median(rollout_walls), median(walls), "s")
+            row(f"{rollout}: first publish to last final", median(rollout_spans), median(bare_batches), "s",
+                "<= 1.5x floor" if big else "", median(rollout_spans) <= 1.5 * median(bare_batches) if big else None)
+            row(f"{rollout}: exit after last final", median(rollout_tails), None, "s", "<= 0.1 s" if big else "",
+                median(rollout_tails) <= 0.1 if big else None)
     finally:
         if observer:
             observer.call(observer.nc.close())
