@@ -95,6 +95,7 @@ class ErrorCode(enum.Enum):
     INTERNAL_ERROR = "internal_error"  # the listener failed after `accepted` (state dir unwritable, a bug); not in the spec
     ROLLED_BACK = "rolled_back"  # the new system did not confirm over NATS in time; the watchdog rolled it back
     ROLLBACK_FAILED = "rollback_failed"  # as rolled_back, but the rollback command failed: the host needs a person
+    UNAUTHORIZED = "unauthorized"  # with trusted keys: unsigned, forged, stale, replayed or re-addressed; not in the spec
 
 
 class ProtocolError(Exception):
@@ -348,6 +349,7 @@ class DeployRecord(typing.NamedTuple):
     generation_before: int | None
     generation_after: int | None
     duration_seconds: float
+    signer: str | None = None  # the trusted key's name that signed the request; None without trusted keys
 
     @classmethod
     def parse(cls, obj: object) -> DeployRecord:
@@ -357,7 +359,7 @@ class DeployRecord(typing.NamedTuple):
             "request": REPLY_TOKEN_RE.fullmatch, "action": tuple(Action), "revision": is_valid_ref,
             "commit": is_valid_ref, "status": (Status.COMPLETED, Status.FAILED), "error": tuple(ErrorCode),
             "started": ISO_TIME_RE.fullmatch, "finished": ISO_TIME_RE.fullmatch, "generation_before": int,
-            "generation_after": int, "duration_seconds": float}, "deploy record",
+            "generation_after": int, "duration_seconds": float, "signer": SIGNER_NAME_RE.fullmatch}, "deploy record",
             required=("request", "action", "revision", "status", "started", "finished", "duration_seconds")))
 
     def to_dict(self) -> dict:
@@ -404,6 +406,7 @@ class BuildErrorCode(enum.Enum):
     EVAL_FAILED = "eval_failed"
     BUILD_FAILED = "build_failed"
     INTERNAL_ERROR = "internal_error"  # the builder failed after `started` (a bug, NATS trouble mid-build)
+    UNAUTHORIZED = "unauthorized"  # with trusted keys: the request's signature did not check out
 
 
 class BuildRequest(typing.NamedTuple):
@@ -509,6 +512,124 @@ class BuildResponse(typing.NamedTuple):
             if key in d:
                 d[key] = round(d[key], 3)
         return d
+
+
+# ---------------------------------------------------------------- signed requests
+
+SIGNATURE_SKEW = 60  # seconds a request's signed_at may be off the receiver's clock; its nonce is kept twice as long
+SIGNING_CONTEXT = b"homelab-deploy request v1\n"
+NONCE_RE = re.compile(r"[0-9a-f]{32}")
+SIGNER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def is_user_public_key(key: object) -> bool:
+    """An NKey user public key: 'U' + base32 of 32 bytes with a valid CRC16."""
+    import base64
+    import binascii
+
+    import nkeys
+
+    if not isinstance(key, str) or len(key) != 56 or not key.startswith("U"):
+        return False
+    try:
+        raw = base64.b32decode(key)
+    except binascii.Error:
+        return False
+    return nkeys.crc16_checksum(raw[:-2]) == raw[-2:]
+
+
+def signing_input(subject: str, obj: dict) -> bytes:
+    """What a request's signature covers: a context line, the subject it is published on, a newline, and every
+    field but `signature` as JSON with sorted keys, no spaces and non-ASCII escaped (Python's json.dumps)."""
+    fields = {k: v for k, v in obj.items() if k != "signature"}
+    return SIGNING_CONTEXT + subject.encode() + b"\n" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+class TrustedSigners:
+    """The NKeys whose signed requests a listener or builder acts on, by name, and the nonces it has seen; the
+    nonces of requests acted on go to `nonce_file` (when given), so a restart does not open a replay window."""
+
+    def __init__(self, keys: dict[str, str], nonce_file: str | None = None):
+        self.keys, self.nonce_file = keys, nonce_file
+        self.seen: dict[str, float] = {}  # nonce -> when it may be forgotten
+        self.lock = threading.Lock()
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):  # none kept yet, or unreadable
+            with open(nonce_file or "") as f:
+                self.seen = {n: float(t) for n, t in json.load(f).items() if NONCE_RE.fullmatch(n)}
+
+    @classmethod
+    def load(cls, entries: list[str], files: list[str], nonce_file: str | None = None,
+             where: str = "--trusted-key") -> TrustedSigners | None:
+        """From `PUBKEY[=NAME]` entries (given `where`) and files of such lines (# comments); None when there are
+        none. A ValueError names the bad entry and its place."""
+        found = [(entry, where) for entry in entries]
+        for path in files:
+            try:
+                with open(path) as f:
+                    found += [(line.strip(), f"{path} line {i}") for i, line in enumerate(f, 1)
+                              if line.strip() and not line.lstrip().startswith("#")]
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read trusted keys file {path}: {getattr(e, 'strerror', e)}") from None
+        keys = {}
+        for entry, where in found:
+            key, _, name = str(entry).partition("=")
+            if not is_user_public_key(key.strip()) or (name and not SIGNER_NAME_RE.fullmatch(name.strip())):
+                raise ValueError(f"{where}: {str(entry)[:80]!r} is not PUBKEY[=NAME]: an NKey user public key (56 "
+                                 "characters starting with U; `homelab-deploy keygen --pubout --in SEED` prints it), "
+                                 "optionally = a name of letters, digits, '_', '.', '@', '-'")
+            keys[key.strip()] = name.strip() or key.strip()
+        return cls(keys, nonce_file) if keys else None
+
+    def verify(self, subject: str, data: bytes, reply_to: str, code) -> str:
+        """The signer's name, when `data` (a request that parsed) is signed by a trusted key for `subject`, was
+        signed within SIGNATURE_SKEW seconds, carries a nonce not seen before, and wants its answers on the
+        signer's own reply subject; else ProtocolError with `code` saying which check failed."""
+        import base64
+        import binascii
+
+        import nacl.exceptions
+        import nacl.signing
+
+        obj = json.loads(data)
+        signer, signed_at, nonce, signature = (obj.get(k) for k in ("signer", "signed_at", "nonce", "signature"))
+
+        def refuse(why: str) -> ProtocolError:
+            return ProtocolError(f"unauthorized: {why}; nothing was run", code, reply_to)
+
+        if signer is None and signature is None:
+            raise refuse("the request is not signed, and this host acts only on requests signed by a trusted key "
+                         "(homelab-deploy's CLI and MCP server sign every request with their NKey)")
+        if not (isinstance(signer, str) and type(signed_at) is int and isinstance(nonce, str)
+                and NONCE_RE.fullmatch(nonce) and isinstance(signature, str)):
+            raise refuse("malformed signature fields (signer, signed_at, nonce, signature)")
+        if signer not in self.keys:
+            raise refuse(f"signed by {signer[:56]!r}, which is not a trusted key here; add it with --trusted-key "
+                         "(module option trustedKeys) if it may deploy this host")
+        try:
+            nacl.signing.VerifyKey(base64.b32decode(signer)[1:33]).verify(
+                signing_input(subject, obj), base64.b64decode(signature, validate=True))
+        except (binascii.Error, ValueError, nacl.exceptions.BadSignatureError):
+            raise refuse(f"the signature of {self.keys[signer]} does not match this request on {subject}: it was "
+                         "altered, or signed for another subject and re-published here") from None
+        age = time.time() - signed_at
+        if abs(age) > SIGNATURE_SKEW:
+            raise refuse(f"signed {abs(age):.0f}s {'ago' if age > 0 else 'in the future'}, more than {SIGNATURE_SKEW}s "
+                         "off this host's clock: a replay, or a clock is wrong (check NTP on both ends)")
+        if reply_to.split(".")[2] != signer:
+            raise refuse(f"its answers would go to {reply_to.split('.')[2][:56]!r}, not to the signer")
+        with self.lock:
+            now = time.time()
+            self.seen = {n: t for n, t in self.seen.items() if t > now}
+            if nonce in self.seen:
+                raise refuse(f"nonce {nonce} was used before: a replay of a request already received")
+            self.seen[nonce] = signed_at + 2 * SIGNATURE_SKEW
+            try:
+                if self.nonce_file:
+                    save_state(self.nonce_file, self.seen)
+            except OSError as e:  # acting on it anyway would let a restart replay it
+                raise ProtocolError(f"not run: cannot record the request's nonce in {self.nonce_file} ({e.strerror});"
+                                    " make the state directory writable", code, reply_to) from None
+        return self.keys[signer]
 
 
 # ---------------------------------------------------------------- NATS facade
@@ -632,7 +753,10 @@ class Bus:
         self.servers = [u.strip() for u in urls.split(",") if u.strip()]
         if not self.servers:
             raise NatsError("no NATS server given; pass --nats-url nats://HOST:4222 (comma-separated for a cluster)")
+        import nkeys
+
         seed, self.public_key = read_seed(nkey_file)
+        self.signing_key = nkeys.from_seed(bytearray(seed.encode()))
         self.nkey_file = nkey_file
         # (number, text) of the server's last permission errors; a request looks only at those numbered after it
         self.permission_errors: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
@@ -770,6 +894,15 @@ class Bus:
         if confirm:
             self._check_permission(subject, "publish", since)
         return since
+
+    def sign(self, subject: str, payload: bytes) -> bytes:
+        """The request `payload` signed by this connection's NKey for `subject` (see signing_input)."""
+        import base64
+
+        obj = {**json.loads(payload), "signer": self.public_key, "signed_at": int(time.time()),
+               "nonce": os.urandom(16).hex()}
+        obj["signature"] = base64.b64encode(self.signing_key.sign(signing_input(subject, obj))).decode()
+        return json.dumps(obj).encode()
 
     def subscribe(self, subject: str, handler, lane: str | None = None) -> None:
         """Call handler(subject, data, received) for every message on a thread of `lane` (default: a lane of
@@ -1197,8 +1330,9 @@ def rollback_watchdog_command(args: argparse.Namespace) -> int:
 
 class Listener:
     def __init__(self, args: argparse.Namespace, subjects: list[str], bus: Bus, metrics: ListenerMetrics | None,
-                 stop: threading.Event):
+                 stop: threading.Event, signers: TrustedSigners | None = None):
         self.hostname, self.tier, self.role = args.hostname, args.tier, args.role
+        self.signers = signers  # None: any request NATS delivers is acted on
         self.flake_url, self.timeout, self.profile = args.flake_url, args.timeout, args.system_profile
         self.heartbeat_interval, self.rollback_timeout = args.heartbeat_interval, args.rollback_timeout
         self.restart_after_switch, self.allow_any_ref = args.restart_after_switch, args.allow_any_ref
@@ -1236,6 +1370,8 @@ class Listener:
     def handle_deploy(self, subject: str, data: bytes, received: float) -> None:
         try:
             request = DeployRequest.parse(data, self.allow_any_ref)
+            signer = (self.signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED)
+                      if self.signers else None)
             waited = time.monotonic() - received
             if request.expires_in is not None and waited > request.expires_in:
                 raise ProtocolError(
@@ -1272,10 +1408,11 @@ class Listener:
             final, started, before = None, time.time(), current_generation(self.profile)
             try:  # from `accepted` on, whatever raises, exactly one final status goes out
                 self.current, self.current_since = request, time.monotonic()
-                log.info("host=%s request=%s accepted %s of %s", self.hostname, rid, request.action.value,
-                         request.revision)
+                signed = f" (signed by {signer})" if signer else ""
+                log.info("host=%s request=%s accepted %s of %s%s", self.hostname, rid, request.action.value,
+                         request.revision, signed)
                 self.reply(request.reply_to, Status.ACCEPTED,
-                           message=f"{request.action.value} of {request.revision} accepted")
+                           message=f"{request.action.value} of {request.revision} accepted{signed}")
                 try:
                     self.record_inflight(request)  # after `accepted`: its fsync stays off the requester's path
                 except OSError as e:
@@ -1297,7 +1434,7 @@ class Listener:
                 self.current = None
                 self.record_inflight(None)
                 if final is not None:  # while `busy` is held: the next deploy starts from this record's generation
-                    self.remember(request, rid, final, started, before)
+                    self.remember(request, rid, final, started, before, signer)
                 self.busy.release()  # before the final status, so the requester's next deploy is not refused
             if final is not None:  # None: the switch awaits confirmation by the listener that starts next
                 if self.metrics:
@@ -1363,13 +1500,13 @@ class Listener:
         return commit
 
     def remember(self, request: DeployRequest, rid: str, final: DeployResponse, started: float,
-                 before: int | None) -> None:
+                 before: int | None, signer: str | None) -> None:
         """Add a finished deploy to the history file (its last HISTORY_LENGTH); a failed write is logged, not fatal."""
         try:
             record = DeployRecord(rid, request.action, request.revision, final.commit, final.status, final.error,
                                   time.strftime(ISO_TIME_FORMAT, time.gmtime(started)),
                                   time.strftime(ISO_TIME_FORMAT, time.gmtime()), before,
-                                  current_generation(self.profile), round(time.time() - started, 3))
+                                  current_generation(self.profile), round(time.time() - started, 3), signer)
             self.history = (self.history + [record])[-HISTORY_LENGTH:]
             if self.metrics:
                 self.metrics.deployed(record)
@@ -1717,6 +1854,11 @@ def run_listener(args: argparse.Namespace) -> int:
                          "--rollback-timeout not negative")
     if not is_publish_subject(args.discover_subject):
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
+    try:
+        signers = TrustedSigners.load(args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [],
+                                      os.path.join(args.state_dir, "nonces.json"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     import fcntl
 
     lock_file = os.path.join(args.state_dir, "lock")
@@ -1750,7 +1892,13 @@ def run_listener(args: argparse.Namespace) -> int:
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    listener = Listener(args, subjects, bus, metrics, stop)
+    listener = Listener(args, subjects, bus, metrics, stop, signers)
+    if signers is None:
+        log.warning("host=%s no trusted keys: any credential that NATS lets publish on this host's subjects can deploy "
+                    "it; pass --trusted-key PUBKEY[=NAME] (module option trustedKeys; `homelab-deploy nats-config "
+                    "--trusted-keys-dir` writes them) to act only on requests signed by those keys", args.hostname)
+    else:
+        log.info("host=%s acting only on requests signed by %s", args.hostname, ", ".join(sorted(signers.keys.values())))
     try:
         listener.report_interrupted()
         listener.load_history()
@@ -1785,8 +1933,9 @@ class Repo(typing.NamedTuple):
     default_branch: str = "master"
 
     @classmethod
-    def parse_config(cls, path: str) -> dict[str, Repo]:
-        """Read and check the builder's YAML config; a ValueError names the problem and the fix."""
+    def parse_config(cls, path: str) -> tuple[dict[str, Repo], TrustedSigners | None]:
+        """Read and check the builder's YAML config: its repos and trusted keys; a ValueError names the problem
+        and the fix."""
         import yaml
 
         example = 'repos: {nixos-servers: {url: "git+https://git.example.com/org/nixos-servers.git", ' \
@@ -1800,9 +1949,14 @@ class Repo(typing.NamedTuple):
             raise ValueError(f"builder config {path} is not valid YAML: {e}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("repos"), dict) or not doc["repos"]:
             raise ValueError(f"{path}: expected a `repos` mapping naming at least one repository, e.g. {example}")
-        if set(doc) != {"repos"}:
-            raise ValueError(f"{path}: unknown top-level key(s) {', '.join(sorted(map(str, set(doc) - {'repos'})))}; "
-                             "only `repos` is allowed")
+        if set(doc) - {"repos", "trusted_keys"}:
+            raise ValueError(f"{path}: unknown top-level key(s) "
+                             f"{', '.join(sorted(map(str, set(doc) - {'repos', 'trusted_keys'})))}; "
+                             "allowed: repos, trusted_keys")
+        trusted = doc.get("trusted_keys") or []
+        if not isinstance(trusted, list):
+            raise ValueError(f"{path}: trusted_keys must be a list of PUBKEY[=NAME] strings")
+        signers = TrustedSigners.load([str(entry) for entry in trusted], [], where=f"{path}: trusted_keys")
         repos = {}
         for name, entry in doc["repos"].items():
             where = f"{path}: repos.{name}"
@@ -1827,7 +1981,7 @@ class Repo(typing.NamedTuple):
             if not is_valid_ref(branch):
                 raise ValueError(f"{where}: default_branch {branch!r} must be a git branch, tag or 40-hex commit")
             repos[name] = cls(name, url, branch)
-        return repos
+        return repos, signers
 
 
 def flake_show_argv(url: str, branch: str) -> list[str]:
@@ -1861,8 +2015,9 @@ class EvalFailed(Exception):
 
 class Builder:
     def __init__(self, repos: dict[str, Repo], bus: Bus, timeout: int, parallel: int,
-                 metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool):
-        self.repos, self.bus, self.metrics, self.stop = repos, bus, metrics, stop
+                 metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool,
+                 signers: TrustedSigners | None = None):
+        self.repos, self.bus, self.metrics, self.stop, self.signers = repos, bus, metrics, stop, signers
         self.timeout, self.parallel, self.allow_any_ref = timeout, parallel, allow_any_ref
         self.running = {name: threading.Lock() for name in repos}  # one build per repo at a time
         self.reporting = {name: threading.Lock() for name in repos}  # held while a build's final answer goes out
@@ -1888,6 +2043,8 @@ class Builder:
                 raise ProtocolError(f"target {request.target!r} does not match the subject {subject}; send it to "
                                     f"build.{subject_repo}.{request.target}",
                                     BuildErrorCode.INVALID_TARGET, request.reply_to)
+            signer = (self.signers.verify(subject, data, request.reply_to, BuildErrorCode.UNAUTHORIZED)
+                      if self.signers else None)
         except ProtocolError as e:
             rid = e.reply_to.rsplit(".", 1)[1] if e.reply_to else "-"
             log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid, e)
@@ -2033,7 +2190,7 @@ class Builder:
 
 def run_builder(args: argparse.Namespace) -> int:
     try:
-        repos = Repo.parse_config(args.config)
+        repos, signers = Repo.parse_config(args.config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -2049,7 +2206,10 @@ def run_builder(args: argparse.Namespace) -> int:
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref)
+    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref, signers)
+    if signers is None:
+        log.warning("no trusted_keys in %s: any credential that NATS lets publish on build.<repo>.* can start builds; "
+                    "list the build clients' public keys there to act only on requests they signed", args.config)
     try:
         builder.start()
     except NatsError as e:
@@ -2176,7 +2336,7 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, make_request,
     reply_to = new_reply_subject(kind, bus.public_key)
     replies = bus.inbox(answer_subject(reply_to, "*"))
     subjects = [subject] if isinstance(subject, str) else subject
-    since = [bus.publish(s, make_request(reply_to), confirm=True) for s in subjects][0]
+    since = [bus.publish(s, bus.sign(s, make_request(reply_to)), confirm=True) for s in subjects][0]
     start = time.monotonic()
     deadline = start + timeout
     settle = last_new = None
@@ -2685,22 +2845,6 @@ def build_command(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- keys and NATS permissions
-
-def is_user_public_key(key: object) -> bool:
-    """An NKey user public key: 'U' + base32 of 32 bytes with a valid CRC16."""
-    import base64
-    import binascii
-
-    import nkeys
-
-    if not isinstance(key, str) or len(key) != 56 or not key.startswith("U"):
-        return False
-    try:
-        raw = base64.b32decode(key)
-    except binascii.Error:
-        return False
-    return nkeys.crc16_checksum(raw[:-2]) == raw[-2:]
-
 
 def new_user_seed(path: str) -> str:
     """Write a new NKey user seed to `path` (mode 0600, never overwriting) and return its public key."""
@@ -3249,6 +3393,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback-timeout", type=float, default=0.0, metavar="S",
                    help="after a switch or test, roll it back unless the new system confirms over NATS within S "
                         "seconds (see README, 'Automatic rollback'); 0 turns it off (default: 0; NixOS module: 120)")
+    p.add_argument("--trusted-key", action="append", metavar="PUBKEY[=NAME]",
+                   help="act only on requests signed by this NKey user public key, repeatable; NAME is logged and "
+                        "reported (default: act on any request NATS delivers, with a warning)")
+    p.add_argument("--trusted-keys-file", metavar="FILE",
+                   help="more trusted keys, one PUBKEY[=NAME] per line, # comments")
     p.add_argument("--system-profile", default="/nix/var/nix/profiles/system",
                    help="system profile whose generation is reported after switch/boot "
                         "(default: /nix/var/nix/profiles/system)")
