@@ -396,6 +396,48 @@ class HostStatus(typing.NamedTuple):
         return {**self._asdict(), "history": [r.to_dict() for r in self.history]}
 
 
+EVENTS_STREAM = "HOMELAB_DEPLOY_EVENTS"  # the JetStream stream `events --since` reads, when the operator made it
+
+
+class AuditEvent(typing.NamedTuple):
+    """A state change a listener publishes on deploy.events.<tier>.<host>, or the builder on build.events.<repo>."""
+
+    time: str  # UTC, ISO 8601
+    host: str  # the listener's hostname, or the build's target (a host, or "all")
+    tier: str | None  # listeners only
+    repo: str | None  # builder only
+    request: str | None  # the request id: the last token of its reply_to; None when it had no valid one
+    signer: str | None  # the trusted key's name; None without trusted keys or before the signature was checked
+    action: str | None  # the deploy action, or "build"; None when the request could not be read
+    revision: str | None
+    status: Status
+    error: str | None
+    reason: str  # the message sent with the status: why it was rejected, what happened
+
+    @classmethod
+    def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> AuditEvent:
+        fields = answer_fields(decode_message(data, limit), {
+            "time": ISO_TIME_RE.fullmatch, "host": is_subject_token, "tier": TIERS, "repo": is_subject_token,
+            "request": REPLY_TOKEN_RE.fullmatch, "signer": SIGNER_NAME_RE.fullmatch,
+            "action": (*(a.value for a in Action), "build"), "revision": is_valid_ref, "status": tuple(Status),
+            "error": (*(c.value for c in ErrorCode), *(c.value for c in BuildErrorCode)), "reason": str},
+            "audit event", required=("time", "host", "status"))
+        return cls(**{**fields, "reason": fields["reason"] or ""})
+
+    def to_json(self) -> bytes:
+        return json.dumps({**self._asdict(), "status": self.status.value}).encode()
+
+
+def publish_event(bus, subject: str, event: AuditEvent) -> None:
+    """Publish a state change for the audit trail; never raises: the deploy or build matters more, and the
+    daemon's log has the same line."""
+    try:
+        bus.publish(subject, event.to_json())
+    except Exception as e:
+        log.warning("host=%s request=%s audit event %s not published on %s: %r", event.host, event.request,
+                    event.status.value, subject, e)
+
+
 class BuildErrorCode(enum.Enum):
     """Why a build request was rejected or failed as a whole (`error_code` of a build response)."""
 
@@ -1277,7 +1319,8 @@ def read_rollback_record(path: str) -> tuple[DeployRequest, dict]:
         raise ValueError(f"no valid request in it ({e})") from None
     if not (request.action in (Action.SWITCH, Action.TEST) and type(record.get("generation_before")) in (int, type(None))
             and isinstance(record.get("profile"), str) and type(record.get("armed_at")) in (int, float)
-            and type(record.get("rollback_timeout")) in (int, float)):
+            and type(record.get("rollback_timeout")) in (int, float)
+            and (record.get("signer") is None or SIGNER_NAME_RE.fullmatch(str(record["signer"])))):
         raise ValueError("not a record of a switch or test with its generation, profile and times")
     return request, record
 
@@ -1367,7 +1410,16 @@ class Listener:
         response = DeployResponse(self.hostname, status, error, message, **extra)
         self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(response.to_dict()).encode())
 
+    def announce(self, status: Status, rid: str | None, request: DeployRequest | None, signer: str | None,
+                 error: ErrorCode | None = None, reason: str = "") -> None:
+        """Publish a state change on deploy.events.<tier>.<host> for the audit trail; never raises."""
+        publish_event(self.bus, f"deploy.events.{self.tier}.{self.hostname}", AuditEvent(
+            time.strftime(ISO_TIME_FORMAT, time.gmtime()), self.hostname, self.tier, None, rid, signer,
+            request.action.value if request else None, request.revision if request else None, status,
+            error.value if error else None, clip(reason)))
+
     def handle_deploy(self, subject: str, data: bytes, received: float) -> None:
+        request = signer = None
         try:
             request = DeployRequest.parse(data, self.allow_any_ref)
             signer = (self.signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED)
@@ -1381,6 +1433,8 @@ class Listener:
         except ProtocolError as e:
             log.warning("host=%s subject=%s request=%s rejected: %s", self.hostname, subject,
                         e.reply_to or "-", e)
+            rid = e.reply_to.rsplit(".", 1)[1] if e.reply_to else None
+            self.announce(Status.REJECTED, rid, request, signer, e.code, str(e))
             if e.reply_to:
                 self.reply(e.reply_to, Status.REJECTED, e.code, str(e))
                 if self.metrics:
@@ -1390,7 +1444,7 @@ class Listener:
         rid = request.reply_to.rsplit(".", 1)[1]
         if not self.busy.acquire(blocking=False):
             running = self.current
-            self.refuse(request, rid, "already running", (
+            self.refuse(request, rid, signer, "already running", (
                 f"a deploy is already running on {self.hostname} ({running.action.value} of {running.revision}, "
                 f"for {time.monotonic() - self.current_since:.0f}s); retry when it ends"
                 if running else f"a deploy is already running on {self.hostname}"))
@@ -1401,7 +1455,7 @@ class Listener:
             # shutdown waits for `reporting`, so no request is accepted and then cut off by the exit.
             if self.restarting or self.stop.is_set():
                 self.busy.release()
-                self.refuse(request, rid, "restarting" if self.restarting else "shutting down", (
+                self.refuse(request, rid, signer, "restarting" if self.restarting else "shutting down", (
                     f"the listener on {self.hostname} is restarting after a switch; retry in a few seconds"
                     if self.restarting else f"the listener on {self.hostname} is shutting down; retry when it is back"))
                 return
@@ -1413,6 +1467,7 @@ class Listener:
                          request.revision, signed)
                 self.reply(request.reply_to, Status.ACCEPTED,
                            message=f"{request.action.value} of {request.revision} accepted{signed}")
+                self.announce(Status.ACCEPTED, rid, request, signer)
                 try:
                     self.record_inflight(request)  # after `accepted`: its fsync stays off the requester's path
                 except OSError as e:
@@ -1424,7 +1479,8 @@ class Listener:
                         "directory that only this listener uses (--state-dir, or systemd's StateDirectory=) "
                         "and deploy again"))
                 else:
-                    final = self.deploy(request, rid)
+                    self.announce(Status.STARTED, rid, request, signer)
+                    final = self.deploy(request, rid, signer)
             except Exception as e:
                 log.exception("host=%s request=%s failed unexpectedly", self.hostname, rid)
                 final = DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
@@ -1440,14 +1496,16 @@ class Listener:
                 if self.metrics:
                     self.metrics.count(final.status, request.action, final.error)
                 self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
+                self.announce(final.status, rid, request, signer, final.error, final.message)
         if self.restarting:
             log.info("host=%s request=%s restarting so the service manager starts the switched-to version",
                      self.hostname, rid)
             self.stop.set()
 
-    def refuse(self, request: DeployRequest, rid: str, why: str, message: str) -> None:
+    def refuse(self, request: DeployRequest, rid: str, signer: str | None, why: str, message: str) -> None:
         """Answer `rejected`/already_running: the host cannot take a deploy now, a retry later can."""
         log.warning("host=%s request=%s rejected: %s", self.hostname, rid, why)
+        self.announce(Status.REJECTED, rid, request, signer, ErrorCode.ALREADY_RUNNING, message)
         self.reply(request.reply_to, Status.REJECTED, ErrorCode.ALREADY_RUNNING, message)
         if self.metrics:
             self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
@@ -1545,11 +1603,13 @@ class Listener:
         log.warning("host=%s request=%s reporting interrupted deploy: %s", self.hostname,
                     reply_to.rsplit(".", 1)[1], message)
         self.reply(reply_to, Status.FAILED, ErrorCode.INTERRUPTED, message)
+        self.announce(Status.FAILED, reply_to.rsplit(".", 1)[1], DeployRequest(action, revision, reply_to), None,
+                      ErrorCode.INTERRUPTED, message)
         if self.metrics:
             self.metrics.count(Status.FAILED, action, ErrorCode.INTERRUPTED)
         self.record_inflight(None)
 
-    def arm_watchdog(self, request: DeployRequest, rid: str) -> None:
+    def arm_watchdog(self, request: DeployRequest, rid: str, signer: str | None) -> None:
         """Record the coming switch or test (fsynced), then start the watchdog that rolls it back unless a listener
         confirms it over NATS in time. Raises OSError or SubprocessError; the record is removed then."""
         import shutil
@@ -1558,7 +1618,7 @@ class Listener:
         pending = rollback_path(self.state_dir, "pending", rid)
         self.save(pending, {"request": json.loads(request.to_json()), "generation_before": current_generation(
             self.profile), "profile": os.path.abspath(self.profile), "armed_at": time.time(),
-            "rollback_timeout": self.rollback_timeout})
+            "rollback_timeout": self.rollback_timeout, "signer": signer})
         argv = [sys.executable, os.path.abspath(__file__), "rollback-watchdog", "--state-dir",
                 os.path.abspath(self.state_dir), "--request", rid, "--rollback-timeout", str(self.rollback_timeout),
                 "--timeout", str(self.timeout)]
@@ -1581,7 +1641,7 @@ class Listener:
         log.info("host=%s request=%s rollback watchdog armed (%s): it rolls back the %s unless it is confirmed over "
                  "NATS within %gs after it", self.hostname, rid, watchdog, request.action.value, self.rollback_timeout)
 
-    def deploy(self, request: DeployRequest, rid: str) -> DeployResponse | None:
+    def deploy(self, request: DeployRequest, rid: str, signer: str | None) -> DeployResponse | None:
         """Run nixos-rebuild for an accepted request; returns the final status to report, None when it is left to
         the listener that starts next (a switch awaiting confirmation, or this listener stopping)."""
         import subprocess
@@ -1591,7 +1651,7 @@ class Listener:
         armed = self.rollback_timeout > 0 and action in (Action.SWITCH, Action.TEST)
         if armed:
             try:
-                self.arm_watchdog(request, rid)
+                self.arm_watchdog(request, rid, signer)
             except (OSError, subprocess.SubprocessError) as e:
                 log.error("host=%s request=%s not run: cannot arm the rollback watchdog: %s", self.hostname, rid, e)
                 return DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
@@ -1753,10 +1813,11 @@ class Listener:
             if settled is None:
                 continue
             request, final, record = settled
-            self.remember(request, rid, final, record["armed_at"], record["generation_before"])
+            self.remember(request, rid, final, record["armed_at"], record["generation_before"], record.get("signer"))
             if self.metrics:
                 self.metrics.count(final.status, request.action, final.error)
             self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, self.bus.reconnects)
+            self.announce(final.status, rid, request, record.get("signer"), final.error, final.message)
 
     def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int | None,
                       schedule: list[float] | None = None) -> None:
@@ -2031,8 +2092,16 @@ class Builder:
         answer = BuildResponse(status, message, repo, **fields).fitted(self.bus.nc.max_payload // 2)  # well under it
         self.bus.publish(answer_subject(reply_to, repo), json.dumps(answer.to_dict()).encode())
 
+    def announce(self, status: Status, rid: str | None, repo: str, target: str, branch: str | None,
+                 signer: str | None, error: BuildErrorCode | None = None, reason: str = "") -> None:
+        """Publish a state change on build.events.<repo> for the audit trail; never raises."""
+        publish_event(self.bus, f"build.events.{repo}", AuditEvent(
+            time.strftime(ISO_TIME_FORMAT, time.gmtime()), target, None, repo, rid, signer, "build", branch, status,
+            error.value if error else None, clip(reason)))
+
     def handle_build(self, subject: str, data: bytes, received: float) -> None:
         _, subject_repo, subject_target = subject.split(".", 2)
+        signer = None
         try:
             request = BuildRequest.parse(data, self.allow_any_ref)
             if request.repo != subject_repo:
@@ -2048,12 +2117,15 @@ class Builder:
         except ProtocolError as e:
             rid = e.reply_to.rsplit(".", 1)[1] if e.reply_to else "-"
             log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid, e)
+            self.announce(Status.REJECTED, e.reply_to and rid, subject_repo, subject_target, None, signer, e.code, str(e))
             if e.reply_to:
                 self.reply(e.reply_to, Status.REJECTED, str(e), repo=subject_repo, error_code=e.code)
             return
         rid = request.reply_to.rsplit(".", 1)[1]
         repo = self.repos[subject_repo]
+        branch = request.branch or repo.default_branch
         if self.stop.is_set():
+            self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer, None, "shutting down")
             self.reply(request.reply_to, Status.REJECTED, "the builder is shutting down; retry when it is back",
                        repo=repo.name)
             return
@@ -2063,13 +2135,15 @@ class Builder:
             message = (f"a build of {repo.name} is already running ({what}for {time.monotonic() - since:.0f}s); "
                        "retry when it ends")
             log.warning("repo=%s host=%s request=%s rejected: already running", repo.name, request.target, rid)
+            self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer,
+                          BuildErrorCode.ALREADY_RUNNING, message)
             self.reply(request.reply_to, Status.REJECTED, message, repo=repo.name,
                        error_code=BuildErrorCode.ALREADY_RUNNING)
             return
-        branch = request.branch or repo.default_branch
         started = time.monotonic()
         try:  # from `started` on, whatever raises, exactly one final status goes out
             self.current[repo.name] = (request, started)
+            self.announce(Status.STARTED, rid, repo.name, request.target, branch, signer)
             final = self.build(repo, request, branch, rid)
         except Exception as e:
             log.exception("repo=%s host=%s request=%s failed unexpectedly", repo.name, request.target, rid)
@@ -2083,6 +2157,7 @@ class Builder:
             self.running[repo.name].release()  # before the final answer, so the next build is not refused
         try:
             self.reply(request.reply_to, **final._asdict())
+            self.announce(final.status, rid, repo.name, request.target, branch, signer, final.error_code, final.message)
         finally:
             self.reporting[repo.name].release()
 
