@@ -874,7 +874,7 @@ class Bus:
             disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             connect_timeout=min(2, connect_timeout), reconnect_time_wait=1,
             max_reconnect_attempts=-1, allow_reconnect=True, ping_interval=20 if daemon else 5,
-            max_outstanding_pings=3))
+            max_outstanding_pings=3, inbox_prefix=f"deploy.responses.{self.public_key}"))  # JetStream's replies
         refused = asyncio.ensure_future(rejected.wait())
         await asyncio.wait([connecting, refused], timeout=connect_timeout, return_when=asyncio.FIRST_COMPLETED)
         refused.cancel()
@@ -960,10 +960,10 @@ class Bus:
         self._call(self.nc.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
 
-    def inbox(self, subject: str) -> queue.Queue:
-        """Subscribe and return a queue of (subject, payload) in arrival order."""
+    def inbox(self, subject: str, q: queue.Queue | None = None) -> queue.Queue:
+        """Subscribe and return a queue (`q`, or a new one) of (subject, payload) in arrival order."""
         self.require_connection(subject)
-        q: queue.Queue = queue.Queue()
+        q = q or queue.Queue()
 
         async def on_message(msg):
             q.put((msg.subject, msg.data))
@@ -971,6 +971,35 @@ class Bus:
         self._call(self.nc.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
         return q
+
+    def replay(self, stream: str, subject: str, since: float, q: queue.Queue) -> None:
+        """Like inbox(subject, q), from JetStream `stream`: the messages on `subject` it stored since `since` (unix
+        time), then each new one as it is stored, through a consumer delivering to this credential's replies."""
+        import nats.errors
+        import nats.js.errors
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        deliver = new_reply_subject("deploy", self.public_key)
+
+        async def on_message(msg):
+            q.put((msg.subject, msg.data))
+
+        config = ConsumerConfig(name=deliver.rsplit(".", 1)[1], deliver_subject=deliver, ack_policy=AckPolicy.NONE,
+                                deliver_policy=DeliverPolicy.BY_START_TIME, inactive_threshold=60.0,
+                                opt_start_time=time.strftime(ISO_TIME_FORMAT, time.gmtime(since)))
+        since_errors = self.permission_errors_seen
+        try:
+            self._call(self.nc.jetstream(timeout=5).subscribe(subject, stream=stream, cb=on_message, manual_ack=True,
+                                                              config=config), 15)
+        except nats.js.errors.NotFoundError:
+            raise NatsError(f"this NATS server has no JetStream stream {stream} (or no JetStream): create it as the "
+                            "README shows ('Signed requests and audit'), or follow live events without --since") from None
+        except (nats.errors.TimeoutError, NatsError):
+            api = f"$JS.API.CONSUMER.CREATE.{stream}"
+            refused = next((e for n, e in list(self.permission_errors) if n > since_errors and api.lower() in e), None)
+            raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not read {subject} from the "
+                            f"JetStream stream {stream} ({refused})" if refused else
+                            f"the JetStream API did not answer about {stream}: is JetStream enabled (-js)?") from None
 
     def close(self) -> None:
         self.closing = True
@@ -2820,6 +2849,57 @@ def status_command(args: argparse.Namespace) -> int:
     return 1 if args.expect is not None and any(problems.values()) else 0
 
 
+def events_command(args: argparse.Namespace) -> int:
+    """Follow the audit events (from the JetStream stream since --since, then live) until SIGINT or SIGTERM."""
+    subjects = [f"deploy.events.{args.tier}.>"] if args.tier else ["deploy.events.>", "build.events.>"]
+    try:
+        bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-events")
+    except NatsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    stop, events = stop_on_signals(), queue.Queue()
+    try:
+        for subject in subjects:
+            try:
+                if args.since:
+                    bus.replay(EVENTS_STREAM, subject, time.time() - args.since, events)
+                else:
+                    bus.inbox(subject, events)
+            except NatsError as e:
+                if not subject.startswith("build."):
+                    hint = "" if args.tier else "; a test-tier credential follows its own tier: add --tier test"
+                    print(f"error: {e}{hint}", file=sys.stderr)
+                    return 3
+                print(f"note: build events not shown: {e}", file=sys.stderr)
+        print(f"following {' and '.join(subjects)}" + (f" from {args.since:g}s ago" if args.since else "")
+              + "; Ctrl-C stops", file=sys.stderr, flush=True)
+        while not stop.is_set():
+            try:
+                subject, data = events.get(timeout=0.2)  # 0.2 s: the main thread must run to act on a signal
+            except queue.Empty:
+                continue
+            try:
+                event = AuditEvent.parse(data)
+            except ProtocolError as e:
+                log.warning("ignoring a malformed audit event on %s: %s", subject, e)
+                continue
+            if subject.rsplit(".", 1)[1] != (event.repo or event.host):  # only that daemon may publish there
+                log.warning("ignoring an audit event on %s that claims to come from %r", subject, event.repo or event.host)
+                continue
+            if args.json:
+                print(event.to_json().decode(), flush=True)
+                continue
+            where = f"build {event.repo}/{event.host}" if event.repo else f"{event.tier}/{event.host}"
+            what = " ".join(str(v) for v in (event.action, event.revision) if v)
+            print(f"{event.time} {where} {event.status.value}{f' [{event.error}]' if event.error else ''} {what} "
+                  f"signer={event.signer or '-'} request={event.request or '-'}"
+                  + (f": {event.reason}" if event.reason and event.status in (Status.REJECTED, Status.FAILED) else ""),
+                  flush=True)
+    finally:
+        bus.close()
+    return 0
+
+
 def check_build_request(repo: object, target: object, branch: object) -> None:
     """Raise ValueError naming the bad field, by the builder's own checks, before anything is sent; refs outside
     branches and tags pass, since only the builder knows its --allow-any-ref."""
@@ -2947,6 +3027,8 @@ class Credential(typing.NamedTuple):
     public_key: str
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    name: str = ""  # a sender's name as a trusted key (deployers, MCP, build clients); a daemon's file name
+    serves: tuple[str, ...] = ()  # a daemon's request subjects: whoever may publish there is a trusted key of it
 
 
 FLEET_SECTIONS = {
@@ -3004,13 +3086,19 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
 
     # Replies: each client reads only its own (<kind>.responses.<its key>.>); each host answers only as itself
     # (deploy.responses.*.*.<hostname>) and a builder only for its repos, so an answer's subject names its sender.
+    # Audit events: each daemon publishes its own; deployers read their tier's, live or from the JetStream stream.
+    def events_reader(*filters: str) -> list[str]:
+        return [f"$JS.API.STREAM.INFO.{EVENTS_STREAM}", *(f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in filters)]
+
     def build_client(public: str, repo_names: list[str]) -> tuple[list[str], list[str]]:
-        return [f"build.{r}.*" for r in repo_names], [f"build.responses.{public}.>"]
+        return [f"build.{r}.*" for r in repo_names], [f"build.responses.{public}.>",
+                                                      *(f"build.events.{r}" for r in repo_names)]
 
     def test_deployer(public: str) -> tuple[list[str], list[str]]:
-        return ["deploy.test.>", discover, STATUS_SUBJECT], [f"deploy.responses.{public}.>", discover]
+        return (["deploy.test.>", discover, STATUS_SUBJECT, *events_reader("deploy.events.test.>")],
+                [f"deploy.responses.{public}.>", discover, "deploy.events.test.>"])
 
-    admin_deployer = (["deploy.>"], ["deploy.>"])
+    admin_deployer = (["deploy.>", *events_reader("deploy.events.>", "build.events.>")], ["deploy.>", "build.events.>"])
 
     for section, fields in FLEET_SECTIONS.items():
         entries = fleet.get(section) or []
@@ -3044,35 +3132,58 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                     raise FleetError(f"{where}: deploy_subjects: {e}") from None
                 credentials.append(Credential(
                     f"listener {name} (tier {tier}{', role ' + role if role else ''})", key(entry, where),
-                    (f"deploy.responses.*.*.{name}", discover), (*own, discover, STATUS_SUBJECT)))
+                    (f"deploy.responses.*.*.{name}", discover, f"deploy.events.{tier}.{name}"),
+                    (*own, discover, STATUS_SUBJECT), name, (f"deploy.{tier}.{name}",)))
             elif section == "deployers":
                 access = entry.get("access")
                 if access not in ("test", "admin"):
                     raise FleetError(f"{where}: access {access!r} must be 'test' (deploy.test.> only) or 'admin'")
                 public = key(entry, where)
                 publish, subscribe = test_deployer(public) if access == "test" else admin_deployer
-                credentials.append(Credential(f"{access} deployer {name}", public, tuple(publish), tuple(subscribe)))
+                credentials.append(Credential(f"{access} deployer {name}", public, tuple(publish), tuple(subscribe),
+                                              name))
             elif section == "builders":
                 names = repos(entry, "repos", where)
                 credentials.append(Credential(f"builder {name} ({', '.join(names)})", key(entry, where),
-                                              tuple(f"build.responses.*.*.{r}" for r in names),
-                                              tuple(f"build.{r}.*" for r in names)))
+                                              (*(f"build.responses.*.*.{r}" for r in names),
+                                               *(f"build.events.{r}" for r in names)),
+                                              tuple(f"build.{r}.*" for r in names), f"builder-{name}",
+                                              tuple(f"build.{r}.all" for r in names)))
             elif section == "build_clients":
                 names, public = repos(entry, "repos", where), key(entry, where)
                 publish, subscribe = build_client(public, names)
-                credentials.append(Credential(f"build client {name}", public, tuple(publish), tuple(subscribe)))
+                credentials.append(Credential(f"build client {name}", public, tuple(publish), tuple(subscribe), name))
             else:  # mcp: test-tier deployer, plus builds of build_repos; the admin key is a separate user
                 build_repos, public = repos(entry, "build_repos", where, required=False), key(entry, where)
                 publish, subscribe = build_client(public, build_repos) if build_repos else ([], [])
                 deploy_publish, deploy_subscribe = test_deployer(public)
                 credentials.append(Credential(f"MCP server {name} (test tier)", public,
-                                              (*deploy_publish, *publish), (*deploy_subscribe, *subscribe)))
+                                              (*deploy_publish, *publish), (*deploy_subscribe, *subscribe), name))
                 if "admin_nkey" in entry or "admin_seed" in entry:
                     credentials.append(Credential(f"MCP server {name} admin", key(entry, where + " admin",
-                                                  "admin_nkey", "admin_seed"), *map(tuple, admin_deployer)))
+                                                  "admin_nkey", "admin_seed"), *map(tuple, admin_deployer),
+                                                  f"{name}-admin"))
     if not credentials:
         raise FleetError("the fleet file names no credentials; add hosts, deployers, builders, ...")
     return credentials
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a NATS subject pattern (`*` one token, `>` the rest) covers `subject`."""
+    tokens, wanted = pattern.split("."), subject.split(".")
+    for i, token in enumerate(tokens):
+        if token == ">":
+            return len(wanted) > i
+        if i >= len(wanted) or token not in ("*", wanted[i]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+def trusted_keys(credentials: list[Credential]) -> dict[str, list[str]]:
+    """Per daemon (hostname, builder-<name>), `PUBKEY=NAME` of every sender whose permissions reach one of its
+    request subjects: test hosts trust the test and admin deployers and the MCP credentials, prod hosts admins."""
+    return {daemon.name: [f"{c.public_key}={c.name}" for c in credentials if c.name and not c.serves and any(
+        subject_matches(p, s) for p in c.publish for s in daemon.serves)] for daemon in credentials if daemon.serves}
 
 
 def authorization_config(credentials: list[Credential], source: str = "") -> str:
@@ -3117,8 +3228,19 @@ def nats_config_command(args: argparse.Namespace) -> int:
     try:
         with open(args.fleet) as f:
             fleet = yaml.safe_load(f)
-        print(authorization_config(fleet_credentials(fleet, os.path.dirname(os.path.abspath(args.fleet))),
-                                   args.fleet), end="")
+        credentials = fleet_credentials(fleet, os.path.dirname(os.path.abspath(args.fleet)))
+        trusted = trusted_keys(credentials)
+        print(authorization_config(credentials, args.fleet), end="")
+        print("# Trusted keys implied by these permissions (listener --trusted-key / module option trustedKeys; builder "
+              "config trusted_keys):\n" + "".join(f"#   {daemon}: {' '.join(keys) or '(none)'}\n"
+                                                  for daemon, keys in trusted.items()), end="")
+        if args.trusted_keys_dir:
+            os.makedirs(args.trusted_keys_dir, exist_ok=True)
+            for daemon, keys in trusted.items():
+                with open(os.path.join(args.trusted_keys_dir, f"{daemon}.keys"), "w") as f:
+                    f.write(f"# Trusted keys of {daemon}, generated by `homelab-deploy nats-config {args.fleet}`\n"
+                            + "".join(f"{k}\n" for k in keys))
+            print(f"wrote {len(trusted)} trusted-key files to {args.trusted_keys_dir}", file=sys.stderr)
     except OSError as e:
         print(f"error: cannot read fleet file {args.fleet}: {e.strerror}", file=sys.stderr)
         return 2
@@ -3394,6 +3516,15 @@ def positive_seconds(text: str) -> float:
                                      "e.g. 30")
 
 
+def since_seconds(text: str) -> float:
+    """type= of events --since: seconds, or a number with s, m, h or d (90d)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if match and float(match[1]) > 0:
+        return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give seconds, or a number with s, m, h or d, "
+                                     "e.g. 2h or 90d")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter with the width read through os: argparse's own way imports shutil, and with it
     bz2 and lzma, about 5 ms of the CLI's start-up (measured)."""
@@ -3537,6 +3668,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(func=status_command)
 
+    p = sub.add_parser("events", help="follow the audit events of the listeners and the builder")
+    nats_flags(p, env=True)
+    p.add_argument("--tier", choices=TIERS, help="only the deploy events of this tier (no build events)")
+    p.add_argument("--since", type=since_seconds, metavar="DURATION",
+                   help=f"first replay the events stored since DURATION ago (e.g. 2h, 90d) from the JetStream stream "
+                        f"{EVENTS_STREAM} (see README, 'Signed requests and audit')")
+    p.add_argument("--json", action="store_true", help="print each event as one JSON line")
+    p.set_defaults(func=events_command)
+
     p = sub.add_parser("keygen", help="make an NKey user seed, or print the public key of one")
     p.add_argument("--out", metavar="FILE", help="write a new seed here (mode 0600, never overwritten); prints its public key")
     p.add_argument("--pubout", action="store_true", help="print the public key of the seed given with --in")
@@ -3545,6 +3685,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("nats-config", help="print a least-privilege nats-server authorization block for a fleet file")
     p.add_argument("fleet", metavar="FLEET.yaml", help="fleet file (see README, 'Keys and NATS permissions')")
+    p.add_argument("--trusted-keys-dir", metavar="DIR",
+                   help="also write each host's (and builder's) trusted keys to DIR/<name>.keys, for the listener's "
+                        "--trusted-keys-file (module option trustedKeysFile)")
     p.set_defaults(func=nats_config_command)
 
     p = sub.add_parser("demo", help="run a local sandbox: nats-server, simulated hosts, deploys, metrics")

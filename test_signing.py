@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +20,7 @@ from hypothesis import strategies as st
 import conftest
 import homelab_deploy as hd
 from conftest import run_cli, wait_for
+from test_builder import GOOD, BuilderProcess, flake, needs_nix, nix_store  # noqa: F401 (fixtures)
 from test_reliability import collect, has_final
 
 pytestmark = pytest.mark.integration
@@ -192,3 +197,121 @@ class TestSignatureProperties:
             signers.verify(on, json.dumps(mutated).encode(), reply_to, hd.ErrorCode.UNAUTHORIZED)
         assert refused.value.code is hd.ErrorCode.UNAUTHORIZED
         assert signers.verify(subject, json.dumps(obj).encode(), reply_to, hd.ErrorCode.UNAUTHORIZED) == "k"
+
+
+# ---------------------------------------------------------------- audit events
+
+@pytest.fixture
+def follow(tmp_path):
+    """Start `homelab-deploy events` (stopped after the test); returns a reader of its stdout lines."""
+    started: list[subprocess.Popen] = []
+
+    def start(server, user: str, *flags: str, ready: str = "following") -> tuple[subprocess.Popen, Path, Path]:
+        out, err = tmp_path / f"events{len(started)}.out", tmp_path / f"events{len(started)}.err"
+        with open(out, "wb") as o, open(err, "wb") as e:
+            proc = subprocess.Popen([*conftest.PROGRAM, "events", "--nats-url", server.url, "--nkey-file",
+                                     str(server.seeds[user]), *flags], stdout=o, stderr=e, start_new_session=True)
+        started.append(proc)
+        wait_for(lambda: ready in err.read_text() or proc.poll() is not None, what="events to follow")
+        return proc, out, err
+
+    yield start
+    for proc in started:
+        conftest.stop_process(proc)
+
+
+def events_of(out: Path, request: str | None = None) -> list[dict]:
+    return [e for e in map(json.loads, out.read_text().splitlines()) if request is None or e["request"] == request]
+
+
+EVENTS_STREAM_JSON = re.search(r"```json\n(\{\n  \"name\": \"HOMELAB_DEPLOY_EVENTS\".*?)```",
+                               (conftest.REPO / "README.md").read_text(), re.S)
+
+
+class TestAuditEvents:
+    def test_every_state_change_is_published_in_order(self, nats_server, start_listener, bus_factory, follow):
+        host = start_listener("testhost1", "test", None, *trusted(nats_server, "test-deployer"))
+        proc, out, _ = follow(nats_server, "test-deployer", "--tier", "test", "--json")
+        bus = bus_factory(nats_server, "test-deployer")
+        payload, reply_to = signed(bus, "deploy.test.testhost1", {"action": "boot", "revision": "v1"})
+        assert send(bus, "deploy.test.testhost1", payload, reply_to)[-1]["status"] == "completed"
+        rid = reply_to.rsplit(".", 1)[1]
+        wait_for(lambda: len(events_of(out, rid)) == 3, what="three events of the deploy")
+        assert [(e["status"], e["host"], e["tier"], e["signer"], e["action"], e["revision"], e["error"])
+                for e in events_of(out, rid)] == [
+            (status, "testhost1", "test", "test-deployer", "boot", "v1", None)
+            for status in ("accepted", "started", "completed")]
+        send(bus, "deploy.test.testhost1", payload, reply_to)  # a replay: rejected, and said so in the trail
+        wait_for(lambda: len(events_of(out, rid)) == 4, what="the rejection's event")
+        rejected = events_of(out, rid)[-1]
+        assert (rejected["status"], rejected["error"]) == ("rejected", "unauthorized")
+        assert "used before" in rejected["reason"]
+        assert len(host.standin.calls) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+    def test_a_test_credential_cannot_follow_prod_and_is_told_how(self, nats_server, follow):
+        proc, _, err = follow(nats_server, "test-deployer", ready="error")
+        assert proc.wait(30) == 3
+        assert "may not subscribe to 'deploy.events.>'" in err.read_text() and "add --tier test" in err.read_text()
+
+    def test_the_stream_replays_what_happened_before_the_cli_started(self, tmp_path, follow):
+        assert EVENTS_STREAM_JSON, "the README shows the stream definition"
+        server = conftest.NatsServer(tmp_path, {**conftest.FLEET, "ops": {"publish": [">"], "subscribe": [">"]}})
+        server.config.write_text(server.config.read_text() + f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n')
+        host = None
+        try:
+            server.start()
+            _, _, err = follow(server, "admin", "--since", "1h", ready="error")
+            assert "has no JetStream stream HOMELAB_DEPLOY_EVENTS" in err.read_text()
+            ops = hd.Bus(server.url, str(server.seeds["ops"]), "ops")
+            try:
+                from nats.js.api import StreamConfig
+
+                config = StreamConfig.from_response(json.loads(EVENTS_STREAM_JSON.group(1)))
+                assert config.max_age == 90 * 86400
+                ops._call(ops.nc.jetstream().add_stream(config))
+            finally:
+                ops.close()
+            host = conftest.Listener(server, "testhost1", "test", None, tmp_path).start()
+            deploy = ["deploy", "deploy.test.testhost1", "--json", "--nats-url", server.url, "--nkey-file",
+                      str(server.seeds["admin"])]
+            assert run_cli(*deploy).returncode == 0
+            _, out, _ = follow(server, "test-deployer", "--tier", "test", "--since", "1h", "--json")
+            wait_for(lambda: [e["status"] for e in events_of(out)] == ["accepted", "started", "completed"],
+                     what="the stored events")
+            assert run_cli(*deploy, "--branch", "v2").returncode == 0  # then live ones, from the same consumer
+            wait_for(lambda: len(events_of(out)) == 6, what="the live events")
+            assert [e["revision"] for e in events_of(out)] == ["master"] * 3 + ["v2"] * 3
+        finally:
+            if host:
+                host.stop()
+            server.stop()
+
+
+@needs_nix
+class TestSignedBuilds:
+    def test_the_builder_acts_only_on_signed_requests_and_publishes_events(self, nats_server, nix_store, flake,
+                                                                         tmp_path, bus_factory):
+        config = {"repos": {"fleet": {"url": flake({"good1": GOOD}), "default_branch": "main"}},
+                  "trusted_keys": [f"{nats_server.public['build-client']}=ci"]}
+        builder = BuilderProcess(nats_server, tmp_path / "builder", config, nix_store).start()
+        try:
+            assert "no trusted_keys" not in builder.log_text()
+            events = bus_factory(nats_server, "admin").inbox("build.events.>")
+            client = bus_factory(nats_server, "build-client")
+            reply_to = hd.new_reply_subject("build", client.public_key)
+            q = client.inbox(hd.answer_subject(reply_to, "*"))
+            client.publish("build.fleet.all", json.dumps({"repo": "fleet", "target": "all",
+                                                          "reply_to": reply_to}).encode(), confirm=True)
+            [answer] = collect(q, has_final, 60, "the builder's answer")
+            assert (answer["status"], answer["error_code"]) == ("rejected", "unauthorized")
+            assert builder.nix_calls == []
+            r = run_cli("build", "fleet", "--nats-url", nats_server.url, "--nkey-file",
+                        str(nats_server.seeds["build-client"]))
+            assert r.returncode == 0, r.stderr
+            seen = collect(events, lambda got: len(got) >= 3, 60, "the build events")
+            assert [(e["status"], e["repo"], e["host"], e["signer"]) for e in seen] == [
+                ("rejected", "fleet", "all", None), ("started", "fleet", "all", "ci"), ("completed", "fleet", "all", "ci")]
+        finally:
+            builder.stop()
