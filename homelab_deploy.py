@@ -1539,12 +1539,11 @@ class Listener:
         if self.metrics:
             self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
 
-    save = staticmethod(save_state)  # a method for the listener's callers; the watchdog has no Listener
 
     def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
         """Keep the running request on disk so a restarted listener can report it; None clears it, and never
         raises: a record left behind is reported as interrupted by the next start, which is safe."""
-        self.save(self.inflight_file, None if request is None else {
+        save_state(self.inflight_file, None if request is None else {
             "reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
             "started": time.time(), "pid": pid, "generation": current_generation(self.profile)})
 
@@ -1564,7 +1563,7 @@ class Listener:
         except (OSError, ValueError, ProtocolError) as e:
             log.error("host=%s unreadable deploy history %s (%s); starting a new one", self.hostname,
                       self.history_file, e)
-            self.save(self.history_file, [])
+            save_state(self.history_file, [])
 
     def profile_commit(self) -> str | None:
         """configurationRevision of the system profile's current generation (its `nixos-version --json`), None
@@ -1597,7 +1596,7 @@ class Listener:
             self.history = (self.history + [record])[-HISTORY_LENGTH:]
             if self.metrics:
                 self.metrics.deployed(record)
-            self.save(self.history_file, [r.to_dict() for r in self.history])
+            save_state(self.history_file, [r.to_dict() for r in self.history])
         except Exception as e:
             log.error("host=%s request=%s deploy not added to the history %s: %r; make %s writable", self.hostname,
                       rid, self.history_file, e, self.state_dir)
@@ -1645,7 +1644,7 @@ class Listener:
         import subprocess
 
         pending = rollback_path(self.state_dir, "pending", rid)
-        self.save(pending, {"request": json.loads(request.to_json()), "generation_before": current_generation(
+        save_state(pending, {"request": json.loads(request.to_json()), "generation_before": current_generation(
             self.profile), "profile": os.path.abspath(self.profile), "armed_at": time.time(),
             "rollback_timeout": self.rollback_timeout, "signer": signer})
         argv = [sys.executable, os.path.abspath(__file__), "rollback-watchdog", "--state-dir",
@@ -1665,7 +1664,7 @@ class Listener:
                 threading.Thread(target=proc.wait, name="reap-watchdog", daemon=True).start()
                 watchdog = f"pid {proc.pid}"
         except BaseException:
-            self.save(pending, None)
+            save_state(pending, None)
             raise
         log.info("host=%s request=%s rollback watchdog armed (%s): it rolls back the %s unless it is confirmed over "
                  "NATS within %gs after it", self.hostname, rid, watchdog, request.action.value, self.rollback_timeout)
@@ -1739,7 +1738,7 @@ class Listener:
             message = f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
         log.info("host=%s request=%s %s in %.1fs: %s", self.hostname, rid, status.value, result.duration, message)
         if armed and not success:  # nothing new is active to roll back, or this listener is up to report the failure
-            self.save(rollback_path(self.state_dir, "pending", rid), None)
+            save_state(rollback_path(self.state_dir, "pending", rid), None)
         elif armed:
             switched = rollback_path(self.state_dir, "switched", rid)
             with contextlib.suppress(FileNotFoundError):  # gone: the watchdog gave up waiting; settle reports it
@@ -1806,8 +1805,8 @@ class Listener:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.error("host=%s request=%s unreadable rollback record in %s (%r); removing it: check the host",
                       self.hostname, rid, self.state_dir, e)
-            self.save(switched, None)
-            self.save(rolled, None)
+            save_state(switched, None)
+            save_state(rolled, None)
             return None
         what = (f"the new system did not confirm over NATS within {record['rollback_timeout']:g}s after the "
                 f"{request.action.value} of {request.revision}")
@@ -1822,7 +1821,7 @@ class Listener:
                 f"{what}; rolled back with `{command}`" if command else f"{what}; {output[-1]}") + (
                 f"; the system profile is at generation {generation}" if generation is not None else "")
         log.warning("host=%s request=%s %s: %s", self.hostname, rid, error.value, message)
-        self.save(rolled, None)
+        save_state(rolled, None)
         return request, DeployResponse(self.hostname, Status.FAILED, error, message, None, output), record
 
     def settle_switches(self) -> None:
@@ -1836,7 +1835,7 @@ class Listener:
             if state == "pending":
                 log.warning("host=%s request=%s disarmed the rollback watchdog of an interrupted deploy: this listener "
                             "reached NATS", self.hostname, rid)
-                self.save(os.path.join(self.state_dir, name), None)
+                save_state(os.path.join(self.state_dir, name), None)
                 continue
             settled = self.settle(rid)
             if settled is None:
@@ -1868,7 +1867,7 @@ class Listener:
 
         def keep(left: list[float]) -> None:
             try:
-                self.save(path, {"reply_to": reply_to, "response": json.loads(payload), "schedule": left} if left
+                save_state(path, {"reply_to": reply_to, "response": json.loads(payload), "schedule": left} if left
                           else None)
             except OSError as e:
                 log.error("host=%s request=%s cannot keep the pending final status in %s (%s); a restart will not "
@@ -1908,7 +1907,7 @@ class Listener:
                     raise ValueError("not a final status of this host with a schedule of re-sends")
             except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
                 log.error("host=%s unreadable pending final status %s (%s); removing it", self.hostname, path, e)
-                self.save(path, None)
+                save_state(path, None)
                 continue
             log.info("host=%s request=%s resuming the re-sends of its final status (%d left)", self.hostname, rid,
                      len(schedule))
