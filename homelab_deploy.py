@@ -403,7 +403,7 @@ class AuditEvent(typing.NamedTuple):
     """A state change a listener publishes on deploy.events.<tier>.<host>, or the builder on build.events.<repo>."""
 
     time: str  # UTC, ISO 8601
-    host: str  # the listener's hostname, or the build's target (a host, or "all")
+    host: str | None  # the listener's hostname, or the build's target (a host, "all"; None when it was invalid)
     tier: str | None  # listeners only
     repo: str | None  # builder only
     request: str | None  # the request id: the last token of its reply_to; None when it had no valid one
@@ -421,7 +421,7 @@ class AuditEvent(typing.NamedTuple):
             "request": REPLY_TOKEN_RE.fullmatch, "signer": SIGNER_NAME_RE.fullmatch,
             "action": (*(a.value for a in Action), "build"), "revision": is_valid_ref, "status": tuple(Status),
             "error": (*(c.value for c in ErrorCode), *(c.value for c in BuildErrorCode)), "reason": str},
-            "audit event", required=("time", "host", "status"))
+            "audit event", required=("time", "status"))
         return cls(**{**fields, "reason": fields["reason"] or ""})
 
     def to_json(self) -> bytes:
@@ -2120,7 +2120,7 @@ class Builder:
         answer = BuildResponse(status, message, repo, **fields).fitted(self.bus.nc.max_payload // 2)  # well under it
         self.bus.publish(answer_subject(reply_to, repo), json.dumps(answer.to_dict()).encode())
 
-    def announce(self, status: Status, rid: str | None, repo: str, target: str, branch: str | None,
+    def announce(self, status: Status, rid: str | None, repo: str, target: str | None, branch: str | None,
                  signer: str | None, error: BuildErrorCode | None = None, reason: str = "") -> None:
         """Publish a state change on build.events.<repo> for the audit trail; never raises."""
         publish_event(self.bus, f"build.events.{repo}", AuditEvent(
@@ -2145,7 +2145,8 @@ class Builder:
         except ProtocolError as e:
             rid = e.reply_to.rsplit(".", 1)[1] if e.reply_to else "-"
             log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid, e)
-            self.announce(Status.REJECTED, e.reply_to and rid, subject_repo, subject_target, None, signer, e.code, str(e))
+            self.announce(Status.REJECTED, e.reply_to and rid, subject_repo,
+                          subject_target if is_subject_token(subject_target) else None, None, signer, e.code, str(e))
             if e.reply_to:
                 self.reply(e.reply_to, Status.REJECTED, str(e), repo=subject_repo, error_code=e.code)
             return
@@ -2888,7 +2889,7 @@ def events_command(args: argparse.Namespace) -> int:
             if args.json:
                 print(event.to_json().decode(), flush=True)
                 continue
-            where = f"build {event.repo}/{event.host}" if event.repo else f"{event.tier}/{event.host}"
+            where = f"build {event.repo}/{event.host or '?'}" if event.repo else f"{event.tier}/{event.host}"
             what = " ".join(str(v) for v in (event.action, event.revision) if v)
             print(f"{event.time} {where} {event.status.value}{f' [{event.error}]' if event.error else ''} {what} "
                   f"signer={event.signer or '-'} request={event.request or '-'}"

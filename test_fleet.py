@@ -524,12 +524,14 @@ class TestFirstRealSetup:
             wait_for(lambda: log_says(setup / "nats.log", "Server is ready"), what="nats-server")
             shell.run(blocks[3])  # listener
             wait_for(lambda: log_says(setup / "web1.log", " ready ("), what="the listener")
+            assert log_says(setup / "web1.log", "acting only on requests signed by assistant, ops")
             out = shell.run(blocks[4])  # list-hosts, deploy
             assert re.search(r"^web1\s+test\s+web\s+idle\s+deploy\.test\.web1", out, re.M), out
-            assert "deploy.test.web1: 1/1 hosts completed" in out, out
+            assert "deploy.test.web1: 1/1 hosts completed" in out and "(signed by ops)" in out, out
             assert standin.calls == [["switch", "--refresh", "--flake", f"git+{CONFIGS_URL}?ref=main#web1"]]
             shell.run(blocks[5])  # builder
             wait_for(lambda: log_says(setup / "builder.log", "builder ready"), what="the builder")
+            assert not log_says(setup / "builder.log", "no trusted_keys")  # it trusts ci and assistant
             out = shell.run(blocks[6])  # build
             assert "nixos-configs: built 1/1 hosts successfully" in out and "[1/1] web1 ok" in out, out
             out = shell.run(blocks[7])  # metrics
