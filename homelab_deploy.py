@@ -14,6 +14,7 @@ import argparse
 import collections
 import contextlib
 import enum
+import functools
 import json
 import os
 import queue
@@ -62,6 +63,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
 # One NATS subject token: hostnames, roles and repo names that are put into subjects.
 TOKEN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
 REPLY_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SIGNER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # a trusted key's name, as records and events carry it
 
 
 class Action(enum.Enum):
@@ -163,6 +165,12 @@ def clip(text: str, limit: int = ANSWER_TEXT_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+@functools.lru_cache(maxsize=None)
+def choices(kind: tuple) -> dict:
+    """The allowed values of an answer_fields kind, by the string that names each (an enum member's value)."""
+    return {getattr(m, "value", m): m for m in kind}
+
+
 def answer_fields(obj: dict, kinds: dict, what: str, required: tuple[str, ...] = ()) -> dict:
     """The fields of an answer named in `kinds`, None when missing, each checked against its kind: a type (str:
     cut to ANSWER_TEXT_CHARS; list: of str, the last OUTPUT_TAIL_LINES cut to OUTPUT_LINE_CHARS; int, float:
@@ -178,18 +186,20 @@ def answer_fields(obj: dict, kinds: dict, what: str, required: tuple[str, ...] =
             fields[name] = None
             continue
         if isinstance(kind, tuple):
-            allowed = {getattr(m, "value", m): m for m in kind}
-            ok, want = isinstance(value, str) and value in allowed, "one of " + ", ".join(allowed)
+            allowed = choices(kind)
+            ok = isinstance(value, str) and value in allowed
         elif kind is list:
-            ok, want = isinstance(value, list) and all(isinstance(line, str) for line in value), "a list of strings"
+            ok = isinstance(value, list) and all(isinstance(line, str) for line in value)
         elif kind in (int, float):
             ok = type(value) in ((int,) if kind is int else (int, float)) and 0 <= value < 1e9  # NaN fails too
-            want = f"a {'whole ' if kind is int else ''}number from 0 to 1e9"
         elif kind in (str, bool):
-            ok, want = isinstance(value, kind), "a string" if kind is str else "true or false"
+            ok = isinstance(value, kind)
         else:
-            ok, want = isinstance(value, str) and kind(value), f"a valid {name}"
+            ok = isinstance(value, str) and kind(value)
         if not ok:
+            want = ("one of " + ", ".join(allowed) if isinstance(kind, tuple) else "a list of strings" if kind is list
+                    else f"a {'whole ' if kind is int else ''}number from 0 to 1e9" if kind in (int, float)
+                    else "a string" if kind is str else "true or false" if kind is bool else f"a valid {name}")
             raise ProtocolError(f"malformed {what}: {name} is {reprlib.repr(value)}, not {want}")
         if isinstance(kind, tuple):
             value = allowed[value]
@@ -351,16 +361,18 @@ class DeployRecord(typing.NamedTuple):
     duration_seconds: float
     signer: str | None = None  # the trusted key's name that signed the request; None without trusted keys
 
+    # built once: a status answer holds up to HISTORY_LENGTH records per host
+    kinds = {"request": REPLY_TOKEN_RE.fullmatch, "action": tuple(Action), "revision": is_valid_ref,
+             "commit": is_valid_ref, "status": (Status.COMPLETED, Status.FAILED), "error": tuple(ErrorCode),
+             "started": ISO_TIME_RE.fullmatch, "finished": ISO_TIME_RE.fullmatch, "generation_before": int,
+             "generation_after": int, "duration_seconds": float, "signer": SIGNER_NAME_RE.fullmatch}
+
     @classmethod
     def parse(cls, obj: object) -> DeployRecord:
         if not isinstance(obj, dict):
             raise ProtocolError(f"malformed deploy record: {reprlib.repr(obj)} is not an object")
-        return cls(**answer_fields(obj, {
-            "request": REPLY_TOKEN_RE.fullmatch, "action": tuple(Action), "revision": is_valid_ref,
-            "commit": is_valid_ref, "status": (Status.COMPLETED, Status.FAILED), "error": tuple(ErrorCode),
-            "started": ISO_TIME_RE.fullmatch, "finished": ISO_TIME_RE.fullmatch, "generation_before": int,
-            "generation_after": int, "duration_seconds": float, "signer": SIGNER_NAME_RE.fullmatch}, "deploy record",
-            required=("request", "action", "revision", "status", "started", "finished", "duration_seconds")))
+        return cls(**answer_fields(obj, cls.kinds, "deploy record", required=(
+            "request", "action", "revision", "status", "started", "finished", "duration_seconds")))
 
     def to_dict(self) -> dict:
         return {**self._asdict(), "action": self.action.value, "status": self.status.value,
@@ -561,7 +573,6 @@ class BuildResponse(typing.NamedTuple):
 SIGNATURE_SKEW = 60  # seconds a request's signed_at may be off the receiver's clock; its nonce is kept twice as long
 SIGNING_CONTEXT = b"homelab-deploy request v1\n"
 NONCE_RE = re.compile(r"[0-9a-f]{32}")
-SIGNER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
 def is_user_public_key(key: object) -> bool:
