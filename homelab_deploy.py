@@ -2728,10 +2728,12 @@ class Credential(typing.NamedTuple):
     public_key: str
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    site: str = ""  # the leaf-node site whose nats-server knows this user; "" for the hub
 
 
 FLEET_SECTIONS = {
-    "hosts": {"hostname", "tier", "role", "nkey", "seed", "deploy_subjects"},
+    "hosts": {"hostname", "tier", "role", "nkey", "seed", "deploy_subjects", "site"},
+    "sites": {"name", "hub", "nkey", "seed"},
     "deployers": {"name", "access", "nkey", "seed"},
     "builders": {"name", "repos", "nkey", "seed"},
     "build_clients": {"name", "repos", "nkey", "seed"},
@@ -2742,7 +2744,8 @@ FLEET_SECTIONS = {
 def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
     """Turn a fleet document into least-privilege NATS users, following the spec's Key Permission Patterns."""
     if not isinstance(fleet, dict):
-        raise FleetError("the fleet file must be a YAML mapping with hosts, deployers, builders, build_clients, mcp")
+        raise FleetError("the fleet file must be a YAML mapping with hosts, sites, deployers, builders, build_clients, "
+                         "mcp")
     unknown = set(fleet) - set(FLEET_SECTIONS) - {"discover_subject"}
     if unknown:
         raise FleetError(f"unknown top-level key(s) {', '.join(sorted(map(str, unknown)))}; "
@@ -2818,6 +2821,10 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                     raise FleetError(f"{where}: tier {tier!r} must be one of {', '.join(TIERS)}")
                 if role is not None and not is_subject_token(role):
                     raise FleetError(f"{where}: role {role!r} must be one NATS subject token")
+                site = entry.get("site", "")
+                if site and not any(isinstance(s, dict) and s.get("name") == site for s in fleet.get("sites") or []):
+                    raise FleetError(f"{where}: site {site!r} is not in sites; add it there (name, hub, seed) or "
+                                     "remove the host's site")
                 templates = entry.get("deploy_subjects", list(DEFAULT_SUBJECTS))
                 try:
                     own = expand_subjects(templates, name, tier, role)
@@ -2825,7 +2832,20 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                     raise FleetError(f"{where}: deploy_subjects: {e}") from None
                 credentials.append(Credential(
                     f"listener {name} (tier {tier}{', role ' + role if role else ''})", key(entry, where),
-                    (f"deploy.responses.*.*.{name}", discover), (*own, discover, STATUS_SUBJECT)))
+                    (f"deploy.responses.*.*.{name}", discover), (*own, discover, STATUS_SUBJECT), site))
+            elif section == "sites":  # the hub knows the site's leaf node as one user with all its hosts' rights
+                hub = entry.get("hub")
+                if not isinstance(hub, str) or not re.fullmatch(r"(nats-leaf|tls|ws|wss)://[^\s\"]+", hub):
+                    raise FleetError(f"{where}: hub {hub!r} must be the hub's leaf-node URL, e.g. "
+                                     "nats-leaf://hub.example.com:7422")
+                hosts = [c for c in credentials if c.site == name]
+                if not hosts:
+                    raise FleetError(f"{where}: no host is at site {name!r}; add `site: {name}` to its hosts or "
+                                     "remove the site")
+                credentials.append(Credential(
+                    f"leaf node of site {name} (hosts {', '.join(c.description.split()[1] for c in hosts)})",
+                    key(entry, where), tuple(dict.fromkeys(s for c in hosts for s in c.publish)),
+                    tuple(dict.fromkeys(s for c in hosts for s in c.subscribe))))
             elif section == "deployers":
                 access = entry.get("access")
                 if access not in ("test", "admin"):
@@ -2898,8 +2918,24 @@ def nats_config_command(args: argparse.Namespace) -> int:
     try:
         with open(args.fleet) as f:
             fleet = yaml.safe_load(f)
-        print(authorization_config(fleet_credentials(fleet, os.path.dirname(os.path.abspath(args.fleet))),
-                                   args.fleet), end="")
+        base_dir = os.path.dirname(os.path.abspath(args.fleet))
+        credentials = fleet_credentials(fleet, base_dir)
+        if not args.site:
+            print(authorization_config([c for c in credentials if not c.site], args.fleet), end="")
+            return 0
+        site = next((s for s in fleet.get("sites") or [] if s["name"] == args.site), None)
+        if site is None or "seed" not in site:
+            raise FleetError(f"--site {args.site}: " + (
+                "the site has `nkey:`; its leaf node authenticates with the secret seed, so give `seed:` instead"
+                if site else f"no such site; sites: {', '.join(s['name'] for s in fleet.get('sites') or []) or 'none'}"))
+        seed = read_seed(os.path.join(base_dir, site["seed"]))[0]
+        # The hub's permissions for this user bound what crosses the link; the leaf's own users bound its hosts.
+        print(authorization_config([c for c in credentials if c.site == args.site], f"--site {args.site} {args.fleet}")
+              + f"# holds the site's secret seed: install it mode 0600\nleafnodes {{\n  remotes = [\n"
+              f"    {{ url: {json.dumps(site['hub'])}, nkey: {json.dumps(seed)} }}\n  ]\n}}\n", end="")
+    except NatsError as e:
+        print(f"error: {args.fleet}: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"error: cannot read fleet file {args.fleet}: {e.strerror}", file=sys.stderr)
         return 2
@@ -3321,6 +3357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("nats-config", help="print a least-privilege nats-server authorization block for a fleet file")
     p.add_argument("fleet", metavar="FLEET.yaml", help="fleet file (see README, 'Keys and NATS permissions')")
+    p.add_argument("--site", metavar="NAME", help="print the config of site NAME's leaf-node nats-server instead of "
+                   "the hub's (see README, 'Topology')")
     p.set_defaults(func=nats_config_command)
 
     p = sub.add_parser("demo", help="run a local sandbox: nats-server, simulated hosts, deploys, metrics")
