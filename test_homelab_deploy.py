@@ -615,6 +615,27 @@ class TestDeployCLI:
         lines = [line for line in r.stderr.splitlines() if line.startswith("testhost1:")]
         assert [line.split()[1] for line in lines] == ["accepted", "started", "completed"]
 
+    def test_a_fan_out_checks_a_constant_number_of_statuses_per_answer(self, nats_server, bus_factory, monkeypatch):
+        """1,000 hosts' answers (the admin credential answers for all of them; 1,000 listener processes are the
+        benchmark's): the client checked every host's status on every answer, about 500,000 checks here."""
+        fleet = [f"host{i:04d}" for i in range(1000)]
+        answerer = bus_factory(nats_server, "admin")
+
+        def answer(subject: str, data: bytes, received: float) -> None:
+            reply_to = json.loads(data)["reply_to"]
+            for status in (hd.Status.ACCEPTED, hd.Status.STARTED, hd.Status.COMPLETED):
+                for host in fleet:
+                    answerer.publish(hd.answer_subject(reply_to, host),
+                                     json.dumps(hd.DeployResponse(host, status).to_dict()).encode())
+
+        answerer.subscribe("deploy.test.all", answer)
+        checks, final = [], hd.Status.final
+        monkeypatch.setattr(hd.Status, "final", property(lambda status: checks.append(1) or final.fget(status)))
+        hosts, finished = hd.deploy_hosts(bus_factory(nats_server, "test-deployer"), "deploy.test.all",
+                                          hd.Action.SWITCH, "main", 60, stragglers=0.2)
+        assert finished and sorted(hosts) == fleet and {r.status for r in hosts.values()} == {hd.Status.COMPLETED}
+        assert len(checks) <= 5 * 3 * len(fleet), len(checks)
+
     def test_env_vars_and_alias(self, nats_server, start_listener):
         host = start_listener("testhost2", "test", "web")
         env = {"HOMELAB_DEPLOY_NATS_URL": nats_server.url, "HOMELAB_DEPLOY_NKEY_FILE": str(nats_server.seeds["admin"]),
