@@ -942,6 +942,30 @@ class TestStatus:
     def status(self, server, *flags: str) -> subprocess.CompletedProcess:
         return run_cli("status", *deploy_args(server, "test-deployer", "--answer-window", "3", *flags))
 
+    def test_json_of_a_large_fleet_is_written_as_it_is_encoded(self, tmp_path, monkeypatch):
+        """status --json of 500 hosts with full histories (survey() monkeypatched to their answers: 500 listeners
+        are the benchmark's): memory peaks near the records, not at 8x the text as with one json.dumps."""
+        import tracemalloc
+
+        record = hd.DeployRecord("0" * 16, hd.Action.SWITCH, "main", "a" * 40, hd.Status.COMPLETED, None,
+                                 "2026-11-29T06:00:00Z", "2026-11-29T06:00:09Z", 40, 41, 9.0)
+        hosts = [hd.HostStatus(f"host{i:03d}", "test", None, [f"deploy.test.host{i:03d}"], False, 41, None,
+                               [record] * hd.HISTORY_LENGTH) for i in range(500)]
+        monkeypatch.setattr(hd, "survey", lambda args, subject, parse: hosts)
+        out = tmp_path / "status.json"
+        with open(out, "w") as stdout:
+            monkeypatch.setattr(sys, "stdout", stdout)
+            args = hd.build_parser().parse_args(["status", "--json", "--nats-url", "nats://127.0.0.1:1",
+                                                 "--nkey-file", "unused"])
+            tracemalloc.start()
+            try:
+                assert hd.status_command(args) == 0
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        assert len(json.loads(out.read_text())) == 500
+        assert peak < 4 * out.stat().st_size, (peak, out.stat().st_size)
+
     def test_history_records_each_deploy_with_commit_and_generations(self, nats_server, start_listener):
         host = start_listener("testhost1", "test")
         host.standin.set_revision(COMMIT_A)
