@@ -2566,8 +2566,13 @@ def status_command(args: argparse.Namespace) -> int:
              and (subject is None or subject in h.deploy_subjects)]
     problems = {h.hostname: drift(h, args.expect) for h in hosts}
     if args.json:
-        # written as it is encoded: the whole text at once peaked at 8x its size (94 MiB for 1,000 hosts)
-        json.dump([{**h.to_dict(), "drift": problems[h.hostname]} for h in hosts], sys.stdout, indent=2)
+        import itertools
+
+        # written as it is encoded, 4096 pieces a time: the whole text at once peaked at 8x its size (94 MiB for
+        # 1,000 hosts); json.dump's write per piece took 5x as long into a pipe
+        pieces = json.JSONEncoder(indent=2).iterencode([{**h.to_dict(), "drift": problems[h.hostname]} for h in hosts])
+        for text in iter(lambda: "".join(itertools.islice(pieces, 4096)), ""):
+            sys.stdout.write(text)
         print()
     else:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "GEN", "COMMIT", "LAST DEPLOY")]
