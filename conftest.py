@@ -58,7 +58,8 @@ def make_user_key(directory: Path, name: str) -> tuple[Path, str]:
 
 def listener_permissions(hostname: str, tier: str, role: str | None) -> dict:
     own = [f"deploy.{tier}.{hostname}", f"deploy.{tier}.all"] + ([f"deploy.{tier}.role.{role}"] if role else [])
-    return {"subscribe": own + ["deploy.discover", "deploy.status"], "publish": ["deploy.responses.>", "deploy.discover"]}
+    return {"subscribe": own + ["deploy.discover", "deploy.status"],
+            "publish": ["deploy.responses.>", "deploy.discover", f"deploy.events.{tier}.{hostname}"]}
 
 
 # The credentials of the spec's example configuration: who may publish and subscribe where.
@@ -66,14 +67,19 @@ FLEET = {
     "testhost1": listener_permissions("testhost1", "test", None),
     "testhost2": listener_permissions("testhost2", "test", "web"),
     "dns1": listener_permissions("dns1", "prod", "dns"),
-    "test-deployer": {"publish": ["deploy.test.>", "deploy.discover", "deploy.status"],
-                      "subscribe": ["deploy.responses.>", "deploy.discover"]},
-    "admin": {"publish": ["deploy.>"], "subscribe": ["deploy.>"]},
+    "test-deployer": {"publish": ["deploy.test.>", "deploy.discover", "deploy.status",
+                                  "$JS.API.STREAM.INFO.HOMELAB_DEPLOY_EVENTS",
+                                  "$JS.API.CONSUMER.CREATE.HOMELAB_DEPLOY_EVENTS.*.deploy.events.test.>"],
+                      "subscribe": ["deploy.responses.>", "deploy.discover", "deploy.events.test.>"]},
+    "admin": {"publish": ["deploy.>", "$JS.API.STREAM.INFO.HOMELAB_DEPLOY_EVENTS",
+                          "$JS.API.CONSUMER.CREATE.HOMELAB_DEPLOY_EVENTS.*.deploy.events.>",
+                          "$JS.API.CONSUMER.CREATE.HOMELAB_DEPLOY_EVENTS.*.build.events.>"],
+              "subscribe": ["deploy.>", "build.events.>"]},
     # The builder serves repos fleet and evalfail; the build client may also ask for `unknown`, which no
     # builder serves, but not for `second`.
-    "builder": {"publish": ["build.responses.>"], "subscribe": ["build.fleet.*", "build.evalfail.*"]},
+    "builder": {"publish": ["build.responses.>", "build.events.>"], "subscribe": ["build.fleet.*", "build.evalfail.*"]},
     "build-client": {"publish": ["build.fleet.*", "build.evalfail.*", "build.unknown.*"],
-                     "subscribe": ["build.responses.>"]},
+                     "subscribe": ["build.responses.>", "build.events.fleet"]},
 }
 
 

@@ -95,6 +95,7 @@ class ErrorCode(enum.Enum):
     INTERNAL_ERROR = "internal_error"  # the listener failed after `accepted` (state dir unwritable, a bug); not in the spec
     ROLLED_BACK = "rolled_back"  # the new system did not confirm over NATS in time; the watchdog rolled it back
     ROLLBACK_FAILED = "rollback_failed"  # as rolled_back, but the rollback command failed: the host needs a person
+    UNAUTHORIZED = "unauthorized"  # with trusted keys: unsigned, forged, stale, replayed or re-addressed; not in the spec
 
 
 class ProtocolError(Exception):
@@ -348,6 +349,7 @@ class DeployRecord(typing.NamedTuple):
     generation_before: int | None
     generation_after: int | None
     duration_seconds: float
+    signer: str | None = None  # the trusted key's name that signed the request; None without trusted keys
 
     @classmethod
     def parse(cls, obj: object) -> DeployRecord:
@@ -357,7 +359,7 @@ class DeployRecord(typing.NamedTuple):
             "request": REPLY_TOKEN_RE.fullmatch, "action": tuple(Action), "revision": is_valid_ref,
             "commit": is_valid_ref, "status": (Status.COMPLETED, Status.FAILED), "error": tuple(ErrorCode),
             "started": ISO_TIME_RE.fullmatch, "finished": ISO_TIME_RE.fullmatch, "generation_before": int,
-            "generation_after": int, "duration_seconds": float}, "deploy record",
+            "generation_after": int, "duration_seconds": float, "signer": SIGNER_NAME_RE.fullmatch}, "deploy record",
             required=("request", "action", "revision", "status", "started", "finished", "duration_seconds")))
 
     def to_dict(self) -> dict:
@@ -394,6 +396,48 @@ class HostStatus(typing.NamedTuple):
         return {**self._asdict(), "history": [r.to_dict() for r in self.history]}
 
 
+EVENTS_STREAM = "HOMELAB_DEPLOY_EVENTS"  # the JetStream stream `events --since` reads, when the operator made it
+
+
+class AuditEvent(typing.NamedTuple):
+    """A state change a listener publishes on deploy.events.<tier>.<host>, or the builder on build.events.<repo>."""
+
+    time: str  # UTC, ISO 8601
+    host: str | None  # the listener's hostname, or the build's target (a host, "all"; None when it was invalid)
+    tier: str | None  # listeners only
+    repo: str | None  # builder only
+    request: str | None  # the request id: the last token of its reply_to; None when it had no valid one
+    signer: str | None  # the trusted key's name; None without trusted keys or before the signature was checked
+    action: str | None  # the deploy action, or "build"; None when the request could not be read
+    revision: str | None
+    status: Status
+    error: str | None
+    reason: str  # the message sent with the status: why it was rejected, what happened
+
+    @classmethod
+    def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> AuditEvent:
+        fields = answer_fields(decode_message(data, limit), {
+            "time": ISO_TIME_RE.fullmatch, "host": is_subject_token, "tier": TIERS, "repo": is_subject_token,
+            "request": REPLY_TOKEN_RE.fullmatch, "signer": SIGNER_NAME_RE.fullmatch,
+            "action": (*(a.value for a in Action), "build"), "revision": is_valid_ref, "status": tuple(Status),
+            "error": (*(c.value for c in ErrorCode), *(c.value for c in BuildErrorCode)), "reason": str},
+            "audit event", required=("time", "status"))
+        return cls(**{**fields, "reason": fields["reason"] or ""})
+
+    def to_json(self) -> bytes:
+        return json.dumps({**self._asdict(), "status": self.status.value}).encode()
+
+
+def publish_event(bus, subject: str, event: AuditEvent) -> None:
+    """Publish a state change for the audit trail; never raises: the deploy or build matters more, and the
+    daemon's log has the same line."""
+    try:
+        bus.publish(subject, event.to_json())
+    except Exception as e:
+        log.warning("host=%s request=%s audit event %s not published on %s: %r", event.host, event.request,
+                    event.status.value, subject, e)
+
+
 class BuildErrorCode(enum.Enum):
     """Why a build request was rejected or failed as a whole (`error_code` of a build response)."""
 
@@ -404,6 +448,7 @@ class BuildErrorCode(enum.Enum):
     EVAL_FAILED = "eval_failed"
     BUILD_FAILED = "build_failed"
     INTERNAL_ERROR = "internal_error"  # the builder failed after `started` (a bug, NATS trouble mid-build)
+    UNAUTHORIZED = "unauthorized"  # with trusted keys: the request's signature did not check out
 
 
 class BuildRequest(typing.NamedTuple):
@@ -509,6 +554,124 @@ class BuildResponse(typing.NamedTuple):
             if key in d:
                 d[key] = round(d[key], 3)
         return d
+
+
+# ---------------------------------------------------------------- signed requests
+
+SIGNATURE_SKEW = 60  # seconds a request's signed_at may be off the receiver's clock; its nonce is kept twice as long
+SIGNING_CONTEXT = b"homelab-deploy request v1\n"
+NONCE_RE = re.compile(r"[0-9a-f]{32}")
+SIGNER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def is_user_public_key(key: object) -> bool:
+    """An NKey user public key: 'U' + base32 of 32 bytes with a valid CRC16."""
+    import base64
+    import binascii
+
+    import nkeys
+
+    if not isinstance(key, str) or len(key) != 56 or not key.startswith("U"):
+        return False
+    try:
+        raw = base64.b32decode(key)
+    except binascii.Error:
+        return False
+    return nkeys.crc16_checksum(raw[:-2]) == raw[-2:]
+
+
+def signing_input(subject: str, obj: dict) -> bytes:
+    """What a request's signature covers: a context line, the subject it is published on, a newline, and every
+    field but `signature` as JSON with sorted keys, no spaces and non-ASCII escaped (Python's json.dumps)."""
+    fields = {k: v for k, v in obj.items() if k != "signature"}
+    return SIGNING_CONTEXT + subject.encode() + b"\n" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+class TrustedSigners:
+    """The NKeys whose signed requests a listener or builder acts on, by name, and the nonces it has seen; the
+    nonces of requests acted on go to `nonce_file` (when given), so a restart does not open a replay window."""
+
+    def __init__(self, keys: dict[str, str], nonce_file: str | None = None):
+        self.keys, self.nonce_file = keys, nonce_file
+        self.seen: dict[str, float] = {}  # nonce -> when it may be forgotten
+        self.lock = threading.Lock()
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):  # none kept yet, or unreadable
+            with open(nonce_file or "") as f:
+                self.seen = {n: float(t) for n, t in json.load(f).items() if NONCE_RE.fullmatch(n)}
+
+    @classmethod
+    def load(cls, entries: list[str], files: list[str], nonce_file: str | None = None,
+             where: str = "--trusted-key") -> TrustedSigners | None:
+        """From `PUBKEY[=NAME]` entries (given `where`) and files of such lines (# comments); None when there are
+        none. A ValueError names the bad entry and its place."""
+        found = [(entry, where) for entry in entries]
+        for path in files:
+            try:
+                with open(path) as f:
+                    found += [(line.strip(), f"{path} line {i}") for i, line in enumerate(f, 1)
+                              if line.strip() and not line.lstrip().startswith("#")]
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read trusted keys file {path}: {getattr(e, 'strerror', e)}") from None
+        keys = {}
+        for entry, where in found:
+            key, _, name = str(entry).partition("=")
+            if not is_user_public_key(key.strip()) or (name and not SIGNER_NAME_RE.fullmatch(name.strip())):
+                raise ValueError(f"{where}: {str(entry)[:80]!r} is not PUBKEY[=NAME]: an NKey user public key (56 "
+                                 "characters starting with U; `homelab-deploy keygen --pubout --in SEED` prints it), "
+                                 "optionally = a name of letters, digits, '_', '.', '@', '-'")
+            keys[key.strip()] = name.strip() or key.strip()
+        return cls(keys, nonce_file) if keys else None
+
+    def verify(self, subject: str, data: bytes, reply_to: str, code) -> str:
+        """The signer's name, when `data` (a request that parsed) is signed by a trusted key for `subject`, was
+        signed within SIGNATURE_SKEW seconds, carries a nonce not seen before, and wants its answers on the
+        signer's own reply subject; else ProtocolError with `code` saying which check failed."""
+        import base64
+        import binascii
+
+        import nacl.exceptions
+        import nacl.signing
+
+        obj = json.loads(data)
+        signer, signed_at, nonce, signature = (obj.get(k) for k in ("signer", "signed_at", "nonce", "signature"))
+
+        def refuse(why: str) -> ProtocolError:
+            return ProtocolError(f"unauthorized: {why}; nothing was run", code, reply_to)
+
+        if signer is None and signature is None:
+            raise refuse("the request is not signed, and this host acts only on requests signed by a trusted key "
+                         "(homelab-deploy's CLI and MCP server sign every request with their NKey)")
+        if not (isinstance(signer, str) and type(signed_at) is int and isinstance(nonce, str)
+                and NONCE_RE.fullmatch(nonce) and isinstance(signature, str)):
+            raise refuse("malformed signature fields (signer, signed_at, nonce, signature)")
+        if signer not in self.keys:
+            raise refuse(f"signed by {signer[:56]!r}, which is not a trusted key here; add it with --trusted-key "
+                         "(module option trustedKeys) if it may deploy this host")
+        try:
+            nacl.signing.VerifyKey(base64.b32decode(signer)[1:33]).verify(
+                signing_input(subject, obj), base64.b64decode(signature, validate=True))
+        except (binascii.Error, ValueError, nacl.exceptions.BadSignatureError):
+            raise refuse(f"the signature of {self.keys[signer]} does not match this request on {subject}: it was "
+                         "altered, or signed for another subject and re-published here") from None
+        age = time.time() - signed_at
+        if abs(age) > SIGNATURE_SKEW:
+            raise refuse(f"signed {abs(age):.0f}s {'ago' if age > 0 else 'in the future'}, more than {SIGNATURE_SKEW}s "
+                         "off this host's clock: a replay, or a clock is wrong (check NTP on both ends)")
+        if reply_to.split(".")[2] != signer:
+            raise refuse(f"its answers would go to {reply_to.split('.')[2][:56]!r}, not to the signer")
+        with self.lock:
+            now = time.time()
+            self.seen = {n: t for n, t in self.seen.items() if t > now}
+            if nonce in self.seen:
+                raise refuse(f"nonce {nonce} was used before: a replay of a request already received")
+            self.seen[nonce] = signed_at + 2 * SIGNATURE_SKEW
+            try:
+                if self.nonce_file:
+                    save_state(self.nonce_file, self.seen)
+            except OSError as e:  # acting on it anyway would let a restart replay it
+                raise ProtocolError(f"not run: cannot record the request's nonce in {self.nonce_file} ({e.strerror});"
+                                    " make the state directory writable", code, reply_to) from None
+        return self.keys[signer]
 
 
 # ---------------------------------------------------------------- NATS facade
@@ -632,7 +795,10 @@ class Bus:
         self.servers = [u.strip() for u in urls.split(",") if u.strip()]
         if not self.servers:
             raise NatsError("no NATS server given; pass --nats-url nats://HOST:4222 (comma-separated for a cluster)")
+        import nkeys
+
         seed, self.public_key = read_seed(nkey_file)
+        self.signing_key = nkeys.from_seed(bytearray(seed.encode()))
         self.nkey_file = nkey_file
         # (number, text) of the server's last permission errors; a request looks only at those numbered after it
         self.permission_errors: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
@@ -708,7 +874,7 @@ class Bus:
             disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             connect_timeout=min(2, connect_timeout), reconnect_time_wait=1,
             max_reconnect_attempts=-1, allow_reconnect=True, ping_interval=20 if daemon else 5,
-            max_outstanding_pings=3))
+            max_outstanding_pings=3, inbox_prefix=f"deploy.responses.{self.public_key}"))  # JetStream's replies
         refused = asyncio.ensure_future(rejected.wait())
         await asyncio.wait([connecting, refused], timeout=connect_timeout, return_when=asyncio.FIRST_COMPLETED)
         refused.cancel()
@@ -771,6 +937,15 @@ class Bus:
             self._check_permission(subject, "publish", since)
         return since
 
+    def sign(self, subject: str, payload: bytes) -> bytes:
+        """The request `payload` signed by this connection's NKey for `subject` (see signing_input)."""
+        import base64
+
+        obj = {**json.loads(payload), "signer": self.public_key, "signed_at": int(time.time()),
+               "nonce": os.urandom(16).hex()}
+        obj["signature"] = base64.b64encode(self.signing_key.sign(signing_input(subject, obj))).decode()
+        return json.dumps(obj).encode()
+
     def subscribe(self, subject: str, handler, lane: str | None = None) -> None:
         """Call handler(subject, data, received) for every message on a thread of `lane` (default: a lane of
         the subject's own), `received` being its time.monotonic() of arrival; errors are logged, never raised."""
@@ -785,10 +960,10 @@ class Bus:
         self._call(self.nc.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
 
-    def inbox(self, subject: str) -> queue.Queue:
-        """Subscribe and return a queue of (subject, payload) in arrival order."""
+    def inbox(self, subject: str, q: queue.Queue | None = None) -> queue.Queue:
+        """Subscribe and return a queue (`q`, or a new one) of (subject, payload) in arrival order."""
         self.require_connection(subject)
-        q: queue.Queue = queue.Queue()
+        q = q or queue.Queue()
 
         async def on_message(msg):
             q.put((msg.subject, msg.data))
@@ -796,6 +971,35 @@ class Bus:
         self._call(self.nc.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
         return q
+
+    def replay(self, stream: str, subject: str, since: float, q: queue.Queue) -> None:
+        """Like inbox(subject, q), from JetStream `stream`: the messages on `subject` it stored since `since` (unix
+        time), then each new one as it is stored, through a consumer delivering to this credential's replies."""
+        import nats.errors
+        import nats.js.errors
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        deliver = new_reply_subject("deploy", self.public_key)
+
+        async def on_message(msg):
+            q.put((msg.subject, msg.data))
+
+        config = ConsumerConfig(name=deliver.rsplit(".", 1)[1], deliver_subject=deliver, ack_policy=AckPolicy.NONE,
+                                deliver_policy=DeliverPolicy.BY_START_TIME, inactive_threshold=60.0,
+                                opt_start_time=time.strftime(ISO_TIME_FORMAT, time.gmtime(since)))
+        since_errors = self.permission_errors_seen
+        try:
+            self._call(self.nc.jetstream(timeout=5).subscribe(subject, stream=stream, cb=on_message, manual_ack=True,
+                                                              config=config), 15)
+        except nats.js.errors.NotFoundError:
+            raise NatsError(f"this NATS server has no JetStream stream {stream} (or no JetStream): create it as the "
+                            "README shows ('Signed requests and audit'), or follow live events without --since") from None
+        except (nats.errors.TimeoutError, NatsError):
+            api = f"$JS.API.CONSUMER.CREATE.{stream}"
+            refused = next((e for n, e in list(self.permission_errors) if n > since_errors and api.lower() in e), None)
+            raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not read {subject} from the "
+                            f"JetStream stream {stream} ({refused})" if refused else
+                            f"the JetStream API did not answer about {stream}: is JetStream enabled (-js)?") from None
 
     def close(self) -> None:
         self.closing = True
@@ -1144,7 +1348,8 @@ def read_rollback_record(path: str) -> tuple[DeployRequest, dict]:
         raise ValueError(f"no valid request in it ({e})") from None
     if not (request.action in (Action.SWITCH, Action.TEST) and type(record.get("generation_before")) in (int, type(None))
             and isinstance(record.get("profile"), str) and type(record.get("armed_at")) in (int, float)
-            and type(record.get("rollback_timeout")) in (int, float)):
+            and type(record.get("rollback_timeout")) in (int, float)
+            and (record.get("signer") is None or SIGNER_NAME_RE.fullmatch(str(record["signer"])))):
         raise ValueError("not a record of a switch or test with its generation, profile and times")
     return request, record
 
@@ -1197,8 +1402,9 @@ def rollback_watchdog_command(args: argparse.Namespace) -> int:
 
 class Listener:
     def __init__(self, args: argparse.Namespace, subjects: list[str], bus: Bus, metrics: ListenerMetrics | None,
-                 stop: threading.Event):
+                 stop: threading.Event, signers: TrustedSigners | None = None):
         self.hostname, self.tier, self.role = args.hostname, args.tier, args.role
+        self.signers = signers  # None: any request NATS delivers is acted on
         self.flake_url, self.timeout, self.profile = args.flake_url, args.timeout, args.system_profile
         self.heartbeat_interval, self.rollback_timeout = args.heartbeat_interval, args.rollback_timeout
         self.restart_after_switch, self.allow_any_ref = args.restart_after_switch, args.allow_any_ref
@@ -1233,9 +1439,20 @@ class Listener:
         response = DeployResponse(self.hostname, status, error, message, **extra)
         self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(response.to_dict()).encode())
 
+    def announce(self, status: Status, rid: str | None, request: DeployRequest | None, signer: str | None,
+                 error: ErrorCode | None = None, reason: str = "") -> None:
+        """Publish a state change on deploy.events.<tier>.<host> for the audit trail; never raises."""
+        publish_event(self.bus, f"deploy.events.{self.tier}.{self.hostname}", AuditEvent(
+            time.strftime(ISO_TIME_FORMAT, time.gmtime()), self.hostname, self.tier, None, rid, signer,
+            request.action.value if request else None, request.revision if request else None, status,
+            error.value if error else None, clip(reason)))
+
     def handle_deploy(self, subject: str, data: bytes, received: float) -> None:
+        request = signer = None
         try:
             request = DeployRequest.parse(data, self.allow_any_ref)
+            signer = (self.signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED)
+                      if self.signers else None)
             waited = time.monotonic() - received
             if request.expires_in is not None and waited > request.expires_in:
                 raise ProtocolError(
@@ -1245,6 +1462,8 @@ class Listener:
         except ProtocolError as e:
             log.warning("host=%s subject=%s request=%s rejected: %s", self.hostname, subject,
                         e.reply_to or "-", e)
+            rid = e.reply_to.rsplit(".", 1)[1] if e.reply_to else None
+            self.announce(Status.REJECTED, rid, request, signer, e.code, str(e))
             if e.reply_to:
                 self.reply(e.reply_to, Status.REJECTED, e.code, str(e))
                 if self.metrics:
@@ -1254,7 +1473,7 @@ class Listener:
         rid = request.reply_to.rsplit(".", 1)[1]
         if not self.busy.acquire(blocking=False):
             running = self.current
-            self.refuse(request, rid, "already running", (
+            self.refuse(request, rid, signer, "already running", (
                 f"a deploy is already running on {self.hostname} ({running.action.value} of {running.revision}, "
                 f"for {time.monotonic() - self.current_since:.0f}s); retry when it ends"
                 if running else f"a deploy is already running on {self.hostname}"))
@@ -1265,17 +1484,19 @@ class Listener:
             # shutdown waits for `reporting`, so no request is accepted and then cut off by the exit.
             if self.restarting or self.stop.is_set():
                 self.busy.release()
-                self.refuse(request, rid, "restarting" if self.restarting else "shutting down", (
+                self.refuse(request, rid, signer, "restarting" if self.restarting else "shutting down", (
                     f"the listener on {self.hostname} is restarting after a switch; retry in a few seconds"
                     if self.restarting else f"the listener on {self.hostname} is shutting down; retry when it is back"))
                 return
             final, started, before = None, time.time(), current_generation(self.profile)
             try:  # from `accepted` on, whatever raises, exactly one final status goes out
                 self.current, self.current_since = request, time.monotonic()
-                log.info("host=%s request=%s accepted %s of %s", self.hostname, rid, request.action.value,
-                         request.revision)
+                signed = f" (signed by {signer})" if signer else ""
+                log.info("host=%s request=%s accepted %s of %s%s", self.hostname, rid, request.action.value,
+                         request.revision, signed)
                 self.reply(request.reply_to, Status.ACCEPTED,
-                           message=f"{request.action.value} of {request.revision} accepted")
+                           message=f"{request.action.value} of {request.revision} accepted{signed}")
+                self.announce(Status.ACCEPTED, rid, request, signer)
                 try:
                     self.record_inflight(request)  # after `accepted`: its fsync stays off the requester's path
                 except OSError as e:
@@ -1287,7 +1508,8 @@ class Listener:
                         "directory that only this listener uses (--state-dir, or systemd's StateDirectory=) "
                         "and deploy again"))
                 else:
-                    final = self.deploy(request, rid)
+                    self.announce(Status.STARTED, rid, request, signer)
+                    final = self.deploy(request, rid, signer)
             except Exception as e:
                 log.exception("host=%s request=%s failed unexpectedly", self.hostname, rid)
                 final = DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
@@ -1297,30 +1519,31 @@ class Listener:
                 self.current = None
                 self.record_inflight(None)
                 if final is not None:  # while `busy` is held: the next deploy starts from this record's generation
-                    self.remember(request, rid, final, started, before)
+                    self.remember(request, rid, final, started, before, signer)
                 self.busy.release()  # before the final status, so the requester's next deploy is not refused
             if final is not None:  # None: the switch awaits confirmation by the listener that starts next
                 if self.metrics:
                     self.metrics.count(final.status, request.action, final.error)
                 self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
+                self.announce(final.status, rid, request, signer, final.error, final.message)
         if self.restarting:
             log.info("host=%s request=%s restarting so the service manager starts the switched-to version",
                      self.hostname, rid)
             self.stop.set()
 
-    def refuse(self, request: DeployRequest, rid: str, why: str, message: str) -> None:
+    def refuse(self, request: DeployRequest, rid: str, signer: str | None, why: str, message: str) -> None:
         """Answer `rejected`/already_running: the host cannot take a deploy now, a retry later can."""
         log.warning("host=%s request=%s rejected: %s", self.hostname, rid, why)
+        self.announce(Status.REJECTED, rid, request, signer, ErrorCode.ALREADY_RUNNING, message)
         self.reply(request.reply_to, Status.REJECTED, ErrorCode.ALREADY_RUNNING, message)
         if self.metrics:
             self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
 
-    save = staticmethod(save_state)  # a method for the listener's callers; the watchdog has no Listener
 
     def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
         """Keep the running request on disk so a restarted listener can report it; None clears it, and never
         raises: a record left behind is reported as interrupted by the next start, which is safe."""
-        self.save(self.inflight_file, None if request is None else {
+        save_state(self.inflight_file, None if request is None else {
             "reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
             "started": time.time(), "pid": pid, "generation": current_generation(self.profile)})
 
@@ -1340,7 +1563,7 @@ class Listener:
         except (OSError, ValueError, ProtocolError) as e:
             log.error("host=%s unreadable deploy history %s (%s); starting a new one", self.hostname,
                       self.history_file, e)
-            self.save(self.history_file, [])
+            save_state(self.history_file, [])
 
     def profile_commit(self) -> str | None:
         """configurationRevision of the system profile's current generation (its `nixos-version --json`), None
@@ -1363,17 +1586,17 @@ class Listener:
         return commit
 
     def remember(self, request: DeployRequest, rid: str, final: DeployResponse, started: float,
-                 before: int | None) -> None:
+                 before: int | None, signer: str | None) -> None:
         """Add a finished deploy to the history file (its last HISTORY_LENGTH); a failed write is logged, not fatal."""
         try:
             record = DeployRecord(rid, request.action, request.revision, final.commit, final.status, final.error,
                                   time.strftime(ISO_TIME_FORMAT, time.gmtime(started)),
                                   time.strftime(ISO_TIME_FORMAT, time.gmtime()), before,
-                                  current_generation(self.profile), round(time.time() - started, 3))
+                                  current_generation(self.profile), round(time.time() - started, 3), signer)
             self.history = (self.history + [record])[-HISTORY_LENGTH:]
             if self.metrics:
                 self.metrics.deployed(record)
-            self.save(self.history_file, [r.to_dict() for r in self.history])
+            save_state(self.history_file, [r.to_dict() for r in self.history])
         except Exception as e:
             log.error("host=%s request=%s deploy not added to the history %s: %r; make %s writable", self.hostname,
                       rid, self.history_file, e, self.state_dir)
@@ -1408,20 +1631,22 @@ class Listener:
         log.warning("host=%s request=%s reporting interrupted deploy: %s", self.hostname,
                     reply_to.rsplit(".", 1)[1], message)
         self.reply(reply_to, Status.FAILED, ErrorCode.INTERRUPTED, message)
+        self.announce(Status.FAILED, reply_to.rsplit(".", 1)[1], DeployRequest(action, revision, reply_to), None,
+                      ErrorCode.INTERRUPTED, message)
         if self.metrics:
             self.metrics.count(Status.FAILED, action, ErrorCode.INTERRUPTED)
         self.record_inflight(None)
 
-    def arm_watchdog(self, request: DeployRequest, rid: str) -> None:
+    def arm_watchdog(self, request: DeployRequest, rid: str, signer: str | None) -> None:
         """Record the coming switch or test (fsynced), then start the watchdog that rolls it back unless a listener
         confirms it over NATS in time. Raises OSError or SubprocessError; the record is removed then."""
         import shutil
         import subprocess
 
         pending = rollback_path(self.state_dir, "pending", rid)
-        self.save(pending, {"request": json.loads(request.to_json()), "generation_before": current_generation(
+        save_state(pending, {"request": json.loads(request.to_json()), "generation_before": current_generation(
             self.profile), "profile": os.path.abspath(self.profile), "armed_at": time.time(),
-            "rollback_timeout": self.rollback_timeout})
+            "rollback_timeout": self.rollback_timeout, "signer": signer})
         argv = [sys.executable, os.path.abspath(__file__), "rollback-watchdog", "--state-dir",
                 os.path.abspath(self.state_dir), "--request", rid, "--rollback-timeout", str(self.rollback_timeout),
                 "--timeout", str(self.timeout)]
@@ -1439,12 +1664,12 @@ class Listener:
                 threading.Thread(target=proc.wait, name="reap-watchdog", daemon=True).start()
                 watchdog = f"pid {proc.pid}"
         except BaseException:
-            self.save(pending, None)
+            save_state(pending, None)
             raise
         log.info("host=%s request=%s rollback watchdog armed (%s): it rolls back the %s unless it is confirmed over "
                  "NATS within %gs after it", self.hostname, rid, watchdog, request.action.value, self.rollback_timeout)
 
-    def deploy(self, request: DeployRequest, rid: str) -> DeployResponse | None:
+    def deploy(self, request: DeployRequest, rid: str, signer: str | None) -> DeployResponse | None:
         """Run nixos-rebuild for an accepted request; returns the final status to report, None when it is left to
         the listener that starts next (a switch awaiting confirmation, or this listener stopping)."""
         import subprocess
@@ -1454,7 +1679,7 @@ class Listener:
         armed = self.rollback_timeout > 0 and action in (Action.SWITCH, Action.TEST)
         if armed:
             try:
-                self.arm_watchdog(request, rid)
+                self.arm_watchdog(request, rid, signer)
             except (OSError, subprocess.SubprocessError) as e:
                 log.error("host=%s request=%s not run: cannot arm the rollback watchdog: %s", self.hostname, rid, e)
                 return DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
@@ -1513,7 +1738,7 @@ class Listener:
             message = f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
         log.info("host=%s request=%s %s in %.1fs: %s", self.hostname, rid, status.value, result.duration, message)
         if armed and not success:  # nothing new is active to roll back, or this listener is up to report the failure
-            self.save(rollback_path(self.state_dir, "pending", rid), None)
+            save_state(rollback_path(self.state_dir, "pending", rid), None)
         elif armed:
             switched = rollback_path(self.state_dir, "switched", rid)
             with contextlib.suppress(FileNotFoundError):  # gone: the watchdog gave up waiting; settle reports it
@@ -1580,8 +1805,8 @@ class Listener:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.error("host=%s request=%s unreadable rollback record in %s (%r); removing it: check the host",
                       self.hostname, rid, self.state_dir, e)
-            self.save(switched, None)
-            self.save(rolled, None)
+            save_state(switched, None)
+            save_state(rolled, None)
             return None
         what = (f"the new system did not confirm over NATS within {record['rollback_timeout']:g}s after the "
                 f"{request.action.value} of {request.revision}")
@@ -1596,7 +1821,7 @@ class Listener:
                 f"{what}; rolled back with `{command}`" if command else f"{what}; {output[-1]}") + (
                 f"; the system profile is at generation {generation}" if generation is not None else "")
         log.warning("host=%s request=%s %s: %s", self.hostname, rid, error.value, message)
-        self.save(rolled, None)
+        save_state(rolled, None)
         return request, DeployResponse(self.hostname, Status.FAILED, error, message, None, output), record
 
     def settle_switches(self) -> None:
@@ -1610,16 +1835,17 @@ class Listener:
             if state == "pending":
                 log.warning("host=%s request=%s disarmed the rollback watchdog of an interrupted deploy: this listener "
                             "reached NATS", self.hostname, rid)
-                self.save(os.path.join(self.state_dir, name), None)
+                save_state(os.path.join(self.state_dir, name), None)
                 continue
             settled = self.settle(rid)
             if settled is None:
                 continue
             request, final, record = settled
-            self.remember(request, rid, final, record["armed_at"], record["generation_before"])
+            self.remember(request, rid, final, record["armed_at"], record["generation_before"], record.get("signer"))
             if self.metrics:
                 self.metrics.count(final.status, request.action, final.error)
             self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, self.bus.reconnects)
+            self.announce(final.status, rid, request, record.get("signer"), final.error, final.message)
 
     def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int | None,
                       schedule: list[float] | None = None) -> None:
@@ -1641,7 +1867,7 @@ class Listener:
 
         def keep(left: list[float]) -> None:
             try:
-                self.save(path, {"reply_to": reply_to, "response": json.loads(payload), "schedule": left} if left
+                save_state(path, {"reply_to": reply_to, "response": json.loads(payload), "schedule": left} if left
                           else None)
             except OSError as e:
                 log.error("host=%s request=%s cannot keep the pending final status in %s (%s); a restart will not "
@@ -1681,7 +1907,7 @@ class Listener:
                     raise ValueError("not a final status of this host with a schedule of re-sends")
             except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
                 log.error("host=%s unreadable pending final status %s (%s); removing it", self.hostname, path, e)
-                self.save(path, None)
+                save_state(path, None)
                 continue
             log.info("host=%s request=%s resuming the re-sends of its final status (%d left)", self.hostname, rid,
                      len(schedule))
@@ -1717,6 +1943,11 @@ def run_listener(args: argparse.Namespace) -> int:
                          "--rollback-timeout not negative")
     if not is_publish_subject(args.discover_subject):
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
+    try:
+        signers = TrustedSigners.load(args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [],
+                                      os.path.join(args.state_dir, "nonces.json"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     import fcntl
 
     lock_file = os.path.join(args.state_dir, "lock")
@@ -1750,7 +1981,13 @@ def run_listener(args: argparse.Namespace) -> int:
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    listener = Listener(args, subjects, bus, metrics, stop)
+    listener = Listener(args, subjects, bus, metrics, stop, signers)
+    if signers is None:
+        log.warning("host=%s no trusted keys: any credential that NATS lets publish on this host's subjects can deploy "
+                    "it; pass --trusted-key PUBKEY[=NAME] (module option trustedKeys; `homelab-deploy nats-config "
+                    "--trusted-keys-dir` writes them) to act only on requests signed by those keys", args.hostname)
+    else:
+        log.info("host=%s acting only on requests signed by %s", args.hostname, ", ".join(sorted(signers.keys.values())))
     try:
         listener.report_interrupted()
         listener.load_history()
@@ -1785,8 +2022,9 @@ class Repo(typing.NamedTuple):
     default_branch: str = "master"
 
     @classmethod
-    def parse_config(cls, path: str) -> dict[str, Repo]:
-        """Read and check the builder's YAML config; a ValueError names the problem and the fix."""
+    def parse_config(cls, path: str) -> tuple[dict[str, Repo], TrustedSigners | None]:
+        """Read and check the builder's YAML config: its repos and trusted keys; a ValueError names the problem
+        and the fix."""
         import yaml
 
         example = 'repos: {nixos-servers: {url: "git+https://git.example.com/org/nixos-servers.git", ' \
@@ -1800,9 +2038,14 @@ class Repo(typing.NamedTuple):
             raise ValueError(f"builder config {path} is not valid YAML: {e}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("repos"), dict) or not doc["repos"]:
             raise ValueError(f"{path}: expected a `repos` mapping naming at least one repository, e.g. {example}")
-        if set(doc) != {"repos"}:
-            raise ValueError(f"{path}: unknown top-level key(s) {', '.join(sorted(map(str, set(doc) - {'repos'})))}; "
-                             "only `repos` is allowed")
+        if set(doc) - {"repos", "trusted_keys"}:
+            raise ValueError(f"{path}: unknown top-level key(s) "
+                             f"{', '.join(sorted(map(str, set(doc) - {'repos', 'trusted_keys'})))}; "
+                             "allowed: repos, trusted_keys")
+        trusted = doc.get("trusted_keys") or []
+        if not isinstance(trusted, list):
+            raise ValueError(f"{path}: trusted_keys must be a list of PUBKEY[=NAME] strings")
+        signers = TrustedSigners.load([str(entry) for entry in trusted], [], where=f"{path}: trusted_keys")
         repos = {}
         for name, entry in doc["repos"].items():
             where = f"{path}: repos.{name}"
@@ -1827,7 +2070,7 @@ class Repo(typing.NamedTuple):
             if not is_valid_ref(branch):
                 raise ValueError(f"{where}: default_branch {branch!r} must be a git branch, tag or 40-hex commit")
             repos[name] = cls(name, url, branch)
-        return repos
+        return repos, signers
 
 
 def flake_show_argv(url: str, branch: str) -> list[str]:
@@ -1861,8 +2104,9 @@ class EvalFailed(Exception):
 
 class Builder:
     def __init__(self, repos: dict[str, Repo], bus: Bus, timeout: int, parallel: int,
-                 metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool):
-        self.repos, self.bus, self.metrics, self.stop = repos, bus, metrics, stop
+                 metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool,
+                 signers: TrustedSigners | None = None):
+        self.repos, self.bus, self.metrics, self.stop, self.signers = repos, bus, metrics, stop, signers
         self.timeout, self.parallel, self.allow_any_ref = timeout, parallel, allow_any_ref
         self.running = {name: threading.Lock() for name in repos}  # one build per repo at a time
         self.reporting = {name: threading.Lock() for name in repos}  # held while a build's final answer goes out
@@ -1876,8 +2120,16 @@ class Builder:
         answer = BuildResponse(status, message, repo, **fields).fitted(self.bus.nc.max_payload // 2)  # well under it
         self.bus.publish(answer_subject(reply_to, repo), json.dumps(answer.to_dict()).encode())
 
+    def announce(self, status: Status, rid: str | None, repo: str, target: str | None, branch: str | None,
+                 signer: str | None, error: BuildErrorCode | None = None, reason: str = "") -> None:
+        """Publish a state change on build.events.<repo> for the audit trail; never raises."""
+        publish_event(self.bus, f"build.events.{repo}", AuditEvent(
+            time.strftime(ISO_TIME_FORMAT, time.gmtime()), target, None, repo, rid, signer, "build", branch, status,
+            error.value if error else None, clip(reason)))
+
     def handle_build(self, subject: str, data: bytes, received: float) -> None:
         _, subject_repo, subject_target = subject.split(".", 2)
+        signer = None
         try:
             request = BuildRequest.parse(data, self.allow_any_ref)
             if request.repo != subject_repo:
@@ -1888,15 +2140,21 @@ class Builder:
                 raise ProtocolError(f"target {request.target!r} does not match the subject {subject}; send it to "
                                     f"build.{subject_repo}.{request.target}",
                                     BuildErrorCode.INVALID_TARGET, request.reply_to)
+            signer = (self.signers.verify(subject, data, request.reply_to, BuildErrorCode.UNAUTHORIZED)
+                      if self.signers else None)
         except ProtocolError as e:
             rid = e.reply_to.rsplit(".", 1)[1] if e.reply_to else "-"
             log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid, e)
+            self.announce(Status.REJECTED, e.reply_to and rid, subject_repo,
+                          subject_target if is_subject_token(subject_target) else None, None, signer, e.code, str(e))
             if e.reply_to:
                 self.reply(e.reply_to, Status.REJECTED, str(e), repo=subject_repo, error_code=e.code)
             return
         rid = request.reply_to.rsplit(".", 1)[1]
         repo = self.repos[subject_repo]
+        branch = request.branch or repo.default_branch
         if self.stop.is_set():
+            self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer, None, "shutting down")
             self.reply(request.reply_to, Status.REJECTED, "the builder is shutting down; retry when it is back",
                        repo=repo.name)
             return
@@ -1906,13 +2164,15 @@ class Builder:
             message = (f"a build of {repo.name} is already running ({what}for {time.monotonic() - since:.0f}s); "
                        "retry when it ends")
             log.warning("repo=%s host=%s request=%s rejected: already running", repo.name, request.target, rid)
+            self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer,
+                          BuildErrorCode.ALREADY_RUNNING, message)
             self.reply(request.reply_to, Status.REJECTED, message, repo=repo.name,
                        error_code=BuildErrorCode.ALREADY_RUNNING)
             return
-        branch = request.branch or repo.default_branch
         started = time.monotonic()
         try:  # from `started` on, whatever raises, exactly one final status goes out
             self.current[repo.name] = (request, started)
+            self.announce(Status.STARTED, rid, repo.name, request.target, branch, signer)
             final = self.build(repo, request, branch, rid)
         except Exception as e:
             log.exception("repo=%s host=%s request=%s failed unexpectedly", repo.name, request.target, rid)
@@ -1926,6 +2186,7 @@ class Builder:
             self.running[repo.name].release()  # before the final answer, so the next build is not refused
         try:
             self.reply(request.reply_to, **final._asdict())
+            self.announce(final.status, rid, repo.name, request.target, branch, signer, final.error_code, final.message)
         finally:
             self.reporting[repo.name].release()
 
@@ -2033,7 +2294,7 @@ class Builder:
 
 def run_builder(args: argparse.Namespace) -> int:
     try:
-        repos = Repo.parse_config(args.config)
+        repos, signers = Repo.parse_config(args.config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -2049,7 +2310,10 @@ def run_builder(args: argparse.Namespace) -> int:
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref)
+    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref, signers)
+    if signers is None:
+        log.warning("no trusted_keys in %s: any credential that NATS lets publish on build.<repo>.* can start builds; "
+                    "list the build clients' public keys there to act only on requests they signed", args.config)
     try:
         builder.start()
     except NatsError as e:
@@ -2176,7 +2440,7 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, make_request,
     reply_to = new_reply_subject(kind, bus.public_key)
     replies = bus.inbox(answer_subject(reply_to, "*"))
     subjects = [subject] if isinstance(subject, str) else subject
-    since = [bus.publish(s, make_request(reply_to), confirm=True) for s in subjects][0]
+    since = [bus.publish(s, bus.sign(s, make_request(reply_to)), confirm=True) for s in subjects][0]
     start = time.monotonic()
     deadline = start + timeout
     settle = last_new = None
@@ -2596,6 +2860,57 @@ def status_command(args: argparse.Namespace) -> int:
     return 1 if args.expect is not None and any(problems.values()) else 0
 
 
+def events_command(args: argparse.Namespace) -> int:
+    """Follow the audit events (from the JetStream stream since --since, then live) until SIGINT or SIGTERM."""
+    subjects = [f"deploy.events.{args.tier}.>"] if args.tier else ["deploy.events.>", "build.events.>"]
+    try:
+        bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-events")
+    except NatsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    stop, events = stop_on_signals(), queue.Queue()
+    try:
+        for subject in subjects:
+            try:
+                if args.since:
+                    bus.replay(EVENTS_STREAM, subject, time.time() - args.since, events)
+                else:
+                    bus.inbox(subject, events)
+            except NatsError as e:
+                if not subject.startswith("build."):
+                    hint = "" if args.tier else "; a test-tier credential follows its own tier: add --tier test"
+                    print(f"error: {e}{hint}", file=sys.stderr)
+                    return 3
+                print(f"note: build events not shown: {e}", file=sys.stderr)
+        print(f"following {' and '.join(subjects)}" + (f" from {args.since:g}s ago" if args.since else "")
+              + "; Ctrl-C stops", file=sys.stderr, flush=True)
+        while not stop.is_set():
+            try:
+                subject, data = events.get(timeout=0.2)  # 0.2 s: the main thread must run to act on a signal
+            except queue.Empty:
+                continue
+            try:
+                event = AuditEvent.parse(data)
+            except ProtocolError as e:
+                log.warning("ignoring a malformed audit event on %s: %s", subject, e)
+                continue
+            if subject.rsplit(".", 1)[1] != (event.repo or event.host):  # only that daemon may publish there
+                log.warning("ignoring an audit event on %s that claims to come from %r", subject, event.repo or event.host)
+                continue
+            if args.json:
+                print(event.to_json().decode(), flush=True)
+                continue
+            where = f"build {event.repo}/{event.host or '?'}" if event.repo else f"{event.tier}/{event.host}"
+            what = " ".join(str(v) for v in (event.action, event.revision) if v)
+            print(f"{event.time} {where} {event.status.value}{f' [{event.error}]' if event.error else ''} {what} "
+                  f"signer={event.signer or '-'} request={event.request or '-'}"
+                  + (f": {event.reason}" if event.reason and event.status in (Status.REJECTED, Status.FAILED) else ""),
+                  flush=True)
+    finally:
+        bus.close()
+    return 0
+
+
 def check_build_request(repo: object, target: object, branch: object) -> None:
     """Raise ValueError naming the bad field, by the builder's own checks, before anything is sent; refs outside
     branches and tags pass, since only the builder knows its --allow-any-ref."""
@@ -2697,22 +3012,6 @@ def build_command(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- keys and NATS permissions
 
-def is_user_public_key(key: object) -> bool:
-    """An NKey user public key: 'U' + base32 of 32 bytes with a valid CRC16."""
-    import base64
-    import binascii
-
-    import nkeys
-
-    if not isinstance(key, str) or len(key) != 56 or not key.startswith("U"):
-        return False
-    try:
-        raw = base64.b32decode(key)
-    except binascii.Error:
-        return False
-    return nkeys.crc16_checksum(raw[:-2]) == raw[-2:]
-
-
 def new_user_seed(path: str) -> str:
     """Write a new NKey user seed to `path` (mode 0600, never overwriting) and return its public key."""
     import nkeys
@@ -2739,6 +3038,8 @@ class Credential(typing.NamedTuple):
     public_key: str
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    name: str = ""  # a sender's name as a trusted key (deployers, MCP, build clients); a daemon's file name
+    serves: tuple[str, ...] = ()  # a daemon's request subjects: whoever may publish there is a trusted key of it
     site: str = ""  # the leaf-node site whose nats-server knows this user; "" for the hub
 
 
@@ -2799,13 +3100,19 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
 
     # Replies: each client reads only its own (<kind>.responses.<its key>.>); each host answers only as itself
     # (deploy.responses.*.*.<hostname>) and a builder only for its repos, so an answer's subject names its sender.
+    # Audit events: each daemon publishes its own; deployers read their tier's, live or from the JetStream stream.
+    def events_reader(*filters: str) -> list[str]:
+        return [f"$JS.API.STREAM.INFO.{EVENTS_STREAM}", *(f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in filters)]
+
     def build_client(public: str, repo_names: list[str]) -> tuple[list[str], list[str]]:
-        return [f"build.{r}.*" for r in repo_names], [f"build.responses.{public}.>"]
+        return [f"build.{r}.*" for r in repo_names], [f"build.responses.{public}.>",
+                                                      *(f"build.events.{r}" for r in repo_names)]
 
     def test_deployer(public: str) -> tuple[list[str], list[str]]:
-        return ["deploy.test.>", discover, STATUS_SUBJECT], [f"deploy.responses.{public}.>", discover]
+        return (["deploy.test.>", discover, STATUS_SUBJECT, *events_reader("deploy.events.test.>")],
+                [f"deploy.responses.{public}.>", discover, "deploy.events.test.>"])
 
-    admin_deployer = (["deploy.>"], ["deploy.>"])
+    admin_deployer = (["deploy.>", *events_reader("deploy.events.>", "build.events.>")], ["deploy.>", "build.events.>"])
 
     for section, fields in FLEET_SECTIONS.items():
         entries = fleet.get(section) or []
@@ -2843,7 +3150,8 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                     raise FleetError(f"{where}: deploy_subjects: {e}") from None
                 credentials.append(Credential(
                     f"listener {name} (tier {tier}{', role ' + role if role else ''})", key(entry, where),
-                    (f"deploy.responses.*.*.{name}", discover), (*own, discover, STATUS_SUBJECT), site))
+                    (f"deploy.responses.*.*.{name}", discover, f"deploy.events.{tier}.{name}"),
+                    (*own, discover, STATUS_SUBJECT), name, (f"deploy.{tier}.{name}",), site))
             elif section == "sites":  # the hub knows the site's leaf node as one user with all its hosts' rights
                 hub = entry.get("hub")
                 if not isinstance(hub, str) or not re.fullmatch(r"(nats-leaf|tls|ws|wss)://[^\s\"]+", hub):
@@ -2863,28 +3171,50 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                     raise FleetError(f"{where}: access {access!r} must be 'test' (deploy.test.> only) or 'admin'")
                 public = key(entry, where)
                 publish, subscribe = test_deployer(public) if access == "test" else admin_deployer
-                credentials.append(Credential(f"{access} deployer {name}", public, tuple(publish), tuple(subscribe)))
+                credentials.append(Credential(f"{access} deployer {name}", public, tuple(publish), tuple(subscribe),
+                                              name))
             elif section == "builders":
                 names = repos(entry, "repos", where)
                 credentials.append(Credential(f"builder {name} ({', '.join(names)})", key(entry, where),
-                                              tuple(f"build.responses.*.*.{r}" for r in names),
-                                              tuple(f"build.{r}.*" for r in names)))
+                                              (*(f"build.responses.*.*.{r}" for r in names),
+                                               *(f"build.events.{r}" for r in names)),
+                                              tuple(f"build.{r}.*" for r in names), f"builder-{name}",
+                                              tuple(f"build.{r}.all" for r in names)))
             elif section == "build_clients":
                 names, public = repos(entry, "repos", where), key(entry, where)
                 publish, subscribe = build_client(public, names)
-                credentials.append(Credential(f"build client {name}", public, tuple(publish), tuple(subscribe)))
+                credentials.append(Credential(f"build client {name}", public, tuple(publish), tuple(subscribe), name))
             else:  # mcp: test-tier deployer, plus builds of build_repos; the admin key is a separate user
                 build_repos, public = repos(entry, "build_repos", where, required=False), key(entry, where)
                 publish, subscribe = build_client(public, build_repos) if build_repos else ([], [])
                 deploy_publish, deploy_subscribe = test_deployer(public)
                 credentials.append(Credential(f"MCP server {name} (test tier)", public,
-                                              (*deploy_publish, *publish), (*deploy_subscribe, *subscribe)))
+                                              (*deploy_publish, *publish), (*deploy_subscribe, *subscribe), name))
                 if "admin_nkey" in entry or "admin_seed" in entry:
                     credentials.append(Credential(f"MCP server {name} admin", key(entry, where + " admin",
-                                                  "admin_nkey", "admin_seed"), *map(tuple, admin_deployer)))
+                                                  "admin_nkey", "admin_seed"), *map(tuple, admin_deployer),
+                                                  f"{name}-admin"))
     if not credentials:
         raise FleetError("the fleet file names no credentials; add hosts, deployers, builders, ...")
     return credentials
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a NATS subject pattern (`*` one token, `>` the rest) covers `subject`."""
+    tokens, wanted = pattern.split("."), subject.split(".")
+    for i, token in enumerate(tokens):
+        if token == ">":
+            return len(wanted) > i
+        if i >= len(wanted) or token not in ("*", wanted[i]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+def trusted_keys(credentials: list[Credential]) -> dict[str, list[str]]:
+    """Per daemon (hostname, builder-<name>), `PUBKEY=NAME` of every sender whose permissions reach one of its
+    request subjects: test hosts trust the test and admin deployers and the MCP credentials, prod hosts admins."""
+    return {daemon.name: [f"{c.public_key}={c.name}" for c in credentials if c.name and not c.serves and any(
+        subject_matches(p, s) for p in c.publish for s in daemon.serves)] for daemon in credentials if daemon.serves}
 
 
 def authorization_config(credentials: list[Credential], source: str = "") -> str:
@@ -2931,19 +3261,31 @@ def nats_config_command(args: argparse.Namespace) -> int:
             fleet = yaml.safe_load(f)
         base_dir = os.path.dirname(os.path.abspath(args.fleet))
         credentials = fleet_credentials(fleet, base_dir)
-        if not args.site:
-            print(authorization_config([c for c in credentials if not c.site], args.fleet), end="")
+        if args.site:
+            site = next((s for s in fleet.get("sites") or [] if s["name"] == args.site), None)
+            if site is None or "seed" not in site:
+                raise FleetError(f"--site {args.site}: " + (
+                    "the site has `nkey:`; its leaf node authenticates with the secret seed, so give `seed:` instead"
+                    if site else f"no such site; sites: {', '.join(s['name'] for s in fleet.get('sites') or []) or 'none'}"))
+            seed = read_seed(os.path.join(base_dir, site["seed"]))[0]
+            # The hub's permissions for this user bound what crosses the link; the leaf's own users bound its hosts.
+            print(authorization_config([c for c in credentials if c.site == args.site],
+                                       f"--site {args.site} {args.fleet}")
+                  + f"# holds the site's secret seed: install it mode 0600\nleafnodes {{\n  remotes = [\n"
+                  f"    {{ url: {json.dumps(site['hub'])}, nkey: {json.dumps(seed)} }}\n  ]\n}}\n", end="")
             return 0
-        site = next((s for s in fleet.get("sites") or [] if s["name"] == args.site), None)
-        if site is None or "seed" not in site:
-            raise FleetError(f"--site {args.site}: " + (
-                "the site has `nkey:`; its leaf node authenticates with the secret seed, so give `seed:` instead"
-                if site else f"no such site; sites: {', '.join(s['name'] for s in fleet.get('sites') or []) or 'none'}"))
-        seed = read_seed(os.path.join(base_dir, site["seed"]))[0]
-        # The hub's permissions for this user bound what crosses the link; the leaf's own users bound its hosts.
-        print(authorization_config([c for c in credentials if c.site == args.site], f"--site {args.site} {args.fleet}")
-              + f"# holds the site's secret seed: install it mode 0600\nleafnodes {{\n  remotes = [\n"
-              f"    {{ url: {json.dumps(site['hub'])}, nkey: {json.dumps(seed)} }}\n  ]\n}}\n", end="")
+        trusted = trusted_keys(credentials)
+        print(authorization_config([c for c in credentials if not c.site], args.fleet), end="")
+        print("# Trusted keys implied by these permissions (listener --trusted-key / module option trustedKeys; builder "
+              "config trusted_keys):\n" + "".join(f"#   {daemon}: {' '.join(keys) or '(none)'}\n"
+                                                  for daemon, keys in trusted.items()), end="")
+        if args.trusted_keys_dir:
+            os.makedirs(args.trusted_keys_dir, exist_ok=True)
+            for daemon, keys in trusted.items():
+                with open(os.path.join(args.trusted_keys_dir, f"{daemon}.keys"), "w") as f:
+                    f.write(f"# Trusted keys of {daemon}, generated by `homelab-deploy nats-config {args.fleet}`\n"
+                            + "".join(f"{k}\n" for k in keys))
+            print(f"wrote {len(trusted)} trusted-key files to {args.trusted_keys_dir}", file=sys.stderr)
     except NatsError as e:
         print(f"error: {args.fleet}: {e}", file=sys.stderr)
         return 2
@@ -3222,6 +3564,15 @@ def positive_seconds(text: str) -> float:
                                      "e.g. 30")
 
 
+def since_seconds(text: str) -> float:
+    """type= of events --since: seconds, or a number with s, m, h or d (90d)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if match and float(match[1]) > 0:
+        return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give seconds, or a number with s, m, h or d, "
+                                     "e.g. 2h or 90d")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter with the width read through os: argparse's own way imports shutil, and with it
     bz2 and lzma, about 5 ms of the CLI's start-up (measured)."""
@@ -3296,6 +3647,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback-timeout", type=float, default=0.0, metavar="S",
                    help="after a switch or test, roll it back unless the new system confirms over NATS within S "
                         "seconds (see README, 'Automatic rollback'); 0 turns it off (default: 0; NixOS module: 120)")
+    p.add_argument("--trusted-key", action="append", metavar="PUBKEY[=NAME]",
+                   help="act only on requests signed by this NKey user public key, repeatable; NAME is logged and "
+                        "reported (default: act on any request NATS delivers, with a warning)")
+    p.add_argument("--trusted-keys-file", metavar="FILE",
+                   help="more trusted keys, one PUBKEY[=NAME] per line, # comments")
     p.add_argument("--system-profile", default="/nix/var/nix/profiles/system",
                    help="system profile whose generation is reported after switch/boot "
                         "(default: /nix/var/nix/profiles/system)")
@@ -3360,6 +3716,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(func=status_command)
 
+    p = sub.add_parser("events", help="follow the audit events of the listeners and the builder")
+    nats_flags(p, env=True)
+    p.add_argument("--tier", choices=TIERS, help="only the deploy events of this tier (no build events)")
+    p.add_argument("--since", type=since_seconds, metavar="DURATION",
+                   help=f"first replay the events stored since DURATION ago (e.g. 2h, 90d) from the JetStream stream "
+                        f"{EVENTS_STREAM} (see README, 'Signed requests and audit')")
+    p.add_argument("--json", action="store_true", help="print each event as one JSON line")
+    p.set_defaults(func=events_command)
+
     p = sub.add_parser("keygen", help="make an NKey user seed, or print the public key of one")
     p.add_argument("--out", metavar="FILE", help="write a new seed here (mode 0600, never overwritten); prints its public key")
     p.add_argument("--pubout", action="store_true", help="print the public key of the seed given with --in")
@@ -3368,6 +3733,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("nats-config", help="print a least-privilege nats-server authorization block for a fleet file")
     p.add_argument("fleet", metavar="FLEET.yaml", help="fleet file (see README, 'Keys and NATS permissions')")
+    p.add_argument("--trusted-keys-dir", metavar="DIR",
+                   help="also write each host's (and builder's) trusted keys to DIR/<name>.keys, for the listener's "
+                        "--trusted-keys-file (module option trustedKeysFile)")
     p.add_argument("--site", metavar="NAME", help="print the config of site NAME's leaf-node nats-server instead of "
                    "the hub's (see README, 'Topology')")
     p.set_defaults(func=nats_config_command)

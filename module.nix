@@ -139,6 +139,8 @@ let
     # Exit after reporting a successful switch; Restart=always starts the new unit (see restartIfChanged).
     ++ [ "--restart-after-switch" ]
     ++ lib.optionals lcfg.allowAnyRef [ "--allow-any-ref" ]
+    ++ lib.concatMap (key: [ "--trusted-key" key ]) lcfg.trustedKeys
+    ++ lib.optionals (lcfg.trustedKeysFile != null) [ "--trusted-keys-file" (toString lcfg.trustedKeysFile) ]
     ++ lib.optionals lcfg.metrics.enable [ "--metrics-enabled" "--metrics-addr" lcfg.metrics.address ]
     ++ lcfg.extraArgs
   );
@@ -146,9 +148,9 @@ let
   # The repos of `settings` as the builder's configuration file.  JSON is
   # valid YAML, so builtins.toJSON writes it.  Only the known fields are
   # taken: submodule values can carry internal attributes (`_module`).
-  generatedBuilderConfig = pkgs.writeText "homelab-deploy-builder.yaml" (builtins.toJSON {
+  generatedBuilderConfig = pkgs.writeText "homelab-deploy-builder.yaml" (builtins.toJSON ({
     repos = lib.mapAttrs (_: repo: { inherit (repo) url default_branch; }) bcfg.settings.repos;
-  });
+  } // (if bcfg.settings.trusted_keys != [ ] then { inherit (bcfg.settings) trusted_keys; } else { })));
 
   builderConfigFile =
     if bcfg.configFile != null then "${bcfg.configFile}" else generatedBuilderConfig;
@@ -277,6 +279,31 @@ in
 
     allowAnyRef = allowAnyRefOption "listener" "deploy";
 
+    trustedKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5=alice" ];
+      description = ''
+        NKey user public keys, as `PUBKEY` or `PUBKEY=NAME`, whose signed
+        requests this host acts on; any other request is rejected with error
+        `unauthorized`.  Empty (and no `trustedKeysFile`): every request NATS
+        delivers is acted on, with a warning at start.  `homelab-deploy
+        nats-config` prints each host's keys.  See the README, "Signed
+        requests and audit".
+      '';
+    };
+
+    trustedKeysFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/etc/homelab-deploy/trusted.keys";
+      description = ''
+        A file of more trusted keys, one `PUBKEY[=NAME]` per line (`#`
+        comments), as `homelab-deploy nats-config --trusted-keys-dir` writes
+        them.
+      '';
+    };
+
     environment = environmentOption "listener";
 
     metrics = metricsOptions "listener" ":9972";
@@ -323,6 +350,14 @@ in
           description = ''
             Repositories the builder accepts build requests for, by name (the
             `<repo>` of `build.<repo>.<target>`; one NATS subject token).
+          '';
+        };
+        options.trusted_keys = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = ''
+            NKey user public keys (`PUBKEY[=NAME]`) whose signed build
+            requests the builder acts on; empty: any request NATS delivers.
           '';
         };
       };

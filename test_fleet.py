@@ -156,6 +156,22 @@ class TestFleetConfig:
         assert run_cli("keygen", "--out", str(seed)).returncode == 0  # the advice, followed, works
         assert run_cli("nats-config", str(tmp_path / "fleet.yaml")).returncode == 0
 
+    def test_trusted_keys_follow_the_permissions(self, tmp_path):
+        doc, seeds = fleet_doc(tmp_path)
+        (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+        r = run_cli("nats-config", str(tmp_path / "fleet.yaml"), "--trusted-keys-dir", str(tmp_path / "keys"))
+        assert r.returncode == 0, r.stderr
+        keys = {n: hd.public_key_of(str(seed)) for n, seed in seeds.items()}
+        expected = {"t1": ["tdep", "admin", "mcp", "mcpadmin"], "t2": ["tdep", "admin", "mcp", "mcpadmin"],
+                    "p1": ["admin", "mcpadmin"], "builder-builder": ["bclient", "mcp"]}
+        for daemon, names in expected.items():
+            want = [f"{keys[n]}={n if n != 'mcpadmin' else 'mcp-admin'}" for n in names]
+            assert f"#   {daemon}: {' '.join(want)}" in r.stdout
+            signers = hd.TrustedSigners.load([], [str(tmp_path / "keys" / f"{daemon}.keys")])
+            assert signers.keys == dict(w.split("=") for w in want)
+        assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == [
+            "builder-builder.keys", "p1.keys", "t1.keys", "t2.keys"]
+
     def test_help_points_to_readme_sections_that_exist(self):
         """`nats-config --help` pointed to a README section "Fleet file" that does not exist."""
         headings = set(re.findall(r"^#+ (.+)$", (REPO / "README.md").read_text(), re.M))
@@ -209,21 +225,26 @@ SUBJECTS = {
     "build own repo": "build.r1.all", "build other repo": "build.r2.all",
     "r1 answers bclient": "build.responses.{bclient}.r.r1", "r2 answers bclient": "build.responses.{bclient}.r.r2",
     "r1 answers mcp": "build.responses.{mcp}.r.r1",
+    "t1 events": "deploy.events.test.t1", "p1 events": "deploy.events.prod.p1", "r1 events": "build.events.r1",
+    "r2 events": "build.events.r2",
 }
 # Allowed (publish, subscribe) subject classes per credential: the spec's Key Permission Patterns, with replies
 # readable only by their requester and answers publishable only by the host (or builder) they name.
 TEST_DEPLOY_PUB = {"own host", "other host", "own role", "other role", "tier all", "discovery", "status"}
 DEPLOY_ALL = {c for c, s in SUBJECTS.items() if s.startswith("deploy.")}
 MATRIX = {
-    "t1": ({"t1 answers tdep", "t1 answers admin", "discovery"}, {"own host", "tier all", "discovery", "status"}),
+    "t1": ({"t1 answers tdep", "t1 answers admin", "discovery", "t1 events"},
+           {"own host", "tier all", "discovery", "status"}),
     "t2": ({"t2 answers mcp", "discovery"}, {"other host", "own role", "tier all", "discovery", "status"}),
-    "p1": ({"p1 answers admin", "discovery"}, {"other tier host", "prod role", "prod all", "discovery", "status"}),
-    "tdep": (TEST_DEPLOY_PUB, {"t1 answers tdep", "discovery"}),
-    "admin": (DEPLOY_ALL, DEPLOY_ALL),
-    "builder": ({"r1 answers bclient", "r1 answers mcp"}, {"build own repo"}),
-    "bclient": ({"build own repo"}, {"r1 answers bclient", "r2 answers bclient"}),
-    "mcp": (TEST_DEPLOY_PUB | {"build own repo"}, {"t2 answers mcp", "discovery", "r1 answers mcp"}),
-    "mcpadmin": (DEPLOY_ALL, DEPLOY_ALL),
+    "p1": ({"p1 answers admin", "discovery", "p1 events"},
+           {"other tier host", "prod role", "prod all", "discovery", "status"}),
+    "tdep": (TEST_DEPLOY_PUB, {"t1 answers tdep", "discovery", "t1 events"}),
+    "admin": (DEPLOY_ALL, DEPLOY_ALL | {"r1 events", "r2 events"}),
+    "builder": ({"r1 answers bclient", "r1 answers mcp", "r1 events"}, {"build own repo"}),
+    "bclient": ({"build own repo"}, {"r1 answers bclient", "r2 answers bclient", "r1 events"}),
+    "mcp": (TEST_DEPLOY_PUB | {"build own repo"}, {"t2 answers mcp", "discovery", "r1 answers mcp", "t1 events",
+                                                   "r1 events"}),
+    "mcpadmin": (DEPLOY_ALL, DEPLOY_ALL | {"r1 events", "r2 events"}),
 }
 
 
@@ -532,12 +553,14 @@ class TestFirstRealSetup:
             wait_for(lambda: log_says(setup / "nats.log", "Server is ready"), what="nats-server")
             shell.run(blocks[3])  # listener
             wait_for(lambda: log_says(setup / "web1.log", " ready ("), what="the listener")
+            assert log_says(setup / "web1.log", "acting only on requests signed by assistant, ops")
             out = shell.run(blocks[4])  # list-hosts, deploy
             assert re.search(r"^web1\s+test\s+web\s+idle\s+deploy\.test\.web1", out, re.M), out
-            assert "deploy.test.web1: 1/1 hosts completed" in out, out
+            assert "deploy.test.web1: 1/1 hosts completed" in out and "(signed by ops)" in out, out
             assert standin.calls == [["switch", "--refresh", "--flake", f"git+{CONFIGS_URL}?ref=main#web1"]]
             shell.run(blocks[5])  # builder
             wait_for(lambda: log_says(setup / "builder.log", "builder ready"), what="the builder")
+            assert not log_says(setup / "builder.log", "no trusted_keys")  # it trusts ci and assistant
             out = shell.run(blocks[6])  # build
             assert "nixos-configs: built 1/1 hosts successfully" in out and "[1/1] web1 ok" in out, out
             out = shell.run(blocks[7])  # metrics

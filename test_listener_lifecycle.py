@@ -295,7 +295,7 @@ class TestFinalStatusWhateverFails:
         listener, standin = listener_in_process()
         bus = bus_factory(nats_server, "test-deployer")
 
-        def broken(self, request, rid):
+        def broken(self, request, rid, signer):
             raise RuntimeError("injected fault")
 
         monkeypatch.setattr(hd.Listener, "deploy", broken)

@@ -288,6 +288,18 @@ async def test_deploy_to_a_test_host_completes_with_progress(mcp_server, start_l
     assert [v for v, _ in progress] == [1, 2, 3]
 
 
+async def test_deploys_are_signed_with_the_servers_key(mcp_server, nats_server, start_listener):
+    host = start_listener("testhost1", "test", None, "--trusted-key", f"{nats_server.public['test-deployer']}=mcp")
+    other = start_listener("testhost2", "test", "web", "--trusted-key", f"{nats_server.public['admin']}=admin")
+    async with mcp_server() as client:
+        result = await client.call_tool("deploy", {"all": True})
+    assert result.is_error  # testhost2 trusts only the admin key
+    hosts = {h["hostname"]: h for h in result.structured_content["hosts"]}
+    assert hosts["testhost1"]["status"] == "completed" and "(signed by mcp)" in host.log_text()
+    assert (hosts["testhost2"]["status"], hosts["testhost2"]["error"]) == ("rejected", "unauthorized")
+    assert len(host.standin.calls) == 1 and other.standin.calls == []
+
+
 async def test_deploy_all_and_role_stay_in_the_test_tier(mcp_server, start_listener):
     hosts = {name: start_listener(name, tier, role) for name, tier, role in
              [("testhost1", "test", None), ("testhost2", "test", "web"), ("dns1", "prod", "dns")]}

@@ -414,6 +414,33 @@ def test_listener_rollback_timeout(nix):
     assert "services.homelab-deploy.listener.rollbackTimeout" in err and "is not of type" in err
 
 
+def test_trusted_keys(nix):
+    key = "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5"
+    argv = listener_argv(nix, host(listener=listener_config(
+        trustedKeys=[f"{key}=alice", key], trustedKeysFile="/etc/homelab-deploy/trusted.keys")))
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--trusted-key"] == [f"{key}=alice", key]
+    assert argv[argv.index("--trusted-keys-file") + 1] == "/etc/homelab-deploy/trusted.keys"
+    argv = listener_argv(nix, host(listener=listener_config()))
+    assert "--trusted-key" not in argv and "--trusted-keys-file" not in argv
+
+
+def test_builder_trusted_keys_reach_its_generated_config(nix):
+    key = "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5=ci"
+    repos = {"fleet": {"url": "git+https://git.example.com/fleet.git"}}
+    expected = json.dumps({"repos": {"fleet": {"url": "git+https://git.example.com/fleet.git",
+                                               "default_branch": "master"}}, "trusted_keys": [key]},
+                          sort_keys=True, separators=(",", ":"))
+    result = nix.host(
+        host(builder=builder_config(settings={"repos": repos, "trusted_keys": [key]})),
+        f"""{{
+          exec = svc.{BUILDER}.serviceConfig.ExecStart;
+          expected = builtins.toFile "homelab-deploy-builder.yaml" {to_nix(expected)};
+        }}""",
+    )
+    argv = systemd_split(result["exec"])
+    assert argv[argv.index("--config") + 1] == result["expected"], f"generated config differs from {expected}"
+
+
 def test_allow_any_ref(nix):
     cfg = host(listener=listener_config(allowAnyRef=True),
                builder=builder_config(configFile="/etc/hd.yaml", allowAnyRef=True))
