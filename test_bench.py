@@ -39,8 +39,9 @@ def sandbox_processes(workdir: str) -> list[int]:
 def test_smoke_run_produces_every_row(tmp_path):
     out = tmp_path / "bench.json"
     # This environment already has homelab-deploy and nats-server: bench/run skips building its venv.
-    proc = subprocess.Popen(["bash", str(BENCH), "--fleets", "2,3", "--runs", "2", "--requests", "5",
-                             "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # --real-hosts 2: the third host of the 3-host fleet is simulated by bench/fleet.py
+    proc = subprocess.Popen(["bash", str(BENCH), "--fleets", "2", "--hosts", "3", "--real-hosts", "2", "--runs", "2",
+                             "--requests", "5", "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HOMELAB_DEPLOY_BENCH_PYTHON": sys.executable})
     try:
         stdout, stderr = proc.communicate(timeout=300)
@@ -64,7 +65,7 @@ def test_smoke_run_produces_every_row(tmp_path):
         expected += [f"deploy deploy.test.all, {n} hosts: command",
                      f"deploy deploy.test.all, {n} hosts: publish to last final",
                      f"deploy deploy.test.all, {n} hosts: exit after last final", f"list-hosts, {n} hosts",
-                     f"status, {n} hosts",
+                     f"status, {n} hosts", f"CLI peak RSS, deploy of {n} hosts", f"CLI peak RSS, status of {n} hosts",
                      f"rollout, {n} hosts in batches of 10: command",
                      f"rollout, {n} hosts in batches of 10: first publish to last final",
                      f"rollout, {n} hosts in batches of 10: exit after last final"]

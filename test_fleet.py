@@ -127,6 +127,12 @@ class TestFleetConfig:
         (lambda d: d["deployers"][1].update(nkey=d["deployers"][0]["nkey"]), "is also used by deployers[0] (tdep)"),
         (lambda d: d.update(extra=1), "unknown top-level key(s) extra"),
         (lambda d: d.update(hosts={"t1": {}}), "hosts must be a list"),
+        (lambda d: d["hosts"][0].update(site="home"), "hosts[0] (t1): site 'home' is not in sites; add it there"),
+        (lambda d: d.update(sites=[{"name": "home", "hub": "nats-leaf://hub:7422", "seed": "s.seed"}]),
+         "sites[0] (home): no host is at site 'home'; add `site: home` to its hosts"),
+        (lambda d: (d["hosts"][0].update(site="home"), d.update(sites=[{"name": "home", "hub": "http://hub:7422",
+                                                                        "seed": "s.seed"}])),
+         "sites[0] (home): hub 'http://hub:7422' must be the hub's leaf-node URL"),
     ])
     def test_invalid_fleet_names_the_entry(self, tmp_path, mutate, message):
         doc, _ = fleet_doc(tmp_path)
@@ -172,8 +178,31 @@ class TestFleetConfig:
         commands = next(a.choices for a in hd.build_parser()._actions if isinstance(a.choices, dict))
         cited = {name: re.findall(r"README, '([^']+)'", " ".join(sub.format_help().split()))
                  for name, sub in commands.items()}
-        assert cited["nats-config"] == ["Keys and NATS permissions"]
+        assert cited["nats-config"] == ["Keys and NATS permissions", "Topology"]
         assert all(section in headings for sections in cited.values() for section in sections), cited
+
+    def test_site_config_needs_a_known_site_with_its_seed(self, tmp_path):
+        doc, _ = fleet_doc(tmp_path)
+        doc["hosts"][0]["site"] = "home"
+        doc["sites"] = [{"name": "home", "hub": "nats-leaf://hub:7422", "nkey": make_user_key(tmp_path, "home")[1]}]
+        (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+        r = run_cli("nats-config", "--site", "away", str(tmp_path / "fleet.yaml"))
+        assert r.returncode == 2 and "--site away: no such site; sites: home" in r.stderr, r.stderr
+        r = run_cli("nats-config", "--site", "home", str(tmp_path / "fleet.yaml"))
+        assert r.returncode == 2 and "the site has `nkey:`" in r.stderr and "give `seed:` instead" in r.stderr
+        r = run_cli("nats-config", str(tmp_path / "fleet.yaml"))  # the hub's: the site's user, not its host
+        assert r.returncode == 0 and "# leaf node of site home (hosts t1)" in r.stdout
+        assert "# listener t1" not in r.stdout and "# listener t2" in r.stdout
+
+    def test_readme_topology_configs_pass_nats_server_check(self, tmp_path):
+        body = (REPO / "README.md").read_text().split("\n## Topology\n", 1)[1].split("\n## ", 1)[0]
+        configs = re.findall(r"^```conf\n(.*?)^```$", body, re.S | re.M)
+        assert len(configs) == 2 and "leafnodes {" in configs[1] and "# leaf node of site home" in configs[0]
+        for config in configs:
+            (tmp_path / "nats.conf").write_text("listen: 127.0.0.1:-1\n" + config)
+            check = subprocess.run(["nats-server", "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True,
+                                   text=True)
+            assert check.returncode == 0, check.stderr + check.stdout
 
     def test_not_yaml_or_missing(self, tmp_path):
         (tmp_path / "f.yaml").write_text("hosts: [\n")

@@ -615,6 +615,27 @@ class TestDeployCLI:
         lines = [line for line in r.stderr.splitlines() if line.startswith("testhost1:")]
         assert [line.split()[1] for line in lines] == ["accepted", "started", "completed"]
 
+    def test_a_fan_out_checks_a_constant_number_of_statuses_per_answer(self, nats_server, bus_factory, monkeypatch):
+        """1,000 hosts' answers (the admin credential answers for all of them; 1,000 listener processes are the
+        benchmark's): the client checked every host's status on every answer, about 500,000 checks here."""
+        fleet = [f"host{i:04d}" for i in range(1000)]
+        answerer = bus_factory(nats_server, "admin")
+
+        def answer(subject: str, data: bytes, received: float) -> None:
+            reply_to = json.loads(data)["reply_to"]
+            for status in (hd.Status.ACCEPTED, hd.Status.STARTED, hd.Status.COMPLETED):
+                for host in fleet:
+                    answerer.publish(hd.answer_subject(reply_to, host),
+                                     json.dumps(hd.DeployResponse(host, status).to_dict()).encode())
+
+        answerer.subscribe("deploy.test.all", answer)
+        checks, final = [], hd.Status.final
+        monkeypatch.setattr(hd.Status, "final", property(lambda status: checks.append(1) or final.fget(status)))
+        hosts, finished = hd.deploy_hosts(bus_factory(nats_server, "test-deployer"), "deploy.test.all",
+                                          hd.Action.SWITCH, "main", 60, stragglers=0.2)
+        assert finished and sorted(hosts) == fleet and {r.status for r in hosts.values()} == {hd.Status.COMPLETED}
+        assert len(checks) <= 5 * 3 * len(fleet), len(checks)
+
     def test_env_vars_and_alias(self, nats_server, start_listener):
         host = start_listener("testhost2", "test", "web")
         env = {"HOMELAB_DEPLOY_NATS_URL": nats_server.url, "HOMELAB_DEPLOY_NKEY_FILE": str(nats_server.seeds["admin"]),
@@ -920,6 +941,30 @@ class TestStatus:
 
     def status(self, server, *flags: str) -> subprocess.CompletedProcess:
         return run_cli("status", *deploy_args(server, "test-deployer", "--answer-window", "3", *flags))
+
+    def test_json_of_a_large_fleet_is_written_as_it_is_encoded(self, tmp_path, monkeypatch):
+        """status --json of 500 hosts with full histories (survey() monkeypatched to their answers: 500 listeners
+        are the benchmark's): memory peaks near the records, not at 8x the text as with one json.dumps."""
+        import tracemalloc
+
+        record = hd.DeployRecord("0" * 16, hd.Action.SWITCH, "main", "a" * 40, hd.Status.COMPLETED, None,
+                                 "2026-11-29T06:00:00Z", "2026-11-29T06:00:09Z", 40, 41, 9.0)
+        hosts = [hd.HostStatus(f"host{i:03d}", "test", None, [f"deploy.test.host{i:03d}"], False, 41, None,
+                               [record] * hd.HISTORY_LENGTH) for i in range(500)]
+        monkeypatch.setattr(hd, "survey", lambda args, subject, parse: hosts)
+        out = tmp_path / "status.json"
+        with open(out, "w") as stdout:
+            monkeypatch.setattr(sys, "stdout", stdout)
+            args = hd.build_parser().parse_args(["status", "--json", "--nats-url", "nats://127.0.0.1:1",
+                                                 "--nkey-file", "unused"])
+            tracemalloc.start()
+            try:
+                assert hd.status_command(args) == 0
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        assert len(json.loads(out.read_text())) == 500
+        assert peak < 4 * out.stat().st_size, (peak, out.stat().st_size)
 
     def test_history_records_each_deploy_with_commit_and_generations(self, nats_server, start_listener):
         host = start_listener("testhost1", "test")

@@ -17,6 +17,8 @@
 - Load: 50 requests/s for 30 s at a busy listener; every one is answered and RSS and threads return to baseline.
 - Overload: a flood of discovery requests neither delays a deploy nor grows the listener; a deploy request held
   past the time its sender waits is answered `rejected` and never run.
+- Sites: a hub and two leaf-node sites configured by `nats-config`; discovery and fan-out reach both, the hub's
+  permissions for each site hold across the link, and a final status crosses once a stopped leaf node is back.
 - Metrics port flood: hundreds of idle and half-sent connections to a daemon's metrics port take a bounded number
   of its threads and descriptors, are cut off, and deploys and builds go on meanwhile.
 
@@ -1743,3 +1745,142 @@ def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener,
           f"{len(sent)} answers (all rejected already_running); latency p50 {statistics.median(latency) * 1000:.1f} ms,"
           f" p99 {latency[int(len(latency) * 0.99)] * 1000:.1f} ms, max {latency[-1] * 1000:.1f} ms; RSS {rss}; "
           f"threads {threads}")
+
+
+# ---------------------------------------------------------------- sites: a hub and two leaf nodes
+
+class SiteServer(NatsServer):
+    """A nats-server run from a config `nats-config` generated: the hub, or a site's leaf node."""
+
+    def __init__(self, workdir: Path, config: str, seeds: dict[str, Path]):
+        workdir.mkdir()
+        self.workdir, self.seeds, self.port, self.proc = workdir, seeds, 0, None
+        self.config = workdir / "nats.conf"
+        self.config.write_text(config)
+        checked = subprocess.run(["nats-server", "-t", "-c", str(self.config)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr + checked.stdout
+
+
+class Sites:
+    """A hub with the deployers and two leaf-node sites, `home` (testhost1, dns1 in prod) and `vps` (testhost2),
+    each configured by `nats-config` from one fleet file; one listener per host on its site's leaf node. The vps
+    leaf node also has an all-access local user, `rogue`: a site server taken over, which the hub's permissions
+    for the site's leaf user must still contain."""
+
+    HOSTS = {"testhost1": ("test", None, "home"), "dns1": ("prod", "dns", "home"), "testhost2": ("test", "web", "vps")}
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        keys = workdir / "keys"
+        self.seeds = {name: keys / f"{name}.seed" for name in [*self.HOSTS, "home", "vps", "test-deployer", "admin",
+                                                                 "rogue"]}
+        keys.mkdir()
+        for path in self.seeds.values():
+            hd.new_user_seed(str(path))
+        self.fleet = {"hosts": [{"hostname": h, "tier": tier, "seed": f"keys/{h}.seed", "site": site,
+                                 **({"role": role} if role else {})} for h, (tier, role, site) in self.HOSTS.items()],
+                      "deployers": [{"name": "test-deployer", "access": "test", "seed": "keys/test-deployer.seed"},
+                                    {"name": "admin", "access": "admin", "seed": "keys/admin.seed"}]}
+        # The hub's own config has no remote: any leaf-node URL does.
+        self.hub = SiteServer(workdir / "hub", "listen: 127.0.0.1:-1\nleafnodes { listen: 127.0.0.1:-1 }\n"
+                              + self.nats_config("nats-leaf://127.0.0.1:1"), self.seeds)
+        self.leaves: dict[str, SiteServer] = {}
+        self.listeners: dict[str, Listener] = {}
+
+    def nats_config(self, hub_url: str, *flags: str) -> str:
+        self.fleet["sites"] = [{"name": s, "hub": hub_url, "seed": f"keys/{s}.seed"} for s in ("home", "vps")]
+        (self.workdir / "fleet.json").write_text(json.dumps(self.fleet))  # YAML reads JSON
+        r = run_cli("nats-config", *flags, str(self.workdir / "fleet.json"))
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def start(self) -> None:
+        self.hub.start()
+        leaf_port = re.search(r"leafnode connections on 127\.0\.0\.1:(\d+)", (self.hub.workdir / "nats.log").read_text())
+        for site in ("home", "vps"):
+            config = self.nats_config(f"nats-leaf://127.0.0.1:{leaf_port[1]}", "--site", site)
+            if site == "vps":
+                rogue = hd.public_key_of(str(self.seeds["rogue"]))
+                config = config.replace("users = [\n", f'users = [\n {{ nkey: "{rogue}", permissions: '
+                                        '{ publish: [">"], subscribe: [">"] } }\n', 1)
+            self.leaves[site] = SiteServer(self.workdir / site, "listen: 127.0.0.1:-1\n" + config, self.seeds)
+            self.leaves[site].start()
+        wait_for(lambda: (self.hub.workdir / "nats.log").read_text().count("Leafnode connection created") >= 2,
+                 what="both leaf nodes to join the hub")
+        for host, (tier, role, site) in self.HOSTS.items():
+            self.listeners[host] = Listener(self.leaves[site], host, tier, role, self.workdir).start()
+
+    def stop(self) -> None:
+        for server in [*self.listeners.values(), *self.leaves.values(), self.hub]:
+            server.stop()
+
+
+@pytest.fixture
+def sites(tmp_path):
+    s = Sites(tmp_path)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.mark.integration
+class TestLeafSites:
+    """Listeners at two leaf-node sites, the deployers on the hub, every config from `nats-config`."""
+
+    def test_discovery_and_fan_out_reach_every_site(self, sites):
+        hub = sites.hub
+        r = run_cli("list-hosts", "--nats-url", hub.url, "--nkey-file", str(sites.seeds["admin"]), "--json")
+        assert r.returncode == 0, r.stderr
+        assert sorted(h["hostname"] for h in json.loads(r.stdout)) == ["dns1", "testhost1", "testhost2"]
+        r = run_cli("deploy", "deploy.test.all", "--nats-url", hub.url, "--nkey-file",
+                    str(sites.seeds["test-deployer"]), "--json")
+        assert r.returncode == 0, r.stderr
+        assert {h["hostname"]: h["status"] for h in json.loads(r.stdout)["hosts"]} == {
+            "testhost1": "completed", "testhost2": "completed"}
+        assert [len(sites.listeners[h].standin.calls) for h in ("testhost1", "testhost2", "dns1")] == [1, 1, 0]
+
+    def test_permissions_hold_across_the_link(self, sites, bus_factory):
+        r = run_cli("deploy", "deploy.prod.dns1", "--nats-url", sites.hub.url, "--nkey-file",
+                    str(sites.seeds["test-deployer"]))
+        assert r.returncode != 0 and "permission" in r.stderr.lower(), r.stderr
+        # The taken-over vps leaf node gets only its hosts' requests and may answer only as its hosts: the hub's
+        # permissions for its leaf user. Each check ends with a message that may cross, sent after the ones
+        # that may not by the same sender, so the absence of the others is certain once it arrived.
+        admin, rogue = bus_factory(sites.hub, "admin"), bus_factory(sites.leaves["vps"], "rogue")
+        forged = hd.answer_subject(f"deploy.responses.{admin.public_key}.forged", "")
+        seen_at_vps, seen_at_hub = rogue.inbox("deploy.>"), admin.inbox(forged + "*")  # as a client subscribes
+        wait_for(lambda: answers_discovery(admin, {"testhost2"}), what="the admin's interest to reach vps")
+        for subject in ("deploy.prod.dns1", "deploy.test.testhost1", "deploy.prod.all", "deploy.test.testhost2"):
+            admin.publish(subject, b"{}", confirm=True)
+        for host in ("testhost1", "dns1", "testhost2"):
+            rogue.publish(forged + host, b"{}", confirm=True)
+
+        def drained(inbox: queue.Queue, kept: list[str], last: str) -> bool:
+            while not inbox.empty():
+                kept.append(inbox.get()[0])
+            return last in kept
+
+        requests, answers = [], []  # the rogue saw discovery and its answers too
+        wait_for(lambda: drained(seen_at_vps, requests, "deploy.test.testhost2"), what="the allowed request at vps")
+        wait_for(lambda: drained(seen_at_hub, answers, forged + "testhost2"), what="the allowed answer at the hub")
+        assert [s for s in requests if s.startswith(("deploy.test.", "deploy.prod."))] == ["deploy.test.testhost2"]
+        assert answers == [forged + "testhost2"]
+        assert [len(sites.listeners[h].standin.calls) for h in ("testhost1", "testhost2", "dns1")] == [0, 0, 0]
+
+    def test_final_status_crosses_after_the_leaf_link_returns(self, sites, cli_run):
+        host, leaf = sites.listeners["testhost2"], sites.leaves["vps"]
+        host.standin.set_mode("block")
+        cli = cli_run("deploy", "deploy.test.testhost2", "--nats-url", sites.hub.url, "--nkey-file",
+                      str(sites.seeds["test-deployer"]), "--timeout", "120", "--json")
+        wait_for(lambda: host.standin.pids and "testhost2: started" in cli.stderr(), what="the deploy to run")
+        leaf.stop()  # the site's link and its hosts' connections go down with it
+        wait_for(lambda: "disconnected from NATS" in host.log_text(), what="the listener to notice")
+        host.standin.release()
+        wait_for(lambda: re.search(r"request=\S+ completed in", host.log_text()), what="the deploy to end")
+        leaf.start_again()
+        assert cli.proc.wait(60) == 0, cli.stderr()
+        assert [(h["hostname"], h["status"]) for h in json.loads(cli.stdout())["hosts"]] == [
+            ("testhost2", "completed")]
+        assert len(host.standin.calls) == 1  # ran once; the final status crossed on reconnect or by a re-send

@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+"""Benchmark-only fleet: many simulated hosts in one process, each the project's own `Listener` on a NATS
+connection (`Bus`) and a state directory of its own, as `homelab-deploy listener` runs one.
+
+  fleet.py URL WORK HOST...   seeds WORK/<host>.seed, state WORK/state/<host>; logs "fleet ready" once all serve
+
+What it leaves out of a real listener process: the state-directory lock, metrics, and one interpreter per host.
+"""
+
+import logging
+import os
+import sys
+
+import homelab_deploy as hd
+
+if __name__ == "__main__":
+    url, work, *hosts = sys.argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("nats").setLevel(logging.CRITICAL)  # as the listener command does
+    stop = hd.stop_on_signals()
+    buses = []
+    for host in hosts:
+        args = hd.build_parser().parse_args([
+            "listener", "--hostname", host, "--tier", "test", "--flake-url", "git+https://git.example.com/fleet.git",
+            "--nats-url", url, "--nkey-file", os.path.join(work, f"{host}.seed"),
+            "--state-dir", os.path.join(work, "state", host)])
+        buses.append(hd.Bus(url, args.nkey_file, f"homelab-deploy-listener/{host}", daemon=True, stop=stop))
+        listener = hd.Listener(args, hd.expand_subjects(list(hd.DEFAULT_SUBJECTS), host, "test", None), buses[-1],
+                               None, stop)
+        listener.load_history()
+        listener.start()
+    hd.log.info("fleet ready: %d hosts", len(hosts))
+    hd.wait_for_stop(stop)
+    for bus in buses:
+        bus.close()
