@@ -998,16 +998,15 @@ class Bus:
         config = ConsumerConfig(name=deliver.rsplit(".", 1)[1], deliver_subject=deliver, ack_policy=AckPolicy.NONE,
                                 deliver_policy=DeliverPolicy.BY_START_TIME, inactive_threshold=60.0,
                                 opt_start_time=time.strftime(ISO_TIME_FORMAT, time.gmtime(since)))
-        since_errors = self.permission_errors_seen
+        errors_before = self.permission_errors_seen
         try:
             self._call(self.nc.jetstream(timeout=5).subscribe(subject, stream=stream, cb=on_message, manual_ack=True,
                                                               config=config), 15)
         except nats.js.errors.NotFoundError:
             raise NatsError(f"this NATS server has no JetStream stream {stream} (or no JetStream): create it as the "
                             "README shows ('Signed requests and audit'), or follow live events without --since") from None
-        except (nats.errors.TimeoutError, NatsError):
-            api = f"$JS.API.CONSUMER.CREATE.{stream}"
-            refused = next((e for n, e in list(self.permission_errors) if n > since_errors and api.lower() in e), None)
+        except (nats.errors.TimeoutError, NatsError):  # nats-py names the consumer and filter in the API subject
+            refused = self.denied(f"$JS.API.CONSUMER.CREATE.{stream}.{config.name}.{subject}", since=errors_before)
             raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not read {subject} from the "
                             f"JetStream stream {stream} ({refused})" if refused else
                             f"the JetStream API did not answer about {stream}: is JetStream enabled (-js)?") from None
@@ -1878,8 +1877,8 @@ class Listener:
 
         def keep(left: list[float]) -> None:
             try:
-                save_state(path, {"reply_to": reply_to, "response": json.loads(payload), "schedule": left} if left
-                          else None)
+                save_state(path, {"reply_to": reply_to, "response": json.loads(payload), "schedule": left}
+                           if left else None)
             except OSError as e:
                 log.error("host=%s request=%s cannot keep the pending final status in %s (%s); a restart will not "
                           "re-send it: make %s writable", self.hostname, rid, path, e.strerror, self.state_dir)
@@ -2821,7 +2820,7 @@ def last_deploy(host: HostStatus) -> str:
         return "-"
     last = host.history[-1]
     age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.strptime(
-        last.finished, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+        last.finished, ISO_TIME_FORMAT).replace(tzinfo=datetime.timezone.utc)
     return (f"{last.action.value} {last.revision} {last.error.value if last.error else last.status.value} "
             f"{int(age.total_seconds() // 60)}m ago")
 
