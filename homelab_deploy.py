@@ -800,7 +800,7 @@ class Bus:
     """
 
     def __init__(self, urls: str, nkey_file: str, name: str, daemon: bool = False,
-                 connect_timeout: float = 5.0, stop: threading.Event | None = None):
+                 connect_timeout: float = 5.0, stop: threading.Event | None = None, loop=None):
         import asyncio
 
         self.servers = [u.strip() for u in urls.split(",") if u.strip()]
@@ -814,9 +814,14 @@ class Bus:
         # (number, text) of the server's last permission errors; a request looks only at those numbered after it
         self.permission_errors: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
         self.permission_errors_seen = 0
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="nats-loop", daemon=True).start()
+        self.own_loop = loop is None  # else an event loop running in another thread, shared (bench/fleet.py)
+        self.loop = loop or asyncio.new_event_loop()
+        if self.own_loop:
+            threading.Thread(target=self.loop.run_forever, name="nats-loop", daemon=True).start()
         self.lanes: dict[str, Lane] = {}
+        self.outbox: list[tuple[str, bytes]] = []  # published without `confirm`, for the loop to send
+        self.outbox_lock = threading.Lock()
+        self.sending = False  # a _send runs or is scheduled: it takes what is added to the outbox
         self.nc = None
         self.closing = False
         self.daemon = daemon
@@ -936,17 +941,38 @@ class Bus:
                             f"nothing was sent to {subject}; retry in a moment")
 
     def publish(self, subject: str, payload: bytes, confirm: bool = False) -> int:
-        """Publish; with `confirm` (for requests), refuse while disconnected, since nats-py would deliver the
-        request whenever it reconnects, long after the sender gave up; then wait for the server and raise
-        NatsError if it refused the subject, OutcomeUnknown if it did not answer. Returns the `since` for
-        denied() that covers this publish's errors only."""
-        if confirm:
-            self.require_connection(subject)
+        """Publish. Without `confirm` (answers, events) return at once: the loop hands the messages to nats-py in
+        the order they were published (which buffers them while reconnecting) and logs what it refuses. With
+        `confirm` (requests), refuse while disconnected, since nats-py would deliver the request whenever it
+        reconnects, long after the sender gave up; then wait for the server and raise NatsError if it refused the
+        subject, OutcomeUnknown if it did not answer. Returns the `since` for denied() that covers this
+        publish's errors only."""
         since = self.permission_errors_seen
+        if not confirm:  # no wait for the loop thread, which is woken once for what was queued meanwhile
+            with self.outbox_lock:
+                self.outbox.append((subject, payload))
+                wake, self.sending = not self.sending, True
+            if wake:
+                self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._send()))
+            return since
+        self.require_connection(subject)
         self._call(self.nc.publish(subject, payload))
-        if confirm:
-            self._check_permission(subject, "publish", since)
+        self._check_permission(subject, "publish", since)
         return since
+
+    async def _send(self) -> None:
+        """On the loop, one at a time: hand the queued messages to nats-py in order, until none is left."""
+        while True:
+            with self.outbox_lock:
+                messages, self.outbox = self.outbox, []
+                self.sending = bool(messages)
+            if not messages:
+                return
+            for subject, payload in messages:
+                try:  # nats-py buffers it (also while reconnecting); it refuses when closed or its buffer is full
+                    await self.nc.publish(subject, payload)
+                except Exception as e:
+                    log.warning("NATS did not take the message for %s: %r", subject, e)
 
     def sign(self, subject: str, payload: bytes) -> bytes:
         """The request `payload` signed by this connection's NKey for `subject` (see signing_input)."""
@@ -1018,7 +1044,8 @@ class Bus:
                 self._call(self.nc.close(), 10)  # that stalled or is going away (stopped together with the daemon)
             except Exception as e:
                 log.debug("NATS close failed: %r", e)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.own_loop:
+            self.loop.call_soon_threadsafe(self.loop.stop)
         for lane in self.lanes.values():
             lane.workers.shutdown(wait=False, cancel_futures=True)
 
@@ -1053,9 +1080,13 @@ MAX_CAPTURED_STDOUT = 16 * 1024 * 1024  # `nix flake show --json` of a large fle
 
 
 def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env: dict | None = None,
-                     capture_stdout: bool = False, stop: threading.Event | None = None, on_start=None) -> RunResult:
+                     capture_stdout: bool = False, stop: threading.Event | None = None, on_start=None,
+                     every: tuple[float, typing.Callable[[float], None]] | None = None) -> RunResult:
     """Run argv (never a shell) in its own process group; kill the group after `timeout` seconds,
-    or as soon as `stop` is set. With `capture_stdout`, stdout is kept apart from the logged stderr."""
+    or as soon as `stop` is set. With `capture_stdout`, stdout is kept apart from the logged stderr. With
+    `every` = (interval, call), call(seconds running) every interval seconds while it runs. The calling thread
+    reads the output and waits for the exit (a pidfd) in one select: no helper thread, no polling."""
+    import selectors
     import subprocess
 
     started = time.monotonic()
@@ -1071,38 +1102,52 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
             on_start(proc.pid)
         except Exception:
             log.exception("%scallback after starting %s failed; the command runs on", log_prefix, argv[0])
-
-    def read_output(stream) -> None:
-        for raw in stream:
-            line = raw.decode("utf-8", "replace").rstrip()
-            tail.append(line[:OUTPUT_LINE_CHARS])
-            log.debug("%s%s", log_prefix, line)
-
-    captured: list[bytes] = []
-    readers = [threading.Thread(target=read_output, args=(proc.stderr if capture_stdout else proc.stdout,),
-                                daemon=True)]
-    if capture_stdout:
-        readers.append(threading.Thread(target=lambda: captured.append(proc.stdout.read(MAX_CAPTURED_STDOUT)),
-                                        daemon=True))
-    for reader in readers:
-        reader.start()
-    timed_out = False
-    deadline = started + timeout
-    while proc.poll() is None:
-        now = time.monotonic()
-        if now >= deadline or (stop is not None and stop.is_set()):
-            timed_out = now >= deadline
-            log.warning("%s%s %s; killing its process group", log_prefix, argv[0],
-                        f"exceeded {timeout}s" if timed_out else "cancelled: shutting down")
-            kill_process_group(proc)
-            break
+    logged = proc.stderr if capture_stdout else proc.stdout
+    partial, captured = b"", bytearray()
+    timed_out, deadline = False, started + timeout
+    beat = started + every[0] if every else float("inf")
+    with selectors.DefaultSelector() as selector, proc.stdout, logged:
+        pidfd = os.pidfd_open(proc.pid)
         try:
-            proc.wait(deadline - now if stop is None else min(deadline - now, 0.2))
-        except subprocess.TimeoutExpired:
-            pass
-    for reader in readers:
-        reader.join(5)  # a grandchild outside the group may hold the pipe; don't wait for it forever
-    return RunResult(proc.returncode, timed_out, list(tail), time.monotonic() - started, b"".join(captured))
+            for fileobj in {proc.stdout, logged, pidfd}:
+                selector.register(fileobj, selectors.EVENT_READ)
+            while selector.get_map():  # until the exit is seen and both pipes are at EOF
+                now = time.monotonic()
+                if proc.returncode is None and (now >= deadline or (stop is not None and stop.is_set())):
+                    timed_out = now >= deadline
+                    log.warning("%s%s %s; killing its process group", log_prefix, argv[0],
+                                f"exceeded {timeout}s" if timed_out else "cancelled: shutting down")
+                    kill_process_group(proc)
+                    deadline = now + 5  # a grandchild outside the group may hold the pipe: read it 5 s at most
+                elif proc.returncode is not None and now >= deadline:
+                    break
+                if now >= beat and proc.returncode is None:
+                    every[1](now - started)
+                    beat = now + every[0]
+                wake = min(deadline, beat, now + 0.2 if stop is not None else deadline)
+                for key, _ in selector.select(max(0.0, wake - now)):
+                    if key.fileobj is pidfd:
+                        selector.unregister(pidfd)
+                        proc.wait()
+                        deadline = min(deadline, time.monotonic() + 5)  # the same for a pipe held after the exit
+                        continue
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                    if key.fileobj is not logged:
+                        captured += chunk[:MAX_CAPTURED_STDOUT - len(captured)]
+                        continue
+                    if chunk:
+                        *lines, partial = (partial + chunk).split(b"\n")
+                    else:  # EOF: the last line may lack its newline
+                        lines, partial = [partial] if partial else [], b""
+                    for raw in lines:
+                        line = raw.decode("utf-8", "replace").rstrip()
+                        tail.append(line[:OUTPUT_LINE_CHARS])
+                        log.debug("%s%s", log_prefix, line)
+        finally:
+            os.close(pidfd)
+    return RunResult(proc.returncode, timed_out, list(tail), time.monotonic() - started, bytes(captured))
 
 
 # ---------------------------------------------------------------- metrics
@@ -1313,9 +1358,10 @@ def current_generation(profile: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def save_state(path: str, record: dict | list | None) -> None:
-    """Write a state file atomically (mode 0600, fsynced); None removes it and never raises: what is left
-    behind is read defensively by the next start."""
+def save_state(path: str, record: dict | list | None, durable: bool = True) -> None:
+    """Write a state file atomically (mode 0600, fsynced unless not `durable`: then it survives a crash of the
+    process, not of the machine); None removes it and never raises: what is left behind is read defensively by
+    the next start."""
     if record is None:
         try:
             os.unlink(path)
@@ -1325,10 +1371,11 @@ def save_state(path: str, record: dict | list | None) -> None:
             log.error("cannot remove %s: %s", path, e.strerror)
         return
     tmp = path + ".tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(json.dumps(record).encode())  # not json.dump: that encodes in pure Python, piece by piece
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -1552,10 +1599,11 @@ class Listener:
 
     def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
         """Keep the running request on disk so a restarted listener can report it; None clears it, and never
-        raises: a record left behind is reported as interrupted by the next start, which is safe."""
+        raises: a record left behind is reported as interrupted by the next start, which is safe. Adding the
+        pid is not fsynced: the pid only matters to a listener restarted on the same boot."""
         save_state(self.inflight_file, None if request is None else {
             "reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
-            "started": time.time(), "pid": pid, "generation": current_generation(self.profile)})
+            "started": time.time(), "pid": pid, "generation": current_generation(self.profile)}, durable=pid is None)
 
     def load_history(self) -> None:
         """At start: the deploys recorded before; a corrupt file is logged and replaced, never fatal."""
@@ -1699,24 +1747,18 @@ class Listener:
         self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(argv)}")
         if self.metrics:
             self.metrics.in_progress.set(1)
-        done = threading.Event()
 
-        def heartbeat() -> None:
-            started = time.monotonic()
-            while not done.wait(self.heartbeat_interval):
-                try:
-                    self.reply(request.reply_to, Status.STARTED,
-                               message=f"{action.value} still running after {time.monotonic() - started:.0f}s")
-                except Exception as e:  # NATS trouble: the final status has its own delivery path
-                    log.warning("host=%s request=%s heartbeat not sent: %r", self.hostname, rid, e)
+        def heartbeat(running: float) -> None:
+            try:
+                self.reply(request.reply_to, Status.STARTED, message=f"{action.value} still running after {running:.0f}s")
+            except Exception as e:  # NATS trouble: the final status has its own delivery path
+                log.warning("host=%s request=%s heartbeat not sent: %r", self.hostname, rid, e)
 
-        beat = threading.Thread(target=heartbeat, name="heartbeat", daemon=True)
-        beat.start()
         try:
             result = run_with_timeout(argv, self.timeout, f"host={self.hostname} request={rid} ", stop=self.kill,
-                                      on_start=lambda pid: self.record_inflight(request, pid))
+                                      on_start=lambda pid: self.record_inflight(request, pid),
+                                      every=(self.heartbeat_interval, heartbeat))
         finally:
-            done.set()
             if self.metrics:
                 self.metrics.in_progress.set(0)
         killed = self.kill.is_set() and not result.timed_out and result.returncode != 0

@@ -10,8 +10,10 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from importlib import metadata
@@ -292,6 +294,39 @@ class TestProgress:
     def test_run_missing_program(self):
         result = hd.run_with_timeout(["/nonexistent/nixos-rebuild"], 5)
         assert result.returncode is None and "cannot run" in result.output[0]
+
+    def test_run_with_timeout_keeps_lines_and_apart_stdout(self):
+        result = hd.run_with_timeout(["sh", "-c", "printf 'one\\ntwo\\nthree'"], 30)
+        assert (result.returncode, result.output) == (0, ["one", "two", "three"])  # the last line lacks its newline
+        result = hd.run_with_timeout(["sh", "-c", "echo '{\"a\": 1}'; echo warning >&2; exit 3"], 30,
+                                     capture_stdout=True)
+        assert (result.returncode, result.stdout, result.output) == (3, b'{"a": 1}\n', ["warning"])
+        result = hd.run_with_timeout(["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x; echo; echo end"], 30)
+        assert result.output == ["x" * hd.OUTPUT_LINE_CHARS, "end"]  # more than a pipe holds, read as it comes
+
+    def test_run_with_timeout_calls_every_interval_in_the_calling_thread(self, tmp_path):
+        flag, calls = tmp_path / "ticked", []
+
+        def tick(running: float) -> None:
+            calls.append((running, threading.current_thread(), threading.active_count()))
+            flag.touch()
+
+        threads = threading.active_count()
+        result = hd.run_with_timeout(["sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; done"], 60,
+                                     every=(0.1, tick))
+        assert result.returncode == 0 and calls  # the child ends only once a tick came
+        assert all(running >= 0.1 and thread is threading.current_thread() and count == threads
+                   for running, thread, count in calls)
+
+    def test_run_with_timeout_returns_when_a_grandchild_keeps_the_pipe(self, tmp_path):
+        pidfile = tmp_path / "pid"
+        result = hd.run_with_timeout(["sh", "-c", f"sleep 3600 & echo $! > {pidfile}; echo started"], 60)
+        grandchild = int(pidfile.read_text())
+        try:
+            assert (result.returncode, result.timed_out, result.output) == (0, False, ["started"])
+            assert os.path.exists(f"/proc/{grandchild}")  # it held the pipe open all along
+        finally:
+            os.kill(grandchild, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- listener and deploy over NATS
