@@ -348,6 +348,37 @@ def responses(bus, subject: str, request: dict, until_final: int = 1, timeout: f
 
 
 @pytest.mark.integration
+class TestBus:
+    def test_answers_leave_in_order_without_waiting_for_the_loop(self, nats_server, bus_factory):
+        sender, receiver = bus_factory(nats_server, "admin"), bus_factory(nats_server, "test-deployer")
+        q = receiver.inbox("deploy.responses.order.*")
+        busy = threading.Event()
+        sender.loop.call_soon_threadsafe(busy.wait, 30)  # the loop thread is held up, as a starved one would be
+
+        def publish(name: str) -> None:
+            for i in range(200):
+                sender.publish(f"deploy.responses.order.{name}", str(i).encode())
+
+        threads = [threading.Thread(target=publish, args=(name,)) for name in "abcd"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not busy.is_set() and not any(t.is_alive() for t in threads)  # all 800 returned before the loop ran
+        busy.set()
+        got: dict[str, list[int]] = {}
+
+        def received_all() -> bool:
+            while not q.empty():
+                subject, data = q.get_nowait()
+                got.setdefault(subject[-1], []).append(int(data))
+            return sum(map(len, got.values())) == 800
+
+        wait_for(received_all, what="800 messages")
+        assert got == {name: list(range(200)) for name in "abcd"}  # each publisher's messages in its order
+
+
+@pytest.mark.integration
 class TestListener:
     def test_deploy_sequence_argv_and_generation(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test")

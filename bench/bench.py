@@ -89,6 +89,7 @@ class Sandbox:
     def __init__(self, work: str, max_hosts: int, real_hosts: int):
         self.work, self.real_hosts = work, real_hosts
         self.procs: list[subprocess.Popen] = []
+        self.named: dict[str, subprocess.Popen] = {}  # the last process started under each name
         os.makedirs(os.path.join(work, "bin"))
         rebuild = os.path.join(work, "bin", "nixos-rebuild")
         with open(rebuild, "wb") as f:
@@ -128,15 +129,20 @@ class Sandbox:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if stdout_pipe else log,
                                     stderr=log, env=self.env, start_new_session=True)
             self.procs.append(proc)
+            self.named[name] = proc
         return proc
 
     def wait_log(self, name: str, text: str, timeout: float = 180) -> None:
+        """Wait until the log of process `name` says `text`; give up at once if the process ended without it."""
         deadline = time.monotonic() + timeout
         path = os.path.join(self.work, f"{name}.log")
         while True:
+            ended = self.named[name].poll() if name in self.named else None  # before the read: it may log, then exit
             with open(path, errors="replace") as f:
                 if text in f.read():
                     return
+            if ended is not None:
+                raise SystemExit(f"{name} exited ({ended}) without logging {text!r}; see {path}")
             if time.monotonic() > deadline:
                 raise SystemExit(f"{name} did not log {text!r} within {timeout}s; see {path}")
             time.sleep(0.05)
