@@ -440,16 +440,6 @@ class AuditEvent(typing.NamedTuple):
         return json.dumps({**self._asdict(), "status": self.status.value}).encode()
 
 
-def publish_event(bus, subject: str, event: AuditEvent) -> None:
-    """Publish a state change for the audit trail; never raises: the deploy or build matters more, and the
-    daemon's log has the same line."""
-    try:
-        bus.publish(subject, event.to_json())
-    except Exception as e:
-        log.warning("host=%s request=%s audit event %s not published on %s: %r", event.host, event.request,
-                    event.status.value, subject, e)
-
-
 class BuildErrorCode(enum.Enum):
     """Why a build request was rejected or failed as a whole (`error_code` of a build response)."""
 
@@ -941,9 +931,9 @@ class Bus:
                             f"nothing was sent to {subject}; retry in a moment")
 
     def publish(self, subject: str, payload: bytes, confirm: bool = False) -> int:
-        """Publish. Without `confirm` (answers, events) return at once: the loop hands the messages to nats-py in
-        the order they were published (which buffers them while reconnecting) and logs what it refuses. With
-        `confirm` (requests), refuse while disconnected, since nats-py would deliver the request whenever it
+        """Publish. Without `confirm` (answers, events) return at once, never raising: the loop hands the messages
+        to nats-py in the order they were published (which buffers them while reconnecting) and logs what it
+        refuses. With `confirm` (requests), refuse while disconnected, since nats-py would deliver the request whenever it
         reconnects, long after the sender gave up; then wait for the server and raise NatsError if it refused the
         subject, OutcomeUnknown if it did not answer. Returns the `since` for denied() that covers this
         publish's errors only."""
@@ -1498,11 +1488,11 @@ class Listener:
 
     def announce(self, status: Status, rid: str | None, request: DeployRequest | None, signer: str | None,
                  error: ErrorCode | None = None, reason: str = "") -> None:
-        """Publish a state change on deploy.events.<tier>.<host> for the audit trail; never raises."""
-        publish_event(self.bus, f"deploy.events.{self.tier}.{self.hostname}", AuditEvent(
+        """Publish a state change on deploy.events.<tier>.<host> for the audit trail; never raises (not confirmed)."""
+        self.bus.publish(f"deploy.events.{self.tier}.{self.hostname}", AuditEvent(
             time.strftime(ISO_TIME_FORMAT, time.gmtime()), self.hostname, self.tier, None, rid, signer,
             request.action.value if request else None, request.revision if request else None, status,
-            error.value if error else None, clip(reason)))
+            error.value if error else None, clip(reason)).to_json())
 
     def handle_deploy(self, subject: str, data: bytes, received: float) -> None:
         request = signer = None
@@ -1749,10 +1739,7 @@ class Listener:
             self.metrics.in_progress.set(1)
 
         def heartbeat(running: float) -> None:
-            try:
-                self.reply(request.reply_to, Status.STARTED, message=f"{action.value} still running after {running:.0f}s")
-            except Exception as e:  # NATS trouble: the final status has its own delivery path
-                log.warning("host=%s request=%s heartbeat not sent: %r", self.hostname, rid, e)
+            self.reply(request.reply_to, Status.STARTED, message=f"{action.value} still running after {running:.0f}s")
 
         try:
             result = run_with_timeout(argv, self.timeout, f"host={self.hostname} request={rid} ", stop=self.kill,
@@ -1907,13 +1894,9 @@ class Listener:
         SIGTERM, crash) leaves them to the next start, which calls this with their `schedule` (wall-clock times)."""
         subject = answer_subject(reply_to, self.hostname)
         if schedule is None:
-            try:  # while disconnected, nats-py buffers it and sends it on reconnect
-                self.bus.publish(subject, payload)
-            except Exception as e:  # its buffer full, the loop wedged: the re-sends below are the way out
-                log.warning("host=%s request=%s final status not sent (%r); re-sending it", self.hostname, rid, e)
-            else:
-                if self.bus.reconnects == reconnects and self.bus.nc.is_connected:
-                    return
+            self.bus.publish(subject, payload)  # while disconnected, nats-py buffers it and sends it on reconnect
+            if self.bus.reconnects == reconnects and self.bus.nc.is_connected:
+                return
             schedule = [time.time() + delay for delay in RESEND_AFTER]
         path = os.path.join(self.state_dir, f"{RESEND_PREFIX}{rid}.json")
 
@@ -1929,11 +1912,8 @@ class Listener:
             while left:
                 if self.stop.wait(max(0.0, left[0] - time.time())):
                     return  # the file holds what is left
-                try:
-                    self.bus.publish(subject, payload)
-                    log.info("host=%s request=%s re-sent the final status after a reconnect", self.hostname, rid)
-                except Exception as e:
-                    log.warning("host=%s request=%s final status not re-sent (%r)", self.hostname, rid, e)
+                self.bus.publish(subject, payload)
+                log.info("host=%s request=%s re-sent the final status after a reconnect", self.hostname, rid)
                 left = [due for due in left if due > time.time()]  # one send for all that fell due meanwhile
                 keep(left)
 
@@ -2174,10 +2154,10 @@ class Builder:
 
     def announce(self, status: Status, rid: str | None, repo: str, target: str | None, branch: str | None,
                  signer: str | None, error: BuildErrorCode | None = None, reason: str = "") -> None:
-        """Publish a state change on build.events.<repo> for the audit trail; never raises."""
-        publish_event(self.bus, f"build.events.{repo}", AuditEvent(
+        """Publish a state change on build.events.<repo> for the audit trail; never raises (not confirmed)."""
+        self.bus.publish(f"build.events.{repo}", AuditEvent(
             time.strftime(ISO_TIME_FORMAT, time.gmtime()), target, None, repo, rid, signer, "build", branch, status,
-            error.value if error else None, clip(reason)))
+            error.value if error else None, clip(reason)).to_json())
 
     def handle_build(self, subject: str, data: bytes, received: float) -> None:
         _, subject_repo, subject_target = subject.split(".", 2)
