@@ -747,6 +747,8 @@ def read_seed(path: str, fix: str = NKEY_FILE_FIX) -> tuple[str, str]:
 LANE_WORKERS = 8  # threads per lane: one may run a deploy or build for minutes while the others answer
 LANE_DEPTH = 1024  # messages a lane holds, running or waiting (about 1 KiB each); a flood's surplus is dropped
 DROP_LOG_INTERVAL = 10.0  # seconds between "dropped" lines of one lane during a flood
+OUTBOX_DEPTH = 256  # unconfirmed publishes queued for the loop before a publisher waits: a flood's answers pace
+OUTBOX_WAIT = 10.0  # seconds a publisher waits for room before it queues anyway (an answer is never dropped)
 
 
 class Lane:
@@ -810,7 +812,7 @@ class Bus:
             threading.Thread(target=self.loop.run_forever, name="nats-loop", daemon=True).start()
         self.lanes: dict[str, Lane] = {}
         self.outbox: list[tuple[str, bytes]] = []  # published without `confirm`, for the loop to send
-        self.outbox_lock = threading.Lock()
+        self.outbox_room = threading.Condition()  # guards outbox and sending; _send notifies when it takes a batch
         self.sending = False  # a _send runs or is scheduled: it takes what is added to the outbox
         self.nc = None
         self.closing = False
@@ -939,7 +941,8 @@ class Bus:
         publish's errors only."""
         since = self.permission_errors_seen
         if not confirm:  # no wait for the loop thread, which is woken once for what was queued meanwhile
-            with self.outbox_lock:
+            with self.outbox_room:  # unless the outbox is full: then the publisher (a flood's lane) waits for it
+                self.outbox_room.wait_for(lambda: len(self.outbox) < OUTBOX_DEPTH, OUTBOX_WAIT)
                 self.outbox.append((subject, payload))
                 wake, self.sending = not self.sending, True
             if wake:
@@ -953,9 +956,10 @@ class Bus:
     async def _send(self) -> None:
         """On the loop, one at a time: hand the queued messages to nats-py in order, until none is left."""
         while True:
-            with self.outbox_lock:
+            with self.outbox_room:
                 messages, self.outbox = self.outbox, []
                 self.sending = bool(messages)
+                self.outbox_room.notify_all()
             if not messages:
                 return
             for subject, payload in messages:

@@ -349,33 +349,41 @@ def responses(bus, subject: str, request: dict, until_final: int = 1, timeout: f
 
 @pytest.mark.integration
 class TestBus:
-    def test_answers_leave_in_order_without_waiting_for_the_loop(self, nats_server, bus_factory):
+    def test_answers_leave_in_order_without_waiting_for_the_loop_until_the_outbox_is_full(self, nats_server,
+                                                                                          bus_factory):
         sender, receiver = bus_factory(nats_server, "admin"), bus_factory(nats_server, "test-deployer")
         q = receiver.inbox("deploy.responses.order.*")
         busy = threading.Event()
         sender.loop.call_soon_threadsafe(busy.wait, 30)  # the loop thread is held up, as a starved one would be
+        each = hd.OUTBOX_DEPTH // 4
 
-        def publish(name: str) -> None:
-            for i in range(200):
+        def publish(name: str, count: int) -> None:
+            for i in range(count):
                 sender.publish(f"deploy.responses.order.{name}", str(i).encode())
 
-        threads = [threading.Thread(target=publish, args=(name,)) for name in "abcd"]
+        threads = [threading.Thread(target=publish, args=(name, each)) for name in "abcd"]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(30)
-        assert not busy.is_set() and not any(t.is_alive() for t in threads)  # all 800 returned before the loop ran
+        assert not busy.is_set() and not any(t.is_alive() for t in threads)  # a full outbox returned before the loop ran
+        over = threading.Thread(target=publish, args=("e", 1))
+        over.start()
+        over.join(0.5)
+        assert over.is_alive()  # one more waits for room (OUTBOX_WAIT is 10 s): a flood of answers is paced
         busy.set()
+        over.join(30)
+        assert not over.is_alive()
         got: dict[str, list[int]] = {}
 
         def received_all() -> bool:
             while not q.empty():
                 subject, data = q.get_nowait()
                 got.setdefault(subject[-1], []).append(int(data))
-            return sum(map(len, got.values())) == 800
+            return sum(map(len, got.values())) == 4 * each + 1
 
-        wait_for(received_all, what="800 messages")
-        assert got == {name: list(range(200)) for name in "abcd"}  # each publisher's messages in its order
+        wait_for(received_all, what=f"{4 * each + 1} messages")
+        assert got == {**{name: list(range(each)) for name in "abcd"}, "e": [0]}  # each publisher's, in its order
 
 
 @pytest.mark.integration
