@@ -2866,14 +2866,12 @@ def status_command(args: argparse.Namespace) -> int:
              and (subject is None or subject in h.deploy_subjects)]
     problems = {h.hostname: drift(h, args.expect) for h in hosts}
     if args.json:
-        import itertools
-
-        # written as it is encoded, 4096 pieces a time: the whole text at once peaked at 8x its size (94 MiB for
-        # 1,000 hosts); json.dump's write per piece took 5x as long into a pipe
-        pieces = json.JSONEncoder(indent=2).iterencode([{**h.to_dict(), "drift": problems[h.hostname]} for h in hosts])
-        for text in iter(lambda: "".join(itertools.islice(pieces, 4096)), ""):
-            sys.stdout.write(text)
-        print()
+        # a host a line, each by the C encoder (indent= falls back to pure Python: 0.4 s of CPU for 1,000 hosts),
+        # written as encoded: the whole text at once peaked at 8x its size (94 MiB for 1,000 hosts)
+        sys.stdout.write("[")
+        for i, h in enumerate(hosts):
+            sys.stdout.write(("," if i else "") + "\n  " + json.dumps({**h.to_dict(), "drift": problems[h.hostname]}))
+        print("\n]" if hosts else "]")
     else:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "GEN", "COMMIT", "LAST DEPLOY")]
         for h in hosts:

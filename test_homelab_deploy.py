@@ -1038,6 +1038,8 @@ class TestStatus:
             finally:
                 tracemalloc.stop()
         assert len(json.loads(out.read_text())) == 500
+        assert [json.loads(line.rstrip(","))["hostname"] for line in out.read_text().splitlines()[1:-1]] == [
+            h.hostname for h in hosts]  # a host a line, for grep and for the C encoder
         assert peak < 4 * out.stat().st_size, (peak, out.stat().st_size)
 
     def test_history_records_each_deploy_with_commit_and_generations(self, nats_server, start_listener):
