@@ -64,7 +64,8 @@ def test_smoke_run_produces_every_row(tmp_path):
     for n in (2, 3):
         expected += [f"deploy deploy.test.all, {n} hosts: command",
                      f"deploy deploy.test.all, {n} hosts: publish to last final",
-                     f"deploy deploy.test.all, {n} hosts: exit after last final", f"list-hosts, {n} hosts",
+                     f"deploy deploy.test.all, {n} hosts, stand-in of 1 s: exit after last final",
+                     f"deploy deploy.test.all, {n} hosts, instant stand-in: exit after last final", f"list-hosts, {n} hosts",
                      f"status, {n} hosts", f"CLI peak RSS, deploy of {n} hosts", f"CLI peak RSS, status of {n} hosts",
                      f"rollout, {n} hosts in batches of 10: command",
                      f"rollout, {n} hosts in batches of 10: first publish to last final",
