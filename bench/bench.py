@@ -612,8 +612,9 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
                 "s")
             row(f"list-hosts, {n} hosts", median(listings), median(bare_lists), "s",
                 f"<= {list_target} s" if big else "", median(listings) <= list_target if big else None)
-            row(f"status, {n} hosts", median(statuses), median(bare_lists), "s", "<= 1.2x list-hosts",
-                median(statuses) <= 1.2 * median(listings))
+            row(f"status, {n} hosts", median(statuses), median(bare_lists), "s",  # issue 16 set it at 100 hosts
+                "<= 1.2x list-hosts" if n <= 100 else f"({median(statuses) / median(listings):.2f}x list-hosts)",
+                median(statuses) <= 1.2 * median(listings) if n <= 100 else None)
             for command, peak in rss.items():
                 row(f"CLI peak RSS, {command} of {n} hosts", peak, bare_rss, "MiB", "< 80 MiB" if huge else "",
                     peak < 80 if huge else None)
