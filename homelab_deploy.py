@@ -942,7 +942,7 @@ class Bus:
         since = self.permission_errors_seen
         if not confirm:  # no wait for the loop thread, which is woken once for what was queued meanwhile
             with self.outbox_room:  # unless the outbox is full: then the publisher (a flood's lane) waits for it
-                self.outbox_room.wait_for(lambda: len(self.outbox) < OUTBOX_DEPTH, OUTBOX_WAIT)
+                self.outbox_room.wait_for(lambda: len(self.outbox) < OUTBOX_DEPTH or self.closing, OUTBOX_WAIT)
                 self.outbox.append((subject, payload))
                 wake, self.sending = not self.sending, True
             if wake:
@@ -1032,7 +1032,9 @@ class Bus:
                             f"the JetStream API did not answer about {stream}: is JetStream enabled (-js)?") from None
 
     def close(self) -> None:
-        self.closing = True
+        with self.outbox_room:  # a publisher waiting for room must not hold up the exit (lane threads are joined)
+            self.closing = True
+            self.outbox_room.notify_all()
         if self.nc is not None and not self.nc.is_closed:
             try:  # close, not drain: close writes out what is buffered too, and drain waits up to 10 s for a server
                 self._call(self.nc.close(), 10)  # that stalled or is going away (stopped together with the daemon)

@@ -385,6 +385,25 @@ class TestBus:
         wait_for(received_all, what=f"{4 * each + 1} messages")
         assert got == {**{name: list(range(each)) for name in "abcd"}, "e": [0]}  # each publisher's, in its order
 
+    def test_close_releases_a_publisher_waiting_for_room(self, nats_server, bus_factory):
+        bus = bus_factory(nats_server, "admin")
+        busy = threading.Event()
+        bus.loop.call_soon_threadsafe(busy.wait, 30)  # the outbox cannot drain
+        for i in range(hd.OUTBOX_DEPTH):
+            bus.publish("deploy.responses.full.x", b"{}")
+        waiting = threading.Thread(target=bus.publish, args=("deploy.responses.full.x", b"{}"))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive()
+        closing = threading.Thread(target=bus.close)
+        closing.start()
+        try:
+            waiting.join(5)  # OUTBOX_WAIT is 10 s: returning sooner means close() released it
+            assert not waiting.is_alive()
+        finally:
+            busy.set()
+            closing.join(30)
+
 
 @pytest.mark.integration
 class TestListener:
