@@ -366,7 +366,7 @@ class TestBus:
             thread.start()
         for thread in threads:
             thread.join(30)
-        assert not busy.is_set() and not any(t.is_alive() for t in threads)  # a full outbox returned before the loop ran
+        assert not busy.is_set() and not any(t.is_alive() for t in threads)  # filled the outbox before the loop ran
         over = threading.Thread(target=publish, args=("e", 1))
         over.start()
         over.join(0.5)

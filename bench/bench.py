@@ -53,7 +53,8 @@ def standin_program(seconds: float) -> bytes:
     if platform.machine() != "x86_64":
         return f"#!/bin/sh\nexec sleep {seconds}\n".encode()
     code = (b"\x48\x8d\x3d\x12\x00\x00\x00\x31\xf6\xb8\x23\x00\x00\x00\x0f\x05"  # nanosleep(timespec below, 0)
-            b"\x31\xff\xb8\x3c\x00\x00\x00\x0f\x05" + struct.pack("<qq", int(seconds), round(seconds % 1 * 1e9)))  # exit(0)
+            b"\x31\xff\xb8\x3c\x00\x00\x00\x0f\x05"  # exit(0)
+            + struct.pack("<qq", int(seconds), round(seconds % 1 * 1e9)))  # the timespec
     size = 120 + len(code)  # the ELF header (64 bytes) and one program header (56) come first
     return (b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, 0x400078, 64, 0, 0, 64, 56,
                                                                1, 0, 0, 0)
