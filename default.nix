@@ -5,7 +5,7 @@
 # The flake (flake.nix) exposes it as packages.<system>.default, and with
 # withMcp = true (the MCP server's SDK and its ~25 dependencies) as
 # packages.<system>.mcp; the listener and builder run the one without.
-{ lib, python3Packages, withMcp ? false }:
+{ lib, python3Packages, installShellFiles, withMcp ? false }:
 
 python3Packages.buildPythonApplication {
   pname = "homelab-deploy";
@@ -16,6 +16,12 @@ python3Packages.buildPythonApplication {
   src = lib.cleanSource ./.;
 
   build-system = with python3Packages; [ setuptools ];
+
+  # homelab-deploy.1 is generated from the CLI's parser (bash .ci/manpage) and committed.
+  nativeBuildInputs = [ installShellFiles ];
+  postInstall = ''
+    installManPage homelab-deploy.1
+  '';
 
   dependencies = with python3Packages; [
     nats-py

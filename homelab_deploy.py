@@ -1023,8 +1023,9 @@ class Bus:
             self._call(self.nc.jetstream(timeout=5).subscribe(subject, stream=stream, cb=on_message, manual_ack=True,
                                                               config=config), 15)
         except nats.js.errors.NotFoundError:
-            raise NatsError(f"this NATS server has no JetStream stream {stream} (or no JetStream): create it as the "
-                            "README shows ('Signed requests and audit'), or follow live events without --since") from None
+            raise NatsError(f"this NATS server has no JetStream stream {stream} (or no JetStream): create it as "
+                            "docs/security.md shows ('Signed requests and audit'), or follow live events without "
+                            "--since") from None
         except (nats.errors.TimeoutError, NatsError):  # nats-py names the consumer and filter in the API subject
             refused = self.denied(f"$JS.API.CONSUMER.CREATE.{stream}.{config.name}.{subject}", since=errors_before)
             raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not read {subject} from the "
@@ -1375,7 +1376,7 @@ def save_state(path: str, record: dict | list | None, durable: bool = True) -> N
     os.replace(tmp, path)
 
 
-ROLLBACK_STATES = ("pending", "switched", "rollback")  # <state>-<request>.json; one exists at a time, see README
+ROLLBACK_STATES = ("pending", "switched", "rollback")  # <state>-<request>.json, one at a time (docs/operations.md)
 WATCHDOG_POLL = 0.5  # seconds between the watchdog's looks at the state directory
 
 
@@ -3682,7 +3683,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deploy any git ref, e.g. refs/pull/1/head; by default only branches, tags and commits")
     p.add_argument("--rollback-timeout", type=float, default=0.0, metavar="S",
                    help="after a switch or test, roll it back unless the new system confirms over NATS within S "
-                        "seconds (see README, 'Automatic rollback'); 0 turns it off (default: 0; NixOS module: 120)")
+                        "seconds (see docs/operations.md, 'Automatic rollback'); 0 turns it off (default: 0; "
+                        "NixOS module: 120)")
     p.add_argument("--trusted-key", action="append", metavar="PUBKEY[=NAME]",
                    help="act only on requests signed by this NKey user public key, repeatable; NAME is logged and "
                         "reported (default: act on any request NATS delivers, with a warning)")
@@ -3757,7 +3759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", choices=TIERS, help="only the deploy events of this tier (no build events)")
     p.add_argument("--since", type=since_seconds, metavar="DURATION",
                    help=f"first replay the events stored since DURATION ago (e.g. 2h, 90d) from the JetStream stream "
-                        f"{EVENTS_STREAM} (see README, 'Signed requests and audit')")
+                        f"{EVENTS_STREAM} (see docs/security.md, 'Signed requests and audit')")
     p.add_argument("--json", action="store_true", help="print each event as one JSON line")
     p.set_defaults(func=events_command)
 
@@ -3768,12 +3770,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=keygen_command)
 
     p = sub.add_parser("nats-config", help="print a least-privilege nats-server authorization block for a fleet file")
-    p.add_argument("fleet", metavar="FLEET.yaml", help="fleet file (see README, 'Keys and NATS permissions')")
+    p.add_argument("fleet", metavar="FLEET.yaml", help="fleet file (see docs/security.md, 'Keys and NATS permissions')")
     p.add_argument("--trusted-keys-dir", metavar="DIR",
                    help="also write each host's (and builder's) trusted keys to DIR/<name>.keys, for the listener's "
                         "--trusted-keys-file (module option trustedKeysFile)")
     p.add_argument("--site", metavar="NAME", help="print the config of site NAME's leaf-node nats-server instead of "
-                   "the hub's (see README, 'Topology')")
+                   "the hub's (see docs/security.md, 'Topology')")
     p.set_defaults(func=nats_config_command)
 
     p = sub.add_parser("demo", help="run a local sandbox: nats-server, simulated hosts, deploys, metrics")

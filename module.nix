@@ -252,8 +252,8 @@ in
         new system must reach NATS and complete a round trip through the
         server; otherwise a watchdog (a transient systemd unit, started with
         `systemd-run`) rolls the host back and the requester gets `failed`
-        with error `rolled_back`.  0 turns automatic rollback off.  See the
-        README, "Automatic rollback".
+        with error `rolled_back`.  0 turns automatic rollback off.  See
+        docs/operations.md, "Automatic rollback".
       '';
     };
 
@@ -288,8 +288,8 @@ in
         requests this host acts on; any other request is rejected with error
         `unauthorized`.  Empty (and no `trustedKeysFile`): every request NATS
         delivers is acted on, with a warning at start.  `homelab-deploy
-        nats-config` prints each host's keys.  See the README, "Signed
-        requests and audit".
+        nats-config` prints each host's keys.  See docs/security.md,
+        "Signed requests and audit".
       '';
     };
 

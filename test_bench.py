@@ -1,7 +1,7 @@
 """The benchmark keeps working: a smoke run of bench/run with a tiny fleet produces every row.
 
 It asserts the table's shape and that every figure is a positive measurement, never timings: speed goals
-live in BENCHMARKS.md, not in tests.
+live in docs/benchmarks.md, not in tests.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Key generation, the fleet file -> nats-server authorization block, the permission matrix it enforces on a
-real nats-server, the demo sandbox, and the README's first real setup."""
+real nats-server, the demo sandbox, and the first real setup of docs/setup.md."""
 
 from __future__ import annotations
 
@@ -172,14 +172,17 @@ class TestFleetConfig:
         assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == [
             "builder-builder.keys", "p1.keys", "t1.keys", "t2.keys"]
 
-    def test_help_points_to_readme_sections_that_exist(self):
+    def test_help_points_to_doc_sections_that_exist(self):
         """`nats-config --help` pointed to a README section "Fleet file" that does not exist."""
-        headings = set(re.findall(r"^#+ (.+)$", (REPO / "README.md").read_text(), re.M))
         commands = next(a.choices for a in hd.build_parser()._actions if isinstance(a.choices, dict))
-        cited = {name: re.findall(r"README, '([^']+)'", " ".join(sub.format_help().split()))
+        cited = {name: re.findall(r"(docs/[\w-]+\.md), '([^']+)'", " ".join(sub.format_help().split()))
                  for name, sub in commands.items()}
-        assert cited["nats-config"] == ["Keys and NATS permissions", "Topology"]
-        assert all(section in headings for sections in cited.values() for section in sections), cited
+        assert cited["nats-config"] == [("docs/security.md", "Keys and NATS permissions"),
+                                        ("docs/security.md", "Topology")]
+        assert cited["listener"] == [("docs/operations.md", "Automatic rollback")]
+        missing = [(page, section) for sections in cited.values() for page, section in sections
+                   if section not in re.findall(r"^#+ (.+)$", (REPO / page).read_text(), re.M)]
+        assert not missing, missing
 
     def test_site_config_needs_a_known_site_with_its_seed(self, tmp_path):
         doc, _ = fleet_doc(tmp_path)
@@ -194,8 +197,8 @@ class TestFleetConfig:
         assert r.returncode == 0 and "# leaf node of site home (hosts t1)" in r.stdout
         assert "# listener t1" not in r.stdout and "# listener t2" in r.stdout
 
-    def test_readme_topology_configs_pass_nats_server_check(self, tmp_path):
-        body = (REPO / "README.md").read_text().split("\n## Topology\n", 1)[1].split("\n## ", 1)[0]
+    def test_topology_configs_pass_nats_server_check(self, tmp_path):
+        body = (REPO / "docs" / "security.md").read_text().split("\n## Topology\n", 1)[1].split("\n## ", 1)[0]
         configs = re.findall(r"^```conf\n(.*?)^```$", body, re.S | re.M)
         assert len(configs) == 2 and "leafnodes {" in configs[1] and "# leaf node of site home" in configs[0]
         for config in configs:
@@ -456,14 +459,14 @@ class TestDemo:
             stop_process(proc)
 
 
-# ---------------------------------------------------------------- the README's first real setup
+# ---------------------------------------------------------------- the first real setup (docs/setup.md)
 
-CONFIGS_URL = "https://git.example.com/you/nixos-configs.git"  # the README's flake; git fetches it from a local repo
+CONFIGS_URL = "https://git.example.com/you/nixos-configs.git"  # the walkthrough's flake; git fetches it from a local repo
 
 
-def readme_blocks(section: str) -> list[str]:
-    """The ```bash blocks of a README section, in order, byte for byte."""
-    body = (REPO / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+def setup_blocks(section: str) -> list[str]:
+    """The ```bash blocks of a section of docs/setup.md, in order, byte for byte."""
+    body = (REPO / "docs" / "setup.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^```bash\n(.*?)^```$", body, re.S | re.M)
 
 
@@ -521,13 +524,13 @@ def port_in_use(port: int) -> bool:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not found (Debian: apt-get install curl)")
 class TestFirstRealSetup:
     def test_every_block_of_the_readme_works(self, tmp_path):
-        """The README's walkthrough, block by block, in one bash in an empty directory, with real nats-server,
+        """docs/setup.md's walkthrough, block by block, in one bash in an empty directory, with real nats-server,
         listener, builder, nix and MCP Inspector. The machine provides what a fleet would: a `nixos-rebuild`
-        (the stand-in) on PATH, and the git server (git's url.insteadOf points the README's URL at a local
-        repository with host web1); nix.conf holds this machine's settings, the README's NIX_CONFIG adds flakes."""
+        (the stand-in) on PATH, and the git server (git's url.insteadOf points the page's URL at a local
+        repository with host web1); nix.conf holds this machine's settings, the page's NIX_CONFIG adds flakes."""
         busy = [port for port in (4222, 9972, 9973) if port_in_use(port)]
         assert not busy, f"the walkthrough uses 127.0.0.1 ports 4222, 9972 and 9973; in use: {busy}"
-        blocks = readme_blocks("First real setup")
+        blocks = setup_blocks("First real setup")
         assert len(blocks) == 10, blocks
         standin = StandIn(tmp_path / "machine")
         (standin.dir / "bin" / "homelab-deploy").write_text(f"#!/bin/sh\nexec {shlex.join(PROGRAM)} \"$@\"\n")

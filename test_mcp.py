@@ -342,7 +342,7 @@ async def test_a_malformed_answer_does_not_hide_the_other_hosts(mcp_server, star
 
 
 async def test_rollout_stops_at_a_failed_canary_then_runs_in_batches(mcp_server, nats_server, start_listener):
-    """canary, batch_size and max_failures make deploy and deploy_admin roll out (README, Rollouts)."""
+    """canary, batch_size and max_failures make deploy and deploy_admin roll out (docs/cli.md, Rollouts)."""
     first = start_listener("testhost1", "test")
     second = start_listener("testhost2", "test", "web")
     prod = start_listener("dns1", "prod", "dns")

@@ -701,7 +701,8 @@ def test_package(nix):
     pkg = nix.eval(
         flake_expr("""
           let p = out.packages.x86_64-linux.default; in {
-            inherit (p) pname version pyproject checkPhase pythonImportsCheck pythonRelaxDeps;
+            inherit (p) pname version pyproject checkPhase pythonImportsCheck pythonRelaxDeps postInstall;
+            buildInputs = map (d: d.name) p.nativeBuildInputs;
             mainProgram = p.meta.mainProgram;
             license = p.meta.license.spdxId;
             deps = map (d: d.pname) p.dependencies;
@@ -723,6 +724,7 @@ def test_package(nix):
     assert pkg["pythonImportsCheck"] == ["homelab_deploy"]
     assert pkg["pythonRelaxDeps"] is True
     assert pkg["same"] is True
+    assert "installManPage homelab-deploy.1" in pkg["postInstall"] and pkg["buildInputs"] == ["install-shell-files"]
 
 
 def test_flake_outputs(nix):

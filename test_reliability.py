@@ -22,7 +22,7 @@
 - Metrics port flood: hundreds of idle and half-sent connections to a daemon's metrics port take a bounded number
   of its threads and descriptors, are cut off, and deploys and builds go on meanwhile.
 
-Each test prints a `[figures]` line (run with `-s`) with what it measured; the README's Reliability section
+Each test prints a `[figures]` line (run with `-s`) with what it measured; the Reliability section of docs/operations.md
 quotes them.
 """
 
@@ -373,7 +373,7 @@ FUZZ_SETTINGS = settings(max_examples=1000, deadline=None, database=None, suppre
 # ---------------------------------------------------------------- answers: the rules and strategies
 
 MAX_PAYLOAD = 1024 * 1024  # conftest's nats-server: the largest answer a client gets
-DEPLOY_ERROR_CODES = DEPLOY_ERRORS | {"interrupted"}  # the spec's, and the one the README adds
+DEPLOY_ERROR_CODES = DEPLOY_ERRORS | {"interrupted"}  # the spec's, and the one docs/protocol.md adds
 BUILD_ERROR_CODES = {"unknown_repo", "invalid_target", "invalid_branch", "already_running", "eval_failed",
                      "build_failed"}
 

@@ -225,7 +225,7 @@ def events_of(out: Path, request: str | None = None) -> list[dict]:
 
 
 EVENTS_STREAM_JSON = re.search(r"```json\n(\{\n  \"name\": \"HOMELAB_DEPLOY_EVENTS\".*?)```",
-                               (conftest.REPO / "README.md").read_text(), re.S)
+                               (conftest.REPO / "docs" / "security.md").read_text(), re.S)
 
 
 class TestAuditEvents:
@@ -256,7 +256,7 @@ class TestAuditEvents:
         assert "may not subscribe to 'deploy.events.>'" in err.read_text() and "add --tier test" in err.read_text()
 
     def test_the_stream_replays_what_happened_before_the_cli_started(self, tmp_path, follow):
-        assert EVENTS_STREAM_JSON, "the README shows the stream definition"
+        assert EVENTS_STREAM_JSON, "docs/security.md shows the stream definition"
         server = conftest.NatsServer(tmp_path, {**conftest.FLEET, "ops": {"publish": [">"], "subscribe": [">"]}})
         server.config.write_text(server.config.read_text() + f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n')
         host = None

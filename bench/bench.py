@@ -40,12 +40,12 @@ PROGRAM = os.path.join(BIN, "homelab-deploy")  # the installed entry point, not 
 FLOOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.py")  # bare nats-py processes
 FLEET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fleet.py")  # many hosts' listeners per process
 REAL_HOSTS = 100  # default of --real-hosts: hosts with a listener (and a floor responder) process of their own
-HOSTS_PER_PROCESS = 50  # simulated hosts (and floor responders) per process beyond --real-hosts (BENCHMARKS.md)
+HOSTS_PER_PROCESS = 50  # simulated hosts (and floor responders) per process beyond --real-hosts (docs/benchmarks.md)
 NATS_SERVER = shutil.which("nats-server", path=BIN + os.pathsep + os.environ["PATH"])
 LISTENER_FLAGS = ("--flake-url", "git+https://git.example.com/fleet.git")
 BARE_REPLY = "deploy.responses.bench."  # the floor's rollouts answer here; the CLI's under its own key
 # The nixos-rebuild stand-in: a static x86-64 program of 161 bytes that sleeps (nanosleep) and exits 0, so the fleet
-# measures homelab-deploy (its fork, exec and wait included), not the start-up of /bin/sh (BENCHMARKS.md).
+# measures homelab-deploy (its fork, exec and wait included), not the start-up of /bin/sh (docs/benchmarks.md).
 REALISTIC_STANDIN = 1.0  # seconds the stand-in takes for the exit rows: no nixos-rebuild is faster (it evaluates)
 
 
@@ -546,7 +546,7 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
             spans, tails, realistic_tails = [], [], []
             batch = max(ROLLOUT_BATCH, n // 10)
             # Simulated hosts share 2 cores: a request may wait over 1 s for its turn, past the default expires_in
-            # (half the answer window), and be rejected; a real host has CPUs of its own. See BENCHMARKS.md.
+            # (half the answer window), and be rejected; a real host has CPUs of its own. See docs/benchmarks.md.
             window = ("--answer-window", "10") if n > args.real_hosts else ()
 
             def fan_out(spans: list = spans, tails: list = tails) -> float:

@@ -71,6 +71,7 @@ let
     nixos-rebuild-ng = fakeDrv "nixos-rebuild-ng" { meta.mainProgram = "nixos-rebuild"; };
     systemd = fakeDrv "systemd-257" { meta.mainProgram = "systemctl"; };
     nats-server = fakeDrv "nats-server" { meta.mainProgram = "nats-server"; };
+    installShellFiles = fakeDrv "install-shell-files" { };
   };
 in
 pkgs
