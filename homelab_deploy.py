@@ -341,6 +341,8 @@ class HostInfo(typing.NamedTuple):
 
 ISO_TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # UTC, ISO 8601, as the listener writes it
 ISO_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # how the listener writes ISO_TIME_RE times (strftime/strptime)
+HISTORY_LENGTH = 20  # finished deploys a listener keeps and reports
+STATUS_SUBJECT = "deploy.status"
 
 
 def is_iso_time(value: str) -> bool:
@@ -355,8 +357,6 @@ def is_iso_time(value: str) -> bool:
     except ValueError:
         return False
     return True
-HISTORY_LENGTH = 20  # finished deploys a listener keeps and reports
-STATUS_SUBJECT = "deploy.status"
 
 
 class DeployRecord(typing.NamedTuple):
