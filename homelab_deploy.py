@@ -345,6 +345,20 @@ HISTORY_LENGTH = 20  # finished deploys a listener keeps and reports
 STATUS_SUBJECT = "deploy.status"
 
 
+def is_iso_time(value: str) -> bool:
+    """A time as the listener writes it that is a real one: 2026-13-45T99:99:99Z has the shape but would make
+    strptime raise where the answer is shown."""
+    import datetime
+
+    if not ISO_TIME_RE.fullmatch(value):
+        return False
+    try:
+        datetime.datetime.fromisoformat(value[:-1])  # 0.1 us, 50x faster than strptime: 40 per host in a status
+    except ValueError:
+        return False
+    return True
+
+
 class DeployRecord(typing.NamedTuple):
     """One finished deploy in a listener's history."""
 
@@ -364,7 +378,7 @@ class DeployRecord(typing.NamedTuple):
     # built once: a status answer holds up to HISTORY_LENGTH records per host
     kinds = {"request": REPLY_TOKEN_RE.fullmatch, "action": tuple(Action), "revision": is_valid_ref,
              "commit": is_valid_ref, "status": (Status.COMPLETED, Status.FAILED), "error": tuple(ErrorCode),
-             "started": ISO_TIME_RE.fullmatch, "finished": ISO_TIME_RE.fullmatch, "generation_before": int,
+             "started": is_iso_time, "finished": is_iso_time, "generation_before": int,
              "generation_after": int, "duration_seconds": float, "signer": SIGNER_NAME_RE.fullmatch}
 
     @classmethod
@@ -429,7 +443,7 @@ class AuditEvent(typing.NamedTuple):
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> AuditEvent:
         fields = answer_fields(decode_message(data, limit), {
-            "time": ISO_TIME_RE.fullmatch, "host": is_subject_token, "tier": TIERS, "repo": is_subject_token,
+            "time": is_iso_time, "host": is_subject_token, "tier": TIERS, "repo": is_subject_token,
             "request": REPLY_TOKEN_RE.fullmatch, "signer": SIGNER_NAME_RE.fullmatch,
             "action": (*(a.value for a in Action), "build"), "revision": is_valid_ref, "status": tuple(Status),
             "error": (*(c.value for c in ErrorCode), *(c.value for c in BuildErrorCode)), "reason": str},
@@ -677,12 +691,20 @@ class TrustedSigners:
 
 # ---------------------------------------------------------------- NATS facade
 
-def stop_on_signals(notice: bytes = b"") -> threading.Event:
+def stop_on_signals(notice: bytes = b"", again_leaves: bool = False) -> threading.Event:
     """An event that SIGTERM and SIGINT set, writing `notice` to stderr (os.write: a handler may interrupt a print);
-    the main thread waits for it with wait_for_stop."""
+    the main thread waits for it with wait_for_stop. With again_leaves, a second signal raises KeyboardInterrupt."""
     stop = threading.Event()
+
+    def handle(*_) -> None:
+        if again_leaves and stop.is_set():
+            raise KeyboardInterrupt  # the first asked to finish what runs and report; this one not to wait
+        stop.set()
+        if notice:
+            os.write(2, notice)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: (stop.set(), notice and os.write(2, notice)))
+        signal.signal(sig, handle)
     return stop
 
 
@@ -1022,10 +1044,10 @@ class Bus:
         try:
             self._call(self.nc.jetstream(timeout=5).subscribe(subject, stream=stream, cb=on_message, manual_ack=True,
                                                               config=config), 15)
-        except nats.js.errors.NotFoundError:
-            raise NatsError(f"this NATS server has no JetStream stream {stream} (or no JetStream): create it as "
-                            "docs/security.md shows ('Signed requests and audit'), or follow live events without "
-                            "--since") from None
+        except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):  # the latter: no -js at all
+            raise NatsError(f"this NATS server has no JetStream stream {stream} (or no JetStream: nats-server -js): "
+                            "create it as docs/security.md shows ('Signed requests and audit'), or follow live events "
+                            "without --since") from None
         except (nats.errors.TimeoutError, NatsError):  # nats-py names the consumer and filter in the API subject
             refused = self.denied(f"$JS.API.CONSUMER.CREATE.{stream}.{config.name}.{subject}", since=errors_before)
             raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not read {subject} from the "
@@ -2403,26 +2425,32 @@ def resolve_target(target: str) -> str:
                      "list-hosts` shows every host's subjects)")
 
 
+COMMIT_PREFIX_RE = re.compile(r"[0-9a-f]{7,40}")  # a commit as `status --expect` takes it: 7 hex digits or more
 PIN_SCHEMES = ("git+https://", "git+ssh://", "git+file://", "git+http://")
 PIN_TIMEOUT = 60.0  # seconds `git ls-remote` may take: a host that does not answer must not hang the deploy
 
 
-def pin_revision(flake_url: str | None, revision: str) -> str:
+def pin_revision(flake_url: str | None, revision: str, flag: str = "--pin") -> str:
     """The commit `revision` names now in the git repository of flake_url (`git ls-remote`; a branch before a
-    tag, as nix looks up a plain name), so every host deploys that one commit; a 40-hex revision already is one.
-    A ValueError names the problem and the fix."""
+    tag, as nix looks up a plain name; an annotated tag's commit, not the tag object), so every host deploys that
+    one commit; a 40-hex revision already is one. A ValueError names the problem and the fix, `flag` asking."""
+    if not is_branch_or_tag(revision):  # the listener's policy, which a pinned commit would no longer meet
+        raise ValueError(f"{flag} resolves branches and tags only: {revision!r} is outside them (a ref such as "
+                         "refs/pull/1/head holds commits no maintainer merged); nothing was sent. Give a branch or "
+                         f"tag, or that ref without {flag} to listeners started with --allow-any-ref")
     if COMMIT_RE.fullmatch(revision):
         return revision
     if not flake_url:
-        raise ValueError("--pin needs the fleet's git flake URL, the listeners' --flake-url: pass --flake-url or set "
-                         "HOMELAB_DEPLOY_FLAKE_URL")
+        raise ValueError(f"{flag} needs the fleet's git flake URL, the listeners' --flake-url: pass --flake-url or "
+                         "set HOMELAB_DEPLOY_FLAKE_URL")
     if not (is_flake_url(flake_url) and flake_url.startswith(PIN_SCHEMES)):
-        raise ValueError(f"--pin resolves branches with git, so the flake URL must start with "
+        raise ValueError(f"{flag} resolves branches with git, so the flake URL must start with "
                          f"{', '.join(PIN_SCHEMES[:3])} (without ref= or rev=), not {flake_url[:100]!r}; give the "
-                         "listeners' --flake-url, or drop --pin")
+                         f"listeners' --flake-url, or drop {flag}")
     url = flake_url[len("git+"):].partition("?")[0]  # git knows the URL without nix's prefix and query (dir=...)
-    refs = [revision] if revision.startswith("refs/") else [
-        f"refs/heads/{revision}", f"refs/tags/{revision}^{{}}", f"refs/tags/{revision}"]  # ^{}: an annotated tag's commit
+    names = [revision] if revision.startswith("refs/") else [f"refs/heads/{revision}", f"refs/tags/{revision}"]
+    refs = [ref for name in names  # <tag>^{}: an annotated tag's commit, listed before the tag object
+            for ref in ((f"{name}^{{}}", name) if name.startswith("refs/tags/") else (name,))]
     result = run_with_timeout(["git", "ls-remote", url, *refs], PIN_TIMEOUT, "pin: ",
                               {**os.environ, "GIT_TERMINAL_PROMPT": "0"}, capture_stdout=True)
     if result.returncode != 0:
@@ -2518,6 +2546,10 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, make_request,
             settle = settle or max(stragglers, 2 * (last_new - start))
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while a request was out: what may still run where it was sent, and how to see its outcome."""
+
+
 def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
                  window: float = ANSWER_WINDOW, on_event=None,
                  stragglers: float = STRAGGLER_WINDOW) -> tuple[dict[str, DeployResponse], bool]:
@@ -2546,12 +2578,17 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
     def is_done() -> bool:
         return not unfinished and (not unheard or time.monotonic() >= answer_deadline)
 
-    # expires_in: half the window, the other half covers the trips of the request and of `accepted` through NATS
-    finished = collect_answers(bus, subject, "deploy",
-                               lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
-                               DeployResponse.parse, lambda r: r.hostname, timeout, window, on_answer, is_done,
-                               lambda: len(addressed) == len(subjects) and not unheard and is_done(),
-                               stragglers)
+    try:  # expires_in: half the window, the other half covers the trips of the request and `accepted` through NATS
+        finished = collect_answers(bus, subject, "deploy",
+                                   lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
+                                   DeployResponse.parse, lambda r: r.hostname, timeout, window, on_answer, is_done,
+                                   lambda: len(addressed) == len(subjects) and not unheard and is_done(),
+                                   stragglers)
+    except KeyboardInterrupt:
+        running = [h for h, r in sorted(hosts.items()) if not r.status.final]
+        raise Interrupted((f"{', '.join(running)} may still be deploying (accepted, no final status yet)" if running
+                           else "no host had accepted yet, but one that got the request may still deploy")
+                          + "; `homelab-deploy status` shows the outcome") from None
     return hosts, finished
 
 
@@ -2614,18 +2651,28 @@ def batch_size_flag(text: str) -> str:
                                      "or a percentage of the plan from 1% to 100% (e.g. 25%)")
 
 
-def rollout_plan(bus: Bus, subject: str, rollout: Rollout, window: float,
-                 stragglers: float) -> list[tuple[str, list[HostInfo]]]:
-    """The batches of the hosts whose deploy subjects include `subject`, sorted by hostname. A ValueError names a
-    host that does not listen on its own subject, which is where a rollout deploys it."""
-    hosts = sorted((h for h in discover_hosts(bus, window=window, stragglers=stragglers)
-                    if subject in h.deploy_subjects), key=lambda h: h.hostname)
-    for h in hosts:
-        if f"deploy.{h.tier}.{h.hostname}" not in h.deploy_subjects:
-            raise ValueError(f"host {h.hostname} does not listen on deploy.{h.tier}.{h.hostname}, where a rollout "
-                             "deploys each host; add that subject to its --deploy-subject list, or deploy without "
-                             "rollout flags")
-    return rollout.batches(hosts)
+def rollout_plan(bus: Bus, subject: str, rollout: Rollout, window: float, stragglers: float,
+                 discover_subject: str) -> list[tuple[str, list[HostInfo]]]:
+    """The batches of the hosts whose deploy subjects include `subject`, sorted by hostname: only hosts of the
+    subject's tier that listen on deploy.<tier>.<host>, where a rollout deploys each. A discovery answer is the
+    host's own word: one that claims another tier or lacks that subject is left out with a warning, never
+    deployed on another tier's subject (a test host claiming prod) nor allowed to stop the others."""
+    tier = subject.split(".")[1] if subject.startswith("deploy.") and subject.count(".") >= 2 else None
+    if tier not in TIERS:
+        raise ValueError(f"a rollout deploys each host on deploy.<tier>.<host>, so its target must be a deploy "
+                         f"subject of a tier ({DEPLOY_SUBJECTS}), not {subject!r}; deploy without rollout flags")
+    hosts = []
+    for h in discover_hosts(bus, discover_subject, window, stragglers):
+        if subject not in h.deploy_subjects:
+            continue
+        if h.tier != tier or f"deploy.{tier}.{h.hostname}" not in h.deploy_subjects:
+            log.warning("host=%s left out of the rollout on %s: it answers discovery as tier %s listening on %s, "
+                        "and a rollout deploys each host of tier %s on deploy.%s.<host>; check that host's "
+                        "--tier and --deploy-subject", h.hostname, subject, h.tier, " ".join(h.deploy_subjects)[:300],
+                        tier, tier)
+            continue
+        hosts.append(h)
+    return rollout.batches(sorted(hosts, key=lambda h: h.hostname))
 
 
 def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollout, action: Action, revision: str,
@@ -2697,11 +2744,13 @@ def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: 
 def rollout_command(args: argparse.Namespace, subject: str, revision: str, bus: Bus, progress: Progress) -> int:
     """deploy with rollout flags: a plan from discovery, then roll_out; exit 130 when a signal stopped it."""
     rollout = Rollout(args.canary or 0, args.batch_size or "100%", args.max_failures or 0)
-    stop = stop_on_signals(b"interrupted: starting no new batch; waiting for the running hosts to finish\n")
+    stop = stop_on_signals(b"interrupted: starting no new batch; waiting for the running hosts to finish "
+                           b"(Ctrl-C again leaves at once)\n", again_leaves=True)
     results: list[tuple[str, list[DeployResponse]]] = []
     error = None
     try:
-        batches = rollout_plan(bus, subject, rollout, args.answer_window, args.straggler_window)
+        batches = rollout_plan(bus, subject, rollout, args.answer_window, args.straggler_window,
+                               args.discover_subject)
         if not batches:
             print(f"error: no host answered discovery with {subject} among its deploy subjects within "
                   f"{args.answer_window:g}s; check the subject (`homelab-deploy list-hosts` shows every host's "
@@ -2823,8 +2872,18 @@ def list_hosts_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def expected_commit(flake_url: str | None, expect: str) -> str:
+    """The commit that `status --expect REV` (and fleet_status's expect) compares with each host's: REV itself
+    when it is a commit or a prefix of 7+ hex digits (as the COMMIT column shows), else the commit the branch or
+    tag names now, resolved as --pin does: a branch that moved on is no longer a match. ValueError names the fix."""
+    if not is_valid_ref(expect):
+        raise ValueError(f"invalid --expect {expect[:80]!r}: use a git branch, tag, or commit (7 to 40 hex digits)")
+    return expect if COMMIT_PREFIX_RE.fullmatch(expect) else pin_revision(flake_url, expect, "--expect")
+
+
 def drift(host: HostStatus, expect: str | None) -> list[str]:
-    """Why a host is not where homelab-deploy left it (or, with `expect`, not on that revision)."""
+    """Why a host is not where homelab-deploy left it (or, with `expect`, a commit or prefix from expected_commit,
+    not on that commit)."""
     problems = []
     last = next((r for r in reversed(host.history) if r.generation_after is not None), None)
     if last and host.generation is not None and host.generation != last.generation_after:
@@ -2833,11 +2892,14 @@ def drift(host: HostStatus, expect: str | None) -> list[str]:
     if expect is not None:
         switch = next((r for r in reversed(host.history)
                        if r.action is Action.SWITCH and r.status is Status.COMPLETED), None)
+        ran = switch and (switch.commit or (switch.revision if COMMIT_RE.fullmatch(switch.revision) else None))
         if switch is None:
             problems.append(f"no successful switch recorded, expected {expect}")
-        elif expect not in (switch.revision, switch.commit):
-            problems.append(f"last switch was {switch.revision}" + (f" ({switch.commit})" if switch.commit else "")
-                            + f", expected {expect}")
+        elif ran is None:
+            problems.append(f"last switch was {switch.revision}, of unknown commit (the flake sets no "
+                            f"system.configurationRevision), expected {expect}")
+        elif not ran.startswith(expect):
+            problems.append(f"last switch was {switch.revision} ({ran}), expected {expect}")
     return problems
 
 
@@ -2861,13 +2923,18 @@ def status_command(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        expect = None if args.expect is None else expected_commit(args.flake_url, args.expect)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         hosts = survey(args, STATUS_SUBJECT, HostStatus.parse)
     except NatsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     hosts = [h for h in hosts if (args.tier is None or h.tier == args.tier)
              and (subject is None or subject in h.deploy_subjects)]
-    problems = {h.hostname: drift(h, args.expect) for h in hosts}
+    problems = {h.hostname: drift(h, expect) for h in hosts}
     if args.json:
         # a host a line, each by the C encoder (indent= falls back to pure Python: 0.2 s for 1,000 hosts, not 0.05),
         # written as encoded: the whole text at once peaked at 8x its size (94 MiB for 1,000 hosts)
@@ -2915,7 +2982,9 @@ def events_command(args: argparse.Namespace) -> int:
                     bus.inbox(subject, events)
             except NatsError as e:
                 if not subject.startswith("build."):
-                    hint = "" if args.tier else "; a test-tier credential follows its own tier: add --tier test"
+                    refused = str(e).startswith("permission denied")  # not for a server without the stream
+                    hint = "; a test-tier credential follows its own tier: add --tier test" * (
+                        refused and not args.tier)
                     print(f"error: {e}{hint}", file=sys.stderr)
                     return 3
                 print(f"note: build events not shown: {e}", file=sys.stderr)
@@ -2977,9 +3046,13 @@ def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: fl
             final.append(response)
         return True  # one builder serves a repo: its final status ends the wait
 
-    collect_answers(bus, subject, "build", lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
-                    lambda data, limit: BuildResponse.parse(data, limit).to_dict(), lambda r: r.get("repo"), timeout,
-                    window, on_answer, lambda: bool(final), lambda: bool(final))
+    try:
+        collect_answers(bus, subject, "build", lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
+                        lambda data, limit: BuildResponse.parse(data, limit).to_dict(), lambda r: r.get("repo"),
+                        timeout, window, on_answer, lambda: bool(final), lambda: bool(final))
+    except KeyboardInterrupt:
+        raise Interrupted(f"the builder may still be building {target} of {repo}; its log and `homelab-deploy "
+                          "events` show the outcome") from None
     return final[0] if final else None
 
 
@@ -3344,6 +3417,7 @@ def nats_config_command(args: argparse.Namespace) -> int:
 DEMO_HOSTS = (("test-web1", "test", "web", False), ("test-db1", "test", "db", False),
               ("prod-dns1", "prod", "dns", False), ("prod-dns2", "prod", "dns", False),
               ("prod-web1", "prod", "web", True))
+DEMO_FLAKE_URL = "git+https://git.example.com/homelab/nixos-configs.git"  # the simulated hosts' commit: its sha1
 
 SIMULATED_REBUILD = """#!{python}
 # Simulated nixos-rebuild for the homelab-deploy demo: takes a moment and prints like the real one.
@@ -3387,6 +3461,7 @@ def free_port() -> int:
 
 def demo_command(args: argparse.Namespace) -> int:
     """A local NATS server, simulated hosts, and the main operations, with readable output."""
+    import hashlib
     import shlex
     import shutil
     import subprocess
@@ -3489,7 +3564,7 @@ def demo_command(args: argparse.Namespace) -> int:
             metrics = ["--metrics-enabled", "--metrics-addr", f"127.0.0.1:{metrics_port}"] if host == "prod-dns1" else []
             listeners.append((host, start([*me, "listener", "--hostname", host, "--tier", tier, "--role", role,
                                            "--nats-url", url, "--nkey-file", os.path.join(keys, f"{host}.seed"),
-                                           "--flake-url", "git+https://git.example.com/homelab/nixos-configs.git",
+                                           "--flake-url", DEMO_FLAKE_URL,
                                            "--system-profile", os.path.join(work, f"{host}.system"),
                                            "--state-dir", os.path.join(work, f"{host}.state"), *metrics],
                                           host, env)))
@@ -3537,11 +3612,12 @@ def demo_command(args: argparse.Namespace) -> int:
         say(f"  -> exit {r.returncode}; {drifted}'s system profile: generation {before} -> "
             f"{current_generation(profile)}")
         checks.append(r.returncode == 0 and current_generation(profile) == before + 1)
-        rc, hosts = cli("8. fleet status against main: drift is marked and the exit code is 1",
-                        ["status", "--expect", "main"], "admin", 1)
+        main = hashlib.sha1(flake_ref(DEMO_FLAKE_URL, "main").encode()).hexdigest()[:12]  # the simulated commit
+        rc, hosts = cli(f"8. fleet status against main's commit {main}: drift is marked and the exit code is 1",
+                        ["status", "--expect", main], "admin", 1)
         marked = {h["hostname"]: h["drift"] for h in hosts or [] if h["drift"]}
         say(f"  marked: {', '.join(sorted(marked)) or 'none'} ({drifted}: a generation made by hand; prod-web1: "
-            "its switch to main failed, so it does not run main, which --expect main checks)")
+            "its switch to main failed, so it does not run main's commit, which --expect checks)")
         checks.append(rc == 1 and sorted(marked) == [drifted, "prod-web1"]
                       and any("outside homelab-deploy" in problem for problem in marked[drifted]))
 
@@ -3554,7 +3630,8 @@ def demo_command(args: argparse.Namespace) -> int:
             say(f"\nSandbox running until Ctrl-C.\n  NATS:    {url}\n  keys:    {keys}/*.seed\n"
                 f"  metrics: http://127.0.0.1:{metrics_port}/metrics (prod-dns1)\n  logs:    {work}/*.log\nTry:\n"
                 f"  export HOMELAB_DEPLOY_NATS_URL={url}\n  export HOMELAB_DEPLOY_NKEY_FILE={keys}/admin.seed\n"
-                f"  {shown} list-hosts\n  {shown} status --expect main\n  {shown} deploy deploy.prod.role.dns --branch main\n"
+                f"  {shown} list-hosts\n  {shown} status --expect {main}\n"
+                f"  {shown} deploy deploy.prod.role.dns --branch main\n"
                 f"  {shown} deploy deploy.test.test-web1 --action boot --nkey-file {keys}/test-deployer.seed")
             wait_for_stop(threading.Event())  # until SIGINT/SIGTERM raise KeyboardInterrupt
         return 0 if ok else 1
@@ -3599,6 +3676,14 @@ def positive_seconds(text: str) -> float:
             return float(text)
     raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give a finite number of seconds greater than 0, "
                                      "e.g. 30")
+
+
+def subject_flag(text: str) -> str:
+    """type= of --discover-subject: a concrete NATS subject, checked before it reaches NATS."""
+    if is_publish_subject(text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text[:100]!r} is not a NATS subject: give dot-separated tokens without "
+                                     "wildcards or spaces, the listeners' --discover-subject, e.g. deploy.discover")
 
 
 def since_seconds(text: str) -> float:
@@ -3649,6 +3734,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--straggler-window", type=positive_seconds, default=STRAGGLER_WINDOW,
                        help="once every answering host finished: seconds without a new host before stopping; "
                             f"at least twice the first answer's delay (default: {STRAGGLER_WINDOW})")
+
+    def discover_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--discover-subject", type=subject_flag,
+                       default=env_default("HOMELAB_DEPLOY_DISCOVER_SUBJECT", "deploy.discover", subject_flag),
+                       help="the listeners' discovery subject (env HOMELAB_DEPLOY_DISCOVER_SUBJECT, default: "
+                            "deploy.discover)")
 
     def boolean(value: str) -> bool:
         word = value.strip().lower()
@@ -3731,12 +3822,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=count_flag, metavar="F",
                    help="roll out: start no new batch once more than F hosts failed (default: 0)")
     p.add_argument("--plan", action="store_true", help="roll out: print the batches and exit without deploying")
+    discover_flag(p)
     p.set_defaults(func=deploy_command)
 
     p = sub.add_parser("list-hosts", help="list the listening hosts (discovery)")
     nats_flags(p, env=True)
     p.add_argument("--tier", choices=TIERS, help="only hosts of this tier")
-    p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
+    discover_flag(p)
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(func=list_hosts_command)
@@ -3746,8 +3838,12 @@ def build_parser() -> argparse.ArgumentParser:
     nats_flags(p, env=True)
     p.add_argument("--tier", choices=TIERS, help="only hosts of this tier")
     p.add_argument("--expect", metavar="REV",
-                   help="exit 1 and mark hosts whose last successful switch was not REV (branch or commit) "
-                        "or whose generation changed outside homelab-deploy")
+                   help="exit 1 and mark hosts whose last successful switch was not the commit REV names (a commit "
+                        "or 7+ hex digits of one; a branch or tag resolved with git ls-remote of --flake-url) or "
+                        "whose generation changed outside homelab-deploy")
+    p.add_argument("--flake-url", default=env_default("HOMELAB_DEPLOY_FLAKE_URL"),
+                   help="the listeners' git flake URL, to resolve --expect's branch or tag "
+                        "(env HOMELAB_DEPLOY_FLAKE_URL)")
     p.add_argument("--history", metavar="N", type=int, default=0, choices=range(HISTORY_LENGTH + 1),
                    help=f"also print each host's last N deploys (0 to {HISTORY_LENGTH}; default: 0)")
     window_flags(p)
@@ -3800,7 +3896,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build-timeout", type=positive_seconds,
                    default=env_default("HOMELAB_DEPLOY_BUILD_TIMEOUT", 3600.0, positive_seconds),
                    help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
-    p.add_argument("--discover-subject", default="deploy.discover", help="discovery subject (default: deploy.discover)")
+    discover_flag(p)
     p.add_argument("--flake-url", default=env_default("HOMELAB_DEPLOY_FLAKE_URL"),
                    help="the listeners' git flake URL, for the deploy tools' pin argument (env HOMELAB_DEPLOY_FLAKE_URL)")
     window_flags(p)
@@ -3851,7 +3947,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --metrics-enabled needs the Python package prometheus-client ({e}); install it "
                   "(pip install prometheus-client) or leave out --metrics-enabled", file=sys.stderr)
             return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as e:  # Ctrl-C in a client: one line (Interrupted says what may still run), no traceback
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
 
 
 def mcp_command(args: argparse.Namespace) -> int:

@@ -253,7 +253,8 @@ class FleetTools:
 
         def roll_out() -> tuple[dict[str, hd.DeployResponse], bool]:
             bus = self.bus(credential)
-            batches = hd.rollout_plan(bus, subject, rollout, self.args.answer_window, self.args.straggler_window)
+            batches = hd.rollout_plan(bus, subject, rollout, self.args.answer_window, self.args.straggler_window,
+                                      self.args.discover_subject)
             hd.roll_out(bus, batches, rollout, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
                         self.args.straggler_window, lambda line, final: report(line), threading.Event(), results)
             hosts = {r.hostname: r for _, batch in results for r in batch}
@@ -263,8 +264,6 @@ class FleetTools:
             hosts, finished = await in_thread(roll_out if rollout else lambda: hd.deploy_hosts(
                 self.bus(credential), subject, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
                 lambda response: report(hd.describe(response)), self.args.straggler_window), acts=True)
-        except ValueError as e:  # rollout_plan: a host that does not listen on its own subject
-            raise ToolError(str(e)) from None
         except hd.OutcomeUnknown as e:
             log.warning("deploy to %s: outcome unknown: %s", subject, e)
             return Outcome.unknown(subject, e, "Do not retry blindly: call list_hosts to see which hosts are "
@@ -322,7 +321,8 @@ class FleetTools:
     async def fleet_status(self, tier: Annotated[TierName | None, Field(
             description="Only hosts of this tier (test or prod); all tiers when omitted.")] = None,
                            expect: Annotated[str | None, Field(description=(
-                               "Mark hosts whose last successful switch was not this branch or commit."))] = None,
+                               "Mark hosts whose last successful switch was not this commit (or 7+ hex digits of "
+                               "it), or the commit this branch or tag names now."))] = None,
                            ) -> CallToolResult:
         """What each host runs and how its last deploys went (read-only; nothing is deployed).
 
@@ -334,6 +334,12 @@ class FleetTools:
         """
         if expect is not None and not hd.is_valid_ref(expect):
             raise ToolError(f"invalid expect {str(expect)[:80]!r}: use a git branch, tag or 40-hex commit")
+        try:
+            commit = None if expect is None else await anyio.to_thread.run_sync(
+                hd.expected_commit, self.args.flake_url, expect)
+        except ValueError as e:  # its words name flags: here the operator sets them, so say so
+            raise ToolError(f"cannot check expect {expect!r}: {e} (the MCP server's setting: ask the "
+                            "operator)") from None
         found = await in_thread(lambda: hd.discover_hosts(self.bus("main"), hd.STATUS_SUBJECT,
                                                           self.args.answer_window, self.args.straggler_window,
                                                           hd.HostStatus.parse))
@@ -342,7 +348,7 @@ class FleetTools:
             raise ToolError(f"no host{f' in tier {tier}' if tier else ''} answered {hd.STATUS_SUBJECT} within "
                             f"{self.args.answer_window:g}s; check that the listeners run, are connected to NATS "
                             f"and may subscribe to {hd.STATUS_SUBJECT}")
-        problems = {h.hostname: hd.drift(h, expect) for h in hosts}
+        problems = {h.hostname: hd.drift(h, commit) for h in hosts}
         commits = {h.commit for h in hosts if h.commit}
         summary = (f"{len(hosts)} host{'s' if len(hosts) > 1 else ''}, {sum(map(bool, problems.values()))} drifted"
                    + (f", on {len(commits)} different commits" if len(commits) > 1 else ""))

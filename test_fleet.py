@@ -414,16 +414,17 @@ class TestDemo:
                              ("prod-dns2", "completed"), ("prod-web1", "failed")]:
             assert re.search(rf"{host}\s+{status}", summary), host
         assert "permission denied" in r.stdout and "homelab_deploy_deployments_total" in r.stdout
-        # Step 7 drifts prod-dns2 by hand; status --expect main marks it and the failed prod-web1, nothing else
+        # Step 7 drifts prod-dns2 by hand; status --expect <main's commit> marks it and the failed prod-web1 only
         status = r.stdout.split("== 8. fleet status")[1].split("== summary")[0]
+        main = re.search(r"status --expect ([0-9a-f]{12}) ", status).group(1)
         assert re.findall(r"^  (\S+) .*\n    DRIFT: (.+)$", status, re.M) == [
             ("prod-dns2", "generation 43 was made outside homelab-deploy (its last deploy left 42)"),
-            ("prod-web1", "no successful switch recorded, expected main")]
+            ("prod-web1", f"no successful switch recorded, expected {main}")]
         assert status.count("DRIFT:") == 2 and "-> exit 1 (as expected)" in status
         # Each simulated generation reports its flake's commit: one for main, another for the hand-made one
         commits = dict(re.findall(r"^  (\S+) .* commit (\S+) ", status, re.M))
         assert re.fullmatch(r"[0-9a-f]{12}", commits["prod-dns1"]) and commits["prod-web1"] == "-"
-        assert {commits[h] for h in ("test-web1", "test-db1", "prod-dns1")} == {commits["prod-dns1"]}
+        assert {commits[h] for h in ("test-web1", "test-db1", "prod-dns1")} == {main}
         assert commits["prod-dns2"] not in ("-", commits["prod-dns1"])
         assert "8/8 steps behaved as expected" in r.stdout
         prod_rollout = r.stdout.split("== 5.")[1].split("== 6.")[0]

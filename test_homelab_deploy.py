@@ -1128,7 +1128,7 @@ class TestStatus:
         assert run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer")).returncode == 0
         r = self.status(nats_server, "--tier", "test", "--expect", COMMIT_A)
         assert r.returncode == 0 and "DRIFT" not in r.stdout, r.stdout + r.stderr
-        assert self.status(nats_server, "--tier", "test", "--expect", "master").returncode == 0
+        assert self.status(nats_server, "--tier", "test", "--expect", COMMIT_A[:7]).returncode == 0  # a prefix
         # someone runs nixos-rebuild by hand on testhost2: a generation no deploy left
         two.standin.set_revision(COMMIT_B)
         subprocess.run([str(two.standin.dir / "bin" / "nixos-rebuild"), "switch"], env=two.env, check=True,
@@ -1138,10 +1138,10 @@ class TestStatus:
         assert r.stdout.count("DRIFT") == 1
         assert "DRIFT: generation 2 was made outside homelab-deploy (its last deploy left 1)" in r.stdout
         assert COMMIT_B[:12] in r.stdout.splitlines()[2]
-        r = self.status(nats_server, "--tier", "test", "--expect", "release", "--json")
+        r = self.status(nats_server, "--tier", "test", "--expect", COMMIT_B[:12], "--json")
         assert r.returncode == 1
         assert [h["drift"][-1] for h in json.loads(r.stdout)] == [
-            f"last switch was master ({COMMIT_A}), expected release"] * 2
+            f"last switch was master ({COMMIT_A}), expected {COMMIT_B[:12]}"] * 2
         assert self.status(nats_server, "--tier", "test").returncode == 0  # drift is shown, fails only with --expect
 
     def test_listener_on_a_config_without_status_permission_still_deploys(self, tmp_path):

@@ -236,12 +236,12 @@ async def test_fleet_status_reports_commits_history_and_drift(mcp_server, start_
         # someone switches testhost1 by hand: drift, and an error result so an assistant does not read it as fine
         subprocess.run([str(one.standin.dir / "bin" / "nixos-rebuild"), "switch"], env=one.env, check=True,
                        capture_output=True)
-        result = await client.call_tool("fleet_status", {"tier": "test", "expect": "release"})
+        result = await client.call_tool("fleet_status", {"tier": "test", "expect": "bbbbbbb"})
         assert result.is_error
         assert text(result).splitlines()[0] == "1 host, 1 drifted"
         assert result.structured_content["hosts"][0]["drift"] == [
             "generation 2 was made outside homelab-deploy (its last deploy left 1)",
-            "last switch was master (" + COMMIT_A + "), expected release"]
+            "last switch was master (" + COMMIT_A + "), expected bbbbbbb"]
         result = await client.call_tool("fleet_status", {"expect": "x; rm -rf /"})
         assert result.is_error and "invalid expect" in text(result)
     assert len(two.standin.calls) == 0
