@@ -260,4 +260,4 @@ def test_events_since_on_a_server_without_jetstream_exits_3(nats_server):
     assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.splitlines() == [
         "error: this NATS server has no JetStream stream HOMELAB_DEPLOY_EVENTS (or no JetStream: nats-server -js): "
-        "create it as the README shows ('Signed requests and audit'), or follow live events without --since"]
+        "create it as docs/security.md shows ('Signed requests and audit'), or follow live events without --since"]
