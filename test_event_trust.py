@@ -81,7 +81,7 @@ class TestEventsStream:
             t1.publish("deploy.events.test.t1", json.dumps({"action": "switch", "revision": "main",
                                                             "reply_to": "deploy.responses.x.y"}).encode(),
                        confirm=True)
-            wait_for(lambda: stored(fleet_server) == 1, what="the stream to store t1's event")
+            wait_for(lambda: stored(fleet_server) >= 1, what="the stream to store t1's event")
             if created:  # the hole: the stored event reaches p1 as a deploy request
                 wait_for(lambda: p1.standin.calls, what="p1 to run the forged request")
         finally:
