@@ -622,9 +622,9 @@ class TrustedSigners:
 
     @classmethod
     def load(cls, entries: list[str], files: list[str], nonce_file: str | None = None,
-             where: str = "--trusted-key") -> TrustedSigners | None:
+             where: str = "--trusted-key", required: bool = False) -> TrustedSigners | None:
         """From `PUBKEY[=NAME]` entries (given `where`) and files of such lines (# comments); None when there are
-        none. A ValueError names the bad entry and its place."""
+        none, unless signatures are `required` (then none verifies). A ValueError names the bad entry and its place."""
         found = [(entry, where) for entry in entries]
         for path in files:
             try:
@@ -641,7 +641,7 @@ class TrustedSigners:
                                  "characters starting with U; `homelab-deploy keygen --pubout --in SEED` prints it), "
                                  "optionally = a name of letters, digits, '_', '.', '@', '-'")
             keys[key.strip()] = name.strip() or key.strip()
-        return cls(keys, nonce_file) if keys else None
+        return cls(keys, nonce_file) if keys or required else None
 
     def verify(self, subject: str, data: bytes, reply_to: str, code) -> str:
         """The signer's name, when `data` (a request that parsed) is signed by a trusted key for `subject`, was
@@ -653,6 +653,12 @@ class TrustedSigners:
         import nacl.exceptions
         import nacl.signing
 
+        if not self.keys:  # a listener with --require-signed and no trusted keys: a setup error, so it answers
+            raise ProtocolError("unauthorized: this host requires signed requests (module option requireSigned, "
+                                "listener flag --require-signed) but trusts no key; nothing was run. Give it the "
+                                "deployers' keys (module option trustedKeys or trustedKeysFile; `homelab-deploy "
+                                "nats-config --trusted-keys-dir` writes them), or set requireSigned = false",
+                                code, reply_to)
         obj = json.loads(data)
         signer, signed_at, nonce, signature = (obj.get(k) for k in ("signer", "signed_at", "nonce", "signature"))
 
@@ -1517,8 +1523,7 @@ class Listener:
     def __init__(self, args: argparse.Namespace, subjects: list[str], bus: Bus, metrics: ListenerMetrics | None,
                  stop: threading.Event, signers: TrustedSigners | None = None):
         self.hostname, self.tier, self.role = args.hostname, args.tier, args.role
-        self.signers = signers  # None: any request NATS delivers is acted on, unless require_signed
-        self.require_signed = args.require_signed
+        self.signers = signers  # None: any request NATS delivers is acted on; no keys (--require-signed): none is
         self.rejections = Rejections(lambda count, unauthenticated: self.announce(
             Status.REJECTED, None, None, None, reason=(
                 f"{count} more request(s) rejected within {REJECTION_WINDOW:g}s have no event of their own "
@@ -1570,14 +1575,8 @@ class Listener:
         request = signer = None
         try:
             request = DeployRequest.parse(data, self.allow_any_ref)
-            if self.signers:
-                signer = self.signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED)
-            elif self.require_signed:
-                raise ProtocolError(
-                    f"unauthorized: {self.hostname} requires signed requests (module option requireSigned, listener "
-                    "flag --require-signed) but has no trusted keys; nothing was run. Give it the deployers' keys "
-                    "(module option trustedKeys or trustedKeysFile; `homelab-deploy nats-config --trusted-keys-dir` "
-                    "writes them), or set requireSigned = false", ErrorCode.UNAUTHORIZED, request.reply_to)
+            signer = (self.signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED)
+                      if self.signers else None)
             waited = time.monotonic() - received
             if request.expires_in is not None and waited > request.expires_in:
                 raise ProtocolError(
@@ -1585,8 +1584,7 @@ class Listener:
                     f"than the {request.expires_in:g}s its sender waits for `accepted` (expires_in); the listener is "
                     "overloaded, deploy again", ErrorCode.TIMEOUT, request.reply_to)
         except ProtocolError as e:
-            reply_to = e.reply_to or (request and request.reply_to)
-            rid = request_id(reply_to) if reply_to else None
+            rid = request_id(e.reply_to or request.reply_to) if e.reply_to or request else None
             log.warning("host=%s subject=%s request=%s rejected: %s", self.hostname, subject, rid or "-", e)
             if self.rejections.admit(unauthenticated=e.code is ErrorCode.UNAUTHORIZED and not e.reply_to):
                 self.announce(Status.REJECTED, rid, request, signer, e.code, str(e))
@@ -2033,7 +2031,7 @@ class Listener:
             log.warning("host=%s %s request ignored: %s", self.hostname,
                         "status" if subject == STATUS_SUBJECT else "discovery", e)
             return
-        unsigned = not (self.signers or self.require_signed)
+        unsigned = self.signers is None
         answer = (HostStatus(self.hostname, self.tier, self.role, self.subjects, self.busy.locked(),
                              current_generation(self.profile), self.profile_commit(), self.history, unsigned).to_dict()
                   if subject == STATUS_SUBJECT else HostInfo(self.hostname, self.tier, self.role, self.subjects,
@@ -2058,18 +2056,17 @@ def run_listener(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
     try:
         signers = TrustedSigners.load(args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [],
-                                      os.path.join(args.state_dir, "nonces.json"))
+                                      os.path.join(args.state_dir, "nonces.json"), required=args.require_signed)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     import fcntl
 
-    lock_file = os.path.join(args.state_dir, "lock")
     try:
         os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
         if os.stat(args.state_dir).st_mode & 0o077:
             log.warning("state directory %s is accessible to group or others; run `chmod 700 %s`",
                         args.state_dir, args.state_dir)
-        lock = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # held (close-on-exec) until the process ends
+        lock = os.open(os.path.join(args.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)  # held until the exit
     except OSError as e:
         raise SystemExit(f"error: cannot use state directory {args.state_dir}: {e.strerror}; "
                          "pass --state-dir DIR (a directory only this listener writes)") from None
@@ -2095,14 +2092,10 @@ def run_listener(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
     listener = Listener(args, subjects, bus, metrics, stop, signers)
-    if signers is None and args.require_signed:
-        log.warning("host=%s --require-signed without trusted keys: every deploy is rejected (unauthorized); pass "
-                    "--trusted-key PUBKEY[=NAME] (module option trustedKeys)", args.hostname)
-    elif signers is None:
-        log.warning("host=%s unsigned: no trusted keys, so any credential that NATS lets publish on this host's "
-                    "subjects can deploy it, and `status` marks it unsigned; pass --trusted-key PUBKEY[=NAME] (module "
-                    "option trustedKeys; `homelab-deploy nats-config --trusted-keys-dir` writes them) to act only on "
-                    "requests signed by those keys", args.hostname)
+    if signers is None or not signers.keys:
+        log.warning("host=%s %s; pass --trusted-key PUBKEY[=NAME] (module option trustedKeys)", args.hostname,
+                    "--require-signed without trusted keys: every deploy is rejected (unauthorized)" if signers else
+                    "unsigned: no trusted keys, so any credential NATS lets publish on its subjects can deploy it")
     else:
         log.info("host=%s acting only on requests signed by %s", args.hostname, ", ".join(sorted(signers.keys.values())))
     try:
@@ -2270,8 +2263,7 @@ class Builder:
             signer = (self.signers.verify(subject, data, request.reply_to, BuildErrorCode.UNAUTHORIZED)
                       if self.signers else None)
         except ProtocolError as e:
-            reply_to = e.reply_to or (request and request.reply_to)
-            rid = request_id(reply_to) if reply_to else None
+            rid = request_id(e.reply_to or request.reply_to) if e.reply_to or request else None
             log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid or "-", e)
             if self.rejections[subject_repo].admit(e.code is BuildErrorCode.UNAUTHORIZED and not e.reply_to):
                 self.announce(Status.REJECTED, rid, subject_repo, subject_target if is_subject_token(subject_target)
@@ -2881,8 +2873,9 @@ def deploy_command(args: argparse.Namespace) -> int:
     ok = report_deploy(args, subject, revision, list(hosts.values()))
     if not hosts:
         print(f"error: no host answered on {subject} within {args.answer_window:.0f}s; check the subject "
-              "(`homelab-deploy list-hosts` shows what is listening) and that the listeners are connected",
-              file=sys.stderr)
+              "(`homelab-deploy list-hosts` shows what is listening), that the listeners are connected, and that "
+              f"they trust this key ({bus.public_key}): a host never answers a request whose signature it refuses "
+              "(its log says why)", file=sys.stderr)
         return 4
     if not finished:
         waiting = [h for h, r in sorted(hosts.items()) if not r.status.final]
@@ -2977,7 +2970,7 @@ def status_command(args: argparse.Namespace) -> int:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "GEN", "COMMIT", "LAST DEPLOY")]
         for h in hosts:
             rows.append((h.hostname, h.tier, h.role or "-",
-                         ("deploying" if h.deploying else "idle") + (" unsigned" if h.unsigned else ""),
+                         ("deploying" if h.deploying else "idle") + (",unsigned" if h.unsigned else ""),
                          "-" if h.generation is None else str(h.generation), (h.commit or "-")[:12], last_deploy(h)))
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
         for row, host in zip(rows, [None, *hosts]):

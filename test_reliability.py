@@ -1417,7 +1417,7 @@ class TestHostileAnswersAtClients:
         host = start_listener("testhost1", "test")
         bus = bus_factory(nats_server, "test-deployer")
         genuine = hd.HostInfo("testhost1", "test", None, ["deploy.test.testhost1", "deploy.test.all"], hd.__version__,
-                              False)
+                              False, unsigned=True)
 
         def in_process() -> None:
             assert hd.discover_hosts(bus, stragglers=0.05) == [genuine]
