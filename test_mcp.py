@@ -203,7 +203,8 @@ async def test_list_hosts_and_tier_filter(mcp_server, start_listener):
         lines = text(result).splitlines()
         assert lines[0] == "3 hosts: 2 test, 1 prod"
         assert [line.split(":")[0] for line in lines[1:]] == ["dns1", "testhost1", "testhost2"]
-        assert "tier prod, role dns, idle" in lines[1] and "deploy.prod.role.dns" in lines[1]
+        assert "tier prod, role dns, idle, UNSIGNED" in lines[1] and "deploy.prod.role.dns" in lines[1]
+        assert all(h["unsigned"] for h in result.structured_content["hosts"])  # none has trusted keys
         assert [(h["hostname"], h["tier"], h["role"]) for h in result.structured_content["hosts"]] == [
             ("dns1", "prod", "dns"), ("testhost1", "test", None), ("testhost2", "test", "web")]
         result = await client.call_tool("list_hosts", {"tier": "prod"})
