@@ -1590,9 +1590,9 @@ class Listener:
                 self.announce(Status.REJECTED, rid, request, signer, e.code, str(e))
             if e.reply_to:
                 self.reply(e.reply_to, Status.REJECTED, e.code, str(e))
-                if self.metrics:
-                    action = None if e.code is ErrorCode.INVALID_ACTION else Action(decode_message(data)["action"])
-                    self.metrics.count(Status.REJECTED, action, e.code)
+            if self.metrics and (e.reply_to or request):  # refused signatures are counted too, though unanswered
+                action = None if e.code is ErrorCode.INVALID_ACTION else Action(decode_message(data)["action"])
+                self.metrics.count(Status.REJECTED, action, e.code)
             return
         rid = request_id(request.reply_to)
         if not self.busy.acquire(blocking=False):
