@@ -1487,10 +1487,10 @@ REJECTION_WINDOW = 60.0  # seconds in which a daemon publishes at most one rejec
 class Rejections:
     """Bounds one host's (or repo's) rejection events, so junk requests cannot flood the events stream: in each
     REJECTION_WINDOW the first rejection gets its event; later ones, and every request that fails authentication,
-    are only counted, and summary(count, failed_authentication) publishes the count when the window ends."""
+    are only counted, and summary(count, reason) publishes the count when the window ends."""
 
-    def __init__(self, summary):
-        self.summary, self.lock = summary, threading.Lock()
+    def __init__(self, summary, daemon: str):
+        self.summary, self.daemon, self.lock = summary, daemon, threading.Lock()
         self.window_end, self.reported, self.counted, self.unauthenticated = 0.0, False, 0, 0
         self.timer: threading.Timer | None = None
 
@@ -1516,7 +1516,9 @@ class Rejections:
             if self.timer:
                 self.timer.cancel()
         if counted:
-            self.summary(counted, unauthenticated)
+            self.summary(counted, f"{counted} more request(s) rejected within {REJECTION_WINDOW:g}s have no event of "
+                                  f"their own ({unauthenticated} failed authentication and were not answered); the "
+                                  f"{self.daemon}'s log has each")
 
 
 class Listener:
@@ -1524,11 +1526,8 @@ class Listener:
                  stop: threading.Event, signers: TrustedSigners | None = None):
         self.hostname, self.tier, self.role = args.hostname, args.tier, args.role
         self.signers = signers  # None: any request NATS delivers is acted on; no keys (--require-signed): none is
-        self.rejections = Rejections(lambda count, unauthenticated: self.announce(
-            Status.REJECTED, None, None, None, reason=(
-                f"{count} more request(s) rejected within {REJECTION_WINDOW:g}s have no event of their own "
-                f"({unauthenticated} failed authentication and were not answered); the listener's log has each"),
-            suppressed=count))
+        self.rejections = Rejections(lambda count, reason: self.announce(
+            Status.REJECTED, None, None, None, reason=reason, suppressed=count), "listener")
         self.flake_url, self.timeout, self.profile = args.flake_url, args.timeout, args.system_profile
         self.heartbeat_interval, self.rollback_timeout = args.heartbeat_interval, args.rollback_timeout
         self.restart_after_switch, self.allow_any_ref = args.restart_after_switch, args.allow_any_ref
@@ -2222,13 +2221,9 @@ class Builder:
         self.running = {name: threading.Lock() for name in repos}  # one build per repo at a time
         self.reporting = {name: threading.Lock() for name in repos}  # held while a build's final answer goes out
         self.current: dict[str, tuple[BuildRequest, float]] = {}
-        self.rejections = {name: Rejections(functools.partial(self.summarize, name)) for name in repos}
-
-    def summarize(self, repo: str, count: int, unauthenticated: int) -> None:
-        self.announce(Status.REJECTED, None, repo, None, None, None, reason=(
-            f"{count} more build request(s) rejected within {REJECTION_WINDOW:g}s have no event of their own "
-            f"({unauthenticated} failed authentication and were not answered); the builder's log has each"),
-            suppressed=count)
+        self.rejections = {name: Rejections(lambda count, reason, repo=name: self.announce(
+            Status.REJECTED, None, repo, None, None, None, reason=reason, suppressed=count), "builder")
+            for name in repos}
 
     def start(self) -> None:
         for name in self.repos:
