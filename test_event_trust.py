@@ -156,6 +156,19 @@ class TestEventFlood:
               f"{sum(len(json.dumps(e)) for e in got)} bytes")
 
 
+    def test_the_summary_goes_out_when_the_window_ends(self, monkeypatch):
+        monkeypatch.setattr(hd, "REJECTION_WINDOW", 2.0)
+        got = []
+        rejections = hd.Rejections(lambda count, reason: got.append((count, reason)), "listener")
+        assert [rejections.admit(False), rejections.admit(False), rejections.admit(True)] == [True, False, False]
+        wait_for(lambda: got, what="the summary at the window's end")
+        assert got == [(2, "2 more request(s) rejected within 2s have no event of their own (1 failed authentication "
+                           "and were not answered); the listener's log has each")]
+        assert [rejections.admit(True), rejections.admit(False)] == [False, True]  # a new window
+        rejections.flush()  # as the daemon stops
+        assert [count for count, _ in got] == [2, 1]
+
+
 class TestEventIdentity:
     def test_host_tier_and_repo_come_from_the_subject(self, nats_server, bus_factory, tmp_path):
         """testhost1 claims to be prod's dns1, the builder of `fleet` claims repo `evalfail`: `events` shows who
