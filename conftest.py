@@ -59,7 +59,7 @@ def make_user_key(directory: Path, name: str) -> tuple[Path, str]:
 def listener_permissions(hostname: str, tier: str, role: str | None) -> dict:
     own = [f"deploy.{tier}.{hostname}", f"deploy.{tier}.all"] + ([f"deploy.{tier}.role.{role}"] if role else [])
     return {"subscribe": own + ["deploy.discover", "deploy.status"],
-            "publish": ["deploy.responses.>", "deploy.discover", f"deploy.events.{tier}.{hostname}"]}
+            "publish": ["deploy.responses.>", f"deploy.events.{tier}.{hostname}"]}
 
 
 # The credentials of the spec's example configuration: who may publish and subscribe where.
@@ -67,9 +67,7 @@ FLEET = {
     "testhost1": listener_permissions("testhost1", "test", None),
     "testhost2": listener_permissions("testhost2", "test", "web"),
     "dns1": listener_permissions("dns1", "prod", "dns"),
-    "test-deployer": {"publish": ["deploy.test.>", "deploy.discover", "deploy.status",
-                                  "$JS.API.STREAM.INFO.HOMELAB_DEPLOY_EVENTS",
-                                  "$JS.API.CONSUMER.CREATE.HOMELAB_DEPLOY_EVENTS.*.deploy.events.test.>"],
+    "test-deployer": {"publish": ["deploy.test.>", "deploy.discover", "deploy.status"],
                       "subscribe": ["deploy.responses.>", "deploy.discover", "deploy.events.test.>"]},
     "admin": {"publish": ["deploy.>", "$JS.API.STREAM.INFO.HOMELAB_DEPLOY_EVENTS",
                           "$JS.API.CONSUMER.CREATE.HOMELAB_DEPLOY_EVENTS.*.deploy.events.>",

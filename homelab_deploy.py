@@ -237,6 +237,14 @@ def answer_subject(reply_to: str, responder: str) -> str:
     return f"{reply_to}.{responder}"
 
 
+def request_id(reply_to: str) -> str:
+    """A request's id in events, histories and logs: a hash of its reply subject, which it does not reveal (events
+    and status answers reach test-tier readers; whoever knows a reply subject could make hosts answer there)."""
+    import hashlib
+
+    return hashlib.sha256(reply_to.encode()).hexdigest()[:32]
+
+
 def expand_subjects(templates: list[str], hostname: str, tier: str, role: str | None) -> list[str]:
     """Expand <hostname>, <tier>, <role>; templates naming <role> are skipped without a role."""
     subjects = []
@@ -330,13 +338,16 @@ class HostInfo(typing.NamedTuple):
     deploy_subjects: list[str]
     version: str
     deploying: bool
+    unsigned: bool = False  # the listener acts on unsigned requests: no trusted keys, requireSigned off
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> HostInfo:
         fields = answer_fields(decode_message(data, limit), {
             "hostname": is_subject_token, "tier": TIERS, "role": is_subject_token, "deploy_subjects": list,
-            "version": str, "deploying": bool}, "discovery answer", required=("hostname", "tier", "deploy_subjects"))
-        return cls(**{**fields, "version": fields["version"] or "", "deploying": bool(fields["deploying"])})
+            "version": str, "deploying": bool, "unsigned": bool}, "discovery answer",
+            required=("hostname", "tier", "deploy_subjects"))
+        return cls(**{**fields, "version": fields["version"] or "", "deploying": bool(fields["deploying"]),
+                      "unsigned": bool(fields["unsigned"])})
 
 
 ISO_TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # UTC, ISO 8601, as the listener writes it
@@ -362,7 +373,7 @@ def is_iso_time(value: str) -> bool:
 class DeployRecord(typing.NamedTuple):
     """One finished deploy in a listener's history."""
 
-    request: str  # the request id: the last token of its reply_to
+    request: str  # the request id: request_id() of its reply_to
     action: Action
     revision: str
     commit: str | None  # configurationRevision of the new system after a successful switch/boot; None if unset
@@ -404,14 +415,16 @@ class HostStatus(typing.NamedTuple):
     generation: int | None
     commit: str | None  # configurationRevision of the profile's current generation; None when the flake sets none
     history: list[DeployRecord]
+    unsigned: bool = False  # as HostInfo.unsigned
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> HostStatus:
         obj = decode_message(data, limit)
         fields = answer_fields(obj, {
             "hostname": is_subject_token, "tier": TIERS, "role": is_subject_token, "deploy_subjects": list,
-            "deploying": bool, "generation": int, "commit": is_valid_ref}, "status answer",
+            "deploying": bool, "generation": int, "commit": is_valid_ref, "unsigned": bool}, "status answer",
             required=("hostname", "tier", "deploy_subjects"))
+        fields["unsigned"] = bool(fields["unsigned"])
         history = obj.get("history") or []
         if not isinstance(history, list) or len(history) > HISTORY_LENGTH:
             raise ProtocolError(f"malformed status answer: history is {reprlib.repr(history)}, not a list of at most "
@@ -423,6 +436,11 @@ class HostStatus(typing.NamedTuple):
 
 
 EVENTS_STREAM = "HOMELAB_DEPLOY_EVENTS"  # the JetStream stream `events --since` reads, when the operator made it
+# Its definition, as the README gives it: 90 days, bounded in size so no flood of events can fill the server's disk.
+EVENTS_STREAM_CONFIG = {"name": EVENTS_STREAM, "subjects": ["deploy.events.>", "build.events.>"],
+                        "retention": "limits", "storage": "file", "discard": "old", "max_age": 90 * 86400 * 10**9,
+                        "max_msgs": 1_000_000, "max_bytes": 1 << 30, "max_msg_size": MAX_MESSAGE_BYTES,
+                        "num_replicas": 1}
 
 
 class AuditEvent(typing.NamedTuple):
@@ -432,21 +450,23 @@ class AuditEvent(typing.NamedTuple):
     host: str | None  # the listener's hostname, or the build's target (a host, "all"; None when it was invalid)
     tier: str | None  # listeners only
     repo: str | None  # builder only
-    request: str | None  # the request id: the last token of its reply_to; None when it had no valid one
+    id: str | None  # the request id, request_id() of its reply_to; None when it had no valid one (or a summary)
     signer: str | None  # the trusted key's name; None without trusted keys or before the signature was checked
     action: str | None  # the deploy action, or "build"; None when the request could not be read
     revision: str | None
     status: Status
     error: str | None
     reason: str  # the message sent with the status: why it was rejected, what happened
+    suppressed: int | None = None  # a summary of rejections: how many got no event of their own (see Rejections)
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> AuditEvent:
         fields = answer_fields(decode_message(data, limit), {
             "time": is_iso_time, "host": is_subject_token, "tier": TIERS, "repo": is_subject_token,
-            "request": REPLY_TOKEN_RE.fullmatch, "signer": SIGNER_NAME_RE.fullmatch,
+            "id": REPLY_TOKEN_RE.fullmatch, "signer": SIGNER_NAME_RE.fullmatch,
             "action": (*(a.value for a in Action), "build"), "revision": is_valid_ref, "status": tuple(Status),
-            "error": (*(c.value for c in ErrorCode), *(c.value for c in BuildErrorCode)), "reason": str},
+            "error": (*(c.value for c in ErrorCode), *(c.value for c in BuildErrorCode)), "reason": str,
+            "suppressed": int},
             "audit event", required=("time", "status"))
         return cls(**{**fields, "reason": fields["reason"] or ""})
 
@@ -616,9 +636,9 @@ class TrustedSigners:
 
     @classmethod
     def load(cls, entries: list[str], files: list[str], nonce_file: str | None = None,
-             where: str = "--trusted-key") -> TrustedSigners | None:
+             where: str = "--trusted-key", required: bool = False) -> TrustedSigners | None:
         """From `PUBKEY[=NAME]` entries (given `where`) and files of such lines (# comments); None when there are
-        none. A ValueError names the bad entry and its place."""
+        none, unless signatures are `required` (then none verifies). A ValueError names the bad entry and its place."""
         found = [(entry, where) for entry in entries]
         for path in files:
             try:
@@ -635,7 +655,7 @@ class TrustedSigners:
                                  "characters starting with U; `homelab-deploy keygen --pubout --in SEED` prints it), "
                                  "optionally = a name of letters, digits, '_', '.', '@', '-'")
             keys[key.strip()] = name.strip() or key.strip()
-        return cls(keys, nonce_file) if keys else None
+        return cls(keys, nonce_file) if keys or required else None
 
     def verify(self, subject: str, data: bytes, reply_to: str, code) -> str:
         """The signer's name, when `data` (a request that parsed) is signed by a trusted key for `subject`, was
@@ -647,11 +667,17 @@ class TrustedSigners:
         import nacl.exceptions
         import nacl.signing
 
+        if not self.keys:  # a listener with --require-signed and no trusted keys: a setup error, so it answers
+            raise ProtocolError("unauthorized: this host requires signed requests (module option requireSigned, "
+                                "listener flag --require-signed) but trusts no key; nothing was run. Give it the "
+                                "deployers' keys (module option trustedKeys or trustedKeysFile; `homelab-deploy "
+                                "nats-config --trusted-keys-dir` writes them), or set requireSigned = false",
+                                code, reply_to)
         obj = json.loads(data)
         signer, signed_at, nonce, signature = (obj.get(k) for k in ("signer", "signed_at", "nonce", "signature"))
 
-        def refuse(why: str) -> ProtocolError:
-            return ProtocolError(f"unauthorized: {why}; nothing was run", code, reply_to)
+        def refuse(why: str) -> ProtocolError:  # no reply_to: never answered, or forged requests aim answers
+            return ProtocolError(f"unauthorized: {why}; nothing was run", code)
 
         if signer is None and signature is None:
             raise refuse("the request is not signed, and this host acts only on requests signed by a trusted key "
@@ -1046,12 +1072,14 @@ class Bus:
                                                               config=config), 15)
         except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):  # the latter: no -js at all
             raise NatsError(f"this NATS server has no JetStream stream {stream} (or no JetStream: nats-server -js): "
-                            "create it as docs/security.md shows ('Signed requests and audit'), or follow live events "
-                            "without --since") from None
+                            "create it as docs/security.md shows ('Signed requests and audit'), e.g. `nats stream add "
+                            f"--config` of {json.dumps(EVENTS_STREAM_CONFIG)}, or follow live events without --since"
+                            ) from None
         except (nats.errors.TimeoutError, NatsError):  # nats-py names the consumer and filter in the API subject
-            refused = self.denied(f"$JS.API.CONSUMER.CREATE.{stream}.{config.name}.{subject}", since=errors_before)
-            raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not read {subject} from the "
-                            f"JetStream stream {stream} ({refused})" if refused else
+            refused = any(self.denied(api, since=errors_before) for api in (
+                f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.{config.name}.{subject}"))
+            raise NatsError(f"replay (--since) needs an admin credential: this one ({self.nkey_file}) may not read "
+                            f"the JetStream stream {stream}; follow live events without --since" if refused else
                             f"the JetStream API did not answer about {stream}: is JetStream enabled (-js)?") from None
 
     def close(self) -> None:
@@ -1476,11 +1504,53 @@ def rollback_watchdog_command(args: argparse.Namespace) -> int:
     return 0
 
 
+REJECTION_WINDOW = 60.0  # seconds in which a daemon publishes at most one rejection event and one summary
+
+
+class Rejections:
+    """Bounds one host's (or repo's) rejection events, so junk requests cannot flood the events stream: in each
+    REJECTION_WINDOW the first rejection gets its event; later ones, and every request that fails authentication,
+    are only counted, and summary(count, reason) publishes the count when the window ends."""
+
+    def __init__(self, summary, daemon: str):
+        self.summary, self.daemon, self.lock = summary, daemon, threading.Lock()
+        self.window_end, self.reported, self.counted, self.unauthenticated = 0.0, False, 0, 0
+        self.timer: threading.Timer | None = None
+
+    def admit(self, unauthenticated: bool) -> bool:
+        """Whether this rejection gets an event of its own; else it is counted for the window's summary."""
+        with self.lock:
+            if time.monotonic() >= self.window_end:
+                self.window_end, self.reported = time.monotonic() + REJECTION_WINDOW, False
+                self.timer = threading.Timer(REJECTION_WINDOW, self.flush)
+                self.timer.daemon = True
+                self.timer.start()
+            if not (unauthenticated or self.reported):
+                self.reported = True
+                return True
+            self.counted, self.unauthenticated = self.counted + 1, self.unauthenticated + unauthenticated
+            return False
+
+    def flush(self) -> None:
+        """End the window: publish its count, if any (at the window's end, and when the daemon stops)."""
+        with self.lock:
+            counted, unauthenticated, self.counted, self.unauthenticated = self.counted, self.unauthenticated, 0, 0
+            self.window_end = 0.0
+            if self.timer:
+                self.timer.cancel()
+        if counted:
+            self.summary(counted, f"{counted} more request(s) rejected within {REJECTION_WINDOW:g}s have no event of "
+                                  f"their own ({unauthenticated} failed authentication and were not answered); the "
+                                  f"{self.daemon}'s log has each")
+
+
 class Listener:
     def __init__(self, args: argparse.Namespace, subjects: list[str], bus: Bus, metrics: ListenerMetrics | None,
                  stop: threading.Event, signers: TrustedSigners | None = None):
         self.hostname, self.tier, self.role = args.hostname, args.tier, args.role
-        self.signers = signers  # None: any request NATS delivers is acted on
+        self.signers = signers  # None: any request NATS delivers is acted on; no keys (--require-signed): none is
+        self.rejections = Rejections(lambda count, reason: self.announce(
+            Status.REJECTED, None, None, None, reason=reason, suppressed=count), "listener")
         self.flake_url, self.timeout, self.profile = args.flake_url, args.timeout, args.system_profile
         self.heartbeat_interval, self.rollback_timeout = args.heartbeat_interval, args.rollback_timeout
         self.restart_after_switch, self.allow_any_ref = args.restart_after_switch, args.allow_any_ref
@@ -1516,12 +1586,12 @@ class Listener:
         self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(response.to_dict()).encode())
 
     def announce(self, status: Status, rid: str | None, request: DeployRequest | None, signer: str | None,
-                 error: ErrorCode | None = None, reason: str = "") -> None:
+                 error: ErrorCode | None = None, reason: str = "", suppressed: int | None = None) -> None:
         """Publish a state change on deploy.events.<tier>.<host> for the audit trail; never raises (not confirmed)."""
         self.bus.publish(f"deploy.events.{self.tier}.{self.hostname}", AuditEvent(
             time.strftime(ISO_TIME_FORMAT, time.gmtime()), self.hostname, self.tier, None, rid, signer,
             request.action.value if request else None, request.revision if request else None, status,
-            error.value if error else None, clip(reason)).to_json())
+            error.value if error else None, clip(reason), suppressed).to_json())
 
     def handle_deploy(self, subject: str, data: bytes, received: float) -> None:
         request = signer = None
@@ -1536,17 +1606,17 @@ class Listener:
                     f"than the {request.expires_in:g}s its sender waits for `accepted` (expires_in); the listener is "
                     "overloaded, deploy again", ErrorCode.TIMEOUT, request.reply_to)
         except ProtocolError as e:
-            log.warning("host=%s subject=%s request=%s rejected: %s", self.hostname, subject,
-                        e.reply_to or "-", e)
-            rid = e.reply_to.rsplit(".", 1)[1] if e.reply_to else None
-            self.announce(Status.REJECTED, rid, request, signer, e.code, str(e))
+            rid = request_id(e.reply_to or request.reply_to) if e.reply_to or request else None
+            log.warning("host=%s subject=%s request=%s rejected: %s", self.hostname, subject, rid or "-", e)
+            if self.rejections.admit(unauthenticated=e.code is ErrorCode.UNAUTHORIZED and not e.reply_to):
+                self.announce(Status.REJECTED, rid, request, signer, e.code, str(e))
             if e.reply_to:
                 self.reply(e.reply_to, Status.REJECTED, e.code, str(e))
-                if self.metrics:
-                    action = None if e.code is ErrorCode.INVALID_ACTION else Action(decode_message(data)["action"])
-                    self.metrics.count(Status.REJECTED, action, e.code)
+            if self.metrics and (e.reply_to or request):  # refused signatures are counted too, though unanswered
+                action = None if e.code is ErrorCode.INVALID_ACTION else Action(decode_message(data)["action"])
+                self.metrics.count(Status.REJECTED, action, e.code)
             return
-        rid = request.reply_to.rsplit(".", 1)[1]
+        rid = request_id(request.reply_to)
         if not self.busy.acquire(blocking=False):
             running = self.current
             self.refuse(request, rid, signer, "already running", (
@@ -1610,7 +1680,8 @@ class Listener:
     def refuse(self, request: DeployRequest, rid: str, signer: str | None, why: str, message: str) -> None:
         """Answer `rejected`/already_running: the host cannot take a deploy now, a retry later can."""
         log.warning("host=%s request=%s rejected: %s", self.hostname, rid, why)
-        self.announce(Status.REJECTED, rid, request, signer, ErrorCode.ALREADY_RUNNING, message)
+        if self.rejections.admit(unauthenticated=False):
+            self.announce(Status.REJECTED, rid, request, signer, ErrorCode.ALREADY_RUNNING, message)
         self.reply(request.reply_to, Status.REJECTED, ErrorCode.ALREADY_RUNNING, message)
         if self.metrics:
             self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
@@ -1705,10 +1776,10 @@ class Listener:
         message = (f"the listener on {self.hostname} stopped while nixos-rebuild {action.value} of {revision} was "
                    f"running (started {started}); its outcome is unknown{generations}. Check the host and deploy "
                    "again; it was not re-run")
-        log.warning("host=%s request=%s reporting interrupted deploy: %s", self.hostname,
-                    reply_to.rsplit(".", 1)[1], message)
+        log.warning("host=%s request=%s reporting interrupted deploy: %s", self.hostname, request_id(reply_to),
+                    message)
         self.reply(reply_to, Status.FAILED, ErrorCode.INTERRUPTED, message)
-        self.announce(Status.FAILED, reply_to.rsplit(".", 1)[1], DeployRequest(action, revision, reply_to), None,
+        self.announce(Status.FAILED, request_id(reply_to), DeployRequest(action, revision, reply_to), None,
                       ErrorCode.INTERRUPTED, message)
         if self.metrics:
             self.metrics.count(Status.FAILED, action, ErrorCode.INTERRUPTED)
@@ -1960,7 +2031,7 @@ class Listener:
                     record = json.load(f)
                 reply_to = parse_reply_to(record, "deploy")
                 response = DeployResponse.parse(json.dumps(record["response"]).encode())
-                schedule, rid = record["schedule"], reply_to.rsplit(".", 1)[1]
+                schedule, rid = record["schedule"], request_id(reply_to)
                 latest = time.time() + RESEND_AFTER[-1]
                 if not (response.status.final and response.hostname == self.hostname
                         and name == f"{RESEND_PREFIX}{rid}.json" and isinstance(schedule, list) and schedule
@@ -1982,10 +2053,11 @@ class Listener:
             log.warning("host=%s %s request ignored: %s", self.hostname,
                         "status" if subject == STATUS_SUBJECT else "discovery", e)
             return
+        unsigned = self.signers is None
         answer = (HostStatus(self.hostname, self.tier, self.role, self.subjects, self.busy.locked(),
-                             current_generation(self.profile), self.profile_commit(), self.history).to_dict()
-                  if subject == STATUS_SUBJECT else
-                  HostInfo(self.hostname, self.tier, self.role, self.subjects, __version__, self.busy.locked())._asdict())
+                             current_generation(self.profile), self.profile_commit(), self.history, unsigned).to_dict()
+                  if subject == STATUS_SUBJECT else HostInfo(self.hostname, self.tier, self.role, self.subjects,
+                                                             __version__, self.busy.locked(), unsigned)._asdict())
         self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(answer).encode())
         log.debug("host=%s answered %s on %s", self.hostname, subject, reply_to)
 
@@ -2006,18 +2078,17 @@ def run_listener(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
     try:
         signers = TrustedSigners.load(args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [],
-                                      os.path.join(args.state_dir, "nonces.json"))
+                                      os.path.join(args.state_dir, "nonces.json"), required=args.require_signed)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     import fcntl
 
-    lock_file = os.path.join(args.state_dir, "lock")
     try:
         os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
         if os.stat(args.state_dir).st_mode & 0o077:
             log.warning("state directory %s is accessible to group or others; run `chmod 700 %s`",
                         args.state_dir, args.state_dir)
-        lock = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # held (close-on-exec) until the process ends
+        lock = os.open(os.path.join(args.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)  # held until the exit
     except OSError as e:
         raise SystemExit(f"error: cannot use state directory {args.state_dir}: {e.strerror}; "
                          "pass --state-dir DIR (a directory only this listener writes)") from None
@@ -2043,10 +2114,10 @@ def run_listener(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
     listener = Listener(args, subjects, bus, metrics, stop, signers)
-    if signers is None:
-        log.warning("host=%s no trusted keys: any credential that NATS lets publish on this host's subjects can deploy "
-                    "it; pass --trusted-key PUBKEY[=NAME] (module option trustedKeys; `homelab-deploy nats-config "
-                    "--trusted-keys-dir` writes them) to act only on requests signed by those keys", args.hostname)
+    if signers is None or not signers.keys:
+        log.warning("host=%s %s; pass --trusted-key PUBKEY[=NAME] (module option trustedKeys)", args.hostname,
+                    "--require-signed without trusted keys: every deploy is rejected (unauthorized)" if signers else
+                    "unsigned: no trusted keys, so any credential NATS lets publish on its subjects can deploy it")
     else:
         log.info("host=%s acting only on requests signed by %s", args.hostname, ", ".join(sorted(signers.keys.values())))
     try:
@@ -2069,6 +2140,7 @@ def run_listener(args: argparse.Namespace) -> int:
             listener.kill.set()  # the deploy thread kills nixos-rebuild's group and reports `failed`
             listener.reporting.acquire(timeout=60)
     log.info("host=%s shutting down", args.hostname)
+    listener.rejections.flush()  # the count of the window still open
     bus.close()
     return 0
 
@@ -2172,6 +2244,9 @@ class Builder:
         self.running = {name: threading.Lock() for name in repos}  # one build per repo at a time
         self.reporting = {name: threading.Lock() for name in repos}  # held while a build's final answer goes out
         self.current: dict[str, tuple[BuildRequest, float]] = {}
+        self.rejections = {name: Rejections(lambda count, reason, repo=name: self.announce(
+            Status.REJECTED, None, repo, None, None, None, reason=reason, suppressed=count), "builder")
+            for name in repos}
 
     def start(self) -> None:
         for name in self.repos:
@@ -2182,15 +2257,17 @@ class Builder:
         self.bus.publish(answer_subject(reply_to, repo), json.dumps(answer.to_dict()).encode())
 
     def announce(self, status: Status, rid: str | None, repo: str, target: str | None, branch: str | None,
-                 signer: str | None, error: BuildErrorCode | None = None, reason: str = "") -> None:
-        """Publish a state change on build.events.<repo> for the audit trail; never raises (not confirmed)."""
+                 signer: str | None, error: BuildErrorCode | None = None, reason: str = "",
+                 suppressed: int | None = None) -> None:
+        """Publish a state change on build.events.<repo> for the audit trail; never raises (not confirmed).
+        Rejections go through self.rejections first."""
         self.bus.publish(f"build.events.{repo}", AuditEvent(
             time.strftime(ISO_TIME_FORMAT, time.gmtime()), target, None, repo, rid, signer, "build", branch, status,
-            error.value if error else None, clip(reason)).to_json())
+            error.value if error else None, clip(reason), suppressed).to_json())
 
     def handle_build(self, subject: str, data: bytes, received: float) -> None:
         _, subject_repo, subject_target = subject.split(".", 2)
-        signer = None
+        signer = request = None
         try:
             request = BuildRequest.parse(data, self.allow_any_ref)
             if request.repo != subject_repo:
@@ -2204,18 +2281,20 @@ class Builder:
             signer = (self.signers.verify(subject, data, request.reply_to, BuildErrorCode.UNAUTHORIZED)
                       if self.signers else None)
         except ProtocolError as e:
-            rid = e.reply_to.rsplit(".", 1)[1] if e.reply_to else "-"
-            log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid, e)
-            self.announce(Status.REJECTED, e.reply_to and rid, subject_repo,
-                          subject_target if is_subject_token(subject_target) else None, None, signer, e.code, str(e))
+            rid = request_id(e.reply_to or request.reply_to) if e.reply_to or request else None
+            log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid or "-", e)
+            if self.rejections[subject_repo].admit(e.code is BuildErrorCode.UNAUTHORIZED and not e.reply_to):
+                self.announce(Status.REJECTED, rid, subject_repo, subject_target if is_subject_token(subject_target)
+                              else None, None, signer, e.code, str(e))
             if e.reply_to:
                 self.reply(e.reply_to, Status.REJECTED, str(e), repo=subject_repo, error_code=e.code)
             return
-        rid = request.reply_to.rsplit(".", 1)[1]
+        rid = request_id(request.reply_to)
         repo = self.repos[subject_repo]
         branch = request.branch or repo.default_branch
         if self.stop.is_set():
-            self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer, None, "shutting down")
+            if self.rejections[repo.name].admit(False):
+                self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer, None, "shutting down")
             self.reply(request.reply_to, Status.REJECTED, "the builder is shutting down; retry when it is back",
                        repo=repo.name)
             return
@@ -2225,8 +2304,9 @@ class Builder:
             message = (f"a build of {repo.name} is already running ({what}for {time.monotonic() - since:.0f}s); "
                        "retry when it ends")
             log.warning("repo=%s host=%s request=%s rejected: already running", repo.name, request.target, rid)
-            self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer,
-                          BuildErrorCode.ALREADY_RUNNING, message)
+            if self.rejections[repo.name].admit(False):
+                self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer,
+                              BuildErrorCode.ALREADY_RUNNING, message)
             self.reply(request.reply_to, Status.REJECTED, message, repo=repo.name,
                        error_code=BuildErrorCode.ALREADY_RUNNING)
             return
@@ -2390,6 +2470,8 @@ def run_builder(args: argparse.Namespace) -> int:
     for lock in [*builder.running.values(), *builder.reporting.values()]:  # builds, then their final answers
         if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             lock.release()
+    for rejections in builder.rejections.values():  # the counts of the windows still open
+        rejections.flush()
     bus.close()
     return 0
 
@@ -2568,6 +2650,10 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
         new = response.hostname not in hosts
         if not new and hosts[response.hostname].status.final:
             return False  # a final status is final
+        if not new and response.status is Status.REJECTED:  # after `accepted`: it answers a forged request
+            log.warning("ignoring `rejected` from %s after its `accepted`: an answer to another request on this "
+                        "reply subject", response.hostname)
+            return False
         hosts[response.hostname] = response
         unheard.discard(response.hostname)
         (unfinished.discard if response.status.final else unfinished.add)(response.hostname)
@@ -2832,8 +2918,9 @@ def deploy_command(args: argparse.Namespace) -> int:
     ok = report_deploy(args, subject, revision, list(hosts.values()))
     if not hosts:
         print(f"error: no host answered on {subject} within {args.answer_window:.0f}s; check the subject "
-              "(`homelab-deploy list-hosts` shows what is listening) and that the listeners are connected",
-              file=sys.stderr)
+              "(`homelab-deploy list-hosts` shows what is listening), that the listeners are connected, and that "
+              f"they trust this key ({bus.public_key}): a host never answers a request whose signature it refuses "
+              "(its log says why)", file=sys.stderr)
         return 4
     if not finished:
         waiting = [h for h, r in sorted(hosts.items()) if not r.status.final]
@@ -2945,7 +3032,8 @@ def status_command(args: argparse.Namespace) -> int:
     else:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "GEN", "COMMIT", "LAST DEPLOY")]
         for h in hosts:
-            rows.append((h.hostname, h.tier, h.role or "-", "deploying" if h.deploying else "idle",
+            rows.append((h.hostname, h.tier, h.role or "-",
+                         ("deploying" if h.deploying else "idle") + (",unsigned" if h.unsigned else ""),
                          "-" if h.generation is None else str(h.generation), (h.commit or "-")[:12], last_deploy(h)))
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
         for row, host in zip(rows, [None, *hosts]):
@@ -3000,8 +3088,14 @@ def events_command(args: argparse.Namespace) -> int:
             except ProtocolError as e:
                 log.warning("ignoring a malformed audit event on %s: %s", subject, e)
                 continue
-            if subject.rsplit(".", 1)[1] != (event.repo or event.host):  # only that daemon may publish there
-                log.warning("ignoring an audit event on %s that claims to come from %r", subject, event.repo or event.host)
+            kind, _, *source = subject.split(".")  # only that daemon may publish there: it says who, not the payload
+            if kind == "deploy" and len(source) == 2 and source[0] in TIERS and is_subject_token(source[1]):
+                event = event._replace(tier=source[0], host=source[1], repo=None)
+            elif kind == "build" and len(source) == 1 and is_subject_token(source[0]):
+                event = event._replace(tier=None, repo=source[0])  # host: the build's target, as the builder says
+            else:
+                log.warning("ignoring an audit event on %s: not deploy.events.<tier>.<host> or build.events.<repo>",
+                            subject)
                 continue
             if args.json:
                 print(event.to_json().decode(), flush=True)
@@ -3009,7 +3103,7 @@ def events_command(args: argparse.Namespace) -> int:
             where = f"build {event.repo}/{event.host or '?'}" if event.repo else f"{event.tier}/{event.host}"
             what = " ".join(str(v) for v in (event.action, event.revision) if v)
             print(f"{event.time} {where} {event.status.value}{f' [{event.error}]' if event.error else ''} {what} "
-                  f"signer={event.signer or '-'} request={event.request or '-'}"
+                  f"signer={event.signer or '-'} id={event.id or '-'}"
                   + (f": {event.reason}" if event.reason and event.status in (Status.REJECTED, Status.FAILED) else ""),
                   flush=True)
     finally:
@@ -3210,19 +3304,21 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
 
     # Replies: each client reads only its own (<kind>.responses.<its key>.>); each host answers only as itself
     # (deploy.responses.*.*.<hostname>) and a builder only for its repos, so an answer's subject names its sender.
-    # Audit events: each daemon publishes its own; deployers read their tier's, live or from the JetStream stream.
-    def events_reader(*filters: str) -> list[str]:
-        return [f"$JS.API.STREAM.INFO.{EVENTS_STREAM}", *(f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in filters)]
+    # Audit events: each daemon publishes its own; deployers read their tier's live. JetStream API rights (replay)
+    # are admins' only: the server neither checks a consumer's deliver subject nor a JS API reply subject, so a
+    # reader of a stream that test hosts write into could have it publish their text on any subject (a deploy).
+    events_replay = [f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
+                     *(f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in ("deploy.events.>", "build.events.>"))]
 
     def build_client(public: str, repo_names: list[str]) -> tuple[list[str], list[str]]:
         return [f"build.{r}.*" for r in repo_names], [f"build.responses.{public}.>",
                                                       *(f"build.events.{r}" for r in repo_names)]
 
     def test_deployer(public: str) -> tuple[list[str], list[str]]:
-        return (["deploy.test.>", discover, STATUS_SUBJECT, *events_reader("deploy.events.test.>")],
+        return (["deploy.test.>", discover, STATUS_SUBJECT],
                 [f"deploy.responses.{public}.>", discover, "deploy.events.test.>"])
 
-    admin_deployer = (["deploy.>", *events_reader("deploy.events.>", "build.events.>")], ["deploy.>", "build.events.>"])
+    admin_deployer = (["deploy.>", *events_replay], ["deploy.>", "build.events.>"])
 
     for section, fields in FLEET_SECTIONS.items():
         entries = fleet.get(section) or []
@@ -3260,7 +3356,7 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                     raise FleetError(f"{where}: deploy_subjects: {e}") from None
                 credentials.append(Credential(
                     f"listener {name} (tier {tier}{', role ' + role if role else ''})", key(entry, where),
-                    (f"deploy.responses.*.*.{name}", discover, f"deploy.events.{tier}.{name}"),
+                    (f"deploy.responses.*.*.{name}", f"deploy.events.{tier}.{name}"),  # no requests: no discovery
                     (*own, discover, STATUS_SUBJECT), name, (f"deploy.{tier}.{name}",), site))
             elif section == "sites":  # the hub knows the site's leaf node as one user with all its hosts' rights
                 hub = entry.get("hub")
@@ -3781,6 +3877,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reported (default: act on any request NATS delivers, with a warning)")
     p.add_argument("--trusted-keys-file", metavar="FILE",
                    help="more trusted keys, one PUBKEY[=NAME] per line, # comments")
+    p.add_argument("--require-signed", action="store_true",
+                   help="without trusted keys, reject every deploy (unauthorized) instead of acting on unsigned "
+                        "requests; the NixOS module sets this unless requireSigned = false")
     p.add_argument("--system-profile", default="/nix/var/nix/profiles/system",
                    help="system profile whose generation is reported after switch/boot "
                         "(default: /nix/var/nix/profiles/system)")

@@ -88,6 +88,7 @@ class ListedHost:
     deploy_subjects: list[str]
     version: str
     deploying: bool
+    unsigned: bool  # the listener acts on unsigned requests (no trusted keys, requireSigned off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +314,7 @@ class FleetTools:
             f"{sum(h.tier == t for h in hosts)} {t}" for t in hd.TIERS if any(h.tier == t for h in hosts))
         lines = [summary] + [
             f"{h.hostname}: tier {h.tier}, role {h.role or '-'}, {'deploying' if h.deploying else 'idle'}, "
+            f"{'UNSIGNED (acts on any request NATS delivers), ' if h.unsigned else ''}"
             f"version {h.version or '?'}, subjects {' '.join(h.deploy_subjects)}" for h in hosts]
         return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))],
                               structured_content=dataclasses.asdict(

@@ -138,6 +138,7 @@ let
     ++ [ "--discover-subject" lcfg.discoverSubject ]
     # Exit after reporting a successful switch; Restart=always starts the new unit (see restartIfChanged).
     ++ [ "--restart-after-switch" ]
+    ++ lib.optionals lcfg.requireSigned [ "--require-signed" ]
     ++ lib.optionals lcfg.allowAnyRef [ "--allow-any-ref" ]
     ++ lib.concatMap (key: [ "--trusted-key" key ]) lcfg.trustedKeys
     ++ lib.optionals (lcfg.trustedKeysFile != null) [ "--trusted-keys-file" (toString lcfg.trustedKeysFile) ]
@@ -286,10 +287,22 @@ in
       description = ''
         NKey user public keys, as `PUBKEY` or `PUBKEY=NAME`, whose signed
         requests this host acts on; any other request is rejected with error
-        `unauthorized`.  Empty (and no `trustedKeysFile`): every request NATS
-        delivers is acted on, with a warning at start.  `homelab-deploy
+        `unauthorized`.  Empty (and no `trustedKeysFile`): every deploy is
+        rejected `unauthorized`, unless `requireSigned = false`.  `homelab-deploy
         nats-config` prints each host's keys.  See docs/security.md,
         "Signed requests and audit".
+      '';
+    };
+
+    requireSigned = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Act only on signed requests: a host without `trustedKeys` (or
+        `trustedKeysFile`) answers every deploy `rejected`/`unauthorized`
+        naming this option.  `false`: such a host acts on any request NATS
+        delivers (the upstream tool's behaviour), warns at every start, and
+        `homelab-deploy status` marks it `unsigned`.
       '';
     };
 

@@ -236,10 +236,10 @@ SUBJECTS = {
 TEST_DEPLOY_PUB = {"own host", "other host", "own role", "other role", "tier all", "discovery", "status"}
 DEPLOY_ALL = {c for c, s in SUBJECTS.items() if s.startswith("deploy.")}
 MATRIX = {
-    "t1": ({"t1 answers tdep", "t1 answers admin", "discovery", "t1 events"},
+    "t1": ({"t1 answers tdep", "t1 answers admin", "t1 events"},
            {"own host", "tier all", "discovery", "status"}),
-    "t2": ({"t2 answers mcp", "discovery"}, {"other host", "own role", "tier all", "discovery", "status"}),
-    "p1": ({"p1 answers admin", "discovery", "p1 events"},
+    "t2": ({"t2 answers mcp"}, {"other host", "own role", "tier all", "discovery", "status"}),
+    "p1": ({"p1 answers admin", "p1 events"},
            {"other tier host", "prod role", "prod all", "discovery", "status"}),
     "tdep": (TEST_DEPLOY_PUB, {"t1 answers tdep", "discovery", "t1 events"}),
     "admin": (DEPLOY_ALL, DEPLOY_ALL | {"r1 events", "r2 events"}),

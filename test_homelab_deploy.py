@@ -1107,7 +1107,7 @@ class TestStatus:
         r = self.status(nats_server)
         assert r.returncode == 0, r.stderr
         rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
-        assert rows["testhost1"][:7] == ["testhost1", "test", "-", "idle", "1", COMMIT_A[:12], "switch"]
+        assert rows["testhost1"][:7] == ["testhost1", "test", "-", "idle,unsigned", "1", COMMIT_A[:12], "switch"]
         assert rows["testhost2"][4:9] == ["1", "-", "switch", "master", "completed"]
         assert rows["dns1"][4:] == ["-", "-", "-"]
         r = self.status(nats_server, "deploy.test.role.web", "--history", "1")

@@ -404,7 +404,7 @@ class TestAutomaticRollback:
         assert "rolled back with `nixos-rebuild switch --rollback`" in reply["message"]
         history = json.loads((host.standin.dir / "state" / "history.json").read_text())
         assert [(r["request"], r["status"], r["error"], r["generation_before"], r["generation_after"])
-                for r in history] == [(reply_to.rsplit(".", 1)[1], "failed", "rolled_back", 1, 1)]
+                for r in history] == [(hd.request_id(reply_to), "failed", "rolled_back", 1, 1)]
 
     def test_watchdog_survives_sigkill_of_the_listener(self, nats_server, start_listener, bus_factory):
         """The switch cuts the host off NATS (the server stops), the listener waiting to confirm is SIGKILLed with
@@ -436,7 +436,7 @@ class TestAutomaticRollback:
         first = int(re.search(r"rollback watchdog armed \(pid (\d+)\)", host.log_text())[1])
         with open(host.log, "ab") as log:
             second = subprocess.Popen([*PROGRAM, "rollback-watchdog", "--state-dir", str(host.standin.dir / "state"),
-                                       "--request", reply_to.rsplit(".", 1)[1], "--rollback-timeout", "1",
+                                       "--request", hd.request_id(reply_to), "--rollback-timeout", "1",
                                        "--timeout", "10"], env=host.env, stdout=log, stderr=log, start_new_session=True)
         try:
             assert second.wait(60) == 0

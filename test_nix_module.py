@@ -294,6 +294,7 @@ def test_listener_minimal_exec_start(nix):
         *DEFAULT_SUBJECT_ARGS,
         "--discover-subject", "deploy.discover",
         "--restart-after-switch",
+        "--require-signed",
     ]
 
 
@@ -422,6 +423,11 @@ def test_trusted_keys(nix):
     assert argv[argv.index("--trusted-keys-file") + 1] == "/etc/homelab-deploy/trusted.keys"
     argv = listener_argv(nix, host(listener=listener_config()))
     assert "--trusted-key" not in argv and "--trusted-keys-file" not in argv
+
+
+def test_require_signed_is_the_default_and_can_be_turned_off(nix):
+    assert listener_argv(nix, host(listener=listener_config())).count("--require-signed") == 1
+    assert "--require-signed" not in listener_argv(nix, host(listener=listener_config(requireSigned=False)))
 
 
 def test_builder_trusted_keys_reach_its_generated_config(nix):

@@ -1417,7 +1417,7 @@ class TestHostileAnswersAtClients:
         host = start_listener("testhost1", "test")
         bus = bus_factory(nats_server, "test-deployer")
         genuine = hd.HostInfo("testhost1", "test", None, ["deploy.test.testhost1", "deploy.test.all"], hd.__version__,
-                              False)
+                              False, unsigned=True)
 
         def in_process() -> None:
             assert hd.discover_hosts(bus, stragglers=0.05) == [genuine]
@@ -1469,8 +1469,8 @@ FLOOD_REQUESTS = 100_000  # discovery requests; the unbounded queue of before gr
 
 
 def flood_discovery(url: str, seed: Path, half_sent: threading.Event) -> None:
-    """Publish FLOOD_REQUESTS discovery requests as fast as nats-py can, with a listener's credential (it may
-    publish on deploy.discover); sets `half_sent` halfway."""
+    """Publish FLOOD_REQUESTS discovery requests as fast as nats-py can, with a deployer's credential (hosts may
+    not publish on deploy.discover); sets `half_sent` halfway."""
     import asyncio
 
     import nats
@@ -1500,7 +1500,7 @@ class TestOverload:
                 rss.append(proc_status(pid)[0])
 
         threads = [threading.Thread(target=sample_rss),
-                   threading.Thread(target=flood_discovery, args=(nats_server.url, nats_server.seeds["testhost1"],
+                   threading.Thread(target=flood_discovery, args=(nats_server.url, nats_server.seeds["test-deployer"],
                                                                   half_sent))]
         for thread in threads:
             thread.start()

@@ -74,12 +74,27 @@ class TestSignedDeploys:
 
     def test_without_trusted_keys_a_warning_and_todays_behaviour(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test")
-        assert "no trusted keys: any credential that NATS lets publish on this host's subjects can deploy it" in \
-            host.log_text()
+        assert "WARNING host=testhost1 unsigned: no trusted keys, so any credential NATS lets publish on its subjects " \
+               "can deploy it" in host.log_text()
         bus = bus_factory(nats_server, "test-deployer")
         answers = send(bus, "deploy.test.testhost1", *signed(bus, "deploy.test.testhost1", {
             "action": "test", "revision": "main"}, signature=None, signer=None))
         assert answers[-1]["status"] == "completed" and len(host.standin.calls) == 1
+        status = ["status", "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])]
+        assert json.loads(run_cli(*status, "--json").stdout)[0]["unsigned"] is True
+        assert run_cli(*status).stdout.splitlines()[1].split()[:4] == ["testhost1", "test", "-", "idle,unsigned"]
+
+    def test_require_signed_without_trusted_keys_rejects_deploys_naming_the_option(self, nats_server,
+                                                                                  start_listener):
+        host = start_listener("testhost1", "test", None, "--require-signed")
+        assert "WARNING host=testhost1 --require-signed without trusted keys: every deploy is rejected" in \
+            host.log_text()
+        flags = ["--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])]
+        r = run_cli("deploy", "deploy.test.testhost1", *flags)
+        assert r.returncode == 1 and "testhost1: rejected [unauthorized]" in r.stderr, r.stderr
+        assert "(module option requireSigned" in r.stderr and "trustedKeys" in r.stderr
+        assert "or set requireSigned = false" in r.stderr and host.standin.calls == []
+        assert json.loads(run_cli("status", "--json", *flags).stdout)[0]["unsigned"] is False
 
     def test_forged_stale_replayed_unknown_and_readdressed_requests_run_nothing(self, nats_server, start_listener,
                                                                               bus_factory):
@@ -100,19 +115,28 @@ class TestSignedDeploys:
             "garbled signature": (*signed(bus, subject, body, signature="!!"), "does not match"),
             "bad nonce": (*signed(bus, subject, body, nonce="x"), "malformed signature fields"),
         }
+        answered = {b: b.inbox(f"deploy.responses.{b.public_key}.>") for b in (bus, admin)}
         for name, (payload, reply_to, why) in cases.items():
-            sender = admin if name == "unknown signer" else bus
-            answers = send(sender, subject, payload, reply_to)
-            assert [(a["status"], a["error"]) for a in answers] == [("rejected", "unauthorized")], (name, answers)
-            assert why in answers[0]["message"] and "nothing was run" in answers[0]["message"], (name, answers)
-            assert why in host.log_text(), name
+            (admin if name == "unknown signer" else bus).publish(subject, payload, confirm=True)
         # answers must go to the signer: a request whose reply_to names another key is refused (seen in the log)
         payload, _ = signed(bus, subject, body)
         obj = json.loads(payload)
         bus.publish(subject, json.dumps(resign(bus, subject, {
             **obj, "reply_to": hd.new_reply_subject("deploy", admin.public_key)})).encode(), confirm=True)
-        wait_for(lambda: "not to the signer" in host.log_text(), what="the re-addressed request to be refused")
-        assert len(host.standin.calls) == 1
+        wait_for(lambda: host.log_text().count("rejected: unauthorized: ") == len(cases) + 1,
+                 what="every forged request to be refused")
+        assert all(why in host.log_text() for *_, why in cases.values()) and "not to the signer" in host.log_text()
+        # none is answered (a forged request could aim a `rejected` at someone's deploy): the listener's answers
+        # leave in order, so any answer to them is in before the final status of a genuine request sent now
+        last, last_reply = signed(bus, subject, body)
+        bus.publish(subject, last, confirm=True)
+        got = []
+        while not got or got[-1] != (last_reply.rsplit(".", 1)[1], "completed"):
+            answered_on, data = answered[bus].get(timeout=60)
+            got.append((answered_on.split(".")[3], json.loads(data)["status"]))
+        assert {token for token, _ in got} == {last_reply.rsplit(".", 1)[1]}, got
+        assert answered[admin].empty()
+        assert "nothing was run" in host.log_text() and len(host.standin.calls) == 2
 
     def test_a_restart_does_not_reopen_the_replay_window(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test", None, *trusted(nats_server, "test-deployer"))
@@ -122,8 +146,8 @@ class TestSignedDeploys:
         host.stop()
         host.log.write_text("")
         host.start()
-        answers = send(bus, "deploy.test.testhost1", payload, reply_to)
-        assert answers[-1]["error"] == "unauthorized" and "used before" in answers[-1]["message"]
+        bus.publish("deploy.test.testhost1", payload, confirm=True)  # refused without an answer
+        wait_for(lambda: "used before" in host.log_text(), what="the replay to be refused")
         assert len(host.standin.calls) == 1
 
     def test_a_permissive_server_still_cannot_make_a_prod_host_deploy(self, tmp_path):
@@ -136,7 +160,8 @@ class TestSignedDeploys:
             host = conftest.Listener(server, "dns1", "prod", "dns", tmp_path, *trusted(server, "admin")).start()
             deploy = ["deploy", "deploy.prod.dns1", "--nats-url", server.url, "--nkey-file"]
             r = run_cli(*deploy, str(server.seeds["test-deployer"]))
-            assert r.returncode == 1 and "rejected [unauthorized]" in r.stderr and "not a trusted key" in r.stderr
+            assert r.returncode == 4 and "not a trusted key" in host.log_text()  # refused without an answer
+            assert "a host never answers a request whose signature it refuses" in r.stderr
             assert host.standin.calls == []
             r = run_cli(*deploy, str(server.seeds["admin"]))
             assert r.returncode == 0 and "(signed by admin)" in r.stderr, r.stderr
@@ -221,7 +246,7 @@ def follow(tmp_path):
 
 
 def events_of(out: Path, request: str | None = None) -> list[dict]:
-    return [e for e in map(json.loads, out.read_text().splitlines()) if request is None or e["request"] == request]
+    return [e for e in map(json.loads, out.read_text().splitlines()) if request is None or e["id"] == request]
 
 
 EVENTS_STREAM_JSON = re.search(r"```json\n(\{\n  \"name\": \"HOMELAB_DEPLOY_EVENTS\".*?)```",
@@ -235,17 +260,20 @@ class TestAuditEvents:
         bus = bus_factory(nats_server, "test-deployer")
         payload, reply_to = signed(bus, "deploy.test.testhost1", {"action": "boot", "revision": "v1"})
         assert send(bus, "deploy.test.testhost1", payload, reply_to)[-1]["status"] == "completed"
-        rid = reply_to.rsplit(".", 1)[1]
+        rid = hd.request_id(reply_to)
         wait_for(lambda: len(events_of(out, rid)) == 3, what="three events of the deploy")
         assert [(e["status"], e["host"], e["tier"], e["signer"], e["action"], e["revision"], e["error"])
                 for e in events_of(out, rid)] == [
             (status, "testhost1", "test", "test-deployer", "boot", "v1", None)
             for status in ("accepted", "started", "completed")]
-        send(bus, "deploy.test.testhost1", payload, reply_to)  # a replay: rejected, and said so in the trail
-        wait_for(lambda: len(events_of(out, rid)) == 4, what="the rejection's event")
-        rejected = events_of(out, rid)[-1]
-        assert (rejected["status"], rejected["error"]) == ("rejected", "unauthorized")
-        assert "used before" in rejected["reason"]
+        assert reply_to.rsplit(".", 1)[1] not in out.read_text() and "request" not in events_of(out)[0]
+        bus.publish("deploy.test.testhost1", payload, confirm=True)  # a replay: no answer, no event of its own
+        wait_for(lambda: "used before" in host.log_text(), what="the replay to be refused")
+        host.stop()  # closes the rejection window: its summary counts the replay
+        wait_for(lambda: len(events_of(out)) == 4, what="the summary of the rejections")
+        summary = events_of(out)[-1]
+        assert (summary["status"], summary["id"], summary["suppressed"]) == ("rejected", None, 1)
+        assert "1 failed authentication" in summary["reason"]
         assert len(host.standin.calls) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -256,7 +284,8 @@ class TestAuditEvents:
         assert "may not subscribe to 'deploy.events.>'" in err.read_text() and "add --tier test" in err.read_text()
 
     def test_the_stream_replays_what_happened_before_the_cli_started(self, tmp_path, follow):
-        assert EVENTS_STREAM_JSON, "docs/security.md shows the stream definition"
+        assert EVENTS_STREAM_JSON and json.loads(EVENTS_STREAM_JSON[1]) == hd.EVENTS_STREAM_CONFIG, \
+            "docs/security.md shows the stream definition the code uses (EVENTS_STREAM_CONFIG)"
         server = conftest.NatsServer(tmp_path, {**conftest.FLEET, "ops": {"publish": [">"], "subscribe": [">"]}})
         server.config.write_text(server.config.read_text() + f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n')
         host = None
@@ -268,8 +297,8 @@ class TestAuditEvents:
             try:
                 from nats.js.api import StreamConfig
 
-                config = StreamConfig.from_response(json.loads(EVENTS_STREAM_JSON.group(1)))
-                assert config.max_age == 90 * 86400
+                config = StreamConfig.from_response(dict(hd.EVENTS_STREAM_CONFIG))
+                assert config.max_age == 90 * 86400 and config.max_msgs and config.max_bytes  # bounded
                 ops._call(ops.nc.jetstream().add_stream(config))
             finally:
                 ops.close()
@@ -277,7 +306,11 @@ class TestAuditEvents:
             deploy = ["deploy", "deploy.test.testhost1", "--json", "--nats-url", server.url, "--nkey-file",
                       str(server.seeds["admin"])]
             assert run_cli(*deploy).returncode == 0
-            _, out, _ = follow(server, "test-deployer", "--tier", "test", "--since", "1h", "--json")
+            proc, _, err = follow(server, "test-deployer", "--tier", "test", "--since", "1h", ready="error")
+            assert proc.wait(30) == 3 and err.read_text().splitlines() == [(
+                f"error: replay (--since) needs an admin credential: this one ({server.seeds['test-deployer']}) may "
+                "not read the JetStream stream HOMELAB_DEPLOY_EVENTS; follow live events without --since")]
+            _, out, _ = follow(server, "admin", "--tier", "test", "--since", "1h", "--json")
             wait_for(lambda: [e["status"] for e in events_of(out)] == ["accepted", "started", "completed"],
                      what="the stored events")
             assert run_cli(*deploy, "--branch", "v2").returncode == 0  # then live ones, from the same consumer
@@ -304,14 +337,15 @@ class TestSignedBuilds:
             q = client.inbox(hd.answer_subject(reply_to, "*"))
             client.publish("build.fleet.all", json.dumps({"repo": "fleet", "target": "all",
                                                           "reply_to": reply_to}).encode(), confirm=True)
-            [answer] = collect(q, has_final, 60, "the builder's answer")
-            assert (answer["status"], answer["error_code"]) == ("rejected", "unauthorized")
+            wait_for(lambda: "the request is not signed" in builder.log_text(), what="the unsigned build refused")
             assert builder.nix_calls == []
             r = run_cli("build", "fleet", "--nats-url", nats_server.url, "--nkey-file",
                         str(nats_server.seeds["build-client"]))
             assert r.returncode == 0, r.stderr
-            seen = collect(events, lambda got: len(got) >= 3, 60, "the build events")
-            assert [(e["status"], e["repo"], e["host"], e["signer"]) for e in seen] == [
-                ("rejected", "fleet", "all", None), ("started", "fleet", "all", "ci"), ("completed", "fleet", "all", "ci")]
         finally:
-            builder.stop()
+            builder.stop()  # ends the rejection window: its summary counts the unsigned request
+        seen = collect(events, lambda got: len(got) >= 3, 60, "the build events")
+        assert [(e["status"], e["repo"], e["host"], e["signer"], e["suppressed"]) for e in seen] == [
+            ("started", "fleet", "all", "ci", None), ("completed", "fleet", "all", "ci", None),
+            ("rejected", "fleet", None, None, 1)]
+        assert q.empty()  # the unsigned request got no answer
