@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 import conftest
+import homelab_deploy as hd
 from conftest import PROGRAM, run_cli, wait_for
 from test_builder import GOOD, flake, needs_nix, nix_store, start_builder  # noqa: F401 (fixtures)
 from test_homelab_deploy import deploy_args, git_repo  # noqa: F401 (a fixture: a git repo with main and tag v1)
@@ -260,4 +261,5 @@ def test_events_since_on_a_server_without_jetstream_exits_3(nats_server):
     assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.splitlines() == [
         "error: this NATS server has no JetStream stream HOMELAB_DEPLOY_EVENTS (or no JetStream: nats-server -js): "
-        "create it as docs/security.md shows ('Signed requests and audit'), or follow live events without --since"]
+        "create it as docs/security.md shows ('Signed requests and audit'), e.g. `nats stream add --config` of "
+        f"{json.dumps(hd.EVENTS_STREAM_CONFIG)}, or follow live events without --since"]
