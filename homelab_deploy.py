@@ -642,9 +642,9 @@ class TrustedSigners:
         if signer is None and signature is None:
             raise refuse("the request is not signed, and this host acts only on requests signed by a trusted key "
                          "(homelab-deploy's CLI and MCP server sign every request with their NKey)")
-        if not (isinstance(signer, str) and type(signed_at) is int and isinstance(nonce, str)
-                and NONCE_RE.fullmatch(nonce) and isinstance(signature, str)):
-            raise refuse("malformed signature fields (signer, signed_at, nonce, signature)")
+        if not (isinstance(signer, str) and type(signed_at) is int and 0 < signed_at < 2 ** 40  # float() of 10**400
+                and isinstance(nonce, str) and NONCE_RE.fullmatch(nonce) and isinstance(signature, str)):  # overflows
+            raise refuse("malformed signature fields (signer, signed_at: unix seconds, nonce, signature)")
         if signer not in self.keys:
             raise refuse(f"signed by {signer[:56]!r}, which is not a trusted key here; add it with --trusted-key "
                          "(module option trustedKeys) if it may deploy this host")
