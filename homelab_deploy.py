@@ -696,14 +696,20 @@ def wait_for_stop(stop: threading.Event, timeout: float | None = None) -> bool:
     return True
 
 
-# An NKey seed (S + base32; one passed where a path belongs), and the password or token of a URL's userinfo,
-# in a URL (nats://user:pass@host) or a bare netloc (user:pass@host:4222).
-SECRET_RE = re.compile(r"(?P<seed>(?<![A-Za-z0-9])S[A-Z2-7]{39,})|(?:(?<=://)|(?<!\S))(?P<user>[^\s/@:]*:)?[^\s/]*@")
+# An NKey seed (S + base32; one passed where a path belongs); the password or token of a URL's userinfo in any
+# scheme (nats://user:pass@host, git+https://token@host) or a bare netloc (user:pass@host:4222); the value of a
+# query parameter naming a secret (?access_token=, &private_token=, ?password=). No match crosses a quote or a
+# backslash, so redacting a JSON text leaves valid JSON.
+SECRET_RE = re.compile(r"(?P<seed>(?<![A-Za-z0-9])S[A-Z2-7]{39,})"
+                       r"|(?:(?<=://)(?P<user>[^\s/@:\"'\\]*:)?|(?<!\S)(?P<bare>[^\s/@:\"'\\]*:))[^\s/\"'\\]*@"
+                       r"|(?P<param>[?&;](?i:[\w.-]*(?:token|secret|passw(?:or)?d|auth|key|signature|sig|credential)s?)=)"
+                       r"[^&#;\s\"'\\]*")
 
 
 def redact(text: str) -> str:
-    """`text` without NKey seeds, URL passwords and tokens: for every error and log line naming a key or URL."""
-    return SECRET_RE.sub(lambda m: "<an NKey seed, redacted>" if m["seed"] else f"{m['user'] or ''}***@", text)
+    """`text` without NKey seeds, URL passwords and tokens: for every answer, event, error and log line."""
+    return SECRET_RE.sub(lambda m: "<an NKey seed, redacted>" if m["seed"] else f"{m['param']}***" if m["param"]
+                         else f"{m['user'] or m['bare'] or ''}***@", text)
 
 
 class NatsError(Exception):
@@ -933,7 +939,7 @@ class Bus:
                             f"nothing was sent to {subject}; retry in a moment")
 
     def publish(self, subject: str, payload: bytes, confirm: bool = False) -> int:
-        """Publish. Without `confirm` (answers, events) return at once, never raising: the loop hands the messages
+        """Publish. Without `confirm` (answers, events; redacted) return at once, never raising: the loop hands the messages
         to nats-py in the order they were published (which buffers them while reconnecting) and logs what it
         refuses. With `confirm` (requests), refuse while disconnected, since nats-py would deliver the request whenever it
         reconnects, long after the sender gave up; then wait for the server and raise NatsError if it refused the
@@ -941,6 +947,7 @@ class Bus:
         publish's errors only."""
         since = self.permission_errors_seen
         if not confirm:  # no wait for the loop thread, which is woken once for what was queued meanwhile
+            payload = redact(payload.decode()).encode()  # a daemon's answer or event: what it says leaves the host
             with self.outbox_room:  # unless the outbox is full: then the publisher (a flood's lane) waits for it
                 self.outbox_room.wait_for(lambda: len(self.outbox) < OUTBOX_DEPTH or self.closing, OUTBOX_WAIT)
                 self.outbox.append((subject, payload))
@@ -3840,6 +3847,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = logging.INFO if getattr(args, "daemon", False) else logging.WARNING  # the CLI prints its own lines
     logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False) else quiet,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # every log line, output and traceback: no secret leaves the host
+        handler.format = lambda record, plain=handler.format: redact(plain(record))
     if not getattr(args, "debug", False):
         logging.getLogger("nats").setLevel(logging.CRITICAL)  # its reconnect noise; we log our own line
     if getattr(args, "metrics_enabled", False):

@@ -1,0 +1,77 @@
+"""Trust boundaries, round two (issue 25, items 3, 6, 7, 8, 10, 11): secrets never leave a daemon, host text
+reaches terminals and the AI clean, builder trust per repo, one namespace of signer names, trusted keys reloaded
+on SIGHUP. Real nats-server, real listener and builder processes, real nix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import homelab_deploy as hd
+from conftest import run_cli
+from test_builder import GOOD, BuilderProcess, flake, needs_nix, nix_store  # noqa: F401 (fixtures)
+from test_reliability import collect, has_final
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "tok3nSECRET42"
+SECRET_URL = f"git+https://ci:{TOKEN}@git.example.com/cfg.git?access_token={TOKEN}"
+# A nixos-rebuild that fails naming the flake it was given, as one that cannot fetch it does.
+ECHOING_REBUILD = "#!/bin/sh\necho \"error: unable to download '$4'\" >&2\nexit 1\n"
+
+
+class TestSecretsStayHome:
+    def test_listener_answers_events_and_log_carry_no_token(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--flake-url", SECRET_URL, "--debug")
+        (host.standin.dir / "bin" / "nixos-rebuild").write_text(ECHOING_REBUILD)
+        events = bus_factory(nats_server, "admin").inbox("deploy.events.>")
+        r = run_cli("deploy", "deploy.test.testhost1", "--json", "--nats-url", nats_server.url, "--nkey-file",
+                    str(nats_server.seeds["test-deployer"]))
+        assert r.returncode == 1, r.stderr
+        seen = collect(events, has_final, 60, "the deploy's events")
+        answers = r.stdout + r.stderr
+        assert "git+https://ci:***@git.example.com/cfg.git?access_token=***" in answers, answers  # output, started
+        for where, text in (("answers", answers), ("events", json.dumps(seen)), ("log", host.log_text())):
+            assert TOKEN not in text, where
+        assert "unable to download 'git+https://ci:***@" in host.log_text()
+
+    @needs_nix
+    def test_builder_answers_events_and_log_carry_no_token(self, nats_server, nix_store, flake, tmp_path,
+                                                           bus_factory):
+        leaky = f"echo 'fatal: cannot fetch {SECRET_URL}' >&2; exit 1"
+        config = {"repos": {"fleet": {"url": flake({"leaky": leaky}), "default_branch": "main"},
+                            "evalfail": {"url": SECRET_URL.replace("git.example.com", "127.0.0.1:1"),
+                                         "default_branch": "main"}}}
+        builder = BuilderProcess(nats_server, tmp_path / "builder", config, nix_store, "--debug").start()
+        try:
+            events = bus_factory(nats_server, "admin").inbox("build.events.>")
+            client = bus_factory(nats_server, "build-client")
+            got = []
+            for repo in ("fleet", "evalfail"):
+                reply_to = hd.new_reply_subject("build", client.public_key)
+                q = client.inbox(hd.answer_subject(reply_to, "*"))
+                client.publish(f"build.{repo}.all", json.dumps({"repo": repo, "target": "all",
+                                                                "reply_to": reply_to}).encode(), confirm=True)
+                got += collect(q, has_final, 120, f"the build of {repo}")
+            got += collect(events, lambda e: sum(has_final([x]) for x in e) >= 2, 60, "the build events")
+            assert got[-1]["status"] == "failed" and "fatal: cannot fetch git+https://ci:***@" in json.dumps(got)
+            assert TOKEN not in json.dumps(got)
+            assert "fleet=git+file://" in builder.log_text() and "ci:***@127.0.0.1:1" in builder.log_text()
+            assert TOKEN not in builder.log_text()
+        finally:
+            builder.stop()
+
+
+class TestRedact:
+    @pytest.mark.parametrize("text,shown", [
+        ("git+ssh://git@h/c.git", "git+ssh://***@h/c.git"),
+        ("https://ghp_x1@github.com/o/r?dir=a&access_token=z9&ref=main",
+         "https://***@github.com/o/r?dir=a&access_token=***&ref=main"),
+        ("x?private_token=abc;password=p", "x?private_token=***;password=***"),
+        ("signed by alice@laptop", "signed by alice@laptop"),  # a signer's name is no secret
+        ('{"m": "at git+https://u:t@h/c", "s": "bob@x"}', '{"m": "at git+https://u:***@h/c", "s": "bob@x"}'),
+    ])
+    def test_redact_urls_and_query_tokens_and_keeps_json_whole(self, text, shown):
+        assert hd.redact(text) == shown
