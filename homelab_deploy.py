@@ -165,6 +165,16 @@ def clip(text: str, limit: int = ANSWER_TEXT_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# What a host's text may not bring to a terminal or an AI: escape sequences (CSI, OSC, two-character), the other C0
+# and C1 controls and DEL, and the invisible bidirectional overrides; printable unicode stays.
+CONTROL_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]?|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -~]?)"
+                        r"|[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    return CONTROL_RE.sub("", text)
+
+
 @functools.lru_cache(maxsize=None)
 def choices(kind: tuple) -> dict:
     """The allowed values of an answer_fields kind, by the string that names each (an enum member's value)."""
@@ -173,7 +183,7 @@ def choices(kind: tuple) -> dict:
 
 def answer_fields(obj: dict, kinds: dict, what: str, required: tuple[str, ...] = ()) -> dict:
     """The fields of an answer named in `kinds`, None when missing, each checked against its kind: a type (str:
-    cut to ANSWER_TEXT_CHARS; list: of str, the last OUTPUT_TAIL_LINES cut to OUTPUT_LINE_CHARS; int, float:
+    cut to ANSWER_TEXT_CHARS; list: of str, the last OUTPUT_TAIL_LINES cut to OUTPUT_LINE_CHARS; both printable; int, float:
     0 <= n < 1e9, bool is neither), a tuple of allowed values or enum members (gives the member), or a predicate
     on a str; for these two "" is missing (Go's empty string). A required field missing, or any of another kind,
     raises ProtocolError."""
@@ -203,10 +213,10 @@ def answer_fields(obj: dict, kinds: dict, what: str, required: tuple[str, ...] =
             raise ProtocolError(f"malformed {what}: {name} is {reprlib.repr(value)}, not {want}")
         if isinstance(kind, tuple):
             value = allowed[value]
-        elif kind is list:
-            value = [clip(line, OUTPUT_LINE_CHARS) for line in value[-OUTPUT_TAIL_LINES:]]
+        elif kind is list:  # host text: no control characters reach a terminal or an AI
+            value = [clip(printable(line), OUTPUT_LINE_CHARS) for line in value[-OUTPUT_TAIL_LINES:]]
         elif kind is str:
-            value = clip(value)
+            value = clip(printable(value))
         fields[name] = value
     return fields
 

@@ -6,12 +6,14 @@ on SIGHUP. Real nats-server, real listener and builder processes, real nix.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 import homelab_deploy as hd
 from conftest import run_cli
 from test_builder import GOOD, BuilderProcess, flake, needs_nix, nix_store  # noqa: F401 (fixtures)
+from test_mcp import anyio_backend, mcp_server, text  # noqa: F401 (fixtures)
 from test_reliability import collect, has_final
 
 pytestmark = pytest.mark.integration
@@ -75,3 +77,43 @@ class TestRedact:
     ])
     def test_redact_urls_and_query_tokens_and_keeps_json_whole(self, text, shown):
         assert hd.redact(text) == shown
+
+
+# Escape sequences (clear screen, set the title, colour by C1 CSI), backspace, carriage return, a bidi override, DEL.
+NASTY = "\x1b[2J\x1b]0;pwned\x07ok\r\x08\x9b31m\u202eevil\x7f"
+CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e]")
+
+
+def rogue_answers(rogue) -> None:
+    """A host that answers a deploy and discovery with control characters in every free-text field."""
+    rogue("testhost1", "deploy.test.testhost1").load([json.dumps({
+        "hostname": "testhost1", "status": "failed", "error": "build_failed", "message": "boom " + NASTY,
+        "output": [NASTY, "line 2" + NASTY]}).encode()])
+    rogue("testhost1", "deploy.discover").load([json.dumps({
+        "hostname": "testhost1", "tier": "test", "deploy_subjects": ["deploy.test.testhost1" + NASTY],
+        "version": "1.0" + NASTY, "deploying": False}).encode()])
+
+
+class TestHostTextIsClean:
+    def test_the_cli_prints_no_control_characters(self, nats_server, rogue):
+        rogue_answers(rogue)
+        flags = ["--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])]
+        for argv in (["deploy", "deploy.test.testhost1"], ["deploy", "deploy.test.testhost1", "--json"],
+                     ["list-hosts"], ["list-hosts", "--json"]):
+            r = run_cli(*argv, *flags, "--answer-window", "1")
+            assert "testhost1" in r.stdout + r.stderr, (argv, r.stdout, r.stderr)
+            assert not CONTROL.search(r.stdout + r.stderr) and "\\u001b" not in r.stdout, (argv, r.stdout, r.stderr)
+            assert "ok31mevil" in r.stdout + r.stderr, argv  # the printable rest is kept
+
+    @pytest.mark.anyio
+    async def test_the_mcp_result_holds_no_control_characters_and_quotes_host_text(self, mcp_server, rogue):
+        rogue_answers(rogue)
+        async with mcp_server() as client:
+            deploy = await client.call_tool("deploy", {"hostname": "testhost1"})
+            listed = await client.call_tool("list_hosts", {})
+        for result in (deploy, listed):
+            shown = text(result) + json.dumps(result.structured_content, ensure_ascii=False)
+            assert not CONTROL.search(shown) and "\\u001b" not in shown, shown
+        assert 'testhost1: failed [build_failed] - "boom ok31mevil"' in text(deploy), text(deploy)
+        assert '    output: "line 2ok31mevil"' in text(deploy)
+        assert 'version "1.0ok31mevil"' in text(listed), text(listed)
