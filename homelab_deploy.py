@@ -623,14 +623,18 @@ class TrustedSigners:
                               if line.strip() and not line.lstrip().startswith("#")]
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"cannot read trusted keys file {path}: {getattr(e, 'strerror', e)}") from None
-        keys = {}
+        keys, named = {}, {}  # named: name -> (key, where), so two keys cannot pass for one signer
         for entry, where in found:
-            key, _, name = str(entry).partition("=")
-            if not is_user_public_key(key.strip()) or (name and not SIGNER_NAME_RE.fullmatch(name.strip())):
+            key, _, name = (part.strip() for part in str(entry).partition("="))
+            if not is_user_public_key(key) or (name and not SIGNER_NAME_RE.fullmatch(name)):
                 raise ValueError(f"{where}: {str(entry)[:80]!r} is not PUBKEY[=NAME]: an NKey user public key (56 "
                                  "characters starting with U; `homelab-deploy keygen --pubout --in SEED` prints it), "
                                  "optionally = a name of letters, digits, '_', '.', '@', '-'")
-            keys[key.strip()] = name.strip() or key.strip()
+            if named.setdefault(name or key, (key, where))[0] != key:
+                raise ValueError(f"{where}: the name {name!r} is already that of another key ({named[name][0]}, "
+                                 f"{named[name][1]}): logs, events and history name signers by it; give each key "
+                                 "its own name (`homelab-deploy nats-config` refuses such a fleet file too)")
+            keys[key] = name or key
         return cls(keys, nonce_file) if keys else None
 
     def verify(self, subject: str, data: bytes, reply_to: str, code) -> str:
@@ -2075,11 +2079,12 @@ class Repo(typing.NamedTuple):
     name: str
     url: str
     default_branch: str = "master"
+    signers: TrustedSigners | None = None  # the top-level trusted_keys and the repo's own; None: unsigned requests
 
     @classmethod
-    def parse_config(cls, path: str) -> tuple[dict[str, Repo], TrustedSigners | None]:
-        """Read and check the builder's YAML config: its repos and trusted keys; a ValueError names the problem
-        and the fix."""
+    def parse_config(cls, path: str) -> dict[str, Repo]:
+        """Read and check the builder's YAML config: its repos, each with the keys trusted for it (the top-level
+        trusted_keys, for every repo, and its own); a ValueError names the problem and the fix."""
         import yaml
 
         example = 'repos: {nixos-servers: {url: "git+https://git.example.com/org/nixos-servers.git", ' \
@@ -2100,7 +2105,6 @@ class Repo(typing.NamedTuple):
         trusted = doc.get("trusted_keys") or []
         if not isinstance(trusted, list):
             raise ValueError(f"{path}: trusted_keys must be a list of PUBKEY[=NAME] strings")
-        signers = TrustedSigners.load([str(entry) for entry in trusted], [], where=f"{path}: trusted_keys")
         repos = {}
         for name, entry in doc["repos"].items():
             where = f"{path}: repos.{name}"
@@ -2110,10 +2114,14 @@ class Repo(typing.NamedTuple):
             if not isinstance(entry, dict):
                 raise ValueError(f"{where} must be a mapping with `url` and optionally `default_branch`, "
                                  f"e.g. {example}")
-            unknown = set(entry) - {"url", "default_branch"}
+            unknown = set(entry) - {"url", "default_branch", "trusted_keys"}
             if unknown:
                 raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                                 "allowed: url, default_branch")
+                                 "allowed: url, default_branch, trusted_keys")
+            own = entry.get("trusted_keys") or []
+            if not isinstance(own, list):
+                raise ValueError(f"{where}: trusted_keys must be a list of PUBKEY[=NAME] strings (keys trusted for "
+                                 f"{name} only; the top-level trusted_keys are trusted for every repo)")
             url, branch = entry.get("url"), entry.get("default_branch", "master")
             if url is None:
                 raise ValueError(f"{where}: missing `url`, the flake URL of the repository, "
@@ -2124,8 +2132,9 @@ class Repo(typing.NamedTuple):
                                  "e.g. git+https://git.example.com/org/nixos-servers.git")
             if not is_valid_ref(branch):
                 raise ValueError(f"{where}: default_branch {branch!r} must be a git branch, tag or 40-hex commit")
-            repos[name] = cls(name, url, branch)
-        return repos, signers
+            repos[name] = cls(name, url, branch, TrustedSigners.load(
+                [str(e) for e in trusted + own], [], where=f"{path}: trusted_keys (top-level, or of repo {name})"))
+        return repos
 
 
 def flake_show_argv(url: str, branch: str) -> list[str]:
@@ -2159,9 +2168,8 @@ class EvalFailed(Exception):
 
 class Builder:
     def __init__(self, repos: dict[str, Repo], bus: Bus, timeout: int, parallel: int,
-                 metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool,
-                 signers: TrustedSigners | None = None):
-        self.repos, self.bus, self.metrics, self.stop, self.signers = repos, bus, metrics, stop, signers
+                 metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool):
+        self.repos, self.bus, self.metrics, self.stop = repos, bus, metrics, stop
         self.timeout, self.parallel, self.allow_any_ref = timeout, parallel, allow_any_ref
         self.running = {name: threading.Lock() for name in repos}  # one build per repo at a time
         self.reporting = {name: threading.Lock() for name in repos}  # held while a build's final answer goes out
@@ -2195,8 +2203,8 @@ class Builder:
                 raise ProtocolError(f"target {request.target!r} does not match the subject {subject}; send it to "
                                     f"build.{subject_repo}.{request.target}",
                                     BuildErrorCode.INVALID_TARGET, request.reply_to)
-            signer = (self.signers.verify(subject, data, request.reply_to, BuildErrorCode.UNAUTHORIZED)
-                      if self.signers else None)
+            signers = self.repos[subject_repo].signers  # trust is per repo: a key trusted for one builds no other
+            signer = signers.verify(subject, data, request.reply_to, BuildErrorCode.UNAUTHORIZED) if signers else None
         except ProtocolError as e:
             rid = e.reply_to.rsplit(".", 1)[1] if e.reply_to else "-"
             log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid, e)
@@ -2349,7 +2357,7 @@ class Builder:
 
 def run_builder(args: argparse.Namespace) -> int:
     try:
-        repos, signers = Repo.parse_config(args.config)
+        repos = Repo.parse_config(args.config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -2365,10 +2373,12 @@ def run_builder(args: argparse.Namespace) -> int:
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref, signers)
-    if signers is None:
-        log.warning("no trusted_keys in %s: any credential that NATS lets publish on build.<repo>.* can start builds; "
-                    "list the build clients' public keys there to act only on requests they signed", args.config)
+    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref)
+    unsigned = [r.name for r in repos.values() if r.signers is None]
+    if unsigned:
+        log.warning("no trusted_keys in %s for %s: any credential that NATS lets publish on build.<repo>.* can start "
+                    "builds there; list the build clients' public keys (top-level trusted_keys, or a repo's own) to act "
+                    "only on requests they signed", args.config, ", ".join(unsigned))
     try:
         builder.start()
     except NatsError as e:
@@ -3249,6 +3259,12 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                                                   f"{name}-admin"))
     if not credentials:
         raise FleetError("the fleet file names no credentials; add hosts, deployers, builders, ...")
+    signers: dict[str, str] = {}  # one namespace: trusted keys, logs, events and history name a signer by it
+    for c in credentials:
+        if c.name and not c.serves and signers.setdefault(c.name, c.description) != c.description:
+            raise FleetError(f"{c.description} and {signers[c.name]} would both sign as {c.name!r} (an MCP server's "
+                             "admin key signs as <name>-admin): give every deployer, build client and MCP server a "
+                             "name no other signer has")
     return credentials
 
 
@@ -3263,11 +3279,13 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(tokens) == len(wanted)
 
 
-def trusted_keys(credentials: list[Credential]) -> dict[str, list[str]]:
-    """Per daemon (hostname, builder-<name>), `PUBKEY=NAME` of every sender whose permissions reach one of its
-    request subjects: test hosts trust the test and admin deployers and the MCP credentials, prod hosts admins."""
-    return {daemon.name: [f"{c.public_key}={c.name}" for c in credentials if c.name and not c.serves and any(
-        subject_matches(p, s) for p in c.publish for s in daemon.serves)] for daemon in credentials if daemon.serves}
+def trusted_keys(credentials: list[Credential]) -> dict[tuple[str, str | None], list[str]]:
+    """Per listener (hostname, None) and per builder and repo (builder-<name>, repo: a builder trusts per repo),
+    `PUBKEY=NAME` of every sender whose permissions reach that request subject: test hosts trust the test and
+    admin deployers and the MCP credentials, prod hosts admins, a builder's repo the clients that may build it."""
+    return {(daemon.name, served.split(".")[1] if served.startswith("build.") else None): [
+        f"{c.public_key}={c.name}" for c in credentials if c.name and not c.serves and any(
+            subject_matches(p, served) for p in c.publish)] for daemon in credentials for served in daemon.serves}
 
 
 def authorization_config(credentials: list[Credential], source: str = "") -> str:
@@ -3329,16 +3347,20 @@ def nats_config_command(args: argparse.Namespace) -> int:
             return 0
         trusted = trusted_keys(credentials)
         print(authorization_config([c for c in credentials if not c.site], args.fleet), end="")
-        print("# Trusted keys implied by these permissions (listener --trusted-key / module option trustedKeys; builder "
-              "config trusted_keys):\n" + "".join(f"#   {daemon}: {' '.join(keys) or '(none)'}\n"
-                                                  for daemon, keys in trusted.items()), end="")
-        if args.trusted_keys_dir:
+        print("# Trusted keys implied by these permissions (listener --trusted-key / module option trustedKeys; "
+              "builder config repos.<repo>.trusted_keys):\n" + "".join(
+                  f"#   {daemon}{f' repos.{repo}.trusted_keys' if repo else ''}: {' '.join(keys) or '(none)'}\n"
+                  for (daemon, repo), keys in trusted.items()), end="")
+        if args.trusted_keys_dir:  # a file per daemon: a builder's holds the keys of all its repos
+            files: dict[str, list[str]] = {}
+            for (daemon, _), keys in trusted.items():
+                files[daemon] = list(dict.fromkeys(files.get(daemon, []) + keys))
             os.makedirs(args.trusted_keys_dir, exist_ok=True)
-            for daemon, keys in trusted.items():
+            for daemon, keys in files.items():
                 with open(os.path.join(args.trusted_keys_dir, f"{daemon}.keys"), "w") as f:
                     f.write(f"# Trusted keys of {daemon}, generated by `homelab-deploy nats-config {args.fleet}`\n"
                             + "".join(f"{k}\n" for k in keys))
-            print(f"wrote {len(trusted)} trusted-key files to {args.trusted_keys_dir}", file=sys.stderr)
+            print(f"wrote {len(files)} trusted-key files to {args.trusted_keys_dir}", file=sys.stderr)
     except NatsError as e:
         print(f"error: {args.fleet}: {e}", file=sys.stderr)
         return 2

@@ -149,7 +149,8 @@ let
   # valid YAML, so builtins.toJSON writes it.  Only the known fields are
   # taken: submodule values can carry internal attributes (`_module`).
   generatedBuilderConfig = pkgs.writeText "homelab-deploy-builder.yaml" (builtins.toJSON ({
-    repos = lib.mapAttrs (_: repo: { inherit (repo) url default_branch; }) bcfg.settings.repos;
+    repos = lib.mapAttrs (_: repo: { inherit (repo) url default_branch; }
+      // (if repo.trusted_keys != [ ] then { inherit (repo) trusted_keys; } else { })) bcfg.settings.repos;
   } // (if bcfg.settings.trusted_keys != [ ] then { inherit (bcfg.settings) trusted_keys; } else { })));
 
   builderConfigFile =
@@ -182,6 +183,15 @@ let
         default = "master";
         example = "main";
         description = "Branch built when a build request names none.";
+      };
+      trusted_keys = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "UAOS...=ci" ];
+        description = ''
+          NKey user public keys (`PUBKEY[=NAME]`) trusted to build `${name}`
+          only, on top of `settings.trusted_keys` (trusted for every repo).
+        '';
       };
     };
   };

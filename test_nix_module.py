@@ -426,10 +426,14 @@ def test_trusted_keys(nix):
 
 def test_builder_trusted_keys_reach_its_generated_config(nix):
     key = "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5=ci"
-    repos = {"fleet": {"url": "git+https://git.example.com/fleet.git"}}
+    own = "UDVRWFORRSGNSBF354R4CMAMEGYAXK27DSM5MQHSY6WNGTUP3KMVCLYW=ops"  # trusted for `other` only
+    repos = {"fleet": {"url": "git+https://git.example.com/fleet.git"},
+             "other": {"url": "git+https://git.example.com/other.git", "trusted_keys": [own]}}
     expected = json.dumps({"repos": {"fleet": {"url": "git+https://git.example.com/fleet.git",
-                                               "default_branch": "master"}}, "trusted_keys": [key]},
-                          sort_keys=True, separators=(",", ":"))
+                                               "default_branch": "master"},
+                                     "other": {"url": "git+https://git.example.com/other.git",
+                                               "default_branch": "master", "trusted_keys": [own]}},
+                           "trusted_keys": [key]}, sort_keys=True, separators=(",", ":"))
     result = nix.host(
         host(builder=builder_config(settings={"repos": repos, "trusted_keys": [key]})),
         f"""{{

@@ -9,6 +9,7 @@ import json
 import re
 
 import pytest
+import yaml
 
 import homelab_deploy as hd
 from conftest import run_cli
@@ -117,3 +118,55 @@ class TestHostTextIsClean:
         assert 'testhost1: failed [build_failed] - "boom ok31mevil"' in text(deploy), text(deploy)
         assert '    output: "line 2ok31mevil"' in text(deploy)
         assert 'version "1.0ok31mevil"' in text(listed), text(listed)
+
+
+@needs_nix
+class TestBuilderTrustPerRepo:
+    def test_a_key_trusted_for_one_repo_cannot_build_another(self, nats_server, nix_store, flake, tmp_path):
+        url = flake({"good1": GOOD})
+        config = {"repos": {"fleet": {"url": url, "default_branch": "main",
+                                      "trusted_keys": [f"{nats_server.public['build-client']}=ci"]},
+                            "evalfail": {"url": url, "default_branch": "main",
+                                         "trusted_keys": [f"{nats_server.public['admin']}=ops"]}}}
+        builder = BuilderProcess(nats_server, tmp_path / "builder", config, nix_store).start()
+        try:
+            assert "no trusted_keys" not in builder.log_text()
+            ci = ["--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["build-client"])]
+            r = run_cli("build", "evalfail", *ci)  # NATS lets ci publish there; the builder does not trust it for it
+            assert r.returncode == 1 and "unauthorized" in r.stderr and "not a trusted key here" in r.stderr, r.stderr
+            assert builder.nix_calls == []
+            r = run_cli("build", "fleet", *ci)
+            assert r.returncode == 0, r.stderr
+            assert builder.builds() == ['nixosConfigurations."good1".config.system.build.toplevel']
+        finally:
+            builder.stop()
+
+
+class TestOneNamePerSigner:
+    def test_two_keys_with_one_name_are_refused_at_load(self, nats_server, start_listener, tmp_path):
+        a, b = nats_server.public["admin"], nats_server.public["test-deployer"]
+        with pytest.raises(ValueError, match="the name 'ops' is already that of another key"):
+            hd.TrustedSigners.load([f"{a}=ops", f"{b}=ops"], [])
+        assert hd.TrustedSigners.load([f"{a}=ops", f"{a}=ops"], []).keys == {a: "ops"}  # the same key twice is fine
+        keys = tmp_path / "trusted.keys"
+        keys.write_text(f"{b}=ops\n")
+        host = start_listener("testhost1", "test", None, "--trusted-key", f"{a}=ops", "--trusted-keys-file", str(keys),
+                              expect_ready=False)
+        assert f"{keys} line 1: the name 'ops' is already that of another key ({a}, --trusted-key)" in host.log_text()
+        (tmp_path / "builder.yaml").write_text(
+            f"trusted_keys: ['{a}=ops']\nrepos:\n  r: {{url: 'git+file:///x', trusted_keys: ['{b}=ops']}}\n")
+        with pytest.raises(ValueError, match="the name 'ops' is already that of another key"):
+            hd.Repo.parse_config(str(tmp_path / "builder.yaml"))
+
+    def test_nats_config_refuses_a_signer_name_used_twice(self, tmp_path):
+        from test_fleet import fleet_doc
+
+        doc, _ = fleet_doc(tmp_path)
+        doc["deployers"][0]["name"] = "mcp-admin"  # the MCP server `mcp` has an admin key: it signs as mcp-admin
+        (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+        r = run_cli("nats-config", str(tmp_path / "fleet.yaml"))
+        assert r.returncode == 2 and "would both sign as 'mcp-admin'" in r.stderr, r.stderr
+        doc["deployers"][0]["name"] = "bclient"  # a deployer and a build client
+        (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+        r = run_cli("nats-config", str(tmp_path / "fleet.yaml"))
+        assert r.returncode == 2 and "would both sign as 'bclient'" in r.stderr, r.stderr
