@@ -637,6 +637,20 @@ class TrustedSigners:
             keys[key] = name or key
         return cls(keys, nonce_file) if keys else None
 
+    @staticmethod
+    def reloaded(old: TrustedSigners | None, new: TrustedSigners | None) -> tuple[TrustedSigners | None, str]:
+        """What a reload (SIGHUP) leaves trusted, and what changed, for the log: `old` takes the new keys and keeps
+        its nonces; a reload that leaves no key keeps the old ones, as none would mean acting on any request."""
+        if new is None:
+            return old, ("not reloaded: the new set is empty, and without trusted keys every request is acted on; "
+                         "the old ones stay (restart without trusted keys to run so)" if old else "none, as before")
+        if old is None:
+            return new, f"loaded: acting only on requests signed by {', '.join(sorted(new.keys.values()))}"
+        added, removed = (sorted(set(a.items()) - set(b.items())) for a, b in ((new.keys, old.keys), (old.keys, new.keys)))
+        old.keys = new.keys
+        return old, (f"reloaded: added {', '.join(n for _, n in added) or 'none'}; removed "
+                     f"{', '.join(n for _, n in removed) or 'none'}")
+
     def verify(self, subject: str, data: bytes, reply_to: str, code) -> str:
         """The signer's name, when `data` (a request that parsed) is signed by a trusted key for `subject`, was
         signed within SIGNATURE_SKEW seconds, carries a nonce not seen before, and wants its answers on the
@@ -647,7 +661,7 @@ class TrustedSigners:
         import nacl.exceptions
         import nacl.signing
 
-        obj = json.loads(data)
+        obj, keys = json.loads(data), self.keys  # one set throughout: a reload replaces it meanwhile
         signer, signed_at, nonce, signature = (obj.get(k) for k in ("signer", "signed_at", "nonce", "signature"))
 
         def refuse(why: str) -> ProtocolError:
@@ -659,14 +673,15 @@ class TrustedSigners:
         if not (isinstance(signer, str) and type(signed_at) is int and 0 < signed_at < 2 ** 40  # float() of 10**400
                 and isinstance(nonce, str) and NONCE_RE.fullmatch(nonce) and isinstance(signature, str)):  # overflows
             raise refuse("malformed signature fields (signer, signed_at: unix seconds, nonce, signature)")
-        if signer not in self.keys:
-            raise refuse(f"signed by {signer[:56]!r}, which is not a trusted key here; add it with --trusted-key "
-                         "(module option trustedKeys) if it may deploy this host")
+        if signer not in keys:
+            raise refuse(f"signed by {signer[:56]!r}, which is not a trusted key here; if it may send this request, "
+                         "add it to the trusted keys (listener: --trusted-keys-file, module option trustedKeys; builder: "
+                         "trusted_keys in its config) and reload the daemon (SIGHUP: systemctl reload)")
         try:
             nacl.signing.VerifyKey(base64.b32decode(signer)[1:33]).verify(
                 signing_input(subject, obj), base64.b64decode(signature, validate=True))
         except (binascii.Error, ValueError, nacl.exceptions.BadSignatureError):
-            raise refuse(f"the signature of {self.keys[signer]} does not match this request on {subject}: it was "
+            raise refuse(f"the signature of {keys[signer]} does not match this request on {subject}: it was "
                          "altered, or signed for another subject and re-published here") from None
         age = time.time() - signed_at
         if abs(age) > SIGNATURE_SKEW:
@@ -686,17 +701,19 @@ class TrustedSigners:
             except OSError as e:  # acting on it anyway would let a restart replay it
                 raise ProtocolError(f"not run: cannot record the request's nonce in {self.nonce_file} ({e.strerror});"
                                     " make the state directory writable", code, reply_to) from None
-        return self.keys[signer]
+        return keys[signer]
 
 
 # ---------------------------------------------------------------- NATS facade
 
-def stop_on_signals(notice: bytes = b"") -> threading.Event:
+def stop_on_signals(notice: bytes = b"", reload: threading.Event | None = None) -> threading.Event:
     """An event that SIGTERM and SIGINT set, writing `notice` to stderr (os.write: a handler may interrupt a print);
-    the main thread waits for it with wait_for_stop."""
+    the main thread waits for it with wait_for_stop. A daemon's SIGHUP sets `reload` (it would end the process)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: (stop.set(), notice and os.write(2, notice)))
+    if reload is not None:
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())
     return stop
 
 
@@ -708,6 +725,14 @@ def wait_for_stop(stop: threading.Event, timeout: float | None = None) -> bool:
         if time.monotonic() >= deadline:
             return False
     return True
+
+
+def serve_until_stopped(stop: threading.Event, reload: threading.Event, on_reload) -> None:
+    """A daemon's main thread: wait for SIGTERM or SIGINT, calling on_reload() after each SIGHUP."""
+    while not wait_for_stop(stop, 1.0):
+        if reload.is_set():
+            reload.clear()
+            on_reload()
 
 
 # An NKey seed (S + base32; one passed where a path belongs); the password or token of a URL's userinfo in any
@@ -1987,6 +2012,17 @@ class Listener:
         self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(answer).encode())
         log.debug("host=%s answered %s on %s", self.hostname, subject, reply_to)
 
+    def reload_signers(self, entries: list[str], files: list[str]) -> None:
+        """On SIGHUP: the trusted keys anew from --trusted-key and --trusted-keys-file; a failed reload keeps the
+        old ones and says why."""
+        try:
+            signers = TrustedSigners.load(entries, files, os.path.join(self.state_dir, "nonces.json"))
+        except ValueError as e:
+            log.error("host=%s SIGHUP: trusted keys not reloaded, the old ones stay: %s", self.hostname, e)
+            return
+        self.signers, change = TrustedSigners.reloaded(self.signers, signers)
+        log.warning("host=%s SIGHUP: trusted keys %s", self.hostname, change)
+
 
 def run_listener(args: argparse.Namespace) -> int:
     for flag, value in (("--hostname", args.hostname), ("--role", args.role)):
@@ -2002,9 +2038,9 @@ def run_listener(args: argparse.Namespace) -> int:
                          "--rollback-timeout not negative")
     if not is_publish_subject(args.discover_subject):
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
+    trusted = (args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [])
     try:
-        signers = TrustedSigners.load(args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [],
-                                      os.path.join(args.state_dir, "nonces.json"))
+        signers = TrustedSigners.load(*trusted, os.path.join(args.state_dir, "nonces.json"))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     import fcntl
@@ -2027,7 +2063,7 @@ def run_listener(args: argparse.Namespace) -> int:
                          "give each listener its own --state-dir (under systemd, its own StateDirectory=)") from None
     os.ftruncate(lock, 0)
     os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
-    stop = stop_on_signals()
+    stop = stop_on_signals(reload=(reload := threading.Event()))
     metrics = ListenerMetrics(args.hostname, args.tier, args.role, args.system_profile) if args.metrics_enabled else None
     try:
         subjects = expand_subjects(args.deploy_subject or list(DEFAULT_SUBJECTS), args.hostname, args.tier, args.role)
@@ -2059,7 +2095,7 @@ def run_listener(args: argparse.Namespace) -> int:
         bus.close()
         return 1
     log.info("host=%s tier=%s role=%s ready (%s)", args.hostname, args.tier, args.role or "-", ", ".join(subjects))
-    wait_for_stop(stop)
+    serve_until_stopped(stop, reload, lambda: listener.reload_signers(*trusted))
     if listener.reporting.locked():
         log.warning("host=%s shutting down: waiting up to %ss for the running deploy", args.hostname,
                     args.shutdown_grace)
@@ -2178,6 +2214,19 @@ class Builder:
     def start(self) -> None:
         for name in self.repos:
             self.bus.subscribe(f"build.{name}.*", self.handle_build)
+
+    def reload_signers(self, config: str) -> None:
+        """On SIGHUP: each repo's trusted keys anew from the config (its repos and URLs stay until a restart); a
+        failed reload keeps the old ones and says why."""
+        try:
+            repos = Repo.parse_config(config)
+        except ValueError as e:
+            log.error("SIGHUP: trusted keys not reloaded, the old ones stay: %s", e)
+            return
+        for name, repo in self.repos.items():
+            signers, change = TrustedSigners.reloaded(repo.signers, repos[name].signers if name in repos else None)
+            self.repos[name] = repo._replace(signers=signers)
+            log.warning("repo=%s SIGHUP: trusted keys %s", name, change)
 
     def reply(self, reply_to: str, status: Status, message: str, repo: str, **fields) -> None:
         answer = BuildResponse(status, message, repo, **fields).fitted(self.bus.nc.max_payload // 2)  # well under it
@@ -2364,7 +2413,7 @@ def run_builder(args: argparse.Namespace) -> int:
     if args.timeout <= 0 or args.parallel < 1:
         print("error: --timeout must be positive and --parallel at least 1", file=sys.stderr)
         return 2
-    stop = stop_on_signals()
+    stop = stop_on_signals(reload=(reload := threading.Event()))
     metrics = BuilderMetrics(list(repos)) if args.metrics_enabled else None
     if metrics:
         serve_metrics(args.metrics_addr, metrics.registry)
@@ -2388,7 +2437,7 @@ def run_builder(args: argparse.Namespace) -> int:
         return 1
     log.info("builder ready (repos: %s; timeout %ds per host, %d at a time)", ", ".join(
         f"{r.name}={r.url} [{r.default_branch}]" for r in repos.values()), args.timeout, args.parallel)
-    wait_for_stop(stop)
+    serve_until_stopped(stop, reload, lambda: builder.reload_signers(args.config))
     log.info("builder shutting down; cancelling running builds")
     deadline = time.monotonic() + 30  # kill_process_group needs at most 15s; then the final statuses go out
     for lock in [*builder.running.values(), *builder.reporting.values()]:  # builds, then their final answers

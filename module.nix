@@ -451,6 +451,8 @@ in
         serviceConfig = {
           Type = "simple";
           ExecStart = listenerCommand;
+          # `systemctl reload`: the listener reads its trusted keys (trustedKeysFile) anew; a bad file keeps the old.
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           # Runs as root: nixos-rebuild switch needs it.
           Restart = "always";
           RestartSec = 5;
@@ -508,6 +510,8 @@ in
         serviceConfig = {
           Type = "simple";
           ExecStart = builderCommand;
+          # `systemctl reload`: the builder reads its repos' trusted keys anew from its config file.
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           Restart = "always";
           RestartSec = 5;
 

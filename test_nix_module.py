@@ -424,6 +424,15 @@ def test_trusted_keys(nix):
     assert "--trusted-key" not in argv and "--trusted-keys-file" not in argv
 
 
+def test_reload_sends_sighup_to_reread_trusted_keys(nix):
+    """`systemctl reload` of either daemon: SIGHUP, on which it reads its trusted keys anew (issue 25)."""
+    cfg = host(listener=listener_config(trustedKeysFile="/etc/homelab-deploy/trusted.keys"),
+               builder=builder_config(settings={"repos": {"fleet": {"url": "git+https://g.example/f.git"}}}))
+    for unit in (LISTENER, BUILDER):
+        reload = nix.host(cfg, f"svc.{unit}.serviceConfig.ExecReload")
+        assert re.fullmatch(r"/nix/store/[^ ]+-coreutils-9\.5/bin/kill -HUP \$MAINPID", reload), (unit, reload)
+
+
 def test_builder_trusted_keys_reach_its_generated_config(nix):
     key = "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5=ci"
     own = "UDVRWFORRSGNSBF354R4CMAMEGYAXK27DSM5MQHSY6WNGTUP3KMVCLYW=ops"  # trusted for `other` only

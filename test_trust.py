@@ -6,13 +6,15 @@ on SIGHUP. Real nats-server, real listener and builder processes, real nix.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 
 import pytest
 import yaml
 
 import homelab_deploy as hd
-from conftest import run_cli
+from conftest import run_cli, wait_for
 from test_builder import GOOD, BuilderProcess, flake, needs_nix, nix_store  # noqa: F401 (fixtures)
 from test_mcp import anyio_backend, mcp_server, text  # noqa: F401 (fixtures)
 from test_reliability import collect, has_final
@@ -170,3 +172,54 @@ class TestOneNamePerSigner:
         (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
         r = run_cli("nats-config", str(tmp_path / "fleet.yaml"))
         assert r.returncode == 2 and "would both sign as 'bclient'" in r.stderr, r.stderr
+
+
+class TestReloadOnSighup:
+    def test_a_key_added_to_the_file_is_trusted_after_sighup_and_sigterm_still_stops(self, nats_server,
+                                                                                    start_listener, tmp_path):
+        keys = tmp_path / "trusted.keys"
+        keys.write_text(f"{nats_server.public['admin']}=admin\n")
+        host = start_listener("testhost1", "test", None, "--trusted-keys-file", str(keys))
+        deploy = ["deploy", "deploy.test.testhost1", "--nats-url", nats_server.url, "--nkey-file",
+                  str(nats_server.seeds["test-deployer"])]
+        r = run_cli(*deploy)
+        assert r.returncode != 0 and host.standin.calls == []
+        assert "not a trusted key here" in host.log_text() and "reload the daemon (SIGHUP" in host.log_text()
+        keys.write_text(f"{nats_server.public['admin']}=admin\n{nats_server.public['test-deployer']}=tdep\n")
+        os.kill(host.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: trusted keys reloaded: added tdep; removed none" in host.log_text(),
+                 what="the reload")
+        r = run_cli(*deploy)
+        assert r.returncode == 0 and "(signed by tdep)" in r.stderr, r.stderr
+        keys.write_text("UNOTAKEY=bob\n")  # a bad file: the old keys stay
+        os.kill(host.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: trusted keys not reloaded, the old ones stay" in host.log_text(), what="the refusal")
+        keys.write_text("# nobody\n")  # an empty set would turn signing off: the old keys stay
+        os.kill(host.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: trusted keys not reloaded: the new set is empty" in host.log_text(),
+                 what="the refusal of an empty set")
+        assert run_cli(*deploy).returncode == 0 and len(host.standin.calls) == 2
+        assert host.proc.poll() is None  # SIGHUP never ends the listener
+        os.kill(host.proc.pid, signal.SIGTERM)
+        wait_for(lambda: host.proc.poll() is not None, what="the listener to stop on SIGTERM")
+        assert host.proc.returncode == 0 and "shutting down" in host.log_text()
+
+    @needs_nix
+    def test_the_builder_reloads_its_repos_trusted_keys(self, nats_server, nix_store, flake, tmp_path):
+        config = {"repos": {"fleet": {"url": flake({"good1": GOOD}), "default_branch": "main",
+                                      "trusted_keys": [f"{nats_server.public['admin']}=ops"]}}}
+        builder = BuilderProcess(nats_server, tmp_path / "builder", config, nix_store).start()
+        try:
+            ci = ["build", "fleet", "--nats-url", nats_server.url, "--nkey-file",
+                  str(nats_server.seeds["build-client"])]
+            assert run_cli(*ci).returncode != 0 and builder.nix_calls == []
+            config["repos"]["fleet"]["trusted_keys"].append(f"{nats_server.public['build-client']}=ci")
+            builder.config.write_text(yaml.safe_dump(config))
+            os.kill(builder.proc.pid, signal.SIGHUP)
+            wait_for(lambda: "repo=fleet SIGHUP: trusted keys reloaded: added ci" in builder.log_text(),
+                     what="the reload")
+            r = run_cli(*ci)
+            assert r.returncode == 0, r.stderr
+            assert builder.proc.poll() is None
+        finally:
+            builder.stop()
