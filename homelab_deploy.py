@@ -986,7 +986,8 @@ class Bus:
         publish's errors only."""
         since = self.permission_errors_seen
         if not confirm:  # no wait for the loop thread, which is woken once for what was queued meanwhile
-            payload = redact(payload.decode()).encode()  # a daemon's answer or event: what it says leaves the host
+            # a daemon's answer or event: what it says leaves the host; any bytes pass through (never raises)
+            payload = redact(payload.decode(errors="surrogateescape")).encode(errors="surrogateescape")
             with self.outbox_room:  # unless the outbox is full: then the publisher (a flood's lane) waits for it
                 self.outbox_room.wait_for(lambda: len(self.outbox) < OUTBOX_DEPTH or self.closing, OUTBOX_WAIT)
                 self.outbox.append((subject, payload))
