@@ -165,6 +165,16 @@ def clip(text: str, limit: int = ANSWER_TEXT_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# What a host's text may not bring to a terminal or an AI: escape sequences (CSI, OSC, two-character), the other C0
+# and C1 controls and DEL, and the invisible bidirectional overrides; printable unicode stays.
+CONTROL_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]?|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -~]?)"
+                        r"|[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    return CONTROL_RE.sub("", text)
+
+
 @functools.lru_cache(maxsize=None)
 def choices(kind: tuple) -> dict:
     """The allowed values of an answer_fields kind, by the string that names each (an enum member's value)."""
@@ -173,7 +183,7 @@ def choices(kind: tuple) -> dict:
 
 def answer_fields(obj: dict, kinds: dict, what: str, required: tuple[str, ...] = ()) -> dict:
     """The fields of an answer named in `kinds`, None when missing, each checked against its kind: a type (str:
-    cut to ANSWER_TEXT_CHARS; list: of str, the last OUTPUT_TAIL_LINES cut to OUTPUT_LINE_CHARS; int, float:
+    cut to ANSWER_TEXT_CHARS; list: of str, the last OUTPUT_TAIL_LINES cut to OUTPUT_LINE_CHARS; both printable; int, float:
     0 <= n < 1e9, bool is neither), a tuple of allowed values or enum members (gives the member), or a predicate
     on a str; for these two "" is missing (Go's empty string). A required field missing, or any of another kind,
     raises ProtocolError."""
@@ -203,10 +213,10 @@ def answer_fields(obj: dict, kinds: dict, what: str, required: tuple[str, ...] =
             raise ProtocolError(f"malformed {what}: {name} is {reprlib.repr(value)}, not {want}")
         if isinstance(kind, tuple):
             value = allowed[value]
-        elif kind is list:
-            value = [clip(line, OUTPUT_LINE_CHARS) for line in value[-OUTPUT_TAIL_LINES:]]
+        elif kind is list:  # host text: no control characters reach a terminal or an AI
+            value = [clip(printable(line), OUTPUT_LINE_CHARS) for line in value[-OUTPUT_TAIL_LINES:]]
         elif kind is str:
-            value = clip(value)
+            value = clip(printable(value))
         fields[name] = value
     return fields
 
@@ -647,15 +657,33 @@ class TrustedSigners:
                               if line.strip() and not line.lstrip().startswith("#")]
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"cannot read trusted keys file {path}: {getattr(e, 'strerror', e)}") from None
-        keys = {}
+        keys, named = {}, {}  # named: name -> (key, where), so two keys cannot pass for one signer
         for entry, where in found:
-            key, _, name = str(entry).partition("=")
-            if not is_user_public_key(key.strip()) or (name and not SIGNER_NAME_RE.fullmatch(name.strip())):
+            key, _, name = (part.strip() for part in str(entry).partition("="))
+            if not is_user_public_key(key) or (name and not SIGNER_NAME_RE.fullmatch(name)):
                 raise ValueError(f"{where}: {str(entry)[:80]!r} is not PUBKEY[=NAME]: an NKey user public key (56 "
                                  "characters starting with U; `homelab-deploy keygen --pubout --in SEED` prints it), "
                                  "optionally = a name of letters, digits, '_', '.', '@', '-'")
-            keys[key.strip()] = name.strip() or key.strip()
+            if named.setdefault(name or key, (key, where))[0] != key:
+                raise ValueError(f"{where}: the name {name!r} is already that of another key ({named[name][0]}, "
+                                 f"{named[name][1]}): logs, events and history name signers by it; give each key "
+                                 "its own name (`homelab-deploy nats-config` refuses such a fleet file too)")
+            keys[key] = name or key
         return cls(keys, nonce_file) if keys or required else None
+
+    @staticmethod
+    def reloaded(old: TrustedSigners | None, new: TrustedSigners | None) -> tuple[TrustedSigners | None, str]:
+        """What a reload (SIGHUP) leaves trusted, and what changed, for the log: `old` takes the new keys and keeps
+        its nonces; a reload that leaves no key keeps the old ones, as none would mean acting on any request."""
+        if new is None:
+            return old, ("not reloaded: the new set is empty, and without trusted keys every request is acted on; "
+                         "the old ones stay (restart without trusted keys to run so)" if old else "none, as before")
+        if old is None:
+            return new, f"loaded: acting only on requests signed by {', '.join(sorted(new.keys.values()))}"
+        added, removed = (sorted(set(a.items()) - set(b.items())) for a, b in ((new.keys, old.keys), (old.keys, new.keys)))
+        old.keys = new.keys
+        return old, (f"reloaded: added {', '.join(n for _, n in added) or 'none'}; removed "
+                     f"{', '.join(n for _, n in removed) or 'none'}")
 
     def verify(self, subject: str, data: bytes, reply_to: str, code) -> str:
         """The signer's name, when `data` (a request that parsed) is signed by a trusted key for `subject`, was
@@ -667,13 +695,13 @@ class TrustedSigners:
         import nacl.exceptions
         import nacl.signing
 
-        if not self.keys:  # a listener with --require-signed and no trusted keys: a setup error, so it answers
+        obj, keys = json.loads(data), self.keys  # one set throughout: a reload replaces it meanwhile
+        if not keys:  # a listener with --require-signed and no trusted keys: a setup error, so it answers
             raise ProtocolError("unauthorized: this host requires signed requests (module option requireSigned, "
                                 "listener flag --require-signed) but trusts no key; nothing was run. Give it the "
                                 "deployers' keys (module option trustedKeys or trustedKeysFile; `homelab-deploy "
-                                "nats-config --trusted-keys-dir` writes them), or set requireSigned = false",
-                                code, reply_to)
-        obj = json.loads(data)
+                                "nats-config --trusted-keys-dir` writes them) and reload it (SIGHUP), or set "
+                                "requireSigned = false", code, reply_to)
         signer, signed_at, nonce, signature = (obj.get(k) for k in ("signer", "signed_at", "nonce", "signature"))
 
         def refuse(why: str) -> ProtocolError:  # no reply_to: never answered, or forged requests aim answers
@@ -682,17 +710,18 @@ class TrustedSigners:
         if signer is None and signature is None:
             raise refuse("the request is not signed, and this host acts only on requests signed by a trusted key "
                          "(homelab-deploy's CLI and MCP server sign every request with their NKey)")
-        if not (isinstance(signer, str) and type(signed_at) is int and isinstance(nonce, str)
-                and NONCE_RE.fullmatch(nonce) and isinstance(signature, str)):
-            raise refuse("malformed signature fields (signer, signed_at, nonce, signature)")
-        if signer not in self.keys:
-            raise refuse(f"signed by {signer[:56]!r}, which is not a trusted key here; add it with --trusted-key "
-                         "(module option trustedKeys) if it may deploy this host")
+        if not (isinstance(signer, str) and type(signed_at) is int and 0 < signed_at < 2 ** 40  # float() of 10**400
+                and isinstance(nonce, str) and NONCE_RE.fullmatch(nonce) and isinstance(signature, str)):  # overflows
+            raise refuse("malformed signature fields (signer, signed_at: unix seconds, nonce, signature)")
+        if signer not in keys:
+            raise refuse(f"signed by {signer[:56]!r}, which is not a trusted key here; if it may send this request, "
+                         "add it to the trusted keys (listener: --trusted-keys-file, module option trustedKeys; builder: "
+                         "trusted_keys in its config) and reload the daemon (SIGHUP: systemctl reload)")
         try:
             nacl.signing.VerifyKey(base64.b32decode(signer)[1:33]).verify(
                 signing_input(subject, obj), base64.b64decode(signature, validate=True))
         except (binascii.Error, ValueError, nacl.exceptions.BadSignatureError):
-            raise refuse(f"the signature of {self.keys[signer]} does not match this request on {subject}: it was "
+            raise refuse(f"the signature of {keys[signer]} does not match this request on {subject}: it was "
                          "altered, or signed for another subject and re-published here") from None
         age = time.time() - signed_at
         if abs(age) > SIGNATURE_SKEW:
@@ -712,14 +741,16 @@ class TrustedSigners:
             except OSError as e:  # acting on it anyway would let a restart replay it
                 raise ProtocolError(f"not run: cannot record the request's nonce in {self.nonce_file} ({e.strerror});"
                                     " make the state directory writable", code, reply_to) from None
-        return self.keys[signer]
+        return keys[signer]
 
 
 # ---------------------------------------------------------------- NATS facade
 
-def stop_on_signals(notice: bytes = b"", again_leaves: bool = False) -> threading.Event:
+def stop_on_signals(notice: bytes = b"", again_leaves: bool = False,
+                    reload: threading.Event | None = None) -> threading.Event:
     """An event that SIGTERM and SIGINT set, writing `notice` to stderr (os.write: a handler may interrupt a print);
-    the main thread waits for it with wait_for_stop. With again_leaves, a second signal raises KeyboardInterrupt."""
+    the main thread waits for it with wait_for_stop. With again_leaves, a second signal raises KeyboardInterrupt.
+    A daemon's SIGHUP sets `reload` (it would end the process)."""
     stop = threading.Event()
 
     def handle(*_) -> None:
@@ -731,6 +762,8 @@ def stop_on_signals(notice: bytes = b"", again_leaves: bool = False) -> threadin
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handle)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())
     return stop
 
 
@@ -744,14 +777,28 @@ def wait_for_stop(stop: threading.Event, timeout: float | None = None) -> bool:
     return True
 
 
-# An NKey seed (S + base32; one passed where a path belongs), and the password or token of a URL's userinfo,
-# in a URL (nats://user:pass@host) or a bare netloc (user:pass@host:4222).
-SECRET_RE = re.compile(r"(?P<seed>(?<![A-Za-z0-9])S[A-Z2-7]{39,})|(?:(?<=://)|(?<!\S))(?P<user>[^\s/@:]*:)?[^\s/]*@")
+def serve_until_stopped(stop: threading.Event, reload: threading.Event, on_reload) -> None:
+    """A daemon's main thread: wait for SIGTERM or SIGINT, calling on_reload() after each SIGHUP."""
+    while not wait_for_stop(stop, 1.0):
+        if reload.is_set():
+            reload.clear()
+            on_reload()
+
+
+# An NKey seed (S + base32; one passed where a path belongs); the password or token of a URL's userinfo in any
+# scheme (nats://user:pass@host, git+https://token@host) or a bare netloc (user:pass@host:4222); the value of a
+# query parameter naming a secret (?access_token=, &private_token=, ?password=). No match crosses a quote or a
+# backslash, so redacting a JSON text leaves valid JSON.
+SECRET_RE = re.compile(r"(?P<seed>(?<![A-Za-z0-9])S[A-Z2-7]{39,})"
+                       r"|(?:(?<=://)(?P<user>[^\s/@:\"'\\]*:)?|(?<!\S)(?P<bare>[^\s/@:\"'\\]*:))[^\s/\"'\\]*@"
+                       r"|(?P<param>[?&;](?i:[\w.-]*(?:token|secret|passw(?:or)?d|auth|key|signature|sig|credential)s?)=)"
+                       r"[^&#;\s\"'\\]*")
 
 
 def redact(text: str) -> str:
-    """`text` without NKey seeds, URL passwords and tokens: for every error and log line naming a key or URL."""
-    return SECRET_RE.sub(lambda m: "<an NKey seed, redacted>" if m["seed"] else f"{m['user'] or ''}***@", text)
+    """`text` without NKey seeds, URL passwords and tokens: for every answer, event, error and log line."""
+    return SECRET_RE.sub(lambda m: "<an NKey seed, redacted>" if m["seed"] else f"{m['param']}***" if m["param"]
+                         else f"{m['user'] or m['bare'] or ''}***@", text)
 
 
 class NatsError(Exception):
@@ -981,7 +1028,7 @@ class Bus:
                             f"nothing was sent to {subject}; retry in a moment")
 
     def publish(self, subject: str, payload: bytes, confirm: bool = False) -> int:
-        """Publish. Without `confirm` (answers, events) return at once, never raising: the loop hands the messages
+        """Publish. Without `confirm` (answers, events; redacted) return at once, never raising: the loop hands the messages
         to nats-py in the order they were published (which buffers them while reconnecting) and logs what it
         refuses. With `confirm` (requests), refuse while disconnected, since nats-py would deliver the request whenever it
         reconnects, long after the sender gave up; then wait for the server and raise NatsError if it refused the
@@ -989,6 +1036,8 @@ class Bus:
         publish's errors only."""
         since = self.permission_errors_seen
         if not confirm:  # no wait for the loop thread, which is woken once for what was queued meanwhile
+            # a daemon's answer or event: what it says leaves the host; any bytes pass through (never raises)
+            payload = redact(payload.decode(errors="surrogateescape")).encode(errors="surrogateescape")
             with self.outbox_room:  # unless the outbox is full: then the publisher (a flood's lane) waits for it
                 self.outbox_room.wait_for(lambda: len(self.outbox) < OUTBOX_DEPTH or self.closing, OUTBOX_WAIT)
                 self.outbox.append((subject, payload))
@@ -2061,6 +2110,17 @@ class Listener:
         self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(answer).encode())
         log.debug("host=%s answered %s on %s", self.hostname, subject, reply_to)
 
+    def reload_signers(self, entries: list[str], files: list[str]) -> None:
+        """On SIGHUP: the trusted keys anew from --trusted-key and --trusted-keys-file; a failed reload keeps the
+        old ones and says why."""
+        try:
+            signers = TrustedSigners.load(entries, files, os.path.join(self.state_dir, "nonces.json"))
+        except ValueError as e:
+            log.error("host=%s SIGHUP: trusted keys not reloaded, the old ones stay: %s", self.hostname, e)
+            return
+        self.signers, change = TrustedSigners.reloaded(self.signers, signers)
+        log.warning("host=%s SIGHUP: trusted keys %s", self.hostname, change)
+
 
 def run_listener(args: argparse.Namespace) -> int:
     for flag, value in (("--hostname", args.hostname), ("--role", args.role)):
@@ -2076,9 +2136,10 @@ def run_listener(args: argparse.Namespace) -> int:
                          "--rollback-timeout not negative")
     if not is_publish_subject(args.discover_subject):
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
+    trusted = (args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [])
     try:
-        signers = TrustedSigners.load(args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [],
-                                      os.path.join(args.state_dir, "nonces.json"), required=args.require_signed)
+        signers = TrustedSigners.load(*trusted, os.path.join(args.state_dir, "nonces.json"),
+                                      required=args.require_signed)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     import fcntl
@@ -2100,7 +2161,7 @@ def run_listener(args: argparse.Namespace) -> int:
                          "give each listener its own --state-dir (under systemd, its own StateDirectory=)") from None
     os.ftruncate(lock, 0)
     os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
-    stop = stop_on_signals()
+    stop = stop_on_signals(reload=(reload := threading.Event()))
     metrics = ListenerMetrics(args.hostname, args.tier, args.role, args.system_profile) if args.metrics_enabled else None
     try:
         subjects = expand_subjects(args.deploy_subject or list(DEFAULT_SUBJECTS), args.hostname, args.tier, args.role)
@@ -2132,7 +2193,7 @@ def run_listener(args: argparse.Namespace) -> int:
         bus.close()
         return 1
     log.info("host=%s tier=%s role=%s ready (%s)", args.hostname, args.tier, args.role or "-", ", ".join(subjects))
-    wait_for_stop(stop)
+    serve_until_stopped(stop, reload, lambda: listener.reload_signers(*trusted))
     if listener.reporting.locked():
         log.warning("host=%s shutting down: waiting up to %ss for the running deploy", args.hostname,
                     args.shutdown_grace)
@@ -2153,11 +2214,12 @@ class Repo(typing.NamedTuple):
     name: str
     url: str
     default_branch: str = "master"
+    signers: TrustedSigners | None = None  # the top-level trusted_keys and the repo's own; None: unsigned requests
 
     @classmethod
-    def parse_config(cls, path: str) -> tuple[dict[str, Repo], TrustedSigners | None]:
-        """Read and check the builder's YAML config: its repos and trusted keys; a ValueError names the problem
-        and the fix."""
+    def parse_config(cls, path: str) -> dict[str, Repo]:
+        """Read and check the builder's YAML config: its repos, each with the keys trusted for it (the top-level
+        trusted_keys, for every repo, and its own); a ValueError names the problem and the fix."""
         import yaml
 
         example = 'repos: {nixos-servers: {url: "git+https://git.example.com/org/nixos-servers.git", ' \
@@ -2178,7 +2240,6 @@ class Repo(typing.NamedTuple):
         trusted = doc.get("trusted_keys") or []
         if not isinstance(trusted, list):
             raise ValueError(f"{path}: trusted_keys must be a list of PUBKEY[=NAME] strings")
-        signers = TrustedSigners.load([str(entry) for entry in trusted], [], where=f"{path}: trusted_keys")
         repos = {}
         for name, entry in doc["repos"].items():
             where = f"{path}: repos.{name}"
@@ -2188,10 +2249,14 @@ class Repo(typing.NamedTuple):
             if not isinstance(entry, dict):
                 raise ValueError(f"{where} must be a mapping with `url` and optionally `default_branch`, "
                                  f"e.g. {example}")
-            unknown = set(entry) - {"url", "default_branch"}
+            unknown = set(entry) - {"url", "default_branch", "trusted_keys"}
             if unknown:
                 raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                                 "allowed: url, default_branch")
+                                 "allowed: url, default_branch, trusted_keys")
+            own = entry.get("trusted_keys") or []
+            if not isinstance(own, list):
+                raise ValueError(f"{where}: trusted_keys must be a list of PUBKEY[=NAME] strings (keys trusted for "
+                                 f"{name} only; the top-level trusted_keys are trusted for every repo)")
             url, branch = entry.get("url"), entry.get("default_branch", "master")
             if url is None:
                 raise ValueError(f"{where}: missing `url`, the flake URL of the repository, "
@@ -2202,8 +2267,9 @@ class Repo(typing.NamedTuple):
                                  "e.g. git+https://git.example.com/org/nixos-servers.git")
             if not is_valid_ref(branch):
                 raise ValueError(f"{where}: default_branch {branch!r} must be a git branch, tag or 40-hex commit")
-            repos[name] = cls(name, url, branch)
-        return repos, signers
+            repos[name] = cls(name, url, branch, TrustedSigners.load(
+                [str(e) for e in trusted + own], [], where=f"{path}: trusted_keys (top-level, or of repo {name})"))
+        return repos
 
 
 def flake_show_argv(url: str, branch: str) -> list[str]:
@@ -2237,9 +2303,8 @@ class EvalFailed(Exception):
 
 class Builder:
     def __init__(self, repos: dict[str, Repo], bus: Bus, timeout: int, parallel: int,
-                 metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool,
-                 signers: TrustedSigners | None = None):
-        self.repos, self.bus, self.metrics, self.stop, self.signers = repos, bus, metrics, stop, signers
+                 metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool):
+        self.repos, self.bus, self.metrics, self.stop = repos, bus, metrics, stop
         self.timeout, self.parallel, self.allow_any_ref = timeout, parallel, allow_any_ref
         self.running = {name: threading.Lock() for name in repos}  # one build per repo at a time
         self.reporting = {name: threading.Lock() for name in repos}  # held while a build's final answer goes out
@@ -2251,6 +2316,19 @@ class Builder:
     def start(self) -> None:
         for name in self.repos:
             self.bus.subscribe(f"build.{name}.*", self.handle_build)
+
+    def reload_signers(self, config: str) -> None:
+        """On SIGHUP: each repo's trusted keys anew from the config (its repos and URLs stay until a restart); a
+        failed reload keeps the old ones and says why."""
+        try:
+            repos = Repo.parse_config(config)
+        except ValueError as e:
+            log.error("SIGHUP: trusted keys not reloaded, the old ones stay: %s", e)
+            return
+        for name, repo in self.repos.items():
+            signers, change = TrustedSigners.reloaded(repo.signers, repos[name].signers if name in repos else None)
+            self.repos[name] = repo._replace(signers=signers)
+            log.warning("repo=%s SIGHUP: trusted keys %s", name, change)
 
     def reply(self, reply_to: str, status: Status, message: str, repo: str, **fields) -> None:
         answer = BuildResponse(status, message, repo, **fields).fitted(self.bus.nc.max_payload // 2)  # well under it
@@ -2278,8 +2356,8 @@ class Builder:
                 raise ProtocolError(f"target {request.target!r} does not match the subject {subject}; send it to "
                                     f"build.{subject_repo}.{request.target}",
                                     BuildErrorCode.INVALID_TARGET, request.reply_to)
-            signer = (self.signers.verify(subject, data, request.reply_to, BuildErrorCode.UNAUTHORIZED)
-                      if self.signers else None)
+            signers = self.repos[subject_repo].signers  # trust is per repo: a key trusted for one builds no other
+            signer = signers.verify(subject, data, request.reply_to, BuildErrorCode.UNAUTHORIZED) if signers else None
         except ProtocolError as e:
             rid = request_id(e.reply_to or request.reply_to) if e.reply_to or request else None
             log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid or "-", e)
@@ -2435,14 +2513,14 @@ class Builder:
 
 def run_builder(args: argparse.Namespace) -> int:
     try:
-        repos, signers = Repo.parse_config(args.config)
+        repos = Repo.parse_config(args.config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.timeout <= 0 or args.parallel < 1:
         print("error: --timeout must be positive and --parallel at least 1", file=sys.stderr)
         return 2
-    stop = stop_on_signals()
+    stop = stop_on_signals(reload=(reload := threading.Event()))
     metrics = BuilderMetrics(list(repos)) if args.metrics_enabled else None
     if metrics:
         serve_metrics(args.metrics_addr, metrics.registry)
@@ -2451,10 +2529,12 @@ def run_builder(args: argparse.Namespace) -> int:
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref, signers)
-    if signers is None:
-        log.warning("no trusted_keys in %s: any credential that NATS lets publish on build.<repo>.* can start builds; "
-                    "list the build clients' public keys there to act only on requests they signed", args.config)
+    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref)
+    unsigned = [r.name for r in repos.values() if r.signers is None]
+    if unsigned:
+        log.warning("no trusted_keys in %s for %s: any credential that NATS lets publish on build.<repo>.* can start "
+                    "builds there; list the build clients' public keys (top-level trusted_keys, or a repo's own) to act "
+                    "only on requests they signed", args.config, ", ".join(unsigned))
     try:
         builder.start()
     except NatsError as e:
@@ -2464,7 +2544,7 @@ def run_builder(args: argparse.Namespace) -> int:
         return 1
     log.info("builder ready (repos: %s; timeout %ds per host, %d at a time)", ", ".join(
         f"{r.name}={r.url} [{r.default_branch}]" for r in repos.values()), args.timeout, args.parallel)
-    wait_for_stop(stop)
+    serve_until_stopped(stop, reload, lambda: builder.reload_signers(args.config))
     log.info("builder shutting down; cancelling running builds")
     deadline = time.monotonic() + 30  # kill_process_group needs at most 15s; then the final statuses go out
     for lock in [*builder.running.values(), *builder.reporting.values()]:  # builds, then their final answers
@@ -3402,6 +3482,12 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                                                   f"{name}-admin"))
     if not credentials:
         raise FleetError("the fleet file names no credentials; add hosts, deployers, builders, ...")
+    signers: dict[str, str] = {}  # one namespace: trusted keys, logs, events and history name a signer by it
+    for c in credentials:
+        if c.name and not c.serves and signers.setdefault(c.name, c.description) != c.description:
+            raise FleetError(f"{c.description} and {signers[c.name]} would both sign as {c.name!r} (an MCP server's "
+                             "admin key signs as <name>-admin): give every deployer, build client and MCP server a "
+                             "name no other signer has")
     return credentials
 
 
@@ -3416,11 +3502,13 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(tokens) == len(wanted)
 
 
-def trusted_keys(credentials: list[Credential]) -> dict[str, list[str]]:
-    """Per daemon (hostname, builder-<name>), `PUBKEY=NAME` of every sender whose permissions reach one of its
-    request subjects: test hosts trust the test and admin deployers and the MCP credentials, prod hosts admins."""
-    return {daemon.name: [f"{c.public_key}={c.name}" for c in credentials if c.name and not c.serves and any(
-        subject_matches(p, s) for p in c.publish for s in daemon.serves)] for daemon in credentials if daemon.serves}
+def trusted_keys(credentials: list[Credential]) -> dict[tuple[str, str | None], list[str]]:
+    """Per listener (hostname, None) and per builder and repo (builder-<name>, repo: a builder trusts per repo),
+    `PUBKEY=NAME` of every sender whose permissions reach that request subject: test hosts trust the test and
+    admin deployers and the MCP credentials, prod hosts admins, a builder's repo the clients that may build it."""
+    return {(daemon.name, served.split(".")[1] if served.startswith("build.") else None): [
+        f"{c.public_key}={c.name}" for c in credentials if c.name and not c.serves and any(
+            subject_matches(p, served) for p in c.publish)] for daemon in credentials for served in daemon.serves}
 
 
 def authorization_config(credentials: list[Credential], source: str = "") -> str:
@@ -3482,16 +3570,20 @@ def nats_config_command(args: argparse.Namespace) -> int:
             return 0
         trusted = trusted_keys(credentials)
         print(authorization_config([c for c in credentials if not c.site], args.fleet), end="")
-        print("# Trusted keys implied by these permissions (listener --trusted-key / module option trustedKeys; builder "
-              "config trusted_keys):\n" + "".join(f"#   {daemon}: {' '.join(keys) or '(none)'}\n"
-                                                  for daemon, keys in trusted.items()), end="")
-        if args.trusted_keys_dir:
+        print("# Trusted keys implied by these permissions (listener --trusted-key / module option trustedKeys; "
+              "builder config repos.<repo>.trusted_keys):\n" + "".join(
+                  f"#   {daemon}{f' repos.{repo}.trusted_keys' if repo else ''}: {' '.join(keys) or '(none)'}\n"
+                  for (daemon, repo), keys in trusted.items()), end="")
+        if args.trusted_keys_dir:  # a file per daemon: a builder's holds the keys of all its repos
+            files: dict[str, list[str]] = {}
+            for (daemon, _), keys in trusted.items():
+                files[daemon] = list(dict.fromkeys(files.get(daemon, []) + keys))
             os.makedirs(args.trusted_keys_dir, exist_ok=True)
-            for daemon, keys in trusted.items():
+            for daemon, keys in files.items():
                 with open(os.path.join(args.trusted_keys_dir, f"{daemon}.keys"), "w") as f:
                     f.write(f"# Trusted keys of {daemon}, generated by `homelab-deploy nats-config {args.fleet}`\n"
                             + "".join(f"{k}\n" for k in keys))
-            print(f"wrote {len(trusted)} trusted-key files to {args.trusted_keys_dir}", file=sys.stderr)
+            print(f"wrote {len(files)} trusted-key files to {args.trusted_keys_dir}", file=sys.stderr)
     except NatsError as e:
         print(f"error: {args.fleet}: {e}", file=sys.stderr)
         return 2
@@ -4037,6 +4129,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = logging.INFO if getattr(args, "daemon", False) else logging.WARNING  # the CLI prints its own lines
     logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False) else quiet,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # every log line, output and traceback: no secret leaves the host
+        handler.format = lambda record, plain=handler.format: redact(plain(record))
     if not getattr(args, "debug", False):
         logging.getLogger("nats").setLevel(logging.CRITICAL)  # its reconnect noise; we log our own line
     if getattr(args, "metrics_enabled", False):

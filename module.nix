@@ -150,7 +150,8 @@ let
   # valid YAML, so builtins.toJSON writes it.  Only the known fields are
   # taken: submodule values can carry internal attributes (`_module`).
   generatedBuilderConfig = pkgs.writeText "homelab-deploy-builder.yaml" (builtins.toJSON ({
-    repos = lib.mapAttrs (_: repo: { inherit (repo) url default_branch; }) bcfg.settings.repos;
+    repos = lib.mapAttrs (_: repo: { inherit (repo) url default_branch; }
+      // (if repo.trusted_keys != [ ] then { inherit (repo) trusted_keys; } else { })) bcfg.settings.repos;
   } // (if bcfg.settings.trusted_keys != [ ] then { inherit (bcfg.settings) trusted_keys; } else { })));
 
   builderConfigFile =
@@ -183,6 +184,15 @@ let
         default = "master";
         example = "main";
         description = "Branch built when a build request names none.";
+      };
+      trusted_keys = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "UAOS...=ci" ];
+        description = ''
+          NKey user public keys (`PUBKEY[=NAME]`) trusted to build `${name}`
+          only, on top of `settings.trusted_keys` (trusted for every repo).
+        '';
       };
     };
   };
@@ -454,6 +464,8 @@ in
         serviceConfig = {
           Type = "simple";
           ExecStart = listenerCommand;
+          # `systemctl reload`: the listener reads its trusted keys (trustedKeysFile) anew; a bad file keeps the old.
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           # Runs as root: nixos-rebuild switch needs it.
           Restart = "always";
           RestartSec = 5;
@@ -511,6 +523,8 @@ in
         serviceConfig = {
           Type = "simple";
           ExecStart = builderCommand;
+          # `systemctl reload`: the builder reads its repos' trusted keys anew from its config file.
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           Restart = "always";
           RestartSec = 5;
 

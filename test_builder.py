@@ -370,7 +370,7 @@ class TestBuilderConfig:
     def load(self, tmp_path, text: str):
         path = tmp_path / "builder.yaml"
         path.write_text(text)
-        return hd.Repo.parse_config(str(path))[0]
+        return hd.Repo.parse_config(str(path))
 
     def test_valid(self, tmp_path):
         repos = self.load(tmp_path, "repos:\n  nixos-servers:\n    url: git+https://g.example/s.git\n"

@@ -158,15 +158,20 @@ class TestFleetConfig:
 
     def test_trusted_keys_follow_the_permissions(self, tmp_path):
         doc, seeds = fleet_doc(tmp_path)
+        doc["builders"][0]["repos"] = doc["mcp"][0]["build_repos"] = ["r1", "r2"]  # bclient may build r1 only
         (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
         r = run_cli("nats-config", str(tmp_path / "fleet.yaml"), "--trusted-keys-dir", str(tmp_path / "keys"))
         assert r.returncode == 0, r.stderr
         keys = {n: hd.public_key_of(str(seed)) for n, seed in seeds.items()}
         expected = {"t1": ["tdep", "admin", "mcp", "mcpadmin"], "t2": ["tdep", "admin", "mcp", "mcpadmin"],
                     "p1": ["admin", "mcpadmin"], "builder-builder": ["bclient", "mcp"]}
-        for daemon, names in expected.items():
+        per_repo = {"builder-builder repos.r1.trusted_keys": ["bclient", "mcp"],  # a builder trusts per repo
+                    "builder-builder repos.r2.trusted_keys": ["mcp"]}
+        for daemon, names in {**expected, **per_repo}.items():
             want = [f"{keys[n]}={n if n != 'mcpadmin' else 'mcp-admin'}" for n in names]
-            assert f"#   {daemon}: {' '.join(want)}" in r.stdout
+            assert (f"#   {daemon}: {' '.join(want)}" in r.stdout) is (daemon != "builder-builder"), r.stdout
+        for daemon, names in expected.items():  # the builder's file: the keys of all its repos
+            want = [f"{keys[n]}={n if n != 'mcpadmin' else 'mcp-admin'}" for n in names]
             signers = hd.TrustedSigners.load([], [str(tmp_path / "keys" / f"{daemon}.keys")])
             assert signers.keys == dict(w.split("=") for w in want)
         assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == [

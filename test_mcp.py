@@ -278,7 +278,7 @@ async def test_deploy_to_a_test_host_completes_with_progress(mcp_server, start_l
     assert not result.is_error, text(result)
     summary, line = text(result).splitlines()
     assert summary == "1/1 hosts completed on deploy.test.testhost1 (boot of release/1.2)"
-    assert line.startswith("testhost1: completed - Successfully set generation 1 as the boot default") and line.endswith("s)")
+    assert line.startswith('testhost1: completed - "Successfully set generation 1 as the boot default') and line.endswith("s)")
     doc = result.structured_content
     assert doc["success"] is True and doc["summary"] == summary and doc["target"] == "deploy.test.testhost1"
     assert [(h["hostname"], h["status"], h["error"]) for h in doc["hosts"]] == [("testhost1", "completed", None)]
@@ -322,8 +322,8 @@ async def test_failed_host_is_an_error_result_with_every_host(mcp_server, start_
     lines = text(result).splitlines()
     assert lines[0].startswith("1/2 hosts completed on deploy.test.all")
     assert lines[1].startswith("testhost1: completed")
-    assert lines[2].startswith("testhost2: failed [build_failed] - nixos-rebuild switch failed (exit code 1)")
-    assert any(line.startswith("    error: builder for") for line in lines[3:])  # the output's last lines
+    assert lines[2].startswith('testhost2: failed [build_failed] - "nixos-rebuild switch failed (exit code 1)')
+    assert any(line.startswith('    output: "error: builder for') for line in lines[3:])  # the output's last lines
     assert result.structured_content["success"] is False
     assert "building the system configuration..." in result.structured_content["hosts"][1]["output"]
 
@@ -560,7 +560,7 @@ async def test_build_reports_per_host_results(mcp_server, start_builder, flake):
         result = await client.call_tool("build", {"repo": "fleet"}, progress_callback=on_progress)
         assert result.is_error  # a host failed to build
         lines = text(result).splitlines()
-        assert lines[0] == "2/3 hosts completed on build.fleet.all (branch main): built 2/3 hosts; failed: broken"
+        assert lines[0] == '2/3 hosts completed on build.fleet.all (branch main): "built 2/3 hosts; failed: broken"'
         assert lines[1].startswith("broken: failed [build_failed] - ") and "intentional build failure" in lines[1]
         assert [line.split(":")[0] for line in lines if not line.startswith(" ")][2:] == ["good1", "good2"]
         doc = result.structured_content
@@ -572,7 +572,7 @@ async def test_build_reports_per_host_results(mcp_server, start_builder, flake):
         result = await client.call_tool("build", {"repo": "fleet", "target": "good1", "branch": "main"})
         assert not result.is_error, text(result)
         assert text(result).splitlines()[0] == "1/1 hosts completed on build.fleet.good1 (branch main): " \
-                                               "built 1/1 hosts successfully"
+                                               '"built 1/1 hosts successfully"'
         for arguments, message in [
             ({"repo": "fleet", "target": "good1", "all": True}, "not both"),
             ({"repo": "fleet", "target": "bad;name"}, "invalid build request"),

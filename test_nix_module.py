@@ -430,12 +430,25 @@ def test_require_signed_is_the_default_and_can_be_turned_off(nix):
     assert "--require-signed" not in listener_argv(nix, host(listener=listener_config(requireSigned=False)))
 
 
+def test_reload_sends_sighup_to_reread_trusted_keys(nix):
+    """`systemctl reload` of either daemon: SIGHUP, on which it reads its trusted keys anew (issue 25)."""
+    cfg = host(listener=listener_config(trustedKeysFile="/etc/homelab-deploy/trusted.keys"),
+               builder=builder_config(settings={"repos": {"fleet": {"url": "git+https://g.example/f.git"}}}))
+    for unit in (LISTENER, BUILDER):
+        reload = nix.host(cfg, f"svc.{unit}.serviceConfig.ExecReload")
+        assert re.fullmatch(r"/nix/store/[^ ]+-coreutils-9\.5/bin/kill -HUP \$MAINPID", reload), (unit, reload)
+
+
 def test_builder_trusted_keys_reach_its_generated_config(nix):
     key = "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5=ci"
-    repos = {"fleet": {"url": "git+https://git.example.com/fleet.git"}}
+    own = "UDVRWFORRSGNSBF354R4CMAMEGYAXK27DSM5MQHSY6WNGTUP3KMVCLYW=ops"  # trusted for `other` only
+    repos = {"fleet": {"url": "git+https://git.example.com/fleet.git"},
+             "other": {"url": "git+https://git.example.com/other.git", "trusted_keys": [own]}}
     expected = json.dumps({"repos": {"fleet": {"url": "git+https://git.example.com/fleet.git",
-                                               "default_branch": "master"}}, "trusted_keys": [key]},
-                          sort_keys=True, separators=(",", ":"))
+                                               "default_branch": "master"},
+                                     "other": {"url": "git+https://git.example.com/other.git",
+                                               "default_branch": "master", "trusted_keys": [own]}},
+                           "trusted_keys": [key]}, sort_keys=True, separators=(",", ":"))
     result = nix.host(
         host(builder=builder_config(settings={"repos": repos, "trusted_keys": [key]})),
         f"""{{

@@ -616,7 +616,7 @@ class TestAnswerValidatorProperties:
         cut = [{**r, "error": hd.clip(r["error"])} if "error" in r else r for r in results]
         k = len(fitted.results)
         assert fitted.results == cut[:k] and (fitted.succeeded, fitted.failed) == (answer.succeeded, answer.failed)
-        whole = answer._replace(message=hd.clip(message), results=cut)
+        whole = answer._replace(message=hd.clip(hd.printable(message)), results=cut)
         cut_short = f"(results: the first {k} of {n} hosts" in fitted.message
         assert cut_short == (len(json.dumps(whole.to_dict())) > budget)
         assert k == n or len(json.dumps(fitted._replace(results=cut[:k + 1]).to_dict())) > budget  # as many as fit

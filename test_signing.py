@@ -104,6 +104,7 @@ class TestSignedDeploys:
         good, good_reply = signed(bus, subject, body)
         assert send(bus, subject, good, good_reply)[-1]["status"] == "completed"
         stale = resign(bus, subject, {**json.loads(signed(bus, subject, body)[0]), "signed_at": int(time.time()) - 120})
+        huge = resign(bus, subject, {**json.loads(signed(bus, subject, body)[0]), "signed_at": 10 ** 400})
         cases = {
             "unsigned": (*signed(bus, subject, body, signer=None, signature=None), "the request is not signed"),
             "altered": (*signed(bus, subject, body, revision="evil"), "does not match this request on"),
@@ -114,6 +115,7 @@ class TestSignedDeploys:
             "replayed": (good, good_reply, "was used before: a replay"),
             "garbled signature": (*signed(bus, subject, body, signature="!!"), "does not match"),
             "bad nonce": (*signed(bus, subject, body, nonce="x"), "malformed signature fields"),
+            "huge signed_at": (json.dumps(huge).encode(), huge["reply_to"], "malformed signature fields"),
         }
         answered = {b: b.inbox(f"deploy.responses.{b.public_key}.>") for b in (bus, admin)}
         for name, (payload, reply_to, why) in cases.items():

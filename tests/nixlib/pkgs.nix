@@ -70,6 +70,7 @@ let
     nixos-rebuild = fakeDrv "nixos-rebuild" { meta.mainProgram = "nixos-rebuild"; };
     nixos-rebuild-ng = fakeDrv "nixos-rebuild-ng" { meta.mainProgram = "nixos-rebuild"; };
     systemd = fakeDrv "systemd-257" { meta.mainProgram = "systemctl"; };
+    coreutils = fakeDrv "coreutils-9.5" { };
     nats-server = fakeDrv "nats-server" { meta.mainProgram = "nats-server"; };
     installShellFiles = fakeDrv "install-shell-files" { };
   };
