@@ -563,6 +563,9 @@ class BuildResponse(typing.NamedTuple):
 SIGNATURE_SKEW = 60  # seconds a request's signed_at may be off the receiver's clock; its nonce is kept twice as long
 SIGNING_CONTEXT = b"homelab-deploy request v1\n"
 NONCE_RE = re.compile(r"[0-9a-f]{32}")
+NONCE_COMPACT_EVERY = 1000  # nonce lines appended before the file is rewritten with only the live ones
+SIGNER_RATE, SIGNER_BURST = 1.0, 30  # requests a second, and at once, that one trusted key may have verified
+CLAIMED_SIGNER_RE = re.compile(rb'"signer" *: *"(U[A-Z2-7]{55})"')  # for choosing a lane, before anything is checked
 
 
 def is_user_public_key(key: object) -> bool:
@@ -590,15 +593,55 @@ def signing_input(subject: str, obj: dict) -> bytes:
 
 class TrustedSigners:
     """The NKeys whose signed requests a listener or builder acts on, by name, and the nonces it has seen; the
-    nonces of requests acted on go to `nonce_file` (when given), so a restart does not open a replay window."""
+    nonces of requests acted on are appended to `nonce_file` (when given), so a restart does not open a replay
+    window: a first line {"nonces": {nonce: expiry}} (written atomically), then a line ["nonce", expiry] each."""
 
     def __init__(self, keys: dict[str, str], nonce_file: str | None = None):
         self.keys, self.nonce_file = keys, nonce_file
         self.seen: dict[str, float] = {}  # nonce -> when it may be forgotten
-        self.lock = threading.Lock()
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):  # none kept yet, or unreadable
-            with open(nonce_file or "") as f:
-                self.seen = {n: float(t) for n, t in json.load(f).items() if NONCE_RE.fullmatch(n)}
+        self.budget: dict[str, tuple[float, float]] = {}  # signer -> (requests it may still send, when counted)
+        self.lock, self.syncing = threading.Lock(), threading.Lock()  # syncing: one fsync covers all lines before it
+        self.fd, self.written, self.synced = -1, 0, 0  # the file, lines appended since it was compacted, fsynced
+        self.not_before = 0.0  # requests signed at or before it are refused: the nonces seen until then were lost
+        if nonce_file is None:
+            return
+        try:
+            with open(nonce_file, "rb") as f:
+                first, *body = f.read().split(b"\n")
+            self.seen = {**json.loads(first)["nonces"], **dict(json.loads(line) for line in body[:-1])}
+            with contextlib.suppress(ValueError, TypeError):  # a last line torn by a crash: its request was not run
+                self.seen.update(json.loads(line) for line in body[-1:])
+            self.seen = {n: float(t) for n, t in self.seen.items() if NONCE_RE.fullmatch(n)}
+        except FileNotFoundError:
+            pass  # the first start
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self.not_before = time.time()
+            log.error("replay cache %s lost (%s): refusing requests signed before now, which could be replays of "
+                      "requests already run; they are refused for %ds, until none signed before could be accepted",
+                      nonce_file, str(e)[:200], 2 * SIGNATURE_SKEW)
+        try:
+            self.compact()
+        except OSError as e:
+            raise ValueError(f"cannot write the replay cache {nonce_file} ({e.strerror}); make its directory "
+                             "writable by this user only") from None
+
+    def compact(self) -> None:
+        """Rewrite the nonce file with the nonces still live (atomically, fsynced) and append to it from now on.
+        Called holding `lock` (or before any request): it waits for a running fsync, which uses the old file."""
+        self.seen = {n: t for n, t in self.seen.items() if t > time.time()}
+        with self.syncing:
+            save_state(self.nonce_file, {"nonces": self.seen})
+            fd, self.fd = self.fd, os.open(self.nonce_file, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            if fd >= 0:
+                os.close(fd)
+            self.written = self.synced = 0
+
+    def lane(self, data: bytes, base: str) -> str:
+        """The lane for a request: `base`-<name> for one claiming a trusted key, so a key's flood waits only behind
+        itself and the other keys' requests are not dropped with it; `base` for the rest."""
+        claimed = CLAIMED_SIGNER_RE.search(data[:MAX_MESSAGE_BYTES])
+        name = self.keys.get(claimed[1].decode()) if claimed else None
+        return f"{base}-{name}" if name else base
 
     @classmethod
     def load(cls, entries: list[str], files: list[str], nonce_file: str | None = None,
@@ -660,18 +703,35 @@ class TrustedSigners:
                          "off this host's clock: a replay, or a clock is wrong (check NTP on both ends)")
         if reply_to.split(".")[2] != signer:
             raise refuse(f"its answers would go to {reply_to.split('.')[2][:56]!r}, not to the signer")
-        with self.lock:
-            now = time.time()
-            self.seen = {n: t for n, t in self.seen.items() if t > now}
-            if nonce in self.seen:
-                raise refuse(f"nonce {nonce} was used before: a replay of a request already received")
-            self.seen[nonce] = signed_at + 2 * SIGNATURE_SKEW
-            try:
-                if self.nonce_file:
-                    save_state(self.nonce_file, self.seen)
-            except OSError as e:  # acting on it anyway would let a restart replay it
-                raise ProtocolError(f"not run: cannot record the request's nonce in {self.nonce_file} ({e.strerror});"
-                                    " make the state directory writable", code, reply_to) from None
+        if signed_at <= self.not_before:
+            raise refuse(f"signed before this host lost its replay cache {self.nonce_file}, so it may be a replay; "
+                         "send it again")
+        try:
+            with self.lock:
+                now = time.time()
+                left, since = self.budget.get(signer, (SIGNER_BURST, now))
+                left = min(SIGNER_BURST, left + (now - since) * SIGNER_RATE)
+                if left < 1:
+                    raise refuse(f"{self.keys[signer]} sent more than {SIGNER_BURST} requests at once or "
+                                 f"{SIGNER_RATE:g} a second; a loop or a stolen key? wait a minute and send it again")
+                self.budget[signer] = (left - 1, now)
+                if nonce in self.seen:
+                    raise refuse(f"nonce {nonce} was used before: a replay of a request already received")
+                self.seen[nonce] = signed_at + 2 * SIGNATURE_SKEW
+                if self.nonce_file and self.written >= NONCE_COMPACT_EVERY:
+                    self.compact()
+                elif self.nonce_file:
+                    os.write(self.fd, b"\n" + json.dumps([nonce, self.seen[nonce]]).encode())
+                    self.written += 1
+                mine = self.written
+            with self.syncing:  # while one thread fsyncs, the others append: the next fsync covers them all
+                if self.nonce_file and self.synced < mine:
+                    upto = self.written
+                    os.fsync(self.fd)
+                    self.synced = max(self.synced, upto)
+        except OSError as e:  # acting on it anyway would let a restart replay it
+            raise ProtocolError(f"not run: cannot record the request's nonce in {self.nonce_file} ({e.strerror});"
+                                " make the state directory writable", code, reply_to) from None
         return self.keys[signer]
 
 
@@ -977,16 +1037,17 @@ class Bus:
         obj["signature"] = base64.b64encode(self.signing_key.sign(signing_input(subject, obj))).decode()
         return json.dumps(obj).encode()
 
-    def subscribe(self, subject: str, handler, lane: str | None = None) -> None:
+    def subscribe(self, subject: str, handler, lane: str | typing.Callable[[bytes], str] | None = None) -> None:
         """Call handler(subject, data, received) for every message on a thread of `lane` (default: a lane of
-        the subject's own), `received` being its time.monotonic() of arrival; errors are logged, never raised."""
-        lane = lane or subject
-        if lane not in self.lanes:
-            self.lanes[lane] = Lane(lane)
-        offer = self.lanes[lane].offer
+        the subject's own; a function: the lane it names for each message, on the event loop), `received` being
+        its time.monotonic() of arrival; errors are logged, never raised."""
+        choose = lane if callable(lane) else lambda data: lane or subject
 
         async def on_message(msg):
-            offer(handler, msg.subject, msg.data)
+            name = choose(msg.data)
+            if name not in self.lanes:
+                self.lanes[name] = Lane(name)
+            self.lanes[name].offer(handler, msg.subject, msg.data)
 
         self._call(self.nc.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
@@ -1514,8 +1575,9 @@ class Listener:
         self.kill = threading.Event()  # set when the shutdown grace period is over: kill the running deploy
 
     def start(self) -> None:
+        lane = (lambda data: self.signers.lane(data, "deploy")) if self.signers else "deploy"
         for subject in self.subjects:
-            self.bus.subscribe(subject, self.handle_deploy, lane="deploy")  # never queued behind discovery
+            self.bus.subscribe(subject, self.handle_deploy, lane=lane)  # never queued behind discovery
         self.bus.subscribe(self.discover_subject, self.handle_query)
         try:
             self.bus.subscribe(STATUS_SUBJECT, self.handle_query)
@@ -2056,11 +2118,6 @@ def run_listener(args: argparse.Namespace) -> int:
                          "and --rollback-timeout a finite number of seconds (0 turns automatic rollback off)")
     if not is_publish_subject(args.discover_subject):
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
-    try:
-        signers = TrustedSigners.load(args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [],
-                                      os.path.join(args.state_dir, "nonces.json"))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     import fcntl
 
     lock_file = os.path.join(args.state_dir, "lock")
@@ -2081,6 +2138,11 @@ def run_listener(args: argparse.Namespace) -> int:
                          "give each listener its own --state-dir (under systemd, its own StateDirectory=)") from None
     os.ftruncate(lock, 0)
     os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+    try:  # once the directory is ours: this reads and rewrites the replay cache
+        signers = TrustedSigners.load(args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [],
+                                      os.path.join(args.state_dir, "nonces.json"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     stop = stop_on_signals()
     metrics = ListenerMetrics(args.hostname, args.tier, args.role, args.system_profile) if args.metrics_enabled else None
     try:
