@@ -1766,6 +1766,9 @@ class Listener:
             log.error("host=%s unreadable in-flight record %s (%s); removing it", self.hostname, self.inflight_file, e)
             self.record_inflight(None)
             return
+        if os.path.exists(rollback_path(self.state_dir, "rollback", reply_to.rsplit(".", 1)[1])):
+            self.record_inflight(None)  # its watchdog rolled it back after it ended: settle_switches reports that
+            return
         pid = record.get("pid")
         if isinstance(pid, int) and pid > 1:
             with contextlib.suppress(OSError):  # an orphaned nixos-rebuild from the dead listener: stop it

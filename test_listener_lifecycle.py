@@ -520,7 +520,7 @@ class TestAutomaticRollback:
         host = start_listener("testhost1", "test", None, "--timeout", "600", "--rollback-timeout", "2")
         host.standin.set_generation(1)
         host.standin.set_mode("block")
-        start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
         wait_for(lambda: host.standin.pids, what="nixos-rebuild to run")
         os.killpg(host.proc.pid, signal.SIGKILL)  # the listener's group; nixos-rebuild and the watchdog run on
         host.proc.wait(10)
@@ -530,6 +530,11 @@ class TestAutomaticRollback:
         assert rollbacks(host) == [["switch", "--rollback"]]
         wait_for(lambda: "rollback outcome: exit code 0" in host.log_text(), what="the rollback's outcome")
         assert host.standin.generation == 1
+        host.log.write_text("")
+        host.start()  # much later: it reports the rollback, not an interrupted deploy
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "rolled_back"), reply
+        assert "rolled back with `nixos-rebuild switch --rollback`" in reply["message"]
 
     def test_reply_token_with_a_leading_dash_runs_nothing(self, nats_server, start_listener, bus_factory):
         """A token reaches the watchdog's argv: one that reads as a flag is refused by the protocol."""
