@@ -617,8 +617,8 @@ class TrustedSigners:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             self.not_before = time.time()
             log.error("replay cache %s lost (%s): refusing requests signed before now, which could be replays of "
-                      "requests already run; they are refused for %ds, until none signed before could be accepted",
-                      nonce_file, str(e)[:200], 2 * SIGNATURE_SKEW)
+                      "requests already run (after %ds the clock check refuses them anyway)", nonce_file, str(e)[:200],
+                      SIGNATURE_SKEW)
         try:
             self.compact()
         except OSError as e:
