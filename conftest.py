@@ -194,11 +194,15 @@ if os.path.exists(os.path.join(d, "revision")):  # the new system's nixos-versio
 os.symlink(f"system-{{gen}}-link", profile + ".tmp")
 os.replace(profile + ".tmp", profile)
 print("activating the configuration...", flush=True)
+if mode == "activation-fails":  # the new generation is installed, then units fail, as nixos-rebuild reports it
+    print("warning: the following units failed: network-setup.service", file=sys.stderr, flush=True)
+    sys.exit(4)
 """
 
 
 class StandIn:
-    """A `nixos-rebuild` on PATH for one listener; modes: succeed, fail, slow (0.3 s), block (until release())."""
+    """A `nixos-rebuild` on PATH for one listener; modes: succeed, fail, slow (0.3 s), block (until release()),
+    activation-fails (installs the generation, exits 4)."""
 
     def __init__(self, directory: Path):
         self.dir = directory

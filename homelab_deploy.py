@@ -62,7 +62,7 @@ COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
 # One NATS subject token: hostnames, roles and repo names that are put into subjects.
 TOKEN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
-REPLY_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+REPLY_TOKEN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # never a leading '-': tokens reach argvs
 SIGNER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # a trusted key's name, as records and events carry it
 
 
@@ -231,8 +231,8 @@ def parse_reply_to(obj: dict, kind: str) -> str:
         and all(REPLY_TOKEN_RE.fullmatch(t) for t in reply_to[len(prefix):].split(".", 1))
         and reply_to.count(".") == 3
     ):
-        raise ProtocolError(f"reply_to must be {prefix}<requester>.<token>, got {str(reply_to)[:80]!r}; "
-                            "ignoring the message")
+        raise ProtocolError(f"reply_to must be {prefix}<requester>.<token> (letters, digits, '_' and '-', not "
+                            f"starting with '-'), got {str(reply_to)[:80]!r}; ignoring the message")
     return reply_to
 
 
@@ -607,6 +607,9 @@ class BuildResponse(typing.NamedTuple):
 SIGNATURE_SKEW = 60  # seconds a request's signed_at may be off the receiver's clock; its nonce is kept twice as long
 SIGNING_CONTEXT = b"homelab-deploy request v1\n"
 NONCE_RE = re.compile(r"[0-9a-f]{32}")
+NONCE_COMPACT_EVERY = 1000  # nonce lines appended before the file is rewritten with only the live ones
+SIGNER_RATE, SIGNER_BURST = 1.0, 30  # requests a second, and at once, that one trusted key may have verified
+CLAIMED_SIGNER_RE = re.compile(rb'"signer" *: *"(U[A-Z2-7]{55})"')  # for choosing a lane, before anything is checked
 
 
 def is_user_public_key(key: object) -> bool:
@@ -634,15 +637,55 @@ def signing_input(subject: str, obj: dict) -> bytes:
 
 class TrustedSigners:
     """The NKeys whose signed requests a listener or builder acts on, by name, and the nonces it has seen; the
-    nonces of requests acted on go to `nonce_file` (when given), so a restart does not open a replay window."""
+    nonces of requests acted on are appended to `nonce_file` (when given), so a restart does not open a replay
+    window: a first line {"nonces": {nonce: expiry}} (written atomically), then a line ["nonce", expiry] each."""
 
     def __init__(self, keys: dict[str, str], nonce_file: str | None = None):
         self.keys, self.nonce_file = keys, nonce_file
         self.seen: dict[str, float] = {}  # nonce -> when it may be forgotten
-        self.lock = threading.Lock()
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):  # none kept yet, or unreadable
-            with open(nonce_file or "") as f:
-                self.seen = {n: float(t) for n, t in json.load(f).items() if NONCE_RE.fullmatch(n)}
+        self.budget: dict[str, tuple[float, float]] = {}  # signer -> (requests it may still send, when counted)
+        self.lock, self.syncing = threading.Lock(), threading.Lock()  # syncing: one fsync covers all lines before it
+        self.fd, self.written, self.synced = -1, 0, 0  # the file, lines appended since it was compacted, fsynced
+        self.not_before = 0.0  # requests signed at or before it are refused: the nonces seen until then were lost
+        if nonce_file is None:
+            return
+        try:
+            with open(nonce_file, "rb") as f:
+                first, *body = f.read().split(b"\n")
+            self.seen = {**json.loads(first)["nonces"], **dict(json.loads(line) for line in body[:-1])}
+            with contextlib.suppress(ValueError, TypeError):  # a last line torn by a crash: its request was not run
+                self.seen.update(json.loads(line) for line in body[-1:])
+            self.seen = {n: float(t) for n, t in self.seen.items() if NONCE_RE.fullmatch(n)}
+        except FileNotFoundError:
+            pass  # the first start
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self.not_before = time.time()
+            log.error("replay cache %s lost (%s): refusing requests signed before now, which could be replays of "
+                      "requests already run (after %ds the clock check refuses them anyway)", nonce_file, str(e)[:200],
+                      SIGNATURE_SKEW)
+        try:
+            self.compact()
+        except OSError as e:
+            raise ValueError(f"cannot write the replay cache {nonce_file} ({e.strerror}); make its directory "
+                             "writable by this user only") from None
+
+    def compact(self) -> None:
+        """Rewrite the nonce file with the nonces still live (atomically, fsynced) and append to it from now on.
+        Called holding `lock` (or before any request): it waits for a running fsync, which uses the old file."""
+        self.seen = {n: t for n, t in self.seen.items() if t > time.time()}
+        with self.syncing:
+            save_state(self.nonce_file, {"nonces": self.seen})
+            fd, self.fd = self.fd, os.open(self.nonce_file, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            if fd >= 0:
+                os.close(fd)
+            self.written = self.synced = 0
+
+    def lane(self, data: bytes, base: str) -> str:
+        """The lane for a request: `base`-<name> for one claiming a trusted key, so a key's flood waits only behind
+        itself and the other keys' requests are not dropped with it; `base` for the rest."""
+        claimed = CLAIMED_SIGNER_RE.search(data[:MAX_MESSAGE_BYTES])
+        name = self.keys.get(claimed[1].decode()) if claimed else None
+        return f"{base}-{name}" if name else base
 
     @classmethod
     def load(cls, entries: list[str], files: list[str], nonce_file: str | None = None,
@@ -729,18 +772,35 @@ class TrustedSigners:
                          "off this host's clock: a replay, or a clock is wrong (check NTP on both ends)")
         if reply_to.split(".")[2] != signer:
             raise refuse(f"its answers would go to {reply_to.split('.')[2][:56]!r}, not to the signer")
-        with self.lock:
-            now = time.time()
-            self.seen = {n: t for n, t in self.seen.items() if t > now}
-            if nonce in self.seen:
-                raise refuse(f"nonce {nonce} was used before: a replay of a request already received")
-            self.seen[nonce] = signed_at + 2 * SIGNATURE_SKEW
-            try:
-                if self.nonce_file:
-                    save_state(self.nonce_file, self.seen)
-            except OSError as e:  # acting on it anyway would let a restart replay it
-                raise ProtocolError(f"not run: cannot record the request's nonce in {self.nonce_file} ({e.strerror});"
-                                    " make the state directory writable", code, reply_to) from None
+        if signed_at <= self.not_before:
+            raise refuse(f"signed before this host lost its replay cache {self.nonce_file}, so it may be a replay; "
+                         "send it again")
+        try:
+            with self.lock:
+                now = time.time()
+                left, since = self.budget.get(signer, (SIGNER_BURST, now))
+                left = min(SIGNER_BURST, left + (now - since) * SIGNER_RATE)
+                if left < 1:
+                    raise refuse(f"{keys[signer]} sent more than {SIGNER_BURST} requests at once or "
+                                 f"{SIGNER_RATE:g} a second; a loop or a stolen key? wait a minute and send it again")
+                self.budget[signer] = (left - 1, now)
+                if nonce in self.seen:
+                    raise refuse(f"nonce {nonce} was used before: a replay of a request already received")
+                self.seen[nonce] = signed_at + 2 * SIGNATURE_SKEW
+                if self.nonce_file and self.written >= NONCE_COMPACT_EVERY:
+                    self.compact()
+                elif self.nonce_file:
+                    os.write(self.fd, b"\n" + json.dumps([nonce, self.seen[nonce]]).encode())
+                    self.written += 1
+                mine = self.written
+            with self.syncing:  # while one thread fsyncs, the others append: the next fsync covers them all
+                if self.nonce_file and self.synced < mine:
+                    upto = self.written
+                    os.fsync(self.fd)
+                    self.synced = max(self.synced, upto)
+        except OSError as e:  # acting on it anyway would let a restart replay it
+            raise ProtocolError(f"not run: cannot record the request's nonce in {self.nonce_file} ({e.strerror});"
+                                " make the state directory writable", code, reply_to) from None
         return keys[signer]
 
 
@@ -1074,16 +1134,17 @@ class Bus:
         obj["signature"] = base64.b64encode(self.signing_key.sign(signing_input(subject, obj))).decode()
         return json.dumps(obj).encode()
 
-    def subscribe(self, subject: str, handler, lane: str | None = None) -> None:
+    def subscribe(self, subject: str, handler, lane: str | typing.Callable[[bytes], str] | None = None) -> None:
         """Call handler(subject, data, received) for every message on a thread of `lane` (default: a lane of
-        the subject's own), `received` being its time.monotonic() of arrival; errors are logged, never raised."""
-        lane = lane or subject
-        if lane not in self.lanes:
-            self.lanes[lane] = Lane(lane)
-        offer = self.lanes[lane].offer
+        the subject's own; a function: the lane it names for each message, on the event loop), `received` being
+        its time.monotonic() of arrival; errors are logged, never raised."""
+        choose = lane if callable(lane) else lambda data: lane or subject
 
         async def on_message(msg):
-            offer(handler, msg.subject, msg.data)
+            name = choose(msg.data)
+            if name not in self.lanes:
+                self.lanes[name] = Lane(name)
+            self.lanes[name].offer(handler, msg.subject, msg.data)
 
         self._call(self.nc.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
@@ -1467,7 +1528,9 @@ def save_state(path: str, record: dict | list | None, durable: bool = True) -> N
             log.error("cannot remove %s: %s", path, e.strerror)
         return
     tmp = path + ".tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+    with contextlib.suppress(FileNotFoundError):  # left by a crash, or planted: unlink removes a link, not its target
+        os.unlink(tmp)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as f:
         f.write(json.dumps(record).encode())  # not json.dump: that encodes in pure Python, piece by piece
         if durable:
             f.flush()
@@ -1477,6 +1540,8 @@ def save_state(path: str, record: dict | list | None, durable: bool = True) -> N
 
 ROLLBACK_STATES = ("pending", "switched", "rollback")  # <state>-<request>.json, one at a time (docs/operations.md)
 WATCHDOG_POLL = 0.5  # seconds between the watchdog's looks at the state directory
+WATCHDOG_START = 30.0  # seconds the listener waits for its watchdog's "armed" marker; without it nothing runs
+INFLIGHT_FILE = "inflight.json"  # in the state directory: the running deploy and its nixos-rebuild's pid
 
 
 def rollback_path(state_dir: str, state: str, rid: str) -> str:
@@ -1491,6 +1556,20 @@ def rollback_argv(action: Action, profile: str, generation: int) -> list[str]:
     return [f"{profile}-{generation}-link/bin/switch-to-configuration", "test"]
 
 
+def roll_back(action: Action, profile: str, before: int | None, timeout: float, prefix: str) -> dict:
+    """Undo a switch or test of `profile` (at generation `before` when it began); the outcome as records keep it:
+    the argv run (None: nothing to undo), its exit code (None: timed out) and its last lines of output."""
+    now = current_generation(profile)
+    if before is None or (action is Action.SWITCH and now == before):
+        return {"argv": None, "returncode": 0, "output": [
+            f"nothing was rolled back: the system profile is at generation {now}, as before the {action.value}"
+            if before is not None else "nothing was rolled back: no system generation was recorded before it"]}
+    argv = rollback_argv(action, profile, before)
+    log.warning("%srolling back the %s: running %s", prefix, action.value, " ".join(argv))
+    result = run_with_timeout(argv, timeout, prefix)
+    return {"argv": argv, "returncode": None if result.timed_out else result.returncode, "output": result.output}
+
+
 def read_rollback_record(path: str) -> tuple[DeployRequest, dict]:
     """A watchdog record, checked; raises FileNotFoundError (another party decided first) or ValueError."""
     with open(path) as f:
@@ -1500,27 +1579,54 @@ def read_rollback_record(path: str) -> tuple[DeployRequest, dict]:
     except (KeyError, TypeError, ProtocolError) as e:
         raise ValueError(f"no valid request in it ({e})") from None
     if not (request.action in (Action.SWITCH, Action.TEST) and type(record.get("generation_before")) in (int, type(None))
-            and isinstance(record.get("profile"), str) and type(record.get("armed_at")) in (int, float)
-            and type(record.get("rollback_timeout")) in (int, float)
+            and type(record.get("armed_at")) in (int, float) and type(record.get("rollback_timeout")) in (int, float)
             and (record.get("signer") is None or SIGNER_NAME_RE.fullmatch(str(record["signer"])))):
-        raise ValueError("not a record of a switch or test with its generation, profile and times")
+        raise ValueError("not a record of a switch or test with its generation and times")
     return request, record
+
+
+def rebuild_exited(state_dir: str, rid: str, pid: int | None) -> tuple[int | None, bool]:
+    """(pid, exited) of request `rid`'s nixos-rebuild: its pid as the in-flight record names it (read until it
+    does, then passed back in), and whether that process is gone; (None, False) while no pid is recorded."""
+    if pid is None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            with open(os.path.join(state_dir, INFLIGHT_FILE)) as f:
+                record = json.load(f)
+            if record["reply_to"].rsplit(".", 1)[1] == rid and type(record["pid"]) is int and record["pid"] > 1:
+                pid = record["pid"]
+    if pid is None:
+        return None, False
+    try:  # a zombie's cmdline is empty; a reused pid is not a nixos-rebuild
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return pid, b"nixos-rebuild" not in f.read()
+    except OSError:
+        return pid, True
 
 
 def rollback_watchdog_command(args: argparse.Namespace) -> int:
     """Armed by the listener before a switch or test: rolls it back unless a listener confirms it over NATS within
     --rollback-timeout seconds after it ended. Renaming the record is the decision, so only one party acts."""
-    if not REPLY_TOKEN_RE.fullmatch(args.request):
-        raise SystemExit(f"error: --request {args.request!r} must be a request id (the last token of its reply_to)")
+    if not REPLY_TOKEN_RE.fullmatch(args.request) or not os.path.isabs(args.profile):
+        raise SystemExit(f"error: --request {args.request!r} must be a request id (request_id() of its reply_to) "
+                         f"and --profile {args.profile!r} an absolute path")
     pending, switched, rolled = (rollback_path(args.state_dir, state, args.request) for state in ROLLBACK_STATES)
     prefix = f"request={args.request} "
+    try:  # the listener runs nixos-rebuild only once this marker says the watchdog is up and has its record
+        read_rollback_record(pending if os.path.exists(pending) else switched)
+        save_state(rollback_path(args.state_dir, "armed", args.request), {"pid": os.getpid()}, durable=False)
+    except (OSError, ValueError) as e:
+        log.error("%scannot arm the rollback watchdog: record %s: %s; the listener runs nothing", prefix, pending, e)
+        return 1
     pending_due = time.monotonic() + args.timeout + args.rollback_timeout  # the listener kills nixos-rebuild at timeout
-    switched_due = None
+    switched_due = pid = None
     while True:
         if os.path.exists(switched):
             switched_due = switched_due or time.monotonic() + args.rollback_timeout
             source, due = switched, switched_due
         elif os.path.exists(pending):
+            pid, exited = rebuild_exited(args.state_dir, args.request, pid)
+            if exited:  # its listener is gone (else it would have renamed the record): count down from the exit
+                pending_due = min(pending_due, time.monotonic() + args.rollback_timeout)
             source, due = pending, pending_due
         else:
             log.info("%sconfirmed over NATS or disarmed; the rollback watchdog exits", prefix)
@@ -1537,17 +1643,8 @@ def rollback_watchdog_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         log.error("%sunreadable rollback record %s (%s); nothing was rolled back: check the host", prefix, rolled, e)
         return 1
-    before, now = record["generation_before"], current_generation(record["profile"])
-    if before is None or (request.action is Action.SWITCH and now == before):
-        outcome = {"argv": None, "returncode": 0, "output": [
-            f"nothing was rolled back: the system profile is at generation {now}, as before the {request.action.value}"
-            if before is not None else "nothing was rolled back: no system generation was recorded before it"]}
-    else:
-        argv = rollback_argv(request.action, record["profile"], before)
-        log.warning("%sno listener confirmed the %s over NATS in time; running %s", prefix, request.action.value,
-                    " ".join(argv))
-        result = run_with_timeout(argv, args.timeout, prefix)
-        outcome = {"argv": argv, "returncode": None if result.timed_out else result.returncode, "output": result.output}
+    log.warning("%sno listener confirmed the %s over NATS in time", prefix, request.action.value)
+    outcome = roll_back(request.action, args.profile, record["generation_before"], args.timeout, prefix)
     log.warning("%srollback outcome: exit code %s: %s", prefix, outcome["returncode"], "; ".join(outcome["output"][-1:]))
     save_state(rolled, {**record, "rollback": outcome})
     return 0
@@ -1607,7 +1704,7 @@ class Listener:
         self.discover_subject = args.discover_subject
         self.bus, self.metrics = bus, metrics
         self.state_dir = args.state_dir
-        self.inflight_file = os.path.join(args.state_dir, "inflight.json")
+        self.inflight_file = os.path.join(args.state_dir, INFLIGHT_FILE)
         self.history_file = os.path.join(args.state_dir, "history.json")
         self.history: list[DeployRecord] = []  # replaced, never changed in place: status queries read it unlocked
         self.profile_commit_of: tuple[int | None, str | None] = (None, None)  # (generation, its commit), cached
@@ -1620,8 +1717,9 @@ class Listener:
         self.kill = threading.Event()  # set when the shutdown grace period is over: kill the running deploy
 
     def start(self) -> None:
+        lane = (lambda data: self.signers.lane(data, "deploy")) if self.signers else "deploy"
         for subject in self.subjects:
-            self.bus.subscribe(subject, self.handle_deploy, lane="deploy")  # never queued behind discovery
+            self.bus.subscribe(subject, self.handle_deploy, lane=lane)  # never queued behind discovery
         self.bus.subscribe(self.discover_subject, self.handle_query)
         try:
             self.bus.subscribe(STATUS_SUBJECT, self.handle_query)
@@ -1811,6 +1909,9 @@ class Listener:
             log.error("host=%s unreadable in-flight record %s (%s); removing it", self.hostname, self.inflight_file, e)
             self.record_inflight(None)
             return
+        if os.path.exists(rollback_path(self.state_dir, "rollback", reply_to.rsplit(".", 1)[1])):
+            self.record_inflight(None)  # its watchdog rolled it back after it ended: settle_switches reports that
+            return
         pid = record.get("pid")
         if isinstance(pid, int) and pid > 1:
             with contextlib.suppress(OSError):  # an orphaned nixos-rebuild from the dead listener: stop it
@@ -1834,19 +1935,21 @@ class Listener:
             self.metrics.count(Status.FAILED, action, ErrorCode.INTERRUPTED)
         self.record_inflight(None)
 
-    def arm_watchdog(self, request: DeployRequest, rid: str, signer: str | None) -> None:
+    def arm_watchdog(self, request: DeployRequest, rid: str, signer: str | None, before: int | None) -> None:
         """Record the coming switch or test (fsynced), then start the watchdog that rolls it back unless a listener
-        confirms it over NATS in time. Raises OSError or SubprocessError; the record is removed then."""
+        confirms it over NATS in time, and wait for it to report itself armed. Raises OSError or SubprocessError;
+        the record is removed then."""
         import shutil
         import subprocess
 
-        pending = rollback_path(self.state_dir, "pending", rid)
-        save_state(pending, {"request": json.loads(request.to_json()), "generation_before": current_generation(
-            self.profile), "profile": os.path.abspath(self.profile), "armed_at": time.time(),
-            "rollback_timeout": self.rollback_timeout, "signer": signer})
-        argv = [sys.executable, os.path.abspath(__file__), "rollback-watchdog", "--state-dir",
-                os.path.abspath(self.state_dir), "--request", rid, "--rollback-timeout", str(self.rollback_timeout),
-                "--timeout", str(self.timeout)]
+        pending, armed = (rollback_path(self.state_dir, state, rid) for state in ("pending", "armed"))
+        save_state(pending, {"request": json.loads(request.to_json()), "generation_before": before,
+                             "armed_at": time.time(), "rollback_timeout": self.rollback_timeout, "signer": signer})
+        argv = [sys.executable, os.path.abspath(__file__), "rollback-watchdog",  # --flag=value: nothing reads as a flag
+                f"--state-dir={os.path.abspath(self.state_dir)}", f"--request={rid}",
+                f"--profile={os.path.abspath(self.profile)}", f"--rollback-timeout={self.rollback_timeout}",
+                f"--timeout={self.timeout}"]
+        proc = None
         try:
             if os.environ.get("INVOCATION_ID") and shutil.which("systemd-run"):
                 # a transient unit: a child would die with this service's cgroup when the service restarts
@@ -1860,9 +1963,18 @@ class Listener:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
                 threading.Thread(target=proc.wait, name="reap-watchdog", daemon=True).start()
                 watchdog = f"pid {proc.pid}"
+            deadline = time.monotonic() + WATCHDOG_START
+            while not os.path.exists(armed):
+                if time.monotonic() > deadline or (proc and proc.returncode is not None):
+                    raise OSError(f"the watchdog ({watchdog}) did not report itself armed within {WATCHDOG_START:g}s"
+                                  + (f": it exited with {proc.returncode}" if proc and proc.returncode is not None
+                                     else "") + "; its log says why")
+                time.sleep(0.02)
         except BaseException:
             save_state(pending, None)
             raise
+        finally:
+            save_state(armed, None)
         log.info("host=%s request=%s rollback watchdog armed (%s): it rolls back the %s unless it is confirmed over "
                  "NATS within %gs after it", self.hostname, rid, watchdog, request.action.value, self.rollback_timeout)
 
@@ -1871,12 +1983,12 @@ class Listener:
         the listener that starts next (a switch awaiting confirmation, or this listener stopping)."""
         import subprocess
 
-        action, revision = request.action, request.revision
+        action, revision, before = request.action, request.revision, current_generation(self.profile)
         argv = rebuild_argv(action, self.flake_url, revision, self.hostname)
         armed = self.rollback_timeout > 0 and action in (Action.SWITCH, Action.TEST)
         if armed:
             try:
-                self.arm_watchdog(request, rid, signer)
+                self.arm_watchdog(request, rid, signer, before)
             except (OSError, subprocess.SubprocessError) as e:
                 log.error("host=%s request=%s not run: cannot arm the rollback watchdog: %s", self.hostname, rid, e)
                 return DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
@@ -1925,6 +2037,8 @@ class Listener:
             last = next((line.strip() for line in reversed(result.output) if line.strip()), "no output")
             message = f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
         log.info("host=%s request=%s %s in %.1fs: %s", self.hostname, rid, status.value, result.duration, message)
+        if action is Action.SWITCH and not (success or killed) and current_generation(self.profile) != before:
+            return self.undo_failed_switch(request, rid, message, result.output, before, armed)
         if armed and not success:  # nothing new is active to roll back, or this listener is up to report the failure
             save_state(rollback_path(self.state_dir, "pending", rid), None)
         elif armed:
@@ -1940,11 +2054,37 @@ class Listener:
                 log.info("host=%s request=%s switched; the listener that starts next confirms it over NATS",
                          self.hostname, rid)
                 return None
-            settled = self.settle(rid)
-            return settled and settled[1]
+            return (self.settle(rid) or (None, None))[1]
         commit = self.profile_commit() if success and action in (Action.SWITCH, Action.BOOT) else None
         return DeployResponse(self.hostname, status, error, message, result.duration,
                               None if success else result.output, commit)
+
+    def undo_failed_switch(self, request: DeployRequest, rid: str, failure: str, output: list[str],
+                           before: int | None, armed: bool) -> DeployResponse | None:
+        """A switch that failed after installing its generation (exit 4: units failed) is rolled back at once,
+        watchdog or not; with one armed, renaming its record first is the decision, as for the watchdog."""
+        rolled = rollback_path(self.state_dir, "rollback", rid)
+        if armed:
+            try:
+                os.rename(rollback_path(self.state_dir, "pending", rid), rolled)
+            except FileNotFoundError:  # the watchdog decided first: report its rollback
+                return (self.settle(rid) or (None, None))[1]
+        installed = current_generation(self.profile)
+        outcome = roll_back(Action.SWITCH, self.profile, before, self.timeout, f"host={self.hostname} request={rid} ")
+        save_state(rolled, None)
+        tail = [clip(str(line), OUTPUT_LINE_CHARS) for line in outcome["output"]][-OUTPUT_TAIL_LINES // 2:]
+        command = " ".join(outcome["argv"] or ["nothing"])
+        if outcome["returncode"] != 0:
+            error, what = ErrorCode.ROLLBACK_FAILED, (
+                f"the rollback `{command}` failed (exit code {outcome['returncode']}): "
+                f"{tail[-1] if tail else 'no output'}; the host needs a person at its console")
+        else:
+            error, what = ErrorCode.ROLLED_BACK, f"rolled back at once with `{command}`"
+        message = (f"{failure}; it had installed generation {installed}, so it was {what}; the system profile is at "
+                   f"generation {current_generation(self.profile)}")
+        log.warning("host=%s request=%s %s: %s", self.hostname, rid, error.value, message)
+        return DeployResponse(self.hostname, Status.FAILED, error, message, None,
+                              output[-OUTPUT_TAIL_LINES // 2:] + tail)
 
     def settle(self, rid: str) -> tuple[DeployRequest, DeployResponse, dict] | None:
         """Confirm a switch after one round trip through the NATS server by removing its record (which the watchdog
@@ -2114,7 +2254,8 @@ class Listener:
         """On SIGHUP: the trusted keys anew from --trusted-key and --trusted-keys-file; a failed reload keeps the
         old ones and says why."""
         try:
-            signers = TrustedSigners.load(entries, files, os.path.join(self.state_dir, "nonces.json"))
+            signers = TrustedSigners.load(entries, files, None if self.signers is not None else  # keys only:
+                                          os.path.join(self.state_dir, "nonces.json"))  # the nonces stay
         except ValueError as e:
             log.error("host=%s SIGHUP: trusted keys not reloaded, the old ones stay: %s", self.hostname, e)
             return
@@ -2131,25 +2272,21 @@ def run_listener(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --flake-url {args.flake_url!r} must be a flake URL without '#', whitespace, "
                          "ref= or rev= (each request's revision is added as ref= or rev=), "
                          "e.g. git+https://git.example.com/user/nixos-configs.git")
-    if args.timeout <= 0 or args.heartbeat_interval <= 0 or args.shutdown_grace < 0 or args.rollback_timeout < 0:
-        raise SystemExit("error: --timeout and --heartbeat-interval must be positive, --shutdown-grace and "
-                         "--rollback-timeout not negative")
+    if min(args.timeout, args.heartbeat_interval) <= 0 or args.shutdown_grace < 0 or not 0 <= args.rollback_timeout < 1e9:
+        raise SystemExit("error: --timeout and --heartbeat-interval must be positive, --shutdown-grace not negative, "
+                         "and --rollback-timeout a finite number of seconds (0 turns automatic rollback off)")
     if not is_publish_subject(args.discover_subject):
         raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
-    trusted = (args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [])
-    try:
-        signers = TrustedSigners.load(*trusted, os.path.join(args.state_dir, "nonces.json"),
-                                      required=args.require_signed)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     import fcntl
 
+    trusted = (args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [])
+    lock_file = os.path.join(args.state_dir, "lock")
     try:
         os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
-        if os.stat(args.state_dir).st_mode & 0o077:
-            log.warning("state directory %s is accessible to group or others; run `chmod 700 %s`",
-                        args.state_dir, args.state_dir)
-        lock = os.open(os.path.join(args.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)  # held until the exit
+        if (st := os.stat(args.state_dir)).st_mode & 0o077 or st.st_uid != os.geteuid():  # others could plant records
+            raise SystemExit(f"error: state directory {args.state_dir} is open to group or others or not owned by this "
+                             f"user; run `chown {os.geteuid()} {args.state_dir} && chmod 700 {args.state_dir}`")
+        lock = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # held (close-on-exec) until the process ends
     except OSError as e:
         raise SystemExit(f"error: cannot use state directory {args.state_dir}: {e.strerror}; "
                          "pass --state-dir DIR (a directory only this listener writes)") from None
@@ -2161,6 +2298,11 @@ def run_listener(args: argparse.Namespace) -> int:
                          "give each listener its own --state-dir (under systemd, its own StateDirectory=)") from None
     os.ftruncate(lock, 0)
     os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+    try:  # once the directory is ours: this reads and rewrites the replay cache
+        signers = TrustedSigners.load(*trusted, os.path.join(args.state_dir, "nonces.json"),
+                                      required=args.require_signed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     stop = stop_on_signals(reload=(reload := threading.Event()))
     metrics = ListenerMetrics(args.hostname, args.tier, args.role, args.system_profile) if args.metrics_enabled else None
     try:
@@ -3980,6 +4122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback-watchdog")  # no help: armed by the listener, not run by hand
     p.add_argument("--state-dir", required=True)
     p.add_argument("--request", required=True)
+    p.add_argument("--profile", required=True)
     p.add_argument("--rollback-timeout", type=positive_seconds, required=True)
     p.add_argument("--timeout", type=positive_seconds, required=True)
     p.set_defaults(func=rollback_watchdog_command, daemon=True)

@@ -12,7 +12,9 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +51,25 @@ class TestStateDirectory:
         state = host.standin.dir / "state"
         assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
 
+    @pytest.mark.parametrize("mode", [0o770, 0o707], ids=["group", "others"])
+    def test_loose_permissions_are_refused(self, start_listener, tmp_path, mode):
+        state = tmp_path / "testhost1" / "state"
+        state.mkdir(parents=True)
+        state.chmod(mode)
+        host = start_listener("testhost1", "test", expect_ready=False)
+        assert host.proc.returncode == 1
+        assert (f"error: state directory {state} is open to group or others or not owned by this user; run "
+                f"`chown {os.geteuid()} {state} && chmod 700 {state}`") in host.log_text()
+        assert "Traceback" not in host.log_text() and not (state / "lock").exists()
+
+    def test_temp_files_do_not_follow_planted_links(self, tmp_path):
+        outside = tmp_path / "outside"
+        outside.write_text("keep")
+        (tmp_path / "history.json.tmp").symlink_to(outside)
+        hd.save_state(str(tmp_path / "history.json"), [1])
+        assert outside.read_text() == "keep"
+        assert not (tmp_path / "history.json").is_symlink() and json.loads((tmp_path / "history.json").read_text()) == [1]
+
     def test_killed_mid_deploy_is_reported_after_restart_and_not_rerun(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test")
         host.standin.set_mode("block")
@@ -74,7 +95,7 @@ class TestStateDirectory:
 
     def test_garbage_record_is_discarded(self, start_listener, tmp_path):
         state = tmp_path / "testhost1" / "state"
-        state.mkdir(parents=True)
+        state.mkdir(parents=True, mode=0o700)
         (state / "inflight.json").write_text('{"reply_to": "deploy.test.all", "action": "switch"}')
         host = start_listener("testhost1", "test")
         assert "unreadable in-flight record" in host.log_text()
@@ -82,7 +103,7 @@ class TestStateDirectory:
 
     def test_garbage_pending_final_status_is_discarded(self, start_listener, tmp_path):
         state = tmp_path / "testhost1" / "state"
-        state.mkdir(parents=True)
+        state.mkdir(parents=True, mode=0o700)
         garbage = {"resend-a.json": "{not json", "resend-b.json": json.dumps(
             {"reply_to": "deploy.test.all", "response": {"hostname": "testhost1", "status": "completed"},
              "schedule": [1e12]})}
@@ -437,6 +458,7 @@ class TestAutomaticRollback:
         with open(host.log, "ab") as log:
             second = subprocess.Popen([*PROGRAM, "rollback-watchdog", "--state-dir", str(host.standin.dir / "state"),
                                        "--request", hd.request_id(reply_to), "--rollback-timeout", "1",
+                                       "--profile", str(host.standin.profile),
                                        "--timeout", "10"], env=host.env, stdout=log, stderr=log, start_new_session=True)
         try:
             assert second.wait(60) == 0
@@ -459,6 +481,115 @@ class TestAutomaticRollback:
         assert (reply["status"], reply["error"]) == ("failed", "rollback_failed")
         assert "the rollback `nixos-rebuild switch --rollback` failed (exit code 1)" in reply["message"]
         assert "error: cannot roll back: no generation before" in reply["output"]
+
+    @pytest.mark.parametrize("rollback_timeout", ["30", "0"])
+    def test_failed_activation_is_rolled_back_at_once(self, nats_server, start_listener, bus_factory, rollback_timeout):
+        """nixos-rebuild installs the generation, then units fail (exit 4): rolled back at once, watchdog or not."""
+        host = start_listener("testhost1", "test", None, "--rollback-timeout", rollback_timeout)
+        host.standin.set_generation(1)
+        host.standin.set_mode("activation-fails")
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "rolled_back")
+        assert reply["message"] == (
+            "nixos-rebuild switch failed (exit code 4): warning: the following units failed: network-setup.service; "
+            "it had installed generation 2, so it was rolled back at once with `nixos-rebuild switch --rollback`; "
+            "the system profile is at generation 1")
+        assert "warning: the following units failed: network-setup.service" in reply["output"]
+        assert rollbacks(host) == [["switch", "--rollback"]] and host.standin.generation == 1
+        assert not [p for p in (host.standin.dir / "state").iterdir() if p.name.split("-")[0] in hd.ROLLBACK_STATES]
+        if rollback_timeout != "0":
+            wait_for(lambda: "the rollback watchdog exits" in host.log_text(), what="the watchdog to stand down")
+        assert len(rollbacks(host)) == 1
+
+    def test_failed_activation_whose_rollback_fails(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test", None, "--rollback-timeout", "30")
+        host.standin.set_generation(1)
+        host.standin.set_mode("activation-fails")
+        (host.standin.dir / "rollback-fails").write_text("")
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "rollback_failed")
+        assert ("so it was the rollback `nixos-rebuild switch --rollback` failed (exit code 1): error: cannot roll "
+                "back: no generation before; the host needs a person at its console") in reply["message"]
+        assert reply["output"][-1] == "error: cannot roll back: no generation before" and host.standin.generation == 2
+
+    def test_watchdog_follows_the_rebuild_of_a_killed_listener(self, nats_server, start_listener, bus_factory):
+        """The listener dies mid-switch and nothing restarts it: the rollback comes --rollback-timeout after
+        nixos-rebuild exits, not after the listener's --timeout (600 s)."""
+        host = start_listener("testhost1", "test", None, "--timeout", "600", "--rollback-timeout", "2")
+        host.standin.set_generation(1)
+        host.standin.set_mode("block")
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        wait_for(lambda: host.standin.pids, what="nixos-rebuild to run")
+        os.killpg(host.proc.pid, signal.SIGKILL)  # the listener's group; nixos-rebuild and the watchdog run on
+        host.proc.wait(10)
+        host.standin.release()
+        wait_for(lambda: host.standin.generation == 2, what="nixos-rebuild to install generation 2")
+        wait_for(lambda: rollbacks(host), timeout=120, what="the watchdog to roll back")
+        assert rollbacks(host) == [["switch", "--rollback"]]
+        wait_for(lambda: "rollback outcome: exit code 0" in host.log_text(), what="the rollback's outcome")
+        assert host.standin.generation == 1
+        host.log.write_text("")
+        host.start()  # much later: it reports the rollback, not an interrupted deploy
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "rolled_back"), reply
+        assert "rolled back with `nixos-rebuild switch --rollback`" in reply["message"]
+
+    def test_reply_token_with_a_leading_dash_runs_nothing(self, nats_server, start_listener, bus_factory):
+        """A token reaches the watchdog's argv: one that reads as a flag is refused by the protocol."""
+        host = start_listener("testhost1", "test", None, "--rollback-timeout", "30")
+        bus = bus_factory(nats_server, "test-deployer")
+        reply_to = f"deploy.responses.{bus.public_key}.-x"
+        with pytest.raises(hd.ProtocolError, match="not starting with '-'"):
+            hd.parse_reply_to({"reply_to": reply_to}, "deploy")
+        bus.publish("deploy.test.testhost1", json.dumps({"action": "switch", "revision": "main",
+                                                         "reply_to": reply_to}).encode(), confirm=True)
+        wait_for(lambda: "not starting with '-'" in host.log_text(), what="the request to be refused")
+        assert host.standin.calls == [] and "armed" not in host.log_text()
+
+    @pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+    def test_rollback_timeout_must_be_finite(self, tmp_path, value):
+        r = run_cli("listener", "--hostname", "h1", "--tier", "test", "--flake-url", "git+https://g.example/c.git",
+                    "--state-dir", str(tmp_path / "state"), "--nats-url", "nats://127.0.0.1:1", "--nkey-file",
+                    str(tmp_path / "k.seed"), "--rollback-timeout", value, timeout=30)
+        assert r.returncode == 1 and "--rollback-timeout a finite number of seconds (0 turns automatic rollback off)" \
+            in r.stderr, r.stderr
+
+    def test_a_watchdog_that_does_not_arm_runs_nothing(self, listener_in_process, bus_factory, nats_server,
+                                                       monkeypatch):
+        listener, standin = listener_in_process("--rollback-timeout", "30")
+        monkeypatch.setattr(sys, "executable", "/bin/false")  # the watchdog's interpreter: it exits at once
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "internal_error")
+        assert "nothing was run" in reply["message"] and "did not report itself armed" in reply["message"]
+        assert "it exited with 1" in reply["message"] and standin.calls == []
+        assert os.listdir(listener.state_dir) == ["history.json"]
+
+    def test_profile_comes_from_the_command_line_not_the_record(self, tmp_path):
+        state, rid = tmp_path / "state", "r1"
+        state.mkdir(mode=0o700)
+        ran = {}
+        for name, profile in (("real", tmp_path / "profiles" / "system"), ("planted", tmp_path / "evil" / "system")):
+            script = Path(f"{profile}-1-link/bin/switch-to-configuration")
+            script.parent.mkdir(parents=True)
+            script.write_text(f"#!/bin/sh\ntouch {tmp_path / name}\n")
+            script.chmod(0o755)
+            ran[name] = tmp_path / name
+        (state / f"pending-{rid}.json").write_text(json.dumps({
+            "request": {"action": "test", "revision": "main", "reply_to": f"deploy.responses.U.{rid}"},
+            "generation_before": 1, "profile": str(tmp_path / "evil" / "system"), "armed_at": time.time(),
+            "rollback_timeout": 1, "signer": None}))
+        watchdog = subprocess.Popen([*PROGRAM, "rollback-watchdog", f"--state-dir={state}", f"--request={rid}",
+                                     f"--profile={tmp_path / 'profiles' / 'system'}", "--rollback-timeout=1",
+                                     "--timeout=1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            assert watchdog.wait(60) == 0, watchdog.stdout.read()
+        finally:
+            stop_process(watchdog)
+        assert ran["real"].exists() and not ran["planted"].exists()
 
     def test_rollback_argv(self):
         assert hd.rollback_argv(hd.Action.SWITCH, "/nix/var/nix/profiles/system", 41) == [

@@ -210,7 +210,7 @@ ALNUM = string.ascii_letters + string.digits
 REF_CHARS = ALNUM + "._/-"  # a git ref: letters, digits, . _ / -
 TOKEN_CHARS = ALNUM + "_-"  # one NATS subject token (hostname, role, repo)
 NAME_CHARS = ALNUM + "._-"  # a build target / host found in `nix flake show`
-REPLY_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+REPLY_TOKEN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # never a leading "-": a token reaches the watchdog's argv
 
 
 def ref_ok(s: object) -> bool:

@@ -70,7 +70,9 @@ class TestSignedDeploys:
                     str(nats_server.seeds["test-deployer"]))
         assert json.loads(r.stdout)[0]["history"][0]["signer"] == "test-deployer"
         nonces = host.standin.dir / "state" / "nonces.json"
-        assert oct(nonces.stat().st_mode & 0o777) == "0o600" and len(json.loads(nonces.read_text())) == 1
+        first, *appended = nonces.read_text().splitlines()
+        assert oct(nonces.stat().st_mode & 0o777) == "0o600" and json.loads(first) == {"nonces": {}}
+        assert [len(json.loads(line)) for line in appended] == [2]  # one ["nonce", expiry]
 
     def test_without_trusted_keys_a_warning_and_todays_behaviour(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test")
@@ -152,6 +154,57 @@ class TestSignedDeploys:
         wait_for(lambda: "used before" in host.log_text(), what="the replay to be refused")
         assert len(host.standin.calls) == 1
 
+    @pytest.mark.parametrize("damage", ["", "{not json", '{"nonces": {}}\n[oops\n["a", 1]'], ids=["emptied", "garbled",
+                                                                                          "garbled inside"])
+    def test_a_lost_replay_cache_fails_closed(self, nats_server, start_listener, bus_factory, damage):
+        """The nonces file is emptied or garbled: after the restart a request captured before it is not run."""
+        host = start_listener("testhost1", "test", None, *trusted(nats_server, "test-deployer"))
+        bus = bus_factory(nats_server, "test-deployer")
+        payload, reply_to = signed(bus, "deploy.test.testhost1", {"action": "test", "revision": "main"})
+        assert send(bus, "deploy.test.testhost1", payload, reply_to)[-1]["status"] == "completed"
+        host.stop()
+        (host.standin.dir / "state" / "nonces.json").write_text(damage)
+        host.log.write_text("")
+        host.start()
+        restarted = time.time()
+        answers = send(bus, "deploy.test.testhost1", payload, reply_to)
+        assert len(host.standin.calls) == 1 and [(a["status"], a["error"]) for a in answers] == [
+            ("rejected", "unauthorized")]
+        assert "signed before this host lost its replay cache" in answers[0]["message"]
+        assert f"replay cache {host.standin.dir / 'state' / 'nonces.json'} lost (" in host.log_text()
+        wait_for(lambda: int(time.time()) > restarted, what="the clock to pass the second of the restart")
+        fresh, fresh_reply = signed(bus, "deploy.test.testhost1", {"action": "test", "revision": "main"})
+        assert send(bus, "deploy.test.testhost1", fresh, fresh_reply)[-1]["status"] == "completed"  # signed after it
+        assert len(host.standin.calls) == 2
+
+    def test_a_trusted_keys_flood_does_not_drop_another_keys_deploy(self, nats_server, start_listener, bus_factory):
+        """One trusted key floods (signed requests, each verified, none meant to run: expires_in is spent on
+        arrival); another trusted key sends 20 deploys in the middle of it. Each of them is answered (one runs, the
+        others may find it running), none is dropped. Past SIGNER_BURST the flood is refused by the per-key rate;
+        what its own lane cannot hold is dropped there."""
+        host = start_listener("testhost1", "test", None, *trusted(nats_server, "test-deployer", "admin"))
+        flooder, admin = bus_factory(nats_server, "test-deployer"), bus_factory(nats_server, "admin")
+        subject = "deploy.test.testhost1"
+
+        def flood(count: int) -> None:
+            for _ in range(count):
+                flooder.publish(subject, signed(flooder, subject, {"action": "switch", "revision": "main",
+                                                                   "expires_in": 1e-9})[0])
+
+        inboxes = []
+        for _ in range(20):
+            flood(150)
+            deploy, reply_to = signed(admin, subject, {"action": "switch", "revision": "main"})
+            inboxes.append(admin.inbox(hd.answer_subject(reply_to, "*")))
+            admin.publish(subject, deploy)
+        flood(1000)
+        finals = [collect(q, has_final, 120, f"an answer to the admin's deploy {i}")[-1] for i, q in enumerate(inboxes)]
+        assert "completed" in [f["status"] for f in finals], finals
+        assert all(f["status"] == "completed" or f["error"] == "already_running" for f in finals), finals
+        assert len(host.standin.calls) == [f["status"] for f in finals].count("completed")
+        assert "lane=deploy-admin" not in host.log_text()
+        assert "sent more than 30 requests at once" in host.log_text()
+
     def test_a_permissive_server_still_cannot_make_a_prod_host_deploy(self, tmp_path):
         users = {**conftest.FLEET, "test-deployer": {**conftest.FLEET["test-deployer"],
                                                      "publish": ["deploy.>"]}}  # the mistake: test may reach prod
@@ -199,6 +252,24 @@ class TestSignatureProperties:
         path = tmp_path_factory.mktemp("key") / "k.seed"
         public = hd.new_user_seed(str(path))
         return types.SimpleNamespace(public_key=public, signing_key=nkeys.from_seed(bytearray(path.read_bytes().strip())))
+
+    def test_nonce_file_appends_compacts_and_keeps_what_precedes_a_torn_line(self, key, tmp_path, monkeypatch):
+        monkeypatch.setattr(hd, "NONCE_COMPACT_EVERY", 3)
+        subject, path = "deploy.test.testhost1", tmp_path / "nonces.json"
+        signers = hd.TrustedSigners({key.public_key: "k"}, str(path))
+        sent = []
+        for i in range(5):
+            reply_to = f"deploy.responses.{key.public_key}.r{i}"
+            sent.append((hd.Bus.sign(key, subject, json.dumps({"action": "test", "revision": "main",
+                                                                "reply_to": reply_to}).encode()), reply_to))
+            assert signers.verify(subject, sent[-1][0], reply_to, hd.ErrorCode.UNAUTHORIZED) == "k"
+        first, *appended = path.read_text().split("\n")
+        assert len(json.loads(first)["nonces"]) == 4 and len(appended) == 1  # compacted at the 4th, then appended
+        path.write_text(path.read_text() + '\n["0123')  # a crash in the middle of the next append
+        again = hd.TrustedSigners({key.public_key: "k"}, str(path))
+        assert again.not_before == 0 and set(again.seen) == {json.loads(data)["nonce"] for data, _ in sent}
+        with pytest.raises(hd.ProtocolError, match="was used before"):
+            again.verify(subject, sent[0][0], sent[0][1], hd.ErrorCode.UNAUTHORIZED)
 
     @given(field=st.sampled_from(["action", "revision", "reply_to", "expires_in", "signer", "signed_at", "nonce",
                                   "signature", "extra", "subject"]),
