@@ -265,8 +265,9 @@ class Listener:
 
     def start(self, expect_ready: bool = True) -> Listener:
         with open(self.log, "ab") as log:
+            start = log.tell()  # a restart: only this run's "ready" counts
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log, start_new_session=True)
-        wait_for(lambda: " ready " in self.log.read_text() or self.proc.poll() is not None,
+        wait_for(lambda: b" ready " in self.log.read_bytes()[start:] or self.proc.poll() is not None,
                  what=f"listener {self.hostname} to be ready")
         assert (self.proc.poll() is None) == expect_ready, self.log.read_text()
         return self
