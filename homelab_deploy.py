@@ -1592,7 +1592,7 @@ def rebuild_exited(state_dir: str, rid: str, pid: int | None) -> tuple[int | Non
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
             with open(os.path.join(state_dir, INFLIGHT_FILE)) as f:
                 record = json.load(f)
-            if record["reply_to"].rsplit(".", 1)[1] == rid and type(record["pid"]) is int and record["pid"] > 1:
+            if request_id(record["reply_to"]) == rid and type(record["pid"]) is int and record["pid"] > 1:
                 pid = record["pid"]
     if pid is None:
         return None, False
@@ -1909,7 +1909,7 @@ class Listener:
             log.error("host=%s unreadable in-flight record %s (%s); removing it", self.hostname, self.inflight_file, e)
             self.record_inflight(None)
             return
-        if os.path.exists(rollback_path(self.state_dir, "rollback", reply_to.rsplit(".", 1)[1])):
+        if os.path.exists(rollback_path(self.state_dir, "rollback", request_id(reply_to))):
             self.record_inflight(None)  # its watchdog rolled it back after it ended: settle_switches reports that
             return
         pid = record.get("pid")
