@@ -1067,7 +1067,7 @@ class Bus:
             if self.denied(subject, operation, since):
                 break
             try:
-                self._call(self.nc.flush(timeout=5), 6)
+                self.round_trip()
             except Exception as e:
                 if self.daemon and operation == "subscription":  # nats-py re-sends it on every reconnect
                     log.warning("NATS did not confirm the subscription to %s yet (%r); a denial will be logged",
@@ -1082,8 +1082,25 @@ class Bus:
             raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not {what} {subject!r}; "
                             "use a credential whose NATS permissions allow it")
 
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def closed(self) -> bool:
+        return self.nc is None or self.nc.is_closed
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server takes: answers may be that large."""
+        return self.nc.max_payload
+
+    def round_trip(self) -> None:
+        """A PING answered by the server: everything published before it reached the server."""
+        self._call(self.nc.flush(timeout=5), 6)
+
     def require_connection(self, subject: str) -> None:
-        if not self.nc.is_connected:
+        if not self.connected:
             raise NatsError(f"not connected to NATS (reconnecting to {', '.join(self.servers)}); "
                             f"nothing was sent to {subject}; retry in a moment")
 
@@ -1196,7 +1213,7 @@ class Bus:
         with self.outbox_room:  # a publisher waiting for room must not hold up the exit (lane threads are joined)
             self.closing = True
             self.outbox_room.notify_all()
-        if self.nc is not None and not self.nc.is_closed:
+        if not self.closed:
             try:  # close, not drain: close writes out what is buffered too, and drain waits up to 10 s for a server
                 self._call(self.nc.close(), 10)  # that stalled or is going away (stopped together with the daemon)
             except Exception as e:
@@ -2096,8 +2113,8 @@ class Listener:
                 try:  # while disconnected nats-py's flush returns at once without a PING: check both sides of it
                     reconnects = self.bus.reconnects
                     self.bus.require_connection("the confirmation's round trip")
-                    self.bus._call(self.bus.nc.flush(timeout=5), 6)
-                    if self.bus.reconnects != reconnects or not self.bus.nc.is_connected:
+                    self.bus.round_trip()
+                    if self.bus.reconnects != reconnects or not self.bus.connected:
                         raise NatsError("the connection dropped during the round trip")
                 except Exception as e:
                     log.warning("host=%s request=%s no round trip through NATS yet (%r); the switch is rolled back "
@@ -2184,7 +2201,7 @@ class Listener:
         subject = answer_subject(reply_to, self.hostname)
         if schedule is None:
             self.bus.publish(subject, payload)  # while disconnected, nats-py buffers it and sends it on reconnect
-            if self.bus.reconnects == reconnects and self.bus.nc.is_connected:
+            if self.bus.reconnects == reconnects and self.bus.connected:
                 return
             schedule = [time.time() + delay for delay in RESEND_AFTER]
         path = os.path.join(self.state_dir, f"{RESEND_PREFIX}{rid}.json")
@@ -2473,7 +2490,7 @@ class Builder:
             log.warning("repo=%s SIGHUP: trusted keys %s", name, change)
 
     def reply(self, reply_to: str, status: Status, message: str, repo: str, **fields) -> None:
-        answer = BuildResponse(status, message, repo, **fields).fitted(self.bus.nc.max_payload // 2)  # well under it
+        answer = BuildResponse(status, message, repo, **fields).fitted(self.bus.max_payload // 2)  # well under it
         self.bus.publish(answer_subject(reply_to, repo), json.dumps(answer.to_dict()).encode())
 
     def announce(self, status: Status, rid: str | None, repo: str, target: str | None, branch: str | None,
@@ -2837,7 +2854,7 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, make_request,
         except queue.Empty:
             continue
         try:
-            answer = parse(data, bus.nc.max_payload)  # answers may be as large as the server allows
+            answer = parse(data, bus.max_payload)  # answers may be as large as the server allows
         except ProtocolError as e:
             log.warning("ignoring a malformed answer on %s: %s", answered_on, e)
             continue

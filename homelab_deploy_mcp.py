@@ -196,7 +196,7 @@ class FleetTools:
         """The connection for 'main' (--nkey-file) or 'admin' (--admin-nkey-file); called on worker threads."""
         with self.connecting:
             bus = self.buses.get(credential)
-            if bus is None or bus.nc.is_closed:
+            if bus is None or bus.closed:
                 key = self.args.admin_nkey_file if credential == "admin" else self.args.nkey_file
                 bus = self.buses[credential] = hd.Bus(self.args.nats_url, key, f"homelab-deploy-mcp/{credential}")
         return bus  # while it reconnects, Bus.publish(confirm=True) refuses requests: nothing is sent late

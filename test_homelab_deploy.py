@@ -404,6 +404,25 @@ class TestBus:
             busy.set()
             closing.join(30)
 
+    def test_front_answers_what_callers_asked_nats_py_for(self, nats_server, bus_factory):
+        bus = bus_factory(nats_server, "admin")
+        bus.round_trip()
+        assert bus.connected and not bus.closed and bus.max_payload == 1024 * 1024  # nats-server's default
+        bus.close()
+        assert bus.closed and not bus.connected
+
+    def test_nothing_outside_bus_reaches_into_nats_py(self):
+        """Only Bus holds the nats-py connection (`.nc`) and calls its private helpers (`._call`)."""
+        import ast
+
+        for path in (REPO / "homelab_deploy.py", REPO / "homelab_deploy_mcp.py"):
+            tree = ast.parse(path.read_text())
+            inside = {id(n) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "Bus"
+                      for n in ast.walk(c)}
+            reached = [f"{path.name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                       and n.attr in ("nc", "_call") and id(n) not in inside]
+            assert reached == []
+
 
 @pytest.mark.integration
 class TestListener:
