@@ -4323,4 +4323,5 @@ def mcp_main() -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("homelab_deploy", sys.modules[__name__])  # what `import homelab_deploy` finds: not a copy
     sys.exit(main())

@@ -504,4 +504,5 @@ def serve(args) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("homelab_deploy_mcp", sys.modules[__name__])  # `mcp` imports it: this one, not a copy
     sys.exit(hd.mcp_main())
