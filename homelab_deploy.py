@@ -4,8 +4,20 @@
 A listener on every NixOS host runs `nixos-rebuild` when a deploy request
 arrives on its subjects; a builder pre-builds every host of a flake; the CLI
 deploys, builds and lists hosts. All traffic authenticates with NATS NKeys.
-Sections follow the data: protocol and validation, NATS facade, subprocess
-runner, metrics, listener, clients, CLI.
+
+Sections, each opened by a `# ---- name` banner, follow the data:
+  protocol and validation    the messages, their limits, and the checks on every field
+  signed requests            signing, trusted keys, and the nonces that stop a replay
+  NATS facade                Bus: nats-py behind blocking calls, handlers on bounded lanes
+  subprocess runner          nixos-rebuild and nix with a timeout and the tail of their output
+  metrics                    the Prometheus metrics and their HTTP endpoint
+  listener                   the daemon on every host: requests in, nixos-rebuild, answers out
+  rollback watchdog          rolls a switch back unless a listener confirms it over NATS
+  builder                    the daemon that pre-builds every host of a repository
+  clients                    deploy, rollout, list-hosts, status, events and build, over NATS
+  keys and NATS permissions  keygen; the fleet file turned into least-privilege users and trusted keys
+  demo sandbox               a local nats-server, simulated hosts, and the main operations
+  CLI                        the flags, the exit codes, and main(), the one place errors are printed
 """
 
 from __future__ import annotations
@@ -1619,6 +1631,8 @@ def rebuild_exited(state_dir: str, rid: str, pid: int | None) -> tuple[int | Non
     except OSError:
         return pid, True
 
+
+# ---------------------------------------------------------------- rollback watchdog
 
 def rollback_watchdog_command(args: argparse.Namespace) -> int:
     """Armed by the listener before a switch or test: rolls it back unless a listener confirms it over NATS within

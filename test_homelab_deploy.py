@@ -43,6 +43,16 @@ def deploy_args(server, user: str, *rest: str) -> list[str]:
 
 # ---------------------------------------------------------------- validation and protocol
 
+def test_module_docstring_names_every_section_in_order():
+    """The docstring is the module's table of contents: one line per `# ---- name` banner, in the file's order."""
+    import re
+
+    banners = re.findall(r"^# -{20,} (.+)$", (REPO / "homelab_deploy.py").read_text(), re.M)
+    listed = [re.split(r"\s{2,}", line.strip())[0] for line in hd.__doc__.partition("follow the data:\n")[2].splitlines()
+              if line.strip()]
+    assert listed == banners and len(banners) >= 12
+
+
 class TestValidation:
     @pytest.mark.parametrize("ref", ["main", "master", "feature/x-1", "v1.2.3", "release_2024", "a" * 255,
                                      "0123456789abcdef0123456789abcdef01234567", "HEAD", "user/feat.v2"])
