@@ -48,8 +48,8 @@ def test_module_docstring_names_every_section_in_order():
     import re
 
     banners = re.findall(r"^# -{20,} (.+)$", (REPO / "homelab_deploy.py").read_text(), re.M)
-    listed = [re.split(r"\s{2,}", line.strip())[0] for line in hd.__doc__.partition("follow the data:\n")[2].splitlines()
-              if line.strip()]
+    contents = hd.__doc__.partition("follow the data:\n")[2]
+    listed = [re.split(r"\s{2,}", line.strip())[0] for line in contents.splitlines() if line.strip()]
     assert listed == banners and len(banners) >= 12
 
 
