@@ -265,10 +265,12 @@ class FleetTools:
 
         def roll_out() -> tuple[dict[str, hd.DeployResponse], bool]:
             bus = self.bus(credential)
-            batches = hd.rollout_plan(bus, subject, rollout, self.args.answer_window, self.args.straggler_window,
-                                      self.args.discover_subject)
-            hd.roll_out(bus, batches, rollout, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
-                        self.args.straggler_window, lambda line, final: report(line), threading.Event(), results)
+            batches = hd.rollout_plan(bus, subject, rollout, window=self.args.answer_window,
+                                      stragglers=self.args.straggler_window,
+                                      discover_subject=self.args.discover_subject)
+            hd.roll_out(bus, batches, rollout, action=hd.Action(action), revision=revision, timeout=self.args.timeout,
+                        window=self.args.answer_window, stragglers=self.args.straggler_window,
+                        report=lambda line, final: report(line), stop=threading.Event(), results=results)
             hosts = {r.hostname: r for _, batch in results for r in batch}
             return hosts, all(r.status.final for r in hosts.values())
 

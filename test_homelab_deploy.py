@@ -202,6 +202,36 @@ class TestProtocol:
 
 
 class TestCommandLine:
+    def test_exit_codes_are_the_documented_ones(self):
+        """hd.Exit is docs/cli.md's exit-code table, code for code."""
+        import re
+
+        table = (REPO / "docs" / "cli.md").read_text().partition("Exit codes, the same for every client command")[2]
+        documented = [int(code) for code in re.findall(r"^\| `(\d+)` \|", table.partition("\n\n\n")[0], re.M)]
+        assert documented == [code.value for code in hd.Exit] and len(documented) >= 7
+
+    def test_client_errors_are_printed_in_one_place(self):
+        """Client commands raise CommandError (or NatsError): from the clients section on, only main() prints
+        `error: ...`, and env_default, which runs while the parser is built, before main() can catch anything."""
+        import ast
+
+        source = (REPO / "homelab_deploy.py").read_text()
+        clients = source[:source.index("\n# " + "-" * 64 + " clients\n")].count("\n") + 1
+        printers = {function.name for function in ast.walk(ast.parse(source))
+                    if isinstance(function, ast.FunctionDef) and function.lineno > clients
+                    for call in ast.walk(function) if isinstance(call, ast.Call) and call.args
+                    and getattr(call.func, "id", None) == "print"
+                    and ast.unparse(call.args[0]).lstrip("f").strip("'\"").startswith("error:")}
+        assert printers == {"env_default", "main"}
+
+    def test_a_command_error_is_one_line_and_its_code(self, tmp_path, capsys):
+        (tmp_path / "fleet.yaml").write_text("hosts: [1]\n")
+        assert hd.main(["nats-config", str(tmp_path / "fleet.yaml")]) == hd.Exit.USAGE == 2
+        assert capsys.readouterr().err == f"error: {tmp_path / 'fleet.yaml'}: hosts[0]: each entry must be a mapping\n"
+        assert hd.main(["keygen"]) == 2
+        assert capsys.readouterr().err == ("error: use `keygen --out FILE` to write a new seed, or `keygen --pubout "
+                                           "--in FILE`\n")
+
     def test_ref(self):
         assert hd.rebuild_argv(hd.Action.SWITCH, "git+https://g.example/c.git", "main", "web1") == [
             "nixos-rebuild", "switch", "--refresh", "--flake", "git+https://g.example/c.git?ref=main#web1"]
