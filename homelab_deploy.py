@@ -3109,10 +3109,10 @@ def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: 
     return code
 
 
-def unknown_deploy_outcome(e: OutcomeUnknown, where: str = "") -> CommandError:
+def unknown_deploy_outcome(e: OutcomeUnknown, aside: str = "") -> CommandError:
     """A deploy request NATS did not confirm, worded for the operator: look before deploying again."""
     return CommandError(f"OUTCOME UNKNOWN: {e}; do not deploy again blindly: `homelab-deploy list-hosts` shows which "
-                        f"hosts are deploying now{where}; deploy again once they are idle", Exit.OUTCOME_UNKNOWN)
+                        f"hosts are deploying now{aside}; deploy again once they are idle", Exit.OUTCOME_UNKNOWN)
 
 
 def rollout_command(args: argparse.Namespace, subject: str, revision: str, bus: Bus, progress: Progress) -> int:
