@@ -53,6 +53,17 @@ def test_module_docstring_names_every_section_in_order():
     assert listed == banners and len(banners) >= 12
 
 
+def test_no_client_function_is_over_80_lines_but_the_parser():
+    """From the clients section to the end of the module (the CLI's sections), each function fits on a screen."""
+    import ast
+
+    source = (REPO / "homelab_deploy.py").read_text()
+    clients = source[:source.index("\n# " + "-" * 64 + " clients\n")].count("\n") + 1
+    long = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(ast.parse(source))
+            if isinstance(f, ast.FunctionDef) and f.lineno > clients and f.end_lineno - f.lineno + 1 > 80}
+    assert set(long) == {"build_parser"}, long
+
+
 class TestValidation:
     @pytest.mark.parametrize("ref", ["main", "master", "feature/x-1", "v1.2.3", "release_2024", "a" * 255,
                                      "0123456789abcdef0123456789abcdef01234567", "HEAD", "user/feat.v2"])
