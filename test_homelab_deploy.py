@@ -235,6 +235,12 @@ class TestCommandLine:
                     and ast.unparse(call.args[0]).lstrip("f").strip("'\"").startswith("error:")}
         assert printers == {"env_default", "main"}
 
+    def test_deploy_exit_is_the_outcome_table(self):
+        done, failed, running, skipped = (hd.DeployResponse(f"h{i}", status) for i, status in enumerate(
+            (hd.Status.COMPLETED, hd.Status.FAILED, hd.Status.STARTED, hd.Status.SKIPPED)))
+        assert hd.deploy_exit([]) is hd.Exit.NO_ANSWER and hd.deploy_exit([done]) is hd.Exit.OK
+        assert [hd.deploy_exit([done, other]) for other in (failed, running, skipped)] == [hd.Exit.FAILED] * 3
+
     def test_a_command_error_is_one_line_and_its_code(self, tmp_path, capsys):
         (tmp_path / "fleet.yaml").write_text("hosts: [1]\n")
         assert hd.main(["nats-config", str(tmp_path / "fleet.yaml")]) == hd.Exit.USAGE == 2
