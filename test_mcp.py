@@ -73,6 +73,18 @@ def test_cli_never_imports_mcp():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
+@pytest.mark.parametrize("program", [MCP_SCRIPT, CLI_MCP], ids=["homelab_deploy_mcp.py", "homelab_deploy.py mcp"])
+def test_running_a_file_as_a_script_loads_each_module_once(tmp_path, program):
+    """The script is __main__; the other module's `import` of it must find that one, not load the file again."""
+    r = subprocess.run([sys.executable, "-X", "importtime", *program, "--nats-url", "nats://127.0.0.1:1",
+                        "--nkey-file", str(tmp_path / "missing.seed")],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "cannot read NKey seed file" in r.stderr, r.stderr
+    loaded = [line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
+    script = "homelab_deploy_mcp" if program == MCP_SCRIPT else "homelab_deploy"
+    assert script not in loaded and {"homelab_deploy", "homelab_deploy_mcp"} - {script} <= set(loaded)
+
+
 @pytest.mark.parametrize("program", [MCP_SCRIPT, CLI_MCP], ids=["homelab-deploy-mcp", "homelab-deploy mcp"])
 @pytest.mark.parametrize("env", [{}, {"HOMELAB_DEPLOY_ENABLE_ADMIN": "yes"}], ids=["flag", "env"])
 def test_enable_admin_without_key_is_a_startup_error(nats_server, program, env):
