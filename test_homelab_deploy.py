@@ -23,10 +23,20 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-import conftest
 import homelab_deploy as hd
-from conftest import REPO, run_cli, start_deploy, wait_for
-from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
+from tests import helpers
+from tests.helpers import (
+    COMMIT_A,
+    COMMIT_B,
+    REPO,
+    TGKILL,
+    deploy_args,
+    iter_queue,
+    run_cli,
+    sigterm_to_a_thread,
+    start_deploy,
+    wait_for,
+)
 
 HOSTILE_REVISIONS = [
     "main; rm -rf /", "$(reboot)", "`id`", "main && id", "main|id", "--upgrade", "-rf", "main#evil", "main?rev=1",
@@ -35,10 +45,6 @@ HOSTILE_REVISIONS = [
     "*", ">", 42, None, ["main"], {"ref": "main"}, True,
 ]
 HOSTILE_ACTIONS = ["reboot", "switch; id", "--help", "SWITCH", "switch ", "", "build-vm", 1, None, ["switch"]]
-
-
-def deploy_args(server, user: str, *rest: str) -> list[str]:
-    return ["--nats-url", server.url, "--nkey-file", str(server.seeds[user]), *rest]
 
 
 # ---------------------------------------------------------------- validation and protocol
@@ -625,14 +631,6 @@ def metrics_listener(start_listener):
     return host, port, scrape
 
 
-def iter_queue(q: queue.Queue):
-    while True:
-        try:
-            yield json.loads(q.get_nowait()[1])
-        except queue.Empty:
-            return
-
-
 # ---------------------------------------------------------------- monitoring files in contrib/
 
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
@@ -910,8 +908,8 @@ class TestRollout:
 
     @pytest.fixture
     def nats_server(self, tmp_path):  # the spec's fleet plus test hosts r1..r4 (role web) for start_listener
-        server = conftest.NatsServer(tmp_path, {**conftest.FLEET, **{
-            h: conftest.listener_permissions(h, "test", "web") for h in ROLLOUT_HOSTS}})
+        server = helpers.NatsServer(tmp_path, {**helpers.FLEET, **{
+            h: helpers.listener_permissions(h, "test", "web") for h in ROLLOUT_HOSTS}})
         server.start()
         yield server
         server.stop()
@@ -962,7 +960,7 @@ class TestRollout:
 
     def test_a_host_gone_since_the_plan_is_reported_and_counts_as_failed(self, nats_server, start_listener):
         hosts = self.fleet(start_listener, "block", "succeed", "succeed")
-        cli = subprocess.Popen([*conftest.PROGRAM, "deploy", "deploy.test.all", *deploy_args(
+        cli = subprocess.Popen([*helpers.PROGRAM, "deploy", "deploy.test.all", *deploy_args(
             nats_server, "test-deployer", "--canary", "1", "--batch-size", "1", "--max-failures", "1", "--json")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
@@ -971,7 +969,7 @@ class TestRollout:
             hosts[0].standin.release()
             out, err = cli.communicate(timeout=60)
         finally:
-            conftest.stop_process(cli)
+            helpers.stop_process(cli)
         assert cli.returncode == 1, err
         result = {h["hostname"]: h for h in json.loads(out)["hosts"]}
         assert {h: r["status"] for h, r in result.items()} == {"r1": "completed", "r2": "failed", "r3": "completed"}
@@ -983,7 +981,7 @@ class TestRollout:
         hosts = self.fleet(start_listener, "block", "succeed", "succeed")
         stderr = tmp_path / "cli.err"
         with open(stderr, "w") as err_file:
-            cli = subprocess.Popen([*conftest.PROGRAM, "deploy", "deploy.test.all", *deploy_args(
+            cli = subprocess.Popen([*helpers.PROGRAM, "deploy", "deploy.test.all", *deploy_args(
                 nats_server, "test-deployer", "--batch-size", "1", "--json")],
                 stdout=subprocess.PIPE, stderr=err_file, text=True, start_new_session=True)
         try:
@@ -993,7 +991,7 @@ class TestRollout:
             hosts[0].standin.release()
             out, _ = cli.communicate(timeout=60)
         finally:
-            conftest.stop_process(cli)
+            helpers.stop_process(cli)
         err = stderr.read_text()
         assert cli.returncode == 130, err
         assert {h["hostname"]: h["status"] for h in json.loads(out)["hosts"]} == {
@@ -1025,9 +1023,6 @@ class TestRollout:
 # ---------------------------------------------------------------- duration flags of every client
 
 # Every client duration flag, after what its command needs besides it.
-COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
-
-
 @pytest.mark.integration
 class TestStatus:
     """Deploy history (listener), status queries on deploy.status, and `homelab-deploy status` with drift."""
@@ -1145,14 +1140,14 @@ class TestStatus:
         assert self.status(nats_server, "--tier", "test").returncode == 0  # drift is shown, fails only with --expect
 
     def test_listener_on_a_config_without_status_permission_still_deploys(self, tmp_path):
-        listener = conftest.listener_permissions("testhost1", "test", None)
-        server = conftest.NatsServer(tmp_path, {
+        listener = helpers.listener_permissions("testhost1", "test", None)
+        server = helpers.NatsServer(tmp_path, {
             "testhost1": {**listener, "subscribe": [s for s in listener["subscribe"] if s != hd.STATUS_SUBJECT]},
-            "test-deployer": conftest.FLEET["test-deployer"]})
+            "test-deployer": helpers.FLEET["test-deployer"]})
         host = None
         try:
             server.start()
-            host = conftest.Listener(server, "testhost1", "test", None, tmp_path).start()
+            host = helpers.Listener(server, "testhost1", "test", None, tmp_path).start()
             assert "status queries not answered" in host.log_text() and "homelab-deploy nats-config" in host.log_text()
             assert run_cli("deploy", "deploy.test.testhost1", *deploy_args(server, "test-deployer")).returncode == 0
             r = self.status(server)
@@ -1171,23 +1166,6 @@ class TestStatus:
                     [{**record, "finished": "yesterday"}], ["main"], {"a": 1}):
             with pytest.raises(hd.ProtocolError):
                 hd.HostStatus.parse(json.dumps({**good, "history": bad}).encode())
-
-
-@pytest.fixture
-def git_repo(tmp_path):
-    """A real git repository with a branch `main` and an annotated tag `v1` on its first commit: (flake URL, git)."""
-    repo = tmp_path / "fleet-config"
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-                              capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-
-    repo.mkdir()
-    git("init", "-q", "-b", "main")
-    git("commit", "-q", "--allow-empty", "-m", "first")
-    git("tag", "-a", "v1", "-m", "release 1")
-    git("commit", "-q", "--allow-empty", "-m", "second")
-    return f"git+file://{repo}?dir=hosts", git
 
 
 @pytest.mark.integration
@@ -1398,7 +1376,7 @@ class TestInstall:
     def test_listener_deploys(self, request, program, nats_server, start_listener, monkeypatch):
         argv = request.getfixturevalue("dropin") if program == "drop-in file" else \
             [str(request.getfixturevalue("plain_install") / "homelab-deploy")]
-        monkeypatch.setattr(conftest, "PROGRAM", argv)  # the listener and the deploy client both run it
+        monkeypatch.setattr(helpers, "PROGRAM", argv)  # the listener and the deploy client both run it
         host = start_listener("testhost1", "test")
         r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer"))
         assert r.returncode == 0, r.stderr

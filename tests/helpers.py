@@ -1,23 +1,28 @@
-"""Fixtures with real parts: nats-server with NKey users and tiered permissions, listener processes,
-and a stand-in `nixos-rebuild` on PATH that records its argv."""
+"""The harness with real parts, shared by the suites (fixtures that use it are in fixtures.py and conftest.py):
+nats-server with NKey users and tiered permissions, listener processes, a stand-in `nixos-rebuild` on PATH that
+records its argv, a builder on a real nix with a private store, and the small helpers several suites call."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import platform
+import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
+import uuid
 from pathlib import Path
 
 import nkeys
 import pytest
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # the repository root
 PROGRAM = [sys.executable, str(REPO / "homelab_deploy.py")]
 sys.path.insert(0, str(REPO))
 
@@ -139,14 +144,6 @@ class NatsServer:
     def restart(self, *flags: str) -> None:
         self.stop()
         self.start_again(*flags)
-
-
-@pytest.fixture
-def nats_server(tmp_path):
-    server = NatsServer(tmp_path, FLEET)
-    server.start()
-    yield server
-    server.stop()
 
 
 STANDIN = """\
@@ -279,20 +276,6 @@ class Listener:
             stop_process(self.proc)
 
 
-@pytest.fixture
-def start_listener(nats_server, tmp_path):
-    started: list[Listener] = []
-
-    def start(hostname: str, tier: str, role: str | None = None, *extra: str, expect_ready: bool = True) -> Listener:
-        listener = Listener(nats_server, hostname, tier, role, tmp_path, *extra)
-        started.append(listener)
-        return listener.start(expect_ready)
-
-    yield start
-    for listener in started:
-        listener.stop()
-
-
 class Rogue:
     """A second connection on a daemon's own credential, which may publish answers: on each request on `subject`
     it publishes the loaded answers where the daemon answers the request's reply_to,
@@ -335,20 +318,6 @@ class Rogue:
         self.bus.close()
 
 
-@pytest.fixture
-def rogue(nats_server):
-    """rogue(user, subject, *daemons) -> a Rogue on nats_server, closed (and its daemons resumed) after the test."""
-    made: list[Rogue] = []
-
-    def make(user: str, subject: str, *daemons) -> Rogue:
-        made.append(Rogue(nats_server, user, subject, list(daemons)))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
 def start_deploy(bus, subject: str, action: str = "switch", revision: str = "main"):
     """Publish a deploy request with a fresh reply subject; returns (reply_to, queue of (subject, raw reply))."""
     import homelab_deploy
@@ -365,41 +334,239 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
                           env={**os.environ, **(env or {})})
 
 
-@pytest.fixture
-def bus_factory():
-    """Real in-process NATS clients (homelab_deploy.Bus), closed after the test."""
-    import homelab_deploy
+# ---------------------------------------------------------------- requests and answers
 
-    buses = []
-
-    def make(server: NatsServer, user: str):
-        bus = homelab_deploy.Bus(server.url, str(server.seeds[user]), f"test-{user}")
-        buses.append(bus)
-        return bus
-
-    yield make
-    for bus in buses:
-        bus.close()
+def deploy_args(server, user: str, *rest: str) -> list[str]:
+    return ["--nats-url", server.url, "--nkey-file", str(server.seeds[user]), *rest]
 
 
-@pytest.fixture
-def listener_in_process(nats_server, bus_factory, tmp_path, monkeypatch):
-    """make(*flags) -> (listener, standin): a started homelab_deploy.Listener for testhost1 in this process, on a
-    real NATS connection, with its own nixos-rebuild stand-in; for tests that inject a fault or a hook."""
-    import homelab_deploy
+def iter_queue(q: queue.Queue):
+    while True:
+        try:
+            yield json.loads(q.get_nowait()[1])
+        except queue.Empty:
+            return
 
-    def make(*flags: str):
-        standin = StandIn(tmp_path / "standin")
-        monkeypatch.setenv("PATH", f"{standin.dir / 'bin'}:{os.environ['PATH']}")
-        monkeypatch.setenv("STANDIN_DIR", str(standin.dir))
-        args = homelab_deploy.build_parser().parse_args([
-            "listener", "--hostname", "testhost1", "--tier", "test", "--nats-url", nats_server.url,
-            "--nkey-file", str(nats_server.seeds["testhost1"]), "--flake-url", "git+https://git.example.com/c.git",
-            "--state-dir", str(tmp_path / "state"), "--system-profile", str(standin.profile), *flags])
-        os.makedirs(args.state_dir)
-        listener = homelab_deploy.Listener(args, ["deploy.test.testhost1"], bus_factory(nats_server, "testhost1"),
-                                           None, threading.Event())
-        listener.start()
-        return listener, standin
 
-    return make
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+def collect(q: queue.Queue, done, timeout: float, what: str) -> list[dict]:
+    """Decoded messages from `q` until done(messages) holds; fails after `timeout` seconds."""
+    got: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not done(got):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; got {got}")
+        try:
+            got.append(json.loads(q.get(timeout=min(remaining, 0.5))[1]))
+        except queue.Empty:
+            pass
+    return got
+
+
+FINAL = {"completed", "failed", "rejected"}
+
+
+def has_final(messages: list[dict]) -> bool:
+    return any(m.get("status") in FINAL for m in messages)
+
+
+def trusted(server, *users: str) -> list[str]:
+    return [flag for user in users for flag in ("--trusted-key", f"{server.public[user]}={user}")]
+
+
+def fleet_doc(tmp_path: Path) -> tuple[dict, dict[str, Path]]:
+    """A fleet with one credential of every kind; returns the document and each credential's seed."""
+    names = ["t1", "t2", "p1", "tdep", "admin", "builder", "bclient", "mcp", "mcpadmin"]
+    seeds = {n: make_user_key(tmp_path, n)[0] for n in names}
+    pub = lambda n: nkeys.from_seed(bytearray(seeds[n].read_bytes().strip())).public_key.decode()  # noqa: E731
+    doc = {
+        "hosts": [{"hostname": "t1", "tier": "test", "nkey": pub("t1")},
+                  {"hostname": "t2", "tier": "test", "role": "web", "seed": "t2.seed"},
+                  {"hostname": "p1", "tier": "prod", "role": "dns", "nkey": pub("p1")}],
+        "deployers": [{"name": "tdep", "access": "test", "nkey": pub("tdep")},
+                      {"name": "admin", "access": "admin", "nkey": pub("admin")}],
+        "builders": [{"name": "builder", "repos": ["r1"], "nkey": pub("builder")}],
+        "build_clients": [{"name": "bclient", "repos": ["r1"], "nkey": pub("bclient")}],
+        "mcp": [{"name": "mcp", "nkey": pub("mcp"), "admin_seed": "mcpadmin.seed", "build_repos": ["r1"]}],
+    }
+    return doc, seeds
+
+
+# ---------------------------------------------------------------- processes and signals
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+
+
+def sigterm_to_a_thread(pid: int, run: int) -> None:
+    """SIGTERM through tgkill to one of the process's other threads, a different one each run: the kernel may hand
+    a process-directed signal to any thread that does not block it, and CPython handles it on the main thread."""
+    threads = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert threads and ctypes.CDLL(None, use_errno=True).syscall(TGKILL, pid, threads[run % len(threads)],
+                                                                 signal.SIGTERM) == 0
+
+
+# ---------------------------------------------------------------- the builder: real nix, private store, git flakes
+
+NIX = shutil.which("nix")
+needs_nix = pytest.mark.skipif(NIX is None, reason="nix not found (Debian: apt-get install nix-bin)")
+
+GOOD = "echo ok > $out"
+HOSTS = {"good1": GOOD, "good2": GOOD, "broken": "echo 'intentional build failure' >&2; exit 1", "bad;name": GOOD}
+
+
+NIX_CONFIG = "\n".join([
+    "experimental-features = nix-command flakes",
+    "sandbox = false",  # Debian's nix-bin has no sandbox; the builder sees the host file system
+    "build-users-group =",  # build as the calling user, no nixbld users
+    "substituters =",  # never try a binary cache
+    "flake-registry =",  # never fetch the global registry
+    "eval-cache = false",
+    "tarball-ttl = 0",
+    "build-poll-interval = 1",
+    "",
+])
+
+
+def nix_env(base: Path) -> dict:
+    """Environment for a daemonless nix with its own store, config and caches under `base`.
+    The fetcher cache (XDG_CACHE_HOME) remembers store paths, so it must belong to this store only."""
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "NIX_REMOTE", "NIX_PATH", "NIX_USER_CONF_FILES", "NIX_STORE_DIR", "NIX_STATE_DIR", "NIX_LOG_DIR")}
+    (base / "etc").mkdir(parents=True, exist_ok=True)
+    (base / "etc" / "nix.conf").touch()
+    (base / "home").mkdir(exist_ok=True)
+    env.update(NIX_CONFIG=NIX_CONFIG, NIX_CONF_DIR=str(base / "etc"), HOME=str(base / "home"),
+               XDG_CACHE_HOME=str(base / "cache"), XDG_CONFIG_HOME=str(base / "config"),
+               NIX_STORE_DIR=str(base / "store"), NIX_STATE_DIR=str(base / "state"), NIX_LOG_DIR=str(base / "log"),
+               GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="safe.directory", GIT_CONFIG_VALUE_0="*")
+    return env
+
+
+def nix_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
+
+
+def flake_text(hosts: dict[str, str]) -> str:
+    """A flake whose nixosConfigurations.<host>.config.system.build.toplevel runs `script` with /bin/sh.
+    Store path names cannot hold ';' and the like, so the derivation name is sanitised; the host name is not."""
+    system = {"x86_64": "x86_64-linux", "aarch64": "aarch64-linux"}.get(platform.machine(),
+                                                                        f"{platform.machine()}-linux")
+    drv_name = lambda host: "".join(c if c.isalnum() or c in "-._" else "_" for c in host)  # noqa: E731
+    entries = "\n".join(f"      {nix_str(host)} = mk {nix_str(drv_name(host))} {nix_str(script)};"
+                        for host, script in hosts.items())
+    return f"""{{
+  outputs = {{ self }}:
+    let
+      mk = name: script: {{
+        config.system.build.toplevel = builtins.derivation {{
+          inherit name;
+          system = "{system}";
+          builder = "/bin/sh";
+          args = [ "-c" script ];
+          PATH = "/usr/local/bin:/usr/bin:/bin";
+          nonce = "{uuid.uuid4().hex}";
+        }};
+      }};
+    in {{
+      nixosConfigurations = {{
+{entries}
+      }};
+    }};
+}}
+"""
+
+
+def commit_flake(repo: Path, text: str, branch: str = "main") -> str:
+    """Commit flake.nix on `branch` of a git repo (created if needed); returns the flake URL without ?ref."""
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_SYSTEM": "/dev/null",
+           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
+                              text=True).stdout
+
+    repo.mkdir(parents=True, exist_ok=True)
+    if not (repo / ".git").exists():
+        git("init", "-q", "-b", branch)
+    elif branch not in git("branch", "--list", branch):
+        git("checkout", "-q", "-b", branch)
+    (repo / "flake.nix").write_text(text)
+    git("add", "flake.nix")  # flakes only see tracked files
+    git("commit", "-q", "-m", "flake")
+    return f"git+file://{repo.resolve()}"
+
+
+NIX_WRAPPER = """\
+#!{python}
+# Records its argv, then runs the real nix in the same process (same process group).
+import json, os, sys
+with open(os.environ["NIX_ARGV_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+os.execv({nix!r}, ["nix", *sys.argv[1:]])
+"""
+
+
+class BuilderProcess:
+    def __init__(self, server, workdir: Path, config: dict, env: dict, *extra: str):
+        import yaml
+
+        self.dir = workdir
+        self.dir.mkdir(parents=True)
+        (self.dir / "bin").mkdir()
+        wrapper = self.dir / "bin" / "nix"
+        wrapper.write_text(NIX_WRAPPER.format(python=sys.executable, nix=NIX))
+        wrapper.chmod(0o755)
+        self.config = self.dir / "builder.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        self.calls_file = self.dir / "nix-argv.jsonl"
+        self.log = self.dir / "builder.log"
+        self.argv = [*PROGRAM, "builder", "--nats-url", server.url, "--nkey-file", str(server.seeds["builder"]),
+                     "--config", str(self.config), *extra]
+        self.env = {**env, "PATH": f"{self.dir / 'bin'}:{env['PATH']}", "NIX_ARGV_LOG": str(self.calls_file)}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, expect_ready: bool = True) -> BuilderProcess:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log, start_new_session=True)
+        wait_for(lambda: "builder ready" in self.log_text() or self.proc.poll() is not None, what="builder to start")
+        assert (self.proc.poll() is None) == expect_ready, self.log_text()
+        return self
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+    @property
+    def nix_calls(self) -> list[list[str]]:
+        if not self.calls_file.exists():
+            return []
+        return [json.loads(line) for line in self.calls_file.read_text().splitlines()]
+
+    def builds(self) -> list[str]:
+        """The flake attribute of every `nix build` run."""
+        return [call[-1].split("#", 1)[1] for call in self.nix_calls if call[0] == "build"]
+
+    def stop(self) -> None:
+        if self.proc:
+            stop_process(self.proc, timeout=30)
+
+
+# ---------------------------------------------------------------- the MCP server
+
+MCP_SCRIPT = [str(REPO / "homelab_deploy_mcp.py")]
+ANSWER_WINDOW = "1"  # local listeners answer within milliseconds; keeps the nobody-answers cases short
+
+
+def text(result) -> str:
+    return "\n".join(block.text for block in result.content)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from tests.helpers import REPO
 
 BENCH = REPO / "bench" / "run"
 PROGRAM = os.path.join(os.path.dirname(sys.executable), "homelab-deploy")

@@ -1,7 +1,7 @@
 """Tests of the builder and the build client.
 
 Unit tests need nothing. Tests marked `integration` run a real nats-server with the spec's builder and build
-client permissions (conftest.FLEET), builder processes, and a real `nix` (Debian's nix-bin) without a daemon on
+client permissions (helpers.FLEET), builder processes, and a real `nix` (Debian's nix-bin) without a daemon on
 a private store, building local git flakes with no inputs whose `nixosConfigurations.<host>` are trivial
 derivations. A `nix` wrapper first on the builder's PATH records every argv, so the tests can show that no
 command ever ran with an unvalidated argument.
@@ -11,199 +11,27 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import queue
-import shutil
 import socket
 import subprocess
-import sys
 import threading
 import urllib.request
-import uuid
-from pathlib import Path
 
 import pytest
 
 import homelab_deploy as hd
-from conftest import PROGRAM, run_cli, stop_process, wait_for
-from test_homelab_deploy import iter_queue
-from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
-
-NIX = shutil.which("nix")
-needs_nix = pytest.mark.skipif(NIX is None, reason="nix not found (Debian: apt-get install nix-bin)")
-
-GOOD = "echo ok > $out"
-HOSTS = {"good1": GOOD, "good2": GOOD, "broken": "echo 'intentional build failure' >&2; exit 1", "bad;name": GOOD}
-FINAL = ("completed", "failed", "rejected")
-
-
-# ---------------------------------------------------------------- real nix on a private store, local git flakes
-
-NIX_CONFIG = "\n".join([
-    "experimental-features = nix-command flakes",
-    "sandbox = false",  # Debian's nix-bin has no sandbox; the builder sees the host file system
-    "build-users-group =",  # build as the calling user, no nixbld users
-    "substituters =",  # never try a binary cache
-    "flake-registry =",  # never fetch the global registry
-    "eval-cache = false",
-    "tarball-ttl = 0",
-    "build-poll-interval = 1",
-    "",
-])
-
-
-def nix_env(base: Path) -> dict:
-    """Environment for a daemonless nix with its own store, config and caches under `base`.
-    The fetcher cache (XDG_CACHE_HOME) remembers store paths, so it must belong to this store only."""
-    env = {k: v for k, v in os.environ.items() if k not in (
-        "NIX_REMOTE", "NIX_PATH", "NIX_USER_CONF_FILES", "NIX_STORE_DIR", "NIX_STATE_DIR", "NIX_LOG_DIR")}
-    (base / "etc").mkdir(parents=True, exist_ok=True)
-    (base / "etc" / "nix.conf").touch()
-    (base / "home").mkdir(exist_ok=True)
-    env.update(NIX_CONFIG=NIX_CONFIG, NIX_CONF_DIR=str(base / "etc"), HOME=str(base / "home"),
-               XDG_CACHE_HOME=str(base / "cache"), XDG_CONFIG_HOME=str(base / "config"),
-               NIX_STORE_DIR=str(base / "store"), NIX_STATE_DIR=str(base / "state"), NIX_LOG_DIR=str(base / "log"),
-               GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="safe.directory", GIT_CONFIG_VALUE_0="*")
-    return env
-
-
-def nix_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
-
-
-def flake_text(hosts: dict[str, str]) -> str:
-    """A flake whose nixosConfigurations.<host>.config.system.build.toplevel runs `script` with /bin/sh.
-    Store path names cannot hold ';' and the like, so the derivation name is sanitised; the host name is not."""
-    system = {"x86_64": "x86_64-linux", "aarch64": "aarch64-linux"}.get(platform.machine(),
-                                                                        f"{platform.machine()}-linux")
-    drv_name = lambda host: "".join(c if c.isalnum() or c in "-._" else "_" for c in host)  # noqa: E731
-    entries = "\n".join(f"      {nix_str(host)} = mk {nix_str(drv_name(host))} {nix_str(script)};"
-                        for host, script in hosts.items())
-    return f"""{{
-  outputs = {{ self }}:
-    let
-      mk = name: script: {{
-        config.system.build.toplevel = builtins.derivation {{
-          inherit name;
-          system = "{system}";
-          builder = "/bin/sh";
-          args = [ "-c" script ];
-          PATH = "/usr/local/bin:/usr/bin:/bin";
-          nonce = "{uuid.uuid4().hex}";
-        }};
-      }};
-    in {{
-      nixosConfigurations = {{
-{entries}
-      }};
-    }};
-}}
-"""
-
-
-def commit_flake(repo: Path, text: str, branch: str = "main") -> str:
-    """Commit flake.nix on `branch` of a git repo (created if needed); returns the flake URL without ?ref."""
-    env = {**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_SYSTEM": "/dev/null",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
-                              text=True).stdout
-
-    repo.mkdir(parents=True, exist_ok=True)
-    if not (repo / ".git").exists():
-        git("init", "-q", "-b", branch)
-    elif branch not in git("branch", "--list", branch):
-        git("checkout", "-q", "-b", branch)
-    (repo / "flake.nix").write_text(text)
-    git("add", "flake.nix")  # flakes only see tracked files
-    git("commit", "-q", "-m", "flake")
-    return f"git+file://{repo.resolve()}"
-
-
-@pytest.fixture(scope="session")
-def nix_store(tmp_path_factory):
-    return nix_env(tmp_path_factory.mktemp("nix"))
-
-
-NIX_WRAPPER = """\
-#!{python}
-# Records its argv, then runs the real nix in the same process (same process group).
-import json, os, sys
-with open(os.environ["NIX_ARGV_LOG"], "a") as f:
-    f.write(json.dumps(sys.argv[1:]) + "\\n")
-os.execv({nix!r}, ["nix", *sys.argv[1:]])
-"""
-
-
-class BuilderProcess:
-    def __init__(self, server, workdir: Path, config: dict, env: dict, *extra: str):
-        import yaml
-
-        self.dir = workdir
-        self.dir.mkdir(parents=True)
-        (self.dir / "bin").mkdir()
-        wrapper = self.dir / "bin" / "nix"
-        wrapper.write_text(NIX_WRAPPER.format(python=sys.executable, nix=NIX))
-        wrapper.chmod(0o755)
-        self.config = self.dir / "builder.yaml"
-        self.config.write_text(yaml.safe_dump(config))
-        self.calls_file = self.dir / "nix-argv.jsonl"
-        self.log = self.dir / "builder.log"
-        self.argv = [*PROGRAM, "builder", "--nats-url", server.url, "--nkey-file", str(server.seeds["builder"]),
-                     "--config", str(self.config), *extra]
-        self.env = {**env, "PATH": f"{self.dir / 'bin'}:{env['PATH']}", "NIX_ARGV_LOG": str(self.calls_file)}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, expect_ready: bool = True) -> BuilderProcess:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log, start_new_session=True)
-        wait_for(lambda: "builder ready" in self.log_text() or self.proc.poll() is not None, what="builder to start")
-        assert (self.proc.poll() is None) == expect_ready, self.log_text()
-        return self
-
-    def log_text(self) -> str:
-        return self.log.read_text()
-
-    @property
-    def nix_calls(self) -> list[list[str]]:
-        if not self.calls_file.exists():
-            return []
-        return [json.loads(line) for line in self.calls_file.read_text().splitlines()]
-
-    def builds(self) -> list[str]:
-        """The flake attribute of every `nix build` run."""
-        return [call[-1].split("#", 1)[1] for call in self.nix_calls if call[0] == "build"]
-
-    def stop(self) -> None:
-        if self.proc:
-            stop_process(self.proc, timeout=30)
-
-
-@pytest.fixture
-def start_builder(nats_server, nix_store, tmp_path):
-    started: list[BuilderProcess] = []
-
-    def start(repos: dict[str, str], *extra: str, expect_ready: bool = True) -> BuilderProcess:
-        config = {"repos": {name: {"url": url, "default_branch": "main"} for name, url in repos.items()}}
-        builder = BuilderProcess(nats_server, tmp_path / f"builder{len(started)}", config, nix_store, *extra)
-        started.append(builder)
-        return builder.start(expect_ready)
-
-    yield start
-    for builder in started:
-        builder.stop()
-
-
-@pytest.fixture
-def flake(tmp_path):
-    """flake(hosts) -> URL of a fresh git flake; more repos and branches by name and branch, or its own text."""
-    def make(hosts: dict = HOSTS, name: str = "fleet", branch: str = "main", text: str | None = None) -> str:
-        return commit_flake(tmp_path / "repos" / name, text or flake_text(hosts), branch)
-
-    return make
-
+from tests.helpers import (
+    FINAL,
+    GOOD,
+    PROGRAM,
+    TGKILL,
+    iter_queue,
+    needs_nix,
+    run_cli,
+    sigterm_to_a_thread,
+    stop_process,
+    wait_for,
+)
 
 # nixosConfigurations.host-<i> for i < COUNT, each throwing a 600-character message when evaluated
 THROWING_FLEET = """{

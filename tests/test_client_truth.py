@@ -10,12 +10,9 @@ import subprocess
 
 import pytest
 
-import conftest
 import homelab_deploy as hd
-from conftest import PROGRAM, run_cli, wait_for
-from test_builder import GOOD, flake, needs_nix, nix_store, start_builder  # noqa: F401 (fixtures)
-from test_homelab_deploy import deploy_args, git_repo  # noqa: F401 (a fixture: a git repo with main and tag v1)
-from test_mcp import anyio_backend, mcp_server, text  # noqa: F401 (fixtures)
+from tests import helpers
+from tests.helpers import GOOD, PROGRAM, deploy_args, needs_nix, run_cli, text, wait_for
 
 pytestmark = pytest.mark.integration
 CUSTOM_DISCOVER = "fleet.discover"  # a discovery subject outside the default, as module.nix's discoverSubject
@@ -26,8 +23,8 @@ def nats_server(tmp_path):
     """The spec's fleet, where listeners may also subscribe, and deployers publish, to CUSTOM_DISCOVER."""
     users = {name: {**perms, "subscribe": [*perms["subscribe"], CUSTOM_DISCOVER]} if name in ("testhost1", "testhost2",
              "dns1") else {**perms, "publish": [*perms["publish"], CUSTOM_DISCOVER]} if name in (
-             "test-deployer", "admin") else perms for name, perms in conftest.FLEET.items()}
-    server = conftest.NatsServer(tmp_path, users)
+             "test-deployer", "admin") else perms for name, perms in helpers.FLEET.items()}
+    server = helpers.NatsServer(tmp_path, users)
     server.start()
     yield server
     server.stop()
@@ -205,7 +202,7 @@ def test_ctrl_c_on_deploy_exits_130_naming_the_running_host(nats_server, start_l
         cli.send_signal(signal.SIGINT)
         assert cli.wait(60) == 130, err.read_text()
     finally:
-        conftest.stop_process(cli)
+        helpers.stop_process(cli)
         host.standin.release()
     assert "Traceback" not in err.read_text()
     assert err.read_text().splitlines()[-1] == (
@@ -228,7 +225,7 @@ def test_a_second_ctrl_c_leaves_a_rollout_at_once(nats_server, start_listener, t
         cli.send_signal(signal.SIGINT)
         code = wait_for(cli.poll, what="the CLI to leave after the second Ctrl-C")  # 130 is truthy
     finally:
-        conftest.stop_process(cli)
+        helpers.stop_process(cli)
         first.standin.release()
     assert code == 130 and "Traceback" not in err.read_text(), err.read_text()
     assert err.read_text().splitlines()[-1].startswith("interrupted: testhost1 may still be deploying")
@@ -247,7 +244,7 @@ def test_ctrl_c_on_build_exits_130_saying_the_build_goes_on(nats_server, start_b
         cli.send_signal(signal.SIGINT)
         assert cli.wait(60) == 130, err.read_text()
     finally:
-        conftest.stop_process(cli)
+        helpers.stop_process(cli)
         release.touch()
     assert "Traceback" not in err.read_text()
     assert err.read_text().splitlines()[-1] == ("interrupted: the builder may still be building all of fleet; its "

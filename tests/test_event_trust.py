@@ -13,10 +13,9 @@ import nats.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
-import conftest
 import homelab_deploy as hd
-from conftest import Listener, NatsServer, stop_process, wait_for
-from test_signing import trusted
+from tests import helpers
+from tests.helpers import Listener, NatsServer, stop_process, trusted, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +174,7 @@ class TestEventIdentity:
         published (only that daemon may publish on its subject), whatever the payload says."""
         out = tmp_path / "events.out"
         with open(out, "wb") as o, open(tmp_path / "events.err", "wb") as e:
-            proc = subprocess.Popen([*conftest.PROGRAM, "events", "--json", "--nats-url", nats_server.url,
+            proc = subprocess.Popen([*helpers.PROGRAM, "events", "--json", "--nats-url", nats_server.url,
                                      "--nkey-file", str(nats_server.seeds["admin"])], stdout=o, stderr=e,
                                     start_new_session=True)
         try:
@@ -204,7 +203,7 @@ class TestReplies:
         admin = bus_factory(nats_server, "admin")
         seen = admin.inbox("deploy.>")
         with open(tmp_path / "deploy.out", "wb") as o, open(tmp_path / "deploy.err", "wb") as e:
-            deploy = subprocess.Popen([*conftest.PROGRAM, "deploy", "deploy.test.testhost1", "--json", "--timeout",
+            deploy = subprocess.Popen([*helpers.PROGRAM, "deploy", "deploy.test.testhost1", "--json", "--timeout",
                                        "120", "--nats-url", nats_server.url, "--nkey-file",
                                        str(nats_server.seeds["test-deployer"])], stdout=o, stderr=e,
                                       start_new_session=True)

@@ -21,10 +21,24 @@ import pytest
 import yaml
 
 import homelab_deploy as hd
-from conftest import PROGRAM, REPO, Listener, NatsServer, StandIn, make_user_key, run_cli, stop_process, wait_for
-from test_builder import GOOD, commit_flake, flake_text, needs_nix, nix_env
-from test_listener_lifecycle import gone
-
+from tests.helpers import (
+    GOOD,
+    PROGRAM,
+    REPO,
+    Listener,
+    NatsServer,
+    StandIn,
+    commit_flake,
+    flake_text,
+    fleet_doc,
+    gone,
+    make_user_key,
+    needs_nix,
+    nix_env,
+    run_cli,
+    stop_process,
+    wait_for,
+)
 
 # ---------------------------------------------------------------- keygen
 
@@ -82,24 +96,6 @@ class TestKeygen:
 
 
 # ---------------------------------------------------------------- fleet file
-
-def fleet_doc(tmp_path: Path) -> tuple[dict, dict[str, Path]]:
-    """A fleet with one credential of every kind; returns the document and each credential's seed."""
-    names = ["t1", "t2", "p1", "tdep", "admin", "builder", "bclient", "mcp", "mcpadmin"]
-    seeds = {n: make_user_key(tmp_path, n)[0] for n in names}
-    pub = lambda n: nkeys.from_seed(bytearray(seeds[n].read_bytes().strip())).public_key.decode()  # noqa: E731
-    doc = {
-        "hosts": [{"hostname": "t1", "tier": "test", "nkey": pub("t1")},
-                  {"hostname": "t2", "tier": "test", "role": "web", "seed": "t2.seed"},
-                  {"hostname": "p1", "tier": "prod", "role": "dns", "nkey": pub("p1")}],
-        "deployers": [{"name": "tdep", "access": "test", "nkey": pub("tdep")},
-                      {"name": "admin", "access": "admin", "nkey": pub("admin")}],
-        "builders": [{"name": "builder", "repos": ["r1"], "nkey": pub("builder")}],
-        "build_clients": [{"name": "bclient", "repos": ["r1"], "nkey": pub("bclient")}],
-        "mcp": [{"name": "mcp", "nkey": pub("mcp"), "admin_seed": "mcpadmin.seed", "build_repos": ["r1"]}],
-    }
-    return doc, seeds
-
 
 class TestFleetConfig:
     def test_generated_config_passes_nats_server_check(self, tmp_path):

@@ -4,7 +4,6 @@ period, restart after a switch, and seed-file hygiene. Real nats-server, real li
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import queue
@@ -19,7 +18,17 @@ from pathlib import Path
 import pytest
 
 import homelab_deploy as hd
-from conftest import PROGRAM, Listener, run_cli, start_deploy, stop_process, wait_for
+from tests.helpers import (
+    PROGRAM,
+    TGKILL,
+    Listener,
+    gone,
+    run_cli,
+    sigterm_to_a_thread,
+    start_deploy,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +44,6 @@ def final_reply(replies: queue.Queue, timeout: float = 60) -> dict:
             continue
         if reply["status"] in ("completed", "failed", "rejected"):
             return reply
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 class TestStateDirectory:
@@ -250,17 +251,6 @@ class TestSecrets:
         wait_for(lambda: f"reconnected to NATS at deploy:***@127.0.0.1:{nats_server.port}" in host.log_text(),
                  what="the listener to reconnect")
         assert "s3cret" not in host.log_text()
-
-
-TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
-
-
-def sigterm_to_a_thread(pid: int, run: int) -> None:
-    """SIGTERM through tgkill to one of the process's other threads, a different one each run: the kernel may hand
-    a process-directed signal to any thread that does not block it, and CPython handles it on the main thread."""
-    threads = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
-    assert threads and ctypes.CDLL(None, use_errno=True).syscall(TGKILL, pid, threads[run % len(threads)],
-                                                                 signal.SIGTERM) == 0
 
 
 @pytest.mark.slow

@@ -1,12 +1,11 @@
 """Tests for the MCP server (homelab_deploy_mcp), driven by a real MCP client over stdio.
 
-Every test starts the server as a subprocess through `mcp.Client` and `stdio_client` against the conftest
+Every test starts the server as a subprocess through `mcp.Client` and `stdio_client` against the nats_server
 nats-server (the spec's tiered NKey permissions) and real listener processes with a stand-in `nixos-rebuild`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -16,53 +15,27 @@ import sys
 import anyio
 import anyio.to_thread
 import pytest
-from mcp import Client, StdioServerParameters, stdio_client
 
 import homelab_deploy as hd
-from conftest import FLEET, REPO, stop_process, wait_for
-from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
-from test_builder import flake, needs_nix, nix_store, start_builder  # noqa: F401 (fixtures for the build tool)
-from test_reliability import stalling_proxy  # noqa: F401 (a fixture: NATS stops answering after a request)
-from test_homelab_deploy import COMMIT_A, git_repo  # noqa: F401 (a fixture: a real git repository for pin)
+from tests.helpers import (
+    COMMIT_A,
+    FLEET,
+    MCP_SCRIPT,
+    REPO,
+    TGKILL,
+    needs_nix,
+    sigterm_to_a_thread,
+    stop_process,
+    text,
+    wait_for,
+)
 
-MCP_SCRIPT = [str(REPO / "homelab_deploy_mcp.py")]
 CLI_MCP = [str(REPO / "homelab_deploy.py"), "mcp"]
-ANSWER_WINDOW = "1"  # local listeners answer within milliseconds; keeps the nobody-answers cases short
-
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def mcp_server(nats_server, tmp_path):
-    """Connect an MCP client to a fresh server process (stopped when the `async with` ends); its stderr is kept."""
-    errlog = tmp_path / "mcp-stderr.log"
-
-    @contextlib.asynccontextmanager
-    async def connect(*flags: str, user: str = "test-deployer", program: list[str] = MCP_SCRIPT):
-        args = [*program, "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds[user]),
-                "--answer-window", ANSWER_WINDOW, *flags]
-        with open(errlog, "a") as err:
-            params = StdioServerParameters(command=sys.executable, args=args, cwd=str(REPO))
-            async with Client(stdio_client(params, errlog=err)) as client:
-                yield client
-
-    connect.errlog = errlog
-    yield connect
-    # An exception a tool did not expect reaches the assistant only as "Error executing tool ..."; none may occur.
-    assert not errlog.exists() or "Traceback" not in errlog.read_text(), errlog.read_text()
-
-
-def text(result) -> str:
-    return "\n".join(block.text for block in result.content)
-
-
 async def until(condition, what: str):
-    """conftest.wait_for on a worker thread, so the client's event loop keeps reading the server."""
+    """helpers.wait_for on a worker thread, so the client's event loop keeps reading the server."""
     return await anyio.to_thread.run_sync(lambda: wait_for(condition, what=what))
 
 

@@ -22,9 +22,10 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import REPO
 
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
 
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.skipif(
     reason="nix-instantiate not found (Debian: apt-get install nix-bin)",
 )
 
-REPO = Path(__file__).resolve().parent
 NIXLIB = REPO / "tests" / "nixlib"
 NIXPKGS_LIB = os.environ.get("NIXPKGS_LIB", "")
 

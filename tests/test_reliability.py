@@ -52,19 +52,33 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import homelab_deploy as hd
-from conftest import FLEET, PROGRAM, Listener, NatsServer, run_cli, stop_process, wait_for
+from tests.helpers import (
+    FINAL,
+    FLEET,
+    GOOD,
+    HOSTS,
+    NIX,
+    PROGRAM,
+    BuilderProcess,
+    Listener,
+    NatsServer,
+    collect,
+    commit_flake,
+    flake_text,
+    has_final,
+    nix_env,
+    run_cli,
+    stop_process,
+    wait_for,
+)
 
-try:  # the builder's fixtures: a real nix on a private store, local git flakes, a nix wrapper recording argv
-    from test_builder import GOOD, HOSTS, NIX, BuilderProcess, commit_flake, flake_text, nix_env
-    NO_BUILDER = None if NIX else "nix not found (Debian: apt-get install nix-bin)"
-except ImportError as e:  # pragma: no cover - only while test_builder.py is being written
-    NO_BUILDER = f"test_builder.py's builder fixtures are not importable: {e}"
+NO_BUILDER = None if NIX else "nix not found (Debian: apt-get install nix-bin)"  # the builder's half
+
 
 ACTIONS = ("switch", "boot", "test", "dry-activate")  # the spec's actions
 DEPLOY_STATUSES = {"accepted", "rejected", "started", "completed", "failed"}  # the spec's deploy statuses
 DEPLOY_ERRORS = {"invalid_revision", "invalid_action", "already_running", "build_failed", "timeout"}  # the spec's
 BUILD_STATUSES = {"started", "progress", "completed", "failed", "rejected"}  # the spec's build statuses
-FINAL = {"completed", "failed", "rejected"}
 TESTHOST1_SUBJECTS = {"deploy.test.testhost1", "deploy.test.all", "deploy.discover"}
 
 
@@ -83,21 +97,6 @@ def connections(monitor_port: int) -> dict[str, list[dict]]:
     return by_name
 
 
-def collect(q: queue.Queue, done, timeout: float, what: str) -> list[dict]:
-    """Decoded messages from `q` until done(messages) holds; fails after `timeout` seconds."""
-    got: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while not done(got):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; got {got}")
-        try:
-            got.append(json.loads(q.get(timeout=min(remaining, 0.5))[1]))
-        except queue.Empty:
-            pass
-    return got
-
-
 def drain(q: queue.Queue) -> list[dict]:
     got = []
     while True:
@@ -105,10 +104,6 @@ def drain(q: queue.Queue) -> list[dict]:
             got.append(json.loads(q.get_nowait()[1]))
         except queue.Empty:
             return got
-
-
-def has_final(messages: list[dict]) -> bool:
-    return any(m.get("status") in FINAL for m in messages)
 
 
 def request(bus: hd.Bus, subject: str, body: dict, kind: str = "deploy", timeout: float = 60) -> list[dict]:
@@ -372,7 +367,7 @@ FUZZ_SETTINGS = settings(max_examples=1000, deadline=None, database=None, suppre
 
 # ---------------------------------------------------------------- answers: the rules and strategies
 
-MAX_PAYLOAD = 1024 * 1024  # conftest's nats-server: the largest answer a client gets
+MAX_PAYLOAD = 1024 * 1024  # the nats_server fixture's nats-server: the largest answer a client gets
 DEPLOY_ERROR_CODES = DEPLOY_ERRORS | {"interrupted"}  # the spec's, and the one docs/protocol.md adds
 BUILD_ERROR_CODES = {"unknown_repo", "invalid_target", "invalid_branch", "already_running", "eval_failed",
                      "build_failed"}
@@ -709,7 +704,7 @@ class Node:
 
 
 class NatsCluster:
-    """nats-server nodes routed on loopback, with conftest.FLEET's users in the same authorization block."""
+    """nats-server nodes routed on loopback, with helpers.FLEET's users in the same authorization block."""
 
     def __init__(self, workdir: Path, size: int = 3):
         self.workdir, self.size = workdir, size
@@ -899,68 +894,6 @@ def test_final_status_reaches_a_deployer_that_resubscribes_after_the_deploy_ende
 
 
 # ---------------------------------------------------------------- a stall right after publishing
-
-class StallingProxy:
-    """A TCP proxy on 127.0.0.1 in front of nats-server. It forwards both ways until it has forwarded a client's
-    `PUB deploy.` or `PUB build.` line; from then on it drops every byte from the server (the request arrived,
-    its confirmation never does)."""
-
-    TRIGGERS = (b"PUB deploy.", b"PUB build.")
-
-    def __init__(self, server_port: int):
-        self.server_port = server_port
-        self.stalled = threading.Event()
-        self.listening = socket.create_server(("127.0.0.1", 0))
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.listening.getsockname()[1]}"
-
-    def accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listening.accept()
-            except OSError:  # closed
-                return
-            server = socket.create_connection(("127.0.0.1", self.server_port))
-            self.sockets += [client, server]
-            threading.Thread(target=self.pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self.pump, args=(server, client, False), daemon=True).start()
-
-    def pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
-        tail = b""  # a trigger may span two reads
-        while True:
-            try:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if from_client:
-                    if any(t in tail + data for t in self.TRIGGERS):
-                        self.stalled.set()  # before forwarding: no answer to this line may get through
-                    tail = data[-16:]
-                elif self.stalled.is_set():
-                    continue
-                sink.sendall(data)
-            except OSError:
-                break
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        for sock in [self.listening, *self.sockets]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked in accept() and recv()
-            sock.close()
-
-
-@pytest.fixture
-def stalling_proxy(nats_server):
-    proxy = StallingProxy(nats_server.port)
-    yield proxy
-    proxy.close()
-
 
 @pytest.mark.integration
 class TestStallAfterPublishing:
@@ -1630,7 +1563,7 @@ METRICS_ON = ("--metrics-enabled", "--metrics-addr", "127.0.0.1:0")
 
 @contextlib.contextmanager
 def flooded(daemon):
-    """Start a daemon (a conftest Listener or BuilderProcess given METRICS_ON), flood its metrics port and check
+    """Start a daemon (a helpers.Listener or BuilderProcess given METRICS_ON), flood its metrics port and check
     the bounds; yields the flood; stops both."""
     with contextlib.ExitStack() as stack:
         stack.callback(daemon.stop)

@@ -17,11 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import conftest
 import homelab_deploy as hd
-from conftest import run_cli, wait_for
-from test_builder import GOOD, BuilderProcess, flake, needs_nix, nix_store  # noqa: F401 (fixtures)
-from test_reliability import collect, has_final
+from tests import helpers
+from tests.helpers import GOOD, BuilderProcess, collect, has_final, needs_nix, run_cli, trusted, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -50,10 +48,6 @@ def resign(bus: hd.Bus, subject: str, obj: dict) -> dict:
     """obj with a fresh signature by bus's key over its current fields (to forge a field the signature covers)."""
     obj = {k: v for k, v in obj.items() if k != "signature"}
     return {**obj, "signature": base64.b64encode(bus.signing_key.sign(hd.signing_input(subject, obj))).decode()}
-
-
-def trusted(server, *users: str) -> list[str]:
-    return [flag for user in users for flag in ("--trusted-key", f"{server.public[user]}={user}")]
 
 
 class TestSignedDeploys:
@@ -206,13 +200,13 @@ class TestSignedDeploys:
         assert "sent more than 30 requests at once" in host.log_text()
 
     def test_a_permissive_server_still_cannot_make_a_prod_host_deploy(self, tmp_path):
-        users = {**conftest.FLEET, "test-deployer": {**conftest.FLEET["test-deployer"],
+        users = {**helpers.FLEET, "test-deployer": {**helpers.FLEET["test-deployer"],
                                                      "publish": ["deploy.>"]}}  # the mistake: test may reach prod
-        server = conftest.NatsServer(tmp_path, users)
+        server = helpers.NatsServer(tmp_path, users)
         host = None
         try:
             server.start()
-            host = conftest.Listener(server, "dns1", "prod", "dns", tmp_path, *trusted(server, "admin")).start()
+            host = helpers.Listener(server, "dns1", "prod", "dns", tmp_path, *trusted(server, "admin")).start()
             deploy = ["deploy", "deploy.prod.dns1", "--nats-url", server.url, "--nkey-file"]
             r = run_cli(*deploy, str(server.seeds["test-deployer"]))
             assert r.returncode == 4 and "not a trusted key" in host.log_text()  # refused without an answer
@@ -307,7 +301,7 @@ def follow(tmp_path):
     def start(server, user: str, *flags: str, ready: str = "following") -> tuple[subprocess.Popen, Path, Path]:
         out, err = tmp_path / f"events{len(started)}.out", tmp_path / f"events{len(started)}.err"
         with open(out, "wb") as o, open(err, "wb") as e:
-            proc = subprocess.Popen([*conftest.PROGRAM, "events", "--nats-url", server.url, "--nkey-file",
+            proc = subprocess.Popen([*helpers.PROGRAM, "events", "--nats-url", server.url, "--nkey-file",
                                      str(server.seeds[user]), *flags], stdout=o, stderr=e, start_new_session=True)
         started.append(proc)
         wait_for(lambda: ready in err.read_text() or proc.poll() is not None, what="events to follow")
@@ -315,7 +309,7 @@ def follow(tmp_path):
 
     yield start
     for proc in started:
-        conftest.stop_process(proc)
+        helpers.stop_process(proc)
 
 
 def events_of(out: Path, request: str | None = None) -> list[dict]:
@@ -323,7 +317,7 @@ def events_of(out: Path, request: str | None = None) -> list[dict]:
 
 
 EVENTS_STREAM_JSON = re.search(r"```json\n(\{\n  \"name\": \"HOMELAB_DEPLOY_EVENTS\".*?)```",
-                               (conftest.REPO / "docs" / "security.md").read_text(), re.S)
+                               (helpers.REPO / "docs" / "security.md").read_text(), re.S)
 
 
 class TestAuditEvents:
@@ -359,7 +353,7 @@ class TestAuditEvents:
     def test_the_stream_replays_what_happened_before_the_cli_started(self, tmp_path, follow):
         assert EVENTS_STREAM_JSON and json.loads(EVENTS_STREAM_JSON[1]) == hd.EVENTS_STREAM_CONFIG, \
             "docs/security.md shows the stream definition the code uses (EVENTS_STREAM_CONFIG)"
-        server = conftest.NatsServer(tmp_path, {**conftest.FLEET, "ops": {"publish": [">"], "subscribe": [">"]}})
+        server = helpers.NatsServer(tmp_path, {**helpers.FLEET, "ops": {"publish": [">"], "subscribe": [">"]}})
         server.config.write_text(server.config.read_text() + f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n')
         host = None
         try:
@@ -375,7 +369,7 @@ class TestAuditEvents:
                 ops._call(ops.nc.jetstream().add_stream(config))
             finally:
                 ops.close()
-            host = conftest.Listener(server, "testhost1", "test", None, tmp_path).start()
+            host = helpers.Listener(server, "testhost1", "test", None, tmp_path).start()
             deploy = ["deploy", "deploy.test.testhost1", "--json", "--nats-url", server.url, "--nkey-file",
                       str(server.seeds["admin"])]
             assert run_cli(*deploy).returncode == 0

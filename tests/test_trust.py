@@ -14,10 +14,7 @@ import pytest
 import yaml
 
 import homelab_deploy as hd
-from conftest import run_cli, wait_for
-from test_builder import GOOD, BuilderProcess, flake, needs_nix, nix_store  # noqa: F401 (fixtures)
-from test_mcp import anyio_backend, mcp_server, text  # noqa: F401 (fixtures)
-from test_reliability import collect, has_final
+from tests.helpers import GOOD, BuilderProcess, collect, fleet_doc, has_final, needs_nix, run_cli, text, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -162,8 +159,6 @@ class TestOneNamePerSigner:
             hd.Repo.parse_config(str(tmp_path / "builder.yaml"))
 
     def test_nats_config_refuses_a_signer_name_used_twice(self, tmp_path):
-        from test_fleet import fleet_doc
-
         doc, _ = fleet_doc(tmp_path)
         doc["deployers"][0]["name"] = "mcp-admin"  # the MCP server `mcp` has an admin key: it signs as mcp-admin
         (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
