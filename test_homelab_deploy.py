@@ -395,7 +395,7 @@ class TestBus:
         bus = bus_factory(nats_server, "admin")
         busy = threading.Event()
         bus.loop.call_soon_threadsafe(busy.wait, 30)  # the outbox cannot drain
-        for i in range(hd.OUTBOX_DEPTH):
+        for _ in range(hd.OUTBOX_DEPTH):
             bus.publish("deploy.responses.full.x", b"{}")
         waiting = threading.Thread(target=bus.publish, args=("deploy.responses.full.x", b"{}"))
         waiting.start()
@@ -917,7 +917,7 @@ class TestRollout:
     @staticmethod
     def fleet(start_listener, *modes: str) -> list:
         hosts = [start_listener(h, "test", "web") for h in ROLLOUT_HOSTS[:len(modes)]]
-        for host, mode in zip(hosts, modes):
+        for host, mode in zip(hosts, modes, strict=True):
             host.standin.set_mode(mode)
         return hosts
 
@@ -937,7 +937,7 @@ class TestRollout:
         spans = {h.hostname: h.standin.spans for h in hosts}
         assert all(len(s) == 1 for s in spans.values()), spans
         batches = [["r1"], ["r2", "r3"], ["r4"]]
-        for before, after in zip(batches, batches[1:]):
+        for before, after in zip(batches, batches[1:], strict=False):
             assert max(spans[h][0][1] for h in before) < min(spans[h][0][0] for h in after), spans
 
     def test_failures_over_the_budget_stop_the_rollout_and_skip_the_rest(self, nats_server, start_listener):

@@ -595,7 +595,7 @@ def run_benchmark(args: argparse.Namespace, work: str) -> list[dict]:
             bare_fans = [observer.call(observer.bare_fanout(n)) for _ in range(args.runs)]
             surveys, bare_lists = interleaved(args.runs, lambda: (survey("list-hosts"), survey("status")),
                                               lambda: floor_client("floor.fan", n))
-            listings, statuses = zip(*surveys)
+            listings, statuses = zip(*surveys, strict=True)
             bare_rss = peak_rss([sys.executable, FLOOR, "client", sandbox.url, sandbox.bench_seed, "floor.fan", str(n)],
                                 env)
             rss = {command: peak_rss(sandbox.cli(*argv), env) for command, argv in (

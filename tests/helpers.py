@@ -239,7 +239,7 @@ class StandIn:
         """(start, end) of each finished run, by time.time()."""
         path = self.dir / "times"
         times = [float(t) for t in path.read_text().split()] if path.exists() else []
-        return list(zip(times[::2], times[1::2]))
+        return list(zip(times[::2], times[1::2], strict=False))
 
     @property
     def pids(self) -> list[int]:

@@ -500,7 +500,7 @@ class Shell:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"block still running after {timeout}s:\n{block}\noutput:\n{''.join(out)}")
+                raise AssertionError(f"block still running after {timeout}s:\n{block}\noutput:\n{''.join(out)}") from None
             assert line is not None, f"the shell ended (a command failed) in:\n{block}\noutput:\n{''.join(out)}"
             if line == "__block_done__\n":
                 return "".join(out)

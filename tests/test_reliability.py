@@ -653,11 +653,11 @@ def test_broker_restarted_10_times(nats_server, start_listener, builder_on):
     started = time.monotonic()
     for i in range(1, RESTARTS + 1):
         nats_server.restart("-m", "-1")
-        for name, (daemon, subjects) in daemons.items():
+        for name, (daemon, _subjects) in daemons.items():
             wait_for(lambda: daemon.log_text().count("reconnected to NATS") >= i, 30, f"{name} to reconnect ({i})")
             assert daemon.proc.poll() is None
         conns = connections(nats_server.monitor_port)
-        for name, (daemon, subjects) in daemons.items():  # each subscription exactly once: no duplicates
+        for name, (_daemon, subjects) in daemons.items():  # each subscription exactly once: no duplicates
             assert len(conns[name]) == 1, conns.keys()
             subs = conns[name][0].get("subscriptions_list") or []
             assert len(subs) == len(set(subs)) and set(subs) >= subjects, (i, name, subs)
@@ -1102,7 +1102,7 @@ def test_hostile_messages_on_deploy_subjects(fleet, spy):
 
     def finish(answered: dict) -> None:
         """Every answered request's whole sequence up to its final status, as the spec allows."""
-        for reply_to, (obj, q, got) in answered.items():
+        for _reply_to, (obj, q, got) in answered.items():
             got += collect(q, lambda g: has_final(got + g), 120, f"a final status for {obj}")
             for r in got:
                 check_deploy_reply(r)
@@ -1167,7 +1167,7 @@ def test_hostile_messages_on_the_discover_subject(fleet, spy):
     assert len(throw_one(json.dumps({"reply_to": OURS}).encode())) == 1  # still answering
     log_text = lambda: listener.log_text()[log_start:]  # noqa: E731
     thrower.audit(spy, r"host=testhost1 discovery request ignored", log_text, thrower.ignored)
-    for reply_to, (_, q, got) in thrower.answered.items():
+    for reply_to, (_, q, _got) in thrower.answered.items():
         assert drain(q) == [], f"more than one answer on {reply_to}"
     assert listener.standin.calls[calls_before:] == []  # discovery never deploys
     assert "Traceback" not in log_text() and listener.proc.poll() is None
@@ -1243,7 +1243,7 @@ def test_hostile_messages_on_build_subjects(fleet, spy):
 
     def finish(answered: dict) -> None:
         """Wait for the final status of every answered request; exactly one each."""
-        for reply_to, (obj, q, got) in answered.items():
+        for _reply_to, (obj, q, got) in answered.items():
             got += collect(q, lambda g: has_final(got + g), 120, f"a final status for {obj}")
             for r in got:
                 check_build_reply(r)
@@ -1538,7 +1538,7 @@ class MetricsFlood:
         """Every connection beyond the cap is closed at once; threads and descriptors grew by the cap at most."""
         wait_for(lambda: self.still_open() <= hd.METRICS_CONNECTIONS, 30,
                  f"the daemon to close the connections beyond its {hd.METRICS_CONNECTIONS}")
-        for name, base, peak in zip(("threads", "descriptors"), self.baseline, self.peak):
+        for name, base, peak in zip(("threads", "descriptors"), self.baseline, self.peak, strict=True):
             assert peak <= base + hd.METRICS_CONNECTIONS + SLACK, f"{name}: {base} before the flood, {peak} during it"
 
     def check_cut_off(self) -> str:

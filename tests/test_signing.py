@@ -114,7 +114,7 @@ class TestSignedDeploys:
             "huge signed_at": (json.dumps(huge).encode(), huge["reply_to"], "malformed signature fields"),
         }
         answered = {b: b.inbox(f"deploy.responses.{b.public_key}.>") for b in (bus, admin)}
-        for name, (payload, reply_to, why) in cases.items():
+        for name, (payload, _reply_to, _why) in cases.items():
             (admin if name == "unknown signer" else bus).publish(subject, payload, confirm=True)
         # answers must go to the signer: a request whose reply_to names another key is refused (seen in the log)
         payload, _ = signed(bus, subject, body)

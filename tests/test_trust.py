@@ -35,8 +35,8 @@ class TestSecretsStayHome:
         seen = collect(events, has_final, 60, "the deploy's events")
         answers = r.stdout + r.stderr
         assert "git+https://ci:***@git.example.com/cfg.git?access_token=***" in answers, answers  # output, started
-        for where, text in (("answers", answers), ("events", json.dumps(seen)), ("log", host.log_text())):
-            assert TOKEN not in text, where
+        for where, shown in (("answers", answers), ("events", json.dumps(seen)), ("log", host.log_text())):
+            assert TOKEN not in shown, where
         assert "unable to download 'git+https://ci:***@" in host.log_text()
 
     @needs_nix
