@@ -47,6 +47,7 @@ def start_builder(nats_server, nix_store, tmp_path):
 @pytest.fixture
 def flake(tmp_path):
     """flake(hosts) -> URL of a fresh git flake; more repos and branches by name and branch, or its own text."""
+
     def make(hosts: dict = HOSTS, name: str = "fleet", branch: str = "main", text: str | None = None) -> str:
         return commit_flake(tmp_path / "repos" / name, text or flake_text(hosts), branch)
 
@@ -65,8 +66,16 @@ def mcp_server(nats_server, tmp_path):
 
     @contextlib.asynccontextmanager
     async def connect(*flags: str, user: str = "test-deployer", program: list[str] = MCP_SCRIPT):
-        args = [*program, "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds[user]),
-                "--answer-window", ANSWER_WINDOW, *flags]
+        args = [
+            *program,
+            "--nats-url",
+            nats_server.url,
+            "--nkey-file",
+            str(nats_server.seeds[user]),
+            "--answer-window",
+            ANSWER_WINDOW,
+            *flags,
+        ]
         with open(errlog, "a") as err:
             params = StdioServerParameters(command=sys.executable, args=args, cwd=str(REPO))
             async with Client(stdio_client(params, errlog=err)) as client:

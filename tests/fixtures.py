@@ -75,13 +75,30 @@ def listener_in_process(nats_server, bus_factory, tmp_path, monkeypatch):
         standin = StandIn(tmp_path / "standin")
         monkeypatch.setenv("PATH", f"{standin.dir / 'bin'}:{os.environ['PATH']}")
         monkeypatch.setenv("STANDIN_DIR", str(standin.dir))
-        args = homelab_deploy.build_parser().parse_args([
-            "listener", "--hostname", "testhost1", "--tier", "test", "--nats-url", nats_server.url,
-            "--nkey-file", str(nats_server.seeds["testhost1"]), "--flake-url", "git+https://git.example.com/c.git",
-            "--state-dir", str(tmp_path / "state"), "--system-profile", str(standin.profile), *flags])
+        args = homelab_deploy.build_parser().parse_args(
+            [
+                "listener",
+                "--hostname",
+                "testhost1",
+                "--tier",
+                "test",
+                "--nats-url",
+                nats_server.url,
+                "--nkey-file",
+                str(nats_server.seeds["testhost1"]),
+                "--flake-url",
+                "git+https://git.example.com/c.git",
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--system-profile",
+                str(standin.profile),
+                *flags,
+            ]
+        )
         os.makedirs(args.state_dir)
-        listener = homelab_deploy.Listener(args, ["deploy.test.testhost1"], bus_factory(nats_server, "testhost1"),
-                                           None, threading.Event())
+        listener = homelab_deploy.Listener(
+            args, ["deploy.test.testhost1"], bus_factory(nats_server, "testhost1"), None, threading.Event()
+        )
         listener.start()
         return listener, standin
 
@@ -94,8 +111,13 @@ def git_repo(tmp_path):
     repo = tmp_path / "fleet-config"
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-                              capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
 
     repo.mkdir()
     git("init", "-q", "-b", "main")

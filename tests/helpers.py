@@ -63,8 +63,10 @@ def make_user_key(directory: Path, name: str) -> tuple[Path, str]:
 
 def listener_permissions(hostname: str, tier: str, role: str | None) -> dict:
     own = [f"deploy.{tier}.{hostname}", f"deploy.{tier}.all"] + ([f"deploy.{tier}.role.{role}"] if role else [])
-    return {"subscribe": own + ["deploy.discover", "deploy.status"],
-            "publish": ["deploy.responses.>", f"deploy.events.{tier}.{hostname}"]}
+    return {
+        "subscribe": own + ["deploy.discover", "deploy.status"],
+        "publish": ["deploy.responses.>", f"deploy.events.{tier}.{hostname}"],
+    }
 
 
 # The credentials of the spec's example configuration: who may publish and subscribe where.
@@ -72,17 +74,26 @@ FLEET = {
     "testhost1": listener_permissions("testhost1", "test", None),
     "testhost2": listener_permissions("testhost2", "test", "web"),
     "dns1": listener_permissions("dns1", "prod", "dns"),
-    "test-deployer": {"publish": ["deploy.test.>", "deploy.discover", "deploy.status"],
-                      "subscribe": ["deploy.responses.>", "deploy.discover", "deploy.events.test.>"]},
-    "admin": {"publish": ["deploy.>", "$JS.API.STREAM.INFO.HOMELAB_DEPLOY_EVENTS",
-                          "$JS.API.CONSUMER.CREATE.HOMELAB_DEPLOY_EVENTS.*.deploy.events.>",
-                          "$JS.API.CONSUMER.CREATE.HOMELAB_DEPLOY_EVENTS.*.build.events.>"],
-              "subscribe": ["deploy.>", "build.events.>"]},
+    "test-deployer": {
+        "publish": ["deploy.test.>", "deploy.discover", "deploy.status"],
+        "subscribe": ["deploy.responses.>", "deploy.discover", "deploy.events.test.>"],
+    },
+    "admin": {
+        "publish": [
+            "deploy.>",
+            "$JS.API.STREAM.INFO.HOMELAB_DEPLOY_EVENTS",
+            "$JS.API.CONSUMER.CREATE.HOMELAB_DEPLOY_EVENTS.*.deploy.events.>",
+            "$JS.API.CONSUMER.CREATE.HOMELAB_DEPLOY_EVENTS.*.build.events.>",
+        ],
+        "subscribe": ["deploy.>", "build.events.>"],
+    },
     # The builder serves repos fleet and evalfail; the build client may also ask for `unknown`, which no
     # builder serves, but not for `second`.
     "builder": {"publish": ["build.responses.>", "build.events.>"], "subscribe": ["build.fleet.*", "build.evalfail.*"]},
-    "build-client": {"publish": ["build.fleet.*", "build.evalfail.*", "build.unknown.*"],
-                     "subscribe": ["build.responses.>", "build.events.fleet"]},
+    "build-client": {
+        "publish": ["build.fleet.*", "build.evalfail.*", "build.unknown.*"],
+        "subscribe": ["build.responses.>", "build.events.fleet"],
+    },
 }
 
 
@@ -103,16 +114,23 @@ class NatsServer:
 
     def write_config(self, entries: list[dict], port: int | str = -1) -> None:
         # nats-server reads JSON-compatible values in its config format.
-        self.config.write_text(f"listen: 127.0.0.1:{port}\nmax_payload: 1MB\n"
-                               f"authorization {{ users = {json.dumps(entries, indent=1)} }}\n")
+        self.config.write_text(
+            f"listen: 127.0.0.1:{port}\nmax_payload: 1MB\nauthorization {{ users = {json.dumps(entries, indent=1)} }}\n"
+        )
 
     def start(self) -> None:
         log = self.workdir / "nats.log"
         log.write_text("")
-        self.proc = subprocess.Popen(["nats-server", "-c", str(self.config), "-l", str(log)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        match = wait_for(lambda: re.search(r"Listening for client connections on 127\.0\.0\.1:(\d+)",
-                                           log.read_text()), what="nats-server to listen")
+        self.proc = subprocess.Popen(
+            ["nats-server", "-c", str(self.config), "-l", str(log)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        match = wait_for(
+            lambda: re.search(r"Listening for client connections on 127\.0\.0\.1:(\d+)", log.read_text()),
+            what="nats-server to listen",
+        )
         self.port = int(match.group(1))
 
     @property
@@ -132,11 +150,19 @@ class NatsServer:
         assert self.port, "start() chooses the port; start_again() reuses it"
         log = self.workdir / "nats.log"
         log.write_text("")
-        self.proc = subprocess.Popen(["nats-server", "-c", str(self.config), "-l", str(log), "-p", str(self.port),
-                                      *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        wait_for(lambda: f"Listening for client connections on 127.0.0.1:{self.port}" in log.read_text()
-                 or self.proc.poll() is not None, what=f"nats-server to listen again on port {self.port}")
+        self.proc = subprocess.Popen(
+            ["nats-server", "-c", str(self.config), "-l", str(log), "-p", str(self.port), *flags],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(
+            lambda: (
+                f"Listening for client connections on 127.0.0.1:{self.port}" in log.read_text()
+                or self.proc.poll() is not None
+            ),
+            what=f"nats-server to listen again on port {self.port}",
+        )
         assert self.proc.poll() is None, log.read_text()
         match = re.search(r"Starting http monitor on 127\.0\.0\.1:(\d+)", log.read_text())
         self.monitor_port = int(match.group(1)) if match else None
@@ -186,7 +212,8 @@ if os.path.exists(os.path.join(d, "revision")):  # the new system's nixos-versio
     os.makedirs(os.path.dirname(version))
     with open(version, "w") as f:
         rev = open(os.path.join(d, "revision")).read().strip()
-        f.write(f"#!/bin/sh\\necho '{{{{\\"nixosVersion\\": \\"25.05\\", \\"configurationRevision\\": \\"{{rev}}\\"}}}}'\\n")
+        f.write("#!/bin/sh\\n")
+        f.write(f"echo '{{{{\\"nixosVersion\\": \\"25.05\\", \\"configurationRevision\\": \\"{{rev}}\\"}}}}'\\n")
     os.chmod(version, 0o755)
 os.symlink(f"system-{{gen}}-link", profile + ".tmp")
 os.replace(profile + ".tmp", profile)
@@ -252,19 +279,40 @@ class Listener:
         self.hostname = hostname
         self.standin = StandIn(workdir / hostname)
         self.log = workdir / f"{hostname}.log"
-        self.argv = [*PROGRAM, "listener", "--hostname", hostname, "--tier", tier, "--nats-url", server.url,
-                     "--nkey-file", str(server.seeds[hostname]), "--flake-url", "git+https://git.example.com/cfg.git",
-                     "--system-profile", str(self.standin.profile), "--state-dir", str(self.standin.dir / "state"),
-                     *(["--role", role] if role else []), *extra]
-        self.env = {**os.environ, "PATH": f"{self.standin.dir / 'bin'}:{os.environ['PATH']}",
-                    "STANDIN_DIR": str(self.standin.dir)}
+        self.argv = [
+            *PROGRAM,
+            "listener",
+            "--hostname",
+            hostname,
+            "--tier",
+            tier,
+            "--nats-url",
+            server.url,
+            "--nkey-file",
+            str(server.seeds[hostname]),
+            "--flake-url",
+            "git+https://git.example.com/cfg.git",
+            "--system-profile",
+            str(self.standin.profile),
+            "--state-dir",
+            str(self.standin.dir / "state"),
+            *(["--role", role] if role else []),
+            *extra,
+        ]
+        self.env = {
+            **os.environ,
+            "PATH": f"{self.standin.dir / 'bin'}:{os.environ['PATH']}",
+            "STANDIN_DIR": str(self.standin.dir),
+        }
         self.proc: subprocess.Popen | None = None
 
     def start(self, expect_ready: bool = True) -> Listener:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log, start_new_session=True)
-        wait_for(lambda: " ready " in self.log.read_text() or self.proc.poll() is not None,
-                 what=f"listener {self.hostname} to be ready")
+        wait_for(
+            lambda: " ready " in self.log.read_text() or self.proc.poll() is not None,
+            what=f"listener {self.hostname} to be ready",
+        )
         assert (self.proc.poll() is None) == expect_ready, self.log.read_text()
         return self
 
@@ -324,17 +372,20 @@ def start_deploy(bus, subject: str, action: str = "switch", revision: str = "mai
 
     reply_to = homelab_deploy.new_reply_subject("deploy", bus.public_key)
     replies = bus.inbox(homelab_deploy.answer_subject(reply_to, "*"))
-    bus.publish(subject, json.dumps({"action": action, "revision": revision, "reply_to": reply_to}).encode(),
-                confirm=True)
+    bus.publish(
+        subject, json.dumps({"action": action, "revision": revision, "reply_to": reply_to}).encode(), confirm=True
+    )
     return reply_to, replies
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*PROGRAM, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*PROGRAM, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 # ---------------------------------------------------------------- requests and answers
+
 
 def deploy_args(server, user: str, *rest: str) -> list[str]:
     return ["--nats-url", server.url, "--nkey-file", str(server.seeds[user]), *rest]
@@ -383,11 +434,15 @@ def fleet_doc(tmp_path: Path) -> tuple[dict, dict[str, Path]]:
     seeds = {n: make_user_key(tmp_path, n)[0] for n in names}
     pub = lambda n: nkeys.from_seed(bytearray(seeds[n].read_bytes().strip())).public_key.decode()  # noqa: E731
     doc = {
-        "hosts": [{"hostname": "t1", "tier": "test", "nkey": pub("t1")},
-                  {"hostname": "t2", "tier": "test", "role": "web", "seed": "t2.seed"},
-                  {"hostname": "p1", "tier": "prod", "role": "dns", "nkey": pub("p1")}],
-        "deployers": [{"name": "tdep", "access": "test", "nkey": pub("tdep")},
-                      {"name": "admin", "access": "admin", "nkey": pub("admin")}],
+        "hosts": [
+            {"hostname": "t1", "tier": "test", "nkey": pub("t1")},
+            {"hostname": "t2", "tier": "test", "role": "web", "seed": "t2.seed"},
+            {"hostname": "p1", "tier": "prod", "role": "dns", "nkey": pub("p1")},
+        ],
+        "deployers": [
+            {"name": "tdep", "access": "test", "nkey": pub("tdep")},
+            {"name": "admin", "access": "admin", "nkey": pub("admin")},
+        ],
         "builders": [{"name": "builder", "repos": ["r1"], "nkey": pub("builder")}],
         "build_clients": [{"name": "bclient", "repos": ["r1"], "nkey": pub("bclient")}],
         "mcp": [{"name": "mcp", "nkey": pub("mcp"), "admin_seed": "mcpadmin.seed", "build_repos": ["r1"]}],
@@ -396,6 +451,7 @@ def fleet_doc(tmp_path: Path) -> tuple[dict, dict[str, Path]]:
 
 
 # ---------------------------------------------------------------- processes and signals
+
 
 def gone(pid: int) -> bool:
     try:
@@ -412,8 +468,10 @@ def sigterm_to_a_thread(pid: int, run: int) -> None:
     """SIGTERM through tgkill to one of the process's other threads, a different one each run: the kernel may hand
     a process-directed signal to any thread that does not block it, and CPython handles it on the main thread."""
     threads = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
-    assert threads and ctypes.CDLL(None, use_errno=True).syscall(TGKILL, pid, threads[run % len(threads)],
-                                                                 signal.SIGTERM) == 0
+    assert (
+        threads
+        and ctypes.CDLL(None, use_errno=True).syscall(TGKILL, pid, threads[run % len(threads)], signal.SIGTERM) == 0
+    )
 
 
 # ---------------------------------------------------------------- the builder: real nix, private store, git flakes
@@ -425,31 +483,45 @@ GOOD = "echo ok > $out"
 HOSTS = {"good1": GOOD, "good2": GOOD, "broken": "echo 'intentional build failure' >&2; exit 1", "bad;name": GOOD}
 
 
-NIX_CONFIG = "\n".join([
-    "experimental-features = nix-command flakes",
-    "sandbox = false",  # Debian's nix-bin has no sandbox; the builder sees the host file system
-    "build-users-group =",  # build as the calling user, no nixbld users
-    "substituters =",  # never try a binary cache
-    "flake-registry =",  # never fetch the global registry
-    "eval-cache = false",
-    "tarball-ttl = 0",
-    "build-poll-interval = 1",
-    "",
-])
+NIX_CONFIG = "\n".join(
+    [
+        "experimental-features = nix-command flakes",
+        "sandbox = false",  # Debian's nix-bin has no sandbox; the builder sees the host file system
+        "build-users-group =",  # build as the calling user, no nixbld users
+        "substituters =",  # never try a binary cache
+        "flake-registry =",  # never fetch the global registry
+        "eval-cache = false",
+        "tarball-ttl = 0",
+        "build-poll-interval = 1",
+        "",
+    ]
+)
 
 
 def nix_env(base: Path) -> dict:
     """Environment for a daemonless nix with its own store, config and caches under `base`.
     The fetcher cache (XDG_CACHE_HOME) remembers store paths, so it must belong to this store only."""
-    env = {k: v for k, v in os.environ.items() if k not in (
-        "NIX_REMOTE", "NIX_PATH", "NIX_USER_CONF_FILES", "NIX_STORE_DIR", "NIX_STATE_DIR", "NIX_LOG_DIR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NIX_REMOTE", "NIX_PATH", "NIX_USER_CONF_FILES", "NIX_STORE_DIR", "NIX_STATE_DIR", "NIX_LOG_DIR")
+    }
     (base / "etc").mkdir(parents=True, exist_ok=True)
     (base / "etc" / "nix.conf").touch()
     (base / "home").mkdir(exist_ok=True)
-    env.update(NIX_CONFIG=NIX_CONFIG, NIX_CONF_DIR=str(base / "etc"), HOME=str(base / "home"),
-               XDG_CACHE_HOME=str(base / "cache"), XDG_CONFIG_HOME=str(base / "config"),
-               NIX_STORE_DIR=str(base / "store"), NIX_STATE_DIR=str(base / "state"), NIX_LOG_DIR=str(base / "log"),
-               GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="safe.directory", GIT_CONFIG_VALUE_0="*")
+    env.update(
+        NIX_CONFIG=NIX_CONFIG,
+        NIX_CONF_DIR=str(base / "etc"),
+        HOME=str(base / "home"),
+        XDG_CACHE_HOME=str(base / "cache"),
+        XDG_CONFIG_HOME=str(base / "config"),
+        NIX_STORE_DIR=str(base / "store"),
+        NIX_STATE_DIR=str(base / "state"),
+        NIX_LOG_DIR=str(base / "log"),
+        GIT_CONFIG_COUNT="1",
+        GIT_CONFIG_KEY_0="safe.directory",
+        GIT_CONFIG_VALUE_0="*",
+    )
     return env
 
 
@@ -460,11 +532,13 @@ def nix_str(s: str) -> str:
 def flake_text(hosts: dict[str, str]) -> str:
     """A flake whose nixosConfigurations.<host>.config.system.build.toplevel runs `script` with /bin/sh.
     Store path names cannot hold ';' and the like, so the derivation name is sanitised; the host name is not."""
-    system = {"x86_64": "x86_64-linux", "aarch64": "aarch64-linux"}.get(platform.machine(),
-                                                                        f"{platform.machine()}-linux")
+    system = {"x86_64": "x86_64-linux", "aarch64": "aarch64-linux"}.get(
+        platform.machine(), f"{platform.machine()}-linux"
+    )
     drv_name = lambda host: "".join(c if c.isalnum() or c in "-._" else "_" for c in host)  # noqa: E731
-    entries = "\n".join(f"      {nix_str(host)} = mk {nix_str(drv_name(host))} {nix_str(script)};"
-                        for host, script in hosts.items())
+    entries = "\n".join(
+        f"      {nix_str(host)} = mk {nix_str(drv_name(host))} {nix_str(script)};" for host, script in hosts.items()
+    )
     return f"""{{
   outputs = {{ self }}:
     let
@@ -489,13 +563,20 @@ def flake_text(hosts: dict[str, str]) -> str:
 
 def commit_flake(repo: Path, text: str, branch: str = "main") -> str:
     """Commit flake.nix on `branch` of a git repo (created if needed); returns the flake URL without ?ref."""
-    env = {**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_SYSTEM": "/dev/null",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+    env = {
+        **os.environ,
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_CONFIG_SYSTEM": "/dev/null",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], env=env, check=True, capture_output=True, text=True
+        ).stdout
 
     repo.mkdir(parents=True, exist_ok=True)
     if not (repo / ".git").exists():
@@ -532,8 +613,17 @@ class BuilderProcess:
         self.config.write_text(yaml.safe_dump(config))
         self.calls_file = self.dir / "nix-argv.jsonl"
         self.log = self.dir / "builder.log"
-        self.argv = [*PROGRAM, "builder", "--nats-url", server.url, "--nkey-file", str(server.seeds["builder"]),
-                     "--config", str(self.config), *extra]
+        self.argv = [
+            *PROGRAM,
+            "builder",
+            "--nats-url",
+            server.url,
+            "--nkey-file",
+            str(server.seeds["builder"]),
+            "--config",
+            str(self.config),
+            *extra,
+        ]
         self.env = {**env, "PATH": f"{self.dir / 'bin'}:{env['PATH']}", "NIX_ARGV_LOG": str(self.calls_file)}
         self.proc: subprocess.Popen | None = None
 
