@@ -34,7 +34,6 @@ def sandbox_processes(workdir: str) -> list[int]:
     return found
 
 
-@pytest.mark.integration
 @pytest.mark.skipif(not os.path.exists(PROGRAM), reason=f"the homelab-deploy entry point is not installed at {PROGRAM}")
 def test_smoke_run_produces_every_row(tmp_path):
     out = tmp_path / "bench.json"
@@ -129,7 +128,6 @@ def test_smoke_run_produces_every_row(tmp_path):
     assert sandbox_processes(workdir) == [] and not os.path.exists(workdir)
 
 
-@pytest.mark.integration
 @pytest.mark.skipif(not os.path.exists(PROGRAM), reason=f"the homelab-deploy entry point is not installed at {PROGRAM}")
 def test_sigterm_mid_run_stops_everything():
     proc = subprocess.Popen(

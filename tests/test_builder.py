@@ -1,6 +1,6 @@
 """Tests of the builder and the build client.
 
-Unit tests need nothing. Tests marked `integration` run a real nats-server with the spec's builder and build
+The protocol tests need nothing. The others run a real nats-server with the spec's builder and build
 client permissions (helpers.FLEET), builder processes, and a real `nix` (Debian's nix-bin) without a daemon on
 a private store, building local git flakes with no inputs whose `nixosConfigurations.<host>` are trivial
 derivations. A `nix` wrapper first on the builder's PATH records every argv, so the tests can show that no
@@ -327,7 +327,6 @@ class TestBuilderConfig:
 
 
 @needs_nix
-@pytest.mark.integration
 class TestBuilder:
     def test_all_hosts_progress_and_unsafe_name_skipped(self, nats_server, start_builder, flake, bus_factory):
         builder = start_builder({"fleet": flake()})
@@ -666,7 +665,6 @@ class TestBuilder:
 
 
 @needs_nix
-@pytest.mark.integration
 class TestBuilderLifeCycle:
     @pytest.mark.slow
     @pytest.mark.skipif(TGKILL is None, reason="tgkill's syscall number is known for x86_64 and aarch64 only")
@@ -717,7 +715,6 @@ class TestBuilderLifeCycle:
 
 
 @needs_nix
-@pytest.mark.integration
 class TestBuildCLI:
     def test_json_progress_and_exit_codes(self, nats_server, start_builder, flake):
         start_builder({"fleet": flake()})

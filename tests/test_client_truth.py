@@ -14,7 +14,6 @@ import homelab_deploy as hd
 from tests import helpers
 from tests.helpers import GOOD, PROGRAM, deploy_args, needs_nix, run_cli, text, wait_for
 
-pytestmark = pytest.mark.integration
 CUSTOM_DISCOVER = "fleet.discover"  # a discovery subject outside the default, as module.nix's discoverSubject
 
 

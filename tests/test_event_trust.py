@@ -17,8 +17,6 @@ import homelab_deploy as hd
 from tests import helpers
 from tests.helpers import Listener, NatsServer, stop_process, trusted, wait_for
 
-pytestmark = pytest.mark.integration
-
 CREDENTIALS = ("t1", "t2", "p1", "home", "tdep", "admin", "builder", "bclient", "mcp", "mcpadmin")
 ADMINS = ("admin", "mcpadmin")
 STREAM = hd.EVENTS_STREAM

@@ -302,7 +302,6 @@ MATRIX = {
 }
 
 
-@pytest.mark.integration
 def test_permission_matrix(tmp_path):
     doc, seeds = fleet_doc(tmp_path)
     config = hd.authorization_config(hd.fleet_credentials(doc, str(tmp_path)))
@@ -395,7 +394,6 @@ def least_privilege(tmp_path):
     server.stop()
 
 
-@pytest.mark.integration
 class TestForgedAnswers:
     def test_a_host_cannot_answer_for_another(self, least_privilege, tmp_path, bus_factory):
         """testhost1's key answers `testhost2 completed` to a deploy.test.all request while testhost2 fails:
@@ -500,7 +498,6 @@ def demo_processes(workdir: str) -> list[int]:
     return pids
 
 
-@pytest.mark.integration
 class TestDemo:
     def test_demo_runs_and_cleans_up(self):
         r = subprocess.run([*PROGRAM, "demo"], capture_output=True, text=True, timeout=120)
@@ -640,7 +637,6 @@ def port_in_use(port: int) -> bool:
 
 
 @needs_nix
-@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("npx") is None, reason="npx not found: the MCP step needs Node.js 20 or newer")
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not found (Debian: apt-get install curl)")
 class TestFirstRealSetup:

@@ -30,8 +30,6 @@ from tests.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.integration
-
 
 def final_reply(replies: queue.Queue, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout

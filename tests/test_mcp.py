@@ -31,7 +31,7 @@ from tests.helpers import (
 )
 
 CLI_MCP = [str(REPO / "homelab_deploy.py"), "mcp"]
-pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+pytestmark = pytest.mark.anyio
 
 
 async def until(condition, what: str):

@@ -887,7 +887,6 @@ RESTARTS = 10
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 @pytest.mark.skipif(NO_BUILDER is not None, reason=f"the builder half needs it: {NO_BUILDER}")
 def test_broker_restarted_10_times(nats_server, start_listener, builder_on):
     listener = start_listener("testhost1", "test")
@@ -1035,7 +1034,6 @@ def cluster(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 def test_cluster_failover(cluster, tmp_path):
     for args in (("testhost1", "test", None), ("testhost2", "test", "web")):
         cluster.listeners.append(Listener(cluster, *args, tmp_path).start())
@@ -1134,7 +1132,6 @@ def check_completed(cli: CliRun, host) -> None:
     assert len(host.standin.calls) == 1  # ran once, never again after the reconnects
 
 
-@pytest.mark.integration
 def test_outage_during_a_deploy(nats_server, start_listener, cli_run):
     host, cli = start_blocked_deploy(nats_server, start_listener, cli_run)
     down = time.monotonic()
@@ -1176,7 +1173,6 @@ def test_outage_during_a_deploy(nats_server, start_listener, cli_run):
     print(f"\n[figures] outage during a deploy: server down {outage:.1f}s; CLI got `completed`, exit 0")
 
 
-@pytest.mark.integration
 def test_final_status_reaches_a_deployer_that_resubscribes_after_the_deploy_ended(nats_server, start_listener, cli_run):
     """The server comes back before the deploy ends, but the deployer reconnects later than the listener (its
     machine was suspended, or its reconnect back-off is out of phase): the final status goes out while nobody
@@ -1197,7 +1193,6 @@ def test_final_status_reaches_a_deployer_that_resubscribes_after_the_deploy_ende
 # ---------------------------------------------------------------- a stall right after publishing
 
 
-@pytest.mark.integration
 class TestStallAfterPublishing:
     """The request reached nats-server, the client never hears back: the CLI must say the outcome is unknown
     (exit 5), never that it failed, and the listener or builder, connected directly, does act on it."""
@@ -1248,7 +1243,6 @@ class TestStallAfterPublishing:
         assert len(builder.builds()) == 1
 
 
-@pytest.mark.integration
 def test_final_status_re_sent_by_the_listener_that_starts_after_a_switch(nats_server, start_listener, cli_run):
     """As above, with --restart-after-switch (the NixOS module sets it): the listener exits right after the switch,
     before its first re-send; the re-sends it left in the state directory are made by the next listener."""
@@ -1419,7 +1413,6 @@ SENTINEL_DEPLOY = json.dumps({"action": "switch", "revision": "main", "reply_to"
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 def test_hostile_messages_on_deploy_subjects(fleet, spy):
     listener, thrower = fleet.listener, Thrower(fleet, "deploy")
     log_start, calls_before, metrics_before = (
@@ -1486,7 +1479,6 @@ def test_hostile_messages_on_deploy_subjects(fleet, spy):
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 def test_hostile_messages_on_the_discover_subject(fleet, spy):
     listener, thrower = fleet.listener, Thrower(fleet, "deploy")
     log_start, calls_before = len(listener.log_text()), len(listener.standin.calls)
@@ -1565,7 +1557,6 @@ def build_request_valid(subject: str, obj: dict) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 @pytest.mark.skipif(NO_BUILDER is not None, reason=f"the build class needs the builder: {NO_BUILDER}")
 def test_hostile_messages_on_build_subjects(fleet, spy):
     builder, thrower = fleet.builder, Thrower(fleet, "build")
@@ -1685,7 +1676,6 @@ def throw_answers(liar, fields: dict[str, Field], caplog, in_process, cli_args: 
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 class TestHostileAnswersAtClients:
     """Malformed answers (generated: wrong types, values out of range, texts and lists of any length, not JSON at
     all) published with a daemon's own credential into the reply subject of a running client, before the daemon's
@@ -1796,7 +1786,6 @@ class TestHostileAnswersAtClients:
         assert "Traceback" not in builder.log_text() and builder.proc.poll() is None
 
 
-@pytest.mark.integration
 def test_deeply_nested_json_is_rejected_cleanly(nats_server, start_listener, bus_factory):
     """JSON nested deeper than Python's recursion limit, within the size limit: rejected like any malformed
     message, not an unhandled exception in a handler."""
@@ -1844,7 +1833,6 @@ def flood_discovery(url: str, seed: Path, half_sent: threading.Event) -> None:
     asyncio.run(flood())
 
 
-@pytest.mark.integration
 class TestOverload:
     def test_discovery_flood_neither_delays_a_deploy_nor_grows_the_listener(
         self, nats_server, start_listener, bus_factory
@@ -2030,7 +2018,6 @@ def flooded(daemon):
         yield flood
 
 
-@pytest.mark.integration
 class TestMetricsPortFlood:
     """Issue 13: connections to the metrics port that never finish a request took a thread and a descriptor each,
     forever; at the descriptor limit the next deploy was `accepted` and never ran."""
@@ -2075,7 +2062,6 @@ RATE, SECONDS = 50, 30
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener, bus_factory):
     host = start_listener("testhost1", "test")
     host.standin.set_mode("block")
@@ -2261,7 +2247,6 @@ def sites(tmp_path):
         s.stop()
 
 
-@pytest.mark.integration
 class TestLeafSites:
     """Listeners at two leaf-node sites, the deployers on the hub, every config from `nats-config`."""
 

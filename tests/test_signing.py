@@ -21,8 +21,6 @@ import homelab_deploy as hd
 from tests import helpers
 from tests.helpers import GOOD, BuilderProcess, collect, has_final, needs_nix, run_cli, trusted, wait_for
 
-pytestmark = pytest.mark.integration
-
 
 def signed(bus: hd.Bus, subject: str, body: dict, signed_for: str | None = None, **change) -> tuple[bytes, str]:
     """A deploy request of `body` signed by `bus`'s key for `signed_for` (default: subject), then `change`d

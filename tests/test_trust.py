@@ -16,8 +16,6 @@ import yaml
 import homelab_deploy as hd
 from tests.helpers import GOOD, BuilderProcess, collect, fleet_doc, has_final, needs_nix, run_cli, text, wait_for
 
-pytestmark = pytest.mark.integration
-
 TOKEN = "tok3nSECRET42"
 SECRET_URL = f"git+https://ci:{TOKEN}@git.example.com/cfg.git?access_token={TOKEN}"
 # A nixos-rebuild that fails naming the flake it was given, as one that cannot fetch it does.
