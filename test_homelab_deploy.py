@@ -23,25 +23,65 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-import conftest
 import homelab_deploy as hd
-from conftest import REPO, run_cli, start_deploy, wait_for
-from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
+from tests import helpers
+from tests.helpers import (
+    COMMIT_A,
+    COMMIT_B,
+    REPO,
+    TGKILL,
+    deploy_args,
+    iter_queue,
+    run_cli,
+    sigterm_to_a_thread,
+    start_deploy,
+    wait_for,
+)
 
 HOSTILE_REVISIONS = [
-    "main; rm -rf /", "$(reboot)", "`id`", "main && id", "main|id", "--upgrade", "-rf", "main#evil", "main?rev=1",
-    "main&ref=x", "a=b", "100%", "../etc", "main/../x", "a..b", "main\nid", "main id", "\tmain", "", ".hidden",
-    "x" * 300, "main\x00", "ünïcode", "ref.lock", "trailing/", "trailing.", "a//b", "~main", "main^", "main:x",
-    "*", ">", 42, None, ["main"], {"ref": "main"}, True,
+    "main; rm -rf /",
+    "$(reboot)",
+    "`id`",
+    "main && id",
+    "main|id",
+    "--upgrade",
+    "-rf",
+    "main#evil",
+    "main?rev=1",
+    "main&ref=x",
+    "a=b",
+    "100%",
+    "../etc",
+    "main/../x",
+    "a..b",
+    "main\nid",
+    "main id",
+    "\tmain",
+    "",
+    ".hidden",
+    "x" * 300,
+    "main\x00",
+    "ünïcode",
+    "ref.lock",
+    "trailing/",
+    "trailing.",
+    "a//b",
+    "~main",
+    "main^",
+    "main:x",
+    "*",
+    ">",
+    42,
+    None,
+    ["main"],
+    {"ref": "main"},
+    True,
 ]
 HOSTILE_ACTIONS = ["reboot", "switch; id", "--help", "SWITCH", "switch ", "", "build-vm", 1, None, ["switch"]]
 
 
-def deploy_args(server, user: str, *rest: str) -> list[str]:
-    return ["--nats-url", server.url, "--nkey-file", str(server.seeds[user]), *rest]
-
-
 # ---------------------------------------------------------------- validation and protocol
+
 
 def test_module_docstring_names_every_section_in_order():
     """The docstring is the module's table of contents: one line per `# ---- name` banner, in the file's order."""
@@ -58,15 +98,30 @@ def test_no_client_function_is_over_80_lines_but_the_parser():
     import ast
 
     source = (REPO / "homelab_deploy.py").read_text()
-    clients = source[:source.index("\n# " + "-" * 64 + " clients\n")].count("\n") + 1
-    long = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(ast.parse(source))
-            if isinstance(f, ast.FunctionDef) and f.lineno > clients and f.end_lineno - f.lineno + 1 > 80}
+    clients = source[: source.index("\n# " + "-" * 64 + " clients\n")].count("\n") + 1
+    long = {
+        f.name: f.end_lineno - f.lineno + 1
+        for f in ast.walk(ast.parse(source))
+        if isinstance(f, ast.FunctionDef) and f.lineno > clients and f.end_lineno - f.lineno + 1 > 80
+    }
     assert set(long) == {"build_parser"}, long
 
 
 class TestValidation:
-    @pytest.mark.parametrize("ref", ["main", "master", "feature/x-1", "v1.2.3", "release_2024", "a" * 255,
-                                     "0123456789abcdef0123456789abcdef01234567", "HEAD", "user/feat.v2"])
+    @pytest.mark.parametrize(
+        "ref",
+        [
+            "main",
+            "master",
+            "feature/x-1",
+            "v1.2.3",
+            "release_2024",
+            "a" * 255,
+            "0123456789abcdef0123456789abcdef01234567",
+            "HEAD",
+            "user/feat.v2",
+        ],
+    )
     def test_valid_refs_accepted(self, ref):
         assert hd.is_valid_ref(ref)
 
@@ -74,55 +129,106 @@ class TestValidation:
     def test_hostile_refs_rejected(self, ref):
         assert not hd.is_valid_ref(ref)
 
-    @pytest.mark.parametrize("token,ok", [("myhost", True), ("dns-1", True), ("_x", True), ("a.b", False),
-                                          ("*", False), (">", False), ("a b", False), ("", False), ("-x", False)])
+    @pytest.mark.parametrize(
+        "token,ok",
+        [
+            ("myhost", True),
+            ("dns-1", True),
+            ("_x", True),
+            ("a.b", False),
+            ("*", False),
+            (">", False),
+            ("a b", False),
+            ("", False),
+            ("-x", False),
+        ],
+    )
     def test_subject_tokens(self, token, ok):
         assert hd.is_subject_token(token) is ok
 
-    @pytest.mark.parametrize("ref,ok", [("main", True), ("pull/1/head", True), ("0" * 40, True), ("HEAD", True),
-                                        ("refs/heads/main", True), ("refs/tags/v1.0", True),
-                                        ("refs/pull/1/head", False), ("refs/merge-requests/1/head", False),
-                                        ("refs/remotes/origin/main", False), ("refs/heads", False)])
+    @pytest.mark.parametrize(
+        "ref,ok",
+        [
+            ("main", True),
+            ("pull/1/head", True),
+            ("0" * 40, True),
+            ("HEAD", True),
+            ("refs/heads/main", True),
+            ("refs/tags/v1.0", True),
+            ("refs/pull/1/head", False),
+            ("refs/merge-requests/1/head", False),
+            ("refs/remotes/origin/main", False),
+            ("refs/heads", False),
+        ],
+    )
     def test_branch_or_tag(self, ref, ok):
         assert hd.is_branch_or_tag(ref) is ok
 
-    @pytest.mark.parametrize("url,ok", [("git+https://g.example/c.git", True),
-                                        ("git+https://g.example/c.git?dir=x", True),
-                                        ("git+https://g.example/c.git?refresh=1", True),
-                                        ("git+https://g.example/c.git?ref=main", False),
-                                        ("git+https://g.example/c.git?dir=x&rev=" + "0" * 40, False),
-                                        ("git+https://g.example/c.git?r%65f=main", False),
-                                        ("git+https://g.example/c.git#h1", False), ("-x", False), ("", False)])
+    @pytest.mark.parametrize(
+        "url,ok",
+        [
+            ("git+https://g.example/c.git", True),
+            ("git+https://g.example/c.git?dir=x", True),
+            ("git+https://g.example/c.git?refresh=1", True),
+            ("git+https://g.example/c.git?ref=main", False),
+            ("git+https://g.example/c.git?dir=x&rev=" + "0" * 40, False),
+            ("git+https://g.example/c.git?r%65f=main", False),
+            ("git+https://g.example/c.git#h1", False),
+            ("-x", False),
+            ("", False),
+        ],
+    )
     def test_flake_url(self, url, ok):
         assert hd.is_flake_url(url) is ok
 
     SEED = "SUAIBDPBAUTWCWBKIO6XTTUUWEBH5EMNKCMNKRX4KVPG3OLDJJ5SEBRSAI"  # the example seed of the nkeys docs
 
-    @pytest.mark.parametrize("text,shown", [
-        (f"cannot read NKey seed file {SEED}: No such file",
-         "cannot read NKey seed file <an NKey seed, redacted>: No such file"),
-        (f"/run/secrets/{SEED}", "/run/secrets/<an NKey seed, redacted>"),
-        ("cannot reach NATS at nats://deploy:s3cret@h:4222, nats://tok3n@h2:4222 within 5s",
-         "cannot reach NATS at nats://deploy:***@h:4222, nats://***@h2:4222 within 5s"),
-        ("connected to NATS at deploy:s3cret@127.0.0.1:4222", "connected to NATS at deploy:***@127.0.0.1:4222"),
-        ("nats://u:p@ss@h:4222", "nats://u:***@h:4222"),
-        ("nats://127.0.0.1:4222 UDVRWFORRSGNSBF354R4CMAMEGYAXK27DSM5MQHSY6WNGTUP3KMVCLYW",  # a public key is kept
-         "nats://127.0.0.1:4222 UDVRWFORRSGNSBF354R4CMAMEGYAXK27DSM5MQHSY6WNGTUP3KMVCLYW"),
-    ])
+    @pytest.mark.parametrize(
+        "text,shown",
+        [
+            (
+                f"cannot read NKey seed file {SEED}: No such file",
+                "cannot read NKey seed file <an NKey seed, redacted>: No such file",
+            ),
+            (f"/run/secrets/{SEED}", "/run/secrets/<an NKey seed, redacted>"),
+            (
+                "cannot reach NATS at nats://deploy:s3cret@h:4222, nats://tok3n@h2:4222 within 5s",
+                "cannot reach NATS at nats://deploy:***@h:4222, nats://***@h2:4222 within 5s",
+            ),
+            ("connected to NATS at deploy:s3cret@127.0.0.1:4222", "connected to NATS at deploy:***@127.0.0.1:4222"),
+            ("nats://u:p@ss@h:4222", "nats://u:***@h:4222"),
+            (  # a public key is kept
+                "nats://127.0.0.1:4222 UDVRWFORRSGNSBF354R4CMAMEGYAXK27DSM5MQHSY6WNGTUP3KMVCLYW",
+                "nats://127.0.0.1:4222 UDVRWFORRSGNSBF354R4CMAMEGYAXK27DSM5MQHSY6WNGTUP3KMVCLYW",
+            ),
+        ],
+    )
     def test_redact(self, text, shown):
         assert hd.redact(text) == shown
         assert str(hd.NatsError(text)) == shown
 
-    @pytest.mark.parametrize("subject,ok", [("deploy.test.all", True), ("deploy.prod.role.dns", True),
-                                            ("deploy.*.all", False), ("deploy.>", False), ("deploy..x", False),
-                                            ("deploy.test.a b", False), ("", False), ("deploy.test.", False)])
+    @pytest.mark.parametrize(
+        "subject,ok",
+        [
+            ("deploy.test.all", True),
+            ("deploy.prod.role.dns", True),
+            ("deploy.*.all", False),
+            ("deploy.>", False),
+            ("deploy..x", False),
+            ("deploy.test.a b", False),
+            ("", False),
+            ("deploy.test.", False),
+        ],
+    )
     def test_publish_subjects(self, subject, ok):
         assert hd.is_publish_subject(subject) is ok
 
 
 class TestProtocol:
     def request(self, **fields) -> bytes:
-        return json.dumps({"action": "switch", "revision": "main", "reply_to": "deploy.responses.me.abc", **fields}).encode()
+        return json.dumps(
+            {"action": "switch", "revision": "main", "reply_to": "deploy.responses.me.abc", **fields}
+        ).encode()
 
     def test_valid_request(self):
         req = hd.DeployRequest.parse(self.request(action="dry-activate"))
@@ -143,8 +249,10 @@ class TestProtocol:
             hd.DeployRequest.parse(self.request(revision="refs/pull/1/head"))
         assert e.value.code is hd.ErrorCode.INVALID_REVISION and e.value.reply_to == "deploy.responses.me.abc"
         assert "outside branches and tags" in str(e.value) and "start the listener with --allow-any-ref" in str(e.value)
-        assert hd.DeployRequest.parse(self.request(revision="refs/pull/1/head"), allow_any_ref=True).revision == \
-            "refs/pull/1/head"
+        assert (
+            hd.DeployRequest.parse(self.request(revision="refs/pull/1/head"), allow_any_ref=True).revision
+            == "refs/pull/1/head"
+        )
 
     def test_expires_in_is_optional_and_a_positive_number(self):
         assert hd.DeployRequest.parse(self.request()).expires_in is None
@@ -163,15 +271,38 @@ class TestProtocol:
             hd.DeployRequest.parse(self.request(action=action))
         assert e.value.code is hd.ErrorCode.INVALID_ACTION
 
-    @pytest.mark.parametrize("reply_to", ["deploy.test.all", "build.responses.x", "deploy.responses.", "deploy.responses.a.b.c",
-                                          "deploy.responses.>", "deploy.responses.*", "x", None, 5])
+    @pytest.mark.parametrize(
+        "reply_to",
+        [
+            "deploy.test.all",
+            "build.responses.x",
+            "deploy.responses.",
+            "deploy.responses.a.b.c",
+            "deploy.responses.>",
+            "deploy.responses.*",
+            "x",
+            None,
+            5,
+        ],
+    )
     def test_reply_to_outside_responses_is_unanswerable(self, reply_to):
         with pytest.raises(hd.ProtocolError) as e:
             hd.DeployRequest.parse(self.request(reply_to=reply_to))
         assert e.value.reply_to is None
 
-    @pytest.mark.parametrize("data", [b"", b"not json", b"\xff\xfe", b"[1,2]", b'"s"', b"null", b"{" * 10000,
-                                      b'{"a":' + b" " * (hd.MAX_MESSAGE_BYTES + 1) + b"1}"])
+    @pytest.mark.parametrize(
+        "data",
+        [
+            b"",
+            b"not json",
+            b"\xff\xfe",
+            b"[1,2]",
+            b'"s"',
+            b"null",
+            b"{" * 10000,
+            b'{"a":' + b" " * (hd.MAX_MESSAGE_BYTES + 1) + b"1}",
+        ],
+    )
     def test_malformed_messages(self, data):
         with pytest.raises(hd.ProtocolError) as e:
             hd.DeployRequest.parse(data)
@@ -180,18 +311,34 @@ class TestProtocol:
     def test_response_round_trip_uses_spec_field_names(self):
         response = hd.DeployResponse("myhost", hd.Status.COMPLETED, None, "Successfully switched to generation 42")
         d = response.to_dict()
-        assert d == {"hostname": "myhost", "status": "completed", "error": None,
-                     "message": "Successfully switched to generation 42"}
+        assert d == {
+            "hostname": "myhost",
+            "status": "completed",
+            "error": None,
+            "message": "Successfully switched to generation 42",
+        }
         assert hd.DeployResponse.parse(json.dumps(d).encode()) == response
 
-    @pytest.mark.parametrize("parse,answer,problem", [
-        (hd.DeployResponse.parse, {"hostname": "h1", "status": "completed", "duration_seconds": "soon"},
-         "malformed deploy answer: duration_seconds is 'soon', not a number"),
-        (hd.HostInfo.parse, {"hostname": "h1", "tier": "test", "role": 5, "deploy_subjects": []},
-         "malformed discovery answer: role is 5, not a valid role"),
-        (hd.BuildResponse.parse, {"status": "failed", "results": [{"host": "h1", "success": "no"}]},
-         "malformed build result: success is 'no', not true or false"),
-    ])
+    @pytest.mark.parametrize(
+        "parse,answer,problem",
+        [
+            (
+                hd.DeployResponse.parse,
+                {"hostname": "h1", "status": "completed", "duration_seconds": "soon"},
+                "malformed deploy answer: duration_seconds is 'soon', not a number",
+            ),
+            (
+                hd.HostInfo.parse,
+                {"hostname": "h1", "tier": "test", "role": 5, "deploy_subjects": []},
+                "malformed discovery answer: role is 5, not a valid role",
+            ),
+            (
+                hd.BuildResponse.parse,
+                {"status": "failed", "results": [{"host": "h1", "success": "no"}]},
+                "malformed build result: success is 'no', not true or false",
+            ),
+        ],
+    )
     def test_malformed_answers_are_protocol_errors(self, parse, answer, problem):
         """The answers of issue 13 that crashed the clients: a ProtocolError, which collect_answers logs and skips."""
         with pytest.raises(hd.ProtocolError) as e:
@@ -201,8 +348,15 @@ class TestProtocol:
     def test_answers_may_be_as_large_as_the_server_allows(self):
         """Requests stay capped at 64 KiB; answers are read up to the limit a client passes (its connection's
         max_payload), their texts and output cut to the bounds."""
-        answer = json.dumps({"hostname": "h1", "status": "failed", "error": "build_failed", "message": "m" * 100_000,
-                             "output": ["o" * 1000] * 100}).encode()
+        answer = json.dumps(
+            {
+                "hostname": "h1",
+                "status": "failed",
+                "error": "build_failed",
+                "message": "m" * 100_000,
+                "output": ["o" * 1000] * 100,
+            }
+        ).encode()
         request = self.request(padding="x" * hd.MAX_MESSAGE_BYTES)
         for data, parse in ((answer, hd.DeployResponse.parse), (request, hd.DeployRequest.parse)):
             with pytest.raises(hd.ProtocolError, match=f"exceeds the {hd.MAX_MESSAGE_BYTES}-byte limit"):
@@ -227,17 +381,24 @@ class TestCommandLine:
         import ast
 
         source = (REPO / "homelab_deploy.py").read_text()
-        clients = source[:source.index("\n# " + "-" * 64 + " clients\n")].count("\n") + 1
-        printers = {function.name for function in ast.walk(ast.parse(source))
-                    if isinstance(function, ast.FunctionDef) and function.lineno > clients
-                    for call in ast.walk(function) if isinstance(call, ast.Call) and call.args
-                    and getattr(call.func, "id", None) == "print"
-                    and ast.unparse(call.args[0]).lstrip("f").strip("'\"").startswith("error:")}
+        clients = source[: source.index("\n# " + "-" * 64 + " clients\n")].count("\n") + 1
+        printers = {
+            function.name
+            for function in ast.walk(ast.parse(source))
+            if isinstance(function, ast.FunctionDef) and function.lineno > clients
+            for call in ast.walk(function)
+            if isinstance(call, ast.Call)
+            and call.args
+            and getattr(call.func, "id", None) == "print"
+            and ast.unparse(call.args[0]).lstrip("f").strip("'\"").startswith("error:")
+        }
         assert printers == {"env_default", "main"}
 
     def test_deploy_exit_is_the_outcome_table(self):
-        done, failed, running, skipped = (hd.DeployResponse(f"h{i}", status) for i, status in enumerate(
-            (hd.Status.COMPLETED, hd.Status.FAILED, hd.Status.STARTED, hd.Status.SKIPPED)))
+        done, failed, running, skipped = (
+            hd.DeployResponse(f"h{i}", status)
+            for i, status in enumerate((hd.Status.COMPLETED, hd.Status.FAILED, hd.Status.STARTED, hd.Status.SKIPPED))
+        )
         assert hd.deploy_exit([]) is hd.Exit.NO_ANSWER and hd.deploy_exit([done]) is hd.Exit.OK
         assert [hd.deploy_exit([done, other]) for other in (failed, running, skipped)] == [hd.Exit.FAILED] * 3
 
@@ -246,26 +407,42 @@ class TestCommandLine:
         assert hd.main(["nats-config", str(tmp_path / "fleet.yaml")]) == hd.Exit.USAGE == 2
         assert capsys.readouterr().err == f"error: {tmp_path / 'fleet.yaml'}: hosts[0]: each entry must be a mapping\n"
         assert hd.main(["keygen"]) == 2
-        assert capsys.readouterr().err == ("error: use `keygen --out FILE` to write a new seed, or `keygen --pubout "
-                                           "--in FILE`\n")
+        assert capsys.readouterr().err == (
+            "error: use `keygen --out FILE` to write a new seed, or `keygen --pubout --in FILE`\n"
+        )
 
     def test_ref(self):
         assert hd.rebuild_argv(hd.Action.SWITCH, "git+https://g.example/c.git", "main", "web1") == [
-            "nixos-rebuild", "switch", "--refresh", "--flake", "git+https://g.example/c.git?ref=main#web1"]
+            "nixos-rebuild",
+            "switch",
+            "--refresh",
+            "--flake",
+            "git+https://g.example/c.git?ref=main#web1",
+        ]
 
     def test_commit_uses_rev(self):
         rev = "0123456789abcdef0123456789abcdef01234567"
-        assert hd.rebuild_argv(hd.Action.BOOT, "git+https://g.example/c.git", rev, "web1")[-1] == \
-            f"git+https://g.example/c.git?rev={rev}#web1"
+        assert (
+            hd.rebuild_argv(hd.Action.BOOT, "git+https://g.example/c.git", rev, "web1")[-1]
+            == f"git+https://g.example/c.git?rev={rev}#web1"
+        )
 
     def test_url_with_query(self):
-        assert hd.rebuild_argv(hd.Action.TEST, "git+https://g.example/c.git?dir=hosts", "feat/x", "web1")[-1] == \
-            "git+https://g.example/c.git?dir=hosts&ref=feat/x#web1"
+        assert (
+            hd.rebuild_argv(hd.Action.TEST, "git+https://g.example/c.git?dir=hosts", "feat/x", "web1")[-1]
+            == "git+https://g.example/c.git?dir=hosts&ref=feat/x#web1"
+        )
 
     def test_subject_templates(self):
         assert hd.expand_subjects(list(hd.DEFAULT_SUBJECTS), "h1", "prod", "dns") == [
-            "deploy.prod.h1", "deploy.prod.all", "deploy.prod.role.dns"]
-        assert hd.expand_subjects(list(hd.DEFAULT_SUBJECTS), "h1", "test", None) == ["deploy.test.h1", "deploy.test.all"]
+            "deploy.prod.h1",
+            "deploy.prod.all",
+            "deploy.prod.role.dns",
+        ]
+        assert hd.expand_subjects(list(hd.DEFAULT_SUBJECTS), "h1", "test", None) == [
+            "deploy.test.h1",
+            "deploy.test.all",
+        ]
         assert hd.expand_subjects(["site.<tier>.<hostname>.x"], "h1", "test", None) == ["site.test.h1.x"]
         with pytest.raises(ValueError):
             hd.expand_subjects(["deploy.<tier>.<nope>"], "h1", "test", None)
@@ -281,12 +458,18 @@ class TestCommandLine:
         for subject in ("deploy.test.all", "deploy.prod.h1", "deploy.test.role.dns", "deploy.prod.role"):
             assert hd.resolve_target(subject) == subject
         for target, message in [
-                ("prod-web", "'prod-web' is neither a deploy subject (deploy.<test|prod>.<host>, "
-                             "deploy.<test|prod>.all or deploy.<test|prod>.role.<role>) nor an alias: "
-                             "$HOMELAB_DEPLOY_ALIAS_PROD_WEB is not set"),
-                ("deploy.staging.all", "'deploy.staging.all' is not a deploy subject: use deploy.<test|prod>.<host>"),
-                ("deploy.test", "is not a deploy subject"), ("deploy.test.role.dns.x", "is not a deploy subject"),
-                ("deploy.test.*", "is not a deploy subject"), ("deploy.responses.x", "is not a deploy subject")]:
+            (
+                "prod-web",
+                "'prod-web' is neither a deploy subject (deploy.<test|prod>.<host>, "
+                "deploy.<test|prod>.all or deploy.<test|prod>.role.<role>) nor an alias: "
+                "$HOMELAB_DEPLOY_ALIAS_PROD_WEB is not set",
+            ),
+            ("deploy.staging.all", "'deploy.staging.all' is not a deploy subject: use deploy.<test|prod>.<host>"),
+            ("deploy.test", "is not a deploy subject"),
+            ("deploy.test.role.dns.x", "is not a deploy subject"),
+            ("deploy.test.*", "is not a deploy subject"),
+            ("deploy.responses.x", "is not a deploy subject"),
+        ]:
             with pytest.raises(ValueError) as error:
                 hd.resolve_target(target)
             assert message in str(error.value), target
@@ -306,17 +489,39 @@ class TestCommandLine:
         traceback (the import is shadowed by a module that raises as a missing one does)."""
         (tmp_path / "shadow").mkdir()
         (tmp_path / "shadow" / "prometheus_client.py").write_text(
-            "raise ModuleNotFoundError(\"No module named 'prometheus_client'\", name='prometheus_client')\n")
+            "raise ModuleNotFoundError(\"No module named 'prometheus_client'\", name='prometheus_client')\n"
+        )
         (tmp_path / "builder.yaml").write_text("repos: {fleet: {url: 'git+https://git.example.com/fleet.git'}}\n")
-        flags = {"listener": ["--hostname", "h1", "--tier", "test", "--flake-url", "git+https://g.example/c.git",
-                              "--state-dir", str(tmp_path / "state")],
-                 "builder": ["--config", str(tmp_path / "builder.yaml")]}[daemon]
-        r = run_cli(daemon, *flags, "--nats-url", "nats://127.0.0.1:1", "--nkey-file", str(tmp_path / "k.seed"),
-                    "--metrics-enabled", env={"PYTHONPATH": str(tmp_path / "shadow")}, timeout=30)
+        flags = {
+            "listener": [
+                "--hostname",
+                "h1",
+                "--tier",
+                "test",
+                "--flake-url",
+                "git+https://g.example/c.git",
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+            "builder": ["--config", str(tmp_path / "builder.yaml")],
+        }[daemon]
+        r = run_cli(
+            daemon,
+            *flags,
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--nkey-file",
+            str(tmp_path / "k.seed"),
+            "--metrics-enabled",
+            env={"PYTHONPATH": str(tmp_path / "shadow")},
+            timeout=30,
+        )
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert "error: --metrics-enabled needs the Python package prometheus-client (No module named " \
-               "'prometheus_client'); install it (pip install prometheus-client) or leave out --metrics-enabled" \
-               in r.stderr
+        assert (
+            "error: --metrics-enabled needs the Python package prometheus-client (No module named "
+            "'prometheus_client'); install it (pip install prometheus-client) or leave out --metrics-enabled"
+            in r.stderr
+        )
 
 
 class TestProgress:
@@ -345,8 +550,12 @@ class TestProgress:
         result = hd.run_with_timeout(["sh", "-c", f"sleep 3600 & echo $! > {pidfile}; echo waiting; wait"], 0.5)
         assert result.timed_out and result.output == ["waiting"]
         grandchild = int(pidfile.read_text())
-        wait_for(lambda: not os.path.exists(f"/proc/{grandchild}") or
-                 open(f"/proc/{grandchild}/stat").read().split()[2] == "Z", what="grandchild to die")
+        wait_for(
+            lambda: (
+                not os.path.exists(f"/proc/{grandchild}") or open(f"/proc/{grandchild}/stat").read().split()[2] == "Z"
+            ),
+            what="grandchild to die",
+        )
 
     def test_run_missing_program(self):
         result = hd.run_with_timeout(["/nonexistent/nixos-rebuild"], 5)
@@ -355,8 +564,9 @@ class TestProgress:
     def test_run_with_timeout_keeps_lines_and_apart_stdout(self):
         result = hd.run_with_timeout(["sh", "-c", "printf 'one\\ntwo\\nthree'"], 30)
         assert (result.returncode, result.output) == (0, ["one", "two", "three"])  # the last line lacks its newline
-        result = hd.run_with_timeout(["sh", "-c", "echo '{\"a\": 1}'; echo warning >&2; exit 3"], 30,
-                                     capture_stdout=True)
+        result = hd.run_with_timeout(
+            ["sh", "-c", "echo '{\"a\": 1}'; echo warning >&2; exit 3"], 30, capture_stdout=True
+        )
         assert (result.returncode, result.stdout, result.output) == (3, b'{"a": 1}\n', ["warning"])
         result = hd.run_with_timeout(["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x; echo; echo end"], 30)
         assert result.output == ["x" * hd.OUTPUT_LINE_CHARS, "end"]  # more than a pipe holds, read as it comes
@@ -369,11 +579,12 @@ class TestProgress:
             flag.touch()
 
         threads = threading.active_count()
-        result = hd.run_with_timeout(["sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; done"], 60,
-                                     every=(0.1, tick))
+        result = hd.run_with_timeout(["sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; done"], 60, every=(0.1, tick))
         assert result.returncode == 0 and calls  # the child ends only once a tick came
-        assert all(running >= 0.1 and thread is threading.current_thread() and count == threads
-                   for running, thread, count in calls)
+        assert all(
+            running >= 0.1 and thread is threading.current_thread() and count == threads
+            for running, thread, count in calls
+        )
 
     def test_run_with_timeout_returns_when_a_grandchild_keeps_the_pipe(self, tmp_path):
         pidfile = tmp_path / "pid"
@@ -387,6 +598,7 @@ class TestProgress:
 
 
 # ---------------------------------------------------------------- listener and deploy over NATS
+
 
 def responses(bus, subject: str, request: dict, until_final: int = 1, timeout: float = 30) -> list[dict]:
     """Publish a raw request with a fresh reply subject; collect decoded replies until `until_final` final ones."""
@@ -406,8 +618,9 @@ def responses(bus, subject: str, request: dict, until_final: int = 1, timeout: f
 
 @pytest.mark.integration
 class TestBus:
-    def test_answers_leave_in_order_without_waiting_for_the_loop_until_the_outbox_is_full(self, nats_server,
-                                                                                          bus_factory):
+    def test_answers_leave_in_order_without_waiting_for_the_loop_until_the_outbox_is_full(
+        self, nats_server, bus_factory
+    ):
         sender, receiver = bus_factory(nats_server, "admin"), bus_factory(nats_server, "test-deployer")
         q = receiver.inbox("deploy.responses.order.*")
         busy = threading.Event()
@@ -446,7 +659,7 @@ class TestBus:
         bus = bus_factory(nats_server, "admin")
         busy = threading.Event()
         bus.loop.call_soon_threadsafe(busy.wait, 30)  # the outbox cannot drain
-        for i in range(hd.OUTBOX_DEPTH):
+        for _ in range(hd.OUTBOX_DEPTH):
             bus.publish("deploy.responses.full.x", b"{}")
         waiting = threading.Thread(target=bus.publish, args=("deploy.responses.full.x", b"{}"))
         waiting.start()
@@ -474,10 +687,14 @@ class TestBus:
 
         for path in (REPO / "homelab_deploy.py", REPO / "homelab_deploy_mcp.py"):
             tree = ast.parse(path.read_text())
-            inside = {id(n) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "Bus"
-                      for n in ast.walk(c)}
-            reached = [f"{path.name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
-                       and n.attr in ("nc", "_call") and id(n) not in inside]
+            inside = {
+                id(n) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "Bus" for n in ast.walk(c)
+            }
+            reached = [
+                f"{path.name}:{n.lineno}"
+                for n in ast.walk(tree)
+                if isinstance(n, ast.Attribute) and n.attr in ("nc", "_call") and id(n) not in inside
+            ]
             assert reached == []
 
 
@@ -490,28 +707,34 @@ class TestListener:
         assert [r["status"] for r in got] == ["accepted", "started", "completed"]
         assert all(set(r) >= {"hostname", "status", "error", "message"} and r["hostname"] == "testhost1" for r in got)
         assert got[-1]["error"] is None and got[-1]["message"] == "Successfully switched to generation 1"
-        assert host.standin.calls == [["switch", "--refresh", "--flake",
-                                       "git+https://git.example.com/cfg.git?ref=main#testhost1"]]
+        assert host.standin.calls == [
+            ["switch", "--refresh", "--flake", "git+https://git.example.com/cfg.git?ref=main#testhost1"]
+        ]
         got = responses(bus, "deploy.test.testhost1", {"action": "boot", "revision": "0" * 40})
         assert "generation 2" in got[-1]["message"]
         assert host.standin.calls[-1][-1] == f"git+https://git.example.com/cfg.git?rev={'0' * 40}#testhost1"
 
     def test_flake_url_with_query(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test", None, "--flake-url", "git+https://g.example/c.git?dir=nixos")
-        got = responses(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1",
-                        {"action": "test", "revision": "v1.0"})
+        got = responses(
+            bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1", {"action": "test", "revision": "v1.0"}
+        )
         assert got[-1]["status"] == "completed"
-        assert host.standin.calls == [["test", "--refresh", "--flake", "git+https://g.example/c.git?dir=nixos&ref=v1.0#testhost1"]]
+        assert host.standin.calls == [
+            ["test", "--refresh", "--flake", "git+https://g.example/c.git?dir=nixos&ref=v1.0#testhost1"]
+        ]
 
-    @pytest.mark.parametrize("url", ["git+https://g.example/c.git?ref=main",
-                                     "git+https://g.example/c.git?dir=x&r%65v=1"])
+    @pytest.mark.parametrize(
+        "url", ["git+https://g.example/c.git?ref=main", "git+https://g.example/c.git?dir=x&r%65v=1"]
+    )
     def test_flake_url_with_its_own_ref_is_refused_at_start(self, start_listener, url):
         """nix takes the first ref= of `<url>?ref=main&ref=<requested>`: the listener would report a revision it
         did not deploy."""
         host = start_listener("testhost1", "test", None, "--flake-url", url, expect_ready=False)
         assert host.proc.returncode == 1
-        assert f"error: --flake-url {url!r} must be a flake URL without '#', whitespace, ref= or rev=" in \
-            host.log_text()
+        assert (
+            f"error: --flake-url {url!r} must be a flake URL without '#', whitespace, ref= or rev=" in host.log_text()
+        )
         assert host.standin.calls == []
 
     def test_refs_outside_branches_and_tags_need_allow_any_ref(self, nats_server, start_listener, bus_factory):
@@ -526,7 +749,8 @@ class TestListener:
             assert got[-1]["status"] == "completed", got
         assert [call[-1] for call in strict.standin.calls] == [
             "git+https://git.example.com/cfg.git?ref=refs/heads/main#testhost1",
-            "git+https://git.example.com/cfg.git?ref=refs/tags/v1.0#testhost1"]
+            "git+https://git.example.com/cfg.git?ref=refs/tags/v1.0#testhost1",
+        ]
         got = responses(bus, "deploy.test.testhost2", {"action": "test", "revision": "refs/pull/1/head"})
         assert got[-1]["status"] == "completed", got
         assert trusting.standin.calls[-1][-1] == "git+https://git.example.com/cfg.git?ref=refs/pull/1/head#testhost2"
@@ -534,8 +758,9 @@ class TestListener:
     def test_failure_reports_build_failed_with_output(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test")
         host.standin.set_mode("fail")
-        got = responses(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1",
-                        {"action": "switch", "revision": "main"})
+        got = responses(
+            bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1", {"action": "switch", "revision": "main"}
+        )
         final = got[-1]
         assert final["status"] == "failed" and final["error"] == "build_failed"
         assert "exit code 1" in final["message"] and "failed with exit code 1" in final["message"]
@@ -557,8 +782,14 @@ class TestListener:
         host = start_listener("testhost1", "test")
         admin = bus_factory(nats_server, "admin")
         spy = admin.inbox("deploy.test.testhost2")  # where a hostile reply_to points
-        for payload in [b"", b"garbage", b"\xff" * 100, b"[]", b"x" * (hd.MAX_MESSAGE_BYTES + 10),
-                        json.dumps({"action": "switch", "revision": "main", "reply_to": "deploy.test.testhost2"}).encode()]:
+        for payload in [
+            b"",
+            b"garbage",
+            b"\xff" * 100,
+            b"[]",
+            b"x" * (hd.MAX_MESSAGE_BYTES + 10),
+            json.dumps({"action": "switch", "revision": "main", "reply_to": "deploy.test.testhost2"}).encode(),
+        ]:
             admin.publish("deploy.test.testhost1", payload, confirm=True)
         wait_for(lambda: host.log_text().count("rejected:") >= 6, what="six rejections logged")
         got = responses(admin, "deploy.test.testhost1", {"action": "switch", "revision": "main"})
@@ -581,12 +812,15 @@ class TestListener:
     def test_timeout_kills_hung_process_group(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test", None, "--timeout", "1")
         host.standin.set_mode("block")
-        got = responses(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1",
-                        {"action": "switch", "revision": "main"})
+        got = responses(
+            bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1", {"action": "switch", "revision": "main"}
+        )
         assert (got[-1]["status"], got[-1]["error"]) == ("failed", "timeout")
         for pid in host.standin.pids:  # the stand-in and its grandchild `sleep`
-            wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
-                     open(f"/proc/{pid}/stat").read().split()[2] == "Z", what=f"pid {pid} killed")
+            wait_for(
+                lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+                what=f"pid {pid} killed",
+            )
 
     def test_heartbeats_during_long_deploy(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test", None, "--heartbeat-interval", "0.2")
@@ -594,8 +828,10 @@ class TestListener:
         bus = bus_factory(nats_server, "test-deployer")
         _, q = start_deploy(bus, "deploy.test.testhost1")
         seen: list[dict] = []
-        wait_for(lambda: seen.extend(iter_queue(q)) or
-                 sum("still running" in m["message"] for m in seen) >= 2, what="two heartbeats")
+        wait_for(
+            lambda: seen.extend(iter_queue(q)) or sum("still running" in m["message"] for m in seen) >= 2,
+            what="two heartbeats",
+        )
         host.standin.release()
         wait_for(lambda: seen.extend(iter_queue(q)) or seen[-1]["status"] == "completed", what="completion")
 
@@ -604,7 +840,9 @@ class TestListener:
         start_listener("dns1", "prod", "dns")
         hosts = hd.discover_hosts(bus_factory(nats_server, "test-deployer"))
         assert [(h.hostname, h.tier, h.role, h.deploying) for h in hosts] == [
-            ("dns1", "prod", "dns", False), ("testhost1", "test", None, False)]
+            ("dns1", "prod", "dns", False),
+            ("testhost1", "test", None, False),
+        ]
         assert hosts[0].deploy_subjects == ["deploy.prod.dns1", "deploy.prod.all", "deploy.prod.role.dns"]
         assert hosts[0].version == hd.__version__
 
@@ -612,15 +850,24 @@ class TestListener:
         host, port, scrape = metrics_listener(start_listener)
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read() == b"ok"
         before = scrape()
-        key = lambda status, action, code: ("homelab_deploy_deployments_total",  # noqa: E731
-                                            (("action", action), ("error_code", code), ("status", status)))
+        key = lambda status, action, code: (
+            "homelab_deploy_deployments_total",  # noqa: E731
+            (("action", action), ("error_code", code), ("status", status)),
+        )
         for status in ("completed", "failed", "rejected"):
             for action in ("switch", "boot", "test", "dry-activate"):
                 for code in ("", "invalid_action", "invalid_revision", "already_running", "build_failed", "timeout"):
                     assert before[key(status, action, code)] == 0
         assert before[("homelab_deploy_deployment_in_progress", ())] == 0
-        assert before[("homelab_deploy_info", (("hostname", "dns1"), ("role", "dns"), ("tier", "prod"),
-                                               ("version", hd.__version__)))] == 1
+        assert (
+            before[
+                (
+                    "homelab_deploy_info",
+                    (("hostname", "dns1"), ("role", "dns"), ("tier", "prod"), ("version", hd.__version__)),
+                )
+            ]
+            == 1
+        )
         buckets = {dict(labels)["le"] for (name, labels) in before if name.endswith("_bucket")}
         assert {"1.0", "60.0", "600.0", "3600.0", "+Inf"} <= buckets
         admin = bus_factory(nats_server, "admin")
@@ -632,25 +879,32 @@ class TestListener:
         assert after[key("completed", "switch", "")] == 1
         assert after[key("rejected", "boot", "invalid_revision")] == 1
         assert after[key("failed", "test", "build_failed")] == 1
-        assert after[("homelab_deploy_deployment_duration_seconds_count",
-                      (("action", "switch"), ("success", "true")))] == 1
-        assert after[("homelab_deploy_deployment_duration_seconds_count",
-                      (("action", "test"), ("success", "false")))] == 1
+        assert (
+            after[("homelab_deploy_deployment_duration_seconds_count", (("action", "switch"), ("success", "true")))]
+            == 1
+        )
+        assert (
+            after[("homelab_deploy_deployment_duration_seconds_count", (("action", "test"), ("success", "false")))] == 1
+        )
 
-    def test_last_deploy_generation_and_age_of_success_survive_a_restart(self, nats_server, start_listener,
-                                                                         bus_factory):
+    def test_last_deploy_generation_and_age_of_success_survive_a_restart(
+        self, nats_server, start_listener, bus_factory
+    ):
         """The issue-16 gauges: before any deploy, after a completed and a failed one, and after a restart, when
         only the history file on disk knows the end times."""
         host, _, scrape = metrics_listener(start_listener)
-        ended = lambda status: ("homelab_deploy_last_deployment_timestamp_seconds",  # noqa: E731
-                                (("status", status),))
+        ended = lambda status: (
+            "homelab_deploy_last_deployment_timestamp_seconds",  # noqa: E731
+            (("status", status),),
+        )
         generation, since = ("homelab_deploy_generation", ()), ("homelab_deploy_seconds_since_last_success", ())
         before = scrape()
         assert (before[ended("completed")], before[ended("failed")], before[generation], before[since]) == (0, 0, 0, -1)
         admin = bus_factory(nats_server, "admin")
         first = int(time.time())  # end times are whole seconds
-        assert responses(admin, "deploy.prod.dns1", {"action": "switch", "revision": "main"})[-1]["status"] == \
-            "completed"
+        assert (
+            responses(admin, "deploy.prod.dns1", {"action": "switch", "revision": "main"})[-1]["status"] == "completed"
+        )
         completed = scrape()
         assert first <= completed[ended("completed")] <= time.time() and completed[ended("failed")] == 0
         assert completed[generation] == 1
@@ -666,13 +920,19 @@ class TestListener:
         host.log.write_text("")  # start() waits for a new " ready " line
         host.start()
         restarted = scrape()
-        assert (restarted[ended("completed")], restarted[ended("failed")], restarted[generation]) == \
-            (failed[ended("completed")], failed[ended("failed")], 1)
+        assert (restarted[ended("completed")], restarted[ended("failed")], restarted[generation]) == (
+            failed[ended("completed")],
+            failed[ended("failed")],
+            1,
+        )
         assert restarted[since] >= failed[since]
 
     def test_subjects_all_and_role(self, nats_server, start_listener, bus_factory):
-        hosts = [start_listener("testhost1", "test"), start_listener("testhost2", "test", "web"),
-                 start_listener("dns1", "prod", "dns")]
+        hosts = [
+            start_listener("testhost1", "test"),
+            start_listener("testhost2", "test", "web"),
+            start_listener("dns1", "prod", "dns"),
+        ]
         admin = bus_factory(nats_server, "admin")
         got = responses(admin, "deploy.test.all", {"action": "switch", "revision": "main"}, until_final=2)
         assert sorted(r["hostname"] for r in got if r["status"] == "completed") == ["testhost1", "testhost2"]
@@ -695,24 +955,20 @@ def metrics_listener(start_listener):
 
     def scrape() -> dict:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for f in text_string_to_metric_families(text) for s in f.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
 
     return host, port, scrape
 
 
-def iter_queue(q: queue.Queue):
-    while True:
-        try:
-            yield json.loads(q.get_nowait()[1])
-        except queue.Empty:
-            return
-
-
 # ---------------------------------------------------------------- monitoring files in contrib/
 
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
-                                    reason="promtool not installed; apt-get install prometheus (.ci/run does)")
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed; apt-get install prometheus (.ci/run does)"
+)
 
 
 class TestMonitoringFiles:
@@ -724,15 +980,18 @@ class TestMonitoringFiles:
 
         dashboard = json.loads((REPO / "contrib" / "grafana-dashboard.json").read_text())
         rules = yaml.safe_load((REPO / "contrib" / "prometheus-rules.yml").read_text())
-        return ([t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-                + [v["definition"] for v in dashboard["templating"]["list"]],
-                [rule["expr"] for group in rules["groups"] for rule in group["rules"]])
+        return (
+            [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+            + [v["definition"] for v in dashboard["templating"]["list"]],
+            [rule["expr"] for group in rules["groups"] for rule in group["rules"]],
+        )
 
     @needs_promtool
     def test_rules_pass_promtool_check_and_their_unit_test(self):
         for command in (["check", "rules", "prometheus-rules.yml"], ["test", "rules", "prometheus-rules.test.yml"]):
-            result = subprocess.run(["promtool", *command], cwd=REPO / "contrib", capture_output=True, text=True,
-                                    timeout=60)
+            result = subprocess.run(
+                ["promtool", *command], cwd=REPO / "contrib", capture_output=True, text=True, timeout=60
+            )
             assert result.returncode == 0, result.stdout + result.stderr
 
     @needs_promtool
@@ -744,30 +1003,56 @@ class TestMonitoringFiles:
         import yaml
 
         panels = [e for e in self.queries()[0] if not e.startswith("label_values(")]
-        (tmp_path / "dashboard.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": [
-            {"record": f"dashboard:query{i}", "expr": re.sub(r"\$__\w+", "5m", e).replace("$hostname", ".*")}
-            for i, e in enumerate(panels)]}]}))
-        result = subprocess.run(["promtool", "check", "rules", "dashboard.yml"], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=60)
+        (tmp_path / "dashboard.yml").write_text(
+            yaml.safe_dump(
+                {
+                    "groups": [
+                        {
+                            "name": "dashboard",
+                            "rules": [
+                                {
+                                    "record": f"dashboard:query{i}",
+                                    "expr": re.sub(r"\$__\w+", "5m", e).replace("$hostname", ".*"),
+                                }
+                                for i, e in enumerate(panels)
+                            ],
+                        }
+                    ]
+                }
+            )
+        )
+        result = subprocess.run(
+            ["promtool", "check", "rules", "dashboard.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0 and f"{len(panels)} rules found" in result.stdout, result.stdout + result.stderr
 
     def test_queries_name_only_metrics_the_listener_and_builder_export(self, tmp_path):
         import re
 
         suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
-        exported = {family.name + suffix
-                    for metrics in (hd.ListenerMetrics("web1", "prod", "web", str(tmp_path / "system")),
-                                    hd.BuilderMetrics(["fleet"]))
-                    for family in metrics.registry.collect() for suffix in suffixes[family.type]}
+        exported = {
+            family.name + suffix
+            for metrics in (
+                hd.ListenerMetrics("web1", "prod", "web", str(tmp_path / "system")),
+                hd.BuilderMetrics(["fleet"]),
+            )
+            for family in metrics.registry.collect()
+            for suffix in suffixes[family.type]
+        }
         dashboard, rules = self.queries()
         assert all(re.search(r"homelab_deploy_[a-z_]+", e) for e in dashboard), "a dashboard query names no metric"
         named = set(re.findall(r"homelab_deploy_[a-z_]+", " ".join(dashboard + rules)))
-        assert {"homelab_deploy_generation", "homelab_deploy_seconds_since_last_success",
-                "homelab_deploy_last_deployment_timestamp_seconds", "homelab_deploy_builds_total"} <= named
+        assert {
+            "homelab_deploy_generation",
+            "homelab_deploy_seconds_since_last_success",
+            "homelab_deploy_last_deployment_timestamp_seconds",
+            "homelab_deploy_builds_total",
+        } <= named
         assert named <= exported, f"not exported: {sorted(named - exported)}"
 
 
 # ---------------------------------------------------------------- deploy and list-hosts CLI
+
 
 @pytest.mark.integration
 class TestDeployCLI:
@@ -779,7 +1064,9 @@ class TestDeployCLI:
         doc = json.loads(r.stdout)
         assert doc["success"] is True
         assert [(h["hostname"], h["status"], h["error"]) for h in doc["hosts"]] == [
-            ("testhost1", "completed", None), ("testhost2", "completed", None)]
+            ("testhost1", "completed", None),
+            ("testhost2", "completed", None),
+        ]
         assert "2/2 hosts completed" in r.stderr
         lines = [line for line in r.stderr.splitlines() if line.startswith("testhost1:")]
         assert [line.split()[1] for line in lines] == ["accepted", "started", "completed"]
@@ -794,26 +1081,35 @@ class TestDeployCLI:
             reply_to = json.loads(data)["reply_to"]
             for status in (hd.Status.ACCEPTED, hd.Status.STARTED, hd.Status.COMPLETED):
                 for host in fleet:
-                    answerer.publish(hd.answer_subject(reply_to, host),
-                                     json.dumps(hd.DeployResponse(host, status).to_dict()).encode())
+                    answerer.publish(
+                        hd.answer_subject(reply_to, host),
+                        json.dumps(hd.DeployResponse(host, status).to_dict()).encode(),
+                    )
 
         answerer.subscribe("deploy.test.all", answer)
         checks, final = [], hd.Status.final
         monkeypatch.setattr(hd.Status, "final", property(lambda status: checks.append(1) or final.fget(status)))
-        hosts, finished = hd.deploy_hosts(bus_factory(nats_server, "test-deployer"), "deploy.test.all",
-                                          hd.Action.SWITCH, "main", 60, stragglers=0.2)
+        hosts, finished = hd.deploy_hosts(
+            bus_factory(nats_server, "test-deployer"), "deploy.test.all", hd.Action.SWITCH, "main", 60, stragglers=0.2
+        )
         assert finished and sorted(hosts) == fleet and {r.status for r in hosts.values()} == {hd.Status.COMPLETED}
         assert len(checks) <= 5 * 3 * len(fleet), len(checks)
 
     def test_env_vars_and_alias(self, nats_server, start_listener):
         host = start_listener("testhost2", "test", "web")
-        env = {"HOMELAB_DEPLOY_NATS_URL": nats_server.url, "HOMELAB_DEPLOY_NKEY_FILE": str(nats_server.seeds["admin"]),
-               "HOMELAB_DEPLOY_BRANCH": "release/1.2", "HOMELAB_DEPLOY_ACTION": "boot", "HOMELAB_DEPLOY_TIMEOUT": "60",
-               "HOMELAB_DEPLOY_ALIAS_TEST_WEB": "deploy.test.role.web"}
+        env = {
+            "HOMELAB_DEPLOY_NATS_URL": nats_server.url,
+            "HOMELAB_DEPLOY_NKEY_FILE": str(nats_server.seeds["admin"]),
+            "HOMELAB_DEPLOY_BRANCH": "release/1.2",
+            "HOMELAB_DEPLOY_ACTION": "boot",
+            "HOMELAB_DEPLOY_TIMEOUT": "60",
+            "HOMELAB_DEPLOY_ALIAS_TEST_WEB": "deploy.test.role.web",
+        }
         r = run_cli("deploy", "test-web", env=env)
         assert r.returncode == 0, r.stderr
-        assert host.standin.calls == [["boot", "--refresh", "--flake",
-                                       "git+https://git.example.com/cfg.git?ref=release/1.2#testhost2"]]
+        assert host.standin.calls == [
+            ["boot", "--refresh", "--flake", "git+https://git.example.com/cfg.git?ref=release/1.2#testhost2"]
+        ]
 
     def test_failed_host_gives_nonzero_exit(self, nats_server, start_listener):
         start_listener("testhost1", "test")
@@ -828,8 +1124,12 @@ class TestDeployCLI:
         """deploy.<tier>.<host> names one host: the client exits at its final status. With both windows at
         600 s, waiting on either would run into the 120 s deadline below."""
         start_listener("testhost1", "test")
-        r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(
-            nats_server, "test-deployer", "--answer-window", "600", "--straggler-window", "600"), timeout=120)
+        r = run_cli(
+            "deploy",
+            "deploy.test.testhost1",
+            *deploy_args(nats_server, "test-deployer", "--answer-window", "600", "--straggler-window", "600"),
+            timeout=120,
+        )
         assert r.returncode == 0 and "1/1 hosts completed" in r.stderr, r.stderr
 
     def test_host_answering_after_the_others_finished_is_reported(self, nats_server, start_listener, bus_factory):
@@ -847,16 +1147,23 @@ class TestDeployCLI:
             reply_to = json.loads(data)["reply_to"]
             wait_for(lambda: hd.answer_subject(reply_to, "testhost1") in finished, what="testhost1 to finish")
             for status in ("accepted", "started", "completed"):
-                late.publish(hd.answer_subject(reply_to, "late-host"), json.dumps({"hostname": "late-host", "status": status, "error": None,
-                                                   "message": f"late {status}"}).encode())
+                late.publish(
+                    hd.answer_subject(reply_to, "late-host"),
+                    json.dumps(
+                        {"hostname": "late-host", "status": status, "error": None, "message": f"late {status}"}
+                    ).encode(),
+                )
 
         late.subscribe("deploy.responses.>", watch)
         late.subscribe("deploy.test.all", answer_late)
-        r = run_cli("deploy", "deploy.test.all", *deploy_args(
-            nats_server, "test-deployer", "--json", "--straggler-window", "5"))
+        r = run_cli(
+            "deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--json", "--straggler-window", "5")
+        )
         assert r.returncode == 0, r.stderr
         assert {h["hostname"]: h["status"] for h in json.loads(r.stdout)["hosts"]} == {
-            "testhost1": "completed", "late-host": "completed"}
+            "testhost1": "completed",
+            "late-host": "completed",
+        }
         assert "2/2 hosts completed" in r.stderr
 
     def test_test_deployer_cannot_deploy_to_prod(self, nats_server, start_listener):
@@ -873,8 +1180,10 @@ class TestDeployCLI:
         host = start_listener("testhost1", "test")
         seen: list[str] = []
         bus_factory(nats_server, "admin").subscribe("deploy.>", lambda subject, data, received: seen.append(subject))
-        for target, message in [("prod-web", "$HOMELAB_DEPLOY_ALIAS_PROD_WEB is not set"),
-                                ("deploy.staging.all", "'deploy.staging.all' is not a deploy subject")]:
+        for target, message in [
+            ("prod-web", "$HOMELAB_DEPLOY_ALIAS_PROD_WEB is not set"),
+            ("deploy.staging.all", "'deploy.staging.all' is not a deploy subject"),
+        ]:
             r = run_cli("deploy", target, *deploy_args(nats_server, "test-deployer"))
             assert r.returncode == 2 and message in r.stderr, r.stderr
         bus_factory(nats_server, "admin").publish("deploy.test.marker", b"{}", confirm=True)
@@ -897,8 +1206,11 @@ class TestDeployCLI:
     def test_pull_request_ref_is_left_to_the_listener(self, nats_server, start_listener):
         """The CLI cannot know a listener's --allow-any-ref: it sends any valid ref and shows the verdict."""
         host = start_listener("testhost1", "test")
-        r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer", "--branch",
-                                                                    "refs/pull/1/head", "--json"))
+        r = run_cli(
+            "deploy",
+            "deploy.test.testhost1",
+            *deploy_args(nats_server, "test-deployer", "--branch", "refs/pull/1/head", "--json"),
+        )
         assert r.returncode == 1 and "start the listener with --allow-any-ref" in r.stderr, r.stderr
         assert [(h["status"], h["error"]) for h in json.loads(r.stdout)["hosts"]] == [("rejected", "invalid_revision")]
         assert host.standin.calls == []
@@ -907,15 +1219,31 @@ class TestDeployCLI:
         seed = nats_server.seeds["admin"].read_text().strip()
         password_url = nats_server.url.replace("nats://", "nats://deploy:s3cret@")
         cases = [  # (argv, environment, exit code, what stderr must say)
-            (deploy_args(nats_server, "admin")[:2] + ["--nkey-file", seed], {}, 3,
-             "cannot read NKey seed file <an NKey seed, redacted>: No such file or directory; "
-             "pass --nkey-file the path of a file holding the seed"),
-            (deploy_args(nats_server, "admin")[:2], {"HOMELAB_DEPLOY_NKEY_FILE": seed}, 3,
-             "cannot read NKey seed file <an NKey seed, redacted>"),
-            (["--nats-url", "nats://deploy:s3cret@127.0.0.1:1", "--nkey-file", str(nats_server.seeds["admin"])], {}, 3,
-             "cannot reach NATS at nats://deploy:***@127.0.0.1:1"),
-            (["--nats-url", password_url, "--nkey-file", str(nats_server.seeds["admin"]), "--debug"], {}, 4,
-             f"connected to NATS at deploy:***@127.0.0.1:{nats_server.port}"),
+            (
+                deploy_args(nats_server, "admin")[:2] + ["--nkey-file", seed],
+                {},
+                3,
+                "cannot read NKey seed file <an NKey seed, redacted>: No such file or directory; "
+                "pass --nkey-file the path of a file holding the seed",
+            ),
+            (
+                deploy_args(nats_server, "admin")[:2],
+                {"HOMELAB_DEPLOY_NKEY_FILE": seed},
+                3,
+                "cannot read NKey seed file <an NKey seed, redacted>",
+            ),
+            (
+                ["--nats-url", "nats://deploy:s3cret@127.0.0.1:1", "--nkey-file", str(nats_server.seeds["admin"])],
+                {},
+                3,
+                "cannot reach NATS at nats://deploy:***@127.0.0.1:1",
+            ),
+            (
+                ["--nats-url", password_url, "--nkey-file", str(nats_server.seeds["admin"]), "--debug"],
+                {},
+                4,
+                f"connected to NATS at deploy:***@127.0.0.1:{nats_server.port}",
+            ),
         ]
         for args, env, code, message in cases:
             r = run_cli("deploy", "deploy.test.nosuchhost", *args, "--answer-window", "0.5", env=env, timeout=30)
@@ -929,7 +1257,10 @@ class TestDeployCLI:
             (["--nats-url", "nats://127.0.0.1:1", "--nkey-file", str(nats_server.seeds["admin"])], "cannot reach NATS"),
             (["--nats-url", nats_server.url, "--nkey-file", str(tmp_path / "missing.seed")], "cannot read NKey seed"),
             (["--nats-url", nats_server.url, "--nkey-file", str(bad_seed)], "valid NKey user seed"),
-            (["--nats-url", nats_server.url, "--nkey-file", str(nats_server.stranger_seed)], "rejected the credentials"),
+            (
+                ["--nats-url", nats_server.url, "--nkey-file", str(nats_server.stranger_seed)],
+                "rejected the credentials",
+            ),
         ]
         for args, message in cases:
             started = time.monotonic()
@@ -954,26 +1285,41 @@ class TestDeployCLI:
         assert "dns1" in r.stdout and "testhost1" not in r.stdout and "deploy.prod.role.dns" in r.stdout
 
 
-# ---------------------------------------------------------------- rollouts (deploy --canary/--batch-size/--max-failures)
+# ------------------------------------------------------------ rollouts (deploy --canary/--batch-size/--max-failures)
+
 
 class TestRolloutFlags:
     def test_batches_canary_then_sizes_of_the_plan(self):
         hosts = [hd.HostInfo(f"h{i:02}", "test", None, [], "", False) for i in range(10)]
-        for rollout, sizes in [(hd.Rollout(1, "30%"), [1, 3, 3, 3]), (hd.Rollout(0, "4"), [4, 4, 2]),
-                               (hd.Rollout(2), [2, 8]), (hd.Rollout(0, "1%"), [1] * 10), (hd.Rollout(12, "5"), [10])]:
+        for rollout, sizes in [
+            (hd.Rollout(1, "30%"), [1, 3, 3, 3]),
+            (hd.Rollout(0, "4"), [4, 4, 2]),
+            (hd.Rollout(2), [2, 8]),
+            (hd.Rollout(0, "1%"), [1] * 10),
+            (hd.Rollout(12, "5"), [10]),
+        ]:
             batches = rollout.batches(hosts)
             assert [len(b) for _, b in batches] == sizes
             assert [h for _, b in batches for h in b] == hosts
             assert [n for n, _ in batches] == ["canary"] * bool(rollout.canary) + [
-                f"batch {i}" for i in range(1, len(sizes) + 1 - bool(rollout.canary))]
+                f"batch {i}" for i in range(1, len(sizes) + 1 - bool(rollout.canary))
+            ]
 
-    @pytest.mark.parametrize("flags, message", [
-        (["--batch-size", "0"], "'0' is not a batch size"), (["--batch-size", "0%"], "from 1% to 100%"),
-        (["--batch-size", "101%"], "from 1% to 100%"), (["--batch-size", "x"], "not a batch size"),
-        (["--canary", "-1"], "'-1' is not a number of hosts"), (["--max-failures", "two"], "whole number 0 or more")])
+    @pytest.mark.parametrize(
+        "flags, message",
+        [
+            (["--batch-size", "0"], "'0' is not a batch size"),
+            (["--batch-size", "0%"], "from 1% to 100%"),
+            (["--batch-size", "101%"], "from 1% to 100%"),
+            (["--batch-size", "x"], "not a batch size"),
+            (["--canary", "-1"], "'-1' is not a number of hosts"),
+            (["--max-failures", "two"], "whole number 0 or more"),
+        ],
+    )
     def test_invalid_values_exit_2_before_connecting(self, flags, message):
-        r = run_cli("deploy", "deploy.test.all", "--nats-url", "nats://127.0.0.1:1", "--nkey-file", "/nonexistent",
-                    *flags)
+        r = run_cli(
+            "deploy", "deploy.test.all", "--nats-url", "nats://127.0.0.1:1", "--nkey-file", "/nonexistent", *flags
+        )
         assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
@@ -986,16 +1332,17 @@ class TestRollout:
 
     @pytest.fixture
     def nats_server(self, tmp_path):  # the spec's fleet plus test hosts r1..r4 (role web) for start_listener
-        server = conftest.NatsServer(tmp_path, {**conftest.FLEET, **{
-            h: conftest.listener_permissions(h, "test", "web") for h in ROLLOUT_HOSTS}})
+        server = helpers.NatsServer(
+            tmp_path, {**helpers.FLEET, **{h: helpers.listener_permissions(h, "test", "web") for h in ROLLOUT_HOSTS}}
+        )
         server.start()
         yield server
         server.stop()
 
     @staticmethod
     def fleet(start_listener, *modes: str) -> list:
-        hosts = [start_listener(h, "test", "web") for h in ROLLOUT_HOSTS[:len(modes)]]
-        for host, mode in zip(hosts, modes):
+        hosts = [start_listener(h, "test", "web") for h in ROLLOUT_HOSTS[: len(modes)]]
+        for host, mode in zip(hosts, modes, strict=True):
             host.standin.set_mode(mode)
         return hosts
 
@@ -1003,51 +1350,80 @@ class TestRollout:
         """--answer-window 600: a batch ends when its named hosts are final, not when a window closes."""
         hosts = self.fleet(start_listener, "slow", "slow", "slow", "slow")
         start_listener("testhost1", "test")  # not in role web: not in the plan
-        r = run_cli("deploy", "deploy.test.role.web", *deploy_args(
-            nats_server, "test-deployer", "--canary", "1", "--batch-size", "2", "--answer-window", "600", "--json"))
+        r = run_cli(
+            "deploy",
+            "deploy.test.role.web",
+            *deploy_args(
+                nats_server, "test-deployer", "--canary", "1", "--batch-size", "2", "--answer-window", "600", "--json"
+            ),
+        )
         assert r.returncode == 0, r.stderr
         doc = json.loads(r.stdout)
         assert doc["success"] is True and {h["status"] for h in doc["hosts"]} == {"completed"}
         assert [(b["name"], [h["hostname"] for h in b["hosts"]]) for b in doc["batches"]] == [
-            ("canary", ["r1"]), ("batch 1", ["r2", "r3"]), ("batch 2", ["r4"])]
+            ("canary", ["r1"]),
+            ("batch 1", ["r2", "r3"]),
+            ("batch 2", ["r4"]),
+        ]
         assert "canary: deploying r1" in r.stderr and "batch 1: deploying r2, r3" in r.stderr
         assert "4/4 hosts completed (4 completed) in 3 batches" in r.stderr
         spans = {h.hostname: h.standin.spans for h in hosts}
         assert all(len(s) == 1 for s in spans.values()), spans
         batches = [["r1"], ["r2", "r3"], ["r4"]]
-        for before, after in zip(batches, batches[1:]):
+        for before, after in zip(batches, batches[1:], strict=False):
             assert max(spans[h][0][1] for h in before) < min(spans[h][0][0] for h in after), spans
 
     def test_failures_over_the_budget_stop_the_rollout_and_skip_the_rest(self, nats_server, start_listener):
         hosts = self.fleet(start_listener, "succeed", "fail", "fail", "succeed")
-        r = run_cli("deploy", "deploy.test.all", *deploy_args(
-            nats_server, "test-deployer", "--batch-size", "1", "--max-failures", "1", "--json"))
+        r = run_cli(
+            "deploy",
+            "deploy.test.all",
+            *deploy_args(nats_server, "test-deployer", "--batch-size", "1", "--max-failures", "1", "--json"),
+        )
         assert r.returncode == 1, r.stderr
         assert {h["hostname"]: h["status"] for h in json.loads(r.stdout)["hosts"]} == {
-            "r1": "completed", "r2": "failed", "r3": "failed", "r4": "skipped"}
+            "r1": "completed",
+            "r2": "failed",
+            "r3": "failed",
+            "r4": "skipped",
+        }
         assert "stopping the rollout: 2 hosts failed, more than the 1 allowed" in r.stderr
         assert "2 failed, 1 skipped" in r.stderr and hosts[3].standin.calls == []
 
     def test_a_failed_canary_stops_whatever_the_budget(self, nats_server, start_listener):
         hosts = self.fleet(start_listener, "fail", "succeed", "succeed")
-        r = run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--canary", "1",
-                                                              "--max-failures", "5"))
+        r = run_cli(
+            "deploy",
+            "deploy.test.all",
+            *deploy_args(nats_server, "test-deployer", "--canary", "1", "--max-failures", "5"),
+        )
         assert r.returncode == 1 and "stopping the rollout: the canary failed" in r.stderr, r.stderr
         assert "r2: skipped - not started: the canary failed" in r.stderr
         assert [h.standin.calls for h in hosts[1:]] == [[], []]
 
     def test_a_host_gone_since_the_plan_is_reported_and_counts_as_failed(self, nats_server, start_listener):
         hosts = self.fleet(start_listener, "block", "succeed", "succeed")
-        cli = subprocess.Popen([*conftest.PROGRAM, "deploy", "deploy.test.all", *deploy_args(
-            nats_server, "test-deployer", "--canary", "1", "--batch-size", "1", "--max-failures", "1", "--json")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cli = subprocess.Popen(
+            [
+                *helpers.PROGRAM,
+                "deploy",
+                "deploy.test.all",
+                *deploy_args(
+                    nats_server, "test-deployer", "--canary", "1", "--batch-size", "1", "--max-failures", "1", "--json"
+                ),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             wait_for(lambda: hosts[0].standin.calls, what="the canary to start")
             hosts[1].stop()  # planned, then gone
             hosts[0].standin.release()
             out, err = cli.communicate(timeout=60)
         finally:
-            conftest.stop_process(cli)
+            helpers.stop_process(cli)
         assert cli.returncode == 1, err
         result = {h["hostname"]: h for h in json.loads(out)["hosts"]}
         assert {h: r["status"] for h, r in result.items()} == {"r1": "completed", "r2": "failed", "r3": "completed"}
@@ -1059,9 +1435,18 @@ class TestRollout:
         hosts = self.fleet(start_listener, "block", "succeed", "succeed")
         stderr = tmp_path / "cli.err"
         with open(stderr, "w") as err_file:
-            cli = subprocess.Popen([*conftest.PROGRAM, "deploy", "deploy.test.all", *deploy_args(
-                nats_server, "test-deployer", "--batch-size", "1", "--json")],
-                stdout=subprocess.PIPE, stderr=err_file, text=True, start_new_session=True)
+            cli = subprocess.Popen(
+                [
+                    *helpers.PROGRAM,
+                    "deploy",
+                    "deploy.test.all",
+                    *deploy_args(nats_server, "test-deployer", "--batch-size", "1", "--json"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=err_file,
+                text=True,
+                start_new_session=True,
+            )
         try:
             wait_for(lambda: hosts[0].standin.calls, what="the first batch to start")
             sigterm_to_a_thread(cli.pid, 0)
@@ -1069,18 +1454,24 @@ class TestRollout:
             hosts[0].standin.release()
             out, _ = cli.communicate(timeout=60)
         finally:
-            conftest.stop_process(cli)
+            helpers.stop_process(cli)
         err = stderr.read_text()
         assert cli.returncode == 130, err
         assert {h["hostname"]: h["status"] for h in json.loads(out)["hosts"]} == {
-            "r1": "completed", "r2": "skipped", "r3": "skipped"}
+            "r1": "completed",
+            "r2": "skipped",
+            "r3": "skipped",
+        }
         assert "stopping the rollout: interrupted" in err
         assert [h.standin.calls for h in hosts[1:]] == [[], []]
 
     def test_plan_deploys_nothing(self, nats_server, start_listener):
         hosts = self.fleet(start_listener, "succeed", "succeed", "succeed")
-        r = run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--canary", "1",
-                                                              "--batch-size", "50%", "--plan"))
+        r = run_cli(
+            "deploy",
+            "deploy.test.all",
+            *deploy_args(nats_server, "test-deployer", "--canary", "1", "--batch-size", "50%", "--plan"),
+        )
         assert r.returncode == 0 and r.stdout == "canary: r1\nbatch 1: r2\nbatch 2: r3\n", r.stderr
         r = run_cli("deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--plan", "--json"))
         assert json.loads(r.stdout)["batches"] == [{"name": "batch 1", "hosts": ["r1", "r2", "r3"]}]
@@ -1100,10 +1491,8 @@ class TestRollout:
 
 # ---------------------------------------------------------------- duration flags of every client
 
+
 # Every client duration flag, after what its command needs besides it.
-COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
-
-
 @pytest.mark.integration
 class TestStatus:
     """Deploy history (listener), status queries on deploy.status, and `homelab-deploy status` with drift."""
@@ -1116,16 +1505,39 @@ class TestStatus:
         are the benchmark's): memory peaks near the records, not at 8x the text as with one json.dumps."""
         import tracemalloc
 
-        record = hd.DeployRecord("0" * 16, hd.Action.SWITCH, "main", "a" * 40, hd.Status.COMPLETED, None,
-                                 "2026-11-29T06:00:00Z", "2026-11-29T06:00:09Z", 40, 41, 9.0)
-        hosts = [hd.HostStatus(f"host{i:03d}", "test", None, [f"deploy.test.host{i:03d}"], False, 41, None,
-                               [record] * hd.HISTORY_LENGTH) for i in range(500)]
+        record = hd.DeployRecord(
+            "0" * 16,
+            hd.Action.SWITCH,
+            "main",
+            "a" * 40,
+            hd.Status.COMPLETED,
+            None,
+            "2026-11-29T06:00:00Z",
+            "2026-11-29T06:00:09Z",
+            40,
+            41,
+            9.0,
+        )
+        hosts = [
+            hd.HostStatus(
+                f"host{i:03d}",
+                "test",
+                None,
+                [f"deploy.test.host{i:03d}"],
+                False,
+                41,
+                None,
+                [record] * hd.HISTORY_LENGTH,
+            )
+            for i in range(500)
+        ]
         monkeypatch.setattr(hd, "survey", lambda args, subject, parse: hosts)
         out = tmp_path / "status.json"
         with open(out, "w") as stdout:
             monkeypatch.setattr(sys, "stdout", stdout)
-            args = hd.build_parser().parse_args(["status", "--json", "--nats-url", "nats://127.0.0.1:1",
-                                                 "--nkey-file", "unused"])
+            args = hd.build_parser().parse_args(
+                ["status", "--json", "--nats-url", "nats://127.0.0.1:1", "--nkey-file", "unused"]
+            )
             tracemalloc.start()
             try:
                 assert hd.status_command(args) == 0
@@ -1134,7 +1546,8 @@ class TestStatus:
                 tracemalloc.stop()
         assert len(json.loads(out.read_text())) == 500
         assert [json.loads(line.rstrip(","))["hostname"] for line in out.read_text().splitlines()[1:-1]] == [
-            h.hostname for h in hosts]  # a host a line, for grep and for the C encoder
+            h.hostname for h in hosts
+        ]  # a host a line, for grep and for the C encoder
         assert peak < 4 * out.stat().st_size, (peak, out.stat().st_size)
 
     def test_history_records_each_deploy_with_commit_and_generations(self, nats_server, start_listener):
@@ -1142,21 +1555,40 @@ class TestStatus:
         host.standin.set_revision(COMMIT_A)
         assert run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer")).returncode == 0
         host.standin.set_mode("fail")
-        assert run_cli("deploy", "deploy.test.testhost1",
-                       *deploy_args(nats_server, "test-deployer", "--branch", "v2", "--action", "boot")).returncode == 1
+        assert (
+            run_cli(
+                "deploy",
+                "deploy.test.testhost1",
+                *deploy_args(nats_server, "test-deployer", "--branch", "v2", "--action", "boot"),
+            ).returncode
+            == 1
+        )
         history = json.loads((host.standin.dir / "state" / "history.json").read_text())
         assert oct((host.standin.dir / "state" / "history.json").stat().st_mode & 0o777) == "0o600"
         first, second = (hd.DeployRecord.parse(r) for r in history)
-        assert (first.action, first.revision, first.commit, first.status, first.error,
-                first.generation_before, first.generation_after) == (
-            hd.Action.SWITCH, "master", COMMIT_A, hd.Status.COMPLETED, None, None, 1)
-        assert (second.action, second.revision, second.commit, second.status, second.error,
-                second.generation_before, second.generation_after) == (
-            hd.Action.BOOT, "v2", None, hd.Status.FAILED, hd.ErrorCode.BUILD_FAILED, 1, 1)
+        assert (
+            first.action,
+            first.revision,
+            first.commit,
+            first.status,
+            first.error,
+            first.generation_before,
+            first.generation_after,
+        ) == (hd.Action.SWITCH, "master", COMMIT_A, hd.Status.COMPLETED, None, None, 1)
+        assert (
+            second.action,
+            second.revision,
+            second.commit,
+            second.status,
+            second.error,
+            second.generation_before,
+            second.generation_after,
+        ) == (hd.Action.BOOT, "v2", None, hd.Status.FAILED, hd.ErrorCode.BUILD_FAILED, 1, 1)
         assert first.started <= first.finished <= second.started and first.duration_seconds >= 0
 
-    def test_history_is_bounded_survives_a_restart_and_a_corrupt_file_is_replaced(self, nats_server,
-                                                                                   start_listener, bus_factory):
+    def test_history_is_bounded_survives_a_restart_and_a_corrupt_file_is_replaced(
+        self, nats_server, start_listener, bus_factory
+    ):
         host = start_listener("testhost1", "test")
         bus = bus_factory(nats_server, "test-deployer")
         for i in range(hd.HISTORY_LENGTH + 2):
@@ -1189,11 +1621,15 @@ class TestStatus:
         r = self.status(nats_server, "deploy.test.role.web", "--history", "1")
         header, row, deploy = r.stdout.splitlines()
         assert row.split()[0] == "testhost2"
-        assert deploy.split(maxsplit=2)[2] == "switch master -> completed generation None -> 1 commit - " + \
-            deploy.rsplit(" ", 1)[1]
+        assert (
+            deploy.split(maxsplit=2)[2]
+            == "switch master -> completed generation None -> 1 commit - " + deploy.rsplit(" ", 1)[1]
+        )
         doc = json.loads(self.status(nats_server, "--tier", "test", "--json").stdout)
         assert [(h["hostname"], h["generation"], h["commit"], h["drift"]) for h in doc] == [
-            ("testhost1", 1, COMMIT_A, []), ("testhost2", 1, None, [])]
+            ("testhost1", 1, COMMIT_A, []),
+            ("testhost2", 1, None, []),
+        ]
         assert doc[0]["history"][0]["commit"] == COMMIT_A
 
     def test_expect_and_drift(self, nats_server, start_listener):
@@ -1207,8 +1643,9 @@ class TestStatus:
         assert self.status(nats_server, "--tier", "test", "--expect", COMMIT_A[:7]).returncode == 0  # a prefix
         # someone runs nixos-rebuild by hand on testhost2: a generation no deploy left
         two.standin.set_revision(COMMIT_B)
-        subprocess.run([str(two.standin.dir / "bin" / "nixos-rebuild"), "switch"], env=two.env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(two.standin.dir / "bin" / "nixos-rebuild"), "switch"], env=two.env, check=True, capture_output=True
+        )
         r = self.status(nats_server, "--tier", "test", "--expect", COMMIT_A)
         assert r.returncode == 1
         assert r.stdout.count("DRIFT") == 1
@@ -1217,18 +1654,23 @@ class TestStatus:
         r = self.status(nats_server, "--tier", "test", "--expect", COMMIT_B[:12], "--json")
         assert r.returncode == 1
         assert [h["drift"][-1] for h in json.loads(r.stdout)] == [
-            f"last switch was master ({COMMIT_A}), expected {COMMIT_B[:12]}"] * 2
+            f"last switch was master ({COMMIT_A}), expected {COMMIT_B[:12]}"
+        ] * 2
         assert self.status(nats_server, "--tier", "test").returncode == 0  # drift is shown, fails only with --expect
 
     def test_listener_on_a_config_without_status_permission_still_deploys(self, tmp_path):
-        listener = conftest.listener_permissions("testhost1", "test", None)
-        server = conftest.NatsServer(tmp_path, {
-            "testhost1": {**listener, "subscribe": [s for s in listener["subscribe"] if s != hd.STATUS_SUBJECT]},
-            "test-deployer": conftest.FLEET["test-deployer"]})
+        listener = helpers.listener_permissions("testhost1", "test", None)
+        server = helpers.NatsServer(
+            tmp_path,
+            {
+                "testhost1": {**listener, "subscribe": [s for s in listener["subscribe"] if s != hd.STATUS_SUBJECT]},
+                "test-deployer": helpers.FLEET["test-deployer"],
+            },
+        )
         host = None
         try:
             server.start()
-            host = conftest.Listener(server, "testhost1", "test", None, tmp_path).start()
+            host = helpers.Listener(server, "testhost1", "test", None, tmp_path).start()
             assert "status queries not answered" in host.log_text() and "homelab-deploy nats-config" in host.log_text()
             assert run_cli("deploy", "deploy.test.testhost1", *deploy_args(server, "test-deployer")).returncode == 0
             r = self.status(server)
@@ -1241,29 +1683,25 @@ class TestStatus:
     def test_malformed_status_answers_are_refused(self):
         good = {"hostname": "h1", "tier": "test", "deploy_subjects": [], "history": []}
         assert hd.HostStatus.parse(json.dumps(good).encode()).history == []
-        record = {"request": "r1", "action": "switch", "revision": "main", "status": "completed",
-                  "started": "2026-01-01T00:00:00Z", "finished": "2026-01-01T00:00:01Z", "duration_seconds": 1}
-        for bad in ([record] * (hd.HISTORY_LENGTH + 1), [{**record, "commit": "x; rm"}], [{**record, "status": "accepted"}],
-                    [{**record, "finished": "yesterday"}], ["main"], {"a": 1}):
+        record = {
+            "request": "r1",
+            "action": "switch",
+            "revision": "main",
+            "status": "completed",
+            "started": "2026-01-01T00:00:00Z",
+            "finished": "2026-01-01T00:00:01Z",
+            "duration_seconds": 1,
+        }
+        for bad in (
+            [record] * (hd.HISTORY_LENGTH + 1),
+            [{**record, "commit": "x; rm"}],
+            [{**record, "status": "accepted"}],
+            [{**record, "finished": "yesterday"}],
+            ["main"],
+            {"a": 1},
+        ):
             with pytest.raises(hd.ProtocolError):
                 hd.HostStatus.parse(json.dumps({**good, "history": bad}).encode())
-
-
-@pytest.fixture
-def git_repo(tmp_path):
-    """A real git repository with a branch `main` and an annotated tag `v1` on its first commit: (flake URL, git)."""
-    repo = tmp_path / "fleet-config"
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-                              capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-
-    repo.mkdir()
-    git("init", "-q", "-b", "main")
-    git("commit", "-q", "--allow-empty", "-m", "first")
-    git("tag", "-a", "v1", "-m", "release 1")
-    git("commit", "-q", "--allow-empty", "-m", "second")
-    return f"git+file://{repo}?dir=hosts", git
 
 
 @pytest.mark.integration
@@ -1275,29 +1713,60 @@ class TestPin:
         url, git = git_repo
         hosts = [start_listener("testhost1", "test"), start_listener("testhost2", "test", "web")]
         commit = git("rev-parse", "main")
-        r = run_cli("deploy", "deploy.test.all", "--pin", "--flake-url", url, "--branch", "main", "--json",
-                    *deploy_args(nats_server, "test-deployer"))
+        r = run_cli(
+            "deploy",
+            "deploy.test.all",
+            "--pin",
+            "--flake-url",
+            url,
+            "--branch",
+            "main",
+            "--json",
+            *deploy_args(nats_server, "test-deployer"),
+        )
         assert r.returncode == 0, r.stderr
-        assert f"pinned main -> {commit}" in r.stderr and f"2/2 hosts completed (2 completed); main -> {commit}" in r.stderr
+        assert (
+            f"pinned main -> {commit}" in r.stderr
+            and f"2/2 hosts completed (2 completed); main -> {commit}" in r.stderr
+        )
         doc = json.loads(r.stdout)
         assert (doc["revision"], doc["pin"]) == (commit, f"main -> {commit}")
         for host in hosts:
-            assert host.standin.calls == [["switch", "--refresh", "--flake",
-                                           f"git+https://git.example.com/cfg.git?rev={commit}#{host.hostname}"]]
+            assert host.standin.calls == [
+                ["switch", "--refresh", "--flake", f"git+https://git.example.com/cfg.git?rev={commit}#{host.hostname}"]
+            ]
         # an annotated tag pins to its commit, not the tag object; the environment variables do the same
-        r = run_cli("deploy", "deploy.test.testhost1", "--branch", "v1", *deploy_args(nats_server, "test-deployer"),
-                    env={"HOMELAB_DEPLOY_PIN": "1", "HOMELAB_DEPLOY_FLAKE_URL": url})
+        r = run_cli(
+            "deploy",
+            "deploy.test.testhost1",
+            "--branch",
+            "v1",
+            *deploy_args(nats_server, "test-deployer"),
+            env={"HOMELAB_DEPLOY_PIN": "1", "HOMELAB_DEPLOY_FLAKE_URL": url},
+        )
         assert r.returncode == 0 and f"pinned v1 -> {git('rev-parse', 'v1^{commit}')}" in r.stderr, r.stderr
         assert hosts[0].standin.calls[-1][3].endswith(f"?rev={git('rev-parse', 'v1^{commit}')}#testhost1")
         # a rollout sends the pinned commit to every batch
-        r = run_cli("deploy", "deploy.test.all", "--pin", "--flake-url", url, "--branch", "main", "--batch-size", "1",
-                    *deploy_args(nats_server, "test-deployer"))
+        r = run_cli(
+            "deploy",
+            "deploy.test.all",
+            "--pin",
+            "--flake-url",
+            url,
+            "--branch",
+            "main",
+            "--batch-size",
+            "1",
+            *deploy_args(nats_server, "test-deployer"),
+        )
         assert r.returncode == 0 and f"in 2 batches; main -> {commit}" in r.stderr, r.stderr
         assert [h.standin.calls[-1][3] for h in hosts] == [
-            f"git+https://git.example.com/cfg.git?rev={commit}#{h.hostname}" for h in hosts]
+            f"git+https://git.example.com/cfg.git?rev={commit}#{h.hostname}" for h in hosts
+        ]
         # a commit is sent as is, without asking git
-        r = run_cli("deploy", "deploy.test.testhost1", "--pin", "--branch", COMMIT_A,
-                    *deploy_args(nats_server, "test-deployer"))
+        r = run_cli(
+            "deploy", "deploy.test.testhost1", "--pin", "--branch", COMMIT_A, *deploy_args(nats_server, "test-deployer")
+        )
         assert r.returncode == 0 and f"pinned {COMMIT_A} -> {COMMIT_A}" in r.stderr, r.stderr
 
     def test_what_cannot_be_pinned_exits_2_and_sends_nothing(self, nats_server, start_listener, git_repo):
@@ -1305,10 +1774,10 @@ class TestPin:
         host = start_listener("testhost1", "test")
         deploy = ["deploy", "deploy.test.testhost1", "--pin", *deploy_args(nats_server, "test-deployer")]
         for flags, said in [
-                (["--flake-url", url, "--branch", "nope"], "'nope' is neither a branch nor a tag of file://"),
-                (["--branch", "main"], "--pin needs the fleet's git flake URL"),
-                (["--flake-url", "github:example/cfg", "--branch", "main"], "must start with git+https://"),
-                (["--flake-url", "git+file:///nonexistent/repo", "--branch", "main"], "git ls-remote file:///nonexistent"),
+            (["--flake-url", url, "--branch", "nope"], "'nope' is neither a branch nor a tag of file://"),
+            (["--branch", "main"], "--pin needs the fleet's git flake URL"),
+            (["--flake-url", "github:example/cfg", "--branch", "main"], "must start with git+https://"),
+            (["--flake-url", "git+file:///nonexistent/repo", "--branch", "main"], "git ls-remote file:///nonexistent"),
         ]:
             r = run_cli(*deploy, *flags)
             assert r.returncode == 2 and said in r.stderr, (flags, r.stderr)
@@ -1318,23 +1787,32 @@ class TestPin:
     def test_hosts_on_different_commits_are_named(self, nats_server, start_listener):
         start_listener("testhost1", "test").standin.set_revision(COMMIT_A)
         start_listener("testhost2", "test", "web").standin.set_revision(COMMIT_B)
-        r = run_cli("deploy", "deploy.test.all", "--branch", "main", "--json",
-                    *deploy_args(nats_server, "test-deployer"))
+        r = run_cli(
+            "deploy", "deploy.test.all", "--branch", "main", "--json", *deploy_args(nats_server, "test-deployer")
+        )
         assert r.returncode == 0, r.stderr
-        assert (f"warning: the hosts of this deploy now run 2 different commits: {COMMIT_A[:12]} on testhost1; "
-                f"{COMMIT_B[:12]} on testhost2. main moved while they fetched it; deploy with --pin") in r.stderr
+        assert (
+            f"warning: the hosts of this deploy now run 2 different commits: {COMMIT_A[:12]} on testhost1; "
+            f"{COMMIT_B[:12]} on testhost2. main moved while they fetched it; deploy with --pin"
+        ) in r.stderr
         assert [(h["hostname"], h["commit"]) for h in json.loads(r.stdout)["hosts"]] == [
-            ("testhost1", COMMIT_A), ("testhost2", COMMIT_B)]
+            ("testhost1", COMMIT_A),
+            ("testhost2", COMMIT_B),
+        ]
         r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer"))
         assert r.returncode == 0 and "different commits" not in r.stderr
 
 
-DURATION_FLAGS = [(cmd, flag) for cmd, flags in [
-    (["deploy", "deploy.test.all"], ["--timeout", "--answer-window", "--straggler-window"]),
-    (["list-hosts"], ["--answer-window", "--straggler-window"]),
-    (["build", "fleet"], ["--timeout", "--answer-window"]),
-    (["mcp"], ["--timeout", "--build-timeout", "--answer-window", "--straggler-window"]),
-] for flag in flags]
+DURATION_FLAGS = [
+    (cmd, flag)
+    for cmd, flags in [
+        (["deploy", "deploy.test.all"], ["--timeout", "--answer-window", "--straggler-window"]),
+        (["list-hosts"], ["--answer-window", "--straggler-window"]),
+        (["build", "fleet"], ["--timeout", "--answer-window"]),
+        (["mcp"], ["--timeout", "--build-timeout", "--answer-window", "--straggler-window"]),
+    ]
+    for flag in flags
+]
 BAD_DURATIONS = ["nan", "NaN", "inf", "-inf", "0", "-0", "-5", "1e400", "soon", ""]
 DURATION_RULE = "is not a duration: give a finite number of seconds greater than 0"
 
@@ -1346,8 +1824,9 @@ class TestDurationFlags:
     @pytest.mark.parametrize("command,flag", DURATION_FLAGS, ids=[f"{c[0]} {f}" for c, f in DURATION_FLAGS])
     def test_flag_refuses_nan_inf_zero_and_negative(self, command, flag, capsys):
         def parse(value: str):
-            return hd.build_parser().parse_args([*command, "--nats-url", "nats://127.0.0.1:1", "--nkey-file", "k",
-                                                 f"{flag}={value}"])
+            return hd.build_parser().parse_args(
+                [*command, "--nats-url", "nats://127.0.0.1:1", "--nkey-file", "k", f"{flag}={value}"]
+            )
 
         for value in BAD_DURATIONS:
             with pytest.raises(SystemExit) as exit:
@@ -1422,8 +1901,9 @@ def link_distributions(names, into: Path) -> None:
         seen.add(canonicalize_name(dist.metadata["Name"]))
         for entry in {Path(f).parts[0] for f in dist.files} - {"..", "__pycache__"}:
             (into / entry).symlink_to(dist.locate_file(entry))
-        todo += [r.name for r in map(Requirement, dist.requires or [])
-                 if not r.marker or r.marker.evaluate({"extra": ""})]
+        todo += [
+            r.name for r in map(Requirement, dist.requires or []) if not r.marker or r.marker.evaluate({"extra": ""})
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -1431,21 +1911,35 @@ def plain_install(tmp_path_factory) -> Path:
     """The bin directory of a venv with `pip install homelab-deploy` (no extras) from a wheel of this tree, made
     offline: the only other distributions pip can find are the listener's dependencies, linked from this one."""
     work = tmp_path_factory.mktemp("plain-install")
-    src = shutil.copytree(REPO, work / "src",
-                          ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__"))
+    src = shutil.copytree(
+        REPO, work / "src", ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__")
+    )
     # No pip configuration: a configured index or --find-links would supply what the wheel must not need.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation", "-w", work / "wheel", src],
-                   env=env, check=True, timeout=300)  # pytest shows pip's stderr on failure
+    subprocess.run(
+        [*pip, "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation", "-w", work / "wheel", src],
+        env=env,
+        check=True,
+        timeout=300,
+    )  # pytest shows pip's stderr on failure
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", work / "venv"], check=True, timeout=120)
     (work / "deps").mkdir()
     link_distributions(LISTENER_DEPENDENCIES, work / "deps")
-    site = subprocess.run([work / "venv/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [work / "venv/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(site, "listener-deps.pth").write_text(f"{work / 'deps'}\n")
-    r = subprocess.run([*pip, "--python", work / "venv/bin/python", "install", "-q", "--no-index",
-                        *(work / "wheel").glob("*.whl")], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*pip, "--python", work / "venv/bin/python", "install", "-q", "--no-index", *(work / "wheel").glob("*.whl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr  # before the [mcp] extra: "No matching distribution found for mcp>=2.0"
     return work / "venv/bin"
 
@@ -1472,22 +1966,34 @@ class TestInstall:
 
     @pytest.mark.parametrize("program", ["plain install", "drop-in file"])
     def test_listener_deploys(self, request, program, nats_server, start_listener, monkeypatch):
-        argv = request.getfixturevalue("dropin") if program == "drop-in file" else \
-            [str(request.getfixturevalue("plain_install") / "homelab-deploy")]
-        monkeypatch.setattr(conftest, "PROGRAM", argv)  # the listener and the deploy client both run it
+        argv = (
+            request.getfixturevalue("dropin")
+            if program == "drop-in file"
+            else [str(request.getfixturevalue("plain_install") / "homelab-deploy")]
+        )
+        monkeypatch.setattr(helpers, "PROGRAM", argv)  # the listener and the deploy client both run it
         host = start_listener("testhost1", "test")
         r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer"))
         assert r.returncode == 0, r.stderr
-        assert host.standin.calls == [["switch", "--refresh", "--flake",
-                                       "git+https://git.example.com/cfg.git?ref=master#testhost1"]]
+        assert host.standin.calls == [
+            ["switch", "--refresh", "--flake", "git+https://git.example.com/cfg.git?ref=master#testhost1"]
+        ]
 
     @pytest.mark.parametrize("command", ["homelab-deploy mcp", "homelab-deploy-mcp", "homelab_deploy.py mcp"])
     def test_mcp_without_the_extra_names_the_fix(self, request, command):
         program, *rest = command.split()
-        argv = [*request.getfixturevalue("dropin"), *rest] if program == "homelab_deploy.py" else \
-            [str(request.getfixturevalue("plain_install") / program), *rest]
-        r = subprocess.run([*argv, "--nats-url", "nats://127.0.0.1:4222", "--nkey-file", "/nonexistent"],
-                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        argv = (
+            [*request.getfixturevalue("dropin"), *rest]
+            if program == "homelab_deploy.py"
+            else [str(request.getfixturevalue("plain_install") / program), *rest]
+        )
+        r = subprocess.run(
+            [*argv, "--nats-url", "nats://127.0.0.1:4222", "--nkey-file", "/nonexistent"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
         assert (r.returncode, r.stdout, len(r.stderr.splitlines())) == (2, "", 1), r.stderr
         assert r.stderr.startswith("error: this install has no MCP server (No module named ")
         assert "pip install 'homelab-deploy[mcp]', or with Nix use the flake's packages.<system>.mcp" in r.stderr

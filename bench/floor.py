@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The floor homelab-deploy is measured against: bare nats-py processes that import nothing else.
 
-  floor.py responder URL SEED_FILE FIRST END     responders FIRST..END-1, a connection each, on floor.fan and
-                                                floor.echo.<index>: answer every message at once, until killed
-  floor.py client URL SEED_FILE SUBJECT N       connect, publish one request, wait for N answers, exit
+floor.py responder URL SEED_FILE FIRST END     responders FIRST..END-1, a connection each, on floor.fan and
+                                              floor.echo.<index>: answer every message at once, until killed
+floor.py client URL SEED_FILE SUBJECT N       connect, publish one request, wait for N answers, exit
 """
 
 import asyncio
@@ -45,5 +45,8 @@ async def client(url: str, seed_file: str, subject: str, expect: int) -> None:
 
 if __name__ == "__main__":
     mode, url, seed_file, *rest = sys.argv[1:]
-    asyncio.run(responder(url, seed_file, int(rest[0]), int(rest[1])) if mode == "responder"
-                else client(url, seed_file, rest[0], int(rest[1])))
+    asyncio.run(
+        responder(url, seed_file, int(rest[0]), int(rest[1]))
+        if mode == "responder"
+        else client(url, seed_file, rest[0], int(rest[1]))
+    )

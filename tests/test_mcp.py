@@ -1,12 +1,11 @@
 """Tests for the MCP server (homelab_deploy_mcp), driven by a real MCP client over stdio.
 
-Every test starts the server as a subprocess through `mcp.Client` and `stdio_client` against the conftest
+Every test starts the server as a subprocess through `mcp.Client` and `stdio_client` against the nats_server
 nats-server (the spec's tiered NKey permissions) and real listener processes with a stand-in `nixos-rebuild`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -16,57 +15,32 @@ import sys
 import anyio
 import anyio.to_thread
 import pytest
-from mcp import Client, StdioServerParameters, stdio_client
 
 import homelab_deploy as hd
-from conftest import FLEET, REPO, stop_process, wait_for
-from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
-from test_builder import flake, needs_nix, nix_store, start_builder  # noqa: F401 (fixtures for the build tool)
-from test_reliability import stalling_proxy  # noqa: F401 (a fixture: NATS stops answering after a request)
-from test_homelab_deploy import COMMIT_A, git_repo  # noqa: F401 (a fixture: a real git repository for pin)
+from tests.helpers import (
+    COMMIT_A,
+    FLEET,
+    MCP_SCRIPT,
+    REPO,
+    TGKILL,
+    needs_nix,
+    sigterm_to_a_thread,
+    stop_process,
+    text,
+    wait_for,
+)
 
-MCP_SCRIPT = [str(REPO / "homelab_deploy_mcp.py")]
 CLI_MCP = [str(REPO / "homelab_deploy.py"), "mcp"]
-ANSWER_WINDOW = "1"  # local listeners answer within milliseconds; keeps the nobody-answers cases short
-
-pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def mcp_server(nats_server, tmp_path):
-    """Connect an MCP client to a fresh server process (stopped when the `async with` ends); its stderr is kept."""
-    errlog = tmp_path / "mcp-stderr.log"
-
-    @contextlib.asynccontextmanager
-    async def connect(*flags: str, user: str = "test-deployer", program: list[str] = MCP_SCRIPT):
-        args = [*program, "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds[user]),
-                "--answer-window", ANSWER_WINDOW, *flags]
-        with open(errlog, "a") as err:
-            params = StdioServerParameters(command=sys.executable, args=args, cwd=str(REPO))
-            async with Client(stdio_client(params, errlog=err)) as client:
-                yield client
-
-    connect.errlog = errlog
-    yield connect
-    # An exception a tool did not expect reaches the assistant only as "Error executing tool ..."; none may occur.
-    assert not errlog.exists() or "Traceback" not in errlog.read_text(), errlog.read_text()
-
-
-def text(result) -> str:
-    return "\n".join(block.text for block in result.content)
+pytestmark = pytest.mark.anyio
 
 
 async def until(condition, what: str):
-    """conftest.wait_for on a worker thread, so the client's event loop keeps reading the server."""
+    """helpers.wait_for on a worker thread, so the client's event loop keeps reading the server."""
     return await anyio.to_thread.run_sync(lambda: wait_for(condition, what=what))
 
 
 # ---------------------------------------------------------------- start-up and tool lists
+
 
 def test_cli_never_imports_mcp():
     code = "import homelab_deploy, sys; homelab_deploy.build_parser(); assert 'mcp' not in sys.modules"
@@ -76,9 +50,22 @@ def test_cli_never_imports_mcp():
 @pytest.mark.parametrize("program", [MCP_SCRIPT, CLI_MCP], ids=["homelab_deploy_mcp.py", "homelab_deploy.py mcp"])
 def test_running_a_file_as_a_script_loads_each_module_once(tmp_path, program):
     """The script is __main__; the other module's `import` of it must find that one, not load the file again."""
-    r = subprocess.run([sys.executable, "-X", "importtime", *program, "--nats-url", "nats://127.0.0.1:1",
-                        "--nkey-file", str(tmp_path / "missing.seed")],
-                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            *program,
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--nkey-file",
+            str(tmp_path / "missing.seed"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 2 and "cannot read NKey seed file" in r.stderr, r.stderr
     loaded = [line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
     script = "homelab_deploy_mcp" if program == MCP_SCRIPT else "homelab_deploy"
@@ -89,31 +76,57 @@ def test_running_a_file_as_a_script_loads_each_module_once(tmp_path, program):
 @pytest.mark.parametrize("env", [{}, {"HOMELAB_DEPLOY_ENABLE_ADMIN": "yes"}], ids=["flag", "env"])
 def test_enable_admin_without_key_is_a_startup_error(nats_server, program, env):
     flags = [] if env else ["--enable-admin"]
-    r = subprocess.run([sys.executable, *program, "--nats-url", nats_server.url,
-                        "--nkey-file", str(nats_server.seeds["test-deployer"]), *flags],
-                       capture_output=True, text=True, timeout=60, env={**os.environ, **env},
-                       stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [
+            sys.executable,
+            *program,
+            "--nats-url",
+            nats_server.url,
+            "--nkey-file",
+            str(nats_server.seeds["test-deployer"]),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 2, r.stderr
     assert "--enable-admin needs --admin-nkey-file" in r.stderr and r.stdout == ""
 
 
 def test_flags_from_env_vars(monkeypatch, capsys):
-    for name, value in [("NATS_URL", "nats://nats.example:4222"), ("NKEY_FILE", "/run/mcp.seed"),
-                        ("ENABLE_ADMIN", "true"), ("ADMIN_NKEY_FILE", "/run/admin.seed"), ("ENABLE_BUILDS", "1"),
-                        ("TIMEOUT", "60"), ("BUILD_TIMEOUT", "120")]:
+    for name, value in [
+        ("NATS_URL", "nats://nats.example:4222"),
+        ("NKEY_FILE", "/run/mcp.seed"),
+        ("ENABLE_ADMIN", "true"),
+        ("ADMIN_NKEY_FILE", "/run/admin.seed"),
+        ("ENABLE_BUILDS", "1"),
+        ("TIMEOUT", "60"),
+        ("BUILD_TIMEOUT", "120"),
+    ]:
         monkeypatch.setenv(f"HOMELAB_DEPLOY_{name}", value)
     args = hd.build_parser().parse_args(["mcp"])
-    assert (args.nats_url, args.nkey_file, args.enable_admin, args.admin_nkey_file, args.enable_builds,
-            args.timeout, args.build_timeout) == ("nats://nats.example:4222", "/run/mcp.seed", True,
-                                                  "/run/admin.seed", True, 60, 120)
+    assert (
+        args.nats_url,
+        args.nkey_file,
+        args.enable_admin,
+        args.admin_nkey_file,
+        args.enable_builds,
+        args.timeout,
+        args.build_timeout,
+    ) == ("nats://nats.example:4222", "/run/mcp.seed", True, "/run/admin.seed", True, 60, 120)
     monkeypatch.setenv("HOMELAB_DEPLOY_ENABLE_ADMIN", "no")
     assert hd.build_parser().parse_args(["mcp"]).enable_admin is False
     monkeypatch.setenv("HOMELAB_DEPLOY_ENABLE_BUILDS", "maybe")
     with pytest.raises(SystemExit) as exit:
         hd.build_parser()
     assert exit.value.code == 2  # like any invalid argument
-    assert "$HOMELAB_DEPLOY_ENABLE_BUILDS: 'maybe' is not a boolean: give 1, true, yes, 0, false or no" in \
-        capsys.readouterr().err
+    assert (
+        "$HOMELAB_DEPLOY_ENABLE_BUILDS: 'maybe' is not a boolean: give 1, true, yes, 0, false or no"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.skipif(TGKILL is None, reason="tgkill's syscall number is known for x86_64 and aarch64 only")
@@ -123,12 +136,25 @@ def test_sigterm_to_any_thread_stops_the_server(nats_server, tmp_path):
     for run in range(10):
         err = tmp_path / f"stderr{run}"
         with open(err, "wb") as stderr:
-            proc = subprocess.Popen([sys.executable, *MCP_SCRIPT, "--nats-url", nats_server.url, "--nkey-file",
-                                     str(nats_server.seeds["test-deployer"])], stdin=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    *MCP_SCRIPT,
+                    "--nats-url",
+                    nats_server.url,
+                    "--nkey-file",
+                    str(nats_server.seeds["test-deployer"]),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         try:
-            wait_for(lambda: "MCP server on stdio" in err.read_text() and len(os.listdir(f"/proc/{proc.pid}/task")) > 1,
-                     what="the MCP server to serve")
+            wait_for(
+                lambda: "MCP server on stdio" in err.read_text() and len(os.listdir(f"/proc/{proc.pid}/task")) > 1,
+                what="the MCP server to serve",
+            )
             sigterm_to_a_thread(proc.pid, run)
             exits.append(proc.wait(30))
         finally:
@@ -139,21 +165,32 @@ def test_sigterm_to_any_thread_stops_the_server(nats_server, tmp_path):
 
 
 def test_unreadable_key_is_a_startup_error(nats_server, tmp_path):
-    r = subprocess.run([sys.executable, *MCP_SCRIPT, "--nats-url", nats_server.url,
-                        "--nkey-file", str(tmp_path / "missing.seed")],
-                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [sys.executable, *MCP_SCRIPT, "--nats-url", nats_server.url, "--nkey-file", str(tmp_path / "missing.seed")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 2 and "cannot read NKey seed file" in r.stderr
 
 
 async def test_secrets_never_reach_stderr_or_tool_errors(mcp_server, nats_server):
     seed = nats_server.seeds["test-deployer"].read_text().strip()
-    r = subprocess.run([sys.executable, *MCP_SCRIPT, "--nats-url", nats_server.url, "--nkey-file", seed],
-                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [sys.executable, *MCP_SCRIPT, "--nats-url", nats_server.url, "--nkey-file", seed],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 2 and "cannot read NKey seed file <an NKey seed, redacted>" in r.stderr, r.stderr
     assert seed not in r.stderr
     password_url = nats_server.url.replace("nats://", "nats://deploy:s3cret@")
-    for url, message in ((password_url, "no host answered discovery"),
-                         ("nats://deploy:s3cret@127.0.0.1:1", "cannot reach NATS at nats://deploy:***@127.0.0.1:1")):
+    for url, message in (
+        (password_url, "no host answered discovery"),
+        ("nats://deploy:s3cret@127.0.0.1:1", "cannot reach NATS at nats://deploy:***@127.0.0.1:1"),
+    ):
         async with mcp_server("--nats-url", url) as client:
             result = await client.call_tool("list_hosts", {})
             assert result.is_error and message in text(result) and "s3cret" not in text(result), text(result)
@@ -162,21 +199,35 @@ async def test_secrets_never_reach_stderr_or_tool_errors(mcp_server, nats_server
     assert f"connected to NATS at deploy:***@127.0.0.1:{nats_server.port}" in stderr and "s3cret" not in stderr
 
 
-@pytest.mark.parametrize("flags,tools", [
-    ([], {"deploy", "list_hosts", "fleet_status"}),
-    (["--enable-builds"], {"deploy", "list_hosts", "fleet_status", "build"}),
-    (["--enable-admin", "--admin-nkey-file", "ADMIN"], {"deploy", "deploy_admin", "list_hosts", "fleet_status"}),
-    (["--enable-admin", "--admin-nkey-file", "ADMIN", "--enable-builds"],
-     {"deploy", "deploy_admin", "list_hosts", "fleet_status", "build"}),
-])
+@pytest.mark.parametrize(
+    "flags,tools",
+    [
+        ([], {"deploy", "list_hosts", "fleet_status"}),
+        (["--enable-builds"], {"deploy", "list_hosts", "fleet_status", "build"}),
+        (["--enable-admin", "--admin-nkey-file", "ADMIN"], {"deploy", "deploy_admin", "list_hosts", "fleet_status"}),
+        (
+            ["--enable-admin", "--admin-nkey-file", "ADMIN", "--enable-builds"],
+            {"deploy", "deploy_admin", "list_hosts", "fleet_status", "build"},
+        ),
+    ],
+)
 async def test_tool_lists(mcp_server, nats_server, flags, tools):
     flags = [str(nats_server.seeds["admin"]) if f == "ADMIN" else f for f in flags]
     async with mcp_server(*flags) as client:
         listed = {t.name: t for t in (await client.list_tools()).tools}
     assert set(listed) == tools
     deploy = listed["deploy"].input_schema
-    assert set(deploy["properties"]) == {"hostname", "all", "role", "branch", "action", "pin",  # no tier to choose
-                                         "canary", "batch_size", "max_failures"}
+    assert set(deploy["properties"]) == {
+        "hostname",
+        "all",
+        "role",
+        "branch",
+        "action",
+        "pin",  # no tier to choose
+        "canary",
+        "batch_size",
+        "max_failures",
+    }
     assert deploy["properties"]["branch"]["default"] == "master"
     assert deploy["properties"]["action"]["enum"] == ["switch", "boot", "test", "dry-activate"]
     assert deploy["properties"]["action"]["default"] == "switch"
@@ -205,6 +256,7 @@ async def test_same_tools_through_the_cli(mcp_server):
 
 # ---------------------------------------------------------------- list_hosts and deploy (test tier)
 
+
 async def test_list_hosts_and_tier_filter(mcp_server, start_listener):
     start_listener("testhost1", "test")
     start_listener("testhost2", "test", "web")
@@ -218,7 +270,10 @@ async def test_list_hosts_and_tier_filter(mcp_server, start_listener):
         assert "tier prod, role dns, idle, UNSIGNED" in lines[1] and "deploy.prod.role.dns" in lines[1]
         assert all(h["unsigned"] for h in result.structured_content["hosts"])  # none has trusted keys
         assert [(h["hostname"], h["tier"], h["role"]) for h in result.structured_content["hosts"]] == [
-            ("dns1", "prod", "dns"), ("testhost1", "test", None), ("testhost2", "test", "web")]
+            ("dns1", "prod", "dns"),
+            ("testhost1", "test", None),
+            ("testhost2", "test", "web"),
+        ]
         result = await client.call_tool("list_hosts", {"tier": "prod"})
         assert [h["hostname"] for h in result.structured_content["hosts"]] == ["dns1"]
         result = await client.call_tool("list_hosts", {"tier": "staging"})
@@ -241,20 +296,26 @@ async def test_fleet_status_reports_commits_history_and_drift(mcp_server, start_
         lines = text(result).splitlines()
         assert lines[0] == "2 hosts, 0 drifted"
         assert lines[1].startswith("dns1: tier prod, role dns, idle, generation None, commit unknown, last deploy -")
-        assert lines[2].startswith(f"testhost1: tier test, role -, idle, generation 1, commit {COMMIT_A}, last "
-                                   "deploy switch master completed 0m ago")
+        assert lines[2].startswith(
+            f"testhost1: tier test, role -, idle, generation 1, commit {COMMIT_A}, last "
+            "deploy switch master completed 0m ago"
+        )
         [host] = [h for h in result.structured_content["hosts"] if h["hostname"] == "testhost1"]
         assert (host["generation"], host["commit"], host["drift"]) == (1, COMMIT_A, [])
-        assert [(r["action"], r["revision"], r["status"]) for r in host["history"]] == [("switch", "master", "completed")]
+        assert [(r["action"], r["revision"], r["status"]) for r in host["history"]] == [
+            ("switch", "master", "completed")
+        ]
         # someone switches testhost1 by hand: drift, and an error result so an assistant does not read it as fine
-        subprocess.run([str(one.standin.dir / "bin" / "nixos-rebuild"), "switch"], env=one.env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(one.standin.dir / "bin" / "nixos-rebuild"), "switch"], env=one.env, check=True, capture_output=True
+        )
         result = await client.call_tool("fleet_status", {"tier": "test", "expect": "bbbbbbb"})
         assert result.is_error
         assert text(result).splitlines()[0] == "1 host, 1 drifted"
         assert result.structured_content["hosts"][0]["drift"] == [
             "generation 2 was made outside homelab-deploy (its last deploy left 1)",
-            "last switch was master (" + COMMIT_A + "), expected bbbbbbb"]
+            "last switch was master (" + COMMIT_A + "), expected bbbbbbb",
+        ]
         result = await client.call_tool("fleet_status", {"expect": "x; rm -rf /"})
         assert result.is_error and "invalid expect" in text(result)
     assert len(two.standin.calls) == 0
@@ -271,7 +332,9 @@ async def test_deploy_with_pin_sends_one_commit(mcp_server, start_listener, git_
         result = await client.call_tool("deploy", {"hostname": "testhost1", "branch": "main", "pin": True})
         assert not result.is_error, text(result)
         commit = git("rev-parse", "main")
-        assert text(result).splitlines()[0] == f"1/1 hosts completed on deploy.test.testhost1 (switch of main -> {commit})"
+        assert (
+            text(result).splitlines()[0] == f"1/1 hosts completed on deploy.test.testhost1 (switch of main -> {commit})"
+        )
         result = await client.call_tool("deploy", {"hostname": "testhost1", "branch": "gone", "pin": True})
         assert result.is_error and "'gone' is neither a branch nor a tag" in text(result)
     assert [call[3] for call in host.standin.calls] == [f"git+https://git.example.com/cfg.git?rev={commit}#testhost1"]
@@ -285,18 +348,24 @@ async def test_deploy_to_a_test_host_completes_with_progress(mcp_server, start_l
         progress.append((value, message))
 
     async with mcp_server() as client:
-        result = await client.call_tool("deploy", {"hostname": "testhost1", "branch": "release/1.2", "action": "boot"},
-                                        progress_callback=on_progress)
+        result = await client.call_tool(
+            "deploy",
+            {"hostname": "testhost1", "branch": "release/1.2", "action": "boot"},
+            progress_callback=on_progress,
+        )
     assert not result.is_error, text(result)
     summary, line = text(result).splitlines()
     assert summary == "1/1 hosts completed on deploy.test.testhost1 (boot of release/1.2)"
-    assert line.startswith('testhost1: completed - "Successfully set generation 1 as the boot default') and line.endswith("s)")
+    assert line.startswith(
+        'testhost1: completed - "Successfully set generation 1 as the boot default'
+    ) and line.endswith("s)")
     doc = result.structured_content
     assert doc["success"] is True and doc["summary"] == summary and doc["target"] == "deploy.test.testhost1"
     assert [(h["hostname"], h["status"], h["error"]) for h in doc["hosts"]] == [("testhost1", "completed", None)]
     assert doc["hosts"][0]["duration_seconds"] > 0
-    assert host.standin.calls == [["boot", "--refresh", "--flake",
-                                   "git+https://git.example.com/cfg.git?ref=release/1.2#testhost1"]]
+    assert host.standin.calls == [
+        ["boot", "--refresh", "--flake", "git+https://git.example.com/cfg.git?ref=release/1.2#testhost1"]
+    ]
     assert [m.split()[1] for _, m in progress] == ["accepted", "started", "completed"]
     assert [v for v, _ in progress] == [1, 2, 3]
 
@@ -314,8 +383,10 @@ async def test_deploys_are_signed_with_the_servers_key(mcp_server, nats_server, 
 
 
 async def test_deploy_all_and_role_stay_in_the_test_tier(mcp_server, start_listener):
-    hosts = {name: start_listener(name, tier, role) for name, tier, role in
-             [("testhost1", "test", None), ("testhost2", "test", "web"), ("dns1", "prod", "dns")]}
+    hosts = {
+        name: start_listener(name, tier, role)
+        for name, tier, role in [("testhost1", "test", None), ("testhost2", "test", "web"), ("dns1", "prod", "dns")]
+    }
     async with mcp_server() as client:
         result = await client.call_tool("deploy", {"all": True})
         assert not result.is_error, text(result)
@@ -344,13 +415,26 @@ async def test_a_malformed_answer_does_not_hide_the_other_hosts(mcp_server, star
     """A listener's credential may publish to any deploy reply subject: one answer with a duration of "soon", ahead
     of the genuine ones, is logged and skipped, and the tool reports both hosts."""
     hosts = [start_listener("testhost1", "test"), start_listener("testhost2", "test", "web")]
-    rogue("testhost1", "deploy.test.all", *hosts).load([json.dumps({
-        "hostname": "testhost1", "status": "accepted", "error": None, "message": "", "duration_seconds": "soon"}).encode()])
+    rogue("testhost1", "deploy.test.all", *hosts).load(
+        [
+            json.dumps(
+                {
+                    "hostname": "testhost1",
+                    "status": "accepted",
+                    "error": None,
+                    "message": "",
+                    "duration_seconds": "soon",
+                }
+            ).encode()
+        ]
+    )
     async with mcp_server() as client:
         result = await client.call_tool("deploy", {"all": True})
     assert not result.is_error, text(result)
     assert [(h["hostname"], h["status"]) for h in result.structured_content["hosts"]] == [
-        ("testhost1", "completed"), ("testhost2", "completed")]
+        ("testhost1", "completed"),
+        ("testhost2", "completed"),
+    ]
     assert "malformed deploy answer: duration_seconds is 'soon'" in mcp_server.errlog.read_text()
 
 
@@ -366,22 +450,30 @@ async def test_rollout_stops_at_a_failed_canary_then_runs_in_batches(mcp_server,
         progress.append(message)
 
     async with mcp_server("--enable-admin", "--admin-nkey-file", str(nats_server.seeds["admin"])) as client:
-        result = await client.call_tool("deploy", {"all": True, "canary": 1, "max_failures": 5},
-                                        progress_callback=on_progress)
+        result = await client.call_tool(
+            "deploy", {"all": True, "canary": 1, "max_failures": 5}, progress_callback=on_progress
+        )
         assert result.is_error
-        assert text(result).splitlines()[0] == ("0/2 hosts completed on deploy.test.all (switch of master) in 2 "
-                                                "batches; 1 skipped: the rollout stopped")
+        assert text(result).splitlines()[0] == (
+            "0/2 hosts completed on deploy.test.all (switch of master) in 2 batches; 1 skipped: the rollout stopped"
+        )
         assert [(h["hostname"], h["status"]) for h in result.structured_content["hosts"]] == [
-            ("testhost1", "failed"), ("testhost2", "skipped")]
+            ("testhost1", "failed"),
+            ("testhost2", "skipped"),
+        ]
         assert "canary: deploying testhost1" in progress and "stopping the rollout: the canary failed" in progress
         assert second.standin.calls == []
         first.standin.set_mode("succeed")
         result = await client.call_tool("deploy", {"all": True, "batch_size": "1"})
-        assert not result.is_error and "2/2 hosts completed on deploy.test.all (switch of master) in 2 batches" \
-            == text(result).splitlines()[0], text(result)
-        for arguments, message in [({"batch_size": "0%"}, "invalid batch_size: '0%' is not a batch size"),
-                                   ({"canary": -1}, "greater than or equal to 0"),
-                                   ({"max_failures": -1}, "greater than or equal to 0")]:
+        assert (
+            not result.is_error
+            and "2/2 hosts completed on deploy.test.all (switch of master) in 2 batches" == text(result).splitlines()[0]
+        ), text(result)
+        for arguments, message in [
+            ({"batch_size": "0%"}, "invalid batch_size: '0%' is not a batch size"),
+            ({"canary": -1}, "greater than or equal to 0"),
+            ({"max_failures": -1}, "greater than or equal to 0"),
+        ]:
             result = await client.call_tool("deploy", {"all": True, **arguments})
             assert result.is_error and message in text(result), (arguments, text(result))
         result = await client.call_tool("deploy_admin", {"tier": "prod", "all": True, "canary": 1})
@@ -391,11 +483,16 @@ async def test_rollout_stops_at_a_failed_canary_then_runs_in_batches(mcp_server,
 
 # The test credential and the deploy tool must not reach dns1 (prod) whatever the arguments.
 CRAFTED_TARGETS = [
-    ({"hostname": "../dns1"}, "invalid hostname"), ({"hostname": "dns1.x"}, "invalid hostname"),
-    ({"hostname": "*"}, "invalid hostname"), ({"hostname": ">"}, "invalid hostname"),
-    ({"hostname": "prod.dns1"}, "invalid hostname"), ({"hostname": "deploy.prod.dns1"}, "invalid hostname"),
-    ({"hostname": "dns1 "}, "invalid hostname"), ({"hostname": ""}, "invalid hostname"),
-    ({"role": "dns.>"}, "invalid role"), ({"role": "*"}, "invalid role"),
+    ({"hostname": "../dns1"}, "invalid hostname"),
+    ({"hostname": "dns1.x"}, "invalid hostname"),
+    ({"hostname": "*"}, "invalid hostname"),
+    ({"hostname": ">"}, "invalid hostname"),
+    ({"hostname": "prod.dns1"}, "invalid hostname"),
+    ({"hostname": "deploy.prod.dns1"}, "invalid hostname"),
+    ({"hostname": "dns1 "}, "invalid hostname"),
+    ({"hostname": ""}, "invalid hostname"),
+    ({"role": "dns.>"}, "invalid role"),
+    ({"role": "*"}, "invalid role"),
     ({"hostname": "dns1"}, "no host answered on deploy.test.dns1"),
     ({"role": "dns"}, "no host answered on deploy.test.role.dns"),
     ({"hostname": "dns1", "tier": "prod"}, "no host answered on deploy.test.dns1"),  # no tier to set: ignored
@@ -415,14 +512,16 @@ async def test_deploy_cannot_reach_prod(mcp_server, start_listener):
 
 
 INVALID_ARGUMENTS = [
-    ({}, "give exactly one target"), ({"hostname": "testhost1", "all": True}, "got hostname and all"),
+    ({}, "give exactly one target"),
+    ({"hostname": "testhost1", "all": True}, "got hostname and all"),
     ({"hostname": "testhost1", "role": "web"}, "got hostname and role"),
     ({"hostname": "testhost1", "branch": "main;id"}, "invalid branch"),
     ({"hostname": "testhost1", "branch": "--upgrade"}, "invalid branch"),
     ({"hostname": "testhost1", "branch": "main#evil"}, "invalid branch"),
     ({"hostname": "testhost1", "action": "reboot"}, "Input should be 'switch', 'boot', 'test' or 'dry-activate'"),
     ({"hostname": "testhost1", "action": "switch; id"}, "literal_error"),
-    ({"hostname": ["testhost1"]}, "hostname"), ({"all": "yes please"}, "all"),
+    ({"hostname": ["testhost1"]}, "hostname"),
+    ({"all": "yes please"}, "all"),
 ]
 
 
@@ -450,12 +549,15 @@ async def test_timeout_is_an_error_result_and_the_server_stays_responsive(mcp_se
             outcome = {}
 
             async def deploy():
-                outcome["result"] = await client.call_tool("deploy", {"hostname": "testhost1"},
-                                                           progress_callback=on_progress)
+                outcome["result"] = await client.call_tool(
+                    "deploy", {"hostname": "testhost1"}, progress_callback=on_progress
+                )
 
             tg.start_soon(deploy)
-            await until(lambda: host.standin.pids and sum("still running" in m for m in progress) >= 2,
-                        "a running deploy with heartbeats as progress")
+            await until(
+                lambda: host.standin.pids and sum("still running" in m for m in progress) >= 2,
+                "a running deploy with heartbeats as progress",
+            )
             listed = await client.call_tool("list_hosts", {})  # answered while the deploy call is open
             assert "testhost1: tier test, role -, deploying" in text(listed)
             host.standin.release()
@@ -473,7 +575,11 @@ async def test_timeout_is_an_error_result_and_the_server_stays_responsive(mcp_se
 async def test_nats_outages_are_tool_errors_and_nothing_is_sent_late(mcp_server, nats_server, start_listener):
     nats_server.stop()
     async with mcp_server() as client:
-        assert {t.name for t in (await client.list_tools()).tools} == {"deploy", "list_hosts", "fleet_status"}  # started anyway
+        assert {t.name for t in (await client.list_tools()).tools} == {
+            "deploy",
+            "list_hosts",
+            "fleet_status",
+        }  # started anyway
         result = await client.call_tool("list_hosts", {})
         assert result.is_error and "cannot reach NATS" in text(result)
         nats_server.start_again()
@@ -481,7 +587,11 @@ async def test_nats_outages_are_tool_errors_and_nothing_is_sent_late(mcp_server,
         assert not (await client.call_tool("list_hosts", {})).is_error  # connected on this call
         nats_server.stop()
         result = await client.call_tool("deploy", {"hostname": "testhost1"})
-        assert result.is_error and "not connected to NATS (reconnecting" in text(result) and "nothing was sent" in text(result)
+        assert (
+            result.is_error
+            and "not connected to NATS (reconnecting" in text(result)
+            and "nothing was sent" in text(result)
+        )
         nats_server.start_again()
         await until(lambda: "reconnected to NATS" in mcp_server.errlog.read_text(), "the server to reconnect")
         result = await client.call_tool("deploy", {"hostname": "testhost1"})
@@ -495,8 +605,10 @@ async def test_a_denial_counts_for_its_own_call_only(mcp_server, nats_server, st
 
     def reload_with(publish: list[str]) -> None:
         fleet = {**FLEET, "test-deployer": {**FLEET["test-deployer"], "publish": publish}}
-        nats_server.write_config([{"nkey": nats_server.public[name], "permissions": permissions}
-                                  for name, permissions in fleet.items()], nats_server.port)
+        nats_server.write_config(
+            [{"nkey": nats_server.public[name], "permissions": permissions} for name, permissions in fleet.items()],
+            nats_server.port,
+        )
         log = nats_server.workdir / "nats.log"
         reloads = log.read_text().count("Reloaded server configuration")
         nats_server.proc.send_signal(signal.SIGHUP)
@@ -521,16 +633,22 @@ async def test_stall_after_publishing_is_outcome_unknown(mcp_server, start_liste
     async with mcp_server("--nats-url", stalling_proxy.url) as client:
         result = await client.call_tool("deploy", {"hostname": "testhost1"})
     assert stalling_proxy.stalled.is_set()
-    assert text(result).startswith("OUTCOME UNKNOWN: the request on deploy.test.testhost1 went out but was not "
-                                   "confirmed"), text(result)
+    assert text(result).startswith(
+        "OUTCOME UNKNOWN: the request on deploy.test.testhost1 went out but was not confirmed"
+    ), text(result)
     assert "Do not retry blindly: call list_hosts to see which hosts are deploying now" in text(result)
     assert result.is_error and result.structured_content == {
-        "summary": text(result), "success": False, "target": "deploy.test.testhost1", "hosts": []}
+        "summary": text(result),
+        "success": False,
+        "target": "deploy.test.testhost1",
+        "hosts": [],
+    }
     wait_for(lambda: "completed in" in host.log_text(), what="the deploy to end")
     assert len(host.standin.calls) == 1
 
 
 # ---------------------------------------------------------------- deploy_admin
+
 
 async def test_deploy_admin_reaches_prod_on_its_own_credential(mcp_server, nats_server, start_listener):
     prod = start_listener("dns1", "prod", "dns")
@@ -542,8 +660,11 @@ async def test_deploy_admin_reaches_prod_on_its_own_credential(mcp_server, nats_
         assert result.structured_content["target"] == "deploy.prod.role.dns" and not result.is_error
         result = await client.call_tool("deploy", {"hostname": "dns1"})  # still the test tier and credential
         assert result.is_error
-        for arguments in ({"hostname": "dns1"}, {"tier": "staging", "hostname": "dns1"},
-                          {"tier": "prod", "hostname": "dns1.>"}):
+        for arguments in (
+            {"hostname": "dns1"},
+            {"tier": "staging", "hostname": "dns1"},
+            {"tier": "prod", "hostname": "dns1.>"},
+        ):
             result = await client.call_tool("deploy_admin", arguments)
             assert result.is_error, arguments
     assert [call[0] for call in prod.standin.calls] == ["switch", "test"]
@@ -559,6 +680,7 @@ async def test_admin_tool_with_a_test_credential_is_permission_denied(mcp_server
 
 
 # ---------------------------------------------------------------- build
+
 
 @needs_nix
 async def test_build_reports_per_host_results(mcp_server, start_builder, flake):
@@ -578,13 +700,18 @@ async def test_build_reports_per_host_results(mcp_server, start_builder, flake):
         doc = result.structured_content
         assert doc["success"] is False and doc["target"] == "build.fleet.all"
         assert [(h["hostname"], h["status"]) for h in doc["hosts"]] == [
-            ("broken", "failed"), ("good1", "completed"), ("good2", "completed")]
+            ("broken", "failed"),
+            ("good1", "completed"),
+            ("good2", "completed"),
+        ]
         assert all(h["duration_seconds"] > 0 for h in doc["hosts"])
         assert sorted(m.split()[0] for m in progress if m.startswith("[")) == ["[1/3]", "[2/3]", "[3/3]"]
         result = await client.call_tool("build", {"repo": "fleet", "target": "good1", "branch": "main"})
         assert not result.is_error, text(result)
-        assert text(result).splitlines()[0] == "1/1 hosts completed on build.fleet.good1 (branch main): " \
-                                               '"built 1/1 hosts successfully"'
+        assert (
+            text(result).splitlines()[0] == "1/1 hosts completed on build.fleet.good1 (branch main): "
+            '"built 1/1 hosts successfully"'
+        )
         for arguments, message in [
             ({"repo": "fleet", "target": "good1", "all": True}, "not both"),
             ({"repo": "fleet", "target": "bad;name"}, "invalid build request"),

@@ -22,9 +22,10 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import REPO
 
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
 
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.skipif(
     reason="nix-instantiate not found (Debian: apt-get install nix-bin)",
 )
 
-REPO = Path(__file__).resolve().parent
 NIXLIB = REPO / "tests" / "nixlib"
 NIXPKGS_LIB = os.environ.get("NIXPKGS_LIB", "")
 
@@ -149,9 +149,14 @@ class NixRunner:
             "--eval",
             "--strict",
             "--json",
-            "--argstr", "nixlib", str(NIXLIB),
-            "--argstr", "nixpkgsLib", NIXPKGS_LIB,
-            "-E", "{ nixlib, nixpkgsLib }: " + expr,
+            "--argstr",
+            "nixlib",
+            str(NIXLIB),
+            "--argstr",
+            "nixpkgsLib",
+            NIXPKGS_LIB,
+            "-E",
+            "{ nixlib, nixpkgsLib }: " + expr,
         )
 
     # -- the module under test ------------------------------------------
@@ -241,9 +246,12 @@ def builder_argv(nix, host_cfg):
 
 
 DEFAULT_SUBJECT_ARGS = [
-    "--deploy-subject", "deploy.<tier>.<hostname>",
-    "--deploy-subject", "deploy.<tier>.all",
-    "--deploy-subject", "deploy.<tier>.role.<role>",
+    "--deploy-subject",
+    "deploy.<tier>.<hostname>",
+    "--deploy-subject",
+    "deploy.<tier>.all",
+    "--deploy-subject",
+    "deploy.<tier>.role.<role>",
 ]
 
 
@@ -251,9 +259,7 @@ DEFAULT_SUBJECT_ARGS = [
 
 
 NIX_FILES = sorted(
-    p.relative_to(REPO).as_posix()
-    for p in REPO.rglob("*.nix")
-    if ".git" not in p.relative_to(REPO).parts
+    p.relative_to(REPO).as_posix() for p in REPO.rglob("*.nix") if ".git" not in p.relative_to(REPO).parts
 )
 
 
@@ -284,15 +290,23 @@ def test_listener_minimal_exec_start(nix):
     assert argv[0].startswith("/nix/store/") and argv[0].endswith(EXE_SUFFIX)
     assert argv[1:] == [
         "listener",
-        "--hostname", "web1",
-        "--tier", "prod",
-        "--nats-url", "nats://nats.example.com:4222",
-        "--nkey-file", "/run/secrets/homelab-deploy-nkey",
-        "--flake-url", "git+https://git.example.com/user/nixos-configs.git",
-        "--timeout", "600",
-        "--rollback-timeout", "120",
+        "--hostname",
+        "web1",
+        "--tier",
+        "prod",
+        "--nats-url",
+        "nats://nats.example.com:4222",
+        "--nkey-file",
+        "/run/secrets/homelab-deploy-nkey",
+        "--flake-url",
+        "git+https://git.example.com/user/nixos-configs.git",
+        "--timeout",
+        "600",
+        "--rollback-timeout",
+        "120",
         *DEFAULT_SUBJECT_ARGS,
-        "--discover-subject", "deploy.discover",
+        "--discover-subject",
+        "deploy.discover",
         "--restart-after-switch",
         "--require-signed",
     ]
@@ -357,11 +371,7 @@ def test_listener_metrics(nix):
     assert argv[-3:] == ["--metrics-enabled", "--metrics-addr", ":9972"]
     assert nix.host(cfg, "cfg.networking.firewall.allowedTCPPorts") == []
 
-    cfg = host(
-        listener=listener_config(
-            metrics={"enable": True, "address": "127.0.0.1:9100", "openFirewall": True}
-        )
-    )
+    cfg = host(listener=listener_config(metrics={"enable": True, "address": "127.0.0.1:9100", "openFirewall": True}))
     argv = listener_argv(nix, cfg)
     assert argv[-3:] == ["--metrics-enabled", "--metrics-addr", "127.0.0.1:9100"]
     assert nix.host(cfg, "cfg.networking.firewall.allowedTCPPorts") == [9100]
@@ -403,7 +413,7 @@ def test_listener_custom_subjects_timeout_and_extra_args(nix):
     subjects = [argv[i + 1] for i, a in enumerate(argv) if a == "--deploy-subject"]
     assert subjects == ["deploy.<tier>.<hostname>", "deploy.lab.special"]
     assert argv[argv.index("--discover-subject") + 1] == "lab.discover"
-    assert argv[-len(extra):] == extra
+    assert argv[-len(extra) :] == extra
 
 
 def test_listener_rollback_timeout(nix):
@@ -417,8 +427,14 @@ def test_listener_rollback_timeout(nix):
 
 def test_trusted_keys(nix):
     key = "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5"
-    argv = listener_argv(nix, host(listener=listener_config(
-        trustedKeys=[f"{key}=alice", key], trustedKeysFile="/etc/homelab-deploy/trusted.keys")))
+    argv = listener_argv(
+        nix,
+        host(
+            listener=listener_config(
+                trustedKeys=[f"{key}=alice", key], trustedKeysFile="/etc/homelab-deploy/trusted.keys"
+            )
+        ),
+    )
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--trusted-key"] == [f"{key}=alice", key]
     assert argv[argv.index("--trusted-keys-file") + 1] == "/etc/homelab-deploy/trusted.keys"
     argv = listener_argv(nix, host(listener=listener_config()))
@@ -432,8 +448,10 @@ def test_require_signed_is_the_default_and_can_be_turned_off(nix):
 
 def test_reload_sends_sighup_to_reread_trusted_keys(nix):
     """`systemctl reload` of either daemon: SIGHUP, on which it reads its trusted keys anew (issue 25)."""
-    cfg = host(listener=listener_config(trustedKeysFile="/etc/homelab-deploy/trusted.keys"),
-               builder=builder_config(settings={"repos": {"fleet": {"url": "git+https://g.example/f.git"}}}))
+    cfg = host(
+        listener=listener_config(trustedKeysFile="/etc/homelab-deploy/trusted.keys"),
+        builder=builder_config(settings={"repos": {"fleet": {"url": "git+https://g.example/f.git"}}}),
+    )
     for unit in (LISTENER, BUILDER):
         reload = nix.host(cfg, f"svc.{unit}.serviceConfig.ExecReload")
         assert re.fullmatch(r"/nix/store/[^ ]+-coreutils-9\.5/bin/kill -HUP \$MAINPID", reload), (unit, reload)
@@ -442,13 +460,25 @@ def test_reload_sends_sighup_to_reread_trusted_keys(nix):
 def test_builder_trusted_keys_reach_its_generated_config(nix):
     key = "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5=ci"
     own = "UDVRWFORRSGNSBF354R4CMAMEGYAXK27DSM5MQHSY6WNGTUP3KMVCLYW=ops"  # trusted for `other` only
-    repos = {"fleet": {"url": "git+https://git.example.com/fleet.git"},
-             "other": {"url": "git+https://git.example.com/other.git", "trusted_keys": [own]}}
-    expected = json.dumps({"repos": {"fleet": {"url": "git+https://git.example.com/fleet.git",
-                                               "default_branch": "master"},
-                                     "other": {"url": "git+https://git.example.com/other.git",
-                                               "default_branch": "master", "trusted_keys": [own]}},
-                           "trusted_keys": [key]}, sort_keys=True, separators=(",", ":"))
+    repos = {
+        "fleet": {"url": "git+https://git.example.com/fleet.git"},
+        "other": {"url": "git+https://git.example.com/other.git", "trusted_keys": [own]},
+    }
+    expected = json.dumps(
+        {
+            "repos": {
+                "fleet": {"url": "git+https://git.example.com/fleet.git", "default_branch": "master"},
+                "other": {
+                    "url": "git+https://git.example.com/other.git",
+                    "default_branch": "master",
+                    "trusted_keys": [own],
+                },
+            },
+            "trusted_keys": [key],
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     result = nix.host(
         host(builder=builder_config(settings={"repos": repos, "trusted_keys": [key]})),
         f"""{{
@@ -461,8 +491,9 @@ def test_builder_trusted_keys_reach_its_generated_config(nix):
 
 
 def test_allow_any_ref(nix):
-    cfg = host(listener=listener_config(allowAnyRef=True),
-               builder=builder_config(configFile="/etc/hd.yaml", allowAnyRef=True))
+    cfg = host(
+        listener=listener_config(allowAnyRef=True), builder=builder_config(configFile="/etc/hd.yaml", allowAnyRef=True)
+    )
     assert listener_argv(nix, cfg).count("--allow-any-ref") == 1
     assert builder_argv(nix, cfg).count("--allow-any-ref") == 1
     cfg = host(listener=listener_config(), builder=builder_config(configFile="/etc/hd.yaml"))
@@ -493,12 +524,16 @@ def test_builder_with_config_file(nix):
     assert argv[0].endswith(EXE_SUFFIX)
     assert argv[1:] == [
         "builder",
-        "--nats-url", "nats://nats.example.com:4222",
+        "--nats-url",
+        "nats://nats.example.com:4222",
         # The seed is handed over as a systemd credential (%d is the
         # credentials directory), so it can stay readable by root only.
-        "--nkey-file", "%d/nkey",
-        "--config", "/etc/homelab-deploy/builder.yaml",
-        "--timeout", "1800",
+        "--nkey-file",
+        "%d/nkey",
+        "--config",
+        "/etc/homelab-deploy/builder.yaml",
+        "--timeout",
+        "1800",
     ]
     creds = nix.host(cfg, f"svc.{BUILDER}.serviceConfig.LoadCredential")
     assert creds == ["nkey:/run/secrets/homelab-deploy-builder-nkey"]
@@ -763,9 +798,7 @@ def test_flake_outputs(nix):
     assert {"x86_64-linux", "aarch64-linux"} <= set(result["systems"])
     assert "default" in result["modules"]
     assert "nats-server" in result["shell"]
-    assert {"nats-py", "nkeys", "pyyaml", "prometheus-client", "mcp", "pytest"} <= set(
-        result["shellPython"]
-    )
+    assert {"nats-py", "nkeys", "pyyaml", "prometheus-client", "mcp", "pytest"} <= set(result["shellPython"])
     assert result["overlay"] == "homelab-deploy"
 
 
@@ -774,7 +807,8 @@ def test_flake_module_defaults_to_the_flakes_package(nix):
     select = f"""{{
       exe = builtins.head (lib.splitString " " svc.{LISTENER}.serviceConfig.ExecStart);
       builderPackage = cfg.services.homelab-deploy.builder.package.outPath;
-      flakePackage = (import (nixlib + "/eval-flake.nix") {{ inherit nixpkgsLib; }}).outputs.packages.x86_64-linux.default.outPath;
+      flakePackage =
+        (import (nixlib + "/eval-flake.nix") {{ inherit nixpkgsLib; }}).outputs.packages.x86_64-linux.default.outPath;
       hostPackage = (h.pkgs.callPackage (nixlib + "/../../default.nix") {{ }}).outPath;
     }}"""
     result = nix.host(host(listener=listener_config()), select, modules_prefix=prefix, with_module=False)
@@ -790,7 +824,12 @@ def test_flake_module_defaults_to_the_flakes_package(nix):
     assert exe == result["hostPackage"] + "/bin/homelab-deploy"
 
     # An explicit package wins over the flake's default.
-    custom = listener_config(package=Nix('{ type = "derivation"; name = "custom"; outPath = "/nix/store/cccccccccccccccccccccccccccccccc-custom"; meta.mainProgram = "homelab-deploy"; }'))
+    custom = listener_config(
+        package=Nix(
+            '{ type = "derivation"; name = "custom"; outPath = "/nix/store/cccccccccccccccccccccccccccccccc-custom"; '
+            'meta.mainProgram = "homelab-deploy"; }'
+        )
+    )
     exe = nix.host(
         host(listener=custom),
         f'builtins.head (lib.splitString " " svc.{LISTENER}.serviceConfig.ExecStart)',
@@ -804,10 +843,12 @@ class TestMcpOnlyInTheMcpPackage:
     """The package hosts run has no MCP SDK in its closure; packages.<system>.mcp, for MCP clients, has it."""
 
     def test_flake_packages(self, nix):
-        pkgs = nix.eval(flake_expr("""
+        pkgs = nix.eval(
+            flake_expr("""
           builtins.mapAttrs (_: p: { deps = map (d: d.pname) p.dependencies; imports = p.pythonImportsCheck; })
             { inherit (out.packages.x86_64-linux) default mcp; }
-        """))
+        """)
+        )
         assert sorted(pkgs["default"]["deps"]) == sorted(LISTENER_DEPS)
         assert sorted(pkgs["mcp"]["deps"]) == sorted([*LISTENER_DEPS, "mcp"])
         assert pkgs["mcp"]["imports"] == ["homelab_deploy", "homelab_deploy_mcp"]
@@ -829,8 +870,11 @@ class TestMcpOnlyInTheMcpPackage:
           mcp = packages.mcp.outPath;
         }}"""
         cfg = host(listener=listener_config(), builder=builder_config(configFile="/etc/hd.yaml"))
-        result = nix.host(cfg, select, **({"modules_prefix": f"{flake}.nixosModules.default", "with_module": False}
-                                          if through_flake else {}))
+        result = nix.host(
+            cfg,
+            select,
+            **({"modules_prefix": f"{flake}.nixosModules.default", "with_module": False} if through_flake else {}),
+        )
         assert result["exes"] == [result["lean"] + "/bin/homelab-deploy"] * 2
         assert result["lean"] != result["mcp"]
         assert result["deps"] == [LISTENER_DEPS, LISTENER_DEPS]

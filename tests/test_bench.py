@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from tests.helpers import REPO
 
 BENCH = REPO / "bench" / "run"
 PROGRAM = os.path.join(os.path.dirname(sys.executable), "homelab-deploy")
@@ -34,15 +34,33 @@ def sandbox_processes(workdir: str) -> list[int]:
     return found
 
 
-@pytest.mark.integration
 @pytest.mark.skipif(not os.path.exists(PROGRAM), reason=f"the homelab-deploy entry point is not installed at {PROGRAM}")
 def test_smoke_run_produces_every_row(tmp_path):
     out = tmp_path / "bench.json"
     # This environment already has homelab-deploy and nats-server: bench/run skips building its venv.
     # --real-hosts 2: the third host of the 3-host fleet is simulated by bench/fleet.py
-    proc = subprocess.Popen(["bash", str(BENCH), "--fleets", "2", "--hosts", "3", "--real-hosts", "2", "--runs", "2",
-                             "--requests", "5", "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HOMELAB_DEPLOY_BENCH_PYTHON": sys.executable})
+    proc = subprocess.Popen(
+        [
+            "bash",
+            str(BENCH),
+            "--fleets",
+            "2",
+            "--hosts",
+            "3",
+            "--real-hosts",
+            "2",
+            "--runs",
+            "2",
+            "--requests",
+            "5",
+            "--json",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HOMELAB_DEPLOY_BENCH_PYTHON": sys.executable},
+    )
     try:
         stdout, stderr = proc.communicate(timeout=300)
     finally:
@@ -54,23 +72,39 @@ def test_smoke_run_produces_every_row(tmp_path):
 
     report = json.loads(out.read_text())
     measures = [row["measure"] for row in report["rows"]]
-    expected = ["listener idle RSS", "listener idle threads", "listener idle RSS, metrics endpoint on",
-                "listener CPU per deploy, nixos-rebuild stand-in included", "listener RSS after 5 deploys",
-                "listener threads after 5 deploys", "listener RSS after 10 deploys", "listener threads after 10 deploys",
-                "request to accepted p50", "request to accepted p99",
-                "homelab-deploy --help", "deploy to one host, start to exit",
-                *(f"{daemon} idle, SIGTERM to exit, NATS {state} (slowest run)" for daemon in ("listener", "builder")
-                  for state in ("up", "stopped first", "stopped at once"))]
+    expected = [
+        "listener idle RSS",
+        "listener idle threads",
+        "listener idle RSS, metrics endpoint on",
+        "listener CPU per deploy, nixos-rebuild stand-in included",
+        "listener RSS after 5 deploys",
+        "listener threads after 5 deploys",
+        "listener RSS after 10 deploys",
+        "listener threads after 10 deploys",
+        "request to accepted p50",
+        "request to accepted p99",
+        "homelab-deploy --help",
+        "deploy to one host, start to exit",
+        *(
+            f"{daemon} idle, SIGTERM to exit, NATS {state} (slowest run)"
+            for daemon in ("listener", "builder")
+            for state in ("up", "stopped first", "stopped at once")
+        ),
+    ]
     for n in (2, 3):
-        expected += [f"deploy deploy.test.all, {n} hosts: command",
-                     f"deploy deploy.test.all, {n} hosts: publish to last final",
-                     f"deploy deploy.test.all, {n} hosts, stand-in of 1 s: exit after last final",
-                     f"deploy deploy.test.all, {n} hosts, instant stand-in: exit after last final",
-                     f"list-hosts, {n} hosts",
-                     f"status, {n} hosts", f"CLI peak RSS, deploy of {n} hosts", f"CLI peak RSS, status of {n} hosts",
-                     f"rollout, {n} hosts in batches of 10: command",
-                     f"rollout, {n} hosts in batches of 10: first publish to last final",
-                     f"rollout, {n} hosts in batches of 10: exit after last final"]
+        expected += [
+            f"deploy deploy.test.all, {n} hosts: command",
+            f"deploy deploy.test.all, {n} hosts: publish to last final",
+            f"deploy deploy.test.all, {n} hosts, stand-in of 1 s: exit after last final",
+            f"deploy deploy.test.all, {n} hosts, instant stand-in: exit after last final",
+            f"list-hosts, {n} hosts",
+            f"status, {n} hosts",
+            f"CLI peak RSS, deploy of {n} hosts",
+            f"CLI peak RSS, status of {n} hosts",
+            f"rollout, {n} hosts in batches of 10: command",
+            f"rollout, {n} hosts in batches of 10: first publish to last final",
+            f"rollout, {n} hosts in batches of 10: exit after last final",
+        ]
     assert measures == expected
     for row in report["rows"]:
         assert row["ours"] > 0, row
@@ -79,9 +113,14 @@ def test_smoke_run_produces_every_row(tmp_path):
         elif not row["measure"].startswith("listener CPU"):  # 10 bare requests may not take one clock tick
             assert row["floor"] is None and row["measure"].endswith(("exit after last final", "(slowest run)")), row
     assert {r["measure"] for r in report["rows"] if r["target"]} >= {
-        "listener idle RSS", "request to accepted p50", "homelab-deploy --help", "deploy to one host, start to exit",
+        "listener idle RSS",
+        "request to accepted p50",
+        "homelab-deploy --help",
+        "deploy to one host, start to exit",
         "listener idle, SIGTERM to exit, NATS stopped at once (slowest run)",
-        "builder idle, SIGTERM to exit, NATS stopped at once (slowest run)", "status, 3 hosts"}
+        "builder idle, SIGTERM to exit, NATS stopped at once (slowest run)",
+        "status, 3 hosts",
+    }
     # The printed table has the same rows, and the bench left nothing running behind it.
     table_rows = [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table_rows) == len(expected) + 1
@@ -89,12 +128,15 @@ def test_smoke_run_produces_every_row(tmp_path):
     assert sandbox_processes(workdir) == [] and not os.path.exists(workdir)
 
 
-@pytest.mark.integration
 @pytest.mark.skipif(not os.path.exists(PROGRAM), reason=f"the homelab-deploy entry point is not installed at {PROGRAM}")
 def test_sigterm_mid_run_stops_everything():
-    proc = subprocess.Popen(["bash", str(BENCH), "--fleets", "2", "--runs", "1000", "--requests", "1000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HOMELAB_DEPLOY_BENCH_PYTHON": sys.executable})
+    proc = subprocess.Popen(
+        ["bash", str(BENCH), "--fleets", "2", "--runs", "1000", "--requests", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HOMELAB_DEPLOY_BENCH_PYTHON": sys.executable},
+    )
     try:
         lines = []
         for line in proc.stderr:  # ends at EOF if the bench dies early

@@ -1,7 +1,7 @@
 """Tests of the builder and the build client.
 
-Unit tests need nothing. Tests marked `integration` run a real nats-server with the spec's builder and build
-client permissions (conftest.FLEET), builder processes, and a real `nix` (Debian's nix-bin) without a daemon on
+The protocol tests need nothing. The others run a real nats-server with the spec's builder and build
+client permissions (helpers.FLEET), builder processes, and a real `nix` (Debian's nix-bin) without a daemon on
 a private store, building local git flakes with no inputs whose `nixosConfigurations.<host>` are trivial
 derivations. A `nix` wrapper first on the builder's PATH records every argv, so the tests can show that no
 command ever ran with an unvalidated argument.
@@ -11,199 +11,27 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import queue
-import shutil
 import socket
 import subprocess
-import sys
 import threading
 import urllib.request
-import uuid
-from pathlib import Path
 
 import pytest
 
 import homelab_deploy as hd
-from conftest import PROGRAM, run_cli, stop_process, wait_for
-from test_homelab_deploy import iter_queue
-from test_listener_lifecycle import TGKILL, sigterm_to_a_thread
-
-NIX = shutil.which("nix")
-needs_nix = pytest.mark.skipif(NIX is None, reason="nix not found (Debian: apt-get install nix-bin)")
-
-GOOD = "echo ok > $out"
-HOSTS = {"good1": GOOD, "good2": GOOD, "broken": "echo 'intentional build failure' >&2; exit 1", "bad;name": GOOD}
-FINAL = ("completed", "failed", "rejected")
-
-
-# ---------------------------------------------------------------- real nix on a private store, local git flakes
-
-NIX_CONFIG = "\n".join([
-    "experimental-features = nix-command flakes",
-    "sandbox = false",  # Debian's nix-bin has no sandbox; the builder sees the host file system
-    "build-users-group =",  # build as the calling user, no nixbld users
-    "substituters =",  # never try a binary cache
-    "flake-registry =",  # never fetch the global registry
-    "eval-cache = false",
-    "tarball-ttl = 0",
-    "build-poll-interval = 1",
-    "",
-])
-
-
-def nix_env(base: Path) -> dict:
-    """Environment for a daemonless nix with its own store, config and caches under `base`.
-    The fetcher cache (XDG_CACHE_HOME) remembers store paths, so it must belong to this store only."""
-    env = {k: v for k, v in os.environ.items() if k not in (
-        "NIX_REMOTE", "NIX_PATH", "NIX_USER_CONF_FILES", "NIX_STORE_DIR", "NIX_STATE_DIR", "NIX_LOG_DIR")}
-    (base / "etc").mkdir(parents=True, exist_ok=True)
-    (base / "etc" / "nix.conf").touch()
-    (base / "home").mkdir(exist_ok=True)
-    env.update(NIX_CONFIG=NIX_CONFIG, NIX_CONF_DIR=str(base / "etc"), HOME=str(base / "home"),
-               XDG_CACHE_HOME=str(base / "cache"), XDG_CONFIG_HOME=str(base / "config"),
-               NIX_STORE_DIR=str(base / "store"), NIX_STATE_DIR=str(base / "state"), NIX_LOG_DIR=str(base / "log"),
-               GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="safe.directory", GIT_CONFIG_VALUE_0="*")
-    return env
-
-
-def nix_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
-
-
-def flake_text(hosts: dict[str, str]) -> str:
-    """A flake whose nixosConfigurations.<host>.config.system.build.toplevel runs `script` with /bin/sh.
-    Store path names cannot hold ';' and the like, so the derivation name is sanitised; the host name is not."""
-    system = {"x86_64": "x86_64-linux", "aarch64": "aarch64-linux"}.get(platform.machine(),
-                                                                        f"{platform.machine()}-linux")
-    drv_name = lambda host: "".join(c if c.isalnum() or c in "-._" else "_" for c in host)  # noqa: E731
-    entries = "\n".join(f"      {nix_str(host)} = mk {nix_str(drv_name(host))} {nix_str(script)};"
-                        for host, script in hosts.items())
-    return f"""{{
-  outputs = {{ self }}:
-    let
-      mk = name: script: {{
-        config.system.build.toplevel = builtins.derivation {{
-          inherit name;
-          system = "{system}";
-          builder = "/bin/sh";
-          args = [ "-c" script ];
-          PATH = "/usr/local/bin:/usr/bin:/bin";
-          nonce = "{uuid.uuid4().hex}";
-        }};
-      }};
-    in {{
-      nixosConfigurations = {{
-{entries}
-      }};
-    }};
-}}
-"""
-
-
-def commit_flake(repo: Path, text: str, branch: str = "main") -> str:
-    """Commit flake.nix on `branch` of a git repo (created if needed); returns the flake URL without ?ref."""
-    env = {**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_SYSTEM": "/dev/null",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True,
-                              text=True).stdout
-
-    repo.mkdir(parents=True, exist_ok=True)
-    if not (repo / ".git").exists():
-        git("init", "-q", "-b", branch)
-    elif branch not in git("branch", "--list", branch):
-        git("checkout", "-q", "-b", branch)
-    (repo / "flake.nix").write_text(text)
-    git("add", "flake.nix")  # flakes only see tracked files
-    git("commit", "-q", "-m", "flake")
-    return f"git+file://{repo.resolve()}"
-
-
-@pytest.fixture(scope="session")
-def nix_store(tmp_path_factory):
-    return nix_env(tmp_path_factory.mktemp("nix"))
-
-
-NIX_WRAPPER = """\
-#!{python}
-# Records its argv, then runs the real nix in the same process (same process group).
-import json, os, sys
-with open(os.environ["NIX_ARGV_LOG"], "a") as f:
-    f.write(json.dumps(sys.argv[1:]) + "\\n")
-os.execv({nix!r}, ["nix", *sys.argv[1:]])
-"""
-
-
-class BuilderProcess:
-    def __init__(self, server, workdir: Path, config: dict, env: dict, *extra: str):
-        import yaml
-
-        self.dir = workdir
-        self.dir.mkdir(parents=True)
-        (self.dir / "bin").mkdir()
-        wrapper = self.dir / "bin" / "nix"
-        wrapper.write_text(NIX_WRAPPER.format(python=sys.executable, nix=NIX))
-        wrapper.chmod(0o755)
-        self.config = self.dir / "builder.yaml"
-        self.config.write_text(yaml.safe_dump(config))
-        self.calls_file = self.dir / "nix-argv.jsonl"
-        self.log = self.dir / "builder.log"
-        self.argv = [*PROGRAM, "builder", "--nats-url", server.url, "--nkey-file", str(server.seeds["builder"]),
-                     "--config", str(self.config), *extra]
-        self.env = {**env, "PATH": f"{self.dir / 'bin'}:{env['PATH']}", "NIX_ARGV_LOG": str(self.calls_file)}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, expect_ready: bool = True) -> BuilderProcess:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log, start_new_session=True)
-        wait_for(lambda: "builder ready" in self.log_text() or self.proc.poll() is not None, what="builder to start")
-        assert (self.proc.poll() is None) == expect_ready, self.log_text()
-        return self
-
-    def log_text(self) -> str:
-        return self.log.read_text()
-
-    @property
-    def nix_calls(self) -> list[list[str]]:
-        if not self.calls_file.exists():
-            return []
-        return [json.loads(line) for line in self.calls_file.read_text().splitlines()]
-
-    def builds(self) -> list[str]:
-        """The flake attribute of every `nix build` run."""
-        return [call[-1].split("#", 1)[1] for call in self.nix_calls if call[0] == "build"]
-
-    def stop(self) -> None:
-        if self.proc:
-            stop_process(self.proc, timeout=30)
-
-
-@pytest.fixture
-def start_builder(nats_server, nix_store, tmp_path):
-    started: list[BuilderProcess] = []
-
-    def start(repos: dict[str, str], *extra: str, expect_ready: bool = True) -> BuilderProcess:
-        config = {"repos": {name: {"url": url, "default_branch": "main"} for name, url in repos.items()}}
-        builder = BuilderProcess(nats_server, tmp_path / f"builder{len(started)}", config, nix_store, *extra)
-        started.append(builder)
-        return builder.start(expect_ready)
-
-    yield start
-    for builder in started:
-        builder.stop()
-
-
-@pytest.fixture
-def flake(tmp_path):
-    """flake(hosts) -> URL of a fresh git flake; more repos and branches by name and branch, or its own text."""
-    def make(hosts: dict = HOSTS, name: str = "fleet", branch: str = "main", text: str | None = None) -> str:
-        return commit_flake(tmp_path / "repos" / name, text or flake_text(hosts), branch)
-
-    return make
-
+from tests.helpers import (
+    FINAL,
+    GOOD,
+    PROGRAM,
+    TGKILL,
+    iter_queue,
+    needs_nix,
+    run_cli,
+    sigterm_to_a_thread,
+    stop_process,
+    wait_for,
+)
 
 # nixosConfigurations.host-<i> for i < COUNT, each throwing a 600-character message when evaluated
 THROWING_FLEET = """{
@@ -232,8 +60,9 @@ def send(bus, subject: str, fields: dict) -> queue.Queue:
 
 def until_final(q: queue.Queue, timeout: float = 60) -> list[dict]:
     got: list[dict] = []
-    wait_for(lambda: got.extend(iter_queue(q)) or (got and got[-1]["status"] in FINAL), timeout,
-             what="a final build status")
+    wait_for(
+        lambda: got.extend(iter_queue(q)) or (got and got[-1]["status"] in FINAL), timeout, what="a final build status"
+    )
     return got
 
 
@@ -243,19 +72,50 @@ def cli_args(server, user: str, *rest: str) -> list[str]:
 
 # ---------------------------------------------------------------- protocol, validation and command lines
 
-HOSTILE_TARGETS = ["x;rm -rf /", "../x", "-rf", "$(id)", "a b", "", "ALL;", "host#x", "h?ref=x", "x" * 100,
-                   "web.example", None, 42, ["all"], {"host": "a"}]
-HOSTILE_BRANCHES = ["main;id", "--foo", "a..b", "main#x", "main?ref=y", "$(id)", "-", "main id", "../etc",
-                    "x" * 300, 42, ["main"], True]
+HOSTILE_TARGETS = [
+    "x;rm -rf /",
+    "../x",
+    "-rf",
+    "$(id)",
+    "a b",
+    "",
+    "ALL;",
+    "host#x",
+    "h?ref=x",
+    "x" * 100,
+    "web.example",
+    None,
+    42,
+    ["all"],
+    {"host": "a"},
+]
+HOSTILE_BRANCHES = [
+    "main;id",
+    "--foo",
+    "a..b",
+    "main#x",
+    "main?ref=y",
+    "$(id)",
+    "-",
+    "main id",
+    "../etc",
+    "x" * 300,
+    42,
+    ["main"],
+    True,
+]
 
 
 class TestBuildProtocol:
     def request(self, **fields) -> bytes:
-        return json.dumps({"repo": "fleet", "target": "all", "branch": "main", "reply_to": "build.responses.me.abc",
-                           **fields}).encode()
+        return json.dumps(
+            {"repo": "fleet", "target": "all", "branch": "main", "reply_to": "build.responses.me.abc", **fields}
+        ).encode()
 
     def test_valid_requests(self):
-        assert hd.BuildRequest.parse(self.request()) == hd.BuildRequest("fleet", "all", "main", "build.responses.me.abc")
+        assert hd.BuildRequest.parse(self.request()) == hd.BuildRequest(
+            "fleet", "all", "main", "build.responses.me.abc"
+        )
         for branch in (None, ""):  # missing or empty: the repo's default branch
             assert hd.BuildRequest.parse(self.request(branch=branch)).branch is None
         req = hd.BuildRequest("fleet", "web-1_y", "feature/x", "build.responses.me.abc")
@@ -274,8 +134,10 @@ class TestBuildProtocol:
             hd.BuildRequest.parse(self.request(branch="refs/pull/1/head"))
         assert e.value.code is hd.BuildErrorCode.INVALID_BRANCH
         assert "start the builder with --allow-any-ref" in str(e.value)
-        assert hd.BuildRequest.parse(self.request(branch="refs/pull/1/head"), allow_any_ref=True).branch == \
-            "refs/pull/1/head"
+        assert (
+            hd.BuildRequest.parse(self.request(branch="refs/pull/1/head"), allow_any_ref=True).branch
+            == "refs/pull/1/head"
+        )
 
     @pytest.mark.parametrize("target", HOSTILE_TARGETS)
     def test_hostile_target(self, target):
@@ -302,16 +164,31 @@ class TestBuildProtocol:
         assert e.value.reply_to is None
 
     def test_response_uses_spec_field_names(self):
-        response = hd.BuildResponse(hd.Status.COMPLETED, "built 2/2 hosts successfully",
-                                    results=[{"host": "h1", "success": True, "duration_seconds": 1.5}],
-                                    total_duration_seconds=3.14159, succeeded=2, failed=0)
+        response = hd.BuildResponse(
+            hd.Status.COMPLETED,
+            "built 2/2 hosts successfully",
+            results=[{"host": "h1", "success": True, "duration_seconds": 1.5}],
+            total_duration_seconds=3.14159,
+            succeeded=2,
+            failed=0,
+        )
         d = response.to_dict()
-        assert d == {"status": "completed", "message": "built 2/2 hosts successfully", "succeeded": 2, "failed": 0,
-                     "results": [{"host": "h1", "success": True, "duration_seconds": 1.5}],
-                     "total_duration_seconds": 3.142}
+        assert d == {
+            "status": "completed",
+            "message": "built 2/2 hosts successfully",
+            "succeeded": 2,
+            "failed": 0,
+            "results": [{"host": "h1", "success": True, "duration_seconds": 1.5}],
+            "total_duration_seconds": 3.142,
+        }
         assert hd.BuildResponse.parse(json.dumps(d).encode()).to_dict() == d
-        for bad in ({"status": "accepted"}, {"status": "progress", "duration_seconds": "1"},
-                    {"status": "failed", "results": ["x"]}, {"status": "started", "hosts_total": "3"}, {}):
+        for bad in (
+            {"status": "accepted"},
+            {"status": "progress", "duration_seconds": "1"},
+            {"status": "failed", "results": ["x"]},
+            {"status": "started", "hosts_total": "3"},
+            {},
+        ):
             with pytest.raises(hd.ProtocolError):
                 hd.BuildResponse.parse(json.dumps(bad).encode())
 
@@ -319,9 +196,12 @@ class TestBuildProtocol:
         """The builder's budget is half the server's max_payload (512 KiB of 1 MiB). 150 failing hosts with
         600-character errors make more than a request may be, and fit whole; 20,000 are cut to the first results
         that fit, and the message says so."""
+
         def failing(n: int) -> list[dict]:
-            return [{"host": f"host-{i}", "success": False, "duration_seconds": 0.25,
-                     "error": f"host-{i}: " + "x" * 600} for i in range(n)]
+            return [
+                {"host": f"host-{i}", "success": False, "duration_seconds": 0.25, "error": f"host-{i}: " + "x" * 600}
+                for i in range(n)
+            ]
 
         budget = 512 * 1024
         small = hd.BuildResponse(hd.Status.FAILED, "built 0/150 hosts", results=failing(150), succeeded=0, failed=150)
@@ -330,15 +210,20 @@ class TestBuildProtocol:
         big = hd.BuildResponse(hd.Status.FAILED, message, results=failing(20000), succeeded=0, failed=20000)
         fitted = big.fitted(budget)
         kept = len(fitted.results)
-        assert len(json.dumps(fitted.to_dict())) <= budget < len(json.dumps(
-            fitted._replace(results=big.results[:kept + 1]).to_dict()))  # as many as fit
+        assert (
+            len(json.dumps(fitted.to_dict()))
+            <= budget
+            < len(json.dumps(fitted._replace(results=big.results[: kept + 1]).to_dict()))
+        )  # as many as fit
         assert fitted.results == big.results[:kept] and (fitted.succeeded, fitted.failed) == (0, 20000)
         assert fitted.message.startswith("built 0/20000 hosts; failed: host-0, host-1, ") and fitted.message.endswith(
             f"... (results: the first {kept} of 20000 hosts, as many as NATS max_payload allows; every host's result "
-            "is in its progress message and the builder's log)")
+            "is in its progress message and the builder's log)"
+        )
         assert len(fitted.message) <= hd.ANSWER_TEXT_CHARS
-        progress = hd.BuildResponse(hd.Status.PROGRESS, "h failed", host="h", error="e" * 5000,
-                                    output=["o" * 900] * 100).fitted(budget)  # texts cut as a client would
+        progress = hd.BuildResponse(
+            hd.Status.PROGRESS, "h failed", host="h", error="e" * 5000, output=["o" * 900] * 100
+        ).fitted(budget)  # texts cut as a client would
         assert progress.error == "e" * (hd.ANSWER_TEXT_CHARS - 3) + "..."
         assert progress.output == ["o" * (hd.OUTPUT_LINE_CHARS - 3) + "..."] * hd.OUTPUT_TAIL_LINES
 
@@ -346,22 +231,37 @@ class TestBuildProtocol:
         url = "git+https://g.example/c.git"
         assert hd.flake_show_argv(url, "main") == ["nix", "flake", "show", "--json", "--refresh", f"{url}?ref=main"]
         assert hd.build_argv(url + "?dir=x", "0" * 40, "web1") == [
-            "nix", "build", "--no-link", f"{url}?dir=x&rev={'0' * 40}#{attr('web1')}"]
+            "nix",
+            "build",
+            "--no-link",
+            f"{url}?dir=x&rev={'0' * 40}#{attr('web1')}",
+        ]
 
     def test_nix_error_summary(self):
-        build = ["building '/nix/store/x-broken.drv'...",
-                 "error: builder for '/nix/store/x-broken.drv' failed with exit code 1;", "       last 1 log lines:",
-                 "       > intentional build failure", "       For full logs, run 'nix log /nix/store/x-broken.drv'."]
-        assert hd.nix_error_summary(build) == \
-            "error: builder for '/nix/store/x-broken.drv' failed with exit code 1: intentional build failure"
+        build = [
+            "building '/nix/store/x-broken.drv'...",
+            "error: builder for '/nix/store/x-broken.drv' failed with exit code 1;",
+            "       last 1 log lines:",
+            "       > intentional build failure",
+            "       For full logs, run 'nix log /nix/store/x-broken.drv'.",
+        ]
+        assert (
+            hd.nix_error_summary(build)
+            == "error: builder for '/nix/store/x-broken.drv' failed with exit code 1: intentional build failure"
+        )
         git = ["fatal: couldn't find remote ref refs/heads/nope", "error: program 'git' failed with exit code 128"]
         assert hd.nix_error_summary(git) == "fatal: couldn't find remote ref refs/heads/nope"
-        assert hd.nix_error_summary(["cannot run nix: No such file or directory"]) == \
-            "cannot run nix: No such file or directory"
+        assert (
+            hd.nix_error_summary(["cannot run nix: No such file or directory"])
+            == "cannot run nix: No such file or directory"
+        )
 
     def test_client_validates_before_sending(self):
-        for repo, target, branch, word in [("a.b", "all", None, "repo"), ("fleet", "x;id", None, "target"),
-                                           ("fleet", "all", "--foo", "branch")]:
+        for repo, target, branch, word in [
+            ("a.b", "all", None, "repo"),
+            ("fleet", "x;id", None, "target"),
+            ("fleet", "all", "--foo", "branch"),
+        ]:
             with pytest.raises(ValueError, match=f"invalid {word}"):
                 hd.build_repo(None, repo, target, branch, 10)  # no bus: nothing may be sent
 
@@ -373,33 +273,42 @@ class TestBuilderConfig:
         return hd.Repo.parse_config(str(path))
 
     def test_valid(self, tmp_path):
-        repos = self.load(tmp_path, "repos:\n  nixos-servers:\n    url: git+https://g.example/s.git\n"
-                                    "    default_branch: master\n"
-                                    "  homelab:\n    url: git+ssh://git@g.example/h.git?dir=x\n")
-        assert repos == {"nixos-servers": hd.Repo("nixos-servers", "git+https://g.example/s.git", "master"),
-                         "homelab": hd.Repo("homelab", "git+ssh://git@g.example/h.git?dir=x", "master")}
+        repos = self.load(
+            tmp_path,
+            "repos:\n  nixos-servers:\n    url: git+https://g.example/s.git\n"
+            "    default_branch: master\n"
+            "  homelab:\n    url: git+ssh://git@g.example/h.git?dir=x\n",
+        )
+        assert repos == {
+            "nixos-servers": hd.Repo("nixos-servers", "git+https://g.example/s.git", "master"),
+            "homelab": hd.Repo("homelab", "git+ssh://git@g.example/h.git?dir=x", "master"),
+        }
         # JSON is YAML: the NixOS module writes its generated config that way
         assert self.load(tmp_path, '{"repos": {"r": {"url": "git+file:///x", "default_branch": "main"}}}') == {
-            "r": hd.Repo("r", "git+file:///x", "main")}
+            "r": hd.Repo("r", "git+file:///x", "main")
+        }
 
-    @pytest.mark.parametrize("text,message", [
-        ("repos:\n  r: {url: x}\nextra: 1\n", "unknown top-level key(s) extra"),
-        ("repos:\n  r: {url: x, branch: main}\n", "unknown key(s) branch"),
-        ("repos:\n  r: {default_branch: main}\n", "missing `url`"),
-        ("repos:\n  a.b: {url: x}\n", "must be one NATS subject token"),
-        ("repos:\n  'a b': {url: x}\n", "must be one NATS subject token"),
-        ("repos:\n  '>': {url: x}\n", "must be one NATS subject token"),
-        ("repos:\n  r: {url: 'git+https://x/y.git#frag'}\n", "without '#'"),
-        ("repos:\n  r: {url: 'git+https://x/ y.git'}\n", "whitespace"),
-        ("repos:\n  r: {url: [a]}\n", "must be a flake URL string"),
-        ("repos:\n  r: {url: 'git+https://x/y.git?ref=main'}\n", "ref= or rev="),
-        ("repos:\n  r: {url: 'git+https://x/y.git?dir=a&r%65v=abc'}\n", "ref= or rev="),
-        ("repos:\n  r: {url: x, default_branch: 'main;id'}\n", "default_branch 'main;id'"),
-        ("repos:\n  r: url\n", "must be a mapping"),
-        ("repos: {}\n", "at least one repository"),
-        ("nothing: here\n", "at least one repository"),
-        ("repos: [\n", "not valid YAML"),
-    ])
+    @pytest.mark.parametrize(
+        "text,message",
+        [
+            ("repos:\n  r: {url: x}\nextra: 1\n", "unknown top-level key(s) extra"),
+            ("repos:\n  r: {url: x, branch: main}\n", "unknown key(s) branch"),
+            ("repos:\n  r: {default_branch: main}\n", "missing `url`"),
+            ("repos:\n  a.b: {url: x}\n", "must be one NATS subject token"),
+            ("repos:\n  'a b': {url: x}\n", "must be one NATS subject token"),
+            ("repos:\n  '>': {url: x}\n", "must be one NATS subject token"),
+            ("repos:\n  r: {url: 'git+https://x/y.git#frag'}\n", "without '#'"),
+            ("repos:\n  r: {url: 'git+https://x/ y.git'}\n", "whitespace"),
+            ("repos:\n  r: {url: [a]}\n", "must be a flake URL string"),
+            ("repos:\n  r: {url: 'git+https://x/y.git?ref=main'}\n", "ref= or rev="),
+            ("repos:\n  r: {url: 'git+https://x/y.git?dir=a&r%65v=abc'}\n", "ref= or rev="),
+            ("repos:\n  r: {url: x, default_branch: 'main;id'}\n", "default_branch 'main;id'"),
+            ("repos:\n  r: url\n", "must be a mapping"),
+            ("repos: {}\n", "at least one repository"),
+            ("nothing: here\n", "at least one repository"),
+            ("repos: [\n", "not valid YAML"),
+        ],
+    )
     def test_errors_name_the_problem(self, tmp_path, text, message):
         with pytest.raises(ValueError) as e:
             self.load(tmp_path, text)
@@ -416,8 +325,8 @@ class TestBuilderConfig:
 
 # ---------------------------------------------------------------- builder over NATS with real nix
 
+
 @needs_nix
-@pytest.mark.integration
 class TestBuilder:
     def test_all_hosts_progress_and_unsafe_name_skipped(self, nats_server, start_builder, flake, bus_factory):
         builder = start_builder({"fleet": flake()})
@@ -434,10 +343,19 @@ class TestBuilder:
         broken = next(p for p in progress if p["host"] == "broken")
         assert "intentional build failure" in broken["error"] and broken["output"]
         assert {k: final[k] for k in ("status", "message", "succeeded", "failed", "repo", "branch", "error_code")} == {
-            "status": "failed", "message": "built 2/3 hosts; failed: broken", "succeeded": 2, "failed": 1,
-            "repo": "fleet", "branch": "main", "error_code": "build_failed"}
+            "status": "failed",
+            "message": "built 2/3 hosts; failed: broken",
+            "succeeded": 2,
+            "failed": 1,
+            "repo": "fleet",
+            "branch": "main",
+            "error_code": "build_failed",
+        }
         assert [(r["host"], r["success"]) for r in final["results"]] == [
-            ("broken", False), ("good1", True), ("good2", True)]
+            ("broken", False),
+            ("good1", True),
+            ("good2", True),
+        ]
         assert "intentional build failure" in final["results"][0]["error"]
         assert "error" not in final["results"][1] and final["total_duration_seconds"] > 0
         assert "bad;name" not in json.dumps(events)
@@ -453,45 +371,70 @@ class TestBuilder:
         bus = bus_factory(nats_server, "build-client")
         final = hd.build_repo(bus, "fleet", "good1", "main", 60, 1)
         assert (final["status"], final["message"], final["succeeded"], final["failed"]) == (
-            "completed", "built 1/1 hosts successfully", 1, 0)
+            "completed",
+            "built 1/1 hosts successfully",
+            1,
+            0,
+        )
         assert [r["host"] for r in final["results"]] == ["good1"]
-        assert builder.nix_calls == [["flake", "show", "--json", "--refresh", f"{url}?ref=main"],
-                                     ["build", "--no-link", f"{url}?ref=main#{attr('good1')}"]]
+        assert builder.nix_calls == [
+            ["flake", "show", "--json", "--refresh", f"{url}?ref=main"],
+            ["build", "--no-link", f"{url}?ref=main#{attr('good1')}"],
+        ]
         final = hd.build_repo(bus, "fleet", "nosuch", None, 60, 1)
         assert (final["status"], final["error_code"]) == ("failed", "eval_failed")
         assert "has no nixosConfigurations.nosuch" in final["message"] and "good1" in final["message"]
         assert len(builder.builds()) == 1
 
-    def test_hostile_and_misdirected_requests_rejected_nothing_built(self, nats_server, start_builder, flake,
-                                                                     bus_factory):
+    def test_hostile_and_misdirected_requests_rejected_nothing_built(
+        self, nats_server, start_builder, flake, bus_factory
+    ):
         builder = start_builder({"fleet": flake(), "evalfail": flake(name="evalfail")})
         bus = bus_factory(nats_server, "build-client")
-        cases = [("build.fleet.all", {"repo": "fleet", "target": t, "branch": "main"}, "invalid_target")
-                 for t in HOSTILE_TARGETS]
-        cases += [("build.fleet.-rf", {"repo": "fleet", "target": "-rf"}, "invalid_target"),
-                  ("build.fleet.all", {"repo": "fleet", "target": "good1"}, "invalid_target"),  # not the subject's
-                  ("build.fleet.good1", {"repo": "fleet", "target": "all"}, "invalid_target")]
-        cases += [("build.fleet.all", {"repo": "fleet", "target": "all", "branch": b}, "invalid_branch")
-                  for b in HOSTILE_BRANCHES]
-        cases += [("build.fleet.all", {"repo": r, "target": "all"}, "unknown_repo")
-                  for r in ("evalfail", "nope", "fleet.x", None)]  # a configured repo, but not the subject's
+        cases = [
+            ("build.fleet.all", {"repo": "fleet", "target": t, "branch": "main"}, "invalid_target")
+            for t in HOSTILE_TARGETS
+        ]
+        cases += [
+            ("build.fleet.-rf", {"repo": "fleet", "target": "-rf"}, "invalid_target"),
+            ("build.fleet.all", {"repo": "fleet", "target": "good1"}, "invalid_target"),  # not the subject's
+            ("build.fleet.good1", {"repo": "fleet", "target": "all"}, "invalid_target"),
+        ]
+        cases += [
+            ("build.fleet.all", {"repo": "fleet", "target": "all", "branch": b}, "invalid_branch")
+            for b in HOSTILE_BRANCHES
+        ]
+        cases += [
+            ("build.fleet.all", {"repo": r, "target": "all"}, "unknown_repo")
+            for r in ("evalfail", "nope", "fleet.x", None)
+        ]  # a configured repo, but not the subject's
         cases += [("build.evalfail.all", {"repo": "fleet", "target": "all"}, "unknown_repo")]
         for subject, fields, code in cases:
             got = until_final(send(bus, subject, fields))
             assert [(r["status"], r["error_code"]) for r in got] == [("rejected", code)], (subject, fields, got)
             assert got[0]["message"].startswith(("invalid", "repo", "target"))
         # no reply possible: logged and ignored
-        for payload in [b"garbage", b"[]", b"x" * (hd.MAX_MESSAGE_BYTES + 1),
-                        json.dumps({"repo": "fleet", "target": "all", "reply_to": "build.fleet.all"}).encode(),
-                        json.dumps({"repo": "fleet", "target": "all", "reply_to": "deploy.responses.x"}).encode()]:
+        for payload in [
+            b"garbage",
+            b"[]",
+            b"x" * (hd.MAX_MESSAGE_BYTES + 1),
+            json.dumps({"repo": "fleet", "target": "all", "reply_to": "build.fleet.all"}).encode(),
+            json.dumps({"repo": "fleet", "target": "all", "reply_to": "deploy.responses.x"}).encode(),
+        ]:
             bus.publish("build.fleet.all", payload, confirm=True)
         wait_for(lambda: builder.log_text().count("rejected:") == len(cases) + 5, what="every rejection logged")
         assert builder.nix_calls == []
         assert hd.build_repo(bus, "fleet", "good2", None, 60, 1)["status"] == "completed"  # still serving
 
     def test_evaluation_errors_fail_with_nix_output(self, nats_server, start_builder, flake, bus_factory):
-        start_builder({"fleet": flake(), "evalfail": flake(
-            name="evalfail", text='{ outputs = { self }: { nixosConfigurations = throw "eval boom"; }; }\n')})
+        start_builder(
+            {
+                "fleet": flake(),
+                "evalfail": flake(
+                    name="evalfail", text='{ outputs = { self }: { nixosConfigurations = throw "eval boom"; }; }\n'
+                ),
+            }
+        )
         bus = bus_factory(nats_server, "build-client")
         final = hd.build_repo(bus, "fleet", "all", "no-such-branch", 60, 1)  # a valid ref that does not exist
         assert (final["status"], final["error_code"], final["branch"]) == ("failed", "eval_failed", "no-such-branch")
@@ -504,8 +447,9 @@ class TestBuilder:
     def test_one_build_per_repo_at_a_time(self, nats_server, start_builder, flake, bus_factory, tmp_path):
         marker, release = tmp_path / "started", tmp_path / "release"
         blocking = f"touch {marker}; while [ ! -e {release} ]; do sleep 0.05; done; {GOOD}"
-        builder = start_builder({"fleet": flake({"blocker": blocking, "good1": GOOD}),
-                                 "evalfail": flake(name="evalfail")})
+        builder = start_builder(
+            {"fleet": flake({"blocker": blocking, "good1": GOOD}), "evalfail": flake(name="evalfail")}
+        )
         bus = bus_factory(nats_server, "build-client")
         try:
             first = send(bus, "build.fleet.all", {"repo": "fleet", "target": "all"})
@@ -521,8 +465,9 @@ class TestBuilder:
         assert final["status"] == "completed" and final["succeeded"] == 2
         assert builder.builds().count(attr("blocker")) == 1
 
-    def test_the_next_build_may_follow_a_final_answer_at_once(self, nats_server, flake, nix_store, bus_factory,
-                                                               monkeypatch):
+    def test_the_next_build_may_follow_a_final_answer_at_once(
+        self, nats_server, flake, nix_store, bus_factory, monkeypatch
+    ):
         """A client may ask again the moment a final answer arrives: the repo is free before that answer goes out.
         In process, where the builder's publish of its final answer can be held until the next request is answered."""
         for key in set(os.environ) - set(nix_store):
@@ -530,8 +475,15 @@ class TestBuilder:
         for key, value in nix_store.items():
             monkeypatch.setenv(key, value)  # the builder's nix runs on the private store
         builder_bus, client = bus_factory(nats_server, "builder"), bus_factory(nats_server, "build-client")
-        builder = hd.Builder({"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")}, builder_bus, 60, 1, None,
-                             threading.Event(), False)
+        builder = hd.Builder(
+            {"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")},
+            builder_bus,
+            60,
+            1,
+            None,
+            threading.Event(),
+            False,
+        )
         publish, held, following = builder_bus.publish, [], []
 
         def hold_the_first_final_answer(subject: str, payload: bytes, confirm: bool = False) -> None:
@@ -548,23 +500,28 @@ class TestBuilder:
 
     def test_per_host_timeout_kills_the_build(self, nats_server, start_builder, flake, bus_factory, tmp_path):
         pidfile = tmp_path / "slow.pid"
-        builder = start_builder({"fleet": flake({"good1": GOOD, "slow": f"echo $$ > {pidfile}; exec sleep 300"})},
-                                "--timeout", "2")
+        builder = start_builder(
+            {"fleet": flake({"good1": GOOD, "slow": f"echo $$ > {pidfile}; exec sleep 300"})}, "--timeout", "2"
+        )
         final = hd.build_repo(bus_factory(nats_server, "build-client"), "fleet", "all", None, 60, 1)
         assert (final["status"], final["message"]) == ("failed", "built 1/2 hosts; failed: slow")
         slow = final["results"][1]
         assert slow["host"] == "slow" and slow["error"] == "timed out after 2s; its process group was killed"
         assert 2 <= slow["duration_seconds"] < 15
         pid = int(pidfile.read_text())
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
-                 what="the timed-out build to be killed")
+        wait_for(
+            lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+            what="the timed-out build to be killed",
+        )
         assert "exceeded 2s; killing its process group" in builder.log_text()
 
     def test_parallel_builds(self, nats_server, start_builder, flake, bus_factory, tmp_path):
         # each host waits for the other to start: only a parallel builder can finish them
         a, b = tmp_path / "a", tmp_path / "b"
-        hosts = {"ha": f"touch {a}; while [ ! -e {b} ]; do sleep 0.05; done; {GOOD}",
-                 "hb": f"touch {b}; while [ ! -e {a} ]; do sleep 0.05; done; {GOOD}"}
+        hosts = {
+            "ha": f"touch {a}; while [ ! -e {b} ]; do sleep 0.05; done; {GOOD}",
+            "hb": f"touch {b}; while [ ! -e {a} ]; do sleep 0.05; done; {GOOD}",
+        }
         start_builder({"fleet": flake(hosts)}, "--parallel", "2", "--timeout", "30")
         final = hd.build_repo(bus_factory(nats_server, "build-client"), "fleet", "all", None, 60, 1)
         assert (final["status"], final["succeeded"]) == ("completed", 2)
@@ -581,8 +538,10 @@ class TestBuilder:
         assert {r["error"] for r in final["results"]} == {"cancelled: the builder is shutting down"}
         assert builder.proc.wait(30) == 0
         pid = int(pidfile.read_text())
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
-                 what="the cancelled build to be killed")
+        wait_for(
+            lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+            what="the cancelled build to be killed",
+        )
         assert builder.builds() == [attr("hang")]
 
     def test_pull_request_ref_needs_allow_any_ref(self, nats_server, start_builder, flake, bus_factory, tmp_path):
@@ -591,8 +550,11 @@ class TestBuilder:
         url = flake({"good1": GOOD})
         flake({"pr-only": GOOD}, branch="pr-1")
         repo = tmp_path / "repos" / "fleet"
-        for args in (["checkout", "-q", "main"], ["update-ref", "refs/pull/1/head", "pr-1"],
-                     ["branch", "-q", "-D", "pr-1"]):
+        for args in (
+            ["checkout", "-q", "main"],
+            ["update-ref", "refs/pull/1/head", "pr-1"],
+            ["branch", "-q", "-D", "pr-1"],
+        ):
             subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
         strict = start_builder({"fleet": url})
         bus = bus_factory(nats_server, "build-client")
@@ -618,8 +580,12 @@ class TestBuilder:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        start_builder({"fleet": flake(), "evalfail": flake(name="evalfail")},
-                      "--metrics-enabled", "--metrics-addr", f"127.0.0.1:{port}")
+        start_builder(
+            {"fleet": flake(), "evalfail": flake(name="evalfail")},
+            "--metrics-enabled",
+            "--metrics-addr",
+            f"127.0.0.1:{port}",
+        )
 
         def scrape() -> tuple[dict, dict, str]:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -629,11 +595,14 @@ class TestBuilder:
 
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read() == b"ok"
         types, before, _ = scrape()
-        assert types == {"homelab_deploy_builds": "counter", "homelab_deploy_build_host": "counter",
-                         "homelab_deploy_build_duration_seconds": "histogram",
-                         "homelab_deploy_build_last_timestamp": "gauge",
-                         "homelab_deploy_build_last_success_timestamp": "gauge",
-                         "homelab_deploy_build_last_failure_timestamp": "gauge"}
+        assert types == {
+            "homelab_deploy_builds": "counter",
+            "homelab_deploy_build_host": "counter",
+            "homelab_deploy_build_duration_seconds": "histogram",
+            "homelab_deploy_build_last_timestamp": "gauge",
+            "homelab_deploy_build_last_success_timestamp": "gauge",
+            "homelab_deploy_build_last_failure_timestamp": "gauge",
+        }
         for repo in ("fleet", "evalfail"):
             for status in ("success", "failure"):
                 assert before[("homelab_deploy_builds_total", (("repo", repo), ("status", status)))] == 0
@@ -644,28 +613,58 @@ class TestBuilder:
         until_final(send(bus, "build.fleet.all", {"repo": "fleet", "target": "all", "branch": "x;y"}))  # rejected
         _, after, text = scrape()
         builds = lambda status: after[  # noqa: E731
-            ("homelab_deploy_builds_total", (("repo", "fleet"), ("status", status)))]
-        hosts = lambda host, status: after[("homelab_deploy_build_host_total",  # noqa: E731
-                                            (("host", host), ("repo", "fleet"), ("status", status)))]
+            ("homelab_deploy_builds_total", (("repo", "fleet"), ("status", status)))
+        ]
+        hosts = lambda host, status: after[
+            (
+                "homelab_deploy_build_host_total",  # noqa: E731
+                (("host", host), ("repo", "fleet"), ("status", status)),
+            )
+        ]
         assert (builds("success"), builds("failure")) == (1, 1)  # the rejection is not a build
         assert (hosts("good1", "success"), hosts("good2", "success"), hosts("broken", "failure")) == (2, 1, 1)
         assert after[("homelab_deploy_build_duration_seconds_count", (("host", "good1"), ("repo", "fleet")))] == 2
-        buckets = sorted(float(dict(labels)["le"]) for (name, labels) in after
-                         if name == "homelab_deploy_build_duration_seconds_bucket" and dict(labels)["host"] == "good1")
-        assert buckets == [5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200, 10800, 14400,
-                           float("inf")]
-        last = {name: after[(name, (("repo", "fleet"),))] for name in (
-            "homelab_deploy_build_last_timestamp", "homelab_deploy_build_last_success_timestamp",
-            "homelab_deploy_build_last_failure_timestamp")}
+        buckets = sorted(
+            float(dict(labels)["le"])
+            for (name, labels) in after
+            if name == "homelab_deploy_build_duration_seconds_bucket" and dict(labels)["host"] == "good1"
+        )
+        assert buckets == [
+            5,
+            10,
+            30,
+            60,
+            120,
+            300,
+            600,
+            900,
+            1200,
+            1800,
+            2700,
+            3600,
+            5400,
+            7200,
+            10800,
+            14400,
+            float("inf"),
+        ]
+        last = {
+            name: after[(name, (("repo", "fleet"),))]
+            for name in (
+                "homelab_deploy_build_last_timestamp",
+                "homelab_deploy_build_last_success_timestamp",
+                "homelab_deploy_build_last_failure_timestamp",
+            )
+        }
         assert all(v > 1.7e9 for v in last.values())
-        assert (last["homelab_deploy_build_last_success_timestamp"]
-                >= last["homelab_deploy_build_last_failure_timestamp"])
+        assert (
+            last["homelab_deploy_build_last_success_timestamp"] >= last["homelab_deploy_build_last_failure_timestamp"]
+        )
         assert after[("homelab_deploy_build_last_timestamp", (("repo", "evalfail"),))] == 0
         assert "bad;name" not in text
 
 
 @needs_nix
-@pytest.mark.integration
 class TestBuilderLifeCycle:
     @pytest.mark.slow
     @pytest.mark.skipif(TGKILL is None, reason="tgkill's syscall number is known for x86_64 and aarch64 only")
@@ -714,8 +713,8 @@ class TestBuilderLifeCycle:
 
 # ---------------------------------------------------------------- build CLI
 
+
 @needs_nix
-@pytest.mark.integration
 class TestBuildCLI:
     def test_json_progress_and_exit_codes(self, nats_server, start_builder, flake):
         start_builder({"fleet": flake()})
@@ -726,8 +725,9 @@ class TestBuildCLI:
         assert {"results", "total_duration_seconds", "message"} <= set(doc)
         lines = r.stderr.splitlines()
         assert [line.split()[0] for line in lines if line.startswith("[")] == ["[1/3]", "[2/3]", "[3/3]"]
-        assert any(line.startswith("[") and " broken FAILED " in line and "intentional build failure" in line
-                   for line in lines)
+        assert any(
+            line.startswith("[") and " broken FAILED " in line and "intentional build failure" in line for line in lines
+        )
         assert any(line.startswith("[") and " good1 ok " in line and line.endswith("s") for line in lines)
         assert "fleet: built 2/3 hosts; failed: broken" in lines
         r = run_cli("build", "fleet", "good1", "--json", *cli_args(nats_server, "build-client"))
@@ -741,9 +741,21 @@ class TestBuildCLI:
         hosts = [f"host-{i}" for i in range(150)]
         start_builder({"fleet": flake(text=THROWING_FLEET.replace("COUNT", str(len(hosts))))}, "--parallel", "4")
         with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
-            proc = subprocess.Popen([*PROGRAM, "build", "fleet", "--all", "--json", "--timeout", "3600",
-                                     *cli_args(nats_server, "build-client")], stdout=out, stderr=err,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [
+                    *PROGRAM,
+                    "build",
+                    "fleet",
+                    "--all",
+                    "--json",
+                    "--timeout",
+                    "3600",
+                    *cli_args(nats_server, "build-client"),
+                ],
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
         try:
             assert proc.wait(600) == 1, (tmp_path / "err").read_text()[-3000:]  # a deadline far below --timeout
         finally:
@@ -752,24 +764,35 @@ class TestBuildCLI:
         assert len(json.dumps(final)) > hd.MAX_MESSAGE_BYTES
         assert (final["status"], final["succeeded"], final["failed"]) == ("failed", 0, len(hosts))
         assert sorted(r["host"] for r in final["results"]) == sorted(hosts)
-        assert all(r["error"].startswith(f"error: {r['host']}: xxxx") and len(r["error"]) == hd.OUTPUT_LINE_CHARS
-                   for r in final["results"])
+        assert all(
+            r["error"].startswith(f"error: {r['host']}: xxxx") and len(r["error"]) == hd.OUTPUT_LINE_CHARS
+            for r in final["results"]
+        )
 
     def test_env_vars(self, nats_server, start_builder, flake):
         url = flake()
         flake(name="fleet", branch="feature/x")
         builder = start_builder({"fleet": url})
-        env = {"HOMELAB_DEPLOY_NATS_URL": nats_server.url,
-               "HOMELAB_DEPLOY_NKEY_FILE": str(nats_server.seeds["build-client"]),
-               "HOMELAB_DEPLOY_BRANCH": "feature/x", "HOMELAB_DEPLOY_BUILD_TIMEOUT": "120"}
+        env = {
+            "HOMELAB_DEPLOY_NATS_URL": nats_server.url,
+            "HOMELAB_DEPLOY_NKEY_FILE": str(nats_server.seeds["build-client"]),
+            "HOMELAB_DEPLOY_BRANCH": "feature/x",
+            "HOMELAB_DEPLOY_BUILD_TIMEOUT": "120",
+        }
         r = run_cli("build", "fleet", "good2", "--answer-window", "1", env=env)
         assert r.returncode == 0, r.stderr
         assert builder.nix_calls[-1] == ["build", "--no-link", f"{url}?ref=feature/x#{attr('good2')}"]
 
     def test_invalid_arguments_send_nothing(self, nats_server, start_builder, flake):
         builder = start_builder({"fleet": flake()})
-        for args in (["fleet", "good1", "--all"], ["fleet", "bad;name"], ["fleet", "--branch", "main;id"],
-                     ["fleet", "-x", "--all"], ["a.b", "--all"], ["fleet", "--branch", "--all"]):
+        for args in (
+            ["fleet", "good1", "--all"],
+            ["fleet", "bad;name"],
+            ["fleet", "--branch", "main;id"],
+            ["fleet", "-x", "--all"],
+            ["a.b", "--all"],
+            ["fleet", "--branch", "--all"],
+        ):
             r = run_cli("build", *args, *cli_args(nats_server, "build-client"))
             assert r.returncode == 2 and "error:" in r.stderr, (args, r.stderr)
         assert builder.nix_calls == []
@@ -783,15 +806,22 @@ class TestBuildCLI:
         r = run_cli("build", "fleet", "--all", "--json", *cli_args(nats_server, "build-client"))
         assert r.returncode == 0, r.stderr
         assert [(h["host"], h["success"]) for h in json.loads(r.stdout)["results"]] == [
-            ("good1", True), ("web.example", True)]
+            ("good1", True),
+            ("web.example", True),
+        ]
         assert sorted(builder.builds()) == [attr("good1"), attr("web.example")]
 
     def test_rejected_gives_exit_1(self, nats_server, start_builder, flake, tmp_path):
         marker, release = tmp_path / "started", tmp_path / "release"
-        start_builder({"fleet": flake({"blocker": f"touch {marker}; while [ ! -e {release} ]; do sleep 0.05; done; "
-                                                  f"{GOOD}"})})
-        proc = subprocess.Popen([*PROGRAM, "build", "fleet", *cli_args(nats_server, "build-client")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        start_builder(
+            {"fleet": flake({"blocker": f"touch {marker}; while [ ! -e {release} ]; do sleep 0.05; done; {GOOD}"})}
+        )
+        proc = subprocess.Popen(
+            [*PROGRAM, "build", "fleet", *cli_args(nats_server, "build-client")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             wait_for(marker.exists, what="the first build to run")
             r = run_cli("build", "fleet", "--json", *cli_args(nats_server, "build-client"))

@@ -4,7 +4,6 @@ period, restart after a switch, and seed-file hygiene. Real nats-server, real li
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import queue
@@ -19,9 +18,17 @@ from pathlib import Path
 import pytest
 
 import homelab_deploy as hd
-from conftest import PROGRAM, Listener, run_cli, start_deploy, stop_process, wait_for
-
-pytestmark = pytest.mark.integration
+from tests.helpers import (
+    PROGRAM,
+    TGKILL,
+    Listener,
+    gone,
+    run_cli,
+    sigterm_to_a_thread,
+    start_deploy,
+    stop_process,
+    wait_for,
+)
 
 
 def final_reply(replies: queue.Queue, timeout: float = 60) -> dict:
@@ -37,14 +44,6 @@ def final_reply(replies: queue.Queue, timeout: float = 60) -> dict:
             return reply
 
 
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 class TestStateDirectory:
     def test_created_private(self, start_listener):
         host = start_listener("testhost1", "test")
@@ -58,8 +57,10 @@ class TestStateDirectory:
         state.chmod(mode)
         host = start_listener("testhost1", "test", expect_ready=False)
         assert host.proc.returncode == 1
-        assert (f"error: state directory {state} is open to group or others or not owned by this user; run "
-                f"`chown {os.geteuid()} {state} && chmod 700 {state}`") in host.log_text()
+        assert (
+            f"error: state directory {state} is open to group or others or not owned by this user; run "
+            f"`chown {os.geteuid()} {state} && chmod 700 {state}`"
+        ) in host.log_text()
         assert "Traceback" not in host.log_text() and not (state / "lock").exists()
 
     def test_temp_files_do_not_follow_planted_links(self, tmp_path):
@@ -68,7 +69,9 @@ class TestStateDirectory:
         (tmp_path / "history.json.tmp").symlink_to(outside)
         hd.save_state(str(tmp_path / "history.json"), [1])
         assert outside.read_text() == "keep"
-        assert not (tmp_path / "history.json").is_symlink() and json.loads((tmp_path / "history.json").read_text()) == [1]
+        assert not (tmp_path / "history.json").is_symlink() and json.loads((tmp_path / "history.json").read_text()) == [
+            1
+        ]
 
     def test_killed_mid_deploy_is_reported_after_restart_and_not_rerun(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test")
@@ -104,9 +107,16 @@ class TestStateDirectory:
     def test_garbage_pending_final_status_is_discarded(self, start_listener, tmp_path):
         state = tmp_path / "testhost1" / "state"
         state.mkdir(parents=True, mode=0o700)
-        garbage = {"resend-a.json": "{not json", "resend-b.json": json.dumps(
-            {"reply_to": "deploy.test.all", "response": {"hostname": "testhost1", "status": "completed"},
-             "schedule": [1e12]})}
+        garbage = {
+            "resend-a.json": "{not json",
+            "resend-b.json": json.dumps(
+                {
+                    "reply_to": "deploy.test.all",
+                    "response": {"hostname": "testhost1", "status": "completed"},
+                    "schedule": [1e12],
+                }
+            ),
+        }
         for name, text in garbage.items():
             (state / name).write_text(text)
         host = start_listener("testhost1", "test")
@@ -130,14 +140,20 @@ class TestConnect:
         try:
             with open(host.log, "ab") as log:
                 host.proc = subprocess.Popen(host.argv, env=host.env, stdout=log, stderr=log, start_new_session=True)
-            wait_for(lambda: "retrying in" in host.log_text() or host.proc.poll() is not None, timeout=30,
-                     what="the listener to give up on the silent server and retry")
+            wait_for(
+                lambda: "retrying in" in host.log_text() or host.proc.poll() is not None,
+                timeout=30,
+                what="the listener to give up on the silent server and retry",
+            )
             assert host.proc.poll() is None and "Traceback" not in host.log_text()
             assert f"cannot reach NATS at nats://127.0.0.1:{nats_server.port} within 5s" in host.log_text()
             silent.close()
             nats_server.start_again()
-            wait_for(lambda: " ready " in host.log_text() or host.proc.poll() is not None, timeout=90,
-                     what="the listener to connect to the real server")
+            wait_for(
+                lambda: " ready " in host.log_text() or host.proc.poll() is not None,
+                timeout=90,
+                what="the listener to connect to the real server",
+            )
             assert host.proc.poll() is None
             _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
             assert final_reply(replies)["status"] == "completed"
@@ -196,8 +212,7 @@ class TestRestartAfterSwitch:
         assert host.proc.wait(15) == 0
         assert "restarting so the service manager starts the switched-to version" in host.log_text()
 
-    def test_request_just_before_the_exit_is_refused(self, nats_server, bus_factory, listener_in_process,
-                                                    monkeypatch):
+    def test_request_just_before_the_exit_is_refused(self, nats_server, bus_factory, listener_in_process, monkeypatch):
         """A request that arrives after a successful switch freed the deploy slot, but before the listener exits
         (a hook sends it exactly then), is answered `rejected` and never run."""
         listener, standin = listener_in_process("--restart-after-switch")
@@ -247,20 +262,11 @@ class TestSecrets:
         host = start_listener("testhost2", "test", "web", "--nats-url", password_url, "--debug")
         assert f"connected to NATS at deploy:***@127.0.0.1:{nats_server.port}" in host.log_text()
         nats_server.restart()
-        wait_for(lambda: f"reconnected to NATS at deploy:***@127.0.0.1:{nats_server.port}" in host.log_text(),
-                 what="the listener to reconnect")
+        wait_for(
+            lambda: f"reconnected to NATS at deploy:***@127.0.0.1:{nats_server.port}" in host.log_text(),
+            what="the listener to reconnect",
+        )
         assert "s3cret" not in host.log_text()
-
-
-TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
-
-
-def sigterm_to_a_thread(pid: int, run: int) -> None:
-    """SIGTERM through tgkill to one of the process's other threads, a different one each run: the kernel may hand
-    a process-directed signal to any thread that does not block it, and CPython handles it on the main thread."""
-    threads = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
-    assert threads and ctypes.CDLL(None, use_errno=True).syscall(TGKILL, pid, threads[run % len(threads)],
-                                                                 signal.SIGTERM) == 0
 
 
 @pytest.mark.slow
@@ -295,8 +301,19 @@ class TestFinalStatusWhateverFails:
         state = host.standin.dir / "state"
         state.rename(tmp_path / "moved")
         state.write_text("not a directory")
-        cli = ["deploy", "deploy.test.testhost1", "--branch", "main", "--json", "--timeout", "600",
-               "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])]
+        cli = [
+            "deploy",
+            "deploy.test.testhost1",
+            "--branch",
+            "main",
+            "--json",
+            "--timeout",
+            "600",
+            "--nats-url",
+            nats_server.url,
+            "--nkey-file",
+            str(nats_server.seeds["test-deployer"]),
+        ]
         r = run_cli(*cli)
         assert r.returncode == 1, r.stderr
         answer = json.loads(r.stdout)["hosts"][0]
@@ -344,8 +361,10 @@ class TestStateDirectoryLock:
         second.argv[second.argv.index("--state-dir") + 1] = str(state)
         r = subprocess.run(second.argv, env=second.env, capture_output=True, text=True, timeout=60)
         assert r.returncode != 0
-        assert (f"state directory {state} is in use by another listener (pid {first.proc.pid}); give each listener "
-                "its own --state-dir") in r.stderr
+        assert (
+            f"state directory {state} is in use by another listener (pid {first.proc.pid}); give each listener "
+            "its own --state-dir"
+        ) in r.stderr
         assert "Traceback" not in r.stderr and first.proc.poll() is None
         first.stop()
         try:
@@ -404,8 +423,11 @@ class TestAutomaticRollback:
         while not messages or messages[-1]["status"] not in ("completed", "failed"):
             messages.append(json.loads(replies.get(timeout=30)[1]))
         assert messages[-1]["status"] == "completed" and "confirmed over NATS" in messages[-1]["message"]
-        assert any(m["message"].startswith("switched; waiting for the new system to confirm over NATS")
-                   for m in messages if m["status"] == "started")
+        assert any(
+            m["message"].startswith("switched; waiting for the new system to confirm over NATS")
+            for m in messages
+            if m["status"] == "started"
+        )
         wait_for(lambda: "the rollback watchdog exits" in host.log_text(), what="the watchdog to stand down")
         assert rollbacks(host) == [] and host.proc.poll() is None
 
@@ -424,8 +446,9 @@ class TestAutomaticRollback:
         assert "did not confirm over NATS within 2s after the switch of main" in reply["message"]
         assert "rolled back with `nixos-rebuild switch --rollback`" in reply["message"]
         history = json.loads((host.standin.dir / "state" / "history.json").read_text())
-        assert [(r["request"], r["status"], r["error"], r["generation_before"], r["generation_after"])
-                for r in history] == [(hd.request_id(reply_to), "failed", "rolled_back", 1, 1)]
+        assert [
+            (r["request"], r["status"], r["error"], r["generation_before"], r["generation_after"]) for r in history
+        ] == [(hd.request_id(reply_to), "failed", "rolled_back", 1, 1)]
 
     def test_watchdog_survives_sigkill_of_the_listener(self, nats_server, start_listener, bus_factory):
         """The switch cuts the host off NATS (the server stops), the listener waiting to confirm is SIGKILLed with
@@ -456,10 +479,26 @@ class TestAutomaticRollback:
         assert host.proc.wait(30) == 0
         first = int(re.search(r"rollback watchdog armed \(pid (\d+)\)", host.log_text())[1])
         with open(host.log, "ab") as log:
-            second = subprocess.Popen([*PROGRAM, "rollback-watchdog", "--state-dir", str(host.standin.dir / "state"),
-                                       "--request", hd.request_id(reply_to), "--rollback-timeout", "1",
-                                       "--profile", str(host.standin.profile),
-                                       "--timeout", "10"], env=host.env, stdout=log, stderr=log, start_new_session=True)
+            second = subprocess.Popen(
+                [
+                    *PROGRAM,
+                    "rollback-watchdog",
+                    "--state-dir",
+                    str(host.standin.dir / "state"),
+                    "--request",
+                    hd.request_id(reply_to),
+                    "--rollback-timeout",
+                    "1",
+                    "--profile",
+                    str(host.standin.profile),
+                    "--timeout",
+                    "10",
+                ],
+                env=host.env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         try:
             assert second.wait(60) == 0
             wait_for(lambda: gone(first), timeout=60, what="the first watchdog to finish")
@@ -494,7 +533,8 @@ class TestAutomaticRollback:
         assert reply["message"] == (
             "nixos-rebuild switch failed (exit code 4): warning: the following units failed: network-setup.service; "
             "it had installed generation 2, so it was rolled back at once with `nixos-rebuild switch --rollback`; "
-            "the system profile is at generation 1")
+            "the system profile is at generation 1"
+        )
         assert "warning: the following units failed: network-setup.service" in reply["output"]
         assert rollbacks(host) == [["switch", "--rollback"]] and host.standin.generation == 1
         assert not [p for p in (host.standin.dir / "state").iterdir() if p.name.split("-")[0] in hd.ROLLBACK_STATES]
@@ -510,8 +550,10 @@ class TestAutomaticRollback:
         _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
         reply = final_reply(replies)
         assert (reply["status"], reply["error"]) == ("failed", "rollback_failed")
-        assert ("so it was the rollback `nixos-rebuild switch --rollback` failed (exit code 1): error: cannot roll "
-                "back: no generation before; the host needs a person at its console") in reply["message"]
+        assert (
+            "so it was the rollback `nixos-rebuild switch --rollback` failed (exit code 1): error: cannot roll "
+            "back: no generation before; the host needs a person at its console"
+        ) in reply["message"]
         assert reply["output"][-1] == "error: cannot roll back: no generation before" and host.standin.generation == 2
 
     def test_watchdog_follows_the_rebuild_of_a_killed_listener(self, nats_server, start_listener, bus_factory):
@@ -543,21 +585,42 @@ class TestAutomaticRollback:
         reply_to = f"deploy.responses.{bus.public_key}.-x"
         with pytest.raises(hd.ProtocolError, match="not starting with '-'"):
             hd.parse_reply_to({"reply_to": reply_to}, "deploy")
-        bus.publish("deploy.test.testhost1", json.dumps({"action": "switch", "revision": "main",
-                                                         "reply_to": reply_to}).encode(), confirm=True)
+        bus.publish(
+            "deploy.test.testhost1",
+            json.dumps({"action": "switch", "revision": "main", "reply_to": reply_to}).encode(),
+            confirm=True,
+        )
         wait_for(lambda: "not starting with '-'" in host.log_text(), what="the request to be refused")
         assert host.standin.calls == [] and "armed" not in host.log_text()
 
     @pytest.mark.parametrize("value", ["inf", "nan", "-1"])
     def test_rollback_timeout_must_be_finite(self, tmp_path, value):
-        r = run_cli("listener", "--hostname", "h1", "--tier", "test", "--flake-url", "git+https://g.example/c.git",
-                    "--state-dir", str(tmp_path / "state"), "--nats-url", "nats://127.0.0.1:1", "--nkey-file",
-                    str(tmp_path / "k.seed"), "--rollback-timeout", value, timeout=30)
-        assert r.returncode == 1 and "--rollback-timeout a finite number of seconds (0 turns automatic rollback off)" \
-            in r.stderr, r.stderr
+        r = run_cli(
+            "listener",
+            "--hostname",
+            "h1",
+            "--tier",
+            "test",
+            "--flake-url",
+            "git+https://g.example/c.git",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--nkey-file",
+            str(tmp_path / "k.seed"),
+            "--rollback-timeout",
+            value,
+            timeout=30,
+        )
+        assert (
+            r.returncode == 1
+            and "--rollback-timeout a finite number of seconds (0 turns automatic rollback off)" in r.stderr
+        ), r.stderr
 
-    def test_a_watchdog_that_does_not_arm_runs_nothing(self, listener_in_process, bus_factory, nats_server,
-                                                       monkeypatch):
+    def test_a_watchdog_that_does_not_arm_runs_nothing(
+        self, listener_in_process, bus_factory, nats_server, monkeypatch
+    ):
         listener, standin = listener_in_process("--rollback-timeout", "30")
         monkeypatch.setattr(sys, "executable", "/bin/false")  # the watchdog's interpreter: it exits at once
         _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
@@ -577,14 +640,32 @@ class TestAutomaticRollback:
             script.write_text(f"#!/bin/sh\ntouch {tmp_path / name}\n")
             script.chmod(0o755)
             ran[name] = tmp_path / name
-        (state / f"pending-{rid}.json").write_text(json.dumps({
-            "request": {"action": "test", "revision": "main", "reply_to": f"deploy.responses.U.{rid}"},
-            "generation_before": 1, "profile": str(tmp_path / "evil" / "system"), "armed_at": time.time(),
-            "rollback_timeout": 1, "signer": None}))
-        watchdog = subprocess.Popen([*PROGRAM, "rollback-watchdog", f"--state-dir={state}", f"--request={rid}",
-                                     f"--profile={tmp_path / 'profiles' / 'system'}", "--rollback-timeout=1",
-                                     "--timeout=1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        (state / f"pending-{rid}.json").write_text(
+            json.dumps(
+                {
+                    "request": {"action": "test", "revision": "main", "reply_to": f"deploy.responses.U.{rid}"},
+                    "generation_before": 1,
+                    "profile": str(tmp_path / "evil" / "system"),
+                    "armed_at": time.time(),
+                    "rollback_timeout": 1,
+                    "signer": None,
+                }
+            )
+        )
+        watchdog = subprocess.Popen(
+            [
+                *PROGRAM,
+                "rollback-watchdog",
+                f"--state-dir={state}",
+                f"--request={rid}",
+                f"--profile={tmp_path / 'profiles' / 'system'}",
+                "--rollback-timeout=1",
+                "--timeout=1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             assert watchdog.wait(60) == 0, watchdog.stdout.read()
         finally:
@@ -593,18 +674,37 @@ class TestAutomaticRollback:
 
     def test_rollback_argv(self):
         assert hd.rollback_argv(hd.Action.SWITCH, "/nix/var/nix/profiles/system", 41) == [
-            "nixos-rebuild", "switch", "--rollback"]
+            "nixos-rebuild",
+            "switch",
+            "--rollback",
+        ]
         assert hd.rollback_argv(hd.Action.TEST, "/nix/var/nix/profiles/system", 41) == [
-            "/nix/var/nix/profiles/system-41-link/bin/switch-to-configuration", "test"]
+            "/nix/var/nix/profiles/system-41-link/bin/switch-to-configuration",
+            "test",
+        ]
 
     def test_deploy_cli_shows_the_confirmation_wait(self, nats_server, start_listener):
         """The deploy CLI prints the `started` "switched; waiting ..." line, then the restarted listener's
         confirmation, and exits 0."""
         host = start_listener("testhost1", "test", None, "--restart-after-switch", "--rollback-timeout", "30")
         host.standin.set_generation(1)
-        cli = subprocess.Popen([*PROGRAM, "deploy", "deploy.test.testhost1", "--branch", "main", "--nats-url",
-                                nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cli = subprocess.Popen(
+            [
+                *PROGRAM,
+                "deploy",
+                "deploy.test.testhost1",
+                "--branch",
+                "main",
+                "--nats-url",
+                nats_server.url,
+                "--nkey-file",
+                str(nats_server.seeds["test-deployer"]),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             assert host.proc.wait(30) == 0
             host.start()

@@ -17,13 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import conftest
 import homelab_deploy as hd
-from conftest import run_cli, wait_for
-from test_builder import GOOD, BuilderProcess, flake, needs_nix, nix_store  # noqa: F401 (fixtures)
-from test_reliability import collect, has_final
-
-pytestmark = pytest.mark.integration
+from tests import helpers
+from tests.helpers import GOOD, BuilderProcess, collect, has_final, needs_nix, run_cli, trusted, wait_for
 
 
 def signed(bus: hd.Bus, subject: str, body: dict, signed_for: str | None = None, **change) -> tuple[bytes, str]:
@@ -52,22 +48,25 @@ def resign(bus: hd.Bus, subject: str, obj: dict) -> dict:
     return {**obj, "signature": base64.b64encode(bus.signing_key.sign(hd.signing_input(subject, obj))).decode()}
 
 
-def trusted(server, *users: str) -> list[str]:
-    return [flag for user in users for flag in ("--trusted-key", f"{server.public[user]}={user}")]
-
-
 class TestSignedDeploys:
     def test_a_signed_deploy_runs_and_names_its_signer(self, nats_server, start_listener):
         host = start_listener("testhost1", "test", None, *trusted(nats_server, "test-deployer"))
         assert "acting only on requests signed by test-deployer" in host.log_text()
-        r = run_cli("deploy", "deploy.test.testhost1", "--nats-url", nats_server.url, "--nkey-file",
-                    str(nats_server.seeds["test-deployer"]))
+        r = run_cli(
+            "deploy",
+            "deploy.test.testhost1",
+            "--nats-url",
+            nats_server.url,
+            "--nkey-file",
+            str(nats_server.seeds["test-deployer"]),
+        )
         assert r.returncode == 0, r.stderr
         assert "testhost1: accepted - switch of master accepted (signed by test-deployer)" in r.stderr
         assert "accepted switch of master (signed by test-deployer)" in host.log_text()
         assert len(host.standin.calls) == 1
-        r = run_cli("status", "--json", "--nats-url", nats_server.url, "--nkey-file",
-                    str(nats_server.seeds["test-deployer"]))
+        r = run_cli(
+            "status", "--json", "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])
+        )
         assert json.loads(r.stdout)[0]["history"][0]["signer"] == "test-deployer"
         nonces = host.standin.dir / "state" / "nonces.json"
         first, *appended = nonces.read_text().splitlines()
@@ -76,21 +75,26 @@ class TestSignedDeploys:
 
     def test_without_trusted_keys_a_warning_and_todays_behaviour(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test")
-        assert "WARNING host=testhost1 unsigned: no trusted keys, so any credential NATS lets publish on its subjects " \
-               "can deploy it" in host.log_text()
+        assert (
+            "WARNING host=testhost1 unsigned: no trusted keys, so any credential NATS lets publish on its subjects "
+            "can deploy it" in host.log_text()
+        )
         bus = bus_factory(nats_server, "test-deployer")
-        answers = send(bus, "deploy.test.testhost1", *signed(bus, "deploy.test.testhost1", {
-            "action": "test", "revision": "main"}, signature=None, signer=None))
+        answers = send(
+            bus,
+            "deploy.test.testhost1",
+            *signed(bus, "deploy.test.testhost1", {"action": "test", "revision": "main"}, signature=None, signer=None),
+        )
         assert answers[-1]["status"] == "completed" and len(host.standin.calls) == 1
         status = ["status", "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])]
         assert json.loads(run_cli(*status, "--json").stdout)[0]["unsigned"] is True
         assert run_cli(*status).stdout.splitlines()[1].split()[:4] == ["testhost1", "test", "-", "idle,unsigned"]
 
-    def test_require_signed_without_trusted_keys_rejects_deploys_naming_the_option(self, nats_server,
-                                                                                  start_listener):
+    def test_require_signed_without_trusted_keys_rejects_deploys_naming_the_option(self, nats_server, start_listener):
         host = start_listener("testhost1", "test", None, "--require-signed")
-        assert "WARNING host=testhost1 --require-signed without trusted keys: every deploy is rejected" in \
-            host.log_text()
+        assert (
+            "WARNING host=testhost1 --require-signed without trusted keys: every deploy is rejected" in host.log_text()
+        )
         flags = ["--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])]
         r = run_cli("deploy", "deploy.test.testhost1", *flags)
         assert r.returncode == 1 and "testhost1: rejected [unauthorized]" in r.stderr, r.stderr
@@ -98,20 +102,23 @@ class TestSignedDeploys:
         assert "or set requireSigned = false" in r.stderr and host.standin.calls == []
         assert json.loads(run_cli("status", "--json", *flags).stdout)[0]["unsigned"] is False
 
-    def test_forged_stale_replayed_unknown_and_readdressed_requests_run_nothing(self, nats_server, start_listener,
-                                                                              bus_factory):
+    def test_forged_stale_replayed_unknown_and_readdressed_requests_run_nothing(
+        self, nats_server, start_listener, bus_factory
+    ):
         host = start_listener("testhost1", "test", None, *trusted(nats_server, "test-deployer"))
         bus, admin = bus_factory(nats_server, "test-deployer"), bus_factory(nats_server, "admin")
         subject, body = "deploy.test.testhost1", {"action": "switch", "revision": "main"}
         good, good_reply = signed(bus, subject, body)
         assert send(bus, subject, good, good_reply)[-1]["status"] == "completed"
         stale = resign(bus, subject, {**json.loads(signed(bus, subject, body)[0]), "signed_at": int(time.time()) - 120})
-        huge = resign(bus, subject, {**json.loads(signed(bus, subject, body)[0]), "signed_at": 10 ** 400})
+        huge = resign(bus, subject, {**json.loads(signed(bus, subject, body)[0]), "signed_at": 10**400})
         cases = {
             "unsigned": (*signed(bus, subject, body, signer=None, signature=None), "the request is not signed"),
             "altered": (*signed(bus, subject, body, revision="evil"), "does not match this request on"),
-            "another subject": (*signed(bus, subject, body, signed_for="deploy.test.all"),
-                                "signed for another subject"),
+            "another subject": (
+                *signed(bus, subject, body, signed_for="deploy.test.all"),
+                "signed for another subject",
+            ),
             "unknown signer": (*signed(admin, subject, body), "which is not a trusted key here"),
             "stale": (json.dumps(stale).encode(), stale["reply_to"], "ago, more than 60s off"),
             "replayed": (good, good_reply, "was used before: a replay"),
@@ -120,15 +127,22 @@ class TestSignedDeploys:
             "huge signed_at": (json.dumps(huge).encode(), huge["reply_to"], "malformed signature fields"),
         }
         answered = {b: b.inbox(f"deploy.responses.{b.public_key}.>") for b in (bus, admin)}
-        for name, (payload, reply_to, why) in cases.items():
+        for name, (payload, _reply_to, _why) in cases.items():
             (admin if name == "unknown signer" else bus).publish(subject, payload, confirm=True)
         # answers must go to the signer: a request whose reply_to names another key is refused (seen in the log)
         payload, _ = signed(bus, subject, body)
         obj = json.loads(payload)
-        bus.publish(subject, json.dumps(resign(bus, subject, {
-            **obj, "reply_to": hd.new_reply_subject("deploy", admin.public_key)})).encode(), confirm=True)
-        wait_for(lambda: host.log_text().count("rejected: unauthorized: ") == len(cases) + 1,
-                 what="every forged request to be refused")
+        bus.publish(
+            subject,
+            json.dumps(
+                resign(bus, subject, {**obj, "reply_to": hd.new_reply_subject("deploy", admin.public_key)})
+            ).encode(),
+            confirm=True,
+        )
+        wait_for(
+            lambda: host.log_text().count("rejected: unauthorized: ") == len(cases) + 1,
+            what="every forged request to be refused",
+        )
         assert all(why in host.log_text() for *_, why in cases.values()) and "not to the signer" in host.log_text()
         # none is answered (a forged request could aim a `rejected` at someone's deploy): the listener's answers
         # leave in order, so any answer to them is in before the final status of a genuine request sent now
@@ -154,8 +168,9 @@ class TestSignedDeploys:
         wait_for(lambda: "used before" in host.log_text(), what="the replay to be refused")
         assert len(host.standin.calls) == 1
 
-    @pytest.mark.parametrize("damage", ["", "{not json", '{"nonces": {}}\n[oops\n["a", 1]'], ids=["emptied", "garbled",
-                                                                                          "garbled inside"])
+    @pytest.mark.parametrize(
+        "damage", ["", "{not json", '{"nonces": {}}\n[oops\n["a", 1]'], ids=["emptied", "garbled", "garbled inside"]
+    )
     def test_a_lost_replay_cache_fails_closed(self, nats_server, start_listener, bus_factory, damage):
         """The nonces file is emptied or garbled: after the restart a request captured before it is not run."""
         host = start_listener("testhost1", "test", None, *trusted(nats_server, "test-deployer"))
@@ -169,8 +184,9 @@ class TestSignedDeploys:
         restarted = time.time()
         replay_answers = bus.inbox(hd.answer_subject(reply_to, "*"))
         bus.publish("deploy.test.testhost1", payload, confirm=True)  # refused without an answer (logged)
-        wait_for(lambda: "signed before this host lost its replay cache" in host.log_text(),
-                 what="the replay to be refused")
+        wait_for(
+            lambda: "signed before this host lost its replay cache" in host.log_text(), what="the replay to be refused"
+        )
         assert f"replay cache {host.standin.dir / 'state' / 'nonces.json'} lost (" in host.log_text()
         wait_for(lambda: int(time.time()) > restarted, what="the clock to pass the second of the restart")
         fresh, fresh_reply = signed(bus, "deploy.test.testhost1", {"action": "test", "revision": "main"})
@@ -188,8 +204,9 @@ class TestSignedDeploys:
 
         def flood(count: int) -> None:
             for _ in range(count):
-                flooder.publish(subject, signed(flooder, subject, {"action": "switch", "revision": "main",
-                                                                   "expires_in": 1e-9})[0])
+                flooder.publish(
+                    subject, signed(flooder, subject, {"action": "switch", "revision": "main", "expires_in": 1e-9})[0]
+                )
 
         inboxes = []
         for _ in range(20):
@@ -206,13 +223,15 @@ class TestSignedDeploys:
         assert "sent more than 30 requests at once" in host.log_text()
 
     def test_a_permissive_server_still_cannot_make_a_prod_host_deploy(self, tmp_path):
-        users = {**conftest.FLEET, "test-deployer": {**conftest.FLEET["test-deployer"],
-                                                     "publish": ["deploy.>"]}}  # the mistake: test may reach prod
-        server = conftest.NatsServer(tmp_path, users)
+        users = {
+            **helpers.FLEET,
+            "test-deployer": {**helpers.FLEET["test-deployer"], "publish": ["deploy.>"]},
+        }  # the mistake: test may reach prod
+        server = helpers.NatsServer(tmp_path, users)
         host = None
         try:
             server.start()
-            host = conftest.Listener(server, "dns1", "prod", "dns", tmp_path, *trusted(server, "admin")).start()
+            host = helpers.Listener(server, "dns1", "prod", "dns", tmp_path, *trusted(server, "admin")).start()
             deploy = ["deploy", "deploy.prod.dns1", "--nats-url", server.url, "--nkey-file"]
             r = run_cli(*deploy, str(server.seeds["test-deployer"]))
             assert r.returncode == 4 and "not a trusted key" in host.log_text()  # refused without an answer
@@ -231,8 +250,9 @@ class TestSignedDeploys:
         keys.write_text(f"# deployers\n{nats_server.public['admin']}=admin\n\nUNOTAKEY=bob\n")
         host = start_listener("testhost1", "test", None, "--trusted-keys-file", str(keys), expect_ready=False)
         assert f"error: {keys} line 4: 'UNOTAKEY=bob' is not PUBKEY[=NAME]" in host.log_text()
-        host = start_listener("testhost2", "test", None, "--trusted-key", f"{nats_server.public['admin']}=a b",
-                              expect_ready=False)
+        host = start_listener(
+            "testhost2", "test", None, "--trusted-key", f"{nats_server.public['admin']}=a b", expect_ready=False
+        )
         assert "error: --trusted-key: " in host.log_text()
         keys.write_text(f"# deployers\n{nats_server.public['admin']}=admin\n{nats_server.public['test-deployer']}\n")
         host = start_listener("dns1", "prod", None, "--trusted-keys-file", str(keys))
@@ -251,7 +271,9 @@ class TestSignatureProperties:
 
         path = tmp_path_factory.mktemp("key") / "k.seed"
         public = hd.new_user_seed(str(path))
-        return types.SimpleNamespace(public_key=public, signing_key=nkeys.from_seed(bytearray(path.read_bytes().strip())))
+        return types.SimpleNamespace(
+            public_key=public, signing_key=nkeys.from_seed(bytearray(path.read_bytes().strip()))
+        )
 
     def test_nonce_file_appends_compacts_and_keeps_what_precedes_a_torn_line(self, key, tmp_path, monkeypatch):
         monkeypatch.setattr(hd, "NONCE_COMPACT_EVERY", 3)
@@ -260,8 +282,14 @@ class TestSignatureProperties:
         sent = []
         for i in range(5):
             reply_to = f"deploy.responses.{key.public_key}.r{i}"
-            sent.append((hd.Bus.sign(key, subject, json.dumps({"action": "test", "revision": "main",
-                                                                "reply_to": reply_to}).encode()), reply_to))
+            sent.append(
+                (
+                    hd.Bus.sign(
+                        key, subject, json.dumps({"action": "test", "revision": "main", "reply_to": reply_to}).encode()
+                    ),
+                    reply_to,
+                )
+            )
             assert signers.verify(subject, sent[-1][0], reply_to, hd.ErrorCode.UNAUTHORIZED) == "k"
         first, *appended = path.read_text().split("\n")
         assert len(json.loads(first)["nonces"]) == 4 and len(appended) == 1  # compacted at the 4th, then appended
@@ -271,16 +299,35 @@ class TestSignatureProperties:
         with pytest.raises(hd.ProtocolError, match="was used before"):
             again.verify(subject, sent[0][0], sent[0][1], hd.ErrorCode.UNAUTHORIZED)
 
-    @given(field=st.sampled_from(["action", "revision", "reply_to", "expires_in", "signer", "signed_at", "nonce",
-                                  "signature", "extra", "subject"]),
-           value=st.one_of(st.text(max_size=60), st.integers(), st.floats(allow_nan=False), st.none(), st.booleans()),
-           remove=st.booleans())
+    @given(
+        field=st.sampled_from(
+            [
+                "action",
+                "revision",
+                "reply_to",
+                "expires_in",
+                "signer",
+                "signed_at",
+                "nonce",
+                "signature",
+                "extra",
+                "subject",
+            ]
+        ),
+        value=st.one_of(st.text(max_size=60), st.integers(), st.floats(allow_nan=False), st.none(), st.booleans()),
+        remove=st.booleans(),
+    )
     @settings(max_examples=1000, deadline=None)
     def test_no_mutation_verifies(self, key, field, value, remove):
         subject = "deploy.test.testhost1"
         reply_to = f"deploy.responses.{key.public_key}.r1"
-        obj = json.loads(hd.Bus.sign(key, subject, json.dumps({"action": "switch", "revision": "main", "reply_to": reply_to,
-                                                       "expires_in": 1.0}).encode()))
+        obj = json.loads(
+            hd.Bus.sign(
+                key,
+                subject,
+                json.dumps({"action": "switch", "revision": "main", "reply_to": reply_to, "expires_in": 1.0}).encode(),
+            )
+        )
         signers = hd.TrustedSigners({key.public_key: "k"})
         mutated, on = dict(obj), subject
         if field == "subject":
@@ -299,6 +346,7 @@ class TestSignatureProperties:
 
 # ---------------------------------------------------------------- audit events
 
+
 @pytest.fixture
 def follow(tmp_path):
     """Start `homelab-deploy events` (stopped after the test); returns a reader of its stdout lines."""
@@ -307,23 +355,30 @@ def follow(tmp_path):
     def start(server, user: str, *flags: str, ready: str = "following") -> tuple[subprocess.Popen, Path, Path]:
         out, err = tmp_path / f"events{len(started)}.out", tmp_path / f"events{len(started)}.err"
         with open(out, "wb") as o, open(err, "wb") as e:
-            proc = subprocess.Popen([*conftest.PROGRAM, "events", "--nats-url", server.url, "--nkey-file",
-                                     str(server.seeds[user]), *flags], stdout=o, stderr=e, start_new_session=True)
+            proc = subprocess.Popen(
+                [*helpers.PROGRAM, "events", "--nats-url", server.url, "--nkey-file", str(server.seeds[user]), *flags],
+                stdout=o,
+                stderr=e,
+                start_new_session=True,
+            )
         started.append(proc)
         wait_for(lambda: ready in err.read_text() or proc.poll() is not None, what="events to follow")
         return proc, out, err
 
     yield start
     for proc in started:
-        conftest.stop_process(proc)
+        helpers.stop_process(proc)
 
 
 def events_of(out: Path, request: str | None = None) -> list[dict]:
     return [e for e in map(json.loads, out.read_text().splitlines()) if request is None or e["id"] == request]
 
 
-EVENTS_STREAM_JSON = re.search(r"```json\n(\{\n  \"name\": \"HOMELAB_DEPLOY_EVENTS\".*?)```",
-                               (conftest.REPO / "docs" / "security.md").read_text(), re.S)
+EVENTS_STREAM_JSON = re.search(
+    r"```json\n(\{\n  \"name\": \"HOMELAB_DEPLOY_EVENTS\".*?)```",
+    (helpers.REPO / "docs" / "security.md").read_text(),
+    re.S,
+)
 
 
 class TestAuditEvents:
@@ -335,10 +390,13 @@ class TestAuditEvents:
         assert send(bus, "deploy.test.testhost1", payload, reply_to)[-1]["status"] == "completed"
         rid = hd.request_id(reply_to)
         wait_for(lambda: len(events_of(out, rid)) == 3, what="three events of the deploy")
-        assert [(e["status"], e["host"], e["tier"], e["signer"], e["action"], e["revision"], e["error"])
-                for e in events_of(out, rid)] == [
+        assert [
+            (e["status"], e["host"], e["tier"], e["signer"], e["action"], e["revision"], e["error"])
+            for e in events_of(out, rid)
+        ] == [
             (status, "testhost1", "test", "test-deployer", "boot", "v1", None)
-            for status in ("accepted", "started", "completed")]
+            for status in ("accepted", "started", "completed")
+        ]
         assert reply_to.rsplit(".", 1)[1] not in out.read_text() and "request" not in events_of(out)[0]
         bus.publish("deploy.test.testhost1", payload, confirm=True)  # a replay: no answer, no event of its own
         wait_for(lambda: "used before" in host.log_text(), what="the replay to be refused")
@@ -357,9 +415,10 @@ class TestAuditEvents:
         assert "may not subscribe to 'deploy.events.>'" in err.read_text() and "add --tier test" in err.read_text()
 
     def test_the_stream_replays_what_happened_before_the_cli_started(self, tmp_path, follow):
-        assert EVENTS_STREAM_JSON and json.loads(EVENTS_STREAM_JSON[1]) == hd.EVENTS_STREAM_CONFIG, \
+        assert EVENTS_STREAM_JSON and json.loads(EVENTS_STREAM_JSON[1]) == hd.EVENTS_STREAM_CONFIG, (
             "docs/security.md shows the stream definition the code uses (EVENTS_STREAM_CONFIG)"
-        server = conftest.NatsServer(tmp_path, {**conftest.FLEET, "ops": {"publish": [">"], "subscribe": [">"]}})
+        )
+        server = helpers.NatsServer(tmp_path, {**helpers.FLEET, "ops": {"publish": [">"], "subscribe": [">"]}})
         server.config.write_text(server.config.read_text() + f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n')
         host = None
         try:
@@ -375,17 +434,30 @@ class TestAuditEvents:
                 ops._call(ops.nc.jetstream().add_stream(config))
             finally:
                 ops.close()
-            host = conftest.Listener(server, "testhost1", "test", None, tmp_path).start()
-            deploy = ["deploy", "deploy.test.testhost1", "--json", "--nats-url", server.url, "--nkey-file",
-                      str(server.seeds["admin"])]
+            host = helpers.Listener(server, "testhost1", "test", None, tmp_path).start()
+            deploy = [
+                "deploy",
+                "deploy.test.testhost1",
+                "--json",
+                "--nats-url",
+                server.url,
+                "--nkey-file",
+                str(server.seeds["admin"]),
+            ]
             assert run_cli(*deploy).returncode == 0
             proc, _, err = follow(server, "test-deployer", "--tier", "test", "--since", "1h", ready="error")
-            assert proc.wait(30) == 3 and err.read_text().splitlines() == [(
-                f"error: replay (--since) needs an admin credential: this one ({server.seeds['test-deployer']}) may "
-                "not read the JetStream stream HOMELAB_DEPLOY_EVENTS; follow live events without --since")]
+            assert proc.wait(30) == 3 and err.read_text().splitlines() == [
+                (
+                    "error: replay (--since) needs an admin credential: "
+                    f"this one ({server.seeds['test-deployer']}) may not read the JetStream stream "
+                    "HOMELAB_DEPLOY_EVENTS; follow live events without --since"
+                )
+            ]
             _, out, _ = follow(server, "admin", "--tier", "test", "--since", "1h", "--json")
-            wait_for(lambda: [e["status"] for e in events_of(out)] == ["accepted", "started", "completed"],
-                     what="the stored events")
+            wait_for(
+                lambda: [e["status"] for e in events_of(out)] == ["accepted", "started", "completed"],
+                what="the stored events",
+            )
             assert run_cli(*deploy, "--branch", "v2").returncode == 0  # then live ones, from the same consumer
             wait_for(lambda: len(events_of(out)) == 6, what="the live events")
             assert [e["revision"] for e in events_of(out)] == ["master"] * 3 + ["v2"] * 3
@@ -397,10 +469,13 @@ class TestAuditEvents:
 
 @needs_nix
 class TestSignedBuilds:
-    def test_the_builder_acts_only_on_signed_requests_and_publishes_events(self, nats_server, nix_store, flake,
-                                                                         tmp_path, bus_factory):
-        config = {"repos": {"fleet": {"url": flake({"good1": GOOD}), "default_branch": "main"}},
-                  "trusted_keys": [f"{nats_server.public['build-client']}=ci"]}
+    def test_the_builder_acts_only_on_signed_requests_and_publishes_events(
+        self, nats_server, nix_store, flake, tmp_path, bus_factory
+    ):
+        config = {
+            "repos": {"fleet": {"url": flake({"good1": GOOD}), "default_branch": "main"}},
+            "trusted_keys": [f"{nats_server.public['build-client']}=ci"],
+        }
         builder = BuilderProcess(nats_server, tmp_path / "builder", config, nix_store).start()
         try:
             assert "no trusted_keys" not in builder.log_text()
@@ -408,17 +483,23 @@ class TestSignedBuilds:
             client = bus_factory(nats_server, "build-client")
             reply_to = hd.new_reply_subject("build", client.public_key)
             q = client.inbox(hd.answer_subject(reply_to, "*"))
-            client.publish("build.fleet.all", json.dumps({"repo": "fleet", "target": "all",
-                                                          "reply_to": reply_to}).encode(), confirm=True)
+            client.publish(
+                "build.fleet.all",
+                json.dumps({"repo": "fleet", "target": "all", "reply_to": reply_to}).encode(),
+                confirm=True,
+            )
             wait_for(lambda: "the request is not signed" in builder.log_text(), what="the unsigned build refused")
             assert builder.nix_calls == []
-            r = run_cli("build", "fleet", "--nats-url", nats_server.url, "--nkey-file",
-                        str(nats_server.seeds["build-client"]))
+            r = run_cli(
+                "build", "fleet", "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["build-client"])
+            )
             assert r.returncode == 0, r.stderr
         finally:
             builder.stop()  # ends the rejection window: its summary counts the unsigned request
         seen = collect(events, lambda got: len(got) >= 3, 60, "the build events")
         assert [(e["status"], e["repo"], e["host"], e["signer"], e["suppressed"]) for e in seen] == [
-            ("started", "fleet", "all", "ci", None), ("completed", "fleet", "all", "ci", None),
-            ("rejected", "fleet", None, None, 1)]
+            ("started", "fleet", "all", "ci", None),
+            ("completed", "fleet", "all", "ci", None),
+            ("rejected", "fleet", None, None, 1),
+        ]
         assert q.empty()  # the unsigned request got no answer

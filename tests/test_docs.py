@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
+from tests.helpers import REPO
+
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
@@ -20,8 +21,10 @@ def prose(path: Path) -> str:
 
 def anchors(path: Path) -> set[str]:
     """The anchors GitHub, Gitea and GitLab give a page's headings."""
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^#+ (.+)$", prose(path), re.M)}
+    return {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.+)$", prose(path), re.M)
+    }
 
 
 def test_readme_is_a_front_page_of_at_most_16000_bytes():
@@ -33,7 +36,9 @@ def test_readme_opens_with_the_demo_and_the_whole_test_suite():
     text = (REPO / "README.md").read_text()
     opening = text.split("\n## ", 1)[0]
     assert re.findall(r"^```bash\n(.*?)^```$", opening, re.S | re.M) == [
-        "pip install '.[demo]' && homelab-deploy demo\n", "bash .ci/run\n"]
+        "pip install '.[demo]' && homelab-deploy demo\n",
+        "bash .ci/run\n",
+    ]
     # .ci/run ends by running every test, not a marked subset
     assert (REPO / ".ci" / "run").read_text().rstrip().splitlines()[-1] == "python3 -m pytest -q -p no:cacheprovider"
 
@@ -90,11 +95,16 @@ def test_the_module_reference_names_every_option_of_module_nix():
 
 def test_the_man_page_is_the_one_the_parser_makes(tmp_path):
     """The committed homelab-deploy.1 matches what build_parser gives now; only the date may differ."""
-    subprocess.run(["bash", str(REPO / ".ci" / "manpage"), str(tmp_path / "homelab-deploy.1")], check=True,
-                   env={**os.environ, "PYTHON": sys.executable}, timeout=60)
+    subprocess.run(
+        ["bash", str(REPO / ".ci" / "manpage"), str(tmp_path / "homelab-deploy.1")],
+        check=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=60,
+    )
 
     def undated(text: str) -> str:
         return re.sub(r'^(\.TH \S+ "1") "[^"]*"', r"\1", text, flags=re.M)
 
-    assert undated((REPO / "homelab-deploy.1").read_text()) == undated((tmp_path / "homelab-deploy.1").read_text()), \
+    assert undated((REPO / "homelab-deploy.1").read_text()) == undated((tmp_path / "homelab-deploy.1").read_text()), (
         "homelab-deploy.1 is not what the CLI's parser gives now: regenerate it with `bash .ci/manpage` and commit it"
+    )

@@ -52,23 +52,38 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import homelab_deploy as hd
-from conftest import FLEET, PROGRAM, Listener, NatsServer, run_cli, stop_process, wait_for
+from tests.helpers import (
+    FINAL,
+    FLEET,
+    GOOD,
+    HOSTS,
+    NIX,
+    PROGRAM,
+    BuilderProcess,
+    Listener,
+    NatsServer,
+    collect,
+    commit_flake,
+    flake_text,
+    has_final,
+    nix_env,
+    run_cli,
+    stop_process,
+    wait_for,
+)
 
-try:  # the builder's fixtures: a real nix on a private store, local git flakes, a nix wrapper recording argv
-    from test_builder import GOOD, HOSTS, NIX, BuilderProcess, commit_flake, flake_text, nix_env
-    NO_BUILDER = None if NIX else "nix not found (Debian: apt-get install nix-bin)"
-except ImportError as e:  # pragma: no cover - only while test_builder.py is being written
-    NO_BUILDER = f"test_builder.py's builder fixtures are not importable: {e}"
+NO_BUILDER = None if NIX else "nix not found (Debian: apt-get install nix-bin)"  # the builder's half
+
 
 ACTIONS = ("switch", "boot", "test", "dry-activate")  # the spec's actions
 DEPLOY_STATUSES = {"accepted", "rejected", "started", "completed", "failed"}  # the spec's deploy statuses
 DEPLOY_ERRORS = {"invalid_revision", "invalid_action", "already_running", "build_failed", "timeout"}  # the spec's
 BUILD_STATUSES = {"started", "progress", "completed", "failed", "rejected"}  # the spec's build statuses
-FINAL = {"completed", "failed", "rejected"}
 TESTHOST1_SUBJECTS = {"deploy.test.testhost1", "deploy.test.all", "deploy.discover"}
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def monitor(port: int, endpoint: str) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/{endpoint}", timeout=5) as response:
@@ -83,21 +98,6 @@ def connections(monitor_port: int) -> dict[str, list[dict]]:
     return by_name
 
 
-def collect(q: queue.Queue, done, timeout: float, what: str) -> list[dict]:
-    """Decoded messages from `q` until done(messages) holds; fails after `timeout` seconds."""
-    got: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while not done(got):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; got {got}")
-        try:
-            got.append(json.loads(q.get(timeout=min(remaining, 0.5))[1]))
-        except queue.Empty:
-            pass
-    return got
-
-
 def drain(q: queue.Queue) -> list[dict]:
     got = []
     while True:
@@ -105,10 +105,6 @@ def drain(q: queue.Queue) -> list[dict]:
             got.append(json.loads(q.get_nowait()[1]))
         except queue.Empty:
             return got
-
-
-def has_final(messages: list[dict]) -> bool:
-    return any(m.get("status") in FINAL for m in messages)
 
 
 def request(bus: hd.Bus, subject: str, body: dict, kind: str = "deploy", timeout: float = 60) -> list[dict]:
@@ -195,8 +191,11 @@ def nix_argv_ok(argv: list[str], url: str, hosts: set[str], branches: set[str]) 
     `hosts` (safe names from the flake); no option other than the builder's own."""
     if any(a.startswith("-") and a not in ("--json", "--refresh", "--no-link") for a in argv):
         return False
-    m = re.fullmatch(re.escape(url) + r"\?(ref|rev)=(?P<branch>[^#]*)(#nixosConfigurations\.\"?(?P<host>[^\"]*)\"?"
-                     r"\.config\.system\.build\.toplevel)?", argv[-1])
+    m = re.fullmatch(
+        re.escape(url) + r"\?(ref|rev)=(?P<branch>[^#]*)(#nixosConfigurations\.\"?(?P<host>[^\"]*)\"?"
+        r"\.config\.system\.build\.toplevel)?",
+        argv[-1],
+    )
     if not m or not ref_ok(m["branch"]) or m["branch"] not in branches:
         return False
     if argv[:2] == ["flake", "show"]:
@@ -217,9 +216,15 @@ def ref_ok(s: object) -> bool:
     """Safe in a flake URL and an argv, and a valid git ref: the DESIGN's alphabet, first character
     alphanumeric, no '..', at most 255 characters; git's rules for components (non-empty, not starting with
     '.', not ending with '.lock') and for the end (not '.')."""
-    return (isinstance(s, str) and 1 <= len(s) <= 255 and all(c in REF_CHARS for c in s) and s[0] in ALNUM
-            and ".." not in s and not s.endswith(".")
-            and all(p and not p.startswith(".") and not p.endswith(".lock") for p in s.split("/")))
+    return (
+        isinstance(s, str)
+        and 1 <= len(s) <= 255
+        and all(c in REF_CHARS for c in s)
+        and s[0] in ALNUM
+        and ".." not in s
+        and not s.endswith(".")
+        and all(p and not p.startswith(".") and not p.endswith(".lock") for p in s.split("/"))
+    )
 
 
 def token_ok(s: object) -> bool:
@@ -232,21 +237,29 @@ def name_ok(s: object) -> bool:
 
 def reply_ok(kind: str, s: object) -> bool:
     prefix = f"{kind}.responses."
-    tokens = s[len(prefix):].split(".") if isinstance(s, str) and s.startswith(prefix) else []
+    tokens = s[len(prefix) :].split(".") if isinstance(s, str) and s.startswith(prefix) else []
     return len(tokens) == 2 and all(REPLY_TOKEN.fullmatch(t) for t in tokens)
 
 
 # ---------------------------------------------------------------- strategies
 
+
 def git_refs() -> st.SearchStrategy[str]:
     word = st.text(TOKEN_CHARS, min_size=1, max_size=8)
     component = st.lists(word, min_size=1, max_size=3).map(".".join).filter(lambda c: not c.endswith(".lock"))
-    path = st.builds(lambda first, parts: first + "/".join(parts), st.sampled_from(ALNUM),
-                     st.lists(component, min_size=1, max_size=6))
-    return st.one_of(path, st.text("0123456789abcdef", min_size=40, max_size=40),  # a commit
-                     st.builds(lambda first, rest: first + rest, st.sampled_from(ALNUM),
-                               st.text(ALNUM + "_-", min_size=150, max_size=254)),  # long, up to the bound
-                     st.sampled_from(["main", "master", "HEAD", "v1.2.3", "feature/x-1", "release_2024", "a"]))
+    path = st.builds(
+        lambda first, parts: first + "/".join(parts),
+        st.sampled_from(ALNUM),
+        st.lists(component, min_size=1, max_size=6),
+    )
+    return st.one_of(
+        path,
+        st.text("0123456789abcdef", min_size=40, max_size=40),  # a commit
+        st.builds(
+            lambda first, rest: first + rest, st.sampled_from(ALNUM), st.text(ALNUM + "_-", min_size=150, max_size=254)
+        ),  # long, up to the bound
+        st.sampled_from(["main", "master", "HEAD", "v1.2.3", "feature/x-1", "release_2024", "a"]),
+    )
 
 
 def tokens(chars: str = TOKEN_CHARS) -> st.SearchStrategy[str]:
@@ -255,31 +268,105 @@ def tokens(chars: str = TOKEN_CHARS) -> st.SearchStrategy[str]:
 
 # Characters outside every alphabet above: shell and flake-URL syntax, whitespace, control, non-ASCII.
 SHELL_AND_URL = list(" \t\n\r\x00\x7f?&#=%;$`|<>*~^:\\'\"{}[]@!,+()")
-FORBIDDEN = st.one_of(st.sampled_from(SHELL_AND_URL), st.sampled_from(SHELL_AND_URL),
-                      st.characters(max_codepoint=31), st.characters(min_codepoint=128))
+FORBIDDEN = st.one_of(
+    st.sampled_from(SHELL_AND_URL),
+    st.sampled_from(SHELL_AND_URL),
+    st.characters(max_codepoint=31),
+    st.characters(min_codepoint=128),
+)
 
 INJECTIONS = [
-    "main; rm -rf /", "$(reboot)", "`id`", "main && id", "main|id", "--upgrade", "-rf", "--flake", "-L",
-    "--option build-hook /tmp/x", "--override-input nixpkgs github:evil/pkgs", "main#evil", "main?rev=1",
-    "main&ref=x", "a=b", "100%", "%00", "../etc", "main/../x", "a..b", "main\nid", "main\r\nPUB x 1\r\n", "\x00",
-    "main\x00", "ünïcode", "ref.lock", "trailing/", "trailing.", "a//b", "~main", "main^", "main:x", "*", ">",
-    "deploy.>", "'; DROP TABLE hosts; --", "${IFS}id", "\u202emain", "\ufeffmain", " main", "main ", "\t", "#",
-    "git+https://evil.example/x.git", "switch --upgrade", "switch\n", "SWITCH", "build-vm", "dry_activate", "",
+    "main; rm -rf /",
+    "$(reboot)",
+    "`id`",
+    "main && id",
+    "main|id",
+    "--upgrade",
+    "-rf",
+    "--flake",
+    "-L",
+    "--option build-hook /tmp/x",
+    "--override-input nixpkgs github:evil/pkgs",
+    "main#evil",
+    "main?rev=1",
+    "main&ref=x",
+    "a=b",
+    "100%",
+    "%00",
+    "../etc",
+    "main/../x",
+    "a..b",
+    "main\nid",
+    "main\r\nPUB x 1\r\n",
+    "\x00",
+    "main\x00",
+    "ünïcode",
+    "ref.lock",
+    "trailing/",
+    "trailing.",
+    "a//b",
+    "~main",
+    "main^",
+    "main:x",
+    "*",
+    ">",
+    "deploy.>",
+    "'; DROP TABLE hosts; --",
+    "${IFS}id",
+    "\u202emain",
+    "\ufeffmain",
+    " main",
+    "main ",
+    "\t",
+    "#",
+    "git+https://evil.example/x.git",
+    "switch --upgrade",
+    "switch\n",
+    "SWITCH",
+    "build-vm",
+    "dry_activate",
+    "",
 ]
 HOSTILE_REPLY_TO = [
-    "deploy.test.testhost2", "deploy.test.testhost1", "deploy.test.all", "deploy.prod.all", "deploy.discover",
-    "build.x", "build.fleet.all", "build.responses.abc", "deploy.responses.abc", ">", "*", "deploy.>",
-    "deploy.responses.>", "deploy.responses.*", "build.responses.>", "deploy.responses.", "deploy.responses",
-    "build.responses.", "deploy.responses.a.b.c", "deploy.responses.a b", "deploy.responses.é", "deploy.responses.\x00",
-    "deploy.responses." + "x" * 65, "build.responses." + "y" * 65, "deploy.responses.abc\r\nPUB deploy.prod.all 2",
-    "_INBOX.abc", "$SYS.REQ.SERVER.PING", "", " ", "deploy.responses.abc ", " deploy.responses.abc",
+    "deploy.test.testhost2",
+    "deploy.test.testhost1",
+    "deploy.test.all",
+    "deploy.prod.all",
+    "deploy.discover",
+    "build.x",
+    "build.fleet.all",
+    "build.responses.abc",
+    "deploy.responses.abc",
+    ">",
+    "*",
+    "deploy.>",
+    "deploy.responses.>",
+    "deploy.responses.*",
+    "build.responses.>",
+    "deploy.responses.",
+    "deploy.responses",
+    "build.responses.",
+    "deploy.responses.a.b.c",
+    "deploy.responses.a b",
+    "deploy.responses.é",
+    "deploy.responses.\x00",
+    "deploy.responses." + "x" * 65,
+    "build.responses." + "y" * 65,
+    "deploy.responses.abc\r\nPUB deploy.prod.all 2",
+    "_INBOX.abc",
+    "$SYS.REQ.SERVER.PING",
+    "",
+    " ",
+    "deploy.responses.abc ",
+    " deploy.responses.abc",
     "DEPLOY.RESPONSES.abc",
 ]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
-    max_leaves=10)
+    max_leaves=10,
+)
 huge_strings = st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=3), st.integers(100, 10_000))
 
 
@@ -292,26 +379,80 @@ def insert(s: str, what: str, where: int) -> str:
 near_refs = st.one_of(
     st.builds(insert, git_refs(), FORBIDDEN, st.integers(min_value=0)),
     st.builds(insert, git_refs(), FORBIDDEN, st.integers(min_value=0)),
-    st.builds(lambda ref, edge: edge[0] + ref + edge[1], git_refs(), st.sampled_from(
-        [("-", ""), (".", ""), ("/", ""), ("", "/"), ("", "."), ("", ".lock"), ("", "/.x"), ("", "//x"), ("", "/../x"),
-         ("", "..x"), ("", "?ref=x"), ("", "#x"), ("", " "), (" ", ""), ("", "\n"), ("", "x" * 255)])))
+    st.builds(
+        lambda ref, edge: edge[0] + ref + edge[1],
+        git_refs(),
+        st.sampled_from(
+            [
+                ("-", ""),
+                (".", ""),
+                ("/", ""),
+                ("", "/"),
+                ("", "."),
+                ("", ".lock"),
+                ("", "/.x"),
+                ("", "//x"),
+                ("", "/../x"),
+                ("", "..x"),
+                ("", "?ref=x"),
+                ("", "#x"),
+                ("", " "),
+                (" ", ""),
+                ("", "\n"),
+                ("", "x" * 255),
+            ]
+        ),
+    ),
+)
 near_names = st.one_of(
     st.builds(insert, tokens(NAME_CHARS), FORBIDDEN, st.integers(min_value=0)),
-    st.sampled_from(["x;y", "$(id)", "-rf", "--option", "a`b`", "a|b", "a&b", "a#b", "a?b", "a=b", "a%b", "a'b",
-                     'a"b', "a\\b", "a{b}", "-", ".x", "x" * 64]))
-near_actions = st.one_of(st.builds(insert, st.sampled_from(ACTIONS), FORBIDDEN | st.sampled_from(list(ALNUM + "-_.")),
-                                   st.integers(min_value=0)),
-                         st.sampled_from(ACTIONS).map(str.upper), st.sampled_from(ACTIONS).map(lambda a: "--" + a))
+    st.sampled_from(
+        [
+            "x;y",
+            "$(id)",
+            "-rf",
+            "--option",
+            "a`b`",
+            "a|b",
+            "a&b",
+            "a#b",
+            "a?b",
+            "a=b",
+            "a%b",
+            "a'b",
+            'a"b',
+            "a\\b",
+            "a{b}",
+            "-",
+            ".x",
+            "x" * 64,
+        ]
+    ),
+)
+near_actions = st.one_of(
+    st.builds(
+        insert, st.sampled_from(ACTIONS), FORBIDDEN | st.sampled_from(list(ALNUM + "-_.")), st.integers(min_value=0)
+    ),
+    st.sampled_from(ACTIONS).map(str.upper),
+    st.sampled_from(ACTIONS).map(lambda a: "--" + a),
+)
 near_misses = st.one_of(near_refs, near_names, near_actions)
-hostile_values = st.one_of(st.sampled_from(INJECTIONS), near_misses, st.text(max_size=60),
-                           st.text(st.characters(max_codepoint=31), max_size=10), huge_strings, json_values)
+hostile_values = st.one_of(
+    st.sampled_from(INJECTIONS),
+    near_misses,
+    st.text(max_size=60),
+    st.text(st.characters(max_codepoint=31), max_size=10),
+    huge_strings,
+    json_values,
+)
 
 OURS = "@@OURS@@"  # replaced, when the message is sent, by a fresh reply subject the test listens on
 
 
 def hostile_reply_to(kind: str) -> st.SearchStrategy:
     return st.one_of(st.sampled_from(HOSTILE_REPLY_TO), st.text(max_size=40), json_values).filter(
-        lambda r: not reply_ok(kind, r))
+        lambda r: not reply_ok(kind, r)
+    )
 
 
 @dataclass(frozen=True)
@@ -327,8 +468,11 @@ def messages(draw, kind: str, fields: dict[str, Field]) -> bytes:
     """One message for a subject class: random bytes, random JSON, a request whose fields are each valid, a
     near miss, hostile or missing, an all-valid request, an oversized one, a huge integer, or duplicate reply_to
     keys. The reply_to is mostly valid, so that most requests get as far as the validation of the other fields."""
-    shape = draw(st.sampled_from(["bytes", "json", "fields", "fields", "fields", "fields", "valid", "oversized",
-                                  "bigint", "dupkeys"]))
+    shape = draw(
+        st.sampled_from(
+            ["bytes", "json", "fields", "fields", "fields", "fields", "valid", "oversized", "bigint", "dupkeys"]
+        )
+    )
     if shape == "bytes":
         return draw(st.binary(max_size=500))
     if shape == "json":
@@ -337,8 +481,11 @@ def messages(draw, kind: str, fields: dict[str, Field]) -> bytes:
         return b'{"reply_to": "' + OURS.encode() + b'", "action": ' + b"9" * draw(st.integers(4301, 20_000)) + b"}"
     body = draw(st.dictionaries(st.text(max_size=8), json_values, max_size=3))  # unknown keys
     for name, spec in {**fields, "reply_to": Field(st.just(OURS), hostile_reply_to(kind))}.items():
-        choices = ["valid"] * 6 + ["near", "missing"] if name == "reply_to" else \
-            ["valid", "valid", "near", "near", "hostile", "missing"]
+        choices = (
+            ["valid"] * 6 + ["near", "missing"]
+            if name == "reply_to"
+            else ["valid", "valid", "near", "near", "hostile", "missing"]
+        )
         how = "valid" if shape in ("valid", "oversized", "dupkeys") else draw(st.sampled_from(choices))
         if how == "missing":
             body.pop(name, None)
@@ -349,8 +496,9 @@ def messages(draw, kind: str, fields: dict[str, Field]) -> bytes:
     text = json.dumps(body)
     if shape == "dupkeys":  # two reply_to keys; a JSON parser keeps one of them
         other = json.dumps(draw(hostile_reply_to(kind)))
-        text = text[:-1] + f', "reply_to": {other}}}' if draw(st.booleans()) else \
-            '{"reply_to": ' + other + ", " + text[1:]
+        text = (
+            text[:-1] + f', "reply_to": {other}}}' if draw(st.booleans()) else '{"reply_to": ' + other + ", " + text[1:]
+        )
     return text.encode()
 
 
@@ -366,16 +514,31 @@ def parse_like_a_daemon(payload: bytes, limit: int = hd.MAX_MESSAGE_BYTES) -> di
     return obj if isinstance(obj, dict) else None
 
 
-FUZZ_SETTINGS = settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[
-    HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.large_base_example])
+FUZZ_SETTINGS = settings(
+    max_examples=1000,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.large_base_example,
+    ],
+)
 
 
 # ---------------------------------------------------------------- answers: the rules and strategies
 
-MAX_PAYLOAD = 1024 * 1024  # conftest's nats-server: the largest answer a client gets
+MAX_PAYLOAD = 1024 * 1024  # the nats_server fixture's nats-server: the largest answer a client gets
 DEPLOY_ERROR_CODES = DEPLOY_ERRORS | {"interrupted"}  # the spec's, and the one docs/protocol.md adds
-BUILD_ERROR_CODES = {"unknown_repo", "invalid_target", "invalid_branch", "already_running", "eval_failed",
-                     "build_failed"}
+BUILD_ERROR_CODES = {
+    "unknown_repo",
+    "invalid_target",
+    "invalid_branch",
+    "already_running",
+    "eval_failed",
+    "build_failed",
+}
 
 
 def number_ok(v: object, whole: bool = False) -> bool:
@@ -391,13 +554,15 @@ def answer_ok(fields: dict[str, Field], obj: object) -> bool:
     """An answer a client must accept: an object whose fields are each missing (if optional) or pass their rule."""
     return isinstance(obj, dict) and all(
         (obj.get(name) is None and not f.required) or (obj.get(name) is not None and f.rule(obj[name]))
-        for name, f in fields.items())
+        for name, f in fields.items()
+    )
 
 
 def wrong(rule, *near) -> st.SearchStrategy:
     """Present values `rule` rejects: the near misses given (values or strategies), and any JSON value."""
     return st.one_of(*[n if isinstance(n, st.SearchStrategy) else st.just(n) for n in near], json_values).filter(
-        lambda v: v is not None and not rule(v))
+        lambda v: v is not None and not rule(v)
+    )
 
 
 def field(rule, valid: st.SearchStrategy, *near, required: bool = False) -> Field:
@@ -406,18 +571,40 @@ def field(rule, valid: st.SearchStrategy, *near, required: bool = False) -> Fiel
 
 long_text = st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=3), st.integers(100, 2500))
 TEXT = field(lambda v: isinstance(v, str), st.text(max_size=60) | long_text, 0, 1.5, True, ["a"], {"a": "b"})
-LINES = field(lines_ok, st.lists(st.text(max_size=40), max_size=30) | st.lists(long_text, max_size=3), "line", [1],
-              ["a", None], [["a"]])
-SECONDS = field(number_ok, st.floats(0, 1e6) | st.integers(0, 10**6), "soon", "1.5", True, False, -1, -0.5, 1e9,
-                10**12, float("nan"), float("inf"), -float("inf"), [], {})
+LINES = field(
+    lines_ok,
+    st.lists(st.text(max_size=40), max_size=30) | st.lists(long_text, max_size=3),
+    "line",
+    [1],
+    ["a", None],
+    [["a"]],
+)
+SECONDS = field(
+    number_ok,
+    st.floats(0, 1e6) | st.integers(0, 10**6),
+    "soon",
+    "1.5",
+    True,
+    False,
+    -1,
+    -0.5,
+    1e9,
+    10**12,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    [],
+    {},
+)
 COUNT = field(lambda v: number_ok(v, whole=True), st.integers(0, 10**6), 1.5, 3.0, True, "3", -1, 10**9)
 FLAG = field(lambda v: isinstance(v, bool), st.booleans(), 0, 1, "true", "false", [], {})
 
 
 def name_field(rule, valid: st.SearchStrategy, *near, required: bool = False) -> Field:
     """A name or a choice: a string `rule` accepts; an optional one may also be "" (Go's empty string for none)."""
-    return field(lambda v: isinstance(v, str) and (rule(v) or (v == "" and not required)), valid, "", *near,
-                 required=required)
+    return field(
+        lambda v: isinstance(v, str) and (rule(v) or (v == "" and not required)), valid, "", *near, required=required
+    )
 
 
 def choice(values: set[str], *near, required: bool = False) -> Field:
@@ -431,28 +618,47 @@ DEPLOY_ANSWER = {
     "hostname": HOST_NAME,
     "status": choice(DEPLOY_STATUSES, "progress", "ACCEPTED", "complete", " completed", "accepted\n", required=True),
     "error": choice(DEPLOY_ERROR_CODES, "build-failed", "BUILD_FAILED", "unknown", "x" * 3000),
-    "message": TEXT, "duration_seconds": SECONDS, "output": LINES}
+    "message": TEXT,
+    "duration_seconds": SECONDS,
+    "output": LINES,
+}
 DISCOVERY_ANSWER = {
-    "hostname": HOST_NAME, "tier": choice({"test", "prod"}, "staging", "Test", required=True),
+    "hostname": HOST_NAME,
+    "tier": choice({"test", "prod"}, "staging", "Test", required=True),
     "role": name_field(token_ok, tokens(), "a.b", "dns ", 5, near_names),
     "deploy_subjects": replace(LINES, required=True),
-    "version": TEXT, "deploying": FLAG}
+    "version": TEXT,
+    "deploying": FLAG,
+}
 BUILD_RESULT = {
     "host": name_field(name_ok, tokens(NAME_CHARS), "a;b", "-rf", "x" * 64, near_names, required=True),
     "success": replace(FLAG, required=True),
-    "duration_seconds": SECONDS, "error": TEXT, "output": LINES}
+    "duration_seconds": SECONDS,
+    "error": TEXT,
+    "output": LINES,
+}
 
 
 @st.composite
 def answer_objects(draw, fields: dict[str, Field], poison: str) -> dict:
     """An answer object: each field valid or, if optional, missing; the `poison`ed ones ("none", "some": at
     least one, "any") wrong or, if required, missing; unknown keys beside them."""
-    names = draw(st.sets(st.sampled_from(sorted(fields)), min_size=int(poison == "some"),
-                         max_size=0 if poison == "none" else None))
+    names = draw(
+        st.sets(
+            st.sampled_from(sorted(fields)), min_size=int(poison == "some"), max_size=0 if poison == "none" else None
+        )
+    )
     body = draw(st.dictionaries(st.text(max_size=8), json_values, max_size=2))
     for name, f in fields.items():
-        how = draw(st.sampled_from((["wrong", "missing"] if f.required else ["wrong"]) if name in names else
-                                   ["valid"] if f.required else ["valid", "valid", "missing"]))
+        how = draw(
+            st.sampled_from(
+                (["wrong", "missing"] if f.required else ["wrong"])
+                if name in names
+                else ["valid"]
+                if f.required
+                else ["valid", "valid", "missing"]
+            )
+        )
         if how == "missing":
             body.pop(name, None)
         else:
@@ -463,30 +669,43 @@ def answer_objects(draw, fields: dict[str, Field], poison: str) -> dict:
 BUILD_ANSWER = {
     "status": choice(BUILD_STATUSES, "accepted", "COMPLETED", "done", required=True),
     "error_code": choice(BUILD_ERROR_CODES, "unknown", "BUILD_FAILED", "timeout"),
-    "message": TEXT, "error": TEXT, "output": LINES,
+    "message": TEXT,
+    "error": TEXT,
+    "output": LINES,
     "repo": name_field(token_ok, tokens(), "a.b", 5, near_names),
     "branch": name_field(ref_ok, git_refs(), 5, near_refs),
     "host": name_field(name_ok, tokens(NAME_CHARS), "a;b", "-rf", "x" * 64, near_names),
-    "host_success": FLAG, "hosts_total": COUNT, "hosts_completed": COUNT, "succeeded": COUNT, "failed": COUNT,
-    "duration_seconds": SECONDS, "total_duration_seconds": SECONDS,
-    "results": field(lambda v: isinstance(v, list) and all(answer_ok(BUILD_RESULT, r) for r in v),
-                     st.lists(answer_objects(BUILD_RESULT, "none"), max_size=4),
-                     st.lists(answer_objects(BUILD_RESULT, "some"), min_size=1, max_size=3),
-                     st.lists(json_values.filter(lambda v: not isinstance(v, dict)), min_size=1, max_size=3))}
+    "host_success": FLAG,
+    "hosts_total": COUNT,
+    "hosts_completed": COUNT,
+    "succeeded": COUNT,
+    "failed": COUNT,
+    "duration_seconds": SECONDS,
+    "total_duration_seconds": SECONDS,
+    "results": field(
+        lambda v: isinstance(v, list) and all(answer_ok(BUILD_RESULT, r) for r in v),
+        st.lists(answer_objects(BUILD_RESULT, "none"), max_size=4),
+        st.lists(answer_objects(BUILD_RESULT, "some"), min_size=1, max_size=3),
+        st.lists(json_values.filter(lambda v: not isinstance(v, dict)), min_size=1, max_size=3),
+    ),
+}
 
 
 @st.composite
 def answers(draw, fields: dict[str, Field], poison: str) -> bytes:
     """An encoded answer (see answer_objects); sometimes, unless poison is "none", no JSON object at all."""
     if poison != "none" and draw(st.integers(0, 5)) == 0:
-        return draw(st.binary(max_size=200) | json_values.filter(lambda v: not isinstance(v, dict)).map(
-            lambda v: json.dumps(v).encode()))
+        return draw(
+            st.binary(max_size=200)
+            | json_values.filter(lambda v: not isinstance(v, dict)).map(lambda v: json.dumps(v).encode())
+        )
     data = json.dumps(draw(answer_objects(fields, poison))).encode()
     assume(len(data) <= MAX_PAYLOAD // 2)  # the server refuses more than MAX_PAYLOAD; half keeps the runs light
     return data
 
 
 # ---------------------------------------------------------------- validators on their own (no daemon)
+
 
 class TestValidatorProperties:
     @FUZZ_SETTINGS
@@ -501,9 +720,14 @@ class TestValidatorProperties:
         assert not hd.is_valid_ref(ref[:i] + char + ref[i:])
 
     @FUZZ_SETTINGS
-    @given(st.one_of(git_refs(), st.text(max_size=40), st.text(REF_CHARS + "?&#=% ~^:\\\n", max_size=40),
-                     st.builds(lambda a, b: a + b, git_refs(),
-                               st.sampled_from(["/", ".", "..", ".lock", "/.x", "//"]))))
+    @given(
+        st.one_of(
+            git_refs(),
+            st.text(max_size=40),
+            st.text(REF_CHARS + "?&#=% ~^:\\\n", max_size=40),
+            st.builds(lambda a, b: a + b, git_refs(), st.sampled_from(["/", ".", "..", ".lock", "/.x", "//"])),
+        )
+    )
     def test_ref_validator_is_exactly_the_rule(self, s):
         assert hd.is_valid_ref(s) == ref_ok(s), s
 
@@ -535,8 +759,12 @@ class TestValidatorProperties:
         assert not hd.is_valid_ref(value) and not hd.is_subject_token(value) and not hd.is_valid_name(value)
 
     @FUZZ_SETTINGS
-    @given(st.sampled_from(["deploy", "build"]), st.one_of(st.text(TOKEN_CHARS, min_size=1, max_size=64),
-                                                          st.sampled_from(HOSTILE_REPLY_TO), st.text(max_size=70)))
+    @given(
+        st.sampled_from(["deploy", "build"]),
+        st.one_of(
+            st.text(TOKEN_CHARS, min_size=1, max_size=64), st.sampled_from(HOSTILE_REPLY_TO), st.text(max_size=70)
+        ),
+    )
     def test_reply_to_is_exactly_kind_responses_requester_token(self, kind, token):
         for reply_to in (f"{kind}.responses.{token}", f"{kind}.responses.requester.{token}", token):
             try:
@@ -606,10 +834,18 @@ class TestAnswerValidatorProperties:
     def test_build_answers_are_fitted_to_any_budget(self, n, chars, message, budget):
         """The builder's answers fit its budget (half the server's max_payload): the first results that fit, and the
         message says so exactly when some had to be left out; a client keeps the answer as it is."""
-        results = [{"host": f"host-{i}", "success": i % 3 == 0, "duration_seconds": 1.25,
-                    **({} if i % 3 == 0 else {"error": ("é" if i % 2 else "e") * chars})} for i in range(n)]
-        answer = hd.BuildResponse(hd.Status.FAILED, message, results=results, succeeded=-(-n // 3),
-                                  failed=n - -(-n // 3))
+        results = [
+            {
+                "host": f"host-{i}",
+                "success": i % 3 == 0,
+                "duration_seconds": 1.25,
+                **({} if i % 3 == 0 else {"error": ("é" if i % 2 else "e") * chars}),
+            }
+            for i in range(n)
+        ]
+        answer = hd.BuildResponse(
+            hd.Status.FAILED, message, results=results, succeeded=-(-n // 3), failed=n - -(-n // 3)
+        )
         fitted = answer.fitted(budget)
         encoded = json.dumps(fitted.to_dict())
         assert len(encoded) <= budget and hd.BuildResponse.parse(encoded.encode(), MAX_PAYLOAD) == fitted
@@ -619,11 +855,12 @@ class TestAnswerValidatorProperties:
         whole = answer._replace(message=hd.clip(hd.printable(message)), results=cut)
         cut_short = f"(results: the first {k} of {n} hosts" in fitted.message
         assert cut_short == (len(json.dumps(whole.to_dict())) > budget)
-        assert k == n or len(json.dumps(fitted._replace(results=cut[:k + 1]).to_dict())) > budget  # as many as fit
+        assert k == n or len(json.dumps(fitted._replace(results=cut[: k + 1]).to_dict())) > budget  # as many as fit
         assert len(fitted.message) <= hd.ANSWER_TEXT_CHARS
 
 
 # ---------------------------------------------------------------- broker restarts
+
 
 @pytest.fixture
 def builder_on(tmp_path):
@@ -632,9 +869,12 @@ def builder_on(tmp_path):
 
     def start(server: NatsServer, hosts: dict[str, str]):
         url = commit_flake(tmp_path / "repos" / "fleet", flake_text(hosts))
-        builder = BuilderProcess(server, tmp_path / f"builder{len(started)}",
-                                 {"repos": {"fleet": {"url": url, "default_branch": "main"}}},
-                                 nix_env(tmp_path / "nix"))
+        builder = BuilderProcess(
+            server,
+            tmp_path / f"builder{len(started)}",
+            {"repos": {"fleet": {"url": url, "default_branch": "main"}}},
+            nix_env(tmp_path / "nix"),
+        )
         started.append(builder)
         return builder.start(), url
 
@@ -647,22 +887,23 @@ RESTARTS = 10
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 @pytest.mark.skipif(NO_BUILDER is not None, reason=f"the builder half needs it: {NO_BUILDER}")
 def test_broker_restarted_10_times(nats_server, start_listener, builder_on):
     listener = start_listener("testhost1", "test")
     builder, _ = builder_on(nats_server, {"good1": GOOD, "good2": GOOD})
-    daemons = {"homelab-deploy-listener/testhost1": (listener, TESTHOST1_SUBJECTS),
-               "homelab-deploy-builder": (builder, {"build.fleet.*"})}
+    daemons = {
+        "homelab-deploy-listener/testhost1": (listener, TESTHOST1_SUBJECTS),
+        "homelab-deploy-builder": (builder, {"build.fleet.*"}),
+    }
     deploys = builds = 0
     started = time.monotonic()
     for i in range(1, RESTARTS + 1):
         nats_server.restart("-m", "-1")
-        for name, (daemon, subjects) in daemons.items():
+        for name, (daemon, _subjects) in daemons.items():
             wait_for(lambda: daemon.log_text().count("reconnected to NATS") >= i, 30, f"{name} to reconnect ({i})")
             assert daemon.proc.poll() is None
         conns = connections(nats_server.monitor_port)
-        for name, (daemon, subjects) in daemons.items():  # each subscription exactly once: no duplicates
+        for name, (_daemon, subjects) in daemons.items():  # each subscription exactly once: no duplicates
             assert len(conns[name]) == 1, conns.keys()
             subs = conns[name][0].get("subscriptions_list") or []
             assert len(subs) == len(set(subs)) and set(subs) >= subjects, (i, name, subs)
@@ -683,12 +924,15 @@ def test_broker_restarted_10_times(nats_server, start_listener, builder_on):
         text = daemon.log_text()
         assert text.count("disconnected from NATS") == text.count("reconnected to NATS") == RESTARTS
         assert "Traceback" not in text
-    print(f"\n[figures] broker restarts: {RESTARTS}/{RESTARTS} survived; {deploys} deploys and {builds} builds "
-          f"succeeded; nixos-rebuild ran {len(listener.standin.calls)}x, nix build {len(builder.builds())}x "
-          f"(no duplicate subscriptions); {time.monotonic() - started:.1f}s")
+    print(
+        f"\n[figures] broker restarts: {RESTARTS}/{RESTARTS} survived; {deploys} deploys and {builds} builds "
+        f"succeeded; nixos-rebuild ran {len(listener.standin.calls)}x, nix build {len(builder.builds())}x "
+        f"(no duplicate subscriptions); {time.monotonic() - started:.1f}s"
+    )
 
 
 # ---------------------------------------------------------------- cluster failover
+
 
 @dataclass
 class Node:
@@ -709,7 +953,7 @@ class Node:
 
 
 class NatsCluster:
-    """nats-server nodes routed on loopback, with conftest.FLEET's users in the same authorization block."""
+    """nats-server nodes routed on loopback, with helpers.FLEET's users in the same authorization block."""
 
     def __init__(self, workdir: Path, size: int = 3):
         self.workdir, self.size = workdir, size
@@ -723,18 +967,28 @@ class NatsCluster:
         for i in range(1, self.size + 1):
             routes = [f"nats-route://127.0.0.1:{n.route_port}" for n in self.nodes]  # gossip completes the mesh
             config = self.workdir / f"n{i}.conf"
-            config.write_text(f"{authorization}server_name: n{i}\ncluster {{\n  name: homelab\n"
-                              f"  listen: 127.0.0.1:-1\n  routes: {json.dumps(routes)}\n}}\n")
+            config.write_text(
+                f"{authorization}server_name: n{i}\ncluster {{\n  name: homelab\n"
+                f"  listen: 127.0.0.1:-1\n  routes: {json.dumps(routes)}\n}}\n"
+            )
             log = self.workdir / f"n{i}.log"
             log.write_text("")
-            proc = subprocess.Popen(["nats-server", "-c", str(config), "-l", str(log), "-m", "-1"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                ["nats-server", "-c", str(config), "-l", str(log), "-m", "-1"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             node = Node(f"n{i}", proc, log)
             self.nodes.append(node)
-            ports = (r"client connections on 127\.0\.0\.1:(\d+)", r"route connections on 127\.0\.0\.1:(\d+)",
-                     r"http monitor on 127\.0\.0\.1:(\d+)")  # logged in no fixed order around "Server is ready"
-            wait_for(lambda: all(re.search(p, log.read_text()) for p in ports) or proc.poll() is not None,
-                     what=f"node n{i}")
+            ports = (
+                r"client connections on 127\.0\.0\.1:(\d+)",
+                r"route connections on 127\.0\.0\.1:(\d+)",
+                r"http monitor on 127\.0\.0\.1:(\d+)",
+            )  # logged in no fixed order around "Server is ready"
+            wait_for(
+                lambda: all(re.search(p, log.read_text()) for p in ports) or proc.poll() is not None, what=f"node n{i}"
+            )
             assert node.alive, log.read_text()
             text = log.read_text()
             node.port, node.route_port, node.monitor_port = (int(re.search(p, text)[1]) for p in ports)
@@ -742,8 +996,11 @@ class NatsCluster:
 
     def meshed(self) -> bool:
         alive = [n for n in self.nodes if n.alive]
-        return all({r["remote_name"] for r in monitor(n.monitor_port, "routez").get("routes") or []}
-                   >= {m.name for m in alive if m is not n} for n in alive)
+        return all(
+            {r["remote_name"] for r in monitor(n.monitor_port, "routez").get("routes") or []}
+            >= {m.name for m in alive if m is not n}
+            for n in alive
+        )
 
     @property
     def url(self) -> str:
@@ -777,7 +1034,6 @@ def cluster(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 def test_cluster_failover(cluster, tmp_path):
     for args in (("testhost1", "test", None), ("testhost2", "test", "web")):
         cluster.listeners.append(Listener(cluster, *args, tmp_path).start())
@@ -786,19 +1042,25 @@ def test_cluster_failover(cluster, tmp_path):
     deploys = []
 
     def deploy_all() -> None:
-        r = run_cli("deploy", "deploy.test.all", "--nats-url", cluster.url, "--nkey-file",
-                    str(cluster.seeds["admin"]), "--json")
+        r = run_cli(
+            "deploy", "deploy.test.all", "--nats-url", cluster.url, "--nkey-file", str(cluster.seeds["admin"]), "--json"
+        )
         assert r.returncode == 0, r.stderr
         assert {h["hostname"]: h["status"] for h in json.loads(r.stdout)["hosts"]} == {
-            "testhost1": "completed", "testhost2": "completed"}
+            "testhost1": "completed",
+            "testhost2": "completed",
+        }
         deploys.append([n.name for n in cluster.nodes if n.alive])
 
     def reachable_everywhere() -> None:
         """Both listeners answer discovery through every live node: their interest has reached all of them."""
         for node in [n for n in cluster.nodes if n.alive]:
             with bus_for(node.url, cluster.seeds["admin"], "test-admin") as bus:
-                wait_for(lambda: answers_discovery(bus, {"testhost1", "testhost2"}), 30,
-                         f"both listeners to be reachable through {node.name}")
+                wait_for(
+                    lambda: answers_discovery(bus, {"testhost1", "testhost2"}),
+                    30,
+                    f"both listeners to be reachable through {node.name}",
+                )
 
     reachable_everywhere()
     deploy_all()
@@ -815,11 +1077,14 @@ def test_cluster_failover(cluster, tmp_path):
     assert [len(h.standin.calls) for h in hosts] == [len(deploys)] * 2
     assert hosts[0].log_text().count("reconnected to NATS") == len(killed)  # it was on each killed node
     assert all(h.proc.poll() is None and "Traceback" not in h.log_text() for h in hosts)
-    print(f"\n[figures] cluster failover: killed {' then '.join(killed)} (the node testhost1 was on); "
-          f"{len(deploys)}/{len(deploys)} CLI deploys to 2 hosts succeeded, with live nodes {deploys}")
+    print(
+        f"\n[figures] cluster failover: killed {' then '.join(killed)} (the node testhost1 was on); "
+        f"{len(deploys)}/{len(deploys)} CLI deploys to 2 hosts succeeded, with live nodes {deploys}"
+    )
 
 
 # ---------------------------------------------------------------- outage during a deploy
+
 
 def start_blocked_deploy(nats_server, start_listener, cli_run, *flags: str):
     """A listener (with more `flags`) whose nixos-rebuild blocks, and a CLI deploy to it that is waiting for the
@@ -827,8 +1092,18 @@ def start_blocked_deploy(nats_server, start_listener, cli_run, *flags: str):
     nats_server.restart("-m", "-1")  # the monitoring endpoint shows who is connected and subscribed
     host = start_listener("testhost1", "test", None, "--debug", *flags)  # --debug: failed reconnects are logged
     host.standin.set_mode("block")
-    cli = cli_run("deploy", "deploy.test.testhost1", "--nats-url", nats_server.url, "--nkey-file",
-                  str(nats_server.seeds["admin"]), "--timeout", "120", "--json", "--debug")
+    cli = cli_run(
+        "deploy",
+        "deploy.test.testhost1",
+        "--nats-url",
+        nats_server.url,
+        "--nkey-file",
+        str(nats_server.seeds["admin"]),
+        "--timeout",
+        "120",
+        "--json",
+        "--debug",
+    )
     wait_for(lambda: host.standin.pids and "testhost1: started" in cli.stderr(), what="the deploy to run")
     return host, cli
 
@@ -841,36 +1116,55 @@ def failed_reconnects(log_text: str) -> int:
 
 def subscribed(nats_server, name: str, prefix: str) -> bool:
     """Is a client called `name` connected with a subscription starting with `prefix`?"""
-    return any(s.startswith(prefix) for c in connections(nats_server.monitor_port).get(name, [])
-               for s in c.get("subscriptions_list") or [])
+    return any(
+        s.startswith(prefix)
+        for c in connections(nats_server.monitor_port).get(name, [])
+        for s in c.get("subscriptions_list") or []
+    )
 
 
 def check_completed(cli: CliRun, host) -> None:
     assert cli.proc.wait(60) == 0, cli.stderr()
     doc = json.loads(cli.stdout())
     assert doc["success"] is True and [(h["hostname"], h["status"]) for h in doc["hosts"]] == [
-        ("testhost1", "completed")]
+        ("testhost1", "completed")
+    ]
     assert len(host.standin.calls) == 1  # ran once, never again after the reconnects
 
 
-@pytest.mark.integration
 def test_outage_during_a_deploy(nats_server, start_listener, cli_run):
     host, cli = start_blocked_deploy(nats_server, start_listener, cli_run)
     down = time.monotonic()
     nats_server.stop()
-    wait_for(lambda: "disconnected from NATS; reconnecting" in host.log_text()
-             and "disconnected from NATS; reconnecting" in cli.stderr(), what="both sides to notice the outage")
+    wait_for(
+        lambda: (
+            "disconnected from NATS; reconnecting" in host.log_text()
+            and "disconnected from NATS; reconnecting" in cli.stderr()
+        ),
+        what="both sides to notice the outage",
+    )
     # The outage lasts until both sides have tried, and failed, to reconnect three times (>= 2 s: the client
     # waits reconnect_time_wait = 1 s between attempts at the same server).
-    wait_for(lambda: all(failed_reconnects(text) >= 3 for text in (host.log_text(), cli.stderr())), 30,
-             "both sides to fail to reconnect three times")
+    wait_for(
+        lambda: all(failed_reconnects(text) >= 3 for text in (host.log_text(), cli.stderr())),
+        30,
+        "both sides to fail to reconnect three times",
+    )
     nats_server.start_again("-m", "-1")
     outage = time.monotonic() - down
-    wait_for(lambda: "reconnected to NATS" in host.log_text() and "reconnected to NATS" in cli.stderr(), 30,
-             "the listener and the CLI to log their reconnect")
-    wait_for(lambda: subscribed(nats_server, "homelab-deploy-cli", "deploy.responses.")
-             and subscribed(nats_server, "homelab-deploy-listener/testhost1", "deploy.test.testhost1"), 30,
-             "both to be subscribed again")
+    wait_for(
+        lambda: "reconnected to NATS" in host.log_text() and "reconnected to NATS" in cli.stderr(),
+        30,
+        "the listener and the CLI to log their reconnect",
+    )
+    wait_for(
+        lambda: (
+            subscribed(nats_server, "homelab-deploy-cli", "deploy.responses.")
+            and subscribed(nats_server, "homelab-deploy-listener/testhost1", "deploy.test.testhost1")
+        ),
+        30,
+        "both to be subscribed again",
+    )
     assert cli.proc.poll() is None  # still waiting for the final status
     host.standin.release()
     check_completed(cli, host)
@@ -879,9 +1173,7 @@ def test_outage_during_a_deploy(nats_server, start_listener, cli_run):
     print(f"\n[figures] outage during a deploy: server down {outage:.1f}s; CLI got `completed`, exit 0")
 
 
-@pytest.mark.integration
-def test_final_status_reaches_a_deployer_that_resubscribes_after_the_deploy_ended(nats_server, start_listener,
-                                                                                  cli_run):
+def test_final_status_reaches_a_deployer_that_resubscribes_after_the_deploy_ended(nats_server, start_listener, cli_run):
     """The server comes back before the deploy ends, but the deployer reconnects later than the listener (its
     machine was suspended, or its reconnect back-off is out of phase): the final status goes out while nobody
     listens on the reply subject, and must still reach the deployer."""
@@ -900,69 +1192,7 @@ def test_final_status_reaches_a_deployer_that_resubscribes_after_the_deploy_ende
 
 # ---------------------------------------------------------------- a stall right after publishing
 
-class StallingProxy:
-    """A TCP proxy on 127.0.0.1 in front of nats-server. It forwards both ways until it has forwarded a client's
-    `PUB deploy.` or `PUB build.` line; from then on it drops every byte from the server (the request arrived,
-    its confirmation never does)."""
 
-    TRIGGERS = (b"PUB deploy.", b"PUB build.")
-
-    def __init__(self, server_port: int):
-        self.server_port = server_port
-        self.stalled = threading.Event()
-        self.listening = socket.create_server(("127.0.0.1", 0))
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.listening.getsockname()[1]}"
-
-    def accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listening.accept()
-            except OSError:  # closed
-                return
-            server = socket.create_connection(("127.0.0.1", self.server_port))
-            self.sockets += [client, server]
-            threading.Thread(target=self.pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self.pump, args=(server, client, False), daemon=True).start()
-
-    def pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
-        tail = b""  # a trigger may span two reads
-        while True:
-            try:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if from_client:
-                    if any(t in tail + data for t in self.TRIGGERS):
-                        self.stalled.set()  # before forwarding: no answer to this line may get through
-                    tail = data[-16:]
-                elif self.stalled.is_set():
-                    continue
-                sink.sendall(data)
-            except OSError:
-                break
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        for sock in [self.listening, *self.sockets]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the threads blocked in accept() and recv()
-            sock.close()
-
-
-@pytest.fixture
-def stalling_proxy(nats_server):
-    proxy = StallingProxy(nats_server.port)
-    yield proxy
-    proxy.close()
-
-
-@pytest.mark.integration
 class TestStallAfterPublishing:
     """The request reached nats-server, the client never hears back: the CLI must say the outcome is unknown
     (exit 5), never that it failed, and the listener or builder, connected directly, does act on it."""
@@ -970,24 +1200,41 @@ class TestStallAfterPublishing:
     def test_deploy_outcome_unknown_and_the_deploy_ran(self, nats_server, start_listener, stalling_proxy):
         host = start_listener("testhost1", "test")
         started = time.monotonic()
-        r = run_cli("deploy", "deploy.test.testhost1", "--nats-url", stalling_proxy.url,
-                    "--nkey-file", str(nats_server.seeds["test-deployer"]), timeout=60)
+        r = run_cli(
+            "deploy",
+            "deploy.test.testhost1",
+            "--nats-url",
+            stalling_proxy.url,
+            "--nkey-file",
+            str(nats_server.seeds["test-deployer"]),
+            timeout=60,
+        )
         took = time.monotonic() - started
         assert stalling_proxy.stalled.is_set()
         assert r.returncode == 5, r.stderr
-        assert "error: OUTCOME UNKNOWN: the request on deploy.test.testhost1 went out but was not confirmed " \
-               "(the NATS server did not answer in time: nats: flush timeout)" in r.stderr, r.stderr
+        assert (
+            "error: OUTCOME UNKNOWN: the request on deploy.test.testhost1 went out but was not confirmed "
+            "(the NATS server did not answer in time: nats: flush timeout)" in r.stderr
+        ), r.stderr
         assert "`homelab-deploy list-hosts` shows which hosts are deploying" in r.stderr
         wait_for(lambda: re.search(r"request=\S+ completed in", host.log_text()), what="the deploy to end")
         assert len(host.standin.calls) == 1
-        print(f"\n[figures] stall after publishing: CLI exit {r.returncode} after {took:.1f}s; "
-              "nixos-rebuild ran 1 time")
+        print(
+            f"\n[figures] stall after publishing: CLI exit {r.returncode} after {took:.1f}s; nixos-rebuild ran 1 time"
+        )
 
     @pytest.mark.skipif(NO_BUILDER is not None, reason=f"the builder needs it: {NO_BUILDER}")
     def test_build_outcome_unknown_and_the_build_ran(self, nats_server, builder_on, stalling_proxy):
         builder, _ = builder_on(nats_server, {"good1": GOOD})
-        r = run_cli("build", "fleet", "--nats-url", stalling_proxy.url,
-                    "--nkey-file", str(nats_server.seeds["build-client"]), timeout=60)
+        r = run_cli(
+            "build",
+            "fleet",
+            "--nats-url",
+            stalling_proxy.url,
+            "--nkey-file",
+            str(nats_server.seeds["build-client"]),
+            timeout=60,
+        )
         assert stalling_proxy.stalled.is_set()
         assert r.returncode == 5, r.stderr
         assert "error: OUTCOME UNKNOWN: the request on build.fleet.all went out" in r.stderr
@@ -996,7 +1243,6 @@ class TestStallAfterPublishing:
         assert len(builder.builds()) == 1
 
 
-@pytest.mark.integration
 def test_final_status_re_sent_by_the_listener_that_starts_after_a_switch(nats_server, start_listener, cli_run):
     """As above, with --restart-after-switch (the NixOS module sets it): the listener exits right after the switch,
     before its first re-send; the re-sends it left in the state directory are made by the next listener."""
@@ -1020,10 +1266,12 @@ def test_final_status_re_sent_by_the_listener_that_starts_after_a_switch(nats_se
 
 # ---------------------------------------------------------------- hostile input at scale
 
+
 @dataclass
 class Fleet:
     """A module-wide server with a listener (metrics on) and, with nix, a builder; a `chaos` user may publish
     and subscribe anything, so it can throw messages anywhere and see every message anyone publishes."""
+
     server: NatsServer
     listener: Listener
     chaos: hd.Bus
@@ -1033,8 +1281,11 @@ class Fleet:
 
     def metrics_total(self) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("homelab_deploy_deployments_total{"))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("homelab_deploy_deployments_total{")
+        )
 
 
 @pytest.fixture(scope="module")
@@ -1044,16 +1295,21 @@ def fleet(tmp_path_factory):
     with contextlib.ExitStack() as stack:
         server.start()
         stack.callback(server.stop)
-        listener = Listener(server, "testhost1", "test", None, workdir, "--metrics-enabled",
-                            "--metrics-addr", "127.0.0.1:0")
+        listener = Listener(
+            server, "testhost1", "test", None, workdir, "--metrics-enabled", "--metrics-addr", "127.0.0.1:0"
+        )
         stack.callback(listener.stop)
         listener.start()
         metrics_port = int(re.search(r"serving metrics on http://127\.0\.0\.1:(\d+)", listener.log_text())[1])
         builder, url = None, ""
         if NO_BUILDER is None:
             url = commit_flake(workdir / "repos" / "fleet", flake_text(HOSTS))
-            builder = BuilderProcess(server, workdir / "builder", {"repos": {"fleet": {
-                "url": url, "default_branch": "main"}}}, nix_env(workdir / "nix"))
+            builder = BuilderProcess(
+                server,
+                workdir / "builder",
+                {"repos": {"fleet": {"url": url, "default_branch": "main"}}},
+                nix_env(workdir / "nix"),
+            )
             stack.callback(builder.stop)
             builder.start()
         chaos = hd.Bus(server.url, str(server.seeds["chaos"]), "chaos")
@@ -1111,16 +1367,25 @@ class Thrower:
                 assert n <= self.published[subject], f"{n - self.published[subject]} extra message(s) on {subject}"
             else:
                 reply_to, _, responder = subject.rpartition(".")
-                assert reply_to in self.answered and reply_ok(self.kind, reply_to) and responder in (
-                    "testhost1", "fleet", "evalfail"), f"a reply went to {subject!r}"
+                assert (
+                    reply_to in self.answered
+                    and reply_ok(self.kind, reply_to)
+                    and responder in ("testhost1", "fleet", "evalfail")
+                ), f"a reply went to {subject!r}"
 
     def audit(self, spy: list, handled_pattern: str, log_text, expected_handled: int) -> None:
         """Once every message was handled (one log line each, counted with `handled_pattern`), check the spy."""
-        wait_for(lambda: self.check_spy(spy) or len(re.findall(handled_pattern, log_text())) >= expected_handled,
-                 120, f"the daemon to handle all {expected_handled} messages")
+        wait_for(
+            lambda: self.check_spy(spy) or len(re.findall(handled_pattern, log_text())) >= expected_handled,
+            120,
+            f"the daemon to handle all {expected_handled} messages",
+        )
         assert len(re.findall(handled_pattern, log_text())) == expected_handled  # each handled exactly once
-        wait_for(lambda: collections.Counter(s for s, _ in list(spy) if s in self.published) == self.published, 60,
-                 "the spy to see every thrown message")
+        wait_for(
+            lambda: collections.Counter(s for s, _ in list(spy) if s in self.published) == self.published,
+            60,
+            "the spy to see every thrown message",
+        )
         self.check_spy(spy)
 
 
@@ -1148,11 +1413,13 @@ SENTINEL_DEPLOY = json.dumps({"action": "switch", "revision": "main", "reply_to"
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 def test_hostile_messages_on_deploy_subjects(fleet, spy):
     listener, thrower = fleet.listener, Thrower(fleet, "deploy")
-    log_start, calls_before, metrics_before = len(listener.log_text()), len(listener.standin.calls), \
-        fleet.metrics_total()
+    log_start, calls_before, metrics_before = (
+        len(listener.log_text()),
+        len(listener.standin.calls),
+        fleet.metrics_total(),
+    )
     completed_revisions: set[str] = set()
     outcomes: collections.Counter = collections.Counter()
     started = time.monotonic()
@@ -1164,12 +1431,14 @@ def test_hostile_messages_on_deploy_subjects(fleet, spy):
         assert listener.proc.poll() is None, listener.log_text()[-3000:]
         if obj is not None:
             check_deploy_reply(first[0])
-            assert any(outcome[0] == (first[0]["status"], first[0]["error"]) for outcome in deploy_outcomes(obj)), \
-                (obj, first)
+            assert any(outcome[0] == (first[0]["status"], first[0]["error"]) for outcome in deploy_outcomes(obj)), (
+                obj,
+                first,
+            )
 
     def finish(answered: dict) -> None:
         """Every answered request's whole sequence up to its final status, as the spec allows."""
-        for reply_to, (obj, q, got) in answered.items():
+        for _reply_to, (obj, q, got) in answered.items():
             got += collect(q, lambda g: has_final(got + g), 120, f"a final status for {obj}")
             for r in got:
                 check_deploy_reply(r)
@@ -1201,14 +1470,15 @@ def test_hostile_messages_on_deploy_subjects(fleet, spy):
     assert fleet.metrics_total() - metrics_before == len(thrower.answered)  # every answered request counted
     assert "Traceback" not in log_text() and listener.proc.poll() is None
     assert thrown >= 1000
-    print(f"\n[figures] deploy subjects: {thrown} messages thrown in {time.monotonic() - started:.0f}s; "
-          f"{len(thrower.answered) - 1} answered ({dict(outcomes)}, sentinel included), {thrower.ignored} ignored "
-          f"(no valid reply_to); nixos-rebuild ran {len(calls)}x, with a bad argument 0x; replies elsewhere 0; "
-          "crashes 0")
+    print(
+        f"\n[figures] deploy subjects: {thrown} messages thrown in {time.monotonic() - started:.0f}s; "
+        f"{len(thrower.answered) - 1} answered ({dict(outcomes)}, sentinel included), {thrower.ignored} ignored "
+        f"(no valid reply_to); nixos-rebuild ran {len(calls)}x, with a bad argument 0x; replies elsewhere 0; "
+        "crashes 0"
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 def test_hostile_messages_on_the_discover_subject(fleet, spy):
     listener, thrower = fleet.listener, Thrower(fleet, "deploy")
     log_start, calls_before = len(listener.log_text()), len(listener.standin.calls)
@@ -1234,21 +1504,25 @@ def test_hostile_messages_on_the_discover_subject(fleet, spy):
     assert len(throw_one(json.dumps({"reply_to": OURS}).encode())) == 1  # still answering
     log_text = lambda: listener.log_text()[log_start:]  # noqa: E731
     thrower.audit(spy, r"host=testhost1 discovery request ignored", log_text, thrower.ignored)
-    for reply_to, (_, q, got) in thrower.answered.items():
+    for reply_to, (_, q, _got) in thrower.answered.items():
         assert drain(q) == [], f"more than one answer on {reply_to}"
     assert listener.standin.calls[calls_before:] == []  # discovery never deploys
     assert "Traceback" not in log_text() and listener.proc.poll() is None
     assert thrown >= 1000
-    print(f"\n[figures] discover subject: {thrown} messages thrown in {time.monotonic() - started:.0f}s; "
-          f"{len(thrower.answered)} answered, {thrower.ignored} ignored; nixos-rebuild ran 0x; replies elsewhere 0; "
-          "crashes 0")
+    print(
+        f"\n[figures] discover subject: {thrown} messages thrown in {time.monotonic() - started:.0f}s; "
+        f"{len(thrower.answered)} answered, {thrower.ignored} ignored; nixos-rebuild ran 0x; replies elsewhere 0; "
+        "crashes 0"
+    )
 
 
 BUILD_TARGETS = ["all", "good1", "good2", "broken", "nosuch"]
 BUILD_FIELDS = {
-    "repo": Field(st.sampled_from(["fleet", "fleet", "second"]),
-                  st.builds(insert, st.just("fleet"), FORBIDDEN | st.just("."), st.integers(min_value=0))
-                  | st.sampled_from(["Fleet", "fleet ", "fleet.all", "*", ">"])),
+    "repo": Field(
+        st.sampled_from(["fleet", "fleet", "second"]),
+        st.builds(insert, st.just("fleet"), FORBIDDEN | st.just("."), st.integers(min_value=0))
+        | st.sampled_from(["Fleet", "fleet ", "fleet.all", "*", ">"]),
+    ),
     "target": Field(st.one_of(st.sampled_from(BUILD_TARGETS), tokens(NAME_CHARS)), near_names),
     "branch": Field(st.one_of(st.just("main"), st.none(), st.just(""), git_refs()), near_refs),
 }
@@ -1274,12 +1548,15 @@ def build_request_valid(subject: str, obj: dict) -> bool:
     """By the spec's security commit: target `all` or a safe name, a safe branch (or none: the default), the
     repo and target of the subject."""
     target, branch = obj.get("target"), obj.get("branch")
-    return (obj.get("repo") == "fleet" and (target == "all" or name_ok(target)) and subject == f"build.fleet.{target}"
-            and (branch is None or branch == "" or ref_ok(branch)))
+    return (
+        obj.get("repo") == "fleet"
+        and (target == "all" or name_ok(target))
+        and subject == f"build.fleet.{target}"
+        and (branch is None or branch == "" or ref_ok(branch))
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 @pytest.mark.skipif(NO_BUILDER is not None, reason=f"the build class needs the builder: {NO_BUILDER}")
 def test_hostile_messages_on_build_subjects(fleet, spy):
     builder, thrower = fleet.builder, Thrower(fleet, "build")
@@ -1293,8 +1570,12 @@ def test_hostile_messages_on_build_subjects(fleet, spy):
         template = data.draw(messages("build", BUILD_FIELDS))
         obj = parse_like_a_daemon(template)
         target = obj.get("target") if obj else None
-        subject = data.draw(st.sampled_from([f"build.fleet.{t}" for t in BUILD_TARGETS] + (
-            [f"build.fleet.{target}"] * 3 if nats_token_ok(target) else [])))
+        subject = data.draw(
+            st.sampled_from(
+                [f"build.fleet.{t}" for t in BUILD_TARGETS]
+                + ([f"build.fleet.{target}"] * 3 if nats_token_ok(target) else [])
+            )
+        )
         obj, first = thrower.throw(subject, template)
         assert builder.proc.poll() is None, builder.log_text()[-3000:]
         if obj is None:
@@ -1310,7 +1591,7 @@ def test_hostile_messages_on_build_subjects(fleet, spy):
 
     def finish(answered: dict) -> None:
         """Wait for the final status of every answered request; exactly one each."""
-        for reply_to, (obj, q, got) in answered.items():
+        for _reply_to, (obj, q, got) in answered.items():
             got += collect(q, lambda g: has_final(got + g), 120, f"a final status for {obj}")
             for r in got:
                 check_build_reply(r)
@@ -1326,8 +1607,12 @@ def test_hostile_messages_on_build_subjects(fleet, spy):
     finish({obj["reply_to"]: thrower.answered[obj["reply_to"]]})
     assert thrower.answered[obj["reply_to"]][2][-1]["status"] == "completed"
     log_text = lambda: builder.log_text()[log_start:]  # noqa: E731
-    thrower.audit(spy, r"repo=\S+ (?:host=\S+ request=\S+ rejected:|request=\S+ host=\S+ branch=\S+ accepted)",
-                  log_text, sum(thrower.published.values()))
+    thrower.audit(
+        spy,
+        r"repo=\S+ (?:host=\S+ request=\S+ rejected:|request=\S+ host=\S+ branch=\S+ accepted)",
+        log_text,
+        sum(thrower.published.values()),
+    )
     for reply_to, (_, q, _) in thrower.answered.items():
         assert drain(q) == [], f"more answers after the final one on {reply_to}"
     calls = builder.nix_calls[calls_before:]
@@ -1335,10 +1620,12 @@ def test_hostile_messages_on_build_subjects(fleet, spy):
     assert bad == []
     assert "Traceback" not in log_text() and builder.proc.poll() is None
     assert thrown >= 1000
-    print(f"\n[figures] build subjects: {thrown} messages thrown in {time.monotonic() - started:.0f}s; "
-          f"{len(thrower.answered) - 1} answered (finals {dict(finals)}, sentinel included), {thrower.ignored} "
-          f"ignored; nix ran {len(calls)}x ({sum(c[0] == 'build' for c in calls)} builds), with a bad argument 0x; "
-          "replies elsewhere 0; crashes 0")
+    print(
+        f"\n[figures] build subjects: {thrown} messages thrown in {time.monotonic() - started:.0f}s; "
+        f"{len(thrower.answered) - 1} answered (finals {dict(finals)}, sentinel included), {thrower.ignored} "
+        f"ignored; nix ran {len(calls)}x ({sum(c[0] == 'build' for c in calls)} builds), with a bad argument 0x; "
+        "replies elsewhere 0; crashes 0"
+    )
 
 
 CLIENT_FUZZ = settings(FUZZ_SETTINGS, max_examples=100)  # one client run per example, 5 to 20 answers each
@@ -1380,14 +1667,15 @@ def throw_answers(liar, fields: dict[str, Field], caplog, in_process, cli_args: 
     run_in_process()
     runs = len(thrown)
     run_cli_process()
-    print(f"\n[figures] hostile answers at the {what} clients: malformed answers ahead of the genuine ones, "
-          f"{sum(thrown[:runs])} in {runs} in-process calls and {sum(thrown[runs:])} in {len(thrown) - runs} CLI runs; "
-          "all skipped and logged, every genuine result reported, crashes 0")
+    print(
+        f"\n[figures] hostile answers at the {what} clients: malformed answers ahead of the genuine ones, "
+        f"{sum(thrown[:runs])} in {runs} in-process calls and {sum(thrown[runs:])} in {len(thrown) - runs} CLI runs; "
+        "all skipped and logged, every genuine result reported, crashes 0"
+    )
     return len(thrown)
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 class TestHostileAnswersAtClients:
     """Malformed answers (generated: wrong types, values out of range, texts and lists of any length, not JSON at
     all) published with a daemon's own credential into the reply subject of a running client, before the daemon's
@@ -1400,31 +1688,68 @@ class TestHostileAnswersAtClients:
 
         def in_process() -> None:
             events: list[hd.DeployResponse] = []
-            hosts, finished = hd.deploy_hosts(bus, "deploy.test.testhost1", hd.Action.SWITCH, "main", 60,
-                                              on_event=events.append)
+            hosts, finished = hd.deploy_hosts(
+                bus, "deploy.test.testhost1", hd.Action.SWITCH, "main", 60, on_event=events.append
+            )
             assert finished and [(h, r.status, r.error) for h, r in hosts.items()] == [
-                ("testhost1", hd.Status.COMPLETED, None)]
+                ("testhost1", hd.Status.COMPLETED, None)
+            ]
             assert [e.status.value for e in events] == ["accepted", "started", "completed"]
 
-        runs = throw_answers(rogue("testhost1", "deploy.test.testhost1", host), DEPLOY_ANSWER, caplog, in_process, [
-            "deploy", "deploy.test.testhost1", "--nats-url", nats_server.url, "--nkey-file",
-            str(nats_server.seeds["test-deployer"])], lambda code, doc: code == 0 and [
-                (h["hostname"], h["status"]) for h in doc["hosts"]] == [("testhost1", "completed")], "deploy")
+        runs = throw_answers(
+            rogue("testhost1", "deploy.test.testhost1", host),
+            DEPLOY_ANSWER,
+            caplog,
+            in_process,
+            [
+                "deploy",
+                "deploy.test.testhost1",
+                "--nats-url",
+                nats_server.url,
+                "--nkey-file",
+                str(nats_server.seeds["test-deployer"]),
+            ],
+            lambda code, doc: (
+                code == 0 and [(h["hostname"], h["status"]) for h in doc["hosts"]] == [("testhost1", "completed")]
+            ),
+            "deploy",
+        )
         assert len(host.standin.calls) == runs  # every request deployed once, whatever came before it
         assert "Traceback" not in host.log_text() and host.proc.poll() is None
 
     def test_discovery(self, nats_server, start_listener, rogue, bus_factory, caplog):
         host = start_listener("testhost1", "test")
         bus = bus_factory(nats_server, "test-deployer")
-        genuine = hd.HostInfo("testhost1", "test", None, ["deploy.test.testhost1", "deploy.test.all"], hd.__version__,
-                              False, unsigned=True)
+        genuine = hd.HostInfo(
+            "testhost1",
+            "test",
+            None,
+            ["deploy.test.testhost1", "deploy.test.all"],
+            hd.__version__,
+            False,
+            unsigned=True,
+        )
 
         def in_process() -> None:
             assert hd.discover_hosts(bus, stragglers=0.05) == [genuine]
 
-        throw_answers(rogue("testhost1", "deploy.discover", host), DISCOVERY_ANSWER, caplog, in_process, [
-            "list-hosts", "--nats-url", nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"]),
-            "--straggler-window", "0.05"], lambda code, doc: code == 0 and doc == [genuine._asdict()], "discovery")
+        throw_answers(
+            rogue("testhost1", "deploy.discover", host),
+            DISCOVERY_ANSWER,
+            caplog,
+            in_process,
+            [
+                "list-hosts",
+                "--nats-url",
+                nats_server.url,
+                "--nkey-file",
+                str(nats_server.seeds["test-deployer"]),
+                "--straggler-window",
+                "0.05",
+            ],
+            lambda code, doc: code == 0 and doc == [genuine._asdict()],
+            "discovery",
+        )
         assert "Traceback" not in host.log_text() and host.proc.poll() is None
 
     @pytest.mark.skipif(NO_BUILDER is not None, reason=f"needs the builder: {NO_BUILDER}")
@@ -1438,15 +1763,29 @@ class TestHostileAnswersAtClients:
             assert [e["status"] for e in events] == ["started", "started", "progress", "completed"]
             assert final is events[-1] and (final["succeeded"], [r["host"] for r in final["results"]]) == (1, ["good1"])
 
-        runs = throw_answers(rogue("builder", "build.fleet.*", builder), BUILD_ANSWER, caplog, in_process, [
-            "build", "fleet", "good1", "--nats-url", nats_server.url, "--nkey-file",
-            str(nats_server.seeds["build-client"])], lambda code, doc: code == 0 and (
-                doc["status"], [r["host"] for r in doc["results"]]) == ("completed", ["good1"]), "build")
+        runs = throw_answers(
+            rogue("builder", "build.fleet.*", builder),
+            BUILD_ANSWER,
+            caplog,
+            in_process,
+            [
+                "build",
+                "fleet",
+                "good1",
+                "--nats-url",
+                nats_server.url,
+                "--nkey-file",
+                str(nats_server.seeds["build-client"]),
+            ],
+            lambda code, doc: (
+                code == 0 and (doc["status"], [r["host"] for r in doc["results"]]) == ("completed", ["good1"])
+            ),
+            "build",
+        )
         assert len(builder.builds()) == runs  # every request built once
         assert "Traceback" not in builder.log_text() and builder.proc.poll() is None
 
 
-@pytest.mark.integration
 def test_deeply_nested_json_is_rejected_cleanly(nats_server, start_listener, bus_factory):
     """JSON nested deeper than Python's recursion limit, within the size limit: rejected like any malformed
     message, not an unhandled exception in a handler."""
@@ -1456,8 +1795,15 @@ def test_deeply_nested_json_is_rejected_cleanly(nats_server, start_listener, bus
     assert len(nested) <= hd.MAX_MESSAGE_BYTES
     for subject in ("deploy.test.testhost1", "deploy.discover"):
         admin.publish(subject, nested, confirm=True)
-    wait_for(lambda: host.log_text().count(" rejected: ") + host.log_text().count("request ignored")
-             + host.log_text().count("failed\nTraceback") >= 2, what="both messages to be handled")
+    wait_for(
+        lambda: (
+            host.log_text().count(" rejected: ")
+            + host.log_text().count("request ignored")
+            + host.log_text().count("failed\nTraceback")
+            >= 2
+        ),
+        what="both messages to be handled",
+    )
     assert "Traceback" not in host.log_text()
     got = request(admin, "deploy.test.testhost1", {"action": "switch", "revision": "main"})
     assert got[-1]["status"] == "completed"
@@ -1487,10 +1833,10 @@ def flood_discovery(url: str, seed: Path, half_sent: threading.Event) -> None:
     asyncio.run(flood())
 
 
-@pytest.mark.integration
 class TestOverload:
-    def test_discovery_flood_neither_delays_a_deploy_nor_grows_the_listener(self, nats_server, start_listener,
-                                                                          bus_factory):
+    def test_discovery_flood_neither_delays_a_deploy_nor_grows_the_listener(
+        self, nats_server, start_listener, bus_factory
+    ):
         host = start_listener("testhost1", "test")
         pid, half_sent, flood_over = host.proc.pid, threading.Event(), threading.Event()
         rss = [proc_status(pid)[0]]
@@ -1499,15 +1845,27 @@ class TestOverload:
             while not flood_over.wait(0.05):
                 rss.append(proc_status(pid)[0])
 
-        threads = [threading.Thread(target=sample_rss),
-                   threading.Thread(target=flood_discovery, args=(nats_server.url, nats_server.seeds["test-deployer"],
-                                                                  half_sent))]
+        threads = [
+            threading.Thread(target=sample_rss),
+            threading.Thread(
+                target=flood_discovery, args=(nats_server.url, nats_server.seeds["test-deployer"], half_sent)
+            ),
+        ]
         for thread in threads:
             thread.start()
         try:
             assert half_sent.wait(60), "the flood did not start"
-            deploy = run_cli("deploy", "deploy.test.testhost1", "--branch", "main", "--json", "--nats-url",
-                             nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"]))
+            deploy = run_cli(
+                "deploy",
+                "deploy.test.testhost1",
+                "--branch",
+                "main",
+                "--json",
+                "--nats-url",
+                nats_server.url,
+                "--nkey-file",
+                str(nats_server.seeds["test-deployer"]),
+            )
             threads[1].join(120)
             admin = bus_factory(nats_server, "admin")
             wait_for(lambda: answers_discovery(admin, {"testhost1"}), 60, "the listener to answer discovery again")
@@ -1521,11 +1879,12 @@ class TestOverload:
         assert "lane=deploy.discover full (1024 messages waiting)" in host.log_text()
         growth = (max(rss) - rss[0]) / 1024
         assert growth < 50, f"the listener grew by {growth:.0f} MiB"
-        print(f"\n[figures] discovery flood: {FLOOD_REQUESTS} requests; a deploy sent halfway completed (exit 0); "
-              f"listener RSS {rss[0] / 1024:.1f} MiB -> peak {max(rss) / 1024:.1f} MiB")
+        print(
+            f"\n[figures] discovery flood: {FLOOD_REQUESTS} requests; a deploy sent halfway completed (exit 0); "
+            f"listener RSS {rss[0] / 1024:.1f} MiB -> peak {max(rss) / 1024:.1f} MiB"
+        )
 
-    def test_deploy_held_past_its_senders_wait_is_not_run(self, nats_server, listener_in_process, monkeypatch,
-                                                          caplog):
+    def test_deploy_held_past_its_senders_wait_is_not_run(self, nats_server, listener_in_process, monkeypatch, caplog):
         """The CLI says how long it waits for `accepted` (expires_in: half its answer window). A request held in
         the listener longer than that after it arrived (a hook holds it, as a full queue would) is answered
         `rejected`/timeout and never run; the next one runs."""
@@ -1537,14 +1896,27 @@ class TestOverload:
             return parse(data, allow_any_ref)
 
         monkeypatch.setattr(hd.DeployRequest, "parse", staticmethod(held))
-        cli = ["deploy", "deploy.test.testhost1", "--branch", "main", "--answer-window", "1", "--nats-url",
-               nats_server.url, "--nkey-file", str(nats_server.seeds["test-deployer"])]
+        cli = [
+            "deploy",
+            "deploy.test.testhost1",
+            "--branch",
+            "main",
+            "--answer-window",
+            "1",
+            "--nats-url",
+            nats_server.url,
+            "--nkey-file",
+            str(nats_server.seeds["test-deployer"]),
+        ]
         assert run_cli(*cli).returncode == 4  # nothing answered within its window: the sender gave up
         gate.set()
         wait_for(lambda: "the request waited" in caplog.text or standin.calls, what="the held request to be handled")
         assert standin.calls == []
-        assert re.search(r"rejected: not run: the request waited \d+\.\ds in the listener's queue on testhost1, "
-                         r"longer than the 0\.5s its sender waits for `accepted` \(expires_in\)", caplog.text)
+        assert re.search(
+            r"rejected: not run: the request waited \d+\.\ds in the listener's queue on testhost1, "
+            r"longer than the 0\.5s its sender waits for `accepted` \(expires_in\)",
+            caplog.text,
+        )
         assert run_cli(*cli).returncode == 0 and len(standin.calls) == 1
 
 
@@ -1603,9 +1975,12 @@ class MetricsFlood:
 
     def check_bounded(self) -> None:
         """Every connection beyond the cap is closed at once; threads and descriptors grew by the cap at most."""
-        wait_for(lambda: self.still_open() <= hd.METRICS_CONNECTIONS, 30,
-                 f"the daemon to close the connections beyond its {hd.METRICS_CONNECTIONS}")
-        for name, base, peak in zip(("threads", "descriptors"), self.baseline, self.peak):
+        wait_for(
+            lambda: self.still_open() <= hd.METRICS_CONNECTIONS,
+            30,
+            f"the daemon to close the connections beyond its {hd.METRICS_CONNECTIONS}",
+        )
+        for name, base, peak in zip(("threads", "descriptors"), self.baseline, self.peak, strict=True):
             assert peak <= base + hd.METRICS_CONNECTIONS + SLACK, f"{name}: {base} before the flood, {peak} during it"
 
     def check_cut_off(self) -> str:
@@ -1613,9 +1988,11 @@ class MetricsFlood:
         started = time.monotonic()
         wait_for(lambda: self.still_open() == 0, 30, f"the daemon to cut off connections after {hd.METRICS_DEADLINE}s")
         self.scrape()
-        return (f"{FLOOD} connections: threads {self.baseline[0]} -> peak {self.peak[0]}, descriptors "
-                f"{self.baseline[1]} -> peak {self.peak[1]}; the last cut off {time.monotonic() - started:.1f}s after "
-                f"the check; CPU {self.cpu_seconds() - self.cpu:.2f}s during the flood")
+        return (
+            f"{FLOOD} connections: threads {self.baseline[0]} -> peak {self.peak[0]}, descriptors "
+            f"{self.baseline[1]} -> peak {self.peak[1]}; the last cut off {time.monotonic() - started:.1f}s after "
+            f"the check; CPU {self.cpu_seconds() - self.cpu:.2f}s during the flood"
+        )
 
     def scrape(self) -> str:
         return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
@@ -1630,7 +2007,7 @@ METRICS_ON = ("--metrics-enabled", "--metrics-addr", "127.0.0.1:0")
 
 @contextlib.contextmanager
 def flooded(daemon):
-    """Start a daemon (a conftest Listener or BuilderProcess given METRICS_ON), flood its metrics port and check
+    """Start a daemon (a helpers.Listener or BuilderProcess given METRICS_ON), flood its metrics port and check
     the bounds; yields the flood; stops both."""
     with contextlib.ExitStack() as stack:
         stack.callback(daemon.stop)
@@ -1641,7 +2018,6 @@ def flooded(daemon):
         yield flood
 
 
-@pytest.mark.integration
 class TestMetricsPortFlood:
     """Issue 13: connections to the metrics port that never finish a request took a thread and a descriptor each,
     forever; at the descriptor limit the next deploy was `accepted` and never ran."""
@@ -1650,20 +2026,28 @@ class TestMetricsPortFlood:
         listener = Listener(nats_server, "testhost1", "test", None, tmp_path, *METRICS_ON)
         listener.argv = ["prlimit", f"--nofile={NOFILE}", "--", *listener.argv]  # prlimit execs: same pid
         with flooded(listener) as flood:
-            got = request(bus_factory(nats_server, "admin"), "deploy.test.testhost1",
-                          {"action": "switch", "revision": "main"})
+            got = request(
+                bus_factory(nats_server, "admin"), "deploy.test.testhost1", {"action": "switch", "revision": "main"}
+            )
             assert [r["status"] for r in got] == ["accepted", "started", "completed"]
             assert len(listener.standin.calls) == 1
             figures = flood.check_cut_off()
-            assert 'homelab_deploy_deployments_total{action="switch",error_code="",status="completed"} 1.0' \
+            assert (
+                'homelab_deploy_deployments_total{action="switch",error_code="",status="completed"} 1.0'
                 in flood.scrape()
+            )
         print(f"\n[figures] listener metrics flood: {figures}")
 
     @pytest.mark.skipif(NO_BUILDER is not None, reason=f"builds need it: {NO_BUILDER}")
     def test_builder_keeps_building(self, nats_server, bus_factory, tmp_path):
         url = commit_flake(tmp_path / "repos" / "fleet", flake_text({"good1": GOOD}))
-        builder = BuilderProcess(nats_server, tmp_path / "builder", {"repos": {"fleet": {
-            "url": url, "default_branch": "main"}}}, nix_env(tmp_path / "nix"), *METRICS_ON)
+        builder = BuilderProcess(
+            nats_server,
+            tmp_path / "builder",
+            {"repos": {"fleet": {"url": url, "default_branch": "main"}}},
+            nix_env(tmp_path / "nix"),
+            *METRICS_ON,
+        )
         with flooded(builder) as flood:
             final = hd.build_repo(bus_factory(nats_server, "build-client"), "fleet", "good1", None, 120, 5)
             assert final and final["status"] == "completed", final
@@ -1678,7 +2062,6 @@ RATE, SECONDS = 50, 30
 
 
 @pytest.mark.slow
-@pytest.mark.integration
 def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener, bus_factory):
     host = start_listener("testhost1", "test")
     host.standin.set_mode("block")
@@ -1729,25 +2112,41 @@ def test_load_50_requests_per_second_for_30_seconds(nats_server, start_listener,
     for r in decoded:
         check_deploy_reply(r)
     assert collections.Counter((r["status"], r["error"]) for r in decoded) == {
-        ("rejected", "already_running"): RATE * SECONDS}
+        ("rejected", "already_running"): RATE * SECONDS
+    }
     latency = sorted(answers[s][0][0] - sent[s] for s in sent)
-    wait_for(lambda: proc_status(pid)[0] <= base_rss + 20 * 1024 and abs(proc_status(pid)[1] - base_threads) <= 2,
-             30, f"RSS and threads to return to baseline ({base_rss} KiB, {base_threads} threads)")
+    wait_for(
+        lambda: proc_status(pid)[0] <= base_rss + 20 * 1024 and abs(proc_status(pid)[1] - base_threads) <= 2,
+        30,
+        f"RSS and threads to return to baseline ({base_rss} KiB, {base_threads} threads)",
+    )
     after_rss, after_threads = proc_status(pid)
     host.standin.release()
-    wait_for(lambda: any(json.loads(d)["status"] == "completed" for _, d in list(replies[hd.answer_subject(first, "testhost1")])), 30,
-             "the deploy that kept the host busy to complete")
+    wait_for(
+        lambda: any(
+            json.loads(d)["status"] == "completed" for _, d in list(replies[hd.answer_subject(first, "testhost1")])
+        ),
+        30,
+        "the deploy that kept the host busy to complete",
+    )
     assert len(host.standin.calls) == 1 and host.proc.poll() is None
-    rss = f"{cold_rss / 1024:.1f} MiB cold, {base_rss / 1024:.1f} after a 500-request warm-up burst, peak " \
-          f"{max(p[0] for p in peak) / 1024:.1f}, after {after_rss / 1024:.1f}"
-    threads = f"{cold_threads} cold, {base_threads} after warm-up, peak {max(p[1] for p in peak)}, after {after_threads}"
-    print(f"\n[figures] load: {len(sent)} requests in {load_took:.1f}s ({len(sent) / load_took:.1f}/s) -> "
-          f"{len(sent)} answers (all rejected already_running); latency p50 {statistics.median(latency) * 1000:.1f} ms,"
-          f" p99 {latency[int(len(latency) * 0.99)] * 1000:.1f} ms, max {latency[-1] * 1000:.1f} ms; RSS {rss}; "
-          f"threads {threads}")
+    rss = (
+        f"{cold_rss / 1024:.1f} MiB cold, {base_rss / 1024:.1f} after a 500-request warm-up burst, peak "
+        f"{max(p[0] for p in peak) / 1024:.1f}, after {after_rss / 1024:.1f}"
+    )
+    threads = (
+        f"{cold_threads} cold, {base_threads} after warm-up, peak {max(p[1] for p in peak)}, after {after_threads}"
+    )
+    print(
+        f"\n[figures] load: {len(sent)} requests in {load_took:.1f}s ({len(sent) / load_took:.1f}/s) -> "
+        f"{len(sent)} answers (all rejected already_running); latency p50 {statistics.median(latency) * 1000:.1f} ms,"
+        f" p99 {latency[int(len(latency) * 0.99)] * 1000:.1f} ms, max {latency[-1] * 1000:.1f} ms; RSS {rss}; "
+        f"threads {threads}"
+    )
 
 
 # ---------------------------------------------------------------- sites: a hub and two leaf nodes
+
 
 class SiteServer(NatsServer):
     """A nats-server run from a config `nats-config` generated: the hub, or a site's leaf node."""
@@ -1772,18 +2171,34 @@ class Sites:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         keys = workdir / "keys"
-        self.seeds = {name: keys / f"{name}.seed" for name in [*self.HOSTS, "home", "vps", "test-deployer", "admin",
-                                                                 "rogue"]}
+        self.seeds = {
+            name: keys / f"{name}.seed" for name in [*self.HOSTS, "home", "vps", "test-deployer", "admin", "rogue"]
+        }
         keys.mkdir()
         for path in self.seeds.values():
             hd.new_user_seed(str(path))
-        self.fleet = {"hosts": [{"hostname": h, "tier": tier, "seed": f"keys/{h}.seed", "site": site,
-                                 **({"role": role} if role else {})} for h, (tier, role, site) in self.HOSTS.items()],
-                      "deployers": [{"name": "test-deployer", "access": "test", "seed": "keys/test-deployer.seed"},
-                                    {"name": "admin", "access": "admin", "seed": "keys/admin.seed"}]}
+        self.fleet = {
+            "hosts": [
+                {
+                    "hostname": h,
+                    "tier": tier,
+                    "seed": f"keys/{h}.seed",
+                    "site": site,
+                    **({"role": role} if role else {}),
+                }
+                for h, (tier, role, site) in self.HOSTS.items()
+            ],
+            "deployers": [
+                {"name": "test-deployer", "access": "test", "seed": "keys/test-deployer.seed"},
+                {"name": "admin", "access": "admin", "seed": "keys/admin.seed"},
+            ],
+        }
         # The hub's own config has no remote: any leaf-node URL does.
-        self.hub = SiteServer(workdir / "hub", "listen: 127.0.0.1:-1\nleafnodes { listen: 127.0.0.1:-1 }\n"
-                              + self.nats_config("nats-leaf://127.0.0.1:1"), self.seeds)
+        self.hub = SiteServer(
+            workdir / "hub",
+            "listen: 127.0.0.1:-1\nleafnodes { listen: 127.0.0.1:-1 }\n" + self.nats_config("nats-leaf://127.0.0.1:1"),
+            self.seeds,
+        )
         self.leaves: dict[str, SiteServer] = {}
         self.listeners: dict[str, Listener] = {}
 
@@ -1796,17 +2211,24 @@ class Sites:
 
     def start(self) -> None:
         self.hub.start()
-        leaf_port = re.search(r"leafnode connections on 127\.0\.0\.1:(\d+)", (self.hub.workdir / "nats.log").read_text())
+        leaf_port = re.search(
+            r"leafnode connections on 127\.0\.0\.1:(\d+)", (self.hub.workdir / "nats.log").read_text()
+        )
         for site in ("home", "vps"):
             config = self.nats_config(f"nats-leaf://127.0.0.1:{leaf_port[1]}", "--site", site)
             if site == "vps":
                 rogue = hd.public_key_of(str(self.seeds["rogue"]))
-                config = config.replace("users = [\n", f'users = [\n {{ nkey: "{rogue}", permissions: '
-                                        '{ publish: [">"], subscribe: [">"] } }\n', 1)
+                config = config.replace(
+                    "users = [\n",
+                    f'users = [\n {{ nkey: "{rogue}", permissions: {{ publish: [">"], subscribe: [">"] }} }}\n',
+                    1,
+                )
             self.leaves[site] = SiteServer(self.workdir / site, "listen: 127.0.0.1:-1\n" + config, self.seeds)
             self.leaves[site].start()
-        wait_for(lambda: (self.hub.workdir / "nats.log").read_text().count("Leafnode connection created") >= 2,
-                 what="both leaf nodes to join the hub")
+        wait_for(
+            lambda: (self.hub.workdir / "nats.log").read_text().count("Leafnode connection created") >= 2,
+            what="both leaf nodes to join the hub",
+        )
         for host, (tier, role, site) in self.HOSTS.items():
             self.listeners[host] = Listener(self.leaves[site], host, tier, role, self.workdir).start()
 
@@ -1825,7 +2247,6 @@ def sites(tmp_path):
         s.stop()
 
 
-@pytest.mark.integration
 class TestLeafSites:
     """Listeners at two leaf-node sites, the deployers on the hub, every config from `nats-config`."""
 
@@ -1834,16 +2255,26 @@ class TestLeafSites:
         r = run_cli("list-hosts", "--nats-url", hub.url, "--nkey-file", str(sites.seeds["admin"]), "--json")
         assert r.returncode == 0, r.stderr
         assert sorted(h["hostname"] for h in json.loads(r.stdout)) == ["dns1", "testhost1", "testhost2"]
-        r = run_cli("deploy", "deploy.test.all", "--nats-url", hub.url, "--nkey-file",
-                    str(sites.seeds["test-deployer"]), "--json")
+        r = run_cli(
+            "deploy",
+            "deploy.test.all",
+            "--nats-url",
+            hub.url,
+            "--nkey-file",
+            str(sites.seeds["test-deployer"]),
+            "--json",
+        )
         assert r.returncode == 0, r.stderr
         assert {h["hostname"]: h["status"] for h in json.loads(r.stdout)["hosts"]} == {
-            "testhost1": "completed", "testhost2": "completed"}
+            "testhost1": "completed",
+            "testhost2": "completed",
+        }
         assert [len(sites.listeners[h].standin.calls) for h in ("testhost1", "testhost2", "dns1")] == [1, 1, 0]
 
     def test_permissions_hold_across_the_link(self, sites, bus_factory):
-        r = run_cli("deploy", "deploy.prod.dns1", "--nats-url", sites.hub.url, "--nkey-file",
-                    str(sites.seeds["test-deployer"]))
+        r = run_cli(
+            "deploy", "deploy.prod.dns1", "--nats-url", sites.hub.url, "--nkey-file", str(sites.seeds["test-deployer"])
+        )
         assert r.returncode != 0 and "permission" in r.stderr.lower(), r.stderr
         # The taken-over vps leaf node gets only its hosts' requests and may answer only as its hosts: the hub's
         # permissions for its leaf user. Each check ends with a message that may cross, sent after the ones
@@ -1872,8 +2303,17 @@ class TestLeafSites:
     def test_final_status_crosses_after_the_leaf_link_returns(self, sites, cli_run):
         host, leaf = sites.listeners["testhost2"], sites.leaves["vps"]
         host.standin.set_mode("block")
-        cli = cli_run("deploy", "deploy.test.testhost2", "--nats-url", sites.hub.url, "--nkey-file",
-                      str(sites.seeds["test-deployer"]), "--timeout", "120", "--json")
+        cli = cli_run(
+            "deploy",
+            "deploy.test.testhost2",
+            "--nats-url",
+            sites.hub.url,
+            "--nkey-file",
+            str(sites.seeds["test-deployer"]),
+            "--timeout",
+            "120",
+            "--json",
+        )
         wait_for(lambda: host.standin.pids and "testhost2: started" in cli.stderr(), what="the deploy to run")
         leaf.stop()  # the site's link and its hosts' connections go down with it
         wait_for(lambda: "disconnected from NATS" in host.log_text(), what="the listener to notice")
@@ -1881,6 +2321,5 @@ class TestLeafSites:
         wait_for(lambda: re.search(r"request=\S+ completed in", host.log_text()), what="the deploy to end")
         leaf.start_again()
         assert cli.proc.wait(60) == 0, cli.stderr()
-        assert [(h["hostname"], h["status"]) for h in json.loads(cli.stdout())["hosts"]] == [
-            ("testhost2", "completed")]
+        assert [(h["hostname"], h["status"]) for h in json.loads(cli.stdout())["hosts"]] == [("testhost2", "completed")]
         assert len(host.standin.calls) == 1  # ran once; the final status crossed on reconnect or by a re-send
