@@ -25,14 +25,12 @@ if __name__ == "__main__":
     loop = asyncio.new_event_loop()  # one for all hosts: 50 loop threads contending for one GIL cost 15% more CPU
     threading.Thread(target=loop.run_forever, name="nats-loop", daemon=True).start()
     for host in hosts:
-        args = hd.build_parser().parse_args([
-            "listener", "--hostname", host, "--tier", "test", "--flake-url", "git+https://git.example.com/fleet.git",
-            "--nats-url", url, "--nkey-file", os.path.join(work, f"{host}.seed"),
-            "--state-dir", os.path.join(work, "state", host)])
-        buses.append(hd.Bus(url, args.nkey_file, f"homelab-deploy-listener/{host}", daemon=True, stop=stop, loop=loop))
-        listener = hd.Listener(args, hd.expand_subjects(list(hd.DEFAULT_SUBJECTS), host, "test", None), buses[-1],
-                               None, stop)
-        listener.load_history()
+        config = hd.ListenerConfig(host, "test", "git+https://git.example.com/fleet.git",
+                                   state_dir=os.path.join(work, "state", host))
+        buses.append(hd.Bus(url, os.path.join(work, f"{host}.seed"), f"homelab-deploy-listener/{host}", daemon=True,
+                            stop=stop, loop=loop))
+        listener = hd.Listener(config, buses[-1], stop=stop)
+        listener.state.load_history()
         listener.start()
     hd.log.info("fleet ready: %d hosts", len(hosts))
     hd.wait_for_stop(stop)
