@@ -1726,7 +1726,7 @@ class ListenerState:
             log.error("host=%s unreadable in-flight record %s (%s); removing it", hostname, self.inflight_file, e)
             self.record_inflight(None)
             return None
-        if os.path.exists(rollback_path(self.config.state_dir, "rollback", reply_to.rsplit(".", 1)[1])):
+        if os.path.exists(rollback_path(self.config.state_dir, "rollback", request_id(reply_to))):
             self.record_inflight(None)
             return None
         pid = record.get("pid")
@@ -2408,7 +2408,7 @@ def rebuild_exited(state_dir: str, rid: str, pid: int | None) -> tuple[int | Non
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
             with open(os.path.join(state_dir, INFLIGHT_FILE)) as f:
                 record = json.load(f)
-            if record["reply_to"].rsplit(".", 1)[1] == rid and type(record["pid"]) is int and record["pid"] > 1:
+            if request_id(record["reply_to"]) == rid and type(record["pid"]) is int and record["pid"] > 1:
                 pid = record["pid"]
     if pid is None:
         return None, False
