@@ -1557,7 +1557,7 @@ def rollback_argv(action: Action, profile: str, generation: int) -> list[str]:
     return [f"{profile}-{generation}-link/bin/switch-to-configuration", "test"]
 
 
-def roll_back(action: Action, profile: str, before: int | None, timeout: float, prefix: str) -> dict:
+def roll_back(action: Action, profile: str, before: int | None, *, timeout: float, prefix: str) -> dict:
     """Undo a switch or test of `profile` (at generation `before` when it began); the outcome as records keep it:
     the argv run (None: nothing to undo), its exit code (None: timed out) and its last lines of output."""
     now = current_generation(profile)
@@ -1800,7 +1800,7 @@ class ListenerState:
         self.profile_commit_of = (generation, commit)
         return commit
 
-    def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int | None,
+    def deliver_final(self, reply_to: str, payload: bytes, rid: str, *, reconnects: int | None,
                       schedule: list[float] | None = None) -> None:
         """Publish a final status. If NATS dropped us during the deploy, the requester may have resubscribed
         after our buffered reply went out: send it again (clients keep the first final status, ignore repeats).
@@ -1869,7 +1869,8 @@ class ListenerState:
                 continue
             log.info("host=%s request=%s resuming the re-sends of its final status (%d left)", self.config.hostname,
                      rid, len(schedule))
-            self.deliver_final(reply_to, json.dumps(response.to_dict()).encode(), rid, None, schedule)
+            self.deliver_final(reply_to, json.dumps(response.to_dict()).encode(), rid, reconnects=None,
+                               schedule=schedule)
 
 
 class Rollback:
@@ -1955,8 +1956,8 @@ class Rollback:
             except FileNotFoundError:  # the watchdog decided first: report its rollback
                 return (self.settle(rid) or (None, None))[1]
         installed = current_generation(config.profile)
-        outcome = roll_back(Action.SWITCH, config.profile, before, config.timeout,
-                            f"host={config.hostname} request={rid} ")
+        outcome = roll_back(Action.SWITCH, config.profile, before, timeout=config.timeout,
+                            prefix=f"host={config.hostname} request={rid} ")
         save_state(rolled, None)
         tail = [clip(str(line), OUTPUT_LINE_CHARS) for line in outcome["output"]][-OUTPUT_TAIL_LINES // 2:]
         command = " ".join(outcome["argv"] or ["nothing"])
@@ -2116,7 +2117,7 @@ class Listener:
         response = DeployResponse(self.config.hostname, status, error, message, **extra)
         self.bus.publish(answer_subject(reply_to, self.config.hostname), json.dumps(response.to_dict()).encode())
 
-    def announce(self, status: Status, rid: str | None, request: DeployRequest | None, signer: str | None,
+    def announce(self, status: Status, rid: str | None, request: DeployRequest | None, signer: str | None, *,
                  error: ErrorCode | None = None, reason: str = "", suppressed: int | None = None) -> None:
         """Publish a state change on deploy.events.<tier>.<host> for the audit trail; never raises (not confirmed)."""
         hostname, tier = self.config.hostname, self.config.tier
@@ -2139,7 +2140,7 @@ class Listener:
                     f"longer than the {request.expires_in:g}s its sender waits for `accepted` (expires_in); the "
                     "listener is overloaded, deploy again", ErrorCode.TIMEOUT, request.reply_to)
         except ProtocolError as e:
-            self.reject(subject, data, request, signer, e)
+            self.reject(subject, data, e, request=request, signer=signer)
             return
         rid = request_id(request.reply_to)
         if not self.admit(request, rid, signer):
@@ -2153,13 +2154,13 @@ class Listener:
                      self.config.hostname, rid)
             self.stop.set()
 
-    def reject(self, subject: str, data: bytes, request: DeployRequest | None, signer: str | None,
-               e: ProtocolError) -> None:
+    def reject(self, subject: str, data: bytes, e: ProtocolError, *, request: DeployRequest | None,
+               signer: str | None) -> None:
         """Answer a request that is invalid, unauthorized or expired (unless its signature was refused: no answer)."""
         rid = request_id(e.reply_to or request.reply_to) if e.reply_to or request else None
         log.warning("host=%s subject=%s request=%s rejected: %s", self.config.hostname, subject, rid or "-", e)
         if self.rejections.admit(unauthenticated=e.code is ErrorCode.UNAUTHORIZED and not e.reply_to):
-            self.announce(Status.REJECTED, rid, request, signer, e.code, str(e))
+            self.announce(Status.REJECTED, rid, request, signer, error=e.code, reason=str(e))
         if e.reply_to:
             self.reply(e.reply_to, Status.REJECTED, e.code, str(e))
         if self.metrics and (e.reply_to or request):  # refused signatures are counted too, though unanswered
@@ -2187,7 +2188,7 @@ class Listener:
                 "shutting down", f"the listener on {hostname} is shutting down; retry when it is back")
         log.warning("host=%s request=%s rejected: %s", hostname, rid, why)
         if self.rejections.admit(unauthenticated=False):
-            self.announce(Status.REJECTED, rid, request, signer, ErrorCode.ALREADY_RUNNING, message)
+            self.announce(Status.REJECTED, rid, request, signer, error=ErrorCode.ALREADY_RUNNING, reason=message)
         self.reply(request.reply_to, Status.REJECTED, ErrorCode.ALREADY_RUNNING, message)
         if self.metrics:
             self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
@@ -2231,15 +2232,15 @@ class Listener:
                 self.state.remember(request, rid, final, started=started, before=before, signer=signer)
             self.busy.release()  # before the final status, so the requester's next deploy is not refused
         if final is not None:  # None: the switch awaits confirmation by the listener that starts next
-            self.report_final(request, rid, signer, final, reconnects)
+            self.report_final(request, rid, final, signer=signer, reconnects=reconnects)
 
-    def report_final(self, request: DeployRequest, rid: str, signer: str | None, final: DeployResponse,
+    def report_final(self, request: DeployRequest, rid: str, final: DeployResponse, *, signer: str | None,
                      reconnects: int | None) -> None:
         """A deploy's final status: counted, delivered to its requester (re-sent after a reconnect), announced."""
         if self.metrics:
             self.metrics.count(final.status, request.action, final.error)
-        self.state.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
-        self.announce(final.status, rid, request, signer, final.error, final.message)
+        self.state.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects=reconnects)
+        self.announce(final.status, rid, request, signer, error=final.error, reason=final.message)
 
     def deploy(self, request: DeployRequest, rid: str, signer: str | None) -> DeployResponse | None:
         """Run nixos-rebuild for an accepted request; returns the final status to report, None when it is left to
@@ -2298,7 +2299,7 @@ class Listener:
             rid = request_id(request.reply_to)
             log.warning("host=%s request=%s reporting interrupted deploy: %s", self.config.hostname, rid, message)
             self.reply(request.reply_to, Status.FAILED, ErrorCode.INTERRUPTED, message)
-            self.announce(Status.FAILED, rid, request, None, ErrorCode.INTERRUPTED, message)
+            self.announce(Status.FAILED, rid, request, None, error=ErrorCode.INTERRUPTED, reason=message)
             if self.metrics:
                 self.metrics.count(Status.FAILED, request.action, ErrorCode.INTERRUPTED)
             self.state.record_inflight(None)
@@ -2309,7 +2310,7 @@ class Listener:
                 request, final, record = settled
                 self.state.remember(request, rid, final, started=record["armed_at"],
                                     before=record["generation_before"], signer=record.get("signer"))
-                self.report_final(request, rid, record.get("signer"), final, self.bus.reconnects)
+                self.report_final(request, rid, final, signer=record.get("signer"), reconnects=self.bus.reconnects)
 
     def handle_query(self, subject: str, data: bytes, received: float) -> None:
         """Answer discovery (HostInfo) or, on STATUS_SUBJECT, a status query (HostStatus)."""
@@ -2460,7 +2461,8 @@ def rollback_watchdog_command(args: argparse.Namespace) -> int:
         log.error("%sunreadable rollback record %s (%s); nothing was rolled back: check the host", prefix, rolled, e)
         return 1
     log.warning("%sno listener confirmed the %s over NATS in time", prefix, request.action.value)
-    outcome = roll_back(request.action, args.profile, record["generation_before"], args.timeout, prefix)
+    outcome = roll_back(request.action, args.profile, record["generation_before"], timeout=args.timeout,
+                        prefix=prefix)
     log.warning("%srollback outcome: exit code %s: %s", prefix, outcome["returncode"], "; ".join(outcome["output"][-1:]))
     save_state(rolled, {**record, "rollback": outcome})
     return 0
@@ -2562,7 +2564,7 @@ class EvalFailed(Exception):
 
 
 class Builder:
-    def __init__(self, repos: dict[str, Repo], bus: Bus, timeout: int, parallel: int,
+    def __init__(self, repos: dict[str, Repo], bus: Bus, *, timeout: int, parallel: int,
                  metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool):
         self.repos, self.bus, self.metrics, self.stop = repos, bus, metrics, stop
         self.timeout, self.parallel, self.allow_any_ref = timeout, parallel, allow_any_ref
@@ -2595,7 +2597,7 @@ class Builder:
         self.bus.publish(answer_subject(reply_to, repo), json.dumps(answer.to_dict()).encode())
 
     def announce(self, status: Status, rid: str | None, repo: str, target: str | None, branch: str | None,
-                 signer: str | None, error: BuildErrorCode | None = None, reason: str = "",
+                 signer: str | None, *, error: BuildErrorCode | None = None, reason: str = "",
                  suppressed: int | None = None) -> None:
         """Publish a state change on build.events.<repo> for the audit trail; never raises (not confirmed).
         Rejections go through self.rejections first."""
@@ -2623,7 +2625,7 @@ class Builder:
             log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid or "-", e)
             if self.rejections[subject_repo].admit(e.code is BuildErrorCode.UNAUTHORIZED and not e.reply_to):
                 self.announce(Status.REJECTED, rid, subject_repo, subject_target if is_subject_token(subject_target)
-                              else None, None, signer, e.code, str(e))
+                              else None, None, signer, error=e.code, reason=str(e))
             if e.reply_to:
                 self.reply(e.reply_to, Status.REJECTED, str(e), repo=subject_repo, error_code=e.code)
             return
@@ -2632,7 +2634,7 @@ class Builder:
         branch = request.branch or repo.default_branch
         if self.stop.is_set():
             if self.rejections[repo.name].admit(False):
-                self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer, None, "shutting down")
+                self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer, reason="shutting down")
             self.reply(request.reply_to, Status.REJECTED, "the builder is shutting down; retry when it is back",
                        repo=repo.name)
             return
@@ -2644,7 +2646,7 @@ class Builder:
             log.warning("repo=%s host=%s request=%s rejected: already running", repo.name, request.target, rid)
             if self.rejections[repo.name].admit(False):
                 self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer,
-                              BuildErrorCode.ALREADY_RUNNING, message)
+                              error=BuildErrorCode.ALREADY_RUNNING, reason=message)
             self.reply(request.reply_to, Status.REJECTED, message, repo=repo.name,
                        error_code=BuildErrorCode.ALREADY_RUNNING)
             return
@@ -2665,7 +2667,8 @@ class Builder:
             self.running[repo.name].release()  # before the final answer, so the next build is not refused
         try:
             self.reply(request.reply_to, **final._asdict())
-            self.announce(final.status, rid, repo.name, request.target, branch, signer, final.error_code, final.message)
+            self.announce(final.status, rid, repo.name, request.target, branch, signer, error=final.error_code,
+                          reason=final.message)
         finally:
             self.reporting[repo.name].release()
 
@@ -2789,7 +2792,8 @@ def run_builder(args: argparse.Namespace) -> int:
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref)
+    builder = Builder(repos, bus, timeout=args.timeout, parallel=args.parallel, metrics=metrics, stop=stop,
+                      allow_any_ref=args.allow_any_ref)
     unsigned = [r.name for r in repos.values() if r.signers is None]
     if unsigned:
         log.warning("no trusted_keys in %s for %s: any credential that NATS lets publish on build.<repo>.* can start "

@@ -530,8 +530,8 @@ class TestBuilder:
         for key, value in nix_store.items():
             monkeypatch.setenv(key, value)  # the builder's nix runs on the private store
         builder_bus, client = bus_factory(nats_server, "builder"), bus_factory(nats_server, "build-client")
-        builder = hd.Builder({"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")}, builder_bus, 60, 1, None,
-                             threading.Event(), False)
+        builder = hd.Builder({"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")}, builder_bus, timeout=60,
+                             parallel=1, metrics=None, stop=threading.Event(), allow_any_ref=False)
         publish, held, following = builder_bus.publish, [], []
 
         def hold_the_first_final_answer(subject: str, payload: bytes, confirm: bool = False) -> None:
@@ -692,7 +692,8 @@ class TestBuilderLifeCycle:
         for key, value in nix_store.items():
             monkeypatch.setenv(key, value)
         repos = {"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")}
-        builder = hd.Builder(repos, bus_factory(nats_server, "builder"), 600, 1, None, threading.Event(), False)
+        builder = hd.Builder(repos, bus_factory(nats_server, "builder"), timeout=600, parallel=1, metrics=None,
+                             stop=threading.Event(), allow_any_ref=False)
         builder.start()
         bus = bus_factory(nats_server, "build-client")
 
