@@ -14,7 +14,8 @@ import os
 import sys
 import threading
 
-import homelab_deploy as hd
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's, not an installed one
+import homelab_deploy as hd  # noqa: E402
 
 if __name__ == "__main__":
     url, work, *hosts = sys.argv[1:]
