@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import enum
 import functools
 import json
@@ -1585,7 +1586,7 @@ def rollback_argv(action: Action, profile: str, generation: int) -> list[str]:
     return [f"{profile}-{generation}-link/bin/switch-to-configuration", "test"]
 
 
-def roll_back(action: Action, profile: str, before: int | None, timeout: float, prefix: str) -> dict:
+def roll_back(action: Action, profile: str, before: int | None, *, timeout: float, prefix: str) -> dict:
     """Undo a switch or test of `profile` (at generation `before` when it began); the outcome as records keep it:
     the argv run (None: nothing to undo), its exit code (None: timed out) and its last lines of output."""
     now = current_generation(profile)
@@ -1612,73 +1613,6 @@ def read_rollback_record(path: str) -> tuple[DeployRequest, dict]:
             and (record.get("signer") is None or SIGNER_NAME_RE.fullmatch(str(record["signer"])))):
         raise ValueError("not a record of a switch or test with its generation and times")
     return request, record
-
-
-def rebuild_exited(state_dir: str, rid: str, pid: int | None) -> tuple[int | None, bool]:
-    """(pid, exited) of request `rid`'s nixos-rebuild: its pid as the in-flight record names it (read until it
-    does, then passed back in), and whether that process is gone; (None, False) while no pid is recorded."""
-    if pid is None:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            with open(os.path.join(state_dir, INFLIGHT_FILE)) as f:
-                record = json.load(f)
-            if request_id(record["reply_to"]) == rid and type(record["pid"]) is int and record["pid"] > 1:
-                pid = record["pid"]
-    if pid is None:
-        return None, False
-    try:  # a zombie's cmdline is empty; a reused pid is not a nixos-rebuild
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return pid, b"nixos-rebuild" not in f.read()
-    except OSError:
-        return pid, True
-
-
-# ---------------------------------------------------------------- rollback watchdog
-
-def rollback_watchdog_command(args: argparse.Namespace) -> int:
-    """Armed by the listener before a switch or test: rolls it back unless a listener confirms it over NATS within
-    --rollback-timeout seconds after it ended. Renaming the record is the decision, so only one party acts."""
-    if not REPLY_TOKEN_RE.fullmatch(args.request) or not os.path.isabs(args.profile):
-        raise SystemExit(f"error: --request {args.request!r} must be a request id (request_id() of its reply_to) "
-                         f"and --profile {args.profile!r} an absolute path")
-    pending, switched, rolled = (rollback_path(args.state_dir, state, args.request) for state in ROLLBACK_STATES)
-    prefix = f"request={args.request} "
-    try:  # the listener runs nixos-rebuild only once this marker says the watchdog is up and has its record
-        read_rollback_record(pending if os.path.exists(pending) else switched)
-        save_state(rollback_path(args.state_dir, "armed", args.request), {"pid": os.getpid()}, durable=False)
-    except (OSError, ValueError) as e:
-        log.error("%scannot arm the rollback watchdog: record %s: %s; the listener runs nothing", prefix, pending, e)
-        return 1
-    pending_due = time.monotonic() + args.timeout + args.rollback_timeout  # the listener kills nixos-rebuild at timeout
-    switched_due = pid = None
-    while True:
-        if os.path.exists(switched):
-            switched_due = switched_due or time.monotonic() + args.rollback_timeout
-            source, due = switched, switched_due
-        elif os.path.exists(pending):
-            pid, exited = rebuild_exited(args.state_dir, args.request, pid)
-            if exited:  # its listener is gone (else it would have renamed the record): count down from the exit
-                pending_due = min(pending_due, time.monotonic() + args.rollback_timeout)
-            source, due = pending, pending_due
-        else:
-            log.info("%sconfirmed over NATS or disarmed; the rollback watchdog exits", prefix)
-            return 0
-        if time.monotonic() >= due:
-            try:
-                os.rename(source, rolled)
-                break
-            except FileNotFoundError:  # confirmed, or switched, meanwhile: look again
-                continue
-        time.sleep(WATCHDOG_POLL)
-    try:
-        request, record = read_rollback_record(rolled)
-    except (OSError, ValueError) as e:
-        log.error("%sunreadable rollback record %s (%s); nothing was rolled back: check the host", prefix, rolled, e)
-        return 1
-    log.warning("%sno listener confirmed the %s over NATS in time", prefix, request.action.value)
-    outcome = roll_back(request.action, args.profile, record["generation_before"], args.timeout, prefix)
-    log.warning("%srollback outcome: exit code %s: %s", prefix, outcome["returncode"], "; ".join(outcome["output"][-1:]))
-    save_state(rolled, {**record, "rollback": outcome})
-    return 0
 
 
 REJECTION_WINDOW = 60.0  # seconds in which a daemon publishes at most one rejection event and one summary
@@ -1721,149 +1655,80 @@ class Rejections:
                                   f"{self.daemon}'s log has each")
 
 
-class Listener:
-    def __init__(self, args: argparse.Namespace, subjects: list[str], bus: Bus, metrics: ListenerMetrics | None,
-                 stop: threading.Event, signers: TrustedSigners | None = None):
-        self.hostname, self.tier, self.role = args.hostname, args.tier, args.role
+@dataclasses.dataclass(frozen=True)
+class ListenerConfig:
+    """What a listener is told, checked when built: from the command line (from_args), or directly by tests and the
+    bench's simulated fleet; a ValueError names the bad value and the fix. `subjects` holds the expanded templates."""
+
+    hostname: str
+    tier: str
+    flake_url: str
+    role: str | None = None
+    deploy_subjects: tuple[str, ...] = DEFAULT_SUBJECTS  # templates with <hostname>, <tier> and <role>
+    discover_subject: str = "deploy.discover"
+    state_dir: str = "/var/lib/homelab-deploy"
+    profile: str = "/nix/var/nix/profiles/system"
+    timeout: float = 600
+    heartbeat_interval: float = 30.0
+    shutdown_grace: float = 60.0
+    rollback_timeout: float = 0.0
+    restart_after_switch: bool = False
+    allow_any_ref: bool = False
+    trusted_keys: tuple[str, ...] = ()  # PUBKEY[=NAME] entries
+    trusted_keys_files: tuple[str, ...] = ()
+    require_signed: bool = False
+    subjects: tuple[str, ...] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--hostname", self.hostname), ("--role", self.role)):
+            if (value is not None or flag == "--hostname") and not is_subject_token(value):
+                raise ValueError(f"{flag} {value!r} must be one NATS subject token "
+                                 "(letters, digits, '_' and '-', starting with a letter, digit or '_')")
+        if self.tier not in TIERS:
+            raise ValueError(f"--tier {self.tier!r} must be one of {', '.join(TIERS)}")
+        if not is_flake_url(self.flake_url):
+            raise ValueError(f"--flake-url {self.flake_url!r} must be a flake URL without '#', whitespace, "
+                             "ref= or rev= (each request's revision is added as ref= or rev=), "
+                             "e.g. git+https://git.example.com/user/nixos-configs.git")
+        if min(self.timeout, self.heartbeat_interval) <= 0 or self.shutdown_grace < 0 or \
+                not 0 <= self.rollback_timeout < 1e9:
+            raise ValueError("--timeout and --heartbeat-interval must be positive, --shutdown-grace not negative, "
+                             "and --rollback-timeout a finite number of seconds (0 turns automatic rollback off)")
+        if not is_publish_subject(self.discover_subject):
+            raise ValueError(f"--discover-subject {self.discover_subject!r} is not a valid NATS subject")
+        object.__setattr__(self, "subjects", tuple(expand_subjects(
+            list(self.deploy_subjects), self.hostname, self.tier, self.role)))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ListenerConfig:
+        """The `listener` command's arguments, checked; raises ValueError."""
+        return cls(args.hostname, args.tier, args.flake_url, args.role, tuple(args.deploy_subject or DEFAULT_SUBJECTS),
+                   args.discover_subject, args.state_dir, args.system_profile, args.timeout, args.heartbeat_interval,
+                   args.shutdown_grace, args.rollback_timeout, args.restart_after_switch, args.allow_any_ref,
+                   tuple(args.trusted_key or ()), (args.trusted_keys_file,) if args.trusted_keys_file else (),
+                   args.require_signed)
+
+    def load_signers(self, nonce_file: str | None, required: bool = False) -> TrustedSigners | None:
+        """The trusted keys from --trusted-key and --trusted-keys-file (at start, and anew on SIGHUP)."""
+        return TrustedSigners.load(list(self.trusted_keys), list(self.trusted_keys_files), nonce_file,
+                                   required=required)
+
+
+class ListenerState:
+    """The listener's files in its state directory, each written by save_state: the in-flight record of the running
+    deploy (a restarted listener reports it as interrupted, never re-runs it), the deploy history (status queries,
+    metrics), the final statuses still to be re-sent after a reconnect (resend-<request>.json), and the replay
+    cache of the trusted signers (nonces.json), which SIGHUP reloads."""
+
+    def __init__(self, config: ListenerConfig, bus: Bus, *, metrics: ListenerMetrics | None, stop: threading.Event,
+                 signers: TrustedSigners | None):
+        self.config, self.bus, self.metrics, self.stop = config, bus, metrics, stop
         self.signers = signers  # None: any request NATS delivers is acted on; no keys (--require-signed): none is
-        self.rejections = Rejections(lambda count, reason: self.announce(
-            Status.REJECTED, None, None, None, reason=reason, suppressed=count), "listener")
-        self.flake_url, self.timeout, self.profile = args.flake_url, args.timeout, args.system_profile
-        self.heartbeat_interval, self.rollback_timeout = args.heartbeat_interval, args.rollback_timeout
-        self.restart_after_switch, self.allow_any_ref = args.restart_after_switch, args.allow_any_ref
-        self.subjects = subjects
-        self.discover_subject = args.discover_subject
-        self.bus, self.metrics = bus, metrics
-        self.state_dir = args.state_dir
-        self.inflight_file = os.path.join(args.state_dir, INFLIGHT_FILE)
-        self.history_file = os.path.join(args.state_dir, "history.json")
+        self.nonce_file = os.path.join(config.state_dir, "nonces.json")
+        self.inflight_file = os.path.join(config.state_dir, INFLIGHT_FILE)
+        self.history_file = os.path.join(config.state_dir, "history.json")
         self.history: list[DeployRecord] = []  # replaced, never changed in place: status queries read it unlocked
         self.profile_commit_of: tuple[int | None, str | None] = (None, None)  # (generation, its commit), cached
-        self.busy = threading.Lock()  # one deploy at a time
-        self.reporting = threading.Lock()  # held until a deploy's final status is out; shutdown waits on it
-        self.restarting = False  # a switch succeeded with --restart-after-switch: set before `busy` is released
-        self.current: DeployRequest | None = None
-        self.current_since = 0.0
-        self.stop = stop  # set to shut the listener down (signal, or restart after a switch)
-        self.kill = threading.Event()  # set when the shutdown grace period is over: kill the running deploy
-
-    def start(self) -> None:
-        lane = (lambda data: self.signers.lane(data, "deploy")) if self.signers else "deploy"
-        for subject in self.subjects:
-            self.bus.subscribe(subject, self.handle_deploy, lane=lane)  # never queued behind discovery
-        self.bus.subscribe(self.discover_subject, self.handle_query)
-        try:
-            self.bus.subscribe(STATUS_SUBJECT, self.handle_query)
-        except NatsError as e:  # a NATS config from before status queries: deploys work on, status does not
-            log.warning("host=%s status queries not answered: %s; regenerate the NATS config with `homelab-deploy "
-                        "nats-config` so listeners may subscribe to %s", self.hostname, e, STATUS_SUBJECT)
-        log.info("host=%s listening on %s and %s", self.hostname, ", ".join(self.subjects), self.discover_subject)
-
-    def reply(self, reply_to: str, status: Status, error: ErrorCode | None = None, message: str = "", **extra) -> None:
-        response = DeployResponse(self.hostname, status, error, message, **extra)
-        self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(response.to_dict()).encode())
-
-    def announce(self, status: Status, rid: str | None, request: DeployRequest | None, signer: str | None,
-                 error: ErrorCode | None = None, reason: str = "", suppressed: int | None = None) -> None:
-        """Publish a state change on deploy.events.<tier>.<host> for the audit trail; never raises (not confirmed)."""
-        self.bus.publish(f"deploy.events.{self.tier}.{self.hostname}", AuditEvent(
-            time.strftime(ISO_TIME_FORMAT, time.gmtime()), self.hostname, self.tier, None, rid, signer,
-            request.action.value if request else None, request.revision if request else None, status,
-            error.value if error else None, clip(reason), suppressed).to_json())
-
-    def handle_deploy(self, subject: str, data: bytes, received: float) -> None:
-        request = signer = None
-        try:
-            request = DeployRequest.parse(data, self.allow_any_ref)
-            signer = (self.signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED)
-                      if self.signers else None)
-            waited = time.monotonic() - received
-            if request.expires_in is not None and waited > request.expires_in:
-                raise ProtocolError(
-                    f"not run: the request waited {waited:.1f}s in the listener's queue on {self.hostname}, longer "
-                    f"than the {request.expires_in:g}s its sender waits for `accepted` (expires_in); the listener is "
-                    "overloaded, deploy again", ErrorCode.TIMEOUT, request.reply_to)
-        except ProtocolError as e:
-            rid = request_id(e.reply_to or request.reply_to) if e.reply_to or request else None
-            log.warning("host=%s subject=%s request=%s rejected: %s", self.hostname, subject, rid or "-", e)
-            if self.rejections.admit(unauthenticated=e.code is ErrorCode.UNAUTHORIZED and not e.reply_to):
-                self.announce(Status.REJECTED, rid, request, signer, e.code, str(e))
-            if e.reply_to:
-                self.reply(e.reply_to, Status.REJECTED, e.code, str(e))
-            if self.metrics and (e.reply_to or request):  # refused signatures are counted too, though unanswered
-                action = None if e.code is ErrorCode.INVALID_ACTION else Action(decode_message(data)["action"])
-                self.metrics.count(Status.REJECTED, action, e.code)
-            return
-        rid = request_id(request.reply_to)
-        if not self.busy.acquire(blocking=False):
-            running = self.current
-            self.refuse(request, rid, signer, "already running", (
-                f"a deploy is already running on {self.hostname} ({running.action.value} of {running.revision}, "
-                f"for {time.monotonic() - self.current_since:.0f}s); retry when it ends"
-                if running else f"a deploy is already running on {self.hostname}"))
-            return
-        reconnects = self.bus.reconnects
-        with self.reporting:
-            # Checked holding both locks: the deploy that set `restarting` did so before freeing `busy`, and
-            # shutdown waits for `reporting`, so no request is accepted and then cut off by the exit.
-            if self.restarting or self.stop.is_set():
-                self.busy.release()
-                self.refuse(request, rid, signer, "restarting" if self.restarting else "shutting down", (
-                    f"the listener on {self.hostname} is restarting after a switch; retry in a few seconds"
-                    if self.restarting else f"the listener on {self.hostname} is shutting down; retry when it is back"))
-                return
-            final, started, before = None, time.time(), current_generation(self.profile)
-            try:  # from `accepted` on, whatever raises, exactly one final status goes out
-                self.current, self.current_since = request, time.monotonic()
-                signed = f" (signed by {signer})" if signer else ""
-                log.info("host=%s request=%s accepted %s of %s%s", self.hostname, rid, request.action.value,
-                         request.revision, signed)
-                self.reply(request.reply_to, Status.ACCEPTED,
-                           message=f"{request.action.value} of {request.revision} accepted{signed}")
-                self.announce(Status.ACCEPTED, rid, request, signer)
-                try:
-                    self.record_inflight(request)  # after `accepted`: its fsync stays off the requester's path
-                except OSError as e:
-                    log.error("host=%s request=%s not run: cannot write %s: %s", self.hostname, rid,
-                              e.filename or self.inflight_file, e.strerror)
-                    final = DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
-                        f"nothing was run: the listener on {self.hostname} cannot write its in-flight record "
-                        f"{e.filename or self.inflight_file} ({e.strerror}); make {self.state_dir} a writable "
-                        "directory that only this listener uses (--state-dir, or systemd's StateDirectory=) "
-                        "and deploy again"))
-                else:
-                    self.announce(Status.STARTED, rid, request, signer)
-                    final = self.deploy(request, rid, signer)
-            except Exception as e:
-                log.exception("host=%s request=%s failed unexpectedly", self.hostname, rid)
-                final = DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
-                    f"the listener on {self.hostname} failed unexpectedly ({type(e).__name__}: {str(e)[:200]}); the "
-                    "deploy's outcome is unknown. Its log has the details; check the host and deploy again"))
-            finally:
-                self.current = None
-                self.record_inflight(None)
-                if final is not None:  # while `busy` is held: the next deploy starts from this record's generation
-                    self.remember(request, rid, final, started, before, signer)
-                self.busy.release()  # before the final status, so the requester's next deploy is not refused
-            if final is not None:  # None: the switch awaits confirmation by the listener that starts next
-                if self.metrics:
-                    self.metrics.count(final.status, request.action, final.error)
-                self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects)
-                self.announce(final.status, rid, request, signer, final.error, final.message)
-        if self.restarting:
-            log.info("host=%s request=%s restarting so the service manager starts the switched-to version",
-                     self.hostname, rid)
-            self.stop.set()
-
-    def refuse(self, request: DeployRequest, rid: str, signer: str | None, why: str, message: str) -> None:
-        """Answer `rejected`/already_running: the host cannot take a deploy now, a retry later can."""
-        log.warning("host=%s request=%s rejected: %s", self.hostname, rid, why)
-        if self.rejections.admit(unauthenticated=False):
-            self.announce(Status.REJECTED, rid, request, signer, ErrorCode.ALREADY_RUNNING, message)
-        self.reply(request.reply_to, Status.REJECTED, ErrorCode.ALREADY_RUNNING, message)
-        if self.metrics:
-            self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
-
 
     def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
         """Keep the running request on disk so a restarted listener can report it; None clears it, and never
@@ -1871,7 +1736,43 @@ class Listener:
         pid is not fsynced: the pid only matters to a listener restarted on the same boot."""
         save_state(self.inflight_file, None if request is None else {
             "reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
-            "started": time.time(), "pid": pid, "generation": current_generation(self.profile)}, durable=pid is None)
+            "started": time.time(), "pid": pid, "generation": current_generation(self.config.profile)},
+            durable=pid is None)
+
+    def interrupted(self) -> tuple[DeployRequest, str] | None:
+        """At start: the deploy the in-flight record names, cut short (crash, kill), and the message telling its
+        requester so; its orphaned nixos-rebuild is killed. None: nothing to report (an unreadable record is
+        removed, and so is one whose watchdog rolled it back: settle_switches reports that)."""
+        hostname = self.config.hostname
+        try:
+            with open(self.inflight_file) as f:
+                record = json.load(f)
+            reply_to = parse_reply_to(record, "deploy")
+            action, revision = Action(record["action"]), str(record["revision"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
+            log.error("host=%s unreadable in-flight record %s (%s); removing it", hostname, self.inflight_file, e)
+            self.record_inflight(None)
+            return None
+        if os.path.exists(rollback_path(self.config.state_dir, "rollback", request_id(reply_to))):
+            self.record_inflight(None)
+            return None
+        pid = record.get("pid")
+        if isinstance(pid, int) and pid > 1:
+            with contextlib.suppress(OSError):  # an orphaned nixos-rebuild from the dead listener: stop it
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"nixos-rebuild" in f.read():
+                        os.killpg(pid, signal.SIGKILL)
+                        log.warning("host=%s killed the orphaned nixos-rebuild (pid %d)", hostname, pid)
+        before, now = record.get("generation"), current_generation(self.config.profile)
+        generations = (f"; the system profile is at generation {now} (was {before} when it started)"
+                       if now is not None else "")
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started") or 0))
+        return DeployRequest(action, revision, reply_to), (
+            f"the listener on {hostname} stopped while nixos-rebuild {action.value} of {revision} was running "
+            f"(started {started}); its outcome is unknown{generations}. Check the host and deploy again; it was not "
+            "re-run")
 
     def load_history(self) -> None:
         """At start: the deploys recorded before; a corrupt file is logged and replaced, never fatal."""
@@ -1887,18 +1788,35 @@ class Listener:
         except FileNotFoundError:
             return
         except (OSError, ValueError, ProtocolError) as e:
-            log.error("host=%s unreadable deploy history %s (%s); starting a new one", self.hostname,
+            log.error("host=%s unreadable deploy history %s (%s); starting a new one", self.config.hostname,
                       self.history_file, e)
             save_state(self.history_file, [])
+
+    def remember(self, request: DeployRequest, rid: str, final: DeployResponse, *, started: float,
+                 before: int | None, signer: str | None) -> None:
+        """Add a finished deploy to the history file (its last HISTORY_LENGTH); a failed write is logged, not fatal."""
+        try:
+            record = DeployRecord(rid, request.action, request.revision, final.commit, final.status, final.error,
+                                  time.strftime(ISO_TIME_FORMAT, time.gmtime(started)),
+                                  time.strftime(ISO_TIME_FORMAT, time.gmtime()), before,
+                                  current_generation(self.config.profile), round(time.time() - started, 3), signer)
+            self.history = (self.history + [record])[-HISTORY_LENGTH:]
+            if self.metrics:
+                self.metrics.deployed(record)
+            save_state(self.history_file, [r.to_dict() for r in self.history])
+        except Exception as e:
+            log.error("host=%s request=%s deploy not added to the history %s: %r; make %s writable",
+                      self.config.hostname, rid, self.history_file, e, self.config.state_dir)
 
     def profile_commit(self) -> str | None:
         """configurationRevision of the system profile's current generation (its `nixos-version --json`), None
         when the flake does not set system.configurationRevision; asked once per generation."""
-        generation = current_generation(self.profile)
+        profile, hostname = self.config.profile, self.config.hostname
+        generation = current_generation(profile)
         if generation is None or self.profile_commit_of[0] == generation:
             return self.profile_commit_of[1] if generation is not None else None
-        result = run_with_timeout([os.path.join(self.profile, "sw", "bin", "nixos-version"), "--json"], 10,
-                                  f"host={self.hostname} ", capture_stdout=True)
+        result = run_with_timeout([os.path.join(profile, "sw", "bin", "nixos-version"), "--json"], 10,
+                                  f"host={hostname} ", capture_stdout=True)
         try:
             commit = json.loads(result.stdout).get("configurationRevision") if result.returncode == 0 else None
         except (ValueError, AttributeError):
@@ -1906,80 +1824,110 @@ class Listener:
         if not is_valid_ref(commit):
             log.info("host=%s generation %d reports no configurationRevision (%s); set system.configurationRevision "
                      "in the flake (e.g. self.rev or self.dirtyRev) to see commits in `homelab-deploy status`",
-                     self.hostname, generation, "; ".join(result.output[-1:]) or "nixos-version --json has none")
+                     hostname, generation, "; ".join(result.output[-1:]) or "nixos-version --json has none")
             commit = None
         self.profile_commit_of = (generation, commit)
         return commit
 
-    def remember(self, request: DeployRequest, rid: str, final: DeployResponse, started: float,
-                 before: int | None, signer: str | None) -> None:
-        """Add a finished deploy to the history file (its last HISTORY_LENGTH); a failed write is logged, not fatal."""
-        try:
-            record = DeployRecord(rid, request.action, request.revision, final.commit, final.status, final.error,
-                                  time.strftime(ISO_TIME_FORMAT, time.gmtime(started)),
-                                  time.strftime(ISO_TIME_FORMAT, time.gmtime()), before,
-                                  current_generation(self.profile), round(time.time() - started, 3), signer)
-            self.history = (self.history + [record])[-HISTORY_LENGTH:]
-            if self.metrics:
-                self.metrics.deployed(record)
-            save_state(self.history_file, [r.to_dict() for r in self.history])
-        except Exception as e:
-            log.error("host=%s request=%s deploy not added to the history %s: %r; make %s writable", self.hostname,
-                      rid, self.history_file, e, self.state_dir)
+    def deliver_final(self, reply_to: str, payload: bytes, rid: str, *, reconnects: int | None,
+                      schedule: list[float] | None = None) -> None:
+        """Publish a final status. If NATS dropped us during the deploy, the requester may have resubscribed
+        after our buffered reply went out: send it again (clients keep the first final status, ignore repeats).
+        The re-sends left are kept in the state directory, so a listener that stops (restart after a switch,
+        SIGTERM, crash) leaves them to the next start, which calls this with their `schedule` (wall-clock times)."""
+        subject, hostname = answer_subject(reply_to, self.config.hostname), self.config.hostname
+        if schedule is None:
+            self.bus.publish(subject, payload)  # while disconnected, nats-py buffers it and sends it on reconnect
+            if self.bus.reconnects == reconnects and self.bus.connected:
+                return
+            schedule = [time.time() + delay for delay in RESEND_AFTER]
+        path = os.path.join(self.config.state_dir, f"{RESEND_PREFIX}{rid}.json")
 
-    def report_interrupted(self) -> None:
-        """At start: a deploy recorded in the state dir was cut short (crash, kill); tell its requester, never re-run it."""
-        try:
-            with open(self.inflight_file) as f:
-                record = json.load(f)
-            reply_to = parse_reply_to(record, "deploy")
-            action, revision = Action(record["action"]), str(record["revision"])
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
-            log.error("host=%s unreadable in-flight record %s (%s); removing it", self.hostname, self.inflight_file, e)
-            self.record_inflight(None)
-            return
-        if os.path.exists(rollback_path(self.state_dir, "rollback", request_id(reply_to))):
-            self.record_inflight(None)  # its watchdog rolled it back after it ended: settle_switches reports that
-            return
-        pid = record.get("pid")
-        if isinstance(pid, int) and pid > 1:
-            with contextlib.suppress(OSError):  # an orphaned nixos-rebuild from the dead listener: stop it
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"nixos-rebuild" in f.read():
-                        os.killpg(pid, signal.SIGKILL)
-                        log.warning("host=%s killed the orphaned nixos-rebuild (pid %d)", self.hostname, pid)
-        before, now = record.get("generation"), current_generation(self.profile)
-        generations = (f"; the system profile is at generation {now} (was {before} when it started)"
-                       if now is not None else "")
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started") or 0))
-        message = (f"the listener on {self.hostname} stopped while nixos-rebuild {action.value} of {revision} was "
-                   f"running (started {started}); its outcome is unknown{generations}. Check the host and deploy "
-                   "again; it was not re-run")
-        log.warning("host=%s request=%s reporting interrupted deploy: %s", self.hostname, request_id(reply_to),
-                    message)
-        self.reply(reply_to, Status.FAILED, ErrorCode.INTERRUPTED, message)
-        self.announce(Status.FAILED, request_id(reply_to), DeployRequest(action, revision, reply_to), None,
-                      ErrorCode.INTERRUPTED, message)
-        if self.metrics:
-            self.metrics.count(Status.FAILED, action, ErrorCode.INTERRUPTED)
-        self.record_inflight(None)
+        def keep(left: list[float]) -> None:
+            try:
+                save_state(path, {"reply_to": reply_to, "response": json.loads(payload), "schedule": left}
+                           if left else None)
+            except OSError as e:
+                log.error("host=%s request=%s cannot keep the pending final status in %s (%s); a restart will not "
+                          "re-send it: make %s writable", hostname, rid, path, e.strerror, self.config.state_dir)
 
-    def arm_watchdog(self, request: DeployRequest, rid: str, signer: str | None, before: int | None) -> None:
+        def resend(left: list[float]) -> None:
+            while left:
+                if self.stop.wait(max(0.0, left[0] - time.time())):
+                    return  # the file holds what is left
+                self.bus.publish(subject, payload)
+                log.info("host=%s request=%s re-sent the final status after a reconnect", hostname, rid)
+                left = [due for due in left if due > time.time()]  # one send for all that fell due meanwhile
+                keep(left)
+
+        keep(schedule)
+        threading.Thread(target=resend, args=(schedule,), name="resend-final", daemon=True).start()
+
+    def reload_signers(self) -> None:
+        """On SIGHUP: the trusted keys anew from --trusted-key and --trusted-keys-file; a failed reload keeps the
+        old ones and says why."""
+        try:  # keys only: the nonces stay
+            signers = self.config.load_signers(None if self.signers is not None else self.nonce_file)
+        except ValueError as e:
+            log.error("host=%s SIGHUP: trusted keys not reloaded, the old ones stay: %s", self.config.hostname, e)
+            return
+        self.signers, change = TrustedSigners.reloaded(self.signers, signers)
+        log.warning("host=%s SIGHUP: trusted keys %s", self.config.hostname, change)
+
+    def resume_resends(self) -> None:
+        """At start: continue the final-status re-sends a stopped listener left in the state directory."""
+        for name in sorted(os.listdir(self.config.state_dir)):
+            if not (name.startswith(RESEND_PREFIX) and name.endswith(".json")):
+                continue
+            path = os.path.join(self.config.state_dir, name)
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                reply_to = parse_reply_to(record, "deploy")
+                response = DeployResponse.parse(json.dumps(record["response"]).encode())
+                schedule, rid = record["schedule"], request_id(reply_to)
+                latest = time.time() + RESEND_AFTER[-1]
+                if not (response.status.final and response.hostname == self.config.hostname
+                        and name == f"{RESEND_PREFIX}{rid}.json" and isinstance(schedule, list) and schedule
+                        and all(type(due) in (int, float) and 0 < due <= latest for due in schedule)):
+                    raise ValueError("not a final status of this host with a schedule of re-sends")
+            except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
+                log.error("host=%s unreadable pending final status %s (%s); removing it", self.config.hostname, path,
+                          e)
+                save_state(path, None)
+                continue
+            log.info("host=%s request=%s resuming the re-sends of its final status (%d left)", self.config.hostname,
+                     rid, len(schedule))
+            self.deliver_final(reply_to, json.dumps(response.to_dict()).encode(), rid, reconnects=None,
+                               schedule=schedule)
+
+
+class Rollback:
+    """Automatic rollback, the listener's side of it: arm the watchdog before a switch or test (its record
+    pending-<request>.json, then the process), hand the record over when nixos-rebuild ends (switched-), roll a
+    switch that failed after installing its generation back at once, and settle: confirm the switch after a round
+    trip through NATS by removing its record, or report the rollback the watchdog made (rollback-)."""
+
+    def __init__(self, config: ListenerConfig, bus: Bus, stop: threading.Event, state: ListenerState):
+        self.config, self.bus, self.stop, self.state = config, bus, stop, state
+
+    def path(self, state: str, rid: str) -> str:
+        return rollback_path(self.config.state_dir, state, rid)
+
+    def arm(self, request: DeployRequest, rid: str, signer: str | None, before: int | None) -> DeployResponse | None:
         """Record the coming switch or test (fsynced), then start the watchdog that rolls it back unless a listener
-        confirms it over NATS in time, and wait for it to report itself armed. Raises OSError or SubprocessError;
-        the record is removed then."""
+        confirms it over NATS in time, and wait for it to report itself armed. If it cannot, the record is removed
+        and the final status saying so returned: nothing may run."""
         import shutil
         import subprocess
 
-        pending, armed = (rollback_path(self.state_dir, state, rid) for state in ("pending", "armed"))
+        config, pending, armed = self.config, self.path("pending", rid), self.path("armed", rid)
         save_state(pending, {"request": json.loads(request.to_json()), "generation_before": before,
-                             "armed_at": time.time(), "rollback_timeout": self.rollback_timeout, "signer": signer})
+                             "armed_at": time.time(), "rollback_timeout": config.rollback_timeout, "signer": signer})
         argv = [sys.executable, os.path.abspath(__file__), "rollback-watchdog",  # --flag=value: nothing reads as a flag
-                f"--state-dir={os.path.abspath(self.state_dir)}", f"--request={rid}",
-                f"--profile={os.path.abspath(self.profile)}", f"--rollback-timeout={self.rollback_timeout}",
-                f"--timeout={self.timeout}"]
+                f"--state-dir={os.path.abspath(config.state_dir)}", f"--request={rid}",
+                f"--profile={os.path.abspath(config.profile)}", f"--rollback-timeout={config.rollback_timeout}",
+                f"--timeout={config.timeout}"]
         proc = None
         try:
             if os.environ.get("INVOCATION_ID") and shutil.which("systemd-run"):
@@ -2001,107 +1949,44 @@ class Listener:
                                   + (f": it exited with {proc.returncode}" if proc and proc.returncode is not None
                                      else "") + "; its log says why")
                 time.sleep(0.02)
+        except (OSError, subprocess.SubprocessError) as e:
+            save_state(pending, None)
+            log.error("host=%s request=%s not run: cannot arm the rollback watchdog: %s", config.hostname, rid, e)
+            return DeployResponse(config.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
+                f"nothing was run: the listener on {config.hostname} cannot arm its rollback watchdog ({e}); make "
+                f"{config.state_dir} writable (under systemd, give the service systemd-run on its PATH), or turn "
+                "automatic rollback off with --rollback-timeout 0"))
         except BaseException:
             save_state(pending, None)
             raise
         finally:
             save_state(armed, None)
         log.info("host=%s request=%s rollback watchdog armed (%s): it rolls back the %s unless it is confirmed over "
-                 "NATS within %gs after it", self.hostname, rid, watchdog, request.action.value, self.rollback_timeout)
+                 "NATS within %gs after it", config.hostname, rid, watchdog, request.action.value,
+                 config.rollback_timeout)
+        return None
 
-    def deploy(self, request: DeployRequest, rid: str, signer: str | None) -> DeployResponse | None:
-        """Run nixos-rebuild for an accepted request; returns the final status to report, None when it is left to
-        the listener that starts next (a switch awaiting confirmation, or this listener stopping)."""
-        import subprocess
+    def hand_over(self, rid: str) -> None:
+        """nixos-rebuild succeeded: its record becomes switched-<request>, which a confirmation over NATS removes."""
+        switched = self.path("switched", rid)
+        with contextlib.suppress(FileNotFoundError):  # gone: the watchdog gave up waiting; settle reports it
+            os.rename(self.path("pending", rid), switched)
+            os.utime(switched)  # when the switch ended, for the confirmation's message
+        self.state.record_inflight(None)  # nixos-rebuild is over: from here on the watchdog's record stands for it
 
-        action, revision, before = request.action, request.revision, current_generation(self.profile)
-        argv = rebuild_argv(action, self.flake_url, revision, self.hostname)
-        armed = self.rollback_timeout > 0 and action in (Action.SWITCH, Action.TEST)
-        if armed:
-            try:
-                self.arm_watchdog(request, rid, signer, before)
-            except (OSError, subprocess.SubprocessError) as e:
-                log.error("host=%s request=%s not run: cannot arm the rollback watchdog: %s", self.hostname, rid, e)
-                return DeployResponse(self.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
-                    f"nothing was run: the listener on {self.hostname} cannot arm its rollback watchdog ({e}); make "
-                    f"{self.state_dir} writable (under systemd, give the service systemd-run on its PATH), or turn "
-                    "automatic rollback off with --rollback-timeout 0"))
-        self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(argv)}")
-        if self.metrics:
-            self.metrics.in_progress.set(1)
-
-        def heartbeat(running: float) -> None:
-            self.reply(request.reply_to, Status.STARTED, message=f"{action.value} still running after {running:.0f}s")
-
-        try:
-            result = run_with_timeout(argv, self.timeout, f"host={self.hostname} request={rid} ", stop=self.kill,
-                                      on_start=lambda pid: self.record_inflight(request, pid),
-                                      every=(self.heartbeat_interval, heartbeat))
-        finally:
-            if self.metrics:
-                self.metrics.in_progress.set(0)
-        killed = self.kill.is_set() and not result.timed_out and result.returncode != 0
-        success = result.returncode == 0 and not result.timed_out
-        if self.metrics:
-            self.metrics.duration.labels(action.value, str(success).lower()).observe(result.duration)
-        if success:
-            # decided here, while `busy` is held: from now on requests are refused until the exit
-            self.restarting = action is Action.SWITCH and self.restart_after_switch
-            generation = current_generation(self.profile)
-            gen = f"generation {generation}" if generation is not None else "the new generation"
-            message = {
-                Action.SWITCH: f"Successfully switched to {gen}",
-                Action.BOOT: f"Successfully set {gen} as the boot default; it is active after a reboot",
-                Action.TEST: f"Successfully activated {revision} (test: not added to the boot menu)",
-                Action.DRY_ACTIVATE: f"Dry activation of {revision} succeeded; nothing was changed",
-            }[action]
-            status, error = Status.COMPLETED, None
-        elif result.timed_out:
-            status, error = Status.FAILED, ErrorCode.TIMEOUT
-            message = f"nixos-rebuild {action.value} did not finish within {self.timeout}s; its process group was killed"
-        elif killed:
-            status, error = Status.FAILED, ErrorCode.INTERRUPTED
-            message = (f"the listener on {self.hostname} was shut down and nixos-rebuild {action.value} did not finish "
-                       "within the shutdown grace period; its process group was killed. Deploy again")
-        else:
-            status, error = Status.FAILED, ErrorCode.BUILD_FAILED
-            last = next((line.strip() for line in reversed(result.output) if line.strip()), "no output")
-            message = f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
-        log.info("host=%s request=%s %s in %.1fs: %s", self.hostname, rid, status.value, result.duration, message)
-        if action is Action.SWITCH and not (success or killed) and current_generation(self.profile) != before:
-            return self.undo_failed_switch(request, rid, message, result.output, before, armed)
-        if armed and not success:  # nothing new is active to roll back, or this listener is up to report the failure
-            save_state(rollback_path(self.state_dir, "pending", rid), None)
-        elif armed:
-            switched = rollback_path(self.state_dir, "switched", rid)
-            with contextlib.suppress(FileNotFoundError):  # gone: the watchdog gave up waiting; settle reports it
-                os.rename(rollback_path(self.state_dir, "pending", rid), switched)
-                os.utime(switched)  # when the switch ended, for the confirmation's message
-            self.record_inflight(None)  # nixos-rebuild is over: from here on the watchdog's record stands for it
-            self.reply(request.reply_to, Status.STARTED, message=(
-                f"switched; waiting for the new system to confirm over NATS (it is rolled back unless it does "
-                f"within {self.rollback_timeout:g}s): {message}"))
-            if self.restarting:
-                log.info("host=%s request=%s switched; the listener that starts next confirms it over NATS",
-                         self.hostname, rid)
-                return None
-            return (self.settle(rid) or (None, None))[1]
-        commit = self.profile_commit() if success and action in (Action.SWITCH, Action.BOOT) else None
-        return DeployResponse(self.hostname, status, error, message, result.duration,
-                              None if success else result.output, commit)
-
-    def undo_failed_switch(self, request: DeployRequest, rid: str, failure: str, output: list[str],
-                           before: int | None, armed: bool) -> DeployResponse | None:
+    def undo_failed_switch(self, rid: str, failure: str, output: list[str], *, before: int | None,
+                           armed: bool) -> DeployResponse | None:
         """A switch that failed after installing its generation (exit 4: units failed) is rolled back at once,
         watchdog or not; with one armed, renaming its record first is the decision, as for the watchdog."""
-        rolled = rollback_path(self.state_dir, "rollback", rid)
+        config, rolled = self.config, self.path("rollback", rid)
         if armed:
             try:
-                os.rename(rollback_path(self.state_dir, "pending", rid), rolled)
+                os.rename(self.path("pending", rid), rolled)
             except FileNotFoundError:  # the watchdog decided first: report its rollback
                 return (self.settle(rid) or (None, None))[1]
-        installed = current_generation(self.profile)
-        outcome = roll_back(Action.SWITCH, self.profile, before, self.timeout, f"host={self.hostname} request={rid} ")
+        installed = current_generation(config.profile)
+        outcome = roll_back(Action.SWITCH, config.profile, before, timeout=config.timeout,
+                            prefix=f"host={config.hostname} request={rid} ")
         save_state(rolled, None)
         tail = [clip(str(line), OUTPUT_LINE_CHARS) for line in outcome["output"]][-OUTPUT_TAIL_LINES // 2:]
         command = " ".join(outcome["argv"] or ["nothing"])
@@ -2112,16 +1997,16 @@ class Listener:
         else:
             error, what = ErrorCode.ROLLED_BACK, f"rolled back at once with `{command}`"
         message = (f"{failure}; it had installed generation {installed}, so it was {what}; the system profile is at "
-                   f"generation {current_generation(self.profile)}")
-        log.warning("host=%s request=%s %s: %s", self.hostname, rid, error.value, message)
-        return DeployResponse(self.hostname, Status.FAILED, error, message, None,
+                   f"generation {current_generation(config.profile)}")
+        log.warning("host=%s request=%s %s: %s", config.hostname, rid, error.value, message)
+        return DeployResponse(config.hostname, Status.FAILED, error, message, None,
                               output[-OUTPUT_TAIL_LINES // 2:] + tail)
 
     def settle(self, rid: str) -> tuple[DeployRequest, DeployResponse, dict] | None:
         """Confirm a switch after one round trip through the NATS server by removing its record (which the watchdog
         would rename to roll back), or wait for the watchdog's rollback and report its outcome. None: stopping, or
         the record is unreadable (logged)."""
-        _, switched, rolled = (rollback_path(self.state_dir, state, rid) for state in ROLLBACK_STATES)
+        config, switched, rolled = self.config, self.path("switched", rid), self.path("rollback", rid)
         try:
             while os.path.exists(switched):
                 try:  # while disconnected nats-py's flush returns at once without a PING: check both sides of it
@@ -2132,7 +2017,7 @@ class Listener:
                         raise NatsError("the connection dropped during the round trip")
                 except Exception as e:
                     log.warning("host=%s request=%s no round trip through NATS yet (%r); the switch is rolled back "
-                                "unless one succeeds in time", self.hostname, rid, e)
+                                "unless one succeeds in time", config.hostname, rid, e)
                     if self.stop.wait(1):
                         return None
                     continue
@@ -2142,17 +2027,17 @@ class Listener:
                     os.unlink(switched)  # the decision: from here on the watchdog finds nothing to roll back
                 except FileNotFoundError:
                     break  # the watchdog took it first
-                log.info("host=%s request=%s %s confirmed over NATS %.1fs after the switch", self.hostname, rid,
+                log.info("host=%s request=%s %s confirmed over NATS %.1fs after the switch", config.hostname, rid,
                          request.action.value, after)
-                generation = current_generation(self.profile)
-                return request, DeployResponse(self.hostname, Status.COMPLETED, None, (
+                generation = current_generation(config.profile)
+                return request, DeployResponse(config.hostname, Status.COMPLETED, None, (
                     f"{request.action.value} of {request.revision} confirmed over NATS {after:.1f}s after the switch"
                     + (f"; the system profile is at generation {generation}" if generation is not None else "")),
-                    commit=self.profile_commit() if request.action is Action.SWITCH else None), record
+                    commit=self.state.profile_commit() if request.action is Action.SWITCH else None), record
             while True:
                 request, record = read_rollback_record(rolled)
                 # by then the watchdog's nixos-rebuild and its rollback, each bounded by --timeout, are long over
-                if "rollback" in record or time.time() > record["armed_at"] + 2 * self.timeout + \
+                if "rollback" in record or time.time() > record["armed_at"] + 2 * config.timeout + \
                         record["rollback_timeout"] + 60:
                     break
                 if self.stop.wait(WATCHDOG_POLL):  # the watchdog is rolling back; the next start reports it
@@ -2163,13 +2048,13 @@ class Listener:
             command = " ".join(map(str, outcome["argv"])) if outcome["argv"] else None
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.error("host=%s request=%s unreadable rollback record in %s (%r); removing it: check the host",
-                      self.hostname, rid, self.state_dir, e)
+                      config.hostname, rid, config.state_dir, e)
             save_state(switched, None)
             save_state(rolled, None)
             return None
         what = (f"the new system did not confirm over NATS within {record['rollback_timeout']:g}s after the "
                 f"{request.action.value} of {request.revision}")
-        generation = current_generation(self.profile)
+        generation = current_generation(config.profile)
         if outcome["returncode"] != 0:
             error, message = ErrorCode.ROLLBACK_FAILED, (
                 f"{what}, and the rollback {f'`{command}` ' if command else ''}failed (exit code "
@@ -2179,203 +2064,436 @@ class Listener:
             error, message = ErrorCode.ROLLED_BACK, (
                 f"{what}; rolled back with `{command}`" if command else f"{what}; {output[-1]}") + (
                 f"; the system profile is at generation {generation}" if generation is not None else "")
-        log.warning("host=%s request=%s %s: %s", self.hostname, rid, error.value, message)
+        log.warning("host=%s request=%s %s: %s", config.hostname, rid, error.value, message)
         save_state(rolled, None)
-        return request, DeployResponse(self.hostname, Status.FAILED, error, message, None, output), record
+        return request, DeployResponse(config.hostname, Status.FAILED, error, message, None, output), record
 
-    def settle_switches(self) -> None:
-        """At start, connected to NATS: confirm the switches awaiting it, report the watchdog's rollbacks to their
-        requesters and history; a pending record (its listener stopped mid-deploy) is disarmed: NATS is reachable."""
-        for name in sorted(os.listdir(self.state_dir)):
+    def left_over(self) -> list[str]:
+        """At start, connected to NATS: the requests whose switch awaits confirmation or whose rollback awaits its
+        report; a pending record (its listener stopped mid-deploy) is disarmed: NATS is reachable."""
+        rids = []
+        for name in sorted(os.listdir(self.config.state_dir)):
             state, _, rest = name.partition("-")
             rid = rest.removesuffix(".json")
             if state not in ROLLBACK_STATES or not rest.endswith(".json") or not REPLY_TOKEN_RE.fullmatch(rid):
                 continue
             if state == "pending":
                 log.warning("host=%s request=%s disarmed the rollback watchdog of an interrupted deploy: this listener "
-                            "reached NATS", self.hostname, rid)
-                save_state(os.path.join(self.state_dir, name), None)
+                            "reached NATS", self.config.hostname, rid)
+                save_state(os.path.join(self.config.state_dir, name), None)
                 continue
-            settled = self.settle(rid)
-            if settled is None:
-                continue
-            request, final, record = settled
-            self.remember(request, rid, final, record["armed_at"], record["generation_before"], record.get("signer"))
-            if self.metrics:
-                self.metrics.count(final.status, request.action, final.error)
-            self.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, self.bus.reconnects)
-            self.announce(final.status, rid, request, record.get("signer"), final.error, final.message)
+            rids.append(rid)
+        return rids
 
-    def deliver_final(self, reply_to: str, payload: bytes, rid: str, reconnects: int | None,
-                      schedule: list[float] | None = None) -> None:
-        """Publish a final status. If NATS dropped us during the deploy, the requester may have resubscribed
-        after our buffered reply went out: send it again (clients keep the first final status, ignore repeats).
-        The re-sends left are kept in the state directory, so a listener that stops (restart after a switch,
-        SIGTERM, crash) leaves them to the next start, which calls this with their `schedule` (wall-clock times)."""
-        subject = answer_subject(reply_to, self.hostname)
-        if schedule is None:
-            self.bus.publish(subject, payload)  # while disconnected, nats-py buffers it and sends it on reconnect
-            if self.bus.reconnects == reconnects and self.bus.connected:
-                return
-            schedule = [time.time() + delay for delay in RESEND_AFTER]
-        path = os.path.join(self.state_dir, f"{RESEND_PREFIX}{rid}.json")
 
-        def keep(left: list[float]) -> None:
+def rebuild_outcome(action: Action, revision: str, result: RunResult, *, killed: bool, timeout: float,
+                    hostname: str, generation: int | None) -> tuple[Status, ErrorCode | None, str]:
+    """The final status, error code and message of a nixos-rebuild run; `killed`: by the listener's shutdown."""
+    if result.returncode == 0 and not result.timed_out:
+        gen = f"generation {generation}" if generation is not None else "the new generation"
+        return Status.COMPLETED, None, {
+            Action.SWITCH: f"Successfully switched to {gen}",
+            Action.BOOT: f"Successfully set {gen} as the boot default; it is active after a reboot",
+            Action.TEST: f"Successfully activated {revision} (test: not added to the boot menu)",
+            Action.DRY_ACTIVATE: f"Dry activation of {revision} succeeded; nothing was changed",
+        }[action]
+    if result.timed_out:
+        return Status.FAILED, ErrorCode.TIMEOUT, \
+            f"nixos-rebuild {action.value} did not finish within {timeout}s; its process group was killed"
+    if killed:
+        return Status.FAILED, ErrorCode.INTERRUPTED, (
+            f"the listener on {hostname} was shut down and nixos-rebuild {action.value} did not finish within the "
+            "shutdown grace period; its process group was killed. Deploy again")
+    last = next((line.strip() for line in reversed(result.output) if line.strip()), "no output")
+    return Status.FAILED, ErrorCode.BUILD_FAILED, \
+        f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
+
+
+class Listener:
+    """One host's agent, intake and replies: it takes deploy requests from its subjects (parse, authenticate, admit
+    or reject), runs one at a time with nixos-rebuild, answers the requester (accepted, started, the final status)
+    and publishes each state change on deploy.events.<tier>.<host>; it answers discovery and status queries. Its
+    `state` keeps the state files, its `rollback` the automatic rollback."""
+
+    def __init__(self, config: ListenerConfig, bus: Bus, *, stop: threading.Event,
+                 metrics: ListenerMetrics | None = None, signers: TrustedSigners | None = None):
+        self.config, self.bus, self.metrics, self.stop = config, bus, metrics, stop  # stop: signal, restart
+        self.state = ListenerState(config, bus, metrics=metrics, stop=stop, signers=signers)
+        self.rollback = Rollback(config, bus, stop, self.state)
+        self.rejections = Rejections(lambda count, reason: self.announce(
+            Status.REJECTED, None, None, None, reason=reason, suppressed=count), "listener")
+        self.busy = threading.Lock()  # one deploy at a time
+        self.reporting = threading.Lock()  # held until a deploy's final status is out; shutdown waits on it
+        self.restarting = False  # a switch succeeded with --restart-after-switch: set before `busy` is released
+        self.current: DeployRequest | None = None
+        self.current_since = 0.0
+        self.kill = threading.Event()  # set when the shutdown grace period is over: kill the running deploy
+
+    def start(self) -> None:
+        config = self.config
+        lane = (lambda data: self.state.signers.lane(data, "deploy")) if self.state.signers else "deploy"
+        for subject in config.subjects:
+            self.bus.subscribe(subject, self.handle_deploy, lane=lane)  # never queued behind discovery
+        self.bus.subscribe(config.discover_subject, self.handle_query)
+        try:
+            self.bus.subscribe(STATUS_SUBJECT, self.handle_query)
+        except NatsError as e:  # a NATS config from before status queries: deploys work on, status does not
+            log.warning("host=%s status queries not answered: %s; regenerate the NATS config with `homelab-deploy "
+                        "nats-config` so listeners may subscribe to %s", config.hostname, e, STATUS_SUBJECT)
+        log.info("host=%s listening on %s and %s", config.hostname, ", ".join(config.subjects), config.discover_subject)
+
+    def reply(self, reply_to: str, status: Status, error: ErrorCode | None = None, message: str = "", **extra) -> None:
+        response = DeployResponse(self.config.hostname, status, error, message, **extra)
+        self.bus.publish(answer_subject(reply_to, self.config.hostname), json.dumps(response.to_dict()).encode())
+
+    def announce(self, status: Status, rid: str | None, request: DeployRequest | None, signer: str | None, *,
+                 error: ErrorCode | None = None, reason: str = "", suppressed: int | None = None) -> None:
+        """Publish a state change on deploy.events.<tier>.<host> for the audit trail; never raises (not confirmed)."""
+        hostname, tier = self.config.hostname, self.config.tier
+        self.bus.publish(f"deploy.events.{tier}.{hostname}", AuditEvent(
+            time.strftime(ISO_TIME_FORMAT, time.gmtime()), hostname, tier, None, rid, signer,
+            request.action.value if request else None, request.revision if request else None, status,
+            error.value if error else None, clip(reason), suppressed).to_json())
+
+    def handle_deploy(self, subject: str, data: bytes, received: float) -> None:
+        """A deploy request: parsed and authenticated (else rejected), admitted, then run exclusively."""
+        request = signer = None
+        try:
+            request = DeployRequest.parse(data, self.config.allow_any_ref)
+            signers = self.state.signers
+            signer = signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED) if signers else None
+            waited = time.monotonic() - received
+            if request.expires_in is not None and waited > request.expires_in:
+                raise ProtocolError(
+                    f"not run: the request waited {waited:.1f}s in the listener's queue on {self.config.hostname}, "
+                    f"longer than the {request.expires_in:g}s its sender waits for `accepted` (expires_in); the "
+                    "listener is overloaded, deploy again", ErrorCode.TIMEOUT, request.reply_to)
+        except ProtocolError as e:
+            self.reject(subject, data, e, request=request, signer=signer)
+            return
+        rid = request_id(request.reply_to)
+        if not self.admit(request, rid, signer):
+            return
+        try:
+            self.run_exclusive(request, rid, signer)
+        finally:
+            self.reporting.release()
+        if self.restarting:
+            log.info("host=%s request=%s restarting so the service manager starts the switched-to version",
+                     self.config.hostname, rid)
+            self.stop.set()
+
+    def reject(self, subject: str, data: bytes, e: ProtocolError, *, request: DeployRequest | None,
+               signer: str | None) -> None:
+        """Answer a request that is invalid, unauthorized or expired (unless its signature was refused: no answer)."""
+        rid = request_id(e.reply_to or request.reply_to) if e.reply_to or request else None
+        log.warning("host=%s subject=%s request=%s rejected: %s", self.config.hostname, subject, rid or "-", e)
+        if self.rejections.admit(unauthenticated=e.code is ErrorCode.UNAUTHORIZED and not e.reply_to):
+            self.announce(Status.REJECTED, rid, request, signer, error=e.code, reason=str(e))
+        if e.reply_to:
+            self.reply(e.reply_to, Status.REJECTED, e.code, str(e))
+        if self.metrics and (e.reply_to or request):  # refused signatures are counted too, though unanswered
+            action = None if e.code is ErrorCode.INVALID_ACTION else Action(decode_message(data)["action"])
+            self.metrics.count(Status.REJECTED, action, e.code)
+
+    def admit(self, request: DeployRequest, rid: str, signer: str | None) -> bool:
+        """Take `busy`, then `reporting` (the caller releases it once the final status is out); else answer
+        `rejected`/already_running: the host cannot take a deploy now, a retry later can."""
+        hostname, running = self.config.hostname, self.current
+        if not (taken := self.busy.acquire(blocking=False)):
+            why, message = "already running", (
+                f"a deploy is already running on {hostname} ({running.action.value} of {running.revision}, "
+                f"for {time.monotonic() - self.current_since:.0f}s); retry when it ends"
+                if running else f"a deploy is already running on {hostname}")
+        else:
+            self.reporting.acquire()
+            # Checked holding both locks: the deploy that set `restarting` did so before freeing `busy`, and
+            # shutdown waits for `reporting`, so no request is accepted and then cut off by the exit.
+            if not (self.restarting or self.stop.is_set()):
+                return True
+            self.busy.release()
+            why, message = ("restarting", f"the listener on {hostname} is restarting after a switch; retry in a few "
+                            "seconds") if self.restarting else (
+                "shutting down", f"the listener on {hostname} is shutting down; retry when it is back")
+        log.warning("host=%s request=%s rejected: %s", hostname, rid, why)
+        if self.rejections.admit(unauthenticated=False):
+            self.announce(Status.REJECTED, rid, request, signer, error=ErrorCode.ALREADY_RUNNING, reason=message)
+        self.reply(request.reply_to, Status.REJECTED, ErrorCode.ALREADY_RUNNING, message)
+        if self.metrics:
+            self.metrics.count(Status.REJECTED, request.action, ErrorCode.ALREADY_RUNNING)
+        if taken:
+            self.reporting.release()
+        return False
+
+    def run_exclusive(self, request: DeployRequest, rid: str, signer: str | None) -> None:
+        """An admitted deploy, holding `busy` (released before its final status goes out) and `reporting`."""
+        hostname, reconnects = self.config.hostname, self.bus.reconnects
+        final, started, before = None, time.time(), current_generation(self.config.profile)
+        try:  # from `accepted` on, whatever raises, exactly one final status goes out
+            self.current, self.current_since = request, time.monotonic()
+            signed = f" (signed by {signer})" if signer else ""
+            log.info("host=%s request=%s accepted %s of %s%s", hostname, rid, request.action.value, request.revision,
+                     signed)
+            self.reply(request.reply_to, Status.ACCEPTED,
+                       message=f"{request.action.value} of {request.revision} accepted{signed}")
+            self.announce(Status.ACCEPTED, rid, request, signer)
             try:
-                save_state(path, {"reply_to": reply_to, "response": json.loads(payload), "schedule": left}
-                           if left else None)
+                self.state.record_inflight(request)  # after `accepted`: its fsync stays off the requester's path
             except OSError as e:
-                log.error("host=%s request=%s cannot keep the pending final status in %s (%s); a restart will not "
-                          "re-send it: make %s writable", self.hostname, rid, path, e.strerror, self.state_dir)
+                where = e.filename or self.state.inflight_file
+                log.error("host=%s request=%s not run: cannot write %s: %s", hostname, rid, where, e.strerror)
+                final = DeployResponse(hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
+                    f"nothing was run: the listener on {hostname} cannot write its in-flight record {where} "
+                    f"({e.strerror}); make {self.config.state_dir} a writable directory that only this listener uses "
+                    "(--state-dir, or systemd's StateDirectory=) and deploy again"))
+            else:
+                self.announce(Status.STARTED, rid, request, signer)
+                final = self.deploy(request, rid, signer)
+        except Exception as e:
+            log.exception("host=%s request=%s failed unexpectedly", hostname, rid)
+            final = DeployResponse(hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
+                f"the listener on {hostname} failed unexpectedly ({type(e).__name__}: {str(e)[:200]}); the "
+                "deploy's outcome is unknown. Its log has the details; check the host and deploy again"))
+        finally:
+            self.current = None
+            self.state.record_inflight(None)
+            if final is not None:  # while `busy` is held: the next deploy starts from this record's generation
+                self.state.remember(request, rid, final, started=started, before=before, signer=signer)
+            self.busy.release()  # before the final status, so the requester's next deploy is not refused
+        if final is not None:  # None: the switch awaits confirmation by the listener that starts next
+            self.report_final(request, rid, final, signer=signer, reconnects=reconnects)
 
-        def resend(left: list[float]) -> None:
-            while left:
-                if self.stop.wait(max(0.0, left[0] - time.time())):
-                    return  # the file holds what is left
-                self.bus.publish(subject, payload)
-                log.info("host=%s request=%s re-sent the final status after a reconnect", self.hostname, rid)
-                left = [due for due in left if due > time.time()]  # one send for all that fell due meanwhile
-                keep(left)
+    def report_final(self, request: DeployRequest, rid: str, final: DeployResponse, *, signer: str | None,
+                     reconnects: int | None) -> None:
+        """A deploy's final status: counted, delivered to its requester (re-sent after a reconnect), announced."""
+        if self.metrics:
+            self.metrics.count(final.status, request.action, final.error)
+        self.state.deliver_final(request.reply_to, json.dumps(final.to_dict()).encode(), rid, reconnects=reconnects)
+        self.announce(final.status, rid, request, signer, error=final.error, reason=final.message)
 
-        keep(schedule)
-        threading.Thread(target=resend, args=(schedule,), name="resend-final", daemon=True).start()
+    def deploy(self, request: DeployRequest, rid: str, signer: str | None) -> DeployResponse | None:
+        """Run nixos-rebuild for an accepted request; returns the final status to report, None when it is left to
+        the listener that starts next (a switch awaiting confirmation, or this listener stopping)."""
+        config, action, hostname = self.config, request.action, self.config.hostname
+        before = current_generation(config.profile)
+        argv = rebuild_argv(action, config.flake_url, request.revision, hostname)
+        armed = config.rollback_timeout > 0 and action in (Action.SWITCH, Action.TEST)
+        if armed and (failure := self.rollback.arm(request, rid, signer, before)):
+            return failure
+        self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(argv)}")
+        if self.metrics:
+            self.metrics.in_progress.set(1)
+        try:
+            result = run_with_timeout(argv, config.timeout, f"host={hostname} request={rid} ", stop=self.kill,
+                                      on_start=lambda pid: self.state.record_inflight(request, pid),
+                                      every=(config.heartbeat_interval, lambda running: self.reply(
+                                          request.reply_to, Status.STARTED,
+                                          message=f"{action.value} still running after {running:.0f}s")))
+        finally:
+            if self.metrics:
+                self.metrics.in_progress.set(0)
+        killed = self.kill.is_set() and not result.timed_out and result.returncode != 0
+        success = result.returncode == 0 and not result.timed_out
+        if self.metrics:
+            self.metrics.duration.labels(action.value, str(success).lower()).observe(result.duration)
+        # decided here, while `busy` is held: from now on requests are refused until the exit
+        self.restarting = success and action is Action.SWITCH and config.restart_after_switch
+        status, error, message = rebuild_outcome(action, request.revision, result, killed=killed,
+                                                 timeout=config.timeout, hostname=hostname,
+                                                 generation=current_generation(config.profile) if success else None)
+        log.info("host=%s request=%s %s in %.1fs: %s", hostname, rid, status.value, result.duration, message)
+        if action is Action.SWITCH and not (success or killed) and current_generation(config.profile) != before:
+            return self.rollback.undo_failed_switch(rid, message, result.output, before=before, armed=armed)
+        if armed and not success:  # nothing new is active to roll back, or this listener is up to report the failure
+            save_state(self.rollback.path("pending", rid), None)
+        elif armed:
+            self.rollback.hand_over(rid)
+            self.reply(request.reply_to, Status.STARTED, message=(
+                f"switched; waiting for the new system to confirm over NATS (it is rolled back unless it does "
+                f"within {config.rollback_timeout:g}s): {message}"))
+            if self.restarting:
+                log.info("host=%s request=%s switched; the listener that starts next confirms it over NATS",
+                         hostname, rid)
+                return None
+            return (self.rollback.settle(rid) or (None, None))[1]
+        commit = self.state.profile_commit() if success and action in (Action.SWITCH, Action.BOOT) else None
+        return DeployResponse(hostname, status, error, message, result.duration,
+                              None if success else result.output, commit)
 
-    def resume_resends(self) -> None:
-        """At start: continue the final-status re-sends a stopped listener left in the state directory."""
-        for name in sorted(os.listdir(self.state_dir)):
-            if not (name.startswith(RESEND_PREFIX) and name.endswith(".json")):
-                continue
-            path = os.path.join(self.state_dir, name)
-            try:
-                with open(path) as f:
-                    record = json.load(f)
-                reply_to = parse_reply_to(record, "deploy")
-                response = DeployResponse.parse(json.dumps(record["response"]).encode())
-                schedule, rid = record["schedule"], request_id(reply_to)
-                latest = time.time() + RESEND_AFTER[-1]
-                if not (response.status.final and response.hostname == self.hostname
-                        and name == f"{RESEND_PREFIX}{rid}.json" and isinstance(schedule, list) and schedule
-                        and all(type(due) in (int, float) and 0 < due <= latest for due in schedule)):
-                    raise ValueError("not a final status of this host with a schedule of re-sends")
-            except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
-                log.error("host=%s unreadable pending final status %s (%s); removing it", self.hostname, path, e)
-                save_state(path, None)
-                continue
-            log.info("host=%s request=%s resuming the re-sends of its final status (%d left)", self.hostname, rid,
-                     len(schedule))
-            self.deliver_final(reply_to, json.dumps(response.to_dict()).encode(), rid, None, schedule)
+    def recover(self) -> None:
+        """At start, connected to NATS: report an interrupted deploy, load the history, resume the re-sends of final
+        statuses, and settle the switches left: confirm them, or report the watchdog's rollbacks."""
+        if interrupted := self.state.interrupted():
+            request, message = interrupted
+            rid = request_id(request.reply_to)
+            log.warning("host=%s request=%s reporting interrupted deploy: %s", self.config.hostname, rid, message)
+            self.reply(request.reply_to, Status.FAILED, ErrorCode.INTERRUPTED, message)
+            self.announce(Status.FAILED, rid, request, None, error=ErrorCode.INTERRUPTED, reason=message)
+            if self.metrics:
+                self.metrics.count(Status.FAILED, request.action, ErrorCode.INTERRUPTED)
+            self.state.record_inflight(None)
+        self.state.load_history()
+        self.state.resume_resends()
+        for rid in self.rollback.left_over():
+            if settled := self.rollback.settle(rid):
+                request, final, record = settled
+                self.state.remember(request, rid, final, started=record["armed_at"],
+                                    before=record["generation_before"], signer=record.get("signer"))
+                self.report_final(request, rid, final, signer=record.get("signer"), reconnects=self.bus.reconnects)
 
     def handle_query(self, subject: str, data: bytes, received: float) -> None:
         """Answer discovery (HostInfo) or, on STATUS_SUBJECT, a status query (HostStatus)."""
+        config = self.config
         try:
             reply_to = parse_reply_to(decode_message(data), "deploy")
         except ProtocolError as e:
-            log.warning("host=%s %s request ignored: %s", self.hostname,
+            log.warning("host=%s %s request ignored: %s", config.hostname,
                         "status" if subject == STATUS_SUBJECT else "discovery", e)
             return
-        unsigned = self.signers is None
-        answer = (HostStatus(self.hostname, self.tier, self.role, self.subjects, self.busy.locked(),
-                             current_generation(self.profile), self.profile_commit(), self.history, unsigned).to_dict()
-                  if subject == STATUS_SUBJECT else HostInfo(self.hostname, self.tier, self.role, self.subjects,
+        unsigned, subjects = self.state.signers is None, list(config.subjects)
+        answer = (HostStatus(config.hostname, config.tier, config.role, subjects, self.busy.locked(),
+                             current_generation(config.profile), self.state.profile_commit(), self.state.history,
+                             unsigned).to_dict()
+                  if subject == STATUS_SUBJECT else HostInfo(config.hostname, config.tier, config.role, subjects,
                                                              __version__, self.busy.locked(), unsigned)._asdict())
-        self.bus.publish(answer_subject(reply_to, self.hostname), json.dumps(answer).encode())
-        log.debug("host=%s answered %s on %s", self.hostname, subject, reply_to)
-
-    def reload_signers(self, entries: list[str], files: list[str]) -> None:
-        """On SIGHUP: the trusted keys anew from --trusted-key and --trusted-keys-file; a failed reload keeps the
-        old ones and says why."""
-        try:
-            signers = TrustedSigners.load(entries, files, None if self.signers is not None else  # keys only:
-                                          os.path.join(self.state_dir, "nonces.json"))  # the nonces stay
-        except ValueError as e:
-            log.error("host=%s SIGHUP: trusted keys not reloaded, the old ones stay: %s", self.hostname, e)
-            return
-        self.signers, change = TrustedSigners.reloaded(self.signers, signers)
-        log.warning("host=%s SIGHUP: trusted keys %s", self.hostname, change)
+        self.bus.publish(answer_subject(reply_to, config.hostname), json.dumps(answer).encode())
+        log.debug("host=%s answered %s on %s", config.hostname, subject, reply_to)
 
 
 def run_listener(args: argparse.Namespace) -> int:
-    for flag, value in (("--hostname", args.hostname), ("--role", args.role)):
-        if value is not None and not is_subject_token(value):
-            raise SystemExit(f"error: {flag} {value!r} must be one NATS subject token "
-                             "(letters, digits, '_' and '-', starting with a letter, digit or '_')")
-    if not is_flake_url(args.flake_url):
-        raise SystemExit(f"error: --flake-url {args.flake_url!r} must be a flake URL without '#', whitespace, "
-                         "ref= or rev= (each request's revision is added as ref= or rev=), "
-                         "e.g. git+https://git.example.com/user/nixos-configs.git")
-    if min(args.timeout, args.heartbeat_interval) <= 0 or args.shutdown_grace < 0 or not 0 <= args.rollback_timeout < 1e9:
-        raise SystemExit("error: --timeout and --heartbeat-interval must be positive, --shutdown-grace not negative, "
-                         "and --rollback-timeout a finite number of seconds (0 turns automatic rollback off)")
-    if not is_publish_subject(args.discover_subject):
-        raise SystemExit(f"error: --discover-subject {args.discover_subject!r} is not a valid NATS subject")
+    """The `listener` command: its configuration and state directory checked, it recovers what the last run left,
+    serves until a signal, then waits up to --shutdown-grace for the running deploy."""
     import fcntl
 
-    trusted = (args.trusted_key or [], [args.trusted_keys_file] if args.trusted_keys_file else [])
-    lock_file = os.path.join(args.state_dir, "lock")
     try:
-        os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
-        if (st := os.stat(args.state_dir)).st_mode & 0o077 or st.st_uid != os.geteuid():  # others could plant records
-            raise SystemExit(f"error: state directory {args.state_dir} is open to group or others or not owned by this "
-                             f"user; run `chown {os.geteuid()} {args.state_dir} && chmod 700 {args.state_dir}`")
-        lock = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # held (close-on-exec) until the process ends
+        config = ListenerConfig.from_args(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    state_dir, hostname = config.state_dir, config.hostname
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        if (st := os.stat(state_dir)).st_mode & 0o077 or st.st_uid != os.geteuid():  # others could plant records
+            raise SystemExit(f"error: state directory {state_dir} is open to group or others or not owned by this "
+                             f"user; run `chown {os.geteuid()} {state_dir} && chmod 700 {state_dir}`")
+        lock = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)  # held until the process ends
     except OSError as e:
-        raise SystemExit(f"error: cannot use state directory {args.state_dir}: {e.strerror}; "
+        raise SystemExit(f"error: cannot use state directory {state_dir}: {e.strerror}; "
                          "pass --state-dir DIR (a directory only this listener writes)") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         other = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
-        raise SystemExit(f"error: state directory {args.state_dir} is in use by another listener (pid {other}); "
+        raise SystemExit(f"error: state directory {state_dir} is in use by another listener (pid {other}); "
                          "give each listener its own --state-dir (under systemd, its own StateDirectory=)") from None
     os.ftruncate(lock, 0)
     os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
     try:  # once the directory is ours: this reads and rewrites the replay cache
-        signers = TrustedSigners.load(*trusted, os.path.join(args.state_dir, "nonces.json"),
-                                      required=args.require_signed)
+        signers = config.load_signers(os.path.join(state_dir, "nonces.json"), required=config.require_signed)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     stop = stop_on_signals(reload=(reload := threading.Event()))
-    metrics = ListenerMetrics(args.hostname, args.tier, args.role, args.system_profile) if args.metrics_enabled else None
-    try:
-        subjects = expand_subjects(args.deploy_subject or list(DEFAULT_SUBJECTS), args.hostname, args.tier, args.role)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    metrics = ListenerMetrics(hostname, config.tier, config.role, config.profile) if args.metrics_enabled else None
     if metrics:
         serve_metrics(args.metrics_addr, metrics.registry)
     try:
-        bus = Bus(args.nats_url, args.nkey_file, f"homelab-deploy-listener/{args.hostname}", daemon=True, stop=stop)
+        bus = Bus(args.nats_url, args.nkey_file, f"homelab-deploy-listener/{hostname}", daemon=True, stop=stop)
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    listener = Listener(args, subjects, bus, metrics, stop, signers)
+    listener = Listener(config, bus, stop=stop, metrics=metrics, signers=signers)
     if signers is None or not signers.keys:
-        log.warning("host=%s %s; pass --trusted-key PUBKEY[=NAME] (module option trustedKeys)", args.hostname,
+        log.warning("host=%s %s; pass --trusted-key PUBKEY[=NAME] (module option trustedKeys)", hostname,
                     "--require-signed without trusted keys: every deploy is rejected (unauthorized)" if signers else
                     "unsigned: no trusted keys, so any credential NATS lets publish on its subjects can deploy it")
     else:
-        log.info("host=%s acting only on requests signed by %s", args.hostname, ", ".join(sorted(signers.keys.values())))
+        log.info("host=%s acting only on requests signed by %s", hostname, ", ".join(sorted(signers.keys.values())))
     try:
-        listener.report_interrupted()
-        listener.load_history()
-        listener.resume_resends()
-        listener.settle_switches()
+        listener.recover()
         listener.start()
     except NatsError as e:
         log.error("host=%s %s; the listener's credential must be allowed to subscribe to its deploy subjects "
-                  "and %s", args.hostname, e, args.discover_subject)
+                  "and %s", hostname, e, config.discover_subject)
         bus.close()
         return 1
-    log.info("host=%s tier=%s role=%s ready (%s)", args.hostname, args.tier, args.role or "-", ", ".join(subjects))
-    serve_until_stopped(stop, reload, lambda: listener.reload_signers(*trusted))
+    log.info("host=%s tier=%s role=%s ready (%s)", hostname, config.tier, config.role or "-",
+             ", ".join(config.subjects))
+    serve_until_stopped(stop, reload, listener.state.reload_signers)
     if listener.reporting.locked():
-        log.warning("host=%s shutting down: waiting up to %ss for the running deploy", args.hostname,
-                    args.shutdown_grace)
-        if not listener.reporting.acquire(timeout=args.shutdown_grace):
+        log.warning("host=%s shutting down: waiting up to %ss for the running deploy", hostname, config.shutdown_grace)
+        if not listener.reporting.acquire(timeout=config.shutdown_grace):
             listener.kill.set()  # the deploy thread kills nixos-rebuild's group and reports `failed`
             listener.reporting.acquire(timeout=60)
-    log.info("host=%s shutting down", args.hostname)
+    log.info("host=%s shutting down", hostname)
     listener.rejections.flush()  # the count of the window still open
     bus.close()
+    return 0
+
+
+# ---------------------------------------------------------------- rollback watchdog
+
+def rebuild_exited(state_dir: str, rid: str, pid: int | None) -> tuple[int | None, bool]:
+    """(pid, exited) of request `rid`'s nixos-rebuild: its pid as the in-flight record names it (read until it
+    does, then passed back in), and whether that process is gone; (None, False) while no pid is recorded."""
+    if pid is None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            with open(os.path.join(state_dir, INFLIGHT_FILE)) as f:
+                record = json.load(f)
+            if request_id(record["reply_to"]) == rid and type(record["pid"]) is int and record["pid"] > 1:
+                pid = record["pid"]
+    if pid is None:
+        return None, False
+    try:  # a zombie's cmdline is empty; a reused pid is not a nixos-rebuild
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return pid, b"nixos-rebuild" not in f.read()
+    except OSError:
+        return pid, True
+
+
+def rollback_watchdog_command(args: argparse.Namespace) -> int:
+    """Armed by the listener before a switch or test: rolls it back unless a listener confirms it over NATS within
+    --rollback-timeout seconds after it ended. Renaming the record is the decision, so only one party acts."""
+    if not REPLY_TOKEN_RE.fullmatch(args.request) or not os.path.isabs(args.profile):
+        raise SystemExit(f"error: --request {args.request!r} must be a request id (request_id() of its reply_to) "
+                         f"and --profile {args.profile!r} an absolute path")
+    pending, switched, rolled = (rollback_path(args.state_dir, state, args.request) for state in ROLLBACK_STATES)
+    prefix = f"request={args.request} "
+    try:  # the listener runs nixos-rebuild only once this marker says the watchdog is up and has its record
+        read_rollback_record(pending if os.path.exists(pending) else switched)
+        save_state(rollback_path(args.state_dir, "armed", args.request), {"pid": os.getpid()}, durable=False)
+    except (OSError, ValueError) as e:
+        log.error("%scannot arm the rollback watchdog: record %s: %s; the listener runs nothing", prefix, pending, e)
+        return 1
+    pending_due = time.monotonic() + args.timeout + args.rollback_timeout  # the listener kills nixos-rebuild at timeout
+    switched_due = pid = None
+    while True:
+        if os.path.exists(switched):
+            switched_due = switched_due or time.monotonic() + args.rollback_timeout
+            source, due = switched, switched_due
+        elif os.path.exists(pending):
+            pid, exited = rebuild_exited(args.state_dir, args.request, pid)
+            if exited:  # its listener is gone (else it would have renamed the record): count down from the exit
+                pending_due = min(pending_due, time.monotonic() + args.rollback_timeout)
+            source, due = pending, pending_due
+        else:
+            log.info("%sconfirmed over NATS or disarmed; the rollback watchdog exits", prefix)
+            return 0
+        if time.monotonic() >= due:
+            try:
+                os.rename(source, rolled)
+                break
+            except FileNotFoundError:  # confirmed, or switched, meanwhile: look again
+                continue
+        time.sleep(WATCHDOG_POLL)
+    try:
+        request, record = read_rollback_record(rolled)
+    except (OSError, ValueError) as e:
+        log.error("%sunreadable rollback record %s (%s); nothing was rolled back: check the host", prefix, rolled, e)
+        return 1
+    log.warning("%sno listener confirmed the %s over NATS in time", prefix, request.action.value)
+    outcome = roll_back(request.action, args.profile, record["generation_before"], timeout=args.timeout,
+                        prefix=prefix)
+    log.warning("%srollback outcome: exit code %s: %s", prefix, outcome["returncode"], "; ".join(outcome["output"][-1:]))
+    save_state(rolled, {**record, "rollback": outcome})
     return 0
 
 
@@ -2475,7 +2593,7 @@ class EvalFailed(Exception):
 
 
 class Builder:
-    def __init__(self, repos: dict[str, Repo], bus: Bus, timeout: int, parallel: int,
+    def __init__(self, repos: dict[str, Repo], bus: Bus, *, timeout: int, parallel: int,
                  metrics: BuilderMetrics | None, stop: threading.Event, allow_any_ref: bool):
         self.repos, self.bus, self.metrics, self.stop = repos, bus, metrics, stop
         self.timeout, self.parallel, self.allow_any_ref = timeout, parallel, allow_any_ref
@@ -2508,7 +2626,7 @@ class Builder:
         self.bus.publish(answer_subject(reply_to, repo), json.dumps(answer.to_dict()).encode())
 
     def announce(self, status: Status, rid: str | None, repo: str, target: str | None, branch: str | None,
-                 signer: str | None, error: BuildErrorCode | None = None, reason: str = "",
+                 signer: str | None, *, error: BuildErrorCode | None = None, reason: str = "",
                  suppressed: int | None = None) -> None:
         """Publish a state change on build.events.<repo> for the audit trail; never raises (not confirmed).
         Rejections go through self.rejections first."""
@@ -2536,7 +2654,7 @@ class Builder:
             log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid or "-", e)
             if self.rejections[subject_repo].admit(e.code is BuildErrorCode.UNAUTHORIZED and not e.reply_to):
                 self.announce(Status.REJECTED, rid, subject_repo, subject_target if is_subject_token(subject_target)
-                              else None, None, signer, e.code, str(e))
+                              else None, None, signer, error=e.code, reason=str(e))
             if e.reply_to:
                 self.reply(e.reply_to, Status.REJECTED, str(e), repo=subject_repo, error_code=e.code)
             return
@@ -2545,7 +2663,7 @@ class Builder:
         branch = request.branch or repo.default_branch
         if self.stop.is_set():
             if self.rejections[repo.name].admit(False):
-                self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer, None, "shutting down")
+                self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer, reason="shutting down")
             self.reply(request.reply_to, Status.REJECTED, "the builder is shutting down; retry when it is back",
                        repo=repo.name)
             return
@@ -2557,7 +2675,7 @@ class Builder:
             log.warning("repo=%s host=%s request=%s rejected: already running", repo.name, request.target, rid)
             if self.rejections[repo.name].admit(False):
                 self.announce(Status.REJECTED, rid, repo.name, request.target, branch, signer,
-                              BuildErrorCode.ALREADY_RUNNING, message)
+                              error=BuildErrorCode.ALREADY_RUNNING, reason=message)
             self.reply(request.reply_to, Status.REJECTED, message, repo=repo.name,
                        error_code=BuildErrorCode.ALREADY_RUNNING)
             return
@@ -2578,7 +2696,8 @@ class Builder:
             self.running[repo.name].release()  # before the final answer, so the next build is not refused
         try:
             self.reply(request.reply_to, **final._asdict())
-            self.announce(final.status, rid, repo.name, request.target, branch, signer, final.error_code, final.message)
+            self.announce(final.status, rid, repo.name, request.target, branch, signer, error=final.error_code,
+                          reason=final.message)
         finally:
             self.reporting[repo.name].release()
 
@@ -2702,7 +2821,8 @@ def run_builder(args: argparse.Namespace) -> int:
     except NatsError as e:
         log.error("%s", e)
         return 0 if stop.is_set() else 1
-    builder = Builder(repos, bus, args.timeout, args.parallel, metrics, stop, args.allow_any_ref)
+    builder = Builder(repos, bus, timeout=args.timeout, parallel=args.parallel, metrics=metrics, stop=stop,
+                      allow_any_ref=args.allow_any_ref)
     unsigned = [r.name for r in repos.values() if r.signers is None]
     if unsigned:
         log.warning("no trusted_keys in %s for %s: any credential that NATS lets publish on build.<repo>.* can start "

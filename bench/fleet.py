@@ -14,7 +14,8 @@ import os
 import sys
 import threading
 
-import homelab_deploy as hd
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's, not an installed one
+import homelab_deploy as hd  # noqa: E402
 
 if __name__ == "__main__":
     url, work, *hosts = sys.argv[1:]
@@ -25,28 +26,21 @@ if __name__ == "__main__":
     loop = asyncio.new_event_loop()  # one for all hosts: 50 loop threads contending for one GIL cost 15% more CPU
     threading.Thread(target=loop.run_forever, name="nats-loop", daemon=True).start()
     for host in hosts:
-        args = hd.build_parser().parse_args(
-            [
-                "listener",
-                "--hostname",
-                host,
-                "--tier",
-                "test",
-                "--flake-url",
-                "git+https://git.example.com/fleet.git",
-                "--nats-url",
+        config = hd.ListenerConfig(
+            host, "test", "git+https://git.example.com/fleet.git", state_dir=os.path.join(work, "state", host)
+        )
+        buses.append(
+            hd.Bus(
                 url,
-                "--nkey-file",
                 os.path.join(work, f"{host}.seed"),
-                "--state-dir",
-                os.path.join(work, "state", host),
-            ]
+                f"homelab-deploy-listener/{host}",
+                daemon=True,
+                stop=stop,
+                loop=loop,
+            )
         )
-        buses.append(hd.Bus(url, args.nkey_file, f"homelab-deploy-listener/{host}", daemon=True, stop=stop, loop=loop))
-        listener = hd.Listener(
-            args, hd.expand_subjects(list(hd.DEFAULT_SUBJECTS), host, "test", None), buses[-1], None, stop
-        )
-        listener.load_history()
+        listener = hd.Listener(config, buses[-1], stop=stop)
+        listener.state.load_history()
         listener.start()
     hd.log.info("fleet ready: %d hosts", len(hosts))
     hd.wait_for_stop(stop)

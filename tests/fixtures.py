@@ -67,38 +67,29 @@ def bus_factory():
 
 @pytest.fixture
 def listener_in_process(nats_server, bus_factory, tmp_path, monkeypatch):
-    """make(*flags) -> (listener, standin): a started homelab_deploy.Listener for testhost1 in this process, on a
-    real NATS connection, with its own nixos-rebuild stand-in; for tests that inject a fault or a hook."""
+    """make(**config) -> (listener, standin): a started homelab_deploy.Listener for testhost1 in this process (its
+    ListenerConfig fields as keywords; no CLI parser), on a real NATS connection, with its own nixos-rebuild
+    stand-in; for tests that inject a fault or a hook."""
     import homelab_deploy
 
-    def make(*flags: str):
+    def make(**config):
         standin = StandIn(tmp_path / "standin")
         monkeypatch.setenv("PATH", f"{standin.dir / 'bin'}:{os.environ['PATH']}")
         monkeypatch.setenv("STANDIN_DIR", str(standin.dir))
-        args = homelab_deploy.build_parser().parse_args(
-            [
-                "listener",
-                "--hostname",
-                "testhost1",
-                "--tier",
-                "test",
-                "--nats-url",
-                nats_server.url,
-                "--nkey-file",
-                str(nats_server.seeds["testhost1"]),
-                "--flake-url",
-                "git+https://git.example.com/c.git",
-                "--state-dir",
-                str(tmp_path / "state"),
-                "--system-profile",
-                str(standin.profile),
-                *flags,
-            ]
-        )
-        os.makedirs(args.state_dir)
         listener = homelab_deploy.Listener(
-            args, ["deploy.test.testhost1"], bus_factory(nats_server, "testhost1"), None, threading.Event()
+            homelab_deploy.ListenerConfig(
+                "testhost1",
+                "test",
+                "git+https://git.example.com/c.git",
+                deploy_subjects=("deploy.test.testhost1",),
+                state_dir=str(tmp_path / "state"),
+                profile=str(standin.profile),
+                **config,
+            ),
+            bus_factory(nats_server, "testhost1"),
+            stop=threading.Event(),
         )
+        os.makedirs(listener.config.state_dir)
         listener.start()
         return listener, standin
 

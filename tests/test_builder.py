@@ -478,11 +478,11 @@ class TestBuilder:
         builder = hd.Builder(
             {"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")},
             builder_bus,
-            60,
-            1,
-            None,
-            threading.Event(),
-            False,
+            timeout=60,
+            parallel=1,
+            metrics=None,
+            stop=threading.Event(),
+            allow_any_ref=False,
         )
         publish, held, following = builder_bus.publish, [], []
 
@@ -691,7 +691,15 @@ class TestBuilderLifeCycle:
         for key, value in nix_store.items():
             monkeypatch.setenv(key, value)
         repos = {"fleet": hd.Repo("fleet", flake({"good1": GOOD}), "main")}
-        builder = hd.Builder(repos, bus_factory(nats_server, "builder"), 600, 1, None, threading.Event(), False)
+        builder = hd.Builder(
+            repos,
+            bus_factory(nats_server, "builder"),
+            timeout=600,
+            parallel=1,
+            metrics=None,
+            stop=threading.Event(),
+            allow_any_ref=False,
+        )
         builder.start()
         bus = bus_factory(nats_server, "build-client")
 

@@ -215,17 +215,17 @@ class TestRestartAfterSwitch:
     def test_request_just_before_the_exit_is_refused(self, nats_server, bus_factory, listener_in_process, monkeypatch):
         """A request that arrives after a successful switch freed the deploy slot, but before the listener exits
         (a hook sends it exactly then), is answered `rejected` and never run."""
-        listener, standin = listener_in_process("--restart-after-switch")
+        listener, standin = listener_in_process(restart_after_switch=True)
         bus = bus_factory(nats_server, "test-deployer")
-        deliver_final, second = hd.Listener.deliver_final, []
+        deliver_final, second = hd.ListenerState.deliver_final, []
 
         def send_second_request_first(self, *args, **kwargs):
             if not second:  # the switch's final status: `busy` is free and the listener has not stopped yet
                 second.append(start_deploy(bus, "deploy.test.testhost1"))
-                wait_for(self.busy.locked, what="the second request to take the free deploy slot")
+                wait_for(listener.busy.locked, what="the second request to take the free deploy slot")
             deliver_final(self, *args, **kwargs)
 
-        monkeypatch.setattr(hd.Listener, "deliver_final", send_second_request_first)
+        monkeypatch.setattr(hd.ListenerState, "deliver_final", send_second_request_first)
         _, replies = start_deploy(bus, "deploy.test.testhost1")
         assert final_reply(replies)["status"] == "completed"
         reply = final_reply(second[0][1])
@@ -342,7 +342,7 @@ class TestFinalStatusWhateverFails:
         reply = final_reply(replies)
         assert answers == ["accepted"] and (reply["status"], reply["error"]) == ("failed", "internal_error")
         assert "failed unexpectedly (RuntimeError: injected fault)" in reply["message"]
-        assert not listener.busy.locked() and not os.path.exists(listener.inflight_file)
+        assert not listener.busy.locked() and not os.path.exists(listener.state.inflight_file)
         with pytest.raises(queue.Empty):
             replies.get(timeout=0.5)  # exactly one final status: nothing follows it
         monkeypatch.undo()
@@ -621,14 +621,14 @@ class TestAutomaticRollback:
     def test_a_watchdog_that_does_not_arm_runs_nothing(
         self, listener_in_process, bus_factory, nats_server, monkeypatch
     ):
-        listener, standin = listener_in_process("--rollback-timeout", "30")
+        listener, standin = listener_in_process(rollback_timeout=30)
         monkeypatch.setattr(sys, "executable", "/bin/false")  # the watchdog's interpreter: it exits at once
         _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
         reply = final_reply(replies)
         assert (reply["status"], reply["error"]) == ("failed", "internal_error")
         assert "nothing was run" in reply["message"] and "did not report itself armed" in reply["message"]
         assert "it exited with 1" in reply["message"] and standin.calls == []
-        assert os.listdir(listener.state_dir) == ["history.json"]
+        assert os.listdir(listener.config.state_dir) == ["history.json"]
 
     def test_profile_comes_from_the_command_line_not_the_record(self, tmp_path):
         state, rid = tmp_path / "state", "r1"
