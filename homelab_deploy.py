@@ -43,6 +43,8 @@ import typing
 if typing.TYPE_CHECKING:
     import subprocess
 
+    import nats.aio.client
+
 # asyncio, subprocess, concurrent.futures and logging load on first use: they would double the CLI's start-up.
 __version__ = "0.1.0"
 
@@ -113,16 +115,19 @@ class ErrorCode(enum.Enum):
     UNAUTHORIZED = "unauthorized"  # with trusted keys: unsigned, forged, stale, replayed or re-addressed; not in the spec
 
 
-class ProtocolError(Exception):
+CodeT = typing.TypeVar("CodeT", "ErrorCode", "BuildErrorCode")  # a deploy's error codes or a build's
+
+
+class ProtocolError(Exception, typing.Generic[CodeT]):
     """A message that cannot be acted on; `reply_to` is set when the sender can be told."""
 
-    def __init__(self, message: str, code: ErrorCode | None = None, reply_to: str | None = None):
+    def __init__(self, message: str, code: CodeT | None = None, reply_to: str | None = None):
         super().__init__(message)
-        self.code = code
+        self.code: CodeT | None = code
         self.reply_to = reply_to
 
 
-def is_valid_ref(ref: object) -> bool:
+def is_valid_ref(ref: object) -> typing.TypeGuard[str]:
     """A branch, tag or commit that is safe inside a flake URL and an argv."""
     if not isinstance(ref, str) or not REF_RE.fullmatch(ref):
         return False
@@ -146,7 +151,7 @@ REF_POLICY = ("{what} {ref!r} is outside branches and tags: use a branch (a plai
               "with --allow-any-ref")
 
 
-def is_subject_token(value: object) -> bool:
+def is_subject_token(value: object) -> typing.TypeGuard[str]:
     return isinstance(value, str) and TOKEN_RE.fullmatch(value) is not None
 
 
@@ -200,7 +205,7 @@ def answer_fields(obj: dict, kinds: dict, what: str, required: tuple[str, ...] =
     0 <= n < 1e9, bool is neither), a tuple of allowed values or enum members (gives the member), or a predicate
     on a str; for these two "" is missing (Go's empty string). A required field missing, or any of another kind,
     raises ProtocolError."""
-    fields = {}
+    fields: dict[str, typing.Any] = {}
     for name, kind in kinds.items():
         value = obj.get(name)
         if value is None or (value == "" and not isinstance(kind, type)):
@@ -314,7 +319,7 @@ class DeployRequest(typing.NamedTuple):
         return cls(Action(action), revision, reply_to, expires_in)
 
     def to_json(self) -> bytes:
-        obj = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
+        obj: dict[str, object] = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
         if self.expires_in is not None:
             obj["expires_in"] = self.expires_in
         return json.dumps(obj).encode()
@@ -341,7 +346,7 @@ class DeployResponse(typing.NamedTuple):
         return cls(**{**fields, "message": fields["message"] or ""})
 
     def to_dict(self) -> dict:
-        d = {"hostname": self.hostname, "status": self.status.value,
+        d: dict[str, object] = {"hostname": self.hostname, "status": self.status.value,
              "error": self.error.value if self.error else None, "message": self.message}
         if self.duration_seconds is not None:
             d["duration_seconds"] = round(self.duration_seconds, 3)
@@ -393,6 +398,13 @@ def is_iso_time(value: str) -> bool:
     return True
 
 
+# DeployRecord's kinds, built once (a status holds HISTORY_LENGTH per host); mypy allows no other NamedTuple attribute
+DEPLOY_RECORD_KINDS = {"request": REPLY_TOKEN_RE.fullmatch, "action": tuple(Action), "revision": is_valid_ref,
+                       "commit": is_valid_ref, "status": (Status.COMPLETED, Status.FAILED), "error": tuple(ErrorCode),
+                       "started": is_iso_time, "finished": is_iso_time, "generation_before": int,
+                       "generation_after": int, "duration_seconds": float, "signer": SIGNER_NAME_RE.fullmatch}
+
+
 class DeployRecord(typing.NamedTuple):
     """One finished deploy in a listener's history."""
 
@@ -409,17 +421,11 @@ class DeployRecord(typing.NamedTuple):
     duration_seconds: float
     signer: str | None = None  # the trusted key's name that signed the request; None without trusted keys
 
-    # built once: a status answer holds up to HISTORY_LENGTH records per host
-    kinds = {"request": REPLY_TOKEN_RE.fullmatch, "action": tuple(Action), "revision": is_valid_ref,
-             "commit": is_valid_ref, "status": (Status.COMPLETED, Status.FAILED), "error": tuple(ErrorCode),
-             "started": is_iso_time, "finished": is_iso_time, "generation_before": int,
-             "generation_after": int, "duration_seconds": float, "signer": SIGNER_NAME_RE.fullmatch}
-
     @classmethod
     def parse(cls, obj: object) -> DeployRecord:
         if not isinstance(obj, dict):
             raise ProtocolError(f"malformed deploy record: {reprlib.repr(obj)} is not an object")
-        return cls(**answer_fields(obj, cls.kinds, "deploy record", required=(
+        return cls(**answer_fields(obj, DEPLOY_RECORD_KINDS, "deploy record", required=(
             "request", "action", "revision", "status", "started", "finished", "duration_seconds")))
 
     def to_dict(self) -> dict:
@@ -596,7 +602,7 @@ class BuildResponse(typing.NamedTuple):
                 "host's result is in its progress message and the builder's log)")
         message = clip(answer.message, ANSWER_TEXT_CHARS - len(note.format(len(results))))
         size = len(json.dumps(answer._replace(message=message + note.format(len(results)), results=[]).to_dict()))
-        kept = []
+        kept: list[dict] = []
         for result in results:
             size += len(json.dumps(result)) + (2 if kept else 0)  # ", " between entries
             if size > budget:
@@ -685,6 +691,7 @@ class TrustedSigners:
     def compact(self) -> None:
         """Rewrite the nonce file with the nonces still live (atomically, fsynced) and append to it from now on.
         Called holding `lock` (or before any request): it waits for a running fsync, which uses the old file."""
+        assert self.nonce_file is not None, "compact() without a nonce file"  # both callers check it
         self.seen = {n: t for n, t in self.seen.items() if t > time.time()}
         with self.syncing:
             save_state(self.nonce_file, {"nonces": self.seen})
@@ -713,7 +720,8 @@ class TrustedSigners:
                               if line.strip() and not line.lstrip().startswith("#")]
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"cannot read trusted keys file {path}: {getattr(e, 'strerror', e)}") from None
-        keys, named = {}, {}  # named: name -> (key, where), so two keys cannot pass for one signer
+        keys: dict[str, str] = {}
+        named: dict[str, tuple[str, str]] = {}  # name -> (key, where), so two keys cannot pass for one signer
         for entry, where in found:
             key, _, name = (part.strip() for part in str(entry).partition("="))
             if not is_user_public_key(key) or (name and not SIGNER_NAME_RE.fullmatch(name)):
@@ -982,7 +990,7 @@ class Bus:
         self.outbox: list[tuple[str, bytes]] = []  # published without `confirm`, for the loop to send
         self.outbox_room = threading.Condition()  # guards outbox and sending; _send notifies when it takes a batch
         self.sending = False  # a _send runs or is scheduled: it takes what is added to the outbox
-        self.nc = None
+        self.nc: nats.aio.client.Client | None = None  # set from the end of __init__ on
         self.closing = False
         self.daemon = daemon
         self.reconnects = 0
@@ -1104,13 +1112,19 @@ class Bus:
         return self.nc is None or self.nc.is_closed
 
     @property
+    def client(self) -> nats.aio.client.Client:
+        """The nats-py connection, for methods only called once __init__ connected."""
+        assert self.nc is not None, "Bus used before it connected"
+        return self.nc
+
+    @property
     def max_payload(self) -> int:
         """The largest message the server takes: answers may be that large."""
-        return self.nc.max_payload
+        return self.client.max_payload
 
     def round_trip(self) -> None:
         """A PING answered by the server: everything published before it reached the server."""
-        self._call(self.nc.flush(timeout=5), 6)
+        self._call(self.client.flush(timeout=5), 6)
 
     def require_connection(self, subject: str) -> None:
         if not self.connected:
@@ -1136,7 +1150,7 @@ class Bus:
                 self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._send()))
             return since
         self.require_connection(subject)
-        self._call(self.nc.publish(subject, payload))
+        self._call(self.client.publish(subject, payload))
         self._check_permission(subject, "publish", since)
         return since
 
@@ -1151,7 +1165,7 @@ class Bus:
                 return
             for subject, payload in messages:
                 try:  # nats-py buffers it (also while reconnecting); it refuses when closed or its buffer is full
-                    await self.nc.publish(subject, payload)
+                    await self.client.publish(subject, payload)
                 except Exception as e:
                     log.warning("NATS did not take the message for %s: %r", subject, e)
 
@@ -1176,7 +1190,7 @@ class Bus:
                 self.lanes[name] = Lane(name)
             self.lanes[name].offer(handler, msg.subject, msg.data)
 
-        self._call(self.nc.subscribe(subject, cb=on_message))
+        self._call(self.client.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
 
     def inbox(self, subject: str, q: queue.Queue | None = None) -> queue.Queue:
@@ -1187,7 +1201,7 @@ class Bus:
         async def on_message(msg):
             q.put((msg.subject, msg.data))
 
-        self._call(self.nc.subscribe(subject, cb=on_message))
+        self._call(self.client.subscribe(subject, cb=on_message))
         self._check_permission(subject, "subscription")
         return q
 
@@ -1203,13 +1217,14 @@ class Bus:
         async def on_message(msg):
             q.put((msg.subject, msg.data))
 
+        start = time.strftime(ISO_TIME_FORMAT, time.gmtime(since))  # nats-py sends it as is; its stubs say datetime
         config = ConsumerConfig(name=deliver.rsplit(".", 1)[1], deliver_subject=deliver, ack_policy=AckPolicy.NONE,
                                 deliver_policy=DeliverPolicy.BY_START_TIME, inactive_threshold=60.0,
-                                opt_start_time=time.strftime(ISO_TIME_FORMAT, time.gmtime(since)))
+                                opt_start_time=start)  # type: ignore[arg-type]
         errors_before = self.permission_errors_seen
         try:
-            self._call(self.nc.jetstream(timeout=5).subscribe(subject, stream=stream, cb=on_message, manual_ack=True,
-                                                              config=config), 15)
+            self._call(self.client.jetstream(timeout=5).subscribe(subject, stream=stream, cb=on_message,
+                                                                  manual_ack=True, config=config), 15)
         except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):  # the latter: no -js at all
             raise NatsError(f"this NATS server has no JetStream stream {stream} (or no JetStream: nats-server -js): "
                             "create it as docs/security.md shows ('Signed requests and audit'), e.g. `nats stream add "
@@ -1228,7 +1243,7 @@ class Bus:
             self.outbox_room.notify_all()
         if not self.closed:
             try:  # close, not drain: close writes out what is buffered too, and drain waits up to 10 s for a server
-                self._call(self.nc.close(), 10)  # that stalled or is going away (stopped together with the daemon)
+                self._call(self.client.close(), 10)  # that stalled or is going away (stopped together with the daemon)
             except Exception as e:
                 log.debug("NATS close failed: %r", e)
         if self.own_loop:
@@ -1290,13 +1305,15 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
         except Exception:
             log.exception("%scallback after starting %s failed; the command runs on", log_prefix, argv[0])
     logged = proc.stderr if capture_stdout else proc.stdout
+    assert proc.stdout is not None and logged is not None  # both are pipes: Popen above asks for them
     partial, captured = b"", bytearray()
     timed_out, deadline = False, started + timeout
     beat = started + every[0] if every else float("inf")
     with selectors.DefaultSelector() as selector, proc.stdout, logged:
         pidfd = os.pidfd_open(proc.pid)
         try:
-            for fileobj in {proc.stdout, logged, pidfd}:
+            watched: set[int | typing.IO[bytes]] = {proc.stdout, logged, pidfd}  # a set: logged may be stdout
+            for fileobj in watched:
                 selector.register(fileobj, selectors.EVENT_READ)
             while selector.get_map():  # until the exit is seen and both pipes are at EOF
                 now = time.monotonic()
@@ -1309,6 +1326,7 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
                 elif proc.returncode is not None and now >= deadline:
                     break
                 if now >= beat and proc.returncode is None:
+                    assert every is not None  # beat is inf without it
                     every[1](now - started)
                     beat = now + every[0]
                 wake = min(deadline, beat, now + 0.2 if stop is not None else deadline)
@@ -1408,7 +1426,8 @@ def serve_metrics(address: str, registry) -> object:
             (log.debug if isinstance(error, OSError) else log.exception)(
                 "metrics http: connection from %s ended: %s", client_address[0], error)
 
-    lock, deadlines = threading.Lock(), {}  # open connections: when each is cut off
+    lock = threading.Lock()
+    deadlines: dict[socket.socket, float] = {}  # open connections: when each is cut off
     try:
         server = Server((host, int(port)), Handler)
     except (OSError, ValueError) as e:
@@ -1450,8 +1469,8 @@ class ListenerMetrics:
         last = Gauge("homelab_deploy_last_deployment_timestamp_seconds",
                      "End time of the last deployment per final status (unix seconds; 0 = none yet)", ["status"],
                      registry=self.registry)
-        for status in self.last_end:
-            last.labels(status.value).set_function(lambda status=status: self.last_end[status])
+        for final in self.last_end:
+            last.labels(final.value).set_function(functools.partial(self.last_end.__getitem__, final))
         Gauge("homelab_deploy_generation", "Generation the system profile points to (0 = unreadable)",
               registry=self.registry).set_function(lambda: current_generation(profile) or 0)
         Gauge("homelab_deploy_seconds_since_last_success",
@@ -2985,7 +3004,8 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, *, make_reque
     since = [bus.publish(s, bus.sign(s, make_request(reply_to)), confirm=True) for s in subjects][0]
     start = time.monotonic()
     deadline = start + timeout
-    settle = last_new = None
+    last_new: float | None = None  # when the latest new responder answered
+    settle = 0.0  # how long to wait for another after it; set at the first
     while True:
         refused = next((s for s in subjects if bus.denied(s, since=since)), None) if (
             bus.permission_errors_seen > since) else None  # a rollout batch names 100s of subjects; errors are rare
@@ -3037,7 +3057,8 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
     addressed = {s.split(".")[2] for s in subjects if len(s.split(".")) == 3 and s.split(".")[2] != "all"}
     answer_deadline = time.monotonic() + window
     # kept up to date per answer: checking every host on every answer made a fan-out quadratic in its hosts
-    unfinished, unheard = set(), set(addressed)
+    unfinished: set[str] = set()
+    unheard = set(addressed)
 
     def on_answer(response: DeployResponse) -> bool:
         new = response.hostname not in hosts
@@ -3432,7 +3453,8 @@ def events_command(args: argparse.Namespace) -> int:
     """Follow the audit events (from the JetStream stream since --since, then live) until SIGINT or SIGTERM."""
     subjects = [f"deploy.events.{args.tier}.>"] if args.tier else ["deploy.events.>", "build.events.>"]
     bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-events")
-    stop, events = stop_on_signals(), queue.Queue()
+    stop = stop_on_signals()
+    events: queue.Queue[tuple[str, bytes]] = queue.Queue()
     try:
         for subject in subjects:
             try:
@@ -3891,7 +3913,7 @@ DEMO_HOSTS = (("test-web1", "test", "web", False), ("test-db1", "test", "db", Fa
               ("prod-web1", "prod", "web", True))
 DEMO_FLAKE_URL = "git+https://git.example.com/homelab/nixos-configs.git"  # the simulated hosts' commit: its sha1
 # The demo's deploys: title, subject, credential, expected exit code, expected final statuses, rollout flags
-DEMO_DEPLOYS = (
+DEMO_DEPLOYS: tuple[tuple[str, str, str, int, dict[str, str], tuple[str, ...]], ...] = (
     ("2. deploy the test tier", "deploy.test.all", "test-deployer", 0,
      {"test-web1": "completed", "test-db1": "completed"}, ()),
     ("3. deploy a role: every prod DNS server", "deploy.prod.role.dns", "admin", 0,
@@ -4091,6 +4113,7 @@ class DemoSandbox:
 
         profile = os.path.join(self.work, f"{DEMO_DRIFTED}.system")
         before = current_generation(profile)
+        assert before is not None  # step 3 deployed it
         manual = ["env", f"HOMELAB_DEMO_PROFILE={profile}", os.path.join(self.bindir, "nixos-rebuild"), "switch",
                   "--flake", f"/etc/nixos#{DEMO_DRIFTED}"]
         self.say(f"\n== 7. someone runs nixos-rebuild switch by hand on {DEMO_DRIFTED}, outside homelab-deploy\n"
@@ -4223,7 +4246,8 @@ class HelpFormatter(argparse.HelpFormatter):
         if width is None:
             columns = os.environ.get("COLUMNS", "")
             try:
-                width = (int(columns) if columns.isdigit() else os.get_terminal_size(sys.__stdout__.fileno()).columns)
+                width = (int(columns) if columns.isdigit() else os.get_terminal_size(sys.__stdout__.fileno()).columns
+                         if sys.__stdout__ else 80)
             except (AttributeError, ValueError, OSError):
                 width = 80
             width -= 2
@@ -4236,7 +4260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = new_parser(prog="homelab-deploy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"homelab-deploy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=new_parser)
+    # typeshed wants a class for parser_class; argparse only calls it
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=new_parser)  # type: ignore[call-overload]
 
     def nats_flags(p: argparse.ArgumentParser, env: bool) -> None:
         url = env_default("HOMELAB_DEPLOY_NATS_URL") if env else None
@@ -4463,7 +4489,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False) else quiet,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:  # every log line, output and traceback: no secret leaves the host
-        handler.format = lambda record, plain=handler.format: redact(plain(record))
+        # mypy refuses to shadow a method; here the instance's own format() wraps the class's
+        handler.format = functools.partial(  # type: ignore[method-assign]
+            lambda plain, record: redact(plain(record)), handler.format)
     if not getattr(args, "debug", False):
         logging.getLogger("nats").setLevel(logging.CRITICAL)  # its reconnect noise; we log our own line
     try:

@@ -139,8 +139,9 @@ async def in_thread(work, acts: bool = False):
 
 # ---------------------------------------------------------------- deploy subjects
 
-ActionName = Literal[tuple(a.value for a in hd.Action)]
-TierName = Literal[hd.TIERS]
+# spelled out for mypy, which takes no computed Literal; test_literals_match_the_protocol keeps them equal
+ActionName = Literal["switch", "boot", "test", "dry-activate"]  # hd.Action's values
+TierName = Literal["test", "prod"]  # hd.TIERS
 TOKEN_RULE = "one NATS subject token: letters, digits, '_' and '-', starting with a letter, digit or '_'"
 
 
@@ -264,6 +265,7 @@ class FleetTools:
         results: list = []  # a rollout's (batch name, final statuses)
 
         def roll_out() -> tuple[dict[str, hd.DeployResponse], bool]:
+            assert rollout is not None  # called only for a rollout
             bus = self.bus(credential)
             batches = hd.rollout_plan(bus, subject, rollout, window=self.args.answer_window,
                                       stragglers=self.args.straggler_window,

@@ -107,6 +107,23 @@ def test_no_client_function_is_over_80_lines_but_the_parser():
     assert set(long) == {"build_parser"}, long
 
 
+def test_mypy_finds_errors_only_in_the_daemon_sections(tmp_path):
+    """mypy (pyproject's [tool.mypy]) passes on the MCP module and on every section of homelab_deploy.py but
+    listener, rollback watchdog and builder (being reworked; they join once that lands)."""
+    import re
+
+    source = (REPO / "homelab_deploy.py").read_text().splitlines()
+    section = {}  # line number -> the banner above it
+    for number, line in enumerate(source, 1):
+        section[number] = line.split(" ", 2)[2] if re.match(r"# -{20,} ", line) else section.get(number - 1, "")
+    out = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600).stdout
+    errors = re.findall(r"^([\w.]+):(\d+): error: (.*)$", out, re.M)
+    assert "Found" in out or "Success" in out, out
+    outside = [e for e in errors if e[0] != "homelab_deploy.py"
+               or section[int(e[1])] not in ("listener", "rollback watchdog", "builder")]
+    assert outside == []
+
 class TestValidation:
     @pytest.mark.parametrize(
         "ref",

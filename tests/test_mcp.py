@@ -47,6 +47,16 @@ def test_cli_never_imports_mcp():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
+def test_literals_match_the_protocol():
+    """The tools' action and tier types, spelled out for mypy, offer exactly the protocol's values."""
+    import typing
+
+    import homelab_deploy_mcp as mcp_server
+
+    assert typing.get_args(mcp_server.ActionName) == tuple(a.value for a in hd.Action)
+    assert typing.get_args(mcp_server.TierName) == hd.TIERS
+
+
 @pytest.mark.parametrize("program", [MCP_SCRIPT, CLI_MCP], ids=["homelab_deploy_mcp.py", "homelab_deploy.py mcp"])
 def test_running_a_file_as_a_script_loads_each_module_once(tmp_path, program):
     """The script is __main__; the other module's `import` of it must find that one, not load the file again."""
