@@ -2150,7 +2150,7 @@ class Listener:
 
     def start(self) -> None:
         config = self.config
-        lane = (lambda data: self.state.signers.lane(data, "deploy")) if self.state.signers else "deploy"
+        lane = functools.partial(signers.lane, base="deploy") if (signers := self.state.signers) else "deploy"
         for subject in config.subjects:
             self.bus.subscribe(subject, self.handle_deploy, lane=lane)  # never queued behind discovery
         self.bus.subscribe(config.discover_subject, self.handle_query)
@@ -2205,7 +2205,8 @@ class Listener:
     def reject(self, subject: str, data: bytes, e: ProtocolError, *, request: DeployRequest | None,
                signer: str | None) -> None:
         """Answer a request that is invalid, unauthorized or expired (unless its signature was refused: no answer)."""
-        rid = request_id(e.reply_to or request.reply_to) if e.reply_to or request else None
+        reply_to = e.reply_to or (request.reply_to if request else None)
+        rid = request_id(reply_to) if reply_to else None
         log.warning("host=%s subject=%s request=%s rejected: %s", self.config.hostname, subject, rid or "-", e)
         if self.rejections.admit(unauthenticated=e.code is ErrorCode.UNAUTHORIZED and not e.reply_to):
             self.announce(Status.REJECTED, rid, request, signer, error=e.code, reason=str(e))
@@ -2379,7 +2380,7 @@ class Listener:
         log.debug("host=%s answered %s on %s", config.hostname, subject, reply_to)
 
 
-def run_listener(args: argparse.Namespace) -> int:
+def listener_command(args: argparse.Namespace) -> int:
     """The `listener` command: its configuration and state directory checked, it recovers what the last run left,
     serves until a signal, then waits up to --shutdown-grace for the running deploy."""
     import fcntl
@@ -2669,7 +2670,8 @@ class Builder:
             signers = self.repos[subject_repo].signers  # trust is per repo: a key trusted for one builds no other
             signer = signers.verify(subject, data, request.reply_to, BuildErrorCode.UNAUTHORIZED) if signers else None
         except ProtocolError as e:
-            rid = request_id(e.reply_to or request.reply_to) if e.reply_to or request else None
+            reply_to = e.reply_to or (request.reply_to if request else None)
+            rid = request_id(reply_to) if reply_to else None
             log.warning("repo=%s host=%s request=%s rejected: %s", subject_repo, subject_target, rid or "-", e)
             if self.rejections[subject_repo].admit(e.code is BuildErrorCode.UNAUTHORIZED and not e.reply_to):
                 self.announce(Status.REJECTED, rid, subject_repo, subject_target if is_subject_token(subject_target)
@@ -2725,7 +2727,7 @@ class Builder:
         import concurrent.futures
 
         where = f"repo={repo.name} request={rid}"
-        common = {"repo": repo.name, "branch": branch}
+        common: dict[str, typing.Any] = {"repo": repo.name, "branch": branch}
         started = time.monotonic()
         log.info("%s host=%s branch=%s accepted", where, request.target, branch)
         self.reply(request.reply_to, Status.STARTED, f"listing the hosts at {branch}", **common)
@@ -2822,7 +2824,7 @@ class Builder:
         return entry, ([] if success else result.output)
 
 
-def run_builder(args: argparse.Namespace) -> int:
+def builder_command(args: argparse.Namespace) -> int:
     try:
         repos = Repo.parse_config(args.config)
     except ValueError as e:
@@ -3256,7 +3258,7 @@ def unknown_deploy_outcome(e: OutcomeUnknown, aside: str = "") -> CommandError:
                         f"hosts are deploying now{aside}; deploy again once they are idle", Exit.OUTCOME_UNKNOWN)
 
 
-def rollout_command(args: argparse.Namespace, subject: str, revision: str, bus: Bus, progress: Progress) -> int:
+def deploy_rollout(args: argparse.Namespace, subject: str, revision: str, bus: Bus, progress: Progress) -> int:
     """deploy with rollout flags: a plan from discovery, then roll_out; exit 130 when a signal stopped it."""
     rollout = Rollout(args.canary or 0, args.batch_size or "100%", args.max_failures or 0)
     stop = stop_on_signals(b"interrupted: starting no new batch; waiting for the running hosts to finish "
@@ -3314,7 +3316,7 @@ def deploy_command(args: argparse.Namespace) -> int:
     progress = Progress(quiet=False)
     bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
     if args.canary is not None or args.batch_size is not None or args.max_failures is not None or args.plan:
-        return rollout_command(args, subject, revision, bus, progress)
+        return deploy_rollout(args, subject, revision, bus, progress)
     try:
         hosts, finished = deploy_hosts(bus, subject, Action(args.action), revision, args.timeout,
                                        args.answer_window,
@@ -4333,7 +4335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-profile", default="/nix/var/nix/profiles/system",
                    help="system profile whose generation is reported after switch/boot "
                         "(default: /nix/var/nix/profiles/system)")
-    p.set_defaults(func=run_listener, daemon=True)
+    p.set_defaults(func=listener_command, daemon=True)
 
     p = sub.add_parser("rollback-watchdog")  # no help: armed by the listener, not run by hand
     p.add_argument("--state-dir", required=True)
@@ -4477,7 +4479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build any git ref, e.g. refs/pull/1/head; by default only branches, tags and commits")
     p.add_argument("--metrics-enabled", action="store_true", help="enable the Prometheus metrics endpoint")
     p.add_argument("--metrics-addr", default=":9973", help="metrics HTTP server address (default: :9973)")
-    p.set_defaults(func=run_builder, daemon=True)
+    p.set_defaults(func=builder_command, daemon=True)
     return parser
 
 
