@@ -109,10 +109,10 @@ class ErrorCode(enum.Enum):
     BUILD_FAILED = "build_failed"
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted"  # the listener stopped or died mid-deploy; not in the spec's list
-    INTERNAL_ERROR = "internal_error"  # the listener failed after `accepted` (state dir unwritable, a bug); not in the spec
+    INTERNAL_ERROR = "internal_error"  # the listener failed after `accepted` (state dir unwritable, a bug); not in spec
     ROLLED_BACK = "rolled_back"  # the new system did not confirm over NATS in time; the watchdog rolled it back
     ROLLBACK_FAILED = "rollback_failed"  # as rolled_back, but the rollback command failed: the host needs a person
-    UNAUTHORIZED = "unauthorized"  # with trusted keys: unsigned, forged, stale, replayed or re-addressed; not in the spec
+    UNAUTHORIZED = "unauthorized"  # with trusted keys: unsigned, forged, stale, replayed or re-addressed; not in spec
 
 
 CodeT = typing.TypeVar("CodeT", "ErrorCode", "BuildErrorCode")  # a deploy's error codes or a build's
@@ -193,7 +193,7 @@ def printable(text: str) -> str:
     return CONTROL_RE.sub("", text)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def choices(kind: tuple) -> dict:
     """The allowed values of an answer_fields kind, by the string that names each (an enum member's value)."""
     return {getattr(m, "value", m): m for m in kind}
@@ -201,10 +201,10 @@ def choices(kind: tuple) -> dict:
 
 def answer_fields(obj: dict, kinds: dict, what: str, required: tuple[str, ...] = ()) -> dict:
     """The fields of an answer named in `kinds`, None when missing, each checked against its kind: a type (str:
-    cut to ANSWER_TEXT_CHARS; list: of str, the last OUTPUT_TAIL_LINES cut to OUTPUT_LINE_CHARS; both printable; int, float:
-    0 <= n < 1e9, bool is neither), a tuple of allowed values or enum members (gives the member), or a predicate
-    on a str; for these two "" is missing (Go's empty string). A required field missing, or any of another kind,
-    raises ProtocolError."""
+    cut to ANSWER_TEXT_CHARS; list: of str, the last OUTPUT_TAIL_LINES cut to OUTPUT_LINE_CHARS; both printable;
+    int, float: 0 <= n < 1e9, bool is neither), a tuple of allowed values or enum members (gives the member), or
+    a predicate on a str; for these two "" is missing (Go's empty string). A required field missing, or any of
+    another kind, raises ProtocolError."""
     fields: dict[str, typing.Any] = {}
     for name, kind in kinds.items():
         value = obj.get(name)
@@ -651,7 +651,8 @@ def signing_input(subject: str, obj: dict) -> bytes:
     """What a request's signature covers: a context line, the subject it is published on, a newline, and every
     field but `signature` as JSON with sorted keys, no spaces and non-ASCII escaped (Python's json.dumps)."""
     fields = {k: v for k, v in obj.items() if k != "signature"}
-    return SIGNING_CONTEXT + subject.encode() + b"\n" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return SIGNING_CONTEXT + subject.encode() + b"\n" + canonical.encode()
 
 
 class TrustedSigners:
@@ -744,7 +745,8 @@ class TrustedSigners:
                          "the old ones stay (restart without trusted keys to run so)" if old else "none, as before")
         if old is None:
             return new, f"loaded: acting only on requests signed by {', '.join(sorted(new.keys.values()))}"
-        added, removed = (sorted(set(a.items()) - set(b.items())) for a, b in ((new.keys, old.keys), (old.keys, new.keys)))
+        added, removed = (sorted(set(a.items()) - set(b.items()))
+                          for a, b in ((new.keys, old.keys), (old.keys, new.keys)))
         old.keys = new.keys
         return old, (f"reloaded: added {', '.join(n for _, n in added) or 'none'}; removed "
                      f"{', '.join(n for _, n in removed) or 'none'}")
@@ -779,8 +781,8 @@ class TrustedSigners:
             raise refuse("malformed signature fields (signer, signed_at: unix seconds, nonce, signature)")
         if signer not in keys:
             raise refuse(f"signed by {signer[:56]!r}, which is not a trusted key here; if it may send this request, "
-                         "add it to the trusted keys (listener: --trusted-keys-file, module option trustedKeys; builder: "
-                         "trusted_keys in its config) and reload the daemon (SIGHUP: systemctl reload)")
+                         "add it to the trusted keys (listener: --trusted-keys-file, module option trustedKeys; "
+                         "builder: trusted_keys in its config) and reload the daemon (SIGHUP: systemctl reload)")
         try:
             nacl.signing.VerifyKey(base64.b32decode(signer)[1:33]).verify(
                 signing_input(subject, obj), base64.b64decode(signature, validate=True))
@@ -1132,11 +1134,11 @@ class Bus:
                             f"nothing was sent to {subject}; retry in a moment")
 
     def publish(self, subject: str, payload: bytes, confirm: bool = False) -> int:
-        """Publish. Without `confirm` (answers, events; redacted) return at once, never raising: the loop hands the messages
-        to nats-py in the order they were published (which buffers them while reconnecting) and logs what it
-        refuses. With `confirm` (requests), refuse while disconnected, since nats-py would deliver the request whenever it
-        reconnects, long after the sender gave up; then wait for the server and raise NatsError if it refused the
-        subject, OutcomeUnknown if it did not answer. Returns the `since` for denied() that covers this
+        """Publish. Without `confirm` (answers, events; redacted) return at once, never raising: the loop hands the
+        messages to nats-py in the order they were published (which buffers them while reconnecting) and logs what
+        it refuses. With `confirm` (requests), refuse while disconnected, since nats-py would deliver the request
+        whenever it reconnects, long after the sender gave up; then wait for the server and raise NatsError if it
+        refused the subject, OutcomeUnknown if it did not answer. Returns the `since` for denied() that covers this
         publish's errors only."""
         since = self.permission_errors_seen
         if not confirm:  # no wait for the loop thread, which is woken once for what was queued meanwhile
@@ -1627,7 +1629,8 @@ def read_rollback_record(path: str) -> tuple[DeployRequest, dict]:
         request = DeployRequest.parse(json.dumps(record["request"]).encode(), allow_any_ref=True)
     except (KeyError, TypeError, ProtocolError) as e:
         raise ValueError(f"no valid request in it ({e})") from None
-    if not (request.action in (Action.SWITCH, Action.TEST) and type(record.get("generation_before")) in (int, type(None))
+    if not (request.action in (Action.SWITCH, Action.TEST)
+            and type(record.get("generation_before")) in (int, type(None))
             and type(record.get("armed_at")) in (int, float) and type(record.get("rollback_timeout")) in (int, float)
             and (record.get("signer") is None or SIGNER_NAME_RE.fullmatch(str(record["signer"])))):
         raise ValueError("not a record of a switch or test with its generation and times")
@@ -2512,7 +2515,8 @@ def rollback_watchdog_command(args: argparse.Namespace) -> int:
     log.warning("%sno listener confirmed the %s over NATS in time", prefix, request.action.value)
     outcome = roll_back(request.action, args.profile, record["generation_before"], timeout=args.timeout,
                         prefix=prefix)
-    log.warning("%srollback outcome: exit code %s: %s", prefix, outcome["returncode"], "; ".join(outcome["output"][-1:]))
+    log.warning("%srollback outcome: exit code %s: %s", prefix, outcome["returncode"],
+                "; ".join(outcome["output"][-1:]))
     save_state(rolled, {**record, "rollback": outcome})
     return 0
 
@@ -2847,8 +2851,8 @@ def builder_command(args: argparse.Namespace) -> int:
     unsigned = [r.name for r in repos.values() if r.signers is None]
     if unsigned:
         log.warning("no trusted_keys in %s for %s: any credential that NATS lets publish on build.<repo>.* can start "
-                    "builds there; list the build clients' public keys (top-level trusted_keys, or a repo's own) to act "
-                    "only on requests they signed", args.config, ", ".join(unsigned))
+                    "builds there; list the build clients' public keys (top-level trusted_keys, or a repo's own) to "
+                    "act only on requests they signed", args.config, ", ".join(unsigned))
     try:
         builder.start()
     except NatsError as e:
@@ -2950,7 +2954,8 @@ def pin_revision(flake_url: str | None, revision: str, flag: str = "--pin") -> s
     result = run_with_timeout(["git", "ls-remote", url, *refs], PIN_TIMEOUT, "pin: ",
                               {**os.environ, "GIT_TERMINAL_PROMPT": "0"}, capture_stdout=True)
     if result.returncode != 0:
-        why = f"timed out after {PIN_TIMEOUT:.0f}s" if result.timed_out else "; ".join(result.output[-2:]) or "no output"
+        why = (f"timed out after {PIN_TIMEOUT:.0f}s" if result.timed_out
+               else "; ".join(result.output[-2:]) or "no output")
         raise ValueError(f"cannot resolve {revision!r}: `git ls-remote {redact(url)}` failed ({redact(why)}); check "
                          "the flake URL and that this machine can reach the repository, or give a 40-hex commit")
     found = dict(line.split("\t")[::-1] for line in result.stdout.decode(errors="replace").splitlines()
@@ -2994,9 +2999,9 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, *, make_reque
                     window: float, on_answer, is_done, is_complete=lambda: False,
                     stragglers: float = STRAGGLER_WINDOW) -> bool:
     """Subscribe the answers to a fresh reply subject of this credential (before publishing, so none is missed),
-    publish make_request(reply_to) on `subject` (on each of a list, all answering to that one reply subject), then feed each reply that parse() accepts and that came from the
-    responder sender(answer) names (malformed and forged ones are logged and skipped) to on_answer (True for a
-    new responder) until
+    publish make_request(reply_to) on `subject` (on each of a list, all answering to that one reply subject),
+    then feed each reply that parse() accepts and that came from the responder sender(answer) names (malformed
+    and forged ones are logged and skipped) to on_answer (True for a new responder) until
     nobody answered within `window`; or is_complete() holds (no other responder can exist); or is_done()
     holds (every responder so far finished) and no new one answered for max(stragglers, twice the first
     answer's delay), as a fan-out's answers arrive together; or `timeout` passed. Returns False on timeout."""
@@ -3360,7 +3365,7 @@ def list_hosts_command(args: argparse.Namespace) -> int:
             for h in hosts]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for row in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4])
     if not hosts:
         print("no host answered" + (f" in tier {args.tier}" if args.tier else ""), file=sys.stderr)
         return Exit.NO_ANSWER
@@ -3435,8 +3440,8 @@ def status_command(args: argparse.Namespace) -> int:
                          ("deploying" if h.deploying else "idle") + (",unsigned" if h.unsigned else ""),
                          "-" if h.generation is None else str(h.generation), (h.commit or "-")[:12], last_deploy(h)))
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
-        for row, host in zip(rows, [None, *hosts]):
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[6])
+        for row, host in zip(rows, [None, *hosts], strict=True):
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[6])
             for problem in problems[host.hostname] if host else []:
                 print(f"    DRIFT: {problem}")
             for r in host.history[-args.history:] if host and args.history else []:
@@ -3445,7 +3450,8 @@ def status_command(args: argparse.Namespace) -> int:
                       f"{r.generation_before} -> {r.generation_after} commit {r.commit or '-'} "
                       f"({r.duration_seconds:.1f}s)")
     if not hosts:
-        print("no host answered" + (f" on {subject}" if subject else "") + (f" in tier {args.tier}" if args.tier else "")
+        print("no host answered" + (f" on {subject}" if subject else "")
+              + (f" in tier {args.tier}" if args.tier else "")
               + "; the listeners' NATS credentials must allow subscribing to " + STATUS_SUBJECT, file=sys.stderr)
         return Exit.NO_ANSWER
     return Exit.FAILED if args.expect is not None and any(problems.values()) else Exit.OK
@@ -3874,7 +3880,8 @@ def nats_config_command(args: argparse.Namespace) -> int:
             if site is None or "seed" not in site:
                 raise FleetError(f"--site {args.site}: " + (
                     "the site has `nkey:`; its leaf node authenticates with the secret seed, so give `seed:` instead"
-                    if site else f"no such site; sites: {', '.join(s['name'] for s in fleet.get('sites') or []) or 'none'}"))
+                    if site else "no such site; sites: "
+                    + (", ".join(s["name"] for s in fleet.get("sites") or []) or "none")))
             seed = read_seed(os.path.join(base_dir, site["seed"]))[0]
             # The hub's permissions for this user bound what crosses the link; the leaf's own users bound its hosts.
             print(authorization_config([c for c in credentials if c.site == args.site],
@@ -4310,7 +4317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-addr", default=":9972", help="metrics HTTP server address (default: :9972)")
     p.add_argument("--heartbeat-interval", type=float, default=30.0,
                    help="seconds between 'still running' messages during a deploy (default: 30)")
-    p.add_argument("--state-dir", default=(os.environ.get("STATE_DIRECTORY") or "/var/lib/homelab-deploy").split(":")[0],
+    p.add_argument("--state-dir",
+                   default=(os.environ.get("STATE_DIRECTORY") or "/var/lib/homelab-deploy").split(":")[0],
                    help="where the running deploy is recorded, so a restarted listener reports it "
                         "(default: $STATE_DIRECTORY from systemd, else /var/lib/homelab-deploy)")
     p.add_argument("--shutdown-grace", type=float, default=60.0,
@@ -4347,7 +4355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="deploy to the hosts behind a subject or alias")
     p.add_argument("target", metavar="SUBJECT_OR_ALIAS",
-                   help="deploy subject (deploy.<tier>.<host>|all|role.<role>) or alias from HOMELAB_DEPLOY_ALIAS_<NAME>")
+                   help="deploy subject (deploy.<tier>.<host>|all|role.<role>) or alias from "
+                        "HOMELAB_DEPLOY_ALIAS_<NAME>")
     nats_flags(p, env=True)
     p.add_argument("--branch", default=env_default("HOMELAB_DEPLOY_BRANCH", "master"),
                    help="git branch, tag or commit (env HOMELAB_DEPLOY_BRANCH, default: master)")
@@ -4386,7 +4395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=list_hosts_command)
 
     p = sub.add_parser("status", help="what each host runs, its last deploys, and drift")
-    p.add_argument("target", metavar="SUBJECT_OR_ALIAS", nargs="?", help="only the hosts of this deploy subject or alias")
+    p.add_argument("target", metavar="SUBJECT_OR_ALIAS", nargs="?",
+                   help="only the hosts of this deploy subject or alias")
     nats_flags(p, env=True)
     p.add_argument("--tier", choices=TIERS, help="only hosts of this tier")
     p.add_argument("--expect", metavar="REV",
@@ -4412,7 +4422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=events_command)
 
     p = sub.add_parser("keygen", help="make an NKey user seed, or print the public key of one")
-    p.add_argument("--out", metavar="FILE", help="write a new seed here (mode 0600, never overwritten); prints its public key")
+    p.add_argument("--out", metavar="FILE",
+                   help="write a new seed here (mode 0600, never overwritten); prints its public key")
     p.add_argument("--pubout", action="store_true", help="print the public key of the seed given with --in")
     p.add_argument("--in", dest="input", metavar="FILE", help="existing seed file (with --pubout)")
     p.set_defaults(func=keygen_command)
@@ -4435,7 +4446,8 @@ def build_parser() -> argparse.ArgumentParser:
     nats_flags(p, env=True)
     p.add_argument("--enable-admin", action="store_true",
                    default=env_default("HOMELAB_DEPLOY_ENABLE_ADMIN", False, boolean),
-                   help="add the deploy_admin tool (any tier; needs --admin-nkey-file) (env HOMELAB_DEPLOY_ENABLE_ADMIN)")
+                   help="add the deploy_admin tool (any tier; needs --admin-nkey-file) "
+                        "(env HOMELAB_DEPLOY_ENABLE_ADMIN)")
     p.add_argument("--admin-nkey-file", default=env_default("HOMELAB_DEPLOY_ADMIN_NKEY_FILE"),
                    help="NKey seed used by deploy_admin only, on a connection of its own "
                         "(env HOMELAB_DEPLOY_ADMIN_NKEY_FILE)")
@@ -4450,7 +4462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build response timeout in seconds (env HOMELAB_DEPLOY_BUILD_TIMEOUT, default: 3600)")
     discover_flag(p)
     p.add_argument("--flake-url", default=env_default("HOMELAB_DEPLOY_FLAKE_URL"),
-                   help="the listeners' git flake URL, for the deploy tools' pin argument (env HOMELAB_DEPLOY_FLAKE_URL)")
+                   help="the listeners' git flake URL, for the deploy tools' pin argument "
+                        "(env HOMELAB_DEPLOY_FLAKE_URL)")
     window_flags(p)
     p.set_defaults(func=mcp_command, daemon=True)
 
