@@ -1357,6 +1357,21 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
     return RunResult(proc.returncode, timed_out, list(tail), time.monotonic() - started, bytes(captured))
 
 
+def nix_error_summary(output: list[str]) -> str:
+    """One line saying what went wrong in a nix or nixos-rebuild run: git's `fatal:` line, else nix's first
+    `error:` line that says something (its last line is the `--show-trace` hint; newer nix opens a trace with a bare
+    `error:`) with that builder's last log line (nix quotes it as `> ...`), else the last line."""
+    lines = [printable(line).strip() for line in output]  # nix colours `error:` on a terminal
+    fatal = [line for line in lines if line.startswith("fatal:")]
+    if fatal:
+        return fatal[0]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error:") and line != "error:"] + [len(lines)]
+    if len(errors) == 1:
+        return next((line for line in reversed(lines) if line), "no output")
+    quoted = [line[2:] for line in lines[errors[0]:errors[1]] if line.startswith("> ")]
+    return lines[errors[0]].rstrip(";") + (f": {quoted[-1]}" if quoted else "")
+
+
 # ---------------------------------------------------------------- metrics
 
 DEPLOY_BUCKETS = (1, 5, 10, 30, 60, 120, 180, 300, 450, 600, 900, 1200, 1800, 2700, 3600)
@@ -2126,9 +2141,8 @@ def rebuild_outcome(action: Action, revision: str, result: RunResult, *, killed:
         return Status.FAILED, ErrorCode.INTERRUPTED, (
             f"the listener on {hostname} was shut down and nixos-rebuild {action.value} did not finish within the "
             "shutdown grace period; its process group was killed. Deploy again")
-    last = next((line.strip() for line in reversed(result.output) if line.strip()), "no output")
     return Status.FAILED, ErrorCode.BUILD_FAILED, \
-        f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
+        f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {nix_error_summary(result.output)}"
 
 
 class Listener:
@@ -2597,19 +2611,6 @@ def build_argv(url: str, branch: str, host: str) -> list[str]:
     """The one place the nix build command line is built; host matched NAME_RE, branch is_valid_ref."""
     return ["nix", "build", "--no-link",
             f'{flake_ref(url, branch)}#nixosConfigurations."{host}".config.system.build.toplevel']
-
-
-def nix_error_summary(output: list[str]) -> str:
-    """One line saying what went wrong: git's `fatal:` line, else nix's last `error:` line with the builder's
-    last log line (nix quotes it as `> ...`), else the last line."""
-    fatal = [line.strip() for line in output if line.startswith("fatal:")]
-    if fatal:
-        return fatal[0]
-    errors = [i for i, line in enumerate(output) if line.startswith("error:")]
-    if not errors:
-        return next((line.strip() for line in reversed(output) if line.strip()), "no output")
-    quoted = [line.strip()[2:] for line in output[errors[-1]:] if line.strip().startswith("> ")]
-    return output[errors[-1]].rstrip(";") + (f": {quoted[-1]}" if quoted else "")
 
 
 class EvalFailed(Exception):
