@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -597,7 +598,13 @@ class TestAutomaticRollback:
         check = tmp_path / "check-nginx"
         check.write_text("#!/bin/sh\necho checking nginx\necho 'nginx: 502 Bad Gateway' >&2\nexit 3\n")
         check.chmod(0o755)
-        host = start_listener("testhost1", "test", None, "--rollback-timeout", "300", "--health-check", str(check))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        metrics = ("--metrics-enabled", "--metrics-addr", f"127.0.0.1:{port}")
+        host = start_listener(
+            "testhost1", "test", None, "--rollback-timeout", "300", "--health-check", str(check), *metrics
+        )
         host.standin.set_generation(1)
         bus = bus_factory(nats_server, "test-deployer")
         _, replies = start_deploy(bus, "deploy.test.testhost1")
@@ -614,6 +621,11 @@ class TestAutomaticRollback:
         assert len(rollbacks(host)) == 1
         [status] = hd.discover_hosts(bus, hd.STATUS_SUBJECT, parse=hd.HostStatus.parse)
         assert [(r.status, r.error) for r in status.history] == [(hd.Status.FAILED, hd.ErrorCode.HEALTH_CHECK_FAILED)]
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        counted = (
+            'homelab_deploy_deployments_total{action="switch",error_code="health_check_failed",status="failed"} 1.0'
+        )
+        assert counted in scraped.splitlines()
 
     def test_listener_started_after_a_switch_runs_the_checks(self, nats_server, start_listener, bus_factory):
         """--restart-after-switch (the NixOS module's way): the listener on the new system checks, then confirms."""
