@@ -627,6 +627,21 @@ class TestAutomaticRollback:
         )
         assert counted in scraped.splitlines()
 
+    def test_failing_health_check_after_a_test_activates_the_generation_before(
+        self, nats_server, start_listener, bus_factory
+    ):
+        host = start_listener("testhost1", "test", None, "--rollback-timeout", "300", "--health-check", "false")
+        host.standin.set_generation(1)
+        activate = host.standin.profile.parent / "system-1-link" / "bin" / "switch-to-configuration"
+        activate.parent.mkdir(parents=True)
+        activate.write_text(f'#!/bin/sh\necho "$@" >> {activate}.calls\n')
+        activate.chmod(0o755)
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1", "test")
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "health_check_failed")
+        assert f"; it had activated it, so it was rolled back at once with `{activate} test`;" in reply["message"]
+        assert Path(f"{activate}.calls").read_text() == "test\n" and rollbacks(host) == []
+
     def test_listener_started_after_a_switch_runs_the_checks(self, nats_server, start_listener, bus_factory):
         """--restart-after-switch (the NixOS module's way): the listener on the new system checks, then confirms."""
         flags = ("--restart-after-switch", "--rollback-timeout", "300", "--health-check", "false")
