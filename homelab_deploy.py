@@ -112,6 +112,7 @@ class ErrorCode(enum.Enum):
     INTERNAL_ERROR = "internal_error"  # the listener failed after `accepted` (state dir unwritable, a bug); not in spec
     ROLLED_BACK = "rolled_back"  # the new system did not confirm over NATS in time; the watchdog rolled it back
     ROLLBACK_FAILED = "rollback_failed"  # as rolled_back, but the rollback command failed: the host needs a person
+    HEALTH_CHECK_FAILED = "health_check_failed"  # a --health-check failed after a switch or test: rolled back at once
     UNAUTHORIZED = "unauthorized"  # with trusted keys: unsigned, forged, stale, replayed or re-addressed; not in spec
 
 
@@ -1357,6 +1358,21 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
     return RunResult(proc.returncode, timed_out, list(tail), time.monotonic() - started, bytes(captured))
 
 
+def nix_error_summary(output: list[str]) -> str:
+    """One line saying what went wrong in a nix or nixos-rebuild run: git's `fatal:` line, else nix's first
+    `error:` line that says something (its last line is the `--show-trace` hint; newer nix opens a trace with a bare
+    `error:`) with that builder's last log line (nix quotes it as `> ...`), else the last line."""
+    lines = [printable(line).strip() for line in output]  # nix colours `error:` on a terminal
+    fatal = [line for line in lines if line.startswith("fatal:")]
+    if fatal:
+        return fatal[0]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error:") and line != "error:"] + [len(lines)]
+    if len(errors) == 1:
+        return next((line for line in reversed(lines) if line), "no output")
+    quoted = [line[2:] for line in lines[errors[0]:errors[1]] if line.startswith("> ")]
+    return lines[errors[0]].rstrip(";") + (f": {quoted[-1]}" if quoted else "")
+
+
 # ---------------------------------------------------------------- metrics
 
 DEPLOY_BUCKETS = (1, 5, 10, 30, 60, 120, 180, 300, 450, 600, 900, 1200, 1800, 2700, 3600)
@@ -1553,6 +1569,30 @@ def rebuild_argv(action: Action, flake_url: str, revision: str, hostname: str) -
     return ["nixos-rebuild", action.value, "--refresh", "--flake", f"{flake_ref(flake_url, revision)}#{hostname}"]
 
 
+def health_check_argv(check: str) -> list[str]:
+    """A --health-check's argv (shlex words, never a shell); [] when it has none or unbalanced quotes."""
+    import shlex
+
+    try:
+        return shlex.split(check)
+    except ValueError:
+        return []
+
+
+def failed_health_check(checks: tuple[str, ...], timeout: float, prefix: str) -> tuple[str, list[str]] | None:
+    """Run the health checks in order, each killed with its process group after `timeout`; None when all pass,
+    else the first failure, named with its output's last lines, and that output."""
+    for check in checks:
+        result = run_with_timeout(health_check_argv(check), timeout, prefix)
+        if result.returncode == 0 and not result.timed_out:
+            continue
+        how = (f"killed after {timeout:g}s" if result.timed_out else "cannot run" if result.returncode is None
+               else f"exit code {result.returncode}")
+        last = " | ".join(line.strip() for line in result.output[-3:] if line.strip()) or "no output"
+        return f"the new system failed its health check `{check}` ({how}): {clip(last, 300)}", result.output
+    return None
+
+
 RESEND_AFTER = (2.0, 7.0, 22.0, 52.0, 112.0)  # seconds after a deploy's end to re-send its final status
 RESEND_PREFIX = "resend-"  # state files <prefix><request>.json: final statuses still to be re-sent
 
@@ -1699,6 +1739,8 @@ class ListenerConfig:
     trusted_keys: tuple[str, ...] = ()  # PUBKEY[=NAME] entries
     trusted_keys_files: tuple[str, ...] = ()
     require_signed: bool = False
+    health_checks: tuple[str, ...] = ()  # command lines, split by shlex, run after a switch or test
+    health_timeout: float = 60.0
     subjects: tuple[str, ...] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -1718,6 +1760,15 @@ class ListenerConfig:
                              "and --rollback-timeout a finite number of seconds (0 turns automatic rollback off)")
         if not is_publish_subject(self.discover_subject):
             raise ValueError(f"--discover-subject {self.discover_subject!r} is not a valid NATS subject")
+        if not 0 < self.health_timeout < 1e9:
+            raise ValueError(f"--health-timeout {self.health_timeout:g} must be a positive number of seconds, e.g. 60")
+        if self.health_checks and not self.rollback_timeout:
+            raise ValueError("--health-check needs the rollback watchdog, which undoes a switch or test whose check "
+                             "fails: give --rollback-timeout S (e.g. 120), or drop --health-check")
+        for check in self.health_checks:
+            if not health_check_argv(check):
+                raise ValueError(f"--health-check {check!r} must be a command line (split into words as a shell "
+                                 "would, never run by one), e.g. 'curl -fsS http://127.0.0.1:8080/health'")
         object.__setattr__(self, "subjects", tuple(expand_subjects(
             list(self.deploy_subjects), self.hostname, self.tier, self.role)))
 
@@ -1728,7 +1779,7 @@ class ListenerConfig:
                    args.discover_subject, args.state_dir, args.system_profile, args.timeout, args.heartbeat_interval,
                    args.shutdown_grace, args.rollback_timeout, args.restart_after_switch, args.allow_any_ref,
                    tuple(args.trusted_key or ()), (args.trusted_keys_file,) if args.trusted_keys_file else (),
-                   args.require_signed)
+                   args.require_signed, tuple(args.health_check or ()), args.health_timeout)
 
     def load_signers(self, nonce_file: str | None, required: bool = False) -> TrustedSigners | None:
         """The trusted keys from --trusted-key and --trusted-keys-file (at start, and anew on SIGHUP)."""
@@ -1996,18 +2047,20 @@ class Rollback:
             os.utime(switched)  # when the switch ended, for the confirmation's message
         self.state.record_inflight(None)  # nixos-rebuild is over: from here on the watchdog's record stands for it
 
-    def undo_failed_switch(self, rid: str, failure: str, output: list[str], *, before: int | None,
-                           armed: bool) -> DeployResponse | None:
-        """A switch that failed after installing its generation (exit 4: units failed) is rolled back at once,
-        watchdog or not; with one armed, renaming its record first is the decision, as for the watchdog."""
+    def undo_failed_switch(self, rid: str, failure: str, output: list[str], *, before: int | None, armed: bool,
+                           action: Action = Action.SWITCH, code: ErrorCode = ErrorCode.ROLLED_BACK,
+                           record: str = "pending") -> DeployResponse | None:
+        """A switch that failed after installing its generation (exit 4: units failed), or a switch or test whose
+        health check failed (`code` health_check_failed, its `record` switched-), is rolled back at once, watchdog
+        or not; with one armed, renaming its record first is the decision, as for the watchdog."""
         config, rolled = self.config, self.path("rollback", rid)
         if armed:
             try:
-                os.rename(self.path("pending", rid), rolled)
+                os.rename(self.path(record, rid), rolled)
             except FileNotFoundError:  # the watchdog decided first: report its rollback
                 return (self.settle(rid) or (None, None))[1]
         installed = current_generation(config.profile)
-        outcome = roll_back(Action.SWITCH, config.profile, before, timeout=config.timeout,
+        outcome = roll_back(action, config.profile, before, timeout=config.timeout,
                             prefix=f"host={config.hostname} request={rid} ")
         save_state(rolled, None)
         tail = [clip(str(line), OUTPUT_LINE_CHARS) for line in outcome["output"]][-OUTPUT_TAIL_LINES // 2:]
@@ -2017,19 +2070,28 @@ class Rollback:
                 f"the rollback `{command}` failed (exit code {outcome['returncode']}): "
                 f"{tail[-1] if tail else 'no output'}; the host needs a person at its console")
         else:
-            error, what = ErrorCode.ROLLED_BACK, f"rolled back at once with `{command}`"
-        message = (f"{failure}; it had installed generation {installed}, so it was {what}; the system profile is at "
-                   f"generation {current_generation(config.profile)}")
+            error, what = code, f"rolled back at once with `{command}`"
+        done = f"it had installed generation {installed}" if action is Action.SWITCH else "it had activated it"
+        message = f"{failure}; {done}, so it was {what}; the system profile is at generation " \
+                  f"{current_generation(config.profile)}"
         log.warning("host=%s request=%s %s: %s", config.hostname, rid, error.value, message)
         return DeployResponse(config.hostname, Status.FAILED, error, message, None,
                               output[-OUTPUT_TAIL_LINES // 2:] + tail)
 
     def settle(self, rid: str) -> tuple[DeployRequest, DeployResponse, dict] | None:
-        """Confirm a switch after one round trip through the NATS server by removing its record (which the watchdog
-        would rename to roll back), or wait for the watchdog's rollback and report its outcome. None: stopping, or
-        the record is unreadable (logged)."""
+        """Run the health checks, then confirm a switch after one round trip through the NATS server by removing its
+        record (which the watchdog would rename to roll back), or roll it back at once when a check fails, or wait
+        for the watchdog's rollback and report its outcome. None: stopping, or the record is unreadable (logged)."""
         config, switched, rolled = self.config, self.path("switched", rid), self.path("rollback", rid)
         try:
+            if os.path.exists(switched) and (failed := failed_health_check(
+                    config.health_checks, config.health_timeout, f"host={config.hostname} request={rid} ")):
+                with contextlib.suppress(FileNotFoundError):  # else the watchdog took it: its rollback is reported
+                    request, record = read_rollback_record(switched)
+                    final = self.undo_failed_switch(rid, *failed, before=record["generation_before"], armed=True,
+                                                    action=request.action, code=ErrorCode.HEALTH_CHECK_FAILED,
+                                                    record="switched")
+                    return (request, final, record) if final else None
             while os.path.exists(switched):
                 try:  # while disconnected nats-py's flush returns at once without a PING: check both sides of it
                     reconnects = self.bus.reconnects
@@ -2126,9 +2188,8 @@ def rebuild_outcome(action: Action, revision: str, result: RunResult, *, killed:
         return Status.FAILED, ErrorCode.INTERRUPTED, (
             f"the listener on {hostname} was shut down and nixos-rebuild {action.value} did not finish within the "
             "shutdown grace period; its process group was killed. Deploy again")
-    last = next((line.strip() for line in reversed(result.output) if line.strip()), "no output")
     return Status.FAILED, ErrorCode.BUILD_FAILED, \
-        f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {last}"
+        f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {nix_error_summary(result.output)}"
 
 
 class Listener:
@@ -2597,19 +2658,6 @@ def build_argv(url: str, branch: str, host: str) -> list[str]:
     """The one place the nix build command line is built; host matched NAME_RE, branch is_valid_ref."""
     return ["nix", "build", "--no-link",
             f'{flake_ref(url, branch)}#nixosConfigurations."{host}".config.system.build.toplevel']
-
-
-def nix_error_summary(output: list[str]) -> str:
-    """One line saying what went wrong: git's `fatal:` line, else nix's last `error:` line with the builder's
-    last log line (nix quotes it as `> ...`), else the last line."""
-    fatal = [line.strip() for line in output if line.startswith("fatal:")]
-    if fatal:
-        return fatal[0]
-    errors = [i for i, line in enumerate(output) if line.startswith("error:")]
-    if not errors:
-        return next((line.strip() for line in reversed(output) if line.strip()), "no output")
-    quoted = [line.strip()[2:] for line in output[errors[-1]:] if line.strip().startswith("> ")]
-    return output[errors[-1]].rstrip(";") + (f": {quoted[-1]}" if quoted else "")
 
 
 class EvalFailed(Exception):
@@ -4332,6 +4380,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a switch or test, roll it back unless the new system confirms over NATS within S "
                         "seconds (see docs/operations.md, 'Automatic rollback'); 0 turns it off (default: 0; "
                         "NixOS module: 120)")
+    p.add_argument("--health-check", action="append", metavar="CMD",
+                   help="after a switch or test, run CMD (split into words, never by a shell) before confirming; "
+                        "repeatable; a failing check rolls back at once (error health_check_failed); needs "
+                        "--rollback-timeout")
+    p.add_argument("--health-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a health check may run before it is killed and counts as failed (default: 60)")
     p.add_argument("--trusted-key", action="append", metavar="PUBKEY[=NAME]",
                    help="act only on requests signed by this NKey user public key, repeatable; NAME is logged and "
                         "reported (default: act on any request NATS delivers, with a warning)")

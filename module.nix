@@ -142,6 +142,7 @@ let
     ++ lib.optionals lcfg.allowAnyRef [ "--allow-any-ref" ]
     ++ lib.concatMap (key: [ "--trusted-key" key ]) lcfg.trustedKeys
     ++ lib.optionals (lcfg.trustedKeysFile != null) [ "--trusted-keys-file" (toString lcfg.trustedKeysFile) ]
+    ++ lib.concatMap (check: [ "--health-check" check ]) lcfg.healthChecks
     ++ lib.optionals lcfg.metrics.enable [ "--metrics-enabled" "--metrics-addr" lcfg.metrics.address ]
     ++ lcfg.extraArgs
   );
@@ -265,6 +266,20 @@ in
         `systemd-run`) rolls the host back and the requester gets `failed`
         with error `rolled_back`.  0 turns automatic rollback off.  See
         docs/operations.md, "Automatic rollback".
+      '';
+    };
+
+    healthChecks = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "curl -fsS http://127.0.0.1:8080/health" "systemctl is-active nginx.service" ];
+      description = ''
+        Commands the listener runs, in order, after a `switch` or `test`
+        and before it confirms it; each is split into words as a shell
+        would, but never run by a shell.  One that exits non-zero, or runs
+        longer than `--health-timeout` (60 s; set it with `extraArgs`), rolls
+        the host back at once and the requester gets `failed` with error
+        `health_check_failed`.  Needs `rollbackTimeout` above 0.
       '';
     };
 
@@ -417,6 +432,10 @@ in
         {
           assertion = lcfg.role == null || isSubjectToken lcfg.role;
           message = "services.homelab-deploy.listener.role (${builtins.toJSON lcfg.role}) must be one NATS subject token: no '.', '*', '>' or whitespace.";
+        }
+        {
+          assertion = lcfg.healthChecks == [ ] || lcfg.rollbackTimeout > 0;
+          message = "services.homelab-deploy.listener.healthChecks needs the rollback watchdog: set rollbackTimeout above 0 (e.g. 120), or healthChecks = [ ].";
         }
         {
           assertion = lcfg.deploySubjects != [ ];

@@ -849,6 +849,16 @@ class TestListener:
         assert "exit code 1" in final["message"] and "failed with exit code 1" in final["message"]
         assert any("builder for" in line for line in final["output"])
 
+    def test_failure_message_names_nix_error_line_not_its_last_line(self, nats_server, start_listener, bus_factory):
+        host = start_listener("testhost1", "test")
+        host.standin.set_mode("eval-error")
+        got = responses(
+            bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1", {"action": "switch", "revision": "main"}
+        )
+        assert (got[-1]["status"], got[-1]["error"]) == ("failed", "build_failed")
+        assert got[-1]["message"] == "nixos-rebuild switch failed (exit code 1): error: undefined variable 'nginxx'"
+        assert got[-1]["output"][-1] == "(use '--show-trace' to show detailed location information)"
+
     def test_hostile_requests_rejected_and_nothing_runs(self, nats_server, start_listener, bus_factory):
         host = start_listener("testhost1", "test")
         bus = bus_factory(nats_server, "test-deployer")

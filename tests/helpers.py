@@ -196,6 +196,12 @@ print("building the system configuration...", flush=True)
 if mode == "fail":
     print("error: builder for '/nix/store/xyz-nixos-system.drv' failed with exit code 1", file=sys.stderr, flush=True)
     sys.exit(1)
+if mode == "eval-error":  # nix's evaluation error as a terminal shows it: coloured, the show-trace hint last
+    for line in ("\\x1b[31;1merror:\\x1b[0m undefined variable 'nginxx'", "",
+                 "       at /nix/store/abc-source/hosts/web.nix:3:5:",
+                 "(use '--show-trace' to show detailed location information)"):
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(1)
 if mode == "slow":  # a deploy that takes a moment, so that overlapping runs would show in the spans
     time.sleep(0.3)
 if mode == "block":  # until the test creates the release file; a grandchild proves the group is killed
@@ -225,8 +231,8 @@ if mode == "activation-fails":  # the new generation is installed, then units fa
 
 
 class StandIn:
-    """A `nixos-rebuild` on PATH for one listener; modes: succeed, fail, slow (0.3 s), block (until release()),
-    activation-fails (installs the generation, exits 4)."""
+    """A `nixos-rebuild` on PATH for one listener; modes: succeed, fail, eval-error (nix's error, then its
+    show-trace hint), slow (0.3 s), block (until release()), activation-fails (installs the generation, exits 4)."""
 
     def __init__(self, directory: Path):
         self.dir = directory

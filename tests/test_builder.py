@@ -249,6 +249,15 @@ class TestBuildProtocol:
             hd.nix_error_summary(build)
             == "error: builder for '/nix/store/x-broken.drv' failed with exit code 1: intentional build failure"
         )
+        dependency = [*build, "error: 1 dependencies of derivation '/nix/store/y-system.drv' failed to build"]
+        assert hd.nix_error_summary(dependency) == hd.nix_error_summary(build)  # the first error, the cause
+        trace = [  # newer nix: a bare `error:` opens the trace, the message is indented, the hint comes last
+            "error:",
+            "       … while evaluating the attribute 'config.system.build.toplevel'",
+            "       error: undefined variable 'nginxx'",
+            "(use '--show-trace' to show detailed location information)",
+        ]
+        assert hd.nix_error_summary(trace) == "error: undefined variable 'nginxx'"
         git = ["fatal: couldn't find remote ref refs/heads/nope", "error: program 'git' failed with exit code 128"]
         assert hd.nix_error_summary(git) == "fatal: couldn't find remote ref refs/heads/nope"
         assert (

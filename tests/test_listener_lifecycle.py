@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -593,8 +594,118 @@ class TestAutomaticRollback:
         wait_for(lambda: "not starting with '-'" in host.log_text(), what="the request to be refused")
         assert host.standin.calls == [] and "armed" not in host.log_text()
 
-    @pytest.mark.parametrize("value", ["inf", "nan", "-1"])
-    def test_rollback_timeout_must_be_finite(self, tmp_path, value):
+    def test_failing_health_check_rolls_back_at_once(self, nats_server, start_listener, bus_factory, tmp_path):
+        check = tmp_path / "check-nginx"
+        check.write_text("#!/bin/sh\necho checking nginx\necho 'nginx: 502 Bad Gateway' >&2\nexit 3\n")
+        check.chmod(0o755)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        metrics = ("--metrics-enabled", "--metrics-addr", f"127.0.0.1:{port}")
+        host = start_listener(
+            "testhost1", "test", None, "--rollback-timeout", "300", "--health-check", str(check), *metrics
+        )
+        host.standin.set_generation(1)
+        bus = bus_factory(nats_server, "test-deployer")
+        _, replies = start_deploy(bus, "deploy.test.testhost1")
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "health_check_failed")
+        assert reply["message"] == (
+            f"the new system failed its health check `{check}` (exit code 3): checking nginx | nginx: 502 Bad Gateway; "
+            "it had installed generation 2, so it was rolled back at once with `nixos-rebuild switch --rollback`; "
+            "the system profile is at generation 1"
+        )
+        assert "nginx: 502 Bad Gateway" in reply["output"]
+        assert rollbacks(host) == [["switch", "--rollback"]] and host.standin.generation == 1
+        wait_for(lambda: "the rollback watchdog exits" in host.log_text(), what="the watchdog to stand down")
+        assert len(rollbacks(host)) == 1
+        [status] = hd.discover_hosts(bus, hd.STATUS_SUBJECT, parse=hd.HostStatus.parse)
+        assert [(r.status, r.error) for r in status.history] == [(hd.Status.FAILED, hd.ErrorCode.HEALTH_CHECK_FAILED)]
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        counted = (
+            'homelab_deploy_deployments_total{action="switch",error_code="health_check_failed",status="failed"} 1.0'
+        )
+        assert counted in scraped.splitlines()
+
+    def test_failing_health_check_after_a_test_activates_the_generation_before(
+        self, nats_server, start_listener, bus_factory
+    ):
+        host = start_listener("testhost1", "test", None, "--rollback-timeout", "300", "--health-check", "false")
+        host.standin.set_generation(1)
+        activate = host.standin.profile.parent / "system-1-link" / "bin" / "switch-to-configuration"
+        activate.parent.mkdir(parents=True)
+        activate.write_text(f'#!/bin/sh\necho "$@" >> {activate}.calls\n')
+        activate.chmod(0o755)
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1", "test")
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "health_check_failed")
+        assert f"; it had activated it, so it was rolled back at once with `{activate} test`;" in reply["message"]
+        assert Path(f"{activate}.calls").read_text() == "test\n" and rollbacks(host) == []
+
+    def test_listener_started_after_a_switch_runs_the_checks(self, nats_server, start_listener, bus_factory):
+        """--restart-after-switch (the NixOS module's way): the listener on the new system checks, then confirms."""
+        flags = ("--restart-after-switch", "--rollback-timeout", "300", "--health-check", "false")
+        host = start_listener("testhost1", "test", None, *flags)
+        host.standin.set_generation(1)
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        assert host.proc.wait(30) == 0 and rollbacks(host) == []  # switched; the checks are left to the next start
+        host.start()
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "health_check_failed")
+        assert reply["message"].startswith("the new system failed its health check `false` (exit code 1): no output;")
+        assert rollbacks(host) == [["switch", "--rollback"]] and host.standin.generation == 1
+
+    def test_passing_health_checks_run_on_the_new_system_then_complete(
+        self, nats_server, start_listener, bus_factory, tmp_path
+    ):
+        seen, profile = tmp_path / "seen", tmp_path / "testhost1" / "profiles" / "system"  # the stand-in's profile
+        checks = ["--health-check", f"sh -c 'readlink {profile} >> {seen}'", "--health-check", "true"]
+        host = start_listener("testhost1", "test", None, "--rollback-timeout", "300", *checks)
+        host.standin.set_generation(1)
+        for action, generation in (("switch", 2), ("test", 3)):  # the stand-in adds a generation for a test too
+            _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1", action)
+            reply = final_reply(replies)
+            assert (reply["status"], reply["error"]) == ("completed", None), reply
+            assert seen.read_text().splitlines()[-1] == f"system-{generation}-link"
+        assert rollbacks(host) == [] and len(seen.read_text().splitlines()) == 2
+
+    def test_hanging_health_check_is_killed_and_rolls_back(self, nats_server, start_listener, bus_factory, tmp_path):
+        pid_file = tmp_path / "check.pid"
+        check = f"sh -c 'echo $$ > {pid_file}; exec sleep 3600'"
+        host = start_listener(
+            "testhost1", "test", None, "--rollback-timeout", "300", "--health-check", check, "--health-timeout", "1"
+        )
+        host.standin.set_generation(1)
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        reply = final_reply(replies)
+        assert (reply["status"], reply["error"]) == ("failed", "health_check_failed")
+        assert reply["message"].startswith(f"the new system failed its health check `{check}` (killed after 1s)")
+        assert rollbacks(host) == [["switch", "--rollback"]] and host.standin.generation == 1
+        assert gone(int(pid_file.read_text()))
+
+    @pytest.mark.parametrize(
+        ("flags", "error"),
+        [
+            *(
+                (
+                    ["--rollback-timeout", value],
+                    "--rollback-timeout a finite number of seconds (0 turns automatic rollback off)",
+                )
+                for value in ("inf", "nan", "-1")
+            ),
+            (
+                ["--health-check", "true", "--rollback-timeout", "0"],
+                "--health-check needs the rollback watchdog, which undoes a switch or test "
+                "whose check fails: give --rollback-timeout S (e.g. 120), or drop --health-check",
+            ),
+            (
+                ["--rollback-timeout", "30", "--health-check", "curl 'http://x"],
+                '--health-check "curl \'http://x" must be a command line',
+            ),
+            (["--rollback-timeout", "30", "--health-timeout", "0"], "--health-timeout 0 must be a positive number"),
+        ],
+    )
+    def test_rollback_and_health_check_settings_refused_at_start(self, tmp_path, flags, error):
         r = run_cli(
             "listener",
             "--hostname",
@@ -609,14 +720,10 @@ class TestAutomaticRollback:
             "nats://127.0.0.1:1",
             "--nkey-file",
             str(tmp_path / "k.seed"),
-            "--rollback-timeout",
-            value,
+            *flags,
             timeout=30,
         )
-        assert (
-            r.returncode == 1
-            and "--rollback-timeout a finite number of seconds (0 turns automatic rollback off)" in r.stderr
-        ), r.stderr
+        assert r.returncode == 1 and error in r.stderr, r.stderr
 
     def test_a_watchdog_that_does_not_arm_runs_nothing(
         self, listener_in_process, bus_factory, nats_server, monkeypatch

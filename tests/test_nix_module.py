@@ -425,6 +425,15 @@ def test_listener_rollback_timeout(nix):
     assert "services.homelab-deploy.listener.rollbackTimeout" in err and "is not of type" in err
 
 
+def test_listener_health_checks(nix):
+    assert "--health-check" not in listener_argv(nix, host(listener=listener_config()))
+    checks = ["curl -fsS 'http://127.0.0.1:8080/health?full=1'", "systemctl is-active nginx.service"]
+    argv = listener_argv(nix, host(listener=listener_config(healthChecks=checks)))
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--health-check"] == checks
+    err = nix.host_error(host(listener=listener_config(healthChecks=checks, rollbackTimeout=0)))
+    assert "services.homelab-deploy.listener.healthChecks needs the rollback watchdog" in err
+
+
 def test_trusted_keys(nix):
     key = "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5"
     argv = listener_argv(
