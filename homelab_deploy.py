@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import dataclasses
 import enum
 import functools
 import json
@@ -1717,10 +1716,8 @@ class Rejections:
                                   f"{self.daemon}'s log has each")
 
 
-@dataclasses.dataclass(frozen=True)
-class ListenerConfig:
-    """What a listener is told, checked when built: from the command line (from_args), or directly by tests and the
-    bench's simulated fleet; a ValueError names the bad value and the fix. `subjects` holds the expanded templates."""
+class ListenerFields(typing.NamedTuple):
+    """What a listener is told; ListenerConfig checks it (a NamedTuple like every record: docs/decisions.md)."""
 
     hostname: str
     tier: str
@@ -1741,9 +1738,23 @@ class ListenerConfig:
     require_signed: bool = False
     health_checks: tuple[str, ...] = ()  # command lines, split by shlex, run after a switch or test
     health_timeout: float = 60.0
-    subjects: tuple[str, ...] = dataclasses.field(init=False)
 
-    def __post_init__(self) -> None:
+
+class ListenerConfig(ListenerFields):
+    """ListenerFields checked when built: from the command line (from_args), or directly by tests and the bench's
+    simulated fleet; a ValueError names the bad value and the fix."""
+
+    def __new__(cls, *args, **kwargs) -> ListenerConfig:
+        self = super().__new__(cls, *args, **kwargs)
+        self.check()
+        return self
+
+    @functools.cached_property
+    def subjects(self) -> tuple[str, ...]:
+        """The deploy subjects: the templates expanded for this host."""
+        return tuple(expand_subjects(list(self.deploy_subjects), self.hostname, self.tier, self.role))
+
+    def check(self) -> None:
         for flag, value in (("--hostname", self.hostname), ("--role", self.role)):
             if (value is not None or flag == "--hostname") and not is_subject_token(value):
                 raise ValueError(f"{flag} {value!r} must be one NATS subject token "
@@ -1769,8 +1780,7 @@ class ListenerConfig:
             if not health_check_argv(check):
                 raise ValueError(f"--health-check {check!r} must be a command line (split into words as a shell "
                                  "would, never run by one), e.g. 'curl -fsS http://127.0.0.1:8080/health'")
-        object.__setattr__(self, "subjects", tuple(expand_subjects(
-            list(self.deploy_subjects), self.hostname, self.tier, self.role)))
+        self.subjects  # noqa: B018 (expands the templates now: a bad one is refused here)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ListenerConfig:
