@@ -530,7 +530,15 @@ FUZZ_SETTINGS = settings(
 # ---------------------------------------------------------------- answers: the rules and strategies
 
 MAX_PAYLOAD = 1024 * 1024  # the nats_server fixture's nats-server: the largest answer a client gets
-DEPLOY_ERROR_CODES = DEPLOY_ERRORS | {"interrupted"}  # the spec's, and the one docs/protocol.md adds
+# the spec's, and the ones docs/protocol.md adds
+DEPLOY_ERROR_CODES = DEPLOY_ERRORS | {
+    "interrupted",
+    "internal_error",
+    "rolled_back",
+    "rollback_failed",
+    "health_check_failed",
+    "unauthorized",
+}
 BUILD_ERROR_CODES = {
     "unknown_repo",
     "invalid_target",
@@ -621,6 +629,7 @@ DEPLOY_ANSWER = {
     "message": TEXT,
     "duration_seconds": SECONDS,
     "output": LINES,
+    "commit": name_field(ref_ok, git_refs(), "a..b", "main;id", "-rf", near_names),  # the new system's revision
 }
 DISCOVERY_ANSWER = {
     "hostname": HOST_NAME,
@@ -629,6 +638,7 @@ DISCOVERY_ANSWER = {
     "deploy_subjects": replace(LINES, required=True),
     "version": TEXT,
     "deploying": FLAG,
+    "unsigned": FLAG,
 }
 BUILD_RESULT = {
     "host": name_field(name_ok, tokens(NAME_CHARS), "a;b", "-rf", "x" * 64, near_names, required=True),
