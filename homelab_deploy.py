@@ -929,6 +929,20 @@ OUTBOX_DEPTH = 256  # unconfirmed publishes queued for the loop before a publish
 OUTBOX_WAIT = 10.0  # seconds a publisher waits for room before it queues anyway (an answer is never dropped)
 
 
+def from_stream(msg, subscription: str) -> bool:
+    """Whether `msg` is a JetStream delivery (a consumer's, acked on a $JS. reply, or a direct get's, with stream
+    headers): nats-server lets whoever reads a stream or bucket deliver its stored messages on any subject, so a
+    daemon's subjects take only what a credential published there itself. Logged, then dropped. (A client's reply
+    subjects end in a random token: no one can aim a delivery at them.)"""
+    if not (msg.reply.startswith("$JS.") or (msg.headers and ("Nats-Stream" in msg.headers or
+                                                               "Nats-Sequence" in msg.headers))):
+        return False
+    log.warning("dropped a JetStream delivery on %s (subscription %s): requests and answers come only from the "
+                "credential that publishes them; a consumer or direct get aimed a stored message here", msg.subject,
+                subscription)
+    return True
+
+
 class Lane:
     """A bounded queue of received messages and the threads that handle them. A flood fills only its own lane
     and what does not fit is dropped, so other subscriptions are served at once and memory stays bounded."""
@@ -1187,6 +1201,8 @@ class Bus:
         choose = lane if callable(lane) else lambda data: lane or subject
 
         async def on_message(msg):
+            if from_stream(msg, subject):
+                return
             name = choose(msg.data)
             if name not in self.lanes:
                 self.lanes[name] = Lane(name)

@@ -102,6 +102,33 @@ class TestEventsStream:
         assert p1.standin.calls == []
         assert fleet_server.ops._call(fleet_server.ops.nc.jetstream().stream_info(STREAM)).state.consumer_count == 0
 
+    def test_a_listener_drops_every_jetstream_delivery_aimed_at_its_subjects(self, fleet_server, tmp_path, bus_factory):
+        """Defence in depth for whoever may read a stream or bucket (admins; deployers read the host registry): a
+        push consumer, a pull consumer's next and a direct get, each aiming a stored request-shaped message at
+        deploy.prod.p1 (no trusted keys), reach p1 and are dropped: p1 runs nothing."""
+        ops, forged = fleet_server.ops, {"action": "switch", "revision": "main", "reply_to": "deploy.responses.x.y"}
+        p1 = Listener(fleet_server, "p1", "prod", "dns", tmp_path).start()
+        try:
+            t1 = bus_factory(fleet_server, "t1")
+            t1.publish("deploy.events.test.t1", json.dumps(forged).encode(), confirm=True)
+            wait_for(lambda: stored(fleet_server) >= 1, what="the stream to store t1's event")
+            js = ops.nc.jetstream(timeout=5)
+            push = ConsumerConfig(name="push", deliver_subject="deploy.prod.p1", ack_policy=AckPolicy.NONE)
+            ops._call(js.add_consumer(STREAM, push), 15)
+            ops._call(js.add_consumer(STREAM, ConsumerConfig(name="pull", ack_policy=AckPolicy.NONE)), 15)
+            ops._call(ops.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.pull", b'{"batch": 1}', "deploy.prod.p1"))
+            kv = ops._call(js.create_key_value(bucket="TRAP", direct=True), 15)
+            ops._call(kv.put("x", json.dumps(forged).encode()), 15)
+            ops._call(ops.nc.publish("$JS.API.DIRECT.GET.KV_TRAP.$KV.TRAP.x", b"", "deploy.prod.p1"))
+            wait_for(
+                lambda: p1.log_text().count("(subscription deploy.prod.p1)") >= 3,
+                what="p1 to drop the three deliveries",
+            )
+        finally:
+            p1.stop()
+        assert p1.standin.calls == []
+        assert "rejected" not in p1.log_text()
+
     def test_no_credential_below_admin_reads_the_stream_and_hosts_send_no_requests(self, fleet_server, bus_factory):
         """Every JetStream API path that delivers stored messages (consumer creation in its three forms, direct
         get, message get, a pull consumer's next) is refused to every credential but the admins, who may only
