@@ -292,6 +292,7 @@ class DeployRequest(typing.NamedTuple):
     revision: str
     reply_to: str
     expires_in: float | None = None  # seconds from arrival within which `accepted` must go out; None: no limit
+    queue_until: int | None = None  # a queued deploy (desired state): unix time after which it is not applied
 
     @classmethod
     def parse(cls, data: bytes, allow_any_ref: bool = False) -> DeployRequest:
@@ -316,12 +317,17 @@ class DeployRequest(typing.NamedTuple):
             raise ProtocolError(f"invalid expires_in {str(expires_in)[:40]!r}: must be the seconds the sender waits "
                                 "for `accepted`, a number greater than 0; leave it out to wait without a limit",
                                 None, reply_to)
-        return cls(Action(action), revision, reply_to, expires_in)
+        queue_until = obj.get("queue_until")
+        if queue_until is not None and not (type(queue_until) is int and 0 < queue_until < 2 ** 40):
+            raise ProtocolError(f"invalid queue_until {str(queue_until)[:40]!r}: must be unix seconds (an integer); "
+                                "`deploy --queue-ttl` sets it", None, reply_to)
+        return cls(Action(action), revision, reply_to, expires_in, queue_until)
 
     def to_json(self) -> bytes:
         obj: dict[str, object] = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
-        if self.expires_in is not None:
-            obj["expires_in"] = self.expires_in
+        for field in ("expires_in", "queue_until"):
+            if getattr(self, field) is not None:
+                obj[field] = getattr(self, field)
         return json.dumps(obj).encode()
 
 
@@ -465,6 +471,7 @@ class HostStatus(typing.NamedTuple):
 
 
 EVENTS_STREAM = "HOMELAB_DEPLOY_EVENTS"  # the JetStream stream `events --since` reads, when the operator made it
+DESIRED_BUCKET = "HOMELAB_DEPLOY_DESIRED"  # JetStream KV: <tier>.<host> -> the signed deploy queued for that host
 # Its definition, as the README gives it: 90 days, bounded in size so no flood of events can fill the server's disk.
 EVENTS_STREAM_CONFIG = {"name": EVENTS_STREAM, "subjects": ["deploy.events.>", "build.events.>"],
                         "retention": "limits", "storage": "file", "discard": "old", "max_age": 90 * 86400 * 10**9,
@@ -624,6 +631,7 @@ class BuildResponse(typing.NamedTuple):
 # ---------------------------------------------------------------- signed requests
 
 SIGNATURE_SKEW = 60  # seconds a request's signed_at may be off the receiver's clock; its nonce is kept twice as long
+MAX_QUEUE_TTL = 30 * 86400  # seconds a queued deploy may wait for its host (deploy --queue-ttl)
 SIGNING_CONTEXT = b"homelab-deploy request v1\n"
 NONCE_RE = re.compile(r"[0-9a-f]{32}")
 NONCE_COMPACT_EVERY = 1000  # nonce lines appended before the file is rewritten with only the live ones
@@ -751,10 +759,11 @@ class TrustedSigners:
         return old, (f"reloaded: added {', '.join(n for _, n in added) or 'none'}; removed "
                      f"{', '.join(n for _, n in removed) or 'none'}")
 
-    def verify(self, subject: str, data: bytes, reply_to: str, code) -> str:
+    def verify(self, subject: str, data: bytes, reply_to: str, code, queued_until: int | None = None) -> str:
         """The signer's name, when `data` (a request that parsed) is signed by a trusted key for `subject`, was
-        signed within SIGNATURE_SKEW seconds, carries a nonce not seen before, and wants its answers on the
-        signer's own reply subject; else ProtocolError with `code` saying which check failed."""
+        signed within SIGNATURE_SKEW seconds (a queued deploy, with its signed `queue_until`: since that long),
+        carries a nonce not seen before, and wants its answers on the signer's own reply subject; else
+        ProtocolError with `code` saying which check failed."""
         import base64
         import binascii
 
@@ -789,8 +798,9 @@ class TrustedSigners:
         except (binascii.Error, ValueError, nacl.exceptions.BadSignatureError):
             raise refuse(f"the signature of {keys[signer]} does not match this request on {subject}: it was "
                          "altered, or signed for another subject and re-published here") from None
-        age = time.time() - signed_at
-        if abs(age) > SIGNATURE_SKEW:
+        age = time.time() - signed_at  # a queued deploy's may be older: until its expiry, which handle_deploy checks
+        queued = queued_until is not None and 0 <= queued_until - signed_at <= MAX_QUEUE_TTL
+        if abs(age) > SIGNATURE_SKEW and not (queued and age >= -SIGNATURE_SKEW):
             raise refuse(f"signed {abs(age):.0f}s {'ago' if age > 0 else 'in the future'}, more than {SIGNATURE_SKEW}s "
                          "off this host's clock: a replay, or a clock is wrong (check NTP on both ends)")
         if reply_to.split(".")[2] != signer:
@@ -809,7 +819,7 @@ class TrustedSigners:
                 self.budget[signer] = (left - 1, now)
                 if nonce in self.seen:
                     raise refuse(f"nonce {nonce} was used before: a replay of a request already received")
-                self.seen[nonce] = signed_at + 2 * SIGNATURE_SKEW
+                self.seen[nonce] = max(signed_at + 2 * SIGNATURE_SKEW, (queued_until or 0) * queued + SIGNATURE_SKEW)
                 if self.nonce_file and self.written >= NONCE_COMPACT_EVERY:
                     self.compact()
                 elif self.nonce_file:
@@ -1090,10 +1100,11 @@ class Bus:
         raise NatsError(f"cannot reach NATS at {', '.join(self.servers)} within {connect_timeout:.0f}s{cause}; "
                         "check --nats-url and that nats-server is running")
 
-    def denied(self, subject: str, operation: str = "publish", since: int = 0) -> str | None:
-        """The server's permission error for `operation` ("publish" or "subscription") on `subject` numbered
-        after `since` (publish's return value: errors of this request only; 0: any still remembered)."""
-        wanted = f'{operation} to "{subject}"'.lower()  # nats-py lowercases the server's error, subject included
+    def denied(self, subject: str, operation: str = "publish", since: int = 0, prefix: bool = False) -> str | None:
+        """The server's permission error for `operation` ("publish" or "subscription") on `subject` (with `prefix`:
+        a subject starting so) numbered after `since` (publish's return value: errors of this request only; 0: any
+        still remembered)."""
+        wanted = (f'{operation} to "{subject}' + ("" if prefix else '"')).lower()  # nats-py lowercases the error
         return next((e for n, e in list(self.permission_errors) if n > since and wanted in e.lower()), None)
 
     def _check_permission(self, subject: str, operation: str, since: int = 0) -> None:
@@ -1223,34 +1234,43 @@ class Bus:
         self._check_permission(subject, "subscription")
         return q
 
-    def replay(self, stream: str, subject: str, since: float, q: queue.Queue) -> None:
-        """Like inbox(subject, q), from JetStream `stream`: the messages on `subject` it stored since `since` (unix
-        time), then each new one as it is stored, through a consumer delivering to this credential's replies."""
-        import nats.errors
-        import nats.js.errors
+    def follow(self, stream: str, subject: str, on_message, since: float | None = None, replacing=None):
+        """Call on_message(msg) on the loop for the messages JetStream `stream` stored on `subject` since `since`
+        (unix time; None: its last one), then for each new one, through a consumer delivering to this credential's
+        replies; it ends `replacing`, a subscription this returned before. Raises what nats-py raises."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+        if replacing is not None:
+            self._call(replacing.unsubscribe())
         deliver = new_reply_subject("deploy", self.public_key)
+        start = time.strftime(ISO_TIME_FORMAT, time.gmtime(since or 0))  # nats-py sends it as is; stubs: datetime
+        config = ConsumerConfig(name=deliver.rsplit(".", 1)[1], deliver_subject=deliver, ack_policy=AckPolicy.NONE,
+                                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT if since is None else
+                                DeliverPolicy.BY_START_TIME, inactive_threshold=60.0,
+                                opt_start_time=None if since is None else start)  # type: ignore[arg-type]
+        return self._call(self.client.jetstream(timeout=5).subscribe(subject, stream=stream, cb=on_message,
+                                                                     manual_ack=True, config=config), 15)
+
+    def replay(self, stream: str, subject: str, since: float, q: queue.Queue) -> None:
+        """Like inbox(subject, q), from JetStream `stream`: the messages on `subject` it stored since `since` (unix
+        time), then each new one as it is stored (follow())."""
+        import nats.errors
+        import nats.js.errors
 
         async def on_message(msg):
             q.put((msg.subject, msg.data))
 
-        start = time.strftime(ISO_TIME_FORMAT, time.gmtime(since))  # nats-py sends it as is; its stubs say datetime
-        config = ConsumerConfig(name=deliver.rsplit(".", 1)[1], deliver_subject=deliver, ack_policy=AckPolicy.NONE,
-                                deliver_policy=DeliverPolicy.BY_START_TIME, inactive_threshold=60.0,
-                                opt_start_time=start)  # type: ignore[arg-type]
         errors_before = self.permission_errors_seen
         try:
-            self._call(self.client.jetstream(timeout=5).subscribe(subject, stream=stream, cb=on_message,
-                                                                  manual_ack=True, config=config), 15)
+            self.follow(stream, subject, on_message, since)
         except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):  # the latter: no -js at all
             raise NatsError(f"this NATS server has no JetStream stream {stream} (or no JetStream: nats-server -js): "
                             "create it as docs/security.md shows ('Signed requests and audit'), e.g. `nats stream add "
                             f"--config` of {json.dumps(EVENTS_STREAM_CONFIG)}, or follow live events without --since"
                             ) from None
         except (nats.errors.TimeoutError, NatsError):  # nats-py names the consumer and filter in the API subject
-            refused = any(self.denied(api, since=errors_before) for api in (
-                f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.{config.name}.{subject}"))
+            refused = self.denied(f"$JS.API.STREAM.INFO.{stream}", since=errors_before) or self.denied(
+                f"$JS.API.CONSUMER.CREATE.{stream}.", since=errors_before, prefix=True)
             raise NatsError(f"replay (--since) needs an admin credential: this one ({self.nkey_file}) may not read "
                             f"the JetStream stream {stream}; follow live events without --since" if refused else
                             f"the JetStream API did not answer about {stream}: is JetStream enabled (-js)?") from None
@@ -2234,8 +2254,7 @@ class Listener:
         self.busy = threading.Lock()  # one deploy at a time
         self.reporting = threading.Lock()  # held until a deploy's final status is out; shutdown waits on it
         self.restarting = False  # a switch succeeded with --restart-after-switch: set before `busy` is released
-        self.current: DeployRequest | None = None
-        self.current_since = 0.0
+        self.current: DeployRequest | None = None  # the running deploy; run_exclusive sets it and current_since
         self.kill = threading.Event()  # set when the shutdown grace period is over: kill the running deploy
 
     def start(self) -> None:
@@ -2264,13 +2283,14 @@ class Listener:
             request.action.value if request else None, request.revision if request else None, status,
             error.value if error else None, clip(reason), suppressed).to_json())
 
-    def handle_deploy(self, subject: str, data: bytes, received: float) -> None:
-        """A deploy request: parsed and authenticated (else rejected), admitted, then run exclusively."""
+    def handle_deploy(self, subject: str, data: bytes, received: float, queued: bool = False) -> bool | None:
+        """A deploy request (`queued`: its signature may be as old as its queue_until): parsed and authenticated
+        (else rejected: None), admitted (else False), then run exclusively (True)."""
         request = signer = None
         try:
             request = DeployRequest.parse(data, self.config.allow_any_ref)
-            signers = self.state.signers
-            signer = signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED) if signers else None
+            signers, until = self.state.signers, request.queue_until if queued else None
+            signer = signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED, until) if signers else None
             waited = time.monotonic() - received
             if request.expires_in is not None and waited > request.expires_in:
                 raise ProtocolError(
@@ -2279,10 +2299,10 @@ class Listener:
                     "listener is overloaded, deploy again", ErrorCode.TIMEOUT, request.reply_to)
         except ProtocolError as e:
             self.reject(subject, data, e, request=request, signer=signer)
-            return
+            return None
         rid = request_id(request.reply_to)
         if not self.admit(request, rid, signer):
-            return
+            return False
         try:
             self.run_exclusive(request, rid, signer)
         finally:
@@ -2291,6 +2311,7 @@ class Listener:
             log.info("host=%s request=%s restarting so the service manager starts the switched-to version",
                      self.config.hostname, rid)
             self.stop.set()
+        return True
 
     def reject(self, subject: str, data: bytes, e: ProtocolError, *, request: DeployRequest | None,
                signer: str | None) -> None:
@@ -2467,7 +2488,101 @@ class Listener:
                   if subject == STATUS_SUBJECT else HostInfo(config.hostname, config.tier, config.role, subjects,
                                                              __version__, self.busy.locked(), unsigned)._asdict())
         self.bus.publish(answer_subject(reply_to, config.hostname), json.dumps(answer).encode())
-        log.debug("host=%s answered %s on %s", config.hostname, subject, reply_to)
+
+
+QUEUE_CHECK_INTERVAL = 5.0  # seconds between a listener's looks for a reconnect, or a queued deploy to retry
+QUEUE_RETRY_INTERVAL = 300.0  # seconds before a listener tries again to follow its queued deploys, after it failed
+
+
+class QueuedDeploys:
+    """The deploy queued for this host while it was away: the signed request a deployer left under <tier>.<host>
+    in the DESIRED_BUCKET key-value bucket (`deploy --queue`). A consumer on that one key delivers it at start,
+    again after each reconnect, and whenever it changes; each revision is applied at most once (the last one
+    applied or refused is kept in queue.json), through handle_deploy like any request, its expiry checked there."""
+
+    def __init__(self, listener: Listener):
+        config, self.listener = listener.config, listener
+        self.key, self.subject = f"{config.tier}.{config.hostname}", f"deploy.{config.tier}.{config.hostname}"
+        self.file = os.path.join(config.state_dir, "queue.json")
+        try:
+            with open(self.file) as f:
+                self.applied = int(json.load(f)["applied"])
+        except FileNotFoundError:
+            self.applied = 0
+        except (OSError, ValueError, KeyError, TypeError) as e:  # unknown: better a queued deploy skipped than rerun
+            self.applied = 2 ** 62
+            log.error("host=%s queued deploys ignored until one is queued anew: %s unreadable (%s)", config.hostname,
+                      self.file, e)
+        self.latest: tuple[int, bytes] | None = None  # (revision, request) the consumer delivered last
+        self.changed = threading.Event()
+        self.watching: int | None = None  # the connection's reconnect count when the consumer was made
+        self.retry_at = 0.0  # after a failed watch(): its monotonic time to try again (each try may be logged)
+        self.subscription = None
+
+    def watch(self) -> None:
+        """(Re)make the consumer of this host's key; without JetStream, the bucket or the right, log it once."""
+        bus, hostname, reconnects = self.listener.bus, self.listener.config.hostname, self.listener.bus.reconnects
+
+        async def on_message(msg):  # a deletion's marker has no data: nothing is queued
+            self.latest = (revision := msg.metadata.sequence.stream, msg.data) if msg.data else None
+            if self.latest and revision <= self.applied:
+                log.info("host=%s queued deploy revision %d was applied or refused before; not again", hostname,
+                         revision)
+            self.changed.set()
+
+        try:
+            self.subscription = bus.follow(f"KV_{DESIRED_BUCKET}", f"$KV.{DESIRED_BUCKET}.{self.key}", on_message,
+                                           replacing=self.subscription)
+        except Exception as e:
+            (log.warning if not self.retry_at else log.debug)(
+                "host=%s queued deploys not followed (%s): JetStream, its %s bucket (`homelab-deploy setup-jetstream`) "
+                "or this host's right to read its key is missing; deploys over NATS work as before", hostname,
+                str(e) or type(e).__name__, DESIRED_BUCKET)
+            self.retry_at = time.monotonic() + QUEUE_RETRY_INTERVAL
+            return
+        self.watching = reconnects
+        log.info("host=%s following its queued deploys (%s key %s)", hostname, DESIRED_BUCKET, self.key)
+
+    def apply(self, revision: int, data: bytes) -> bool:
+        """Run revision `revision` of the queued deploy, or refuse it (expired, invalid, unauthorized): True; False
+        when a deploy started meanwhile held it back. Its requester is gone: what happened goes to the history,
+        the events and the log."""
+        listener, hostname = self.listener, self.listener.config.hostname
+        log.info("host=%s applying queued deploy revision %d", hostname, revision)
+        with contextlib.suppress(ProtocolError):  # what does not parse, handle_deploy rejects
+            request = DeployRequest.parse(data, listener.config.allow_any_ref)
+            if not (request.queue_until and time.time() <= request.queue_until):
+                expiry = time.strftime(ISO_TIME_FORMAT, time.gmtime(request.queue_until or 0))
+                listener.reject(self.subject, data, ProtocolError(
+                    f"not run: the deploy queued for {hostname} expired at {expiry} (queue_until, from `deploy "
+                    "--queue-ttl`) before the host took it; deploy again", ErrorCode.TIMEOUT), request=request,
+                    signer=None)
+                return True
+        return listener.handle_deploy(self.subject, data, time.monotonic(), queued=True) is not False
+
+    def run(self) -> None:
+        """Until stop: keep the consumer current, and apply a new revision once no deploy runs (else retry)."""
+        listener, hostname = self.listener, self.listener.config.hostname
+        while not listener.stop.is_set():
+            self.changed.clear()  # before reading `latest`: a delivery from now on wakes the wait below
+            stale = self.watching != listener.bus.reconnects  # never made, or made before the last reconnect
+            if stale and listener.bus.connected and time.monotonic() >= self.retry_at:
+                self.watch()
+            latest, before = self.latest, self.applied
+            if latest and latest[0] > before and not listener.busy.locked():
+                try:  # recorded before it runs: a crash or a stop then skips it rather than run it twice
+                    save_state(self.file, {"applied": latest[0]})
+                except OSError as e:
+                    log.error("host=%s queued deploy revision %d not applied: cannot record it in %s (%s); make the "
+                              "state directory writable", hostname, latest[0], self.file, e.strerror)
+                else:
+                    self.applied = latest[0]
+                    if not self.apply(*latest):  # a deploy came first: try again once it ended
+                        self.applied = before
+                        with contextlib.suppress(OSError):  # else it stays skipped after a restart, as a crash would
+                            save_state(self.file, {"applied": before}, durable=False)
+                    continue
+            self.changed.wait(QUEUE_CHECK_INTERVAL)
 
 
 def listener_command(args: argparse.Namespace) -> int:
@@ -2527,6 +2642,7 @@ def listener_command(args: argparse.Namespace) -> int:
         return 1
     log.info("host=%s tier=%s role=%s ready (%s)", hostname, config.tier, config.role or "-",
              ", ".join(config.subjects))
+    threading.Thread(target=QueuedDeploys(listener).run, name="queued-deploys", daemon=True).start()
     serve_until_stopped(stop, reload, listener.state.reload_signers)
     if listener.reporting.locked():
         log.warning("host=%s shutting down: waiting up to %ss for the running deploy", hostname, config.shutdown_grace)
