@@ -87,6 +87,21 @@ class TestQueuedDeploys:
         finally:
             t1.stop()
 
+    def test_after_a_reconnect_the_listener_follows_its_key_anew(self, queue_server, tmp_path, bus_factory):
+        """The server restarts (its JetStream kept on disk): the listener makes its consumer again, and a deploy
+        queued then is applied."""
+        t1 = t1_listener(queue_server, tmp_path).start()
+        try:
+            wait_for(lambda: "following its queued deploys" in t1.log_text(), what="t1 to follow its key")
+            queue_server.restart()
+            wait_for(lambda: t1.log_text().count("following its queued deploys") == 2, what="t1 to follow it anew")
+            admin = bus_factory(queue_server, "admin")
+            wait_for(lambda: queue_server.ops.connected, what="ops to reconnect")
+            queue(queue_server, queued_request(admin))
+            wait_for(lambda: len(t1.standin.calls) == 1, what="the queued switch")
+        finally:
+            t1.stop()
+
     def test_an_expired_queued_deploy_is_never_applied(self, queue_server, tmp_path, bus_factory):
         revision = queue(queue_server, queued_request(bus_factory(queue_server, "admin"), ttl=60, age=120))
         t1 = t1_listener(queue_server, tmp_path).start()
