@@ -1578,9 +1578,33 @@ def health_check_argv(check: str) -> list[str]:
         return []
 
 
-def failed_health_check(checks: tuple[str, ...], timeout: float, prefix: str) -> tuple[str, list[str]] | None:
-    """Run the health checks in order, each killed with its process group after `timeout`; None when all pass,
-    else the first failure, named with its output's last lines, and that output."""
+FAILED_UNITS_ARGV = ("systemctl", "--failed", "--no-legend", "--plain")  # looked up on PATH: tests put a stand-in
+SYSTEMD_RUNTIME = "/run/systemd/system"  # exists when systemd is the init system (sd_booted's test)
+
+
+def failed_units(timeout: float, prefix: str) -> tuple[str, list[str]] | None:
+    """The health check of --failed-units-check: None when systemd lists no failed unit, else the failure naming
+    them (the first word of each line), as failed_health_check gives it."""
+    result = run_with_timeout(list(FAILED_UNITS_ARGV), timeout, prefix)
+    command = " ".join(FAILED_UNITS_ARGV)
+    if result.returncode != 0 or result.timed_out:
+        last = " | ".join(line.strip() for line in result.output[-3:] if line.strip()) or "no output"
+        return (f"the new system failed its health check `{command}` ("
+                f"{f'killed after {timeout:g}s' if result.timed_out else f'exit code {result.returncode}'}): "
+                f"{clip(last, 300)}", result.output)
+    units = [line.split()[0] for line in result.output if line.strip()]
+    if not units:
+        return None
+    return (f"the new system failed its health check `failed units: {clip(', '.join(units), 300)}` (`{command}` "
+            "lists them; one that failed before the deploy counts too: `systemctl reset-failed UNIT` clears it)",
+            result.output)
+
+
+def failed_health_check(checks: tuple[str, ...], timeout: float, prefix: str,
+                        units: bool = False) -> tuple[str, list[str]] | None:
+    """Run the health checks in order, each killed with its process group after `timeout`, then with `units`
+    systemd's failed units; None when all pass, else the first failure, named with its output's last lines, and
+    that output."""
     for check in checks:
         result = run_with_timeout(health_check_argv(check), timeout, prefix)
         if result.returncode == 0 and not result.timed_out:
@@ -1589,7 +1613,7 @@ def failed_health_check(checks: tuple[str, ...], timeout: float, prefix: str) ->
                else f"exit code {result.returncode}")
         last = " | ".join(line.strip() for line in result.output[-3:] if line.strip()) or "no output"
         return f"the new system failed its health check `{check}` ({how}): {clip(last, 300)}", result.output
-    return None
+    return failed_units(timeout, prefix) if units else None
 
 
 RESEND_AFTER = (2.0, 7.0, 22.0, 52.0, 112.0)  # seconds after a deploy's end to re-send its final status
@@ -1738,6 +1762,7 @@ class ListenerFields(typing.NamedTuple):
     require_signed: bool = False
     health_checks: tuple[str, ...] = ()  # command lines, split by shlex, run after a switch or test
     health_timeout: float = 60.0
+    failed_units_check: str = "auto"  # on, off, or auto: on under systemd (SYSTEMD_RUNTIME exists)
 
 
 class ListenerConfig(ListenerFields):
@@ -1748,6 +1773,11 @@ class ListenerConfig(ListenerFields):
         self = super().__new__(cls, *args, **kwargs)
         self.check()
         return self
+
+    @functools.cached_property
+    def checks_failed_units(self) -> bool:
+        """Whether systemd's failed units fail the health checks: decided once, at start."""
+        return {"on": True, "off": False}.get(self.failed_units_check, os.path.isdir(SYSTEMD_RUNTIME))
 
     @functools.cached_property
     def subjects(self) -> tuple[str, ...]:
@@ -1773,6 +1803,8 @@ class ListenerConfig(ListenerFields):
             raise ValueError(f"--discover-subject {self.discover_subject!r} is not a valid NATS subject")
         if not 0 < self.health_timeout < 1e9:
             raise ValueError(f"--health-timeout {self.health_timeout:g} must be a positive number of seconds, e.g. 60")
+        if self.failed_units_check not in ("auto", "on", "off"):
+            raise ValueError(f"--failed-units-check {self.failed_units_check!r} must be auto, on or off")
         if self.health_checks and not self.rollback_timeout:
             raise ValueError("--health-check needs the rollback watchdog, which undoes a switch or test whose check "
                              "fails: give --rollback-timeout S (e.g. 120), or drop --health-check")
@@ -1789,7 +1821,7 @@ class ListenerConfig(ListenerFields):
                    args.discover_subject, args.state_dir, args.system_profile, args.timeout, args.heartbeat_interval,
                    args.shutdown_grace, args.rollback_timeout, args.restart_after_switch, args.allow_any_ref,
                    tuple(args.trusted_key or ()), (args.trusted_keys_file,) if args.trusted_keys_file else (),
-                   args.require_signed, tuple(args.health_check or ()), args.health_timeout)
+                   args.require_signed, tuple(args.health_check or ()), args.health_timeout, args.failed_units_check)
 
     def load_signers(self, nonce_file: str | None, required: bool = False) -> TrustedSigners | None:
         """The trusted keys from --trusted-key and --trusted-keys-file (at start, and anew on SIGHUP)."""
@@ -2095,7 +2127,8 @@ class Rollback:
         config, switched, rolled = self.config, self.path("switched", rid), self.path("rollback", rid)
         try:
             if os.path.exists(switched) and (failed := failed_health_check(
-                    config.health_checks, config.health_timeout, f"host={config.hostname} request={rid} ")):
+                    config.health_checks, config.health_timeout, f"host={config.hostname} request={rid} ",
+                    config.checks_failed_units)):
                 with contextlib.suppress(FileNotFoundError):  # else the watchdog took it: its rollback is reported
                     request, record = read_rollback_record(switched)
                     final = self.undo_failed_switch(rid, *failed, before=record["generation_before"], armed=True,
@@ -4396,6 +4429,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--rollback-timeout")
     p.add_argument("--health-timeout", type=float, default=60.0, metavar="S",
                    help="seconds a health check may run before it is killed and counts as failed (default: 60)")
+    p.add_argument("--failed-units-check", choices=("auto", "on", "off"), default="auto",
+                   help="after a switch or test, with the rollback watchdog: a unit `systemctl --failed` lists fails "
+                        "the health check; auto: on under systemd (default: auto)")
     p.add_argument("--trusted-key", action="append", metavar="PUBKEY[=NAME]",
                    help="act only on requests signed by this NKey user public key, repeatable; NAME is logged and "
                         "reported (default: act on any request NATS delivers, with a warning)")
