@@ -11,6 +11,7 @@ Sections, each opened by a `# ---- name` banner, follow the data:
   NATS facade                Bus: nats-py behind blocking calls, handlers on bounded lanes
   subprocess runner          nixos-rebuild and nix with a timeout and the tail of their output
   metrics                    the Prometheus metrics and their HTTP endpoint
+  deploy output              nixos-rebuild's output live to the requester (--follow), and whole logs (logs)
   listener                   the daemon on every host: requests in, nixos-rebuild, answers out
   rollback watchdog          rolls a switch back unless a listener confirms it over NATS
   builder                    the daemon that pre-builds every host of a repository
@@ -292,6 +293,7 @@ class DeployRequest(typing.NamedTuple):
     revision: str
     reply_to: str
     expires_in: float | None = None  # seconds from arrival within which `accepted` must go out; None: no limit
+    follow: bool = False  # send nixos-rebuild's output lines while it runs (`started` answers with `log`)
 
     @classmethod
     def parse(cls, data: bytes, allow_any_ref: bool = False) -> DeployRequest:
@@ -316,12 +318,18 @@ class DeployRequest(typing.NamedTuple):
             raise ProtocolError(f"invalid expires_in {str(expires_in)[:40]!r}: must be the seconds the sender waits "
                                 "for `accepted`, a number greater than 0; leave it out to wait without a limit",
                                 None, reply_to)
-        return cls(Action(action), revision, reply_to, expires_in)
+        follow = obj.get("follow", False)
+        if not isinstance(follow, bool):
+            raise ProtocolError(f"invalid follow {str(follow)[:40]!r}: must be true (send the output while it runs) "
+                                "or false", None, reply_to)
+        return cls(Action(action), revision, reply_to, expires_in, follow)
 
     def to_json(self) -> bytes:
         obj: dict[str, object] = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
         if self.expires_in is not None:
             obj["expires_in"] = self.expires_in
+        if self.follow:  # only when asked: a request without it is byte for byte what listeners before it read
+            obj["follow"] = True
         return json.dumps(obj).encode()
 
 
@@ -336,12 +344,13 @@ class DeployResponse(typing.NamedTuple):
     duration_seconds: float | None = None
     output: list[str] | None = None  # last lines of nixos-rebuild's output, on failure
     commit: str | None = None  # configurationRevision of the new system after a successful switch/boot, if set
+    log: list[str] | None = None  # `started` answers to a `follow` request: output lines since the last such answer
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> DeployResponse:
         fields = answer_fields(decode_message(data, limit), {
             "hostname": is_subject_token, "status": DEPLOY_STATUSES, "error": tuple(ErrorCode), "message": str,
-            "duration_seconds": float, "output": list, "commit": is_valid_ref}, "deploy answer",
+            "duration_seconds": float, "output": list, "commit": is_valid_ref, "log": list}, "deploy answer",
             required=("hostname", "status"))
         return cls(**{**fields, "message": fields["message"] or ""})
 
@@ -354,6 +363,8 @@ class DeployResponse(typing.NamedTuple):
             d["output"] = self.output
         if self.commit is not None:
             d["commit"] = self.commit
+        if self.log is not None:
+            d["log"] = self.log
         return d
 
 
@@ -1285,10 +1296,12 @@ MAX_CAPTURED_STDOUT = 16 * 1024 * 1024  # `nix flake show --json` of a large fle
 
 def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env: dict | None = None,
                      capture_stdout: bool = False, stop: threading.Event | None = None, on_start=None,
-                     every: tuple[float, typing.Callable[[float], None]] | None = None) -> RunResult:
+                     every: tuple[float, typing.Callable[[float], None]] | None = None,
+                     on_line: typing.Callable[[str], None] | None = None) -> RunResult:
     """Run argv (never a shell) in its own process group; kill the group after `timeout` seconds,
     or as soon as `stop` is set. With `capture_stdout`, stdout is kept apart from the logged stderr. With
-    `every` = (interval, call), call(seconds running) every interval seconds while it runs. The calling thread
+    `every` = (interval, call), call(seconds running) every interval seconds while it runs; on_line(line) gets
+    each line of the logged output as it is read, whole (the tail keeps OUTPUT_LINE_CHARS of it). The calling thread
     reads the output and waits for the exit (a pidfd) in one select: no helper thread, no polling."""
     import selectors
     import subprocess
@@ -1352,6 +1365,8 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
                         line = raw.decode("utf-8", "replace").rstrip()
                         tail.append(line[:OUTPUT_LINE_CHARS])
                         log.debug("%s%s", log_prefix, line)
+                        if on_line:
+                            on_line(line)
         finally:
             os.close(pidfd)
     return RunResult(proc.returncode, timed_out, list(tail), time.monotonic() - started, bytes(captured))
@@ -1542,6 +1557,78 @@ class BuilderMetrics:
     def build_finished(self, repo: str, success: bool) -> None:
         self.builds.labels(repo, "success" if success else "failure").inc()
         (self.last_success if success else self.last_failure).labels(repo).set_to_current_time()
+
+
+# ---------------------------------------------------------------- deploy output
+
+FOLLOW_INTERVAL = 0.2  # seconds between the batches of a followed deploy's output
+FOLLOW_LINES = OUTPUT_TAIL_LINES - 1  # lines a batch carries at most (95 a second); the last place: the count dropped
+LOG_BYTES = 2 * 1024 * 1024  # of a deploy's output, the last so many bytes are kept for `homelab-deploy logs`
+LOG_LINE_CHARS = 16 * 1024  # characters kept of a line in a log: any line fits in one answer
+
+
+class DeployOutput:
+    """One deploy's nixos-rebuild output, line by line as run_with_timeout reads it, each line redacted: its last
+    LOG_BYTES kept for `homelab-deploy logs`, and with `send` (a `follow` request) sent to the requester every
+    FOLLOW_INTERVAL s from a thread of its own, at most FOLLOW_LINES lines a batch, with the count of lines dropped.
+    `keep` gets the lines when the run is over."""
+
+    def __init__(self, send: typing.Callable[[list[str]], None] | None,
+                 keep: typing.Callable[[list[str]], None] | None = None):
+        self.send, self.keep, self.lock, self.done = send, keep, threading.Lock(), threading.Event()
+        self.kept: collections.deque[str] = collections.deque()
+        self.size = self.cut = self.dropped = 0  # bytes kept, lines cut from the front, lines not sent
+        self.batch: list[str] = []
+        self.sender: threading.Thread | None = None
+
+    def line(self, text: str) -> None:
+        text = clip(redact(text), LOG_LINE_CHARS)  # redacted whole: a cut could leave half a secret
+        with self.lock:
+            self.kept.append(text)
+            self.size += len(text.encode()) + 1
+            while self.size > LOG_BYTES:
+                self.size -= len(self.kept.popleft().encode()) + 1
+                self.cut += 1
+            if not self.send:
+                return
+            if len(self.batch) < FOLLOW_LINES:
+                self.batch.append(clip(text, OUTPUT_LINE_CHARS))
+            else:
+                self.dropped += 1
+
+    def follow(self) -> None:
+        """The sender thread: a batch every FOLLOW_INTERVAL s until the run is over."""
+        while not self.done.wait(FOLLOW_INTERVAL):
+            self.flush()
+
+    def flush(self) -> None:
+        assert self.send is not None  # only a followed deploy has batches
+        with self.lock:
+            batch, dropped, self.batch, self.dropped = self.batch, self.dropped, [], 0
+        if dropped:
+            batch.append(f"[{dropped} line(s) not sent: more than {FOLLOW_LINES / FOLLOW_INTERVAL:g} a second; "
+                         "`homelab-deploy logs` shows them all]")
+        if batch:
+            self.send(batch)
+
+    def lines(self) -> list[str]:
+        """The output kept, with a first line saying how many lines were cut when it was longer."""
+        note = [f"[the first {self.cut} line(s) are not kept: a log keeps the last {LOG_BYTES >> 20} MiB]"]
+        return note * bool(self.cut) + list(self.kept)
+
+    def __enter__(self) -> DeployOutput:
+        if self.send:
+            self.sender = threading.Thread(target=self.follow, name="follow", daemon=True)
+            self.sender.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.done.set()
+        if self.sender:
+            self.sender.join()
+            self.flush()  # after the thread's last batch, before the final status: the order the lines came in
+        if self.keep:
+            self.keep(self.lines())
 
 
 # ---------------------------------------------------------------- listener
@@ -2235,6 +2322,16 @@ def rebuild_outcome(action: Action, revision: str, result: RunResult, *, killed:
         f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {nix_error_summary(result.output)}"
 
 
+def subscribe_optional(bus: Bus, subject: str, handler, hostname: str, what: str, lane: str | None = None) -> None:
+    """A listener's subscription to `subject` that a NATS config from before it was added may refuse: then deploys
+    work on, and `what` is not answered (logged)."""
+    try:
+        bus.subscribe(subject, handler, lane=lane)
+    except NatsError as e:
+        log.warning("host=%s %s not answered: %s; regenerate the NATS config with `homelab-deploy nats-config` so "
+                    "listeners may subscribe to %s", hostname, what, e, subject)
+
+
 class Listener:
     """One host's agent, intake and replies: it takes deploy requests from its subjects (parse, authenticate, admit
     or reject), runs one at a time with nixos-rebuild, answers the requester (accepted, started, the final status)
@@ -2261,11 +2358,7 @@ class Listener:
         for subject in config.subjects:
             self.bus.subscribe(subject, self.handle_deploy, lane=lane)  # never queued behind discovery
         self.bus.subscribe(config.discover_subject, self.handle_query)
-        try:
-            self.bus.subscribe(STATUS_SUBJECT, self.handle_query)
-        except NatsError as e:  # a NATS config from before status queries: deploys work on, status does not
-            log.warning("host=%s status queries not answered: %s; regenerate the NATS config with `homelab-deploy "
-                        "nats-config` so listeners may subscribe to %s", config.hostname, e, STATUS_SUBJECT)
+        subscribe_optional(self.bus, STATUS_SUBJECT, self.handle_query, config.hostname, "status queries")
         log.info("host=%s listening on %s and %s", config.hostname, ", ".join(config.subjects), config.discover_subject)
 
     def reply(self, reply_to: str, status: Status, error: ErrorCode | None = None, message: str = "", **extra) -> None:
@@ -2411,11 +2504,13 @@ class Listener:
         if self.metrics:
             self.metrics.in_progress.set(1)
         try:
-            result = run_with_timeout(argv, config.timeout, f"host={hostname} request={rid} ", stop=self.kill,
-                                      on_start=lambda pid: self.state.record_inflight(request, pid),
-                                      every=(config.heartbeat_interval, lambda running: self.reply(
-                                          request.reply_to, Status.STARTED,
-                                          message=f"{action.value} still running after {running:.0f}s")))
+            with DeployOutput((lambda lines: self.reply(request.reply_to, Status.STARTED, log=lines))
+                              if request.follow else None) as output:
+                result = run_with_timeout(argv, config.timeout, f"host={hostname} request={rid} ", stop=self.kill,
+                                          on_start=lambda pid: self.state.record_inflight(request, pid),
+                                          on_line=output.line, every=(config.heartbeat_interval, lambda t: self.reply(
+                                              request.reply_to, Status.STARTED,
+                                              message=f"{action.value} still running after {t:.0f}s")))
         finally:
             if self.metrics:
                 self.metrics.in_progress.set(0)
@@ -3144,10 +3239,11 @@ class Interrupted(KeyboardInterrupt):
 
 
 def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
-                 window: float = ANSWER_WINDOW, on_event=None,
-                 stragglers: float = STRAGGLER_WINDOW) -> tuple[dict[str, DeployResponse], bool]:
+                 window: float = ANSWER_WINDOW, on_event=None, stragglers: float = STRAGGLER_WINDOW,
+                 on_log=None) -> tuple[dict[str, DeployResponse], bool]:
     """Publish a deploy request (on each subject of a list) and gather every answering host's responses.
-    Returns the last response per host and whether everything finished before the timeout."""
+    Returns the last response per host and whether everything finished before the timeout. With on_log, the
+    request asks for the output while it runs (`follow`): on_log(answer) gets each answer carrying `log`."""
     hosts: dict[str, DeployResponse] = {}
     subjects = [subject] if isinstance(subject, str) else subject
     # deploy.<tier>.<host> names one host: once every named host (and any other that answered) finished, nobody
@@ -3160,6 +3256,10 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
 
     def on_answer(response: DeployResponse) -> bool:
         new = response.hostname not in hosts
+        if response.log is not None:  # output, not a state: the host's `accepted` came first
+            if on_log and not new:
+                on_log(response)
+            return False
         if not new and hosts[response.hostname].status.final:
             return False  # a final status is final
         if not new and response.status is Status.REJECTED:  # after `accepted`: it answers a forged request
@@ -3178,7 +3278,8 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
 
     try:  # expires_in: half the window, the other half covers the trips of the request and `accepted` through NATS
         finished = collect_answers(
-            bus, subject, "deploy", make_request=lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
+            bus, subject, "deploy",
+            make_request=lambda to: DeployRequest(action, revision, to, window / 2, on_log is not None).to_json(),
             parse=DeployResponse.parse, sender=lambda r: r.hostname, timeout=timeout, window=window,
             on_answer=on_answer, is_done=is_done, stragglers=stragglers,
             is_complete=lambda: len(addressed) == len(subjects) and not unheard and is_done())
@@ -3276,7 +3377,7 @@ def rollout_plan(bus: Bus, subject: str, rollout: Rollout, *, window: float, str
 
 def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollout, *, action: Action, revision: str,
              timeout: float, window: float, stragglers: float, report, stop: threading.Event,
-             results: list[tuple[str, list[DeployResponse]]]) -> None:
+             results: list[tuple[str, list[DeployResponse]]], on_log=None) -> None:
     """Deploy batch after batch, each host on its own subject, reporting report(line, final) per batch start and
     host event; once a canary or more than max_failures hosts failed, or `stop` is set, the rest are skipped.
     Appends (batch name, final responses) to `results` as each batch ends, kept when a NatsError ends it early."""
@@ -3292,7 +3393,7 @@ def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollo
             continue
         report(f"{name}: deploying {', '.join(h.hostname for h in batch)}", True)
         hosts, _ = deploy_hosts(bus, [f"deploy.{h.tier}.{h.hostname}" for h in batch], action, revision, timeout,
-                                window, lambda r: report(describe(r), r.status.final), stragglers)
+                                window, lambda r: report(describe(r), r.status.final), stragglers, on_log)
         gone = [DeployResponse(h.hostname, Status.FAILED, message=f"did not answer within {window:g}s: it left the "
                                "fleet since the plan, or its listener is down (`homelab-deploy list-hosts` shows who "
                                "listens)") for h in batch if h.hostname not in hosts]
@@ -3329,7 +3430,7 @@ def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: 
                           "success": code is Exit.OK,
                           "hosts": [r.to_dict() for r in hosts], **({} if batches is None else {"batches": [
                               {"name": name, "hosts": [r.to_dict() for r in batch]} for name, batch in batches]})},
-                         indent=2))
+                         indent=None if args.follow else 2))  # --follow: one line after the log lines, NDJSON
     if not hosts:
         return code
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
@@ -3346,6 +3447,18 @@ def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: 
             + ("" if args.pin else f". {args.branch} moved while they fetched it; deploy with --pin (or "
                "HOMELAB_DEPLOY_PIN=1) to send one commit to every host"), file=sys.stderr)
     return code
+
+
+def show_log(args: argparse.Namespace, progress: Progress):
+    """deploy --follow's on_log: each output line to stdout as `host | line`, or with --json as a JSON line
+    {"hostname", "log"}; None without --follow."""
+    def on_log(response: DeployResponse) -> None:
+        progress.done()  # a status line redrawn on the terminal would run into the output
+        for line in response.log or []:
+            print(json.dumps({"hostname": response.hostname, "log": line}) if args.json
+                  else f"{response.hostname} | {line}", flush=True)
+
+    return on_log if args.follow else None
 
 
 def unknown_deploy_outcome(e: OutcomeUnknown, aside: str = "") -> CommandError:
@@ -3377,7 +3490,7 @@ def deploy_rollout(args: argparse.Namespace, subject: str, revision: str, bus: B
             return Exit.OK
         roll_out(bus, batches, rollout, action=Action(args.action), revision=revision, timeout=args.timeout,
                  window=args.answer_window, stragglers=args.straggler_window, report=progress.event, stop=stop,
-                 results=results)
+                 results=results, on_log=show_log(args, progress))
     except ValueError as e:
         raise CommandError(str(e)) from None
     except OutcomeUnknown as e:
@@ -3415,8 +3528,8 @@ def deploy_command(args: argparse.Namespace) -> int:
         return deploy_rollout(args, subject, revision, bus, progress)
     try:
         hosts, finished = deploy_hosts(bus, subject, Action(args.action), revision, args.timeout,
-                                       args.answer_window,
-                                       lambda r: progress.event(describe(r), r.status.final), args.straggler_window)
+                                       args.answer_window, lambda r: progress.event(describe(r), r.status.final),
+                                       args.straggler_window, show_log(args, progress))
     except OutcomeUnknown as e:
         raise unknown_deploy_outcome(e, " (a host's listener log has its result)") from None
     finally:
@@ -4475,6 +4588,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the listeners' git flake URL, for --pin (env HOMELAB_DEPLOY_FLAKE_URL)")
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
+    p.add_argument("--follow", action="store_true",
+                   help="print nixos-rebuild's output while it runs, each line as `host | line` (with --json: a JSON "
+                        "line {hostname, log}, and the final document on one line)")
     p.add_argument("--canary", type=count_flag, metavar="K",
                    help="roll out: deploy the first K hosts of the plan alone first; stop if any fails")
     p.add_argument("--batch-size", type=batch_size_flag, metavar="N|P%",
