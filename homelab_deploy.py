@@ -66,6 +66,7 @@ log = Log()
 MAX_MESSAGE_BYTES = 64 * 1024  # requests are tiny; anything bigger is hostile (answers: up to the server's max_payload)
 OUTPUT_TAIL_LINES = 20  # lines of nixos-rebuild / nix output kept for a failure report
 OUTPUT_LINE_CHARS = 500  # characters kept of each output line
+LOG_LINE_CHARS = 16 * 1024  # characters kept of a line in a deploy's whole log: any line fits in one answer
 ANSWER_TEXT_CHARS = 2000  # characters kept of a message or error in an answer, so no answer floods a terminal
 TIERS = ("test", "prod")
 DEFAULT_SUBJECTS = ("deploy.<tier>.<hostname>", "deploy.<tier>.all", "deploy.<tier>.role.<role>")
@@ -473,6 +474,63 @@ class HostStatus(typing.NamedTuple):
 
     def to_dict(self) -> dict:
         return {**self._asdict(), "history": [r.to_dict() for r in self.history]}
+
+
+REQUEST_ID_RE = re.compile(r"[0-9a-f]{8,32}")  # a request id (request_id()), or its first 8 or more digits
+
+
+class LogsRequest(typing.NamedTuple):
+    """`homelab-deploy logs`, on logs_subject: the log of request `request` (its id, or the first 8+ digits of
+    it), or of the last deploy."""
+
+    reply_to: str
+    request: str | None = None
+
+    @classmethod
+    def parse(cls, data: bytes) -> LogsRequest:
+        obj = decode_message(data)
+        reply_to = parse_reply_to(obj, "deploy")
+        request = obj.get("request")
+        if request is not None and not (isinstance(request, str) and REQUEST_ID_RE.fullmatch(request)):
+            raise ProtocolError(f"invalid request {str(request)[:40]!r}: must be a request id as events and status "
+                                "show it (8 to 32 of its hex digits); leave it out for the last deploy", None, reply_to)
+        return cls(reply_to, request)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self._asdict()).encode()
+
+
+class LogAnswer(typing.NamedTuple):
+    """A listener's answer to a logs request: part `part` (from 1) of `parts` of the log of request `request`,
+    its lines in order; `parts` 0: the host has no such log, and `message` says why."""
+
+    hostname: str
+    request: str | None = None
+    action: str | None = None
+    revision: str | None = None
+    finished: str | None = None  # when nixos-rebuild ended, UTC, ISO_TIME_FORMAT
+    part: int = 0
+    parts: int = 0
+    lines: tuple[str, ...] = ()
+    message: str = ""
+
+    @classmethod
+    def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> LogAnswer:
+        obj = decode_message(data, limit)
+        fields = answer_fields(obj, {
+            "hostname": is_subject_token, "request": REQUEST_ID_RE.fullmatch, "action": tuple(a.value for a in Action),
+            "revision": is_valid_ref, "finished": is_iso_time, "part": int, "parts": int, "message": str},
+            "logs answer", required=("hostname", "part", "parts"))
+        lines = obj.get("lines") or []
+        if not (isinstance(lines, list) and all(isinstance(line, str) for line in lines)) or \
+                fields["part"] > fields["parts"]:
+            raise ProtocolError(f"malformed logs answer: lines must be a list of strings and part ({fields['part']})"
+                                f" at most parts ({fields['parts']})")
+        return cls(**{**fields, "message": fields["message"] or ""},
+                   lines=tuple(clip(printable(line), LOG_LINE_CHARS) for line in lines))
+
+    def to_json(self) -> bytes:
+        return json.dumps(self._asdict()).encode()
 
 
 EVENTS_STREAM = "HOMELAB_DEPLOY_EVENTS"  # the JetStream stream `events --since` reads, when the operator made it
@@ -1564,7 +1622,8 @@ class BuilderMetrics:
 FOLLOW_INTERVAL = 0.2  # seconds between the batches of a followed deploy's output
 FOLLOW_LINES = OUTPUT_TAIL_LINES - 1  # lines a batch carries at most (95 a second); the last place: the count dropped
 LOG_BYTES = 2 * 1024 * 1024  # of a deploy's output, the last so many bytes are kept for `homelab-deploy logs`
-LOG_LINE_CHARS = 16 * 1024  # characters kept of a line in a log: any line fits in one answer
+LOGS_KEPT = 5  # deploys whose whole output a listener keeps
+LOG_PREFIX = "log-"  # state files log-<request>.json
 
 
 class DeployOutput:
@@ -1629,6 +1688,95 @@ class DeployOutput:
             self.flush()  # after the thread's last batch, before the final status: the order the lines came in
         if self.keep:
             self.keep(self.lines())
+
+
+def logs_subject(tier: str, hostname: str) -> str:
+    """Where a host answers `homelab-deploy logs`: nats-config lets only its tier's deployers publish there."""
+    return f"deploy.logs.{tier}.{hostname}"
+
+
+class DeployLogs:
+    """The whole output of a listener's last LOGS_KEPT deploys in its state directory (log-<request>.json, written
+    by save_state: atomic, mode 0600), and its answers to `homelab-deploy logs` on logs_subject: authenticated as
+    deploys are, the log in numbered parts that each fit the server's max_payload."""
+
+    def __init__(self, config: ListenerConfig, bus: Bus, state: ListenerState):
+        self.config, self.bus, self.state = config, bus, state  # state.signers: a reload replaces them
+
+    def path(self, rid: str) -> str:
+        return os.path.join(self.config.state_dir, f"{LOG_PREFIX}{rid}.json")
+
+    def serve(self) -> None:
+        subscribe_optional(self.bus, logs_subject(self.config.tier, self.config.hostname), self.handle,
+                           self.config.hostname, "logs requests", lane="logs")
+
+    def kept(self) -> list[str]:
+        """The request ids of the logs kept, oldest first."""
+        found = []
+        for name in os.listdir(self.config.state_dir):
+            rid = name.removeprefix(LOG_PREFIX).removesuffix(".json")
+            if name == f"{LOG_PREFIX}{rid}.json" and REQUEST_ID_RE.fullmatch(rid):
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile by a deploy keeping its own
+                    found.append((os.stat(self.path(rid)).st_mtime_ns, rid))
+        return [rid for _, rid in sorted(found)]
+
+    def save(self, rid: str, request: DeployRequest, lines: list[str]) -> None:
+        """Keep a deploy's output and remove all but the last LOGS_KEPT; a failed write is logged, never fatal."""
+        try:
+            save_state(self.path(rid), {"request": rid, "action": request.action.value, "revision": request.revision,
+                                        "finished": time.strftime(ISO_TIME_FORMAT, time.gmtime()), "lines": lines},
+                       durable=False)  # not fsynced: a log lost with the machine costs no deploy
+            for old in self.kept()[:-LOGS_KEPT]:
+                save_state(self.path(old), None)
+        except OSError as e:
+            log.error("host=%s request=%s output not kept in %s (%s), so `homelab-deploy logs` cannot show it; make "
+                      "%s writable", self.config.hostname, rid, self.path(rid), e.strerror, self.config.state_dir)
+
+    def handle(self, subject: str, data: bytes, received: float) -> None:
+        """A logs request: parsed and authenticated (a refused signature is logged, not answered), then answered
+        with the log it names, the last one without an id, in parts; or with one answer saying why there is none."""
+        hostname = self.config.hostname
+        try:
+            request = LogsRequest.parse(data)
+            if signers := self.state.signers:
+                signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED)
+        except ProtocolError as e:
+            log.warning("host=%s subject=%s logs request refused: %s", hostname, subject, e)
+            if e.reply_to:
+                self.bus.publish(answer_subject(e.reply_to, hostname), LogAnswer(hostname, message=str(e)).to_json())
+            return
+        kept, answers = self.kept(), []
+        found = [rid for rid in kept if rid.startswith(request.request)] if request.request else kept[-1:]
+        if not kept:
+            why = f"{hostname} keeps no deploy output yet"
+        elif not found:
+            why = (f"{hostname} keeps no log of request {request.request}: it keeps the output of its last "
+                   f"{LOGS_KEPT} deploys ({', '.join(kept)}); `homelab-deploy status --history {LOGS_KEPT}` shows "
+                   "their ids")
+        elif len(found) > 1:
+            why = f"request {request.request} names {len(found)} of the logs {hostname} keeps; give more of its digits"
+        else:
+            try:
+                with open(self.path(found[0])) as f:
+                    record = json.load(f)
+                parts: list[list[str]] = [[]]
+                size, budget = 0, self.bus.max_payload - 1024  # room for the other fields
+                for line in record["lines"]:
+                    size += len(json.dumps(line)) + 2  # as encoded, with ", " between lines
+                    if size > budget and parts[-1]:
+                        parts.append([])
+                        size = len(json.dumps(line)) + 2
+                    parts[-1].append(line)
+                answers = [LogAnswer(hostname, found[0], record["action"], record["revision"], record["finished"], i,
+                                     len(parts), tuple(part)) for i, part in enumerate(parts, 1)]
+                why = ""
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.error("host=%s request=%s unreadable log %s: %r", hostname, found[0], self.path(found[0]), e)
+                why = f"the log of request {found[0]} on {hostname} is unreadable; its listener's log says why"
+        for answer in answers or [LogAnswer(hostname, request.request, message=why)]:
+            self.bus.publish(answer_subject(request.reply_to, hostname), answer.to_json())
+        log.info("host=%s request=%s logs request answered: %s", hostname, found[0] if answers else "-",
+                 f"{sum(len(a.lines) for a in answers)} lines in {len(answers)} part(s)" if answers else why)
 
 
 # ---------------------------------------------------------------- listener
@@ -1931,6 +2079,7 @@ class ListenerState:
         self.history_file = os.path.join(config.state_dir, "history.json")
         self.history: list[DeployRecord] = []  # replaced, never changed in place: status queries read it unlocked
         self.profile_commit_of: tuple[int | None, str | None] = (None, None)  # (generation, its commit), cached
+        self.logs = DeployLogs(config, bus, self)  # the output of the last deploys, for `homelab-deploy logs`
 
     def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
         """Keep the running request on disk so a restarted listener can report it; None clears it, and never
@@ -2359,6 +2508,7 @@ class Listener:
             self.bus.subscribe(subject, self.handle_deploy, lane=lane)  # never queued behind discovery
         self.bus.subscribe(config.discover_subject, self.handle_query)
         subscribe_optional(self.bus, STATUS_SUBJECT, self.handle_query, config.hostname, "status queries")
+        self.state.logs.serve()
         log.info("host=%s listening on %s and %s", config.hostname, ", ".join(config.subjects), config.discover_subject)
 
     def reply(self, reply_to: str, status: Status, error: ErrorCode | None = None, message: str = "", **extra) -> None:
@@ -2504,8 +2654,8 @@ class Listener:
         if self.metrics:
             self.metrics.in_progress.set(1)
         try:
-            with DeployOutput((lambda lines: self.reply(request.reply_to, Status.STARTED, log=lines))
-                              if request.follow else None) as output:
+            with DeployOutput((lambda lines: self.reply(request.reply_to, Status.STARTED, log=lines)) if request.follow
+                              else None, functools.partial(self.state.logs.save, rid, request)) as output:
                 result = run_with_timeout(argv, config.timeout, f"host={hostname} request={rid} ", stop=self.kill,
                                           on_start=lambda pid: self.state.record_inflight(request, pid),
                                           on_line=output.line, every=(config.heartbeat_interval, lambda t: self.reply(
@@ -3661,6 +3811,79 @@ def status_command(args: argparse.Namespace) -> int:
     return Exit.FAILED if args.expect is not None and any(problems.values()) else Exit.OK
 
 
+def fetch_log(bus: Bus, hostname: str, tier: str, request: str | None, timeout: float,
+              window: float) -> LogAnswer | None:
+    """The log `homelab-deploy logs` asks a host for (of request `request`, or of its last deploy), its parts
+    joined; or the host's answer saying why it has none (parts 0); None when it did not answer within `window`.
+    NatsError when this credential may not ask it; CommandError when parts are still missing after `timeout`."""
+    parts: dict[int, LogAnswer] = {}
+
+    def on_answer(answer: LogAnswer) -> bool:
+        first = next(iter(parts.values()), answer)
+        if answer.hostname != hostname or (answer.request, answer.parts) != (first.request, first.parts):
+            log.warning("ignoring a logs answer from %s for request %s in %d parts: it is not %s's log of request "
+                        "%s in %d parts", answer.hostname, answer.request, answer.parts, hostname, first.request,
+                        first.parts)
+            return False
+        parts.setdefault(answer.part, answer)
+        return len(parts) == 1
+
+    finished = collect_answers(
+        bus, logs_subject(tier, hostname), "deploy", make_request=lambda to: LogsRequest(to, request).to_json(),
+        parse=LogAnswer.parse, sender=lambda a: a.hostname, timeout=timeout, window=window, on_answer=on_answer,
+        is_done=lambda: False, is_complete=lambda: bool(parts) and len(parts) >= next(iter(parts.values())).parts)
+    if not parts:
+        return None
+    first = next(iter(parts.values()))
+    if not finished or sorted(parts) != list(range(1, first.parts + 1)) and first.parts:
+        raise CommandError(f"{hostname} sent {len(parts)} of the {first.parts} parts of the log of request "
+                           f"{first.request} within {timeout:g}s; fetch it again (a larger --timeout waits longer)",
+                           Exit.FAILED)
+    return first._replace(lines=tuple(line for i in sorted(parts) for line in parts[i].lines))
+
+
+def logs_command(args: argparse.Namespace) -> int:
+    """`logs HOSTNAME`: the whole output of the host's last deploy, or of --request ID, as the host kept it; the
+    host's tier from --tier, else from its answer to discovery."""
+    if not is_subject_token(args.hostname):
+        raise CommandError(f"invalid hostname {args.hostname[:80]!r}: one NATS subject token (letters, digits, '_' "
+                           "and '-'); `homelab-deploy list-hosts` shows the hostnames")
+    if args.request is not None and not REQUEST_ID_RE.fullmatch(args.request):
+        raise CommandError(f"invalid --request {args.request[:80]!r}: give a request id as `events` (id=) and "
+                           "`status --history` show it, 8 to 32 of its hex digits; leave it out for the last deploy")
+    bus, tier = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli"), args.tier
+    try:
+        tier = tier or next((h.tier for h in discover_hosts(bus, args.discover_subject, args.answer_window,
+                                                           args.straggler_window) if h.hostname == args.hostname), None)
+        if tier is None:
+            raise CommandError(f"{args.hostname} did not answer discovery on {args.discover_subject} within "
+                               f"{args.answer_window:g}s: check the name (`homelab-deploy list-hosts`), or give its "
+                               "--tier to ask it directly", Exit.NO_ANSWER)
+        answer = fetch_log(bus, args.hostname, tier, args.request, args.timeout, args.answer_window)
+    except OutcomeUnknown as e:  # a question, not a deploy: nothing runs because of it
+        raise CommandError(str(e), Exit.NATS) from None
+    except NatsError as e:
+        raise CommandError(f"{e}; a host's logs are for the deployers of its tier ({tier}): a test-tier credential "
+                           "reaches test hosts only" if str(e).startswith("permission denied") else str(e),
+                           Exit.NATS) from None
+    finally:
+        bus.close()
+    if answer is None:
+        raise CommandError(f"{args.hostname} did not answer on {logs_subject(tier, args.hostname)} within "
+                           f"{args.answer_window:g}s: its listener is down, older than `logs`, or not allowed to "
+                           "subscribe there (regenerate the NATS config with `homelab-deploy nats-config`)",
+                           Exit.NO_ANSWER)
+    if not answer.parts:
+        raise CommandError(answer.message, Exit.FAILED)
+    if args.json:
+        print(json.dumps({k: v for k, v in answer._asdict().items() if k not in ("part", "parts", "message")}))
+        return Exit.OK
+    print(f"{args.hostname}: output of request {answer.request} ({answer.action} of {answer.revision}, finished "
+          f"{answer.finished}), {len(answer.lines)} lines", file=sys.stderr)
+    sys.stdout.write("".join(line + "\n" for line in answer.lines))
+    return Exit.OK
+
+
 def events_command(args: argparse.Namespace) -> int:
     """Follow the audit events (from the JetStream stream since --since, then live) until SIGINT or SIGTERM."""
     subjects = [f"deploy.events.{args.tier}.>"] if args.tier else ["deploy.events.>", "build.events.>"]
@@ -3942,7 +4165,7 @@ class FleetReader:
         return value
 
     def test_deployer(self, public: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (("deploy.test.>", self.discover, STATUS_SUBJECT),
+        return (("deploy.test.>", self.discover, STATUS_SUBJECT, logs_subject("test", "*")),
                 (f"deploy.responses.{public}.>", self.discover, "deploy.events.test.>"))
 
     @staticmethod
@@ -3967,7 +4190,7 @@ class FleetReader:
         self.credentials.append(Credential(
             f"listener {name} (tier {tier}{', role ' + role if role else ''})", self.key(entry, where),
             (f"deploy.responses.*.*.{name}", f"deploy.events.{tier}.{name}"),  # no requests: no discovery
-            (*own, self.discover, STATUS_SUBJECT), name, (f"deploy.{tier}.{name}",), site))
+            (*own, self.discover, STATUS_SUBJECT, logs_subject(tier, name)), name, (f"deploy.{tier}.{name}",), site))
 
     def sites(self, entry: dict, where: str, name: str) -> None:
         """The hub knows a site's leaf node as one user with all its hosts' rights."""
@@ -4627,6 +4850,21 @@ def build_parser() -> argparse.ArgumentParser:
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(func=status_command)
+
+    p = sub.add_parser("logs", help="print the whole output of a host's last deploy, or of one of its last 5")
+    p.add_argument("hostname", metavar="HOSTNAME", help="the host, as list-hosts shows it")
+    nats_flags(p, env=True)
+    p.add_argument("--request", metavar="ID",
+                   help="the deploy's request id, as events (id=) and status --history show it (its first 8 hex "
+                        "digits suffice); default: the host's last deploy")
+    p.add_argument("--tier", choices=TIERS, help="the host's tier (default: asked by discovery)")
+    p.add_argument("--timeout", type=positive_seconds, default=30.0,
+                   help="seconds to wait for the whole log once the host answered (default: 30)")
+    window_flags(p)
+    discover_flag(p)
+    p.add_argument("--json", action="store_true",
+                   help="print {hostname, request, action, revision, finished, lines} as JSON")
+    p.set_defaults(func=logs_command)
 
     p = sub.add_parser("events", help="follow the audit events of the listeners and the builder")
     nats_flags(p, env=True)

@@ -64,7 +64,7 @@ def make_user_key(directory: Path, name: str) -> tuple[Path, str]:
 def listener_permissions(hostname: str, tier: str, role: str | None) -> dict:
     own = [f"deploy.{tier}.{hostname}", f"deploy.{tier}.all"] + ([f"deploy.{tier}.role.{role}"] if role else [])
     return {
-        "subscribe": own + ["deploy.discover", "deploy.status"],
+        "subscribe": own + ["deploy.discover", "deploy.status", f"deploy.logs.{tier}.{hostname}"],
         "publish": ["deploy.responses.>", f"deploy.events.{tier}.{hostname}"],
     }
 
@@ -75,7 +75,7 @@ FLEET = {
     "testhost2": listener_permissions("testhost2", "test", "web"),
     "dns1": listener_permissions("dns1", "prod", "dns"),
     "test-deployer": {
-        "publish": ["deploy.test.>", "deploy.discover", "deploy.status"],
+        "publish": ["deploy.test.>", "deploy.discover", "deploy.status", "deploy.logs.test.*"],
         "subscribe": ["deploy.responses.>", "deploy.discover", "deploy.events.test.>"],
     },
     "admin": {
