@@ -3811,6 +3811,9 @@ def status_command(args: argparse.Namespace) -> int:
     return Exit.FAILED if args.expect is not None and any(problems.values()) else Exit.OK
 
 
+LOGS_TIMEOUT = 30.0  # seconds `logs` waits for every part of a log once the host answered
+
+
 def fetch_log(bus: Bus, hostname: str, tier: str, request: str | None, timeout: float,
               window: float) -> LogAnswer | None:
     """The log `homelab-deploy logs` asks a host for (of request `request`, or of its last deploy), its parts
@@ -4858,8 +4861,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the deploy's request id, as events (id=) and status --history show it (its first 8 hex "
                         "digits suffice); default: the host's last deploy")
     p.add_argument("--tier", choices=TIERS, help="the host's tier (default: asked by discovery)")
-    p.add_argument("--timeout", type=positive_seconds, default=30.0,
-                   help="seconds to wait for the whole log once the host answered (default: 30)")
+    p.add_argument("--timeout", type=positive_seconds, default=LOGS_TIMEOUT,
+                   help=f"seconds to wait for the whole log once the host answered (default: {LOGS_TIMEOUT:g})")
     window_flags(p)
     discover_flag(p)
     p.add_argument("--json", action="store_true",

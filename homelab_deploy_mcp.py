@@ -402,7 +402,7 @@ class FleetTools:
                             "as fleet_status shows it, or leave it out for the last deploy")
         try:
             answer = await in_thread(lambda: hd.fetch_log(self.bus("main"), hostname, "test", request,
-                                                          self.args.timeout, self.args.answer_window))
+                                                          hd.LOGS_TIMEOUT, self.args.answer_window))
         except hd.CommandError as e:
             raise ToolError(str(e)) from None
         if answer is None:

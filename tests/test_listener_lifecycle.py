@@ -672,7 +672,7 @@ class TestAutomaticRollback:
     @pytest.mark.parametrize("check", ["on", "off"])
     def test_failed_systemd_units_fail_the_health_check(self, nats_server, start_listener, bus_factory, check):
         """A stand-in `systemctl` on PATH lists failed units: with the check on, the switch is rolled back naming
-        them; off, it completes."""
+        them, and `status` counts it failed; off, it completes."""
         host = start_listener("testhost1", "test", None, "--rollback-timeout", "300", "--failed-units-check", check)
         host.standin.set_generation(1)
         systemctl = host.standin.dir / "bin" / "systemctl"
@@ -694,6 +694,8 @@ class TestAutomaticRollback:
         )
         assert Path(f"{systemctl}.calls").read_text() == "--failed --no-legend --plain\n"
         assert rollbacks(host) == [["switch", "--rollback"]] and host.standin.generation == 1
+        [status] = hd.discover_hosts(bus_factory(nats_server, "admin"), hd.STATUS_SUBJECT, parse=hd.HostStatus.parse)
+        assert [(r.status, r.error) for r in status.history] == [(hd.Status.FAILED, hd.ErrorCode.HEALTH_CHECK_FAILED)]
 
     def test_hanging_health_check_is_killed_and_rolls_back(self, nats_server, start_listener, bus_factory, tmp_path):
         pid_file = tmp_path / "check.pid"

@@ -103,6 +103,20 @@ def test_follow_is_bounded_redacted_and_says_what_it_dropped(nats_server, start_
     assert all(line.startswith("testhost1 | ") for line in r.stdout.splitlines())
 
 
+def test_follow_in_a_rollout_prints_each_hosts_lines(nats_server, start_listener):
+    start_listener("testhost1", "test")
+    start_listener("testhost2", "test", "web")
+    r = run_cli(
+        "deploy", "deploy.test.all", *deploy_args(nats_server, "test-deployer", "--batch-size", "1", "--follow")
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        f"{host} | {line}"
+        for host in ("testhost1", "testhost2")
+        for line in ("building the system configuration...", "activating the configuration...")
+    ]
+
+
 # ---------------------------------------------------------------- logs
 
 
@@ -130,6 +144,9 @@ def test_logs_prints_every_line_of_a_long_failure(nats_server, start_listener):
     rid = record.name.removeprefix("log-").removesuffix(".json")
     assert r.stderr.startswith(f"testhost1: output of request {rid} (switch of master, finished ")
     assert r.stderr.rstrip().endswith("), 301 lines")
+    r = run_cli("logs", "testhost1", "--tier", "test", *deploy_args(nats_server, "admin"))  # not a trusted key
+    assert r.returncode == 4 and "testhost1 did not answer on deploy.logs.test.testhost1 within" in r.stderr
+    wait_for(lambda: "logs request refused: unauthorized: signed by" in host.log_text(), what="the refusal logged")
     r = run_cli(
         "logs",
         "testhost1",
