@@ -1817,16 +1817,23 @@ FAILED_UNITS_ARGV = ("systemctl", "--failed", "--no-legend", "--plain")  # looke
 SYSTEMD_RUNTIME = "/run/systemd/system"  # exists when systemd is the init system (sd_booted's test)
 
 
+def check_failed(check: str, result: RunResult, timeout: float) -> str | None:
+    """None when a health check's run passed, else how it failed, named with its output's last lines."""
+    if result.returncode == 0 and not result.timed_out:
+        return None
+    how = (f"killed after {timeout:g}s" if result.timed_out else "cannot run" if result.returncode is None
+           else f"exit code {result.returncode}")
+    last = " | ".join(line.strip() for line in result.output[-3:] if line.strip()) or "no output"
+    return f"the new system failed its health check `{check}` ({how}): {clip(last, 300)}"
+
+
 def failed_units(timeout: float, prefix: str) -> tuple[str, list[str]] | None:
     """The health check of --failed-units-check: None when systemd lists no failed unit, else the failure naming
     them (the first word of each line), as failed_health_check gives it."""
     result = run_with_timeout(list(FAILED_UNITS_ARGV), timeout, prefix)
     command = " ".join(FAILED_UNITS_ARGV)
-    if result.returncode != 0 or result.timed_out:
-        last = " | ".join(line.strip() for line in result.output[-3:] if line.strip()) or "no output"
-        return (f"the new system failed its health check `{command}` ("
-                f"{f'killed after {timeout:g}s' if result.timed_out else f'exit code {result.returncode}'}): "
-                f"{clip(last, 300)}", result.output)
+    if failure := check_failed(command, result, timeout):
+        return failure, result.output
     units = [line.split()[0] for line in result.output if line.strip()]
     if not units:
         return None
@@ -1842,12 +1849,8 @@ def failed_health_check(checks: tuple[str, ...], timeout: float, prefix: str,
     that output."""
     for check in checks:
         result = run_with_timeout(health_check_argv(check), timeout, prefix)
-        if result.returncode == 0 and not result.timed_out:
-            continue
-        how = (f"killed after {timeout:g}s" if result.timed_out else "cannot run" if result.returncode is None
-               else f"exit code {result.returncode}")
-        last = " | ".join(line.strip() for line in result.output[-3:] if line.strip()) or "no output"
-        return f"the new system failed its health check `{check}` ({how}): {clip(last, 300)}", result.output
+        if failure := check_failed(check, result, timeout):
+            return failure, result.output
     return failed_units(timeout, prefix) if units else None
 
 
