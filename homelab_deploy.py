@@ -11,6 +11,7 @@ Sections, each opened by a `# ---- name` banner, follow the data:
   NATS facade                Bus: nats-py behind blocking calls, handlers on bounded lanes
   subprocess runner          nixos-rebuild and nix with a timeout and the tail of their output
   metrics                    the Prometheus metrics and their HTTP endpoint
+  deploy output              nixos-rebuild's output live to the requester (--follow), and whole logs (logs)
   listener                   the daemon on every host: requests in, nixos-rebuild, answers out
   rollback watchdog          rolls a switch back unless a listener confirms it over NATS
   builder                    the daemon that pre-builds every host of a repository
@@ -65,6 +66,7 @@ log = Log()
 MAX_MESSAGE_BYTES = 64 * 1024  # requests are tiny; anything bigger is hostile (answers: up to the server's max_payload)
 OUTPUT_TAIL_LINES = 20  # lines of nixos-rebuild / nix output kept for a failure report
 OUTPUT_LINE_CHARS = 500  # characters kept of each output line
+LOG_LINE_CHARS = 16 * 1024  # characters kept of a line in a deploy's whole log: any line fits in one answer
 ANSWER_TEXT_CHARS = 2000  # characters kept of a message or error in an answer, so no answer floods a terminal
 TIERS = ("test", "prod")
 DEFAULT_SUBJECTS = ("deploy.<tier>.<hostname>", "deploy.<tier>.all", "deploy.<tier>.role.<role>")
@@ -292,6 +294,7 @@ class DeployRequest(typing.NamedTuple):
     revision: str
     reply_to: str
     expires_in: float | None = None  # seconds from arrival within which `accepted` must go out; None: no limit
+    follow: bool = False  # send nixos-rebuild's output lines while it runs (`started` answers with `log`)
     queue_until: int | None = None  # a queued deploy (desired state): unix time after which it is not applied
 
     @classmethod
@@ -317,17 +320,23 @@ class DeployRequest(typing.NamedTuple):
             raise ProtocolError(f"invalid expires_in {str(expires_in)[:40]!r}: must be the seconds the sender waits "
                                 "for `accepted`, a number greater than 0; leave it out to wait without a limit",
                                 None, reply_to)
+        follow = obj.get("follow", False)
+        if not isinstance(follow, bool):
+            raise ProtocolError(f"invalid follow {str(follow)[:40]!r}: must be true (send the output while it runs) "
+                                "or false", None, reply_to)
         queue_until = obj.get("queue_until")
         if queue_until is not None and not (type(queue_until) is int and 0 < queue_until < 2 ** 40):
             raise ProtocolError(f"invalid queue_until {str(queue_until)[:40]!r}: must be unix seconds (an integer); "
                                 "`deploy --queue-ttl` sets it", None, reply_to)
-        return cls(Action(action), revision, reply_to, expires_in, queue_until)
+        return cls(Action(action), revision, reply_to, expires_in, follow, queue_until)
 
     def to_json(self) -> bytes:
         obj: dict[str, object] = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
         for field in ("expires_in", "queue_until"):
             if getattr(self, field) is not None:
                 obj[field] = getattr(self, field)
+        if self.follow:  # only when asked: a request without it is byte for byte what listeners before it read
+            obj["follow"] = True
         return json.dumps(obj).encode()
 
 
@@ -342,12 +351,13 @@ class DeployResponse(typing.NamedTuple):
     duration_seconds: float | None = None
     output: list[str] | None = None  # last lines of nixos-rebuild's output, on failure
     commit: str | None = None  # configurationRevision of the new system after a successful switch/boot, if set
+    log: list[str] | None = None  # `started` answers to a `follow` request: output lines since the last such answer
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> DeployResponse:
         fields = answer_fields(decode_message(data, limit), {
             "hostname": is_subject_token, "status": DEPLOY_STATUSES, "error": tuple(ErrorCode), "message": str,
-            "duration_seconds": float, "output": list, "commit": is_valid_ref}, "deploy answer",
+            "duration_seconds": float, "output": list, "commit": is_valid_ref, "log": list}, "deploy answer",
             required=("hostname", "status"))
         return cls(**{**fields, "message": fields["message"] or ""})
 
@@ -360,6 +370,8 @@ class DeployResponse(typing.NamedTuple):
             d["output"] = self.output
         if self.commit is not None:
             d["commit"] = self.commit
+        if self.log is not None:
+            d["log"] = self.log
         return d
 
 
@@ -468,6 +480,63 @@ class HostStatus(typing.NamedTuple):
 
     def to_dict(self) -> dict:
         return {**self._asdict(), "history": [r.to_dict() for r in self.history]}
+
+
+REQUEST_ID_RE = re.compile(r"[0-9a-f]{8,32}")  # a request id (request_id()), or its first 8 or more digits
+
+
+class LogsRequest(typing.NamedTuple):
+    """`homelab-deploy logs`, on logs_subject: the log of request `request` (its id, or the first 8+ digits of
+    it), or of the last deploy."""
+
+    reply_to: str
+    request: str | None = None
+
+    @classmethod
+    def parse(cls, data: bytes) -> LogsRequest:
+        obj = decode_message(data)
+        reply_to = parse_reply_to(obj, "deploy")
+        request = obj.get("request")
+        if request is not None and not (isinstance(request, str) and REQUEST_ID_RE.fullmatch(request)):
+            raise ProtocolError(f"invalid request {str(request)[:40]!r}: must be a request id as events and status "
+                                "show it (8 to 32 of its hex digits); leave it out for the last deploy", None, reply_to)
+        return cls(reply_to, request)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self._asdict()).encode()
+
+
+class LogAnswer(typing.NamedTuple):
+    """A listener's answer to a logs request: part `part` (from 1) of `parts` of the log of request `request`,
+    its lines in order; `parts` 0: the host has no such log, and `message` says why."""
+
+    hostname: str
+    request: str | None = None
+    action: str | None = None
+    revision: str | None = None
+    finished: str | None = None  # when nixos-rebuild ended, UTC, ISO_TIME_FORMAT
+    part: int = 0
+    parts: int = 0
+    lines: tuple[str, ...] = ()
+    message: str = ""
+
+    @classmethod
+    def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> LogAnswer:
+        obj = decode_message(data, limit)
+        fields = answer_fields(obj, {
+            "hostname": is_subject_token, "request": REQUEST_ID_RE.fullmatch, "action": tuple(a.value for a in Action),
+            "revision": is_valid_ref, "finished": is_iso_time, "part": int, "parts": int, "message": str},
+            "logs answer", required=("hostname", "part", "parts"))
+        lines = obj.get("lines") or []
+        if not (isinstance(lines, list) and all(isinstance(line, str) for line in lines)) or \
+                fields["part"] > fields["parts"]:
+            raise ProtocolError(f"malformed logs answer: lines must be a list of strings and part ({fields['part']})"
+                                f" at most parts ({fields['parts']})")
+        return cls(**{**fields, "message": fields["message"] or ""},
+                   lines=tuple(clip(printable(line), LOG_LINE_CHARS) for line in lines))
+
+    def to_json(self) -> bytes:
+        return json.dumps(self._asdict()).encode()
 
 
 EVENTS_STREAM = "HOMELAB_DEPLOY_EVENTS"  # the JetStream stream `events --since` reads, when the operator made it
@@ -1321,10 +1390,12 @@ MAX_CAPTURED_STDOUT = 16 * 1024 * 1024  # `nix flake show --json` of a large fle
 
 def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env: dict | None = None,
                      capture_stdout: bool = False, stop: threading.Event | None = None, on_start=None,
-                     every: tuple[float, typing.Callable[[float], None]] | None = None) -> RunResult:
+                     every: tuple[float, typing.Callable[[float], None]] | None = None,
+                     on_line: typing.Callable[[str], None] | None = None) -> RunResult:
     """Run argv (never a shell) in its own process group; kill the group after `timeout` seconds,
     or as soon as `stop` is set. With `capture_stdout`, stdout is kept apart from the logged stderr. With
-    `every` = (interval, call), call(seconds running) every interval seconds while it runs. The calling thread
+    `every` = (interval, call), call(seconds running) every interval seconds while it runs; on_line(line) gets
+    each line of the logged output as it is read, whole (the tail keeps OUTPUT_LINE_CHARS of it). The calling thread
     reads the output and waits for the exit (a pidfd) in one select: no helper thread, no polling."""
     import selectors
     import subprocess
@@ -1388,6 +1459,8 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
                         line = raw.decode("utf-8", "replace").rstrip()
                         tail.append(line[:OUTPUT_LINE_CHARS])
                         log.debug("%s%s", log_prefix, line)
+                        if on_line:
+                            on_line(line)
         finally:
             os.close(pidfd)
     return RunResult(proc.returncode, timed_out, list(tail), time.monotonic() - started, bytes(captured))
@@ -1580,6 +1653,168 @@ class BuilderMetrics:
         (self.last_success if success else self.last_failure).labels(repo).set_to_current_time()
 
 
+# ---------------------------------------------------------------- deploy output
+
+FOLLOW_INTERVAL = 0.2  # seconds between the batches of a followed deploy's output
+FOLLOW_LINES = OUTPUT_TAIL_LINES - 1  # lines a batch carries at most (95 a second); the last place: the count dropped
+LOG_BYTES = 2 * 1024 * 1024  # of a deploy's output, the last so many bytes are kept for `homelab-deploy logs`
+LOGS_KEPT = 5  # deploys whose whole output a listener keeps
+LOG_PREFIX = "log-"  # state files log-<request>.json
+
+
+class DeployOutput:
+    """One deploy's nixos-rebuild output, line by line as run_with_timeout reads it, each line redacted: its last
+    LOG_BYTES kept for `homelab-deploy logs`, and with `send` (a `follow` request) sent to the requester every
+    FOLLOW_INTERVAL s from a thread of its own, at most FOLLOW_LINES lines a batch, with the count of lines dropped.
+    `keep` gets the lines when the run is over."""
+
+    def __init__(self, send: typing.Callable[[list[str]], None] | None,
+                 keep: typing.Callable[[list[str]], None] | None = None):
+        self.send, self.keep, self.lock, self.done = send, keep, threading.Lock(), threading.Event()
+        self.kept: collections.deque[str] = collections.deque()
+        self.size = self.cut = self.dropped = 0  # bytes kept, lines cut from the front, lines not sent
+        self.batch: list[str] = []
+        self.sender: threading.Thread | None = None
+
+    def line(self, text: str) -> None:
+        text = clip(redact(text), LOG_LINE_CHARS)  # redacted whole: a cut could leave half a secret
+        with self.lock:
+            self.kept.append(text)
+            self.size += len(text.encode()) + 1
+            while self.size > LOG_BYTES:
+                self.size -= len(self.kept.popleft().encode()) + 1
+                self.cut += 1
+            if not self.send:
+                return
+            if len(self.batch) < FOLLOW_LINES:
+                self.batch.append(clip(text, OUTPUT_LINE_CHARS))
+            else:
+                self.dropped += 1
+
+    def follow(self) -> None:
+        """The sender thread: a batch every FOLLOW_INTERVAL s until the run is over."""
+        while not self.done.wait(FOLLOW_INTERVAL):
+            self.flush()
+
+    def flush(self) -> None:
+        assert self.send is not None  # only a followed deploy has batches
+        with self.lock:
+            batch, dropped, self.batch, self.dropped = self.batch, self.dropped, [], 0
+        if dropped:
+            batch.append(f"[{dropped} line(s) not sent: more than {FOLLOW_LINES / FOLLOW_INTERVAL:g} a second; "
+                         "`homelab-deploy logs` shows them all]")
+        if batch:
+            self.send(batch)
+
+    def lines(self) -> list[str]:
+        """The output kept, with a first line saying how many lines were cut when it was longer."""
+        note = [f"[the first {self.cut} line(s) are not kept: a log keeps the last {LOG_BYTES >> 20} MiB]"]
+        return note * bool(self.cut) + list(self.kept)
+
+    def __enter__(self) -> DeployOutput:
+        if self.send:
+            self.sender = threading.Thread(target=self.follow, name="follow", daemon=True)
+            self.sender.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.done.set()
+        if self.sender:
+            self.sender.join()
+            self.flush()  # after the thread's last batch, before the final status: the order the lines came in
+        if self.keep:
+            self.keep(self.lines())
+
+
+def logs_subject(tier: str, hostname: str) -> str:
+    """Where a host answers `homelab-deploy logs`: nats-config lets only its tier's deployers publish there."""
+    return f"deploy.logs.{tier}.{hostname}"
+
+
+class DeployLogs:
+    """The whole output of a listener's last LOGS_KEPT deploys in its state directory (log-<request>.json, written
+    by save_state: atomic, mode 0600), and its answers to `homelab-deploy logs` on logs_subject: authenticated as
+    deploys are, the log in numbered parts that each fit the server's max_payload."""
+
+    def __init__(self, config: ListenerConfig, bus: Bus, state: ListenerState):
+        self.config, self.bus, self.state = config, bus, state  # state.signers: a reload replaces them
+
+    def path(self, rid: str) -> str:
+        return os.path.join(self.config.state_dir, f"{LOG_PREFIX}{rid}.json")
+
+    def serve(self) -> None:
+        subscribe_optional(self.bus, logs_subject(self.config.tier, self.config.hostname), self.handle,
+                           self.config.hostname, "logs requests", lane="logs")
+
+    def kept(self) -> list[str]:
+        """The request ids of the logs kept, oldest first."""
+        found = []
+        for name in os.listdir(self.config.state_dir):
+            rid = name.removeprefix(LOG_PREFIX).removesuffix(".json")
+            if name == f"{LOG_PREFIX}{rid}.json" and REQUEST_ID_RE.fullmatch(rid):
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile by a deploy keeping its own
+                    found.append((os.stat(self.path(rid)).st_mtime_ns, rid))
+        return [rid for _, rid in sorted(found)]
+
+    def save(self, rid: str, request: DeployRequest, lines: list[str]) -> None:
+        """Keep a deploy's output and remove all but the last LOGS_KEPT; a failed write is logged, never fatal."""
+        try:
+            save_state(self.path(rid), {"request": rid, "action": request.action.value, "revision": request.revision,
+                                        "finished": time.strftime(ISO_TIME_FORMAT, time.gmtime()), "lines": lines},
+                       durable=False)  # not fsynced: a log lost with the machine costs no deploy
+            for old in self.kept()[:-LOGS_KEPT]:
+                save_state(self.path(old), None)
+        except OSError as e:
+            log.error("host=%s request=%s output not kept in %s (%s), so `homelab-deploy logs` cannot show it; make "
+                      "%s writable", self.config.hostname, rid, self.path(rid), e.strerror, self.config.state_dir)
+
+    def handle(self, subject: str, data: bytes, received: float) -> None:
+        """A logs request: parsed and authenticated (a refused signature is logged, not answered), then answered
+        with the log it names, the last one without an id, in parts; or with one answer saying why there is none."""
+        hostname = self.config.hostname
+        try:
+            request = LogsRequest.parse(data)
+            if signers := self.state.signers:
+                signers.verify(subject, data, request.reply_to, ErrorCode.UNAUTHORIZED)
+        except ProtocolError as e:
+            log.warning("host=%s subject=%s logs request refused: %s", hostname, subject, e)
+            if e.reply_to:
+                self.bus.publish(answer_subject(e.reply_to, hostname), LogAnswer(hostname, message=str(e)).to_json())
+            return
+        kept, answers = self.kept(), []
+        found = [rid for rid in kept if rid.startswith(request.request)] if request.request else kept[-1:]
+        if not kept:
+            why = f"{hostname} keeps no deploy output yet"
+        elif not found:
+            why = (f"{hostname} keeps no log of request {request.request}: it keeps the output of its last "
+                   f"{LOGS_KEPT} deploys ({', '.join(kept)}); `homelab-deploy status --history {LOGS_KEPT}` shows "
+                   "their ids")
+        elif len(found) > 1:
+            why = f"request {request.request} names {len(found)} of the logs {hostname} keeps; give more of its digits"
+        else:
+            try:
+                with open(self.path(found[0])) as f:
+                    record = json.load(f)
+                parts: list[list[str]] = [[]]
+                size, budget = 0, self.bus.max_payload - 1024  # room for the other fields
+                for line in record["lines"]:
+                    size += len(json.dumps(line)) + 2  # as encoded, with ", " between lines
+                    if size > budget and parts[-1]:
+                        parts.append([])
+                        size = len(json.dumps(line)) + 2
+                    parts[-1].append(line)
+                answers = [LogAnswer(hostname, found[0], record["action"], record["revision"], record["finished"], i,
+                                     len(parts), tuple(part)) for i, part in enumerate(parts, 1)]
+                why = ""
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.error("host=%s request=%s unreadable log %s: %r", hostname, found[0], self.path(found[0]), e)
+                why = f"the log of request {found[0]} on {hostname} is unreadable; its listener's log says why"
+        for answer in answers or [LogAnswer(hostname, request.request, message=why)]:
+            self.bus.publish(answer_subject(request.reply_to, hostname), answer.to_json())
+        log.info("host=%s request=%s logs request answered: %s", hostname, found[0] if answers else "-",
+                 f"{sum(len(a.lines) for a in answers)} lines in {len(answers)} part(s)" if answers else why)
+
+
 # ---------------------------------------------------------------- listener
 
 def flake_ref(flake_url: str, revision: str) -> str:
@@ -1614,18 +1849,45 @@ def health_check_argv(check: str) -> list[str]:
         return []
 
 
-def failed_health_check(checks: tuple[str, ...], timeout: float, prefix: str) -> tuple[str, list[str]] | None:
-    """Run the health checks in order, each killed with its process group after `timeout`; None when all pass,
-    else the first failure, named with its output's last lines, and that output."""
+FAILED_UNITS_ARGV = ("systemctl", "--failed", "--no-legend", "--plain")  # looked up on PATH: tests put a stand-in
+SYSTEMD_RUNTIME = "/run/systemd/system"  # exists when systemd is the init system (sd_booted's test)
+
+
+def check_failed(check: str, result: RunResult, timeout: float) -> str | None:
+    """None when a health check's run passed, else how it failed, named with its output's last lines."""
+    if result.returncode == 0 and not result.timed_out:
+        return None
+    how = (f"killed after {timeout:g}s" if result.timed_out else "cannot run" if result.returncode is None
+           else f"exit code {result.returncode}")
+    last = " | ".join(line.strip() for line in result.output[-3:] if line.strip()) or "no output"
+    return f"the new system failed its health check `{check}` ({how}): {clip(last, 300)}"
+
+
+def failed_units(timeout: float, prefix: str) -> tuple[str, list[str]] | None:
+    """The health check of --failed-units-check: None when systemd lists no failed unit, else the failure naming
+    them (the first word of each line), as failed_health_check gives it."""
+    result = run_with_timeout(list(FAILED_UNITS_ARGV), timeout, prefix)
+    command = " ".join(FAILED_UNITS_ARGV)
+    if failure := check_failed(command, result, timeout):
+        return failure, result.output
+    units = [line.split()[0] for line in result.output if line.strip()]
+    if not units:
+        return None
+    return (f"the new system failed its health check `failed units: {clip(', '.join(units), 300)}` (`{command}` "
+            "lists them; one that failed before the deploy counts too: `systemctl reset-failed UNIT` clears it)",
+            result.output)
+
+
+def failed_health_check(checks: tuple[str, ...], timeout: float, prefix: str,
+                        units: bool = False) -> tuple[str, list[str]] | None:
+    """Run the health checks in order, each killed with its process group after `timeout`, then with `units`
+    systemd's failed units; None when all pass, else the first failure, named with its output's last lines, and
+    that output."""
     for check in checks:
         result = run_with_timeout(health_check_argv(check), timeout, prefix)
-        if result.returncode == 0 and not result.timed_out:
-            continue
-        how = (f"killed after {timeout:g}s" if result.timed_out else "cannot run" if result.returncode is None
-               else f"exit code {result.returncode}")
-        last = " | ".join(line.strip() for line in result.output[-3:] if line.strip()) or "no output"
-        return f"the new system failed its health check `{check}` ({how}): {clip(last, 300)}", result.output
-    return None
+        if failure := check_failed(check, result, timeout):
+            return failure, result.output
+    return failed_units(timeout, prefix) if units else None
 
 
 RESEND_AFTER = (2.0, 7.0, 22.0, 52.0, 112.0)  # seconds after a deploy's end to re-send its final status
@@ -1774,6 +2036,7 @@ class ListenerFields(typing.NamedTuple):
     require_signed: bool = False
     health_checks: tuple[str, ...] = ()  # command lines, split by shlex, run after a switch or test
     health_timeout: float = 60.0
+    failed_units_check: str = "auto"  # on, off, or auto: on under systemd (SYSTEMD_RUNTIME exists)
 
 
 class ListenerConfig(ListenerFields):
@@ -1784,6 +2047,11 @@ class ListenerConfig(ListenerFields):
         self = super().__new__(cls, *args, **kwargs)
         self.check()
         return self
+
+    @functools.cached_property
+    def checks_failed_units(self) -> bool:
+        """Whether systemd's failed units fail the health checks: decided once, at start."""
+        return {"on": True, "off": False}.get(self.failed_units_check, os.path.isdir(SYSTEMD_RUNTIME))
 
     @functools.cached_property
     def subjects(self) -> tuple[str, ...]:
@@ -1809,6 +2077,8 @@ class ListenerConfig(ListenerFields):
             raise ValueError(f"--discover-subject {self.discover_subject!r} is not a valid NATS subject")
         if not 0 < self.health_timeout < 1e9:
             raise ValueError(f"--health-timeout {self.health_timeout:g} must be a positive number of seconds, e.g. 60")
+        if self.failed_units_check not in ("auto", "on", "off"):
+            raise ValueError(f"--failed-units-check {self.failed_units_check!r} must be auto, on or off")
         if self.health_checks and not self.rollback_timeout:
             raise ValueError("--health-check needs the rollback watchdog, which undoes a switch or test whose check "
                              "fails: give --rollback-timeout S (e.g. 120), or drop --health-check")
@@ -1825,7 +2095,7 @@ class ListenerConfig(ListenerFields):
                    args.discover_subject, args.state_dir, args.system_profile, args.timeout, args.heartbeat_interval,
                    args.shutdown_grace, args.rollback_timeout, args.restart_after_switch, args.allow_any_ref,
                    tuple(args.trusted_key or ()), (args.trusted_keys_file,) if args.trusted_keys_file else (),
-                   args.require_signed, tuple(args.health_check or ()), args.health_timeout)
+                   args.require_signed, tuple(args.health_check or ()), args.health_timeout, args.failed_units_check)
 
     def load_signers(self, nonce_file: str | None, required: bool = False) -> TrustedSigners | None:
         """The trusted keys from --trusted-key and --trusted-keys-file (at start, and anew on SIGHUP)."""
@@ -1848,6 +2118,7 @@ class ListenerState:
         self.history_file = os.path.join(config.state_dir, "history.json")
         self.history: list[DeployRecord] = []  # replaced, never changed in place: status queries read it unlocked
         self.profile_commit_of: tuple[int | None, str | None] = (None, None)  # (generation, its commit), cached
+        self.logs = DeployLogs(config, bus, self)  # the output of the last deploys, for `homelab-deploy logs`
 
     def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
         """Keep the running request on disk so a restarted listener can report it; None clears it, and never
@@ -2131,7 +2402,8 @@ class Rollback:
         config, switched, rolled = self.config, self.path("switched", rid), self.path("rollback", rid)
         try:
             if os.path.exists(switched) and (failed := failed_health_check(
-                    config.health_checks, config.health_timeout, f"host={config.hostname} request={rid} ")):
+                    config.health_checks, config.health_timeout, f"host={config.hostname} request={rid} ",
+                    config.checks_failed_units)):
                 with contextlib.suppress(FileNotFoundError):  # else the watchdog took it: its rollback is reported
                     request, record = read_rollback_record(switched)
                     final = self.undo_failed_switch(rid, *failed, before=record["generation_before"], armed=True,
@@ -2238,6 +2510,16 @@ def rebuild_outcome(action: Action, revision: str, result: RunResult, *, killed:
         f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {nix_error_summary(result.output)}"
 
 
+def subscribe_optional(bus: Bus, subject: str, handler, hostname: str, what: str, lane: str | None = None) -> None:
+    """A listener's subscription to `subject` that a NATS config from before it was added may refuse: then deploys
+    work on, and `what` is not answered (logged)."""
+    try:
+        bus.subscribe(subject, handler, lane=lane)
+    except NatsError as e:
+        log.warning("host=%s %s not answered: %s; regenerate the NATS config with `homelab-deploy nats-config` so "
+                    "listeners may subscribe to %s", hostname, what, e, subject)
+
+
 class Listener:
     """One host's agent, intake and replies: it takes deploy requests from its subjects (parse, authenticate, admit
     or reject), runs one at a time with nixos-rebuild, answers the requester (accepted, started, the final status)
@@ -2263,11 +2545,8 @@ class Listener:
         for subject in config.subjects:
             self.bus.subscribe(subject, self.handle_deploy, lane=lane)  # never queued behind discovery
         self.bus.subscribe(config.discover_subject, self.handle_query)
-        try:
-            self.bus.subscribe(STATUS_SUBJECT, self.handle_query)
-        except NatsError as e:  # a NATS config from before status queries: deploys work on, status does not
-            log.warning("host=%s status queries not answered: %s; regenerate the NATS config with `homelab-deploy "
-                        "nats-config` so listeners may subscribe to %s", config.hostname, e, STATUS_SUBJECT)
+        subscribe_optional(self.bus, STATUS_SUBJECT, self.handle_query, config.hostname, "status queries")
+        self.state.logs.serve()
         log.info("host=%s listening on %s and %s", config.hostname, ", ".join(config.subjects), config.discover_subject)
 
     def reply(self, reply_to: str, status: Status, error: ErrorCode | None = None, message: str = "", **extra) -> None:
@@ -2415,11 +2694,13 @@ class Listener:
         if self.metrics:
             self.metrics.in_progress.set(1)
         try:
-            result = run_with_timeout(argv, config.timeout, f"host={hostname} request={rid} ", stop=self.kill,
-                                      on_start=lambda pid: self.state.record_inflight(request, pid),
-                                      every=(config.heartbeat_interval, lambda running: self.reply(
-                                          request.reply_to, Status.STARTED,
-                                          message=f"{action.value} still running after {running:.0f}s")))
+            with DeployOutput((lambda lines: self.reply(request.reply_to, Status.STARTED, log=lines)) if request.follow
+                              else None, functools.partial(self.state.logs.save, rid, request)) as output:
+                result = run_with_timeout(argv, config.timeout, f"host={hostname} request={rid} ", stop=self.kill,
+                                          on_start=lambda pid: self.state.record_inflight(request, pid),
+                                          on_line=output.line, every=(config.heartbeat_interval, lambda t: self.reply(
+                                              request.reply_to, Status.STARTED,
+                                              message=f"{action.value} still running after {t:.0f}s")))
         finally:
             if self.metrics:
                 self.metrics.in_progress.set(0)
@@ -3243,10 +3524,11 @@ class Interrupted(KeyboardInterrupt):
 
 
 def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
-                 window: float = ANSWER_WINDOW, on_event=None,
-                 stragglers: float = STRAGGLER_WINDOW) -> tuple[dict[str, DeployResponse], bool]:
+                 window: float = ANSWER_WINDOW, on_event=None, stragglers: float = STRAGGLER_WINDOW,
+                 on_log=None) -> tuple[dict[str, DeployResponse], bool]:
     """Publish a deploy request (on each subject of a list) and gather every answering host's responses.
-    Returns the last response per host and whether everything finished before the timeout."""
+    Returns the last response per host and whether everything finished before the timeout. With on_log, the
+    request asks for the output while it runs (`follow`): on_log(answer) gets each answer carrying `log`."""
     hosts: dict[str, DeployResponse] = {}
     subjects = [subject] if isinstance(subject, str) else subject
     # deploy.<tier>.<host> names one host: once every named host (and any other that answered) finished, nobody
@@ -3259,6 +3541,10 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
 
     def on_answer(response: DeployResponse) -> bool:
         new = response.hostname not in hosts
+        if response.log is not None:  # output, not a state: the host's `accepted` came first
+            if on_log and not new:
+                on_log(response)
+            return False
         if not new and hosts[response.hostname].status.final:
             return False  # a final status is final
         if not new and response.status is Status.REJECTED:  # after `accepted`: it answers a forged request
@@ -3277,7 +3563,8 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
 
     try:  # expires_in: half the window, the other half covers the trips of the request and `accepted` through NATS
         finished = collect_answers(
-            bus, subject, "deploy", make_request=lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
+            bus, subject, "deploy",
+            make_request=lambda to: DeployRequest(action, revision, to, window / 2, on_log is not None).to_json(),
             parse=DeployResponse.parse, sender=lambda r: r.hostname, timeout=timeout, window=window,
             on_answer=on_answer, is_done=is_done, stragglers=stragglers,
             is_complete=lambda: len(addressed) == len(subjects) and not unheard and is_done())
@@ -3375,7 +3662,7 @@ def rollout_plan(bus: Bus, subject: str, rollout: Rollout, *, window: float, str
 
 def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollout, *, action: Action, revision: str,
              timeout: float, window: float, stragglers: float, report, stop: threading.Event,
-             results: list[tuple[str, list[DeployResponse]]]) -> None:
+             results: list[tuple[str, list[DeployResponse]]], on_log=None) -> None:
     """Deploy batch after batch, each host on its own subject, reporting report(line, final) per batch start and
     host event; once a canary or more than max_failures hosts failed, or `stop` is set, the rest are skipped.
     Appends (batch name, final responses) to `results` as each batch ends, kept when a NatsError ends it early."""
@@ -3391,7 +3678,7 @@ def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollo
             continue
         report(f"{name}: deploying {', '.join(h.hostname for h in batch)}", True)
         hosts, _ = deploy_hosts(bus, [f"deploy.{h.tier}.{h.hostname}" for h in batch], action, revision, timeout,
-                                window, lambda r: report(describe(r), r.status.final), stragglers)
+                                window, lambda r: report(describe(r), r.status.final), stragglers, on_log)
         gone = [DeployResponse(h.hostname, Status.FAILED, message=f"did not answer within {window:g}s: it left the "
                                "fleet since the plan, or its listener is down (`homelab-deploy list-hosts` shows who "
                                "listens)") for h in batch if h.hostname not in hosts]
@@ -3428,7 +3715,7 @@ def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: 
                           "success": code is Exit.OK,
                           "hosts": [r.to_dict() for r in hosts], **({} if batches is None else {"batches": [
                               {"name": name, "hosts": [r.to_dict() for r in batch]} for name, batch in batches]})},
-                         indent=2))
+                         indent=None if args.follow else 2))  # --follow: one line after the log lines, NDJSON
     if not hosts:
         return code
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
@@ -3445,6 +3732,18 @@ def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: 
             + ("" if args.pin else f". {args.branch} moved while they fetched it; deploy with --pin (or "
                "HOMELAB_DEPLOY_PIN=1) to send one commit to every host"), file=sys.stderr)
     return code
+
+
+def show_log(args: argparse.Namespace, progress: Progress):
+    """deploy --follow's on_log: each output line to stdout as `host | line`, or with --json as a JSON line
+    {"hostname", "log"}; None without --follow."""
+    def on_log(response: DeployResponse) -> None:
+        progress.done()  # a status line redrawn on the terminal would run into the output
+        for line in response.log or []:
+            print(json.dumps({"hostname": response.hostname, "log": line}) if args.json
+                  else f"{response.hostname} | {line}", flush=True)
+
+    return on_log if args.follow else None
 
 
 def unknown_deploy_outcome(e: OutcomeUnknown, aside: str = "") -> CommandError:
@@ -3476,7 +3775,7 @@ def deploy_rollout(args: argparse.Namespace, subject: str, revision: str, bus: B
             return Exit.OK
         roll_out(bus, batches, rollout, action=Action(args.action), revision=revision, timeout=args.timeout,
                  window=args.answer_window, stragglers=args.straggler_window, report=progress.event, stop=stop,
-                 results=results)
+                 results=results, on_log=show_log(args, progress))
     except ValueError as e:
         raise CommandError(str(e)) from None
     except OutcomeUnknown as e:
@@ -3514,8 +3813,8 @@ def deploy_command(args: argparse.Namespace) -> int:
         return deploy_rollout(args, subject, revision, bus, progress)
     try:
         hosts, finished = deploy_hosts(bus, subject, Action(args.action), revision, args.timeout,
-                                       args.answer_window,
-                                       lambda r: progress.event(describe(r), r.status.final), args.straggler_window)
+                                       args.answer_window, lambda r: progress.event(describe(r), r.status.final),
+                                       args.straggler_window, show_log(args, progress))
     except OutcomeUnknown as e:
         raise unknown_deploy_outcome(e, " (a host's listener log has its result)") from None
     finally:
@@ -3645,6 +3944,82 @@ def status_command(args: argparse.Namespace) -> int:
               + "; the listeners' NATS credentials must allow subscribing to " + STATUS_SUBJECT, file=sys.stderr)
         return Exit.NO_ANSWER
     return Exit.FAILED if args.expect is not None and any(problems.values()) else Exit.OK
+
+
+LOGS_TIMEOUT = 30.0  # seconds `logs` waits for every part of a log once the host answered
+
+
+def fetch_log(bus: Bus, hostname: str, tier: str, request: str | None, timeout: float,
+              window: float) -> LogAnswer | None:
+    """The log `homelab-deploy logs` asks a host for (of request `request`, or of its last deploy), its parts
+    joined; or the host's answer saying why it has none (parts 0); None when it did not answer within `window`.
+    NatsError when this credential may not ask it; CommandError when parts are still missing after `timeout`."""
+    parts: dict[int, LogAnswer] = {}
+
+    def on_answer(answer: LogAnswer) -> bool:
+        first = next(iter(parts.values()), answer)
+        if answer.hostname != hostname or (answer.request, answer.parts) != (first.request, first.parts):
+            log.warning("ignoring a logs answer from %s for request %s in %d parts: it is not %s's log of request "
+                        "%s in %d parts", answer.hostname, answer.request, answer.parts, hostname, first.request,
+                        first.parts)
+            return False
+        parts.setdefault(answer.part, answer)
+        return len(parts) == 1
+
+    finished = collect_answers(
+        bus, logs_subject(tier, hostname), "deploy", make_request=lambda to: LogsRequest(to, request).to_json(),
+        parse=LogAnswer.parse, sender=lambda a: a.hostname, timeout=timeout, window=window, on_answer=on_answer,
+        is_done=lambda: False, is_complete=lambda: bool(parts) and len(parts) >= next(iter(parts.values())).parts)
+    if not parts:
+        return None
+    first = next(iter(parts.values()))
+    if not finished or sorted(parts) != list(range(1, first.parts + 1)) and first.parts:
+        raise CommandError(f"{hostname} sent {len(parts)} of the {first.parts} parts of the log of request "
+                           f"{first.request} within {timeout:g}s; fetch it again (a larger --timeout waits longer)",
+                           Exit.FAILED)
+    return first._replace(lines=tuple(line for i in sorted(parts) for line in parts[i].lines))
+
+
+def logs_command(args: argparse.Namespace) -> int:
+    """`logs HOSTNAME`: the whole output of the host's last deploy, or of --request ID, as the host kept it; the
+    host's tier from --tier, else from its answer to discovery."""
+    if not is_subject_token(args.hostname):
+        raise CommandError(f"invalid hostname {args.hostname[:80]!r}: one NATS subject token (letters, digits, '_' "
+                           "and '-'); `homelab-deploy list-hosts` shows the hostnames")
+    if args.request is not None and not REQUEST_ID_RE.fullmatch(args.request):
+        raise CommandError(f"invalid --request {args.request[:80]!r}: give a request id as `events` (id=) and "
+                           "`status --history` show it, 8 to 32 of its hex digits; leave it out for the last deploy")
+    bus, tier = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli"), args.tier
+    try:
+        tier = tier or next((h.tier for h in discover_hosts(bus, args.discover_subject, args.answer_window,
+                                                           args.straggler_window) if h.hostname == args.hostname), None)
+        if tier is None:
+            raise CommandError(f"{args.hostname} did not answer discovery on {args.discover_subject} within "
+                               f"{args.answer_window:g}s: check the name (`homelab-deploy list-hosts`), or give its "
+                               "--tier to ask it directly", Exit.NO_ANSWER)
+        answer = fetch_log(bus, args.hostname, tier, args.request, args.timeout, args.answer_window)
+    except OutcomeUnknown as e:  # a question, not a deploy: nothing runs because of it
+        raise CommandError(str(e), Exit.NATS) from None
+    except NatsError as e:
+        raise CommandError(f"{e}; a host's logs are for the deployers of its tier ({tier}): a test-tier credential "
+                           "reaches test hosts only" if str(e).startswith("permission denied") else str(e),
+                           Exit.NATS) from None
+    finally:
+        bus.close()
+    if answer is None:
+        raise CommandError(f"{args.hostname} did not answer on {logs_subject(tier, args.hostname)} within "
+                           f"{args.answer_window:g}s: its listener is down, older than `logs`, or not allowed to "
+                           "subscribe there (regenerate the NATS config with `homelab-deploy nats-config`)",
+                           Exit.NO_ANSWER)
+    if not answer.parts:
+        raise CommandError(answer.message, Exit.FAILED)
+    if args.json:
+        print(json.dumps({k: v for k, v in answer._asdict().items() if k not in ("part", "parts", "message")}))
+        return Exit.OK
+    print(f"{args.hostname}: output of request {answer.request} ({answer.action} of {answer.revision}, finished "
+          f"{answer.finished}), {len(answer.lines)} lines", file=sys.stderr)
+    sys.stdout.write("".join(line + "\n" for line in answer.lines))
+    return Exit.OK
 
 
 def events_command(args: argparse.Namespace) -> int:
@@ -3928,7 +4303,7 @@ class FleetReader:
         return value
 
     def test_deployer(self, public: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (("deploy.test.>", self.discover, STATUS_SUBJECT),
+        return (("deploy.test.>", self.discover, STATUS_SUBJECT, logs_subject("test", "*")),
                 (f"deploy.responses.{public}.>", self.discover, "deploy.events.test.>"))
 
     @staticmethod
@@ -3953,7 +4328,7 @@ class FleetReader:
         self.credentials.append(Credential(
             f"listener {name} (tier {tier}{', role ' + role if role else ''})", self.key(entry, where),
             (f"deploy.responses.*.*.{name}", f"deploy.events.{tier}.{name}"),  # no requests: no discovery
-            (*own, self.discover, STATUS_SUBJECT), name, (f"deploy.{tier}.{name}",), site))
+            (*own, self.discover, STATUS_SUBJECT, logs_subject(tier, name)), name, (f"deploy.{tier}.{name}",), site))
 
     def sites(self, entry: dict, where: str, name: str) -> None:
         """The hub knows a site's leaf node as one user with all its hosts' rights."""
@@ -4528,6 +4903,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--rollback-timeout")
     p.add_argument("--health-timeout", type=float, default=60.0, metavar="S",
                    help="seconds a health check may run before it is killed and counts as failed (default: 60)")
+    p.add_argument("--failed-units-check", choices=("auto", "on", "off"), default="auto",
+                   help="after a switch or test, with the rollback watchdog: a unit `systemctl --failed` lists fails "
+                        "the health check; auto: on under systemd (default: auto)")
     p.add_argument("--trusted-key", action="append", metavar="PUBKEY[=NAME]",
                    help="act only on requests signed by this NKey user public key, repeatable; NAME is logged and "
                         "reported (default: act on any request NATS delivers, with a warning)")
@@ -4571,6 +4949,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the listeners' git flake URL, for --pin (env HOMELAB_DEPLOY_FLAKE_URL)")
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
+    p.add_argument("--follow", action="store_true",
+                   help="print nixos-rebuild's output while it runs, each line as `host | line` (with --json: a JSON "
+                        "line {hostname, log}, and the final document on one line)")
     p.add_argument("--canary", type=count_flag, metavar="K",
                    help="roll out: deploy the first K hosts of the plan alone first; stop if any fails")
     p.add_argument("--batch-size", type=batch_size_flag, metavar="N|P%",
@@ -4607,6 +4988,21 @@ def build_parser() -> argparse.ArgumentParser:
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(func=status_command)
+
+    p = sub.add_parser("logs", help="print the whole output of a host's last deploy, or of one of its last 5")
+    p.add_argument("hostname", metavar="HOSTNAME", help="the host, as list-hosts shows it")
+    nats_flags(p, env=True)
+    p.add_argument("--request", metavar="ID",
+                   help="the deploy's request id, as events (id=) and status --history show it (its first 8 hex "
+                        "digits suffice); default: the host's last deploy")
+    p.add_argument("--tier", choices=TIERS, help="the host's tier (default: asked by discovery)")
+    p.add_argument("--timeout", type=positive_seconds, default=LOGS_TIMEOUT,
+                   help=f"seconds to wait for the whole log once the host answered (default: {LOGS_TIMEOUT:g})")
+    window_flags(p)
+    discover_flag(p)
+    p.add_argument("--json", action="store_true",
+                   help="print {hostname, request, action, revision, finished, lines} as JSON")
+    p.set_defaults(func=logs_command)
 
     p = sub.add_parser("events", help="follow the audit events of the listeners and the builder")
     nats_flags(p, env=True)

@@ -143,6 +143,7 @@ let
     ++ lib.concatMap (key: [ "--trusted-key" key ]) lcfg.trustedKeys
     ++ lib.optionals (lcfg.trustedKeysFile != null) [ "--trusted-keys-file" (toString lcfg.trustedKeysFile) ]
     ++ lib.concatMap (check: [ "--health-check" check ]) lcfg.healthChecks
+    ++ [ "--failed-units-check" (if lcfg.healthCheckFailedUnits then "on" else "off") ]
     ++ lib.optionals lcfg.metrics.enable [ "--metrics-enabled" "--metrics-addr" lcfg.metrics.address ]
     ++ lcfg.extraArgs
   );
@@ -280,6 +281,18 @@ in
         longer than `--health-timeout` (60 s; set it with `extraArgs`), rolls
         the host back at once and the requester gets `failed` with error
         `health_check_failed`.  Needs `rollbackTimeout` above 0.
+      '';
+    };
+
+    healthCheckFailedUnits = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        After a `switch` or `test`, with `rollbackTimeout` above 0: a unit
+        that `systemctl --failed` lists fails the health checks (named in the
+        message, `failed units: a.service, b.service`) and rolls the host
+        back at once.  A unit that had failed before the deploy counts too;
+        `systemctl reset-failed UNIT` clears it.
       '';
     };
 

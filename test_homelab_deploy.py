@@ -257,6 +257,28 @@ class TestProtocol:
         assert e.value.code is hd.ErrorCode.INVALID_REVISION
         assert e.value.reply_to == "deploy.responses.me.abc"
 
+    def test_follow_is_a_boolean_sent_only_when_true(self):
+        assert b"follow" not in hd.DeployRequest(hd.Action.SWITCH, "main", "deploy.responses.me.abc").to_json()
+        req = hd.DeployRequest.parse(self.request(follow=True))
+        assert req.follow and hd.DeployRequest.parse(req.to_json()) == req
+        with pytest.raises(hd.ProtocolError, match="invalid follow 'yes': must be true") as e:
+            hd.DeployRequest.parse(self.request(follow="yes"))
+        assert e.value.reply_to == "deploy.responses.me.abc"
+
+    def test_deploy_output_is_redacted_clipped_and_keeps_the_last_2_mib(self):
+        sent: list[list[str]] = []
+        with hd.DeployOutput(sent.append) as output:
+            output.line("x" * 1000)
+            output.line("git+https://alice:hunter2@git.example.com/c.git")
+        assert sent == [["x" * 497 + "...", "git+https://alice:***@git.example.com/c.git"]]
+        kept = hd.DeployOutput(None)
+        for i in range(3000):
+            kept.line(f"{i:04d} " + "y" * 1000)
+        lines = kept.lines()
+        assert lines[0] == f"[the first {3000 - len(lines) + 1} line(s) are not kept: a log keeps the last 2 MiB]"
+        assert lines[-1].startswith("2999 ") and sum(len(line) + 1 for line in lines[1:]) <= 2 * 1024 * 1024
+        assert 2 * 1024 * 1024 - sum(len(line) + 1 for line in lines[1:]) < 1006  # one line fewer would not fit
+
     def test_refs_outside_branches_and_tags_need_the_opt_in(self):
         for revision in ("main", "refs/heads/main", "refs/tags/v1", "0" * 40):
             assert hd.DeployRequest.parse(self.request(revision=revision)).revision == revision

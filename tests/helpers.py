@@ -64,7 +64,7 @@ def make_user_key(directory: Path, name: str) -> tuple[Path, str]:
 def listener_permissions(hostname: str, tier: str, role: str | None) -> dict:
     own = [f"deploy.{tier}.{hostname}", f"deploy.{tier}.all"] + ([f"deploy.{tier}.role.{role}"] if role else [])
     return {
-        "subscribe": own + ["deploy.discover", "deploy.status"],
+        "subscribe": own + ["deploy.discover", "deploy.status", f"deploy.logs.{tier}.{hostname}"],
         "publish": ["deploy.responses.>", f"deploy.events.{tier}.{hostname}"],
     }
 
@@ -75,7 +75,7 @@ FLEET = {
     "testhost2": listener_permissions("testhost2", "test", "web"),
     "dns1": listener_permissions("dns1", "prod", "dns"),
     "test-deployer": {
-        "publish": ["deploy.test.>", "deploy.discover", "deploy.status"],
+        "publish": ["deploy.test.>", "deploy.discover", "deploy.status", "deploy.logs.test.*"],
         "subscribe": ["deploy.responses.>", "deploy.discover", "deploy.events.test.>"],
     },
     "admin": {
@@ -202,6 +202,10 @@ if mode == "eval-error":  # nix's evaluation error as a terminal shows it: colou
                  "(use '--show-trace' to show detailed location information)"):
         print(line, file=sys.stderr, flush=True)
     sys.exit(1)
+if mode == "fail-long":  # 300 lines at once, one with a password in a URL, then a failure
+    for i in range(1, 301):
+        print(f"line {{i}} of 300" + (": fetching git+https://alice:hunter2@git.example.com/c.git" if i == 150 else ""))
+    sys.exit(1)
 if mode == "slow":  # a deploy that takes a moment, so that overlapping runs would show in the spans
     time.sleep(0.3)
 if mode == "block":  # until the test creates the release file; a grandchild proves the group is killed
@@ -232,7 +236,8 @@ if mode == "activation-fails":  # the new generation is installed, then units fa
 
 class StandIn:
     """A `nixos-rebuild` on PATH for one listener; modes: succeed, fail, eval-error (nix's error, then its
-    show-trace hint), slow (0.3 s), block (until release()), activation-fails (installs the generation, exits 4)."""
+    show-trace hint), fail-long (300 lines, then exit 1), slow (0.3 s), block (until release()), activation-fails
+    (installs the generation, exits 4)."""
 
     def __init__(self, directory: Path):
         self.dir = directory

@@ -267,6 +267,8 @@ SUBJECTS = {
     "prod all": "deploy.prod.all",
     "discovery": "deploy.discover",
     "status": "deploy.status",
+    "t1 logs": "deploy.logs.test.t1",
+    "p1 logs": "deploy.logs.prod.p1",
     # answers: deploy.responses.<requester's key>.<token>.<host>, build.responses.<requester's key>.<token>.<repo>
     "t1 answers tdep": "deploy.responses.{tdep}.r.t1",
     "t1 answers admin": "deploy.responses.{admin}.r.t1",
@@ -284,12 +286,18 @@ SUBJECTS = {
 }
 # Allowed (publish, subscribe) subject classes per credential: the spec's Key Permission Patterns, with replies
 # readable only by their requester and answers publishable only by the host (or builder) they name.
-TEST_DEPLOY_PUB = {"own host", "other host", "own role", "other role", "tier all", "discovery", "status"}
+TEST_DEPLOY_PUB = {"own host", "other host", "own role", "other role", "tier all", "discovery", "status", "t1 logs"}
 DEPLOY_ALL = {c for c, s in SUBJECTS.items() if s.startswith("deploy.")}
 MATRIX = {
-    "t1": ({"t1 answers tdep", "t1 answers admin", "t1 events"}, {"own host", "tier all", "discovery", "status"}),
+    "t1": (
+        {"t1 answers tdep", "t1 answers admin", "t1 events"},
+        {"own host", "tier all", "discovery", "status", "t1 logs"},
+    ),
     "t2": ({"t2 answers mcp"}, {"other host", "own role", "tier all", "discovery", "status"}),
-    "p1": ({"p1 answers admin", "p1 events"}, {"other tier host", "prod role", "prod all", "discovery", "status"}),
+    "p1": (
+        {"p1 answers admin", "p1 events"},
+        {"other tier host", "prod role", "prod all", "discovery", "status", "p1 logs"},
+    ),
     "tdep": (TEST_DEPLOY_PUB, {"t1 answers tdep", "discovery", "t1 events"}),
     "admin": (DEPLOY_ALL, DEPLOY_ALL | {"r1 events", "r2 events"}),
     "builder": ({"r1 answers bclient", "r1 answers mcp", "r1 events"}, {"build own repo"}),

@@ -669,6 +669,34 @@ class TestAutomaticRollback:
             assert seen.read_text().splitlines()[-1] == f"system-{generation}-link"
         assert rollbacks(host) == [] and len(seen.read_text().splitlines()) == 2
 
+    @pytest.mark.parametrize("check", ["on", "off"])
+    def test_failed_systemd_units_fail_the_health_check(self, nats_server, start_listener, bus_factory, check):
+        """A stand-in `systemctl` on PATH lists failed units: with the check on, the switch is rolled back naming
+        them, and `status` counts it failed; off, it completes."""
+        host = start_listener("testhost1", "test", None, "--rollback-timeout", "300", "--failed-units-check", check)
+        host.standin.set_generation(1)
+        systemctl = host.standin.dir / "bin" / "systemctl"
+        systemctl.write_text(
+            f'#!/bin/sh\necho "$@" >> {systemctl}.calls\n'
+            "echo 'nginx.service loaded failed failed nginx'\necho 'acme-web.service loaded failed failed ACME'\n"
+        )
+        systemctl.chmod(0o755)
+        _, replies = start_deploy(bus_factory(nats_server, "test-deployer"), "deploy.test.testhost1")
+        reply = final_reply(replies)
+        if check == "off":
+            assert (reply["status"], reply["error"]) == ("completed", None), reply
+            assert rollbacks(host) == [] and not Path(f"{systemctl}.calls").exists()
+            return
+        assert (reply["status"], reply["error"]) == ("failed", "health_check_failed"), reply
+        assert reply["message"].startswith(
+            "the new system failed its health check `failed units: nginx.service, acme-web.service` "
+            "(`systemctl --failed --no-legend --plain` lists them;"
+        )
+        assert Path(f"{systemctl}.calls").read_text() == "--failed --no-legend --plain\n"
+        assert rollbacks(host) == [["switch", "--rollback"]] and host.standin.generation == 1
+        [status] = hd.discover_hosts(bus_factory(nats_server, "admin"), hd.STATUS_SUBJECT, parse=hd.HostStatus.parse)
+        assert [(r.status, r.error) for r in status.history] == [(hd.Status.FAILED, hd.ErrorCode.HEALTH_CHECK_FAILED)]
+
     def test_hanging_health_check_is_killed_and_rolls_back(self, nats_server, start_listener, bus_factory, tmp_path):
         pid_file = tmp_path / "check.pid"
         check = f"sh -c 'echo $$ > {pid_file}; exec sleep 3600'"

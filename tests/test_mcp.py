@@ -212,12 +212,15 @@ async def test_secrets_never_reach_stderr_or_tool_errors(mcp_server, nats_server
 @pytest.mark.parametrize(
     "flags,tools",
     [
-        ([], {"deploy", "list_hosts", "fleet_status"}),
-        (["--enable-builds"], {"deploy", "list_hosts", "fleet_status", "build"}),
-        (["--enable-admin", "--admin-nkey-file", "ADMIN"], {"deploy", "deploy_admin", "list_hosts", "fleet_status"}),
+        ([], {"deploy", "list_hosts", "fleet_status", "deploy_logs"}),
+        (["--enable-builds"], {"deploy", "list_hosts", "fleet_status", "deploy_logs", "build"}),
+        (
+            ["--enable-admin", "--admin-nkey-file", "ADMIN"],
+            {"deploy", "deploy_admin", "list_hosts", "fleet_status", "deploy_logs"},
+        ),
         (
             ["--enable-admin", "--admin-nkey-file", "ADMIN", "--enable-builds"],
-            {"deploy", "deploy_admin", "list_hosts", "fleet_status", "build"},
+            {"deploy", "deploy_admin", "list_hosts", "fleet_status", "deploy_logs", "build"},
         ),
     ],
 )
@@ -247,6 +250,9 @@ async def test_tool_lists(mcp_server, nats_server, flags, tools):
     assert set(listed["deploy"].output_schema["properties"]) == {"summary", "success", "target", "hosts"}
     assert listed["list_hosts"].annotations.read_only_hint is True
     assert listed["fleet_status"].annotations.read_only_hint is True
+    assert listed["deploy_logs"].annotations.read_only_hint is True
+    assert listed["deploy_logs"].input_schema["required"] == ["hostname"]
+    assert set(listed["deploy_logs"].input_schema["properties"]) == {"hostname", "request", "tail"}  # no tier
     assert listed["list_hosts"].input_schema.get("required", []) == []
     if "deploy_admin" in tools:
         admin = listed["deploy_admin"].input_schema
@@ -261,7 +267,13 @@ async def test_tool_lists(mcp_server, nats_server, flags, tools):
 
 async def test_same_tools_through_the_cli(mcp_server):
     async with mcp_server("--enable-builds", program=CLI_MCP) as client:
-        assert {t.name for t in (await client.list_tools()).tools} == {"deploy", "list_hosts", "fleet_status", "build"}
+        assert {t.name for t in (await client.list_tools()).tools} == {
+            "deploy",
+            "list_hosts",
+            "fleet_status",
+            "deploy_logs",
+            "build",
+        }
 
 
 # ---------------------------------------------------------------- list_hosts and deploy (test tier)
@@ -589,6 +601,7 @@ async def test_nats_outages_are_tool_errors_and_nothing_is_sent_late(mcp_server,
             "deploy",
             "list_hosts",
             "fleet_status",
+            "deploy_logs",
         }  # started anyway
         result = await client.call_tool("list_hosts", {})
         assert result.is_error and "cannot reach NATS" in text(result)

@@ -434,6 +434,13 @@ def test_listener_health_checks(nix):
     assert "services.homelab-deploy.listener.healthChecks needs the rollback watchdog" in err
 
 
+def test_listener_failed_units_check(nix):
+    argv = listener_argv(nix, host(listener=listener_config()))
+    assert argv.count("--failed-units-check") == 1 and argv[argv.index("--failed-units-check") + 1] == "on"
+    argv = listener_argv(nix, host(listener=listener_config(healthCheckFailedUnits=False)))
+    assert argv[argv.index("--failed-units-check") + 1] == "off"
+
+
 def test_trusted_keys(nix):
     key = "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5"
     argv = listener_argv(
