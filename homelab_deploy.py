@@ -336,12 +336,13 @@ class DeployResponse(typing.NamedTuple):
     duration_seconds: float | None = None
     output: list[str] | None = None  # last lines of nixos-rebuild's output, on failure
     commit: str | None = None  # configurationRevision of the new system after a successful switch/boot, if set
+    needs_reboot: bool | None = None  # after a completed switch or boot: its kernel, initrd or modules wait for one
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> DeployResponse:
         fields = answer_fields(decode_message(data, limit), {
             "hostname": is_subject_token, "status": DEPLOY_STATUSES, "error": tuple(ErrorCode), "message": str,
-            "duration_seconds": float, "output": list, "commit": is_valid_ref}, "deploy answer",
+            "duration_seconds": float, "output": list, "commit": is_valid_ref, "needs_reboot": bool}, "deploy answer",
             required=("hostname", "status"))
         return cls(**{**fields, "message": fields["message"] or ""})
 
@@ -354,6 +355,8 @@ class DeployResponse(typing.NamedTuple):
             d["output"] = self.output
         if self.commit is not None:
             d["commit"] = self.commit
+        if self.needs_reboot is not None:
+            d["needs_reboot"] = self.needs_reboot
         return d
 
 
@@ -445,15 +448,16 @@ class HostStatus(typing.NamedTuple):
     commit: str | None  # configurationRevision of the profile's current generation; None when the flake sets none
     history: list[DeployRecord]
     unsigned: bool = False  # as HostInfo.unsigned
+    needs_reboot: bool = False  # the profile's kernel, initrd or kernel modules are not the booted ones
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> HostStatus:
         obj = decode_message(data, limit)
         fields = answer_fields(obj, {
             "hostname": is_subject_token, "tier": TIERS, "role": is_subject_token, "deploy_subjects": list,
-            "deploying": bool, "generation": int, "commit": is_valid_ref, "unsigned": bool}, "status answer",
-            required=("hostname", "tier", "deploy_subjects"))
-        fields["unsigned"] = bool(fields["unsigned"])
+            "deploying": bool, "generation": int, "commit": is_valid_ref, "unsigned": bool, "needs_reboot": bool},
+            "status answer", required=("hostname", "tier", "deploy_subjects"))
+        fields["unsigned"], fields["needs_reboot"] = bool(fields["unsigned"]), bool(fields["needs_reboot"])
         history = obj.get("history") or []
         if not isinstance(history, list) or len(history) > HISTORY_LENGTH:
             raise ProtocolError(f"malformed status answer: history is {reprlib.repr(history)}, not a list of at most "
@@ -1458,7 +1462,7 @@ class ListenerMetrics:
     """The spec's four listener metrics, plus when deploys last ended, the profile's generation and the age of the
     last success; every label combination exists from start-up."""
 
-    def __init__(self, hostname: str, tier: str, role: str | None, profile: str):
+    def __init__(self, hostname: str, tier: str, role: str | None, profile: str, booted: str = "/run/booted-system"):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
         disable_created_metrics()  # *_created series only add noise to a host's scrape
@@ -1490,6 +1494,9 @@ class ListenerMetrics:
             last.labels(final.value).set_function(functools.partial(self.last_end.__getitem__, final))
         Gauge("homelab_deploy_generation", "Generation the system profile points to (0 = unreadable)",
               registry=self.registry).set_function(lambda: current_generation(profile) or 0)
+        Gauge("homelab_deploy_needs_reboot", "1 if the system profile's kernel, initrd or kernel modules are not the "
+              "booted system's, 0 otherwise", registry=self.registry).set_function(
+            lambda: needs_reboot(booted, profile))
         Gauge("homelab_deploy_seconds_since_last_success",
               "Seconds since the last completed deployment ended (-1 = none yet)", registry=self.registry,
               ).set_function(lambda: time.time() - self.last_end[Status.COMPLETED] if self.last_end[Status.COMPLETED]
@@ -1603,6 +1610,23 @@ def current_generation(profile: str) -> int | None:
     except OSError:
         return None
     return int(m.group(1)) if m else None
+
+
+BOOT_LINKS = ("kernel", "initrd", "kernel-modules")  # what a running system keeps until it reboots
+
+
+def needs_reboot(booted: str, profile: str) -> bool:
+    """Whether the system profile's kernel, initrd or kernel modules (each link resolved) differ from the booted
+    system's; a link missing from both is no difference, missing from one is."""
+    def resolved(system: str, link: str) -> str | None:
+        path = os.path.join(system, link)
+        return os.path.realpath(path) if os.path.exists(path) else None
+
+    return any(resolved(booted, link) != resolved(profile, link) for link in BOOT_LINKS)
+
+
+# Said after a completed switch or boot whose kernel, initrd or kernel modules wait for a reboot.
+REBOOT_NOTE = "; the new kernel, initrd or kernel modules take effect after a reboot (`homelab-deploy reboot`)"
 
 
 def save_state(path: str, record: dict | list | None, durable: bool = True) -> None:
@@ -1738,6 +1762,7 @@ class ListenerFields(typing.NamedTuple):
     require_signed: bool = False
     health_checks: tuple[str, ...] = ()  # command lines, split by shlex, run after a switch or test
     health_timeout: float = 60.0
+    booted_system: str = "/run/booted-system"  # compared with `profile`: does the host need a reboot?
 
 
 class ListenerConfig(ListenerFields):
@@ -1789,7 +1814,7 @@ class ListenerConfig(ListenerFields):
                    args.discover_subject, args.state_dir, args.system_profile, args.timeout, args.heartbeat_interval,
                    args.shutdown_grace, args.rollback_timeout, args.restart_after_switch, args.allow_any_ref,
                    tuple(args.trusted_key or ()), (args.trusted_keys_file,) if args.trusted_keys_file else (),
-                   args.require_signed, tuple(args.health_check or ()), args.health_timeout)
+                   args.require_signed, tuple(args.health_check or ()), args.health_timeout, args.booted_system)
 
     def load_signers(self, nonce_file: str | None, required: bool = False) -> TrustedSigners | None:
         """The trusted keys from --trusted-key and --trusted-keys-file (at start, and anew on SIGHUP)."""
@@ -2049,13 +2074,22 @@ class Rollback:
                  config.rollback_timeout)
         return None
 
-    def hand_over(self, rid: str) -> None:
-        """nixos-rebuild succeeded: its record becomes switched-<request>, which a confirmation over NATS removes."""
-        switched = self.path("switched", rid)
+    def hand_over(self, request: DeployRequest, rid: str, message: str, *, restarting: bool) -> DeployResponse | None:
+        """nixos-rebuild succeeded: its record becomes switched-<request>, which a confirmation over NATS removes;
+        settled here, or (None) by the listener that starts next when this one restarts after the switch."""
+        config, switched = self.config, self.path("switched", rid)
         with contextlib.suppress(FileNotFoundError):  # gone: the watchdog gave up waiting; settle reports it
             os.rename(self.path("pending", rid), switched)
             os.utime(switched)  # when the switch ended, for the confirmation's message
         self.state.record_inflight(None)  # nixos-rebuild is over: from here on the watchdog's record stands for it
+        self.bus.publish(answer_subject(request.reply_to, config.hostname), json.dumps(DeployResponse(
+            config.hostname, Status.STARTED, message=f"switched; waiting for the new system to confirm over NATS (it "
+            f"is rolled back unless it does within {config.rollback_timeout:g}s): {message}").to_dict()).encode())
+        if restarting:
+            log.info("host=%s request=%s switched; the listener that starts next confirms it over NATS",
+                     config.hostname, rid)
+            return None
+        return (self.settle(rid) or (None, None))[1]
 
     def undo_failed_switch(self, rid: str, failure: str, output: list[str], *, before: int | None, armed: bool,
                            action: Action = Action.SWITCH, code: ErrorCode = ErrorCode.ROLLED_BACK,
@@ -2123,11 +2157,13 @@ class Rollback:
                     break  # the watchdog took it first
                 log.info("host=%s request=%s %s confirmed over NATS %.1fs after the switch", config.hostname, rid,
                          request.action.value, after)
-                generation = current_generation(config.profile)
+                generation, switch = current_generation(config.profile), request.action is Action.SWITCH
+                reboot = needs_reboot(config.booted_system, config.profile) if switch else None
                 return request, DeployResponse(config.hostname, Status.COMPLETED, None, (
                     f"{request.action.value} of {request.revision} confirmed over NATS {after:.1f}s after the switch"
-                    + (f"; the system profile is at generation {generation}" if generation is not None else "")),
-                    commit=self.state.profile_commit() if request.action is Action.SWITCH else None), record
+                    + (f"; the system profile is at generation {generation}" if generation is not None else "")
+                    + REBOOT_NOTE * bool(reboot)),
+                    commit=self.state.profile_commit() if switch else None, needs_reboot=reboot), record
             while True:
                 request, record = read_rollback_record(rolled)
                 # by then the watchdog's nixos-rebuild and its rollback, each bounded by --timeout, are long over
@@ -2401,18 +2437,12 @@ class Listener:
         if armed and not success:  # nothing new is active to roll back, or this listener is up to report the failure
             save_state(self.rollback.path("pending", rid), None)
         elif armed:
-            self.rollback.hand_over(rid)
-            self.reply(request.reply_to, Status.STARTED, message=(
-                f"switched; waiting for the new system to confirm over NATS (it is rolled back unless it does "
-                f"within {config.rollback_timeout:g}s): {message}"))
-            if self.restarting:
-                log.info("host=%s request=%s switched; the listener that starts next confirms it over NATS",
-                         hostname, rid)
-                return None
-            return (self.rollback.settle(rid) or (None, None))[1]
-        commit = self.state.profile_commit() if success and action in (Action.SWITCH, Action.BOOT) else None
-        return DeployResponse(hostname, status, error, message, result.duration,
-                              None if success else result.output, commit)
+            return self.rollback.hand_over(request, rid, message, restarting=self.restarting)
+        installed = success and action in (Action.SWITCH, Action.BOOT)  # a new boot default: has its kernel changed?
+        reboot = needs_reboot(config.booted_system, config.profile) if installed else None
+        return DeployResponse(hostname, status, error, message + REBOOT_NOTE * bool(reboot), result.duration,
+                              None if success else result.output, self.state.profile_commit() if installed else None,
+                              reboot)
 
     def recover(self) -> None:
         """At start, connected to NATS: report an interrupted deploy, load the history, resume the re-sends of final
@@ -2447,7 +2477,7 @@ class Listener:
         unsigned, subjects = self.state.signers is None, list(config.subjects)
         answer = (HostStatus(config.hostname, config.tier, config.role, subjects, self.busy.locked(),
                              current_generation(config.profile), self.state.profile_commit(), self.state.history,
-                             unsigned).to_dict()
+                             unsigned, needs_reboot(config.booted_system, config.profile)).to_dict()
                   if subject == STATUS_SUBJECT else HostInfo(config.hostname, config.tier, config.role, subjects,
                                                              __version__, self.busy.locked(), unsigned)._asdict())
         self.bus.publish(answer_subject(reply_to, config.hostname), json.dumps(answer).encode())
@@ -2486,7 +2516,8 @@ def listener_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     stop = stop_on_signals(reload=(reload := threading.Event()))
-    metrics = ListenerMetrics(hostname, config.tier, config.role, config.profile) if args.metrics_enabled else None
+    metrics = (ListenerMetrics(hostname, config.tier, config.role, config.profile, config.booted_system)
+               if args.metrics_enabled else None)
     if metrics:
         serve_metrics(args.metrics_addr, metrics.registry)
     try:
@@ -3495,7 +3526,8 @@ def status_command(args: argparse.Namespace) -> int:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "GEN", "COMMIT", "LAST DEPLOY")]
         for h in hosts:
             rows.append((h.hostname, h.tier, h.role or "-",
-                         ("deploying" if h.deploying else "idle") + (",unsigned" if h.unsigned else ""),
+                         ("deploying" if h.deploying else "idle") + (",unsigned" if h.unsigned else "")
+                         + (",needs-reboot" if h.needs_reboot else ""),
                          "-" if h.generation is None else str(h.generation), (h.commit or "-")[:12], last_deploy(h)))
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
         for row, host in zip(rows, [None, *hosts], strict=True):
@@ -4407,6 +4439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-profile", default="/nix/var/nix/profiles/system",
                    help="system profile whose generation is reported after switch/boot "
                         "(default: /nix/var/nix/profiles/system)")
+    p.add_argument("--booted-system", default="/run/booted-system", metavar="PATH",
+                   help="the running system, whose kernel, initrd and kernel modules are compared with the system "
+                        "profile's to tell whether the host needs a reboot (default: /run/booted-system)")
     p.set_defaults(func=listener_command, daemon=True)
 
     p = sub.add_parser("rollback-watchdog")  # no help: armed by the listener, not run by hand

@@ -713,6 +713,35 @@ class TestBus:
             assert reached == []
 
 
+class TestNeedsReboot:
+    """needs_reboot compares the resolved kernel, initrd and kernel-modules links of the booted system and the
+    system profile: temp directories of symlinks stand for both."""
+
+    def test_true_exactly_when_a_link_resolves_elsewhere(self, tmp_path):
+        booted = helpers.fake_system(tmp_path / "booted")
+        assert hd.needs_reboot(str(booted), str(booted)) is False
+        same = helpers.fake_system(tmp_path / "same")  # other links, the same store paths
+        assert hd.needs_reboot(str(booted), str(same)) is False
+        for link in ("kernel", "initrd", "modules"):
+            other = helpers.fake_system(tmp_path / f"new-{link}", **{link: "new"})
+            assert hd.needs_reboot(str(booted), str(other)) is True, link
+
+    def test_links_are_resolved_through_the_profile_and_a_missing_link_counts_only_when_missing_in_one(self, tmp_path):
+        system = helpers.fake_system(tmp_path / "system-1-link")
+        profile = tmp_path / "system"
+        profile.symlink_to("system-1-link")  # as the system profile points at its generation
+        booted = tmp_path / "booted-system"
+        booted.symlink_to(system)
+        assert hd.needs_reboot(str(booted), str(profile)) is False
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty2").mkdir()
+        assert hd.needs_reboot(str(tmp_path / "empty"), str(tmp_path / "empty2")) is False
+        assert hd.needs_reboot(str(tmp_path / "empty"), str(profile)) is True
+        assert hd.needs_reboot(str(booted), str(tmp_path / "nowhere")) is True
+        (system / "initrd").unlink()
+        assert hd.needs_reboot(str(booted), str(profile)) is False  # one system: missing from both
+
+
 @pytest.mark.integration
 class TestListenerConfig:
     """Issue 27: a listener is built from a checked, frozen ListenerConfig record; nothing needs the CLI parser."""

@@ -280,6 +280,17 @@ class StandIn:
         return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+def fake_system(path: Path, kernel: str = "k1", initrd: str = "i1", modules: str = "m1") -> Path:
+    """A directory standing for a NixOS system (a generation, /run/booted-system): its kernel, initrd and
+    kernel-modules links point at directories of those names in a store beside it."""
+    store = path.parent / "store"
+    path.mkdir(parents=True)
+    for link, target in (("kernel", kernel), ("initrd", initrd), ("kernel-modules", modules)):
+        (store / target).mkdir(parents=True, exist_ok=True)
+        (path / link).symlink_to(store / target)
+    return path
+
+
 class Listener:
     def __init__(self, server: NatsServer, hostname: str, tier: str, role: str | None, workdir: Path, *extra: str):
         self.hostname = hostname

@@ -630,6 +630,7 @@ DEPLOY_ANSWER = {
     "duration_seconds": SECONDS,
     "output": LINES,
     "commit": name_field(ref_ok, git_refs(), "a..b", "main;id", "-rf", near_names),  # the new system's revision
+    "needs_reboot": FLAG,  # after a completed switch or boot
 }
 DISCOVERY_ANSWER = {
     "hostname": HOST_NAME,
