@@ -12,6 +12,7 @@ Sections, each opened by a `# ---- name` banner, follow the data:
   subprocess runner          nixos-rebuild and nix with a timeout and the tail of their output
   metrics                    the Prometheus metrics and their HTTP endpoint
   listener                   the daemon on every host: requests in, nixos-rebuild, answers out
+  reboots                    reboot requests, carried out and confirmed by the listener that starts after them
   rollback watchdog          rolls a switch back unless a listener confirms it over NATS
   builder                    the daemon that pre-builds every host of a repository
   clients                    deploy, rollout, list-hosts, status, events and build, over NATS
@@ -85,6 +86,10 @@ class Action(enum.Enum):
     BOOT = "boot"
     TEST = "test"
     DRY_ACTIVATE = "dry-activate"
+    REBOOT = "reboot"  # a reboot request ({"reboot": true}), never a request's `action`: nixos-rebuild has none
+
+
+REBUILD_ACTIONS = tuple(a.value for a in Action if a is not Action.REBOOT)  # what a request's `action` may be
 
 
 class Status(enum.Enum):
@@ -112,6 +117,7 @@ class ErrorCode(enum.Enum):
     ROLLED_BACK = "rolled_back"  # the new system did not confirm over NATS in time; the watchdog rolled it back
     ROLLBACK_FAILED = "rollback_failed"  # as rolled_back, but the rollback command failed: the host needs a person
     HEALTH_CHECK_FAILED = "health_check_failed"  # a --health-check failed after a switch or test: rolled back at once
+    REBOOT_FAILED = "reboot_failed"  # the --reboot-command failed, or ran and the host did not reboot; not in spec
     UNAUTHORIZED = "unauthorized"  # with trusted keys: unsigned, forged, stale, replayed or re-addressed; not in spec
 
 
@@ -288,27 +294,36 @@ def expand_subjects(templates: list[str], hostname: str, tier: str, role: str | 
 
 
 class DeployRequest(typing.NamedTuple):
+    """A deploy request, or a reboot request (action REBOOT, revision ""), on a host's deploy subjects."""
+
     action: Action
     revision: str
     reply_to: str
     expires_in: float | None = None  # seconds from arrival within which `accepted` must go out; None: no limit
+    now: bool = False  # a reboot outside every maintenance window is carried out at once (`reboot --now`)
 
     @classmethod
     def parse(cls, data: bytes, allow_any_ref: bool = False) -> DeployRequest:
         obj = decode_message(data)
         reply_to = parse_reply_to(obj, "deploy")
-        action = obj.get("action")
-        if action not in [a.value for a in Action]:
+        action, revision, reboot = obj.get("action"), obj.get("revision"), obj.get("reboot")
+        if reboot is not None:
+            if reboot is not True or action is not None or revision is not None or \
+                    type(obj.get("now", False)) is not bool:
+                raise ProtocolError("invalid reboot request: `reboot` must be true and `now` true or false, without "
+                                    "`action` or `revision` (a reboot runs no nixos-rebuild)",
+                                    ErrorCode.INVALID_ACTION, reply_to)
+            action, revision = Action.REBOOT.value, ""
+        elif action not in REBUILD_ACTIONS:
             raise ProtocolError(
-                f"invalid action {str(action)[:40]!r}: must be one of {', '.join(a.value for a in Action)}",
+                f"invalid action {str(action)[:40]!r}: must be one of {', '.join(REBUILD_ACTIONS)}",
                 ErrorCode.INVALID_ACTION, reply_to)
-        revision = obj.get("revision")
-        if not is_valid_ref(revision):
+        elif not is_valid_ref(revision):
             raise ProtocolError(
                 f"invalid revision {str(revision)[:40]!r}: must be a git branch, tag or 40-hex commit "
                 "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit)",
                 ErrorCode.INVALID_REVISION, reply_to)
-        if not allow_any_ref and not is_branch_or_tag(revision):
+        elif not allow_any_ref and not is_branch_or_tag(revision):
             raise ProtocolError(REF_POLICY.format(what="revision", ref=revision, daemon="listener"),
                                 ErrorCode.INVALID_REVISION, reply_to)
         expires_in = obj.get("expires_in")
@@ -316,10 +331,13 @@ class DeployRequest(typing.NamedTuple):
             raise ProtocolError(f"invalid expires_in {str(expires_in)[:40]!r}: must be the seconds the sender waits "
                                 "for `accepted`, a number greater than 0; leave it out to wait without a limit",
                                 None, reply_to)
-        return cls(Action(action), revision, reply_to, expires_in)
+        return cls(Action(action), str(revision), reply_to, expires_in, reboot is True and obj.get("now") is True)
 
     def to_json(self) -> bytes:
-        obj: dict[str, object] = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
+        obj: dict[str, object] = ({"reboot": True, **({"now": True} if self.now else {})}
+                                  if self.action is Action.REBOOT else
+                                  {"action": self.action.value, "revision": self.revision})
+        obj["reply_to"] = self.reply_to
         if self.expires_in is not None:
             obj["expires_in"] = self.expires_in
         return json.dumps(obj).encode()
@@ -1575,12 +1593,13 @@ def rebuild_argv(action: Action, flake_url: str, revision: str, hostname: str) -
     return ["nixos-rebuild", action.value, "--refresh", "--flake", f"{flake_ref(flake_url, revision)}#{hostname}"]
 
 
-def health_check_argv(check: str) -> list[str]:
-    """A --health-check's argv (shlex words, never a shell); [] when it has none or unbalanced quotes."""
+def command_argv(command: str) -> list[str]:
+    """A --health-check's or the --reboot-command's argv (shlex words, never a shell); [] when it has none or
+    unbalanced quotes."""
     import shlex
 
     try:
-        return shlex.split(check)
+        return shlex.split(command)
     except ValueError:
         return []
 
@@ -1589,7 +1608,7 @@ def failed_health_check(checks: tuple[str, ...], timeout: float, prefix: str) ->
     """Run the health checks in order, each killed with its process group after `timeout`; None when all pass,
     else the first failure, named with its output's last lines, and that output."""
     for check in checks:
-        result = run_with_timeout(health_check_argv(check), timeout, prefix)
+        result = run_with_timeout(command_argv(check), timeout, prefix)
         if result.returncode == 0 and not result.timed_out:
             continue
         how = (f"killed after {timeout:g}s" if result.timed_out else "cannot run" if result.returncode is None
@@ -1763,6 +1782,8 @@ class ListenerFields(typing.NamedTuple):
     health_checks: tuple[str, ...] = ()  # command lines, split by shlex, run after a switch or test
     health_timeout: float = 60.0
     booted_system: str = "/run/booted-system"  # compared with `profile`: does the host need a reboot?
+    reboot_command: str = "systemctl reboot"  # a command line, split by shlex, run for a reboot request
+    boot_id_file: str = "/proc/sys/kernel/random/boot_id"  # a new boot id: the host rebooted
 
 
 class ListenerConfig(ListenerFields):
@@ -1802,9 +1823,12 @@ class ListenerConfig(ListenerFields):
             raise ValueError("--health-check needs the rollback watchdog, which undoes a switch or test whose check "
                              "fails: give --rollback-timeout S (e.g. 120), or drop --health-check")
         for check in self.health_checks:
-            if not health_check_argv(check):
+            if not command_argv(check):
                 raise ValueError(f"--health-check {check!r} must be a command line (split into words as a shell "
                                  "would, never run by one), e.g. 'curl -fsS http://127.0.0.1:8080/health'")
+        if not command_argv(self.reboot_command):
+            raise ValueError(f"--reboot-command {self.reboot_command!r} must be a command line (split into words as a "
+                             "shell would, never run by one), e.g. 'systemctl reboot'")
         self.subjects  # noqa: B018 (expands the templates now: a bad one is refused here)
 
     @classmethod
@@ -1814,7 +1838,8 @@ class ListenerConfig(ListenerFields):
                    args.discover_subject, args.state_dir, args.system_profile, args.timeout, args.heartbeat_interval,
                    args.shutdown_grace, args.rollback_timeout, args.restart_after_switch, args.allow_any_ref,
                    tuple(args.trusted_key or ()), (args.trusted_keys_file,) if args.trusted_keys_file else (),
-                   args.require_signed, tuple(args.health_check or ()), args.health_timeout, args.booted_system)
+                   args.require_signed, tuple(args.health_check or ()), args.health_timeout, args.booted_system,
+                   args.reboot_command, args.boot_id_file)
 
     def load_signers(self, nonce_file: str | None, required: bool = False) -> TrustedSigners | None:
         """The trusted keys from --trusted-key and --trusted-keys-file (at start, and anew on SIGHUP)."""
@@ -1863,8 +1888,9 @@ class ListenerState:
             log.error("host=%s unreadable in-flight record %s (%s); removing it", hostname, self.inflight_file, e)
             self.record_inflight(None)
             return None
-        if os.path.exists(rollback_path(self.config.state_dir, "rollback", request_id(reply_to))):
-            self.record_inflight(None)
+        if os.path.exists(rollback_path(self.config.state_dir, "rollback", request_id(reply_to))) or \
+                os.path.exists(os.path.join(self.config.state_dir, f"{REBOOT_PREFIX}{request_id(reply_to)}.json")):
+            self.record_inflight(None)  # its watchdog's or its reboot's record stands for it
             return None
         pid = record.get("pid")
         if isinstance(pid, int) and pid > 1:
@@ -1903,6 +1929,8 @@ class ListenerState:
     def remember(self, request: DeployRequest, rid: str, final: DeployResponse, *, started: float,
                  before: int | None, signer: str | None) -> None:
         """Add a finished deploy to the history file (its last HISTORY_LENGTH); a failed write is logged, not fatal."""
+        if request.action is Action.REBOOT:  # the history is what nixos-rebuild did; a reboot has no revision
+            return
         try:
             record = DeployRecord(rid, request.action, request.revision, final.commit, final.status, final.error,
                                   time.strftime(ISO_TIME_FORMAT, time.gmtime(started)),
@@ -2249,9 +2277,10 @@ class Listener:
         self.config, self.bus, self.metrics, self.stop = config, bus, metrics, stop  # stop: signal, restart
         self.state = ListenerState(config, bus, metrics=metrics, stop=stop, signers=signers)
         self.rollback = Rollback(config, bus, stop, self.state)
+        self.busy = threading.Lock()  # one deploy (or reboot) at a time
+        self.reboots = Reboots(config, bus, stop=stop, busy=self.busy, reply=self.reply, report=self.report_final)
         self.rejections = Rejections(lambda count, reason: self.announce(
             Status.REJECTED, None, None, None, reason=reason, suppressed=count), "listener")
-        self.busy = threading.Lock()  # one deploy at a time
         self.reporting = threading.Lock()  # held until a deploy's final status is out; shutdown waits on it
         self.restarting = False  # a switch succeeded with --restart-after-switch: set before `busy` is released
         self.current: DeployRequest | None = None
@@ -2323,7 +2352,8 @@ class Listener:
         if e.reply_to:
             self.reply(e.reply_to, Status.REJECTED, e.code, str(e))
         if self.metrics and (e.reply_to or request):  # refused signatures are counted too, though unanswered
-            action = None if e.code is ErrorCode.INVALID_ACTION else Action(decode_message(data)["action"])
+            valid = decode_message(data).get("action", Action.REBOOT.value)  # a reboot request has no `action`
+            action = None if e.code is ErrorCode.INVALID_ACTION else Action(valid)
             self.metrics.count(Status.REJECTED, action, e.code)
 
     def admit(self, request: DeployRequest, rid: str, signer: str | None) -> bool:
@@ -2364,8 +2394,9 @@ class Listener:
             signed = f" (signed by {signer})" if signer else ""
             log.info("host=%s request=%s accepted %s of %s%s", hostname, rid, request.action.value, request.revision,
                      signed)
-            self.reply(request.reply_to, Status.ACCEPTED,
-                       message=f"{request.action.value} of {request.revision} accepted{signed}")
+            message = f"{request.action.value} of {request.revision} accepted{signed}"
+            self.reply(request.reply_to, Status.ACCEPTED, message=self.reboots.accepted(request, signed)
+                       if request.action is Action.REBOOT else message)
             self.announce(Status.ACCEPTED, rid, request, signer)
             try:
                 self.state.record_inflight(request)  # after `accepted`: its fsync stays off the requester's path
@@ -2405,6 +2436,8 @@ class Listener:
         """Run nixos-rebuild for an accepted request; returns the final status to report, None when it is left to
         the listener that starts next (a switch awaiting confirmation, or this listener stopping)."""
         config, action, hostname = self.config, request.action, self.config.hostname
+        if action is Action.REBOOT:
+            return self.reboots.hold(request, rid, signer)
         before = current_generation(config.profile)
         argv = rebuild_argv(action, config.flake_url, request.revision, hostname)
         armed = config.rollback_timeout > 0 and action in (Action.SWITCH, Action.TEST)
@@ -2458,6 +2491,7 @@ class Listener:
             self.state.record_inflight(None)
         self.state.load_history()
         self.state.resume_resends()
+        self.reboots.recover()
         for rid in self.rollback.left_over():
             if settled := self.rollback.settle(rid):
                 request, final, record = settled
@@ -2552,6 +2586,145 @@ def listener_command(args: argparse.Namespace) -> int:
     listener.rejections.flush()  # the count of the window still open
     bus.close()
     return 0
+
+
+# ---------------------------------------------------------------- reboots
+
+REBOOT_PREFIX = "reboot-"  # state files reboot-<request>.json: a reboot asked for, until the host is back from it
+REBOOT_COMMAND_TIMEOUT = 120.0  # seconds the reboot command may take: `systemctl reboot` queues a job and returns
+
+
+def read_boot_id(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read(64).strip() or None
+    except OSError:
+        return None
+
+
+class Reboots:
+    """A listener's reboots: a reboot request is recorded in the state directory (reboot-<request>.json, fsynced)
+    and carried out on a thread of its own (taking `busy`: no deploy is cut short), its record marked run before
+    --reboot-command runs, so no restart runs it again; the listener that starts after the reboot sees a new boot
+    id, or the profile's system booted, and sends `completed`, as a switch is confirmed by the listener after it."""
+
+    def __init__(self, config: ListenerConfig, bus: Bus, *, stop: threading.Event, busy: threading.Lock, reply,
+                 report):
+        self.config, self.bus, self.stop, self.busy, self.reply, self.report = config, bus, stop, busy, reply, report
+        self.argv, self.lock = command_argv(config.reboot_command), threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def path(self, rid: str) -> str:
+        return os.path.join(self.config.state_dir, f"{REBOOT_PREFIX}{rid}.json")
+
+    def booted(self) -> tuple[str | None, str]:
+        """(the boot id, the booted system resolved)."""
+        return read_boot_id(self.config.boot_id_file), os.path.realpath(self.config.booted_system)
+
+    def accepted(self, request: DeployRequest, signed: str) -> str:
+        """The `accepted` message of a reboot request."""
+        return f"reboot accepted{signed}; `completed` follows once the host is back on a new boot"
+
+    def hold(self, request: DeployRequest, rid: str, signer: str | None) -> DeployResponse | None:
+        """An accepted reboot: recorded, then left to the thread that carries it out; a record that cannot be
+        written is the final status (nothing runs)."""
+        boot, system = self.booted()
+        try:
+            save_state(self.path(rid), {"request": json.loads(request.to_json()), "signer": signer, "boot_id": boot,
+                                        "booted": system, "accepted_at": time.time(), "ran_at": None})
+        except OSError as e:
+            log.error("host=%s request=%s reboot not run: cannot write %s: %s", self.config.hostname, rid,
+                      self.path(rid), e.strerror)
+            return DeployResponse(self.config.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
+                f"nothing was run: the listener on {self.config.hostname} cannot record the reboot in "
+                f"{self.config.state_dir} ({e.strerror}); make it writable and ask again"))
+        self.carry_out()
+        return None
+
+    def records(self) -> dict[str, tuple[DeployRequest, dict]]:
+        """The reboot records in the state directory, by request id; an unreadable one is logged and removed."""
+        found = {}
+        for name in sorted(os.listdir(self.config.state_dir)):
+            rid = name[len(REBOOT_PREFIX):-len(".json")]
+            if not (name.startswith(REBOOT_PREFIX) and name.endswith(".json") and REPLY_TOKEN_RE.fullmatch(rid)):
+                continue
+            try:
+                with open(self.path(rid)) as f:
+                    record = json.load(f)
+                request = DeployRequest.parse(json.dumps(record["request"]).encode())
+                if request.action is not Action.REBOOT or request_id(request.reply_to) != rid or not (
+                        type(record["ran_at"]) in (int, float, type(None)) and type(record["accepted_at"]) is float
+                        and (record["signer"] is None or SIGNER_NAME_RE.fullmatch(str(record["signer"])))):
+                    raise ValueError("not a reboot record of its request")
+            except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
+                log.error("host=%s request=%s unreadable reboot record (%s); removing it", self.config.hostname, rid,
+                          e)
+                save_state(self.path(rid), None)
+                continue
+            found[rid] = (request, record)
+        return found
+
+    def carry_out(self) -> None:
+        """Start the thread that runs the reboots not run yet, unless it runs."""
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self.run_held, name="reboot", daemon=True)
+                self.thread.start()
+
+    def run_held(self) -> None:
+        """Once `busy` is free (a running deploy ends first), mark every reboot not run yet as run (fsynced), then
+        run the reboot command once for all; if it fails, each requester gets `failed`/reboot_failed."""
+        hostname = self.config.hostname
+        while not self.stop.is_set():
+            if not self.busy.acquire(timeout=1.0):  # a deploy runs: bounded by --timeout
+                continue
+            try:
+                held = {rid: (request, record) for rid, (request, record) in self.records().items()
+                        if record["ran_at"] is None}
+                for rid, (request, record) in held.items():
+                    save_state(self.path(rid), {**record, "ran_at": time.time()})
+                    log.warning("host=%s request=%s rebooting: running %s", hostname, rid, " ".join(self.argv))
+                    self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(self.argv)}")
+                result = run_with_timeout(self.argv, REBOOT_COMMAND_TIMEOUT, f"host={hostname} ") if held else None
+            finally:
+                self.busy.release()
+            if result is None or (result.returncode == 0 and not result.timed_out):
+                return
+            how = (f"killed after {REBOOT_COMMAND_TIMEOUT:g}s" if result.timed_out else "cannot run"
+                   if result.returncode is None else f"exit code {result.returncode}")
+            for rid, (request, record) in held.items():
+                final = DeployResponse(hostname, Status.FAILED, ErrorCode.REBOOT_FAILED, (
+                    f"the reboot command `{' '.join(self.argv)}` failed ({how}): {nix_error_summary(result.output)}; "
+                    "nothing was rebooted: check the listener's --reboot-command"), None, result.output)
+                log.error("host=%s request=%s %s", hostname, rid, final.message)
+                self.report(request, rid, final, signer=record["signer"], reconnects=self.bus.reconnects)
+                save_state(self.path(rid), None)
+            return
+
+    def recover(self) -> None:
+        """At start, connected to NATS: a reboot that ran is reported `completed` when the host is on a new boot,
+        else `failed`; the ones not run yet are carried out."""
+        config = self.config
+        boot, system = self.booted()
+        for rid, (request, record) in self.records().items():
+            if record["ran_at"] is None:
+                self.carry_out()
+                continue
+            took = time.time() - record["ran_at"]
+            reboot = needs_reboot(config.booted_system, config.profile)
+            if (boot is not None and boot != record["boot_id"]) or (
+                    system != record["booted"] and system == os.path.realpath(config.profile)):
+                final = DeployResponse(config.hostname, Status.COMPLETED, None, (
+                    f"rebooted: back {took:.0f}s after `{' '.join(self.argv)}` ran, on a new boot of {system}"
+                    + ("; it still needs a reboot: the profile's kernel, initrd or modules are not the booted ones"
+                       if reboot else "")), took, needs_reboot=reboot)
+            else:
+                final = DeployResponse(config.hostname, Status.FAILED, ErrorCode.REBOOT_FAILED, (
+                    f"`{' '.join(self.argv)}` ran {took:.0f}s ago and exited 0, but the host did not reboot (the "
+                    f"same boot id, {system} booted); its journal says why: reboot it by hand"), took)
+            log.info("host=%s request=%s reboot %s: %s", config.hostname, rid, final.status.value, final.message)
+            self.report(request, rid, final, signer=record["signer"], reconnects=self.bus.reconnects)
+            save_state(self.path(rid), None)
 
 
 # ---------------------------------------------------------------- rollback watchdog
@@ -3142,9 +3315,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
-                 window: float = ANSWER_WINDOW, on_event=None,
-                 stragglers: float = STRAGGLER_WINDOW) -> tuple[dict[str, DeployResponse], bool]:
-    """Publish a deploy request (on each subject of a list) and gather every answering host's responses.
+                 window: float = ANSWER_WINDOW, on_event=None, stragglers: float = STRAGGLER_WINDOW,
+                 now: bool = False) -> tuple[dict[str, DeployResponse], bool]:
+    """Publish a deploy request, or a reboot request (REBOOT, `now` overriding maintenance windows), on each
+    subject of a list, and gather every answering host's responses.
     Returns the last response per host and whether everything finished before the timeout."""
     hosts: dict[str, DeployResponse] = {}
     subjects = [subject] if isinstance(subject, str) else subject
@@ -3176,7 +3350,8 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
 
     try:  # expires_in: half the window, the other half covers the trips of the request and `accepted` through NATS
         finished = collect_answers(
-            bus, subject, "deploy", make_request=lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
+            bus, subject, "deploy",
+            make_request=lambda to: DeployRequest(action, revision, to, window / 2, now).to_json(),
             parse=DeployResponse.parse, sender=lambda r: r.hostname, timeout=timeout, window=window,
             on_answer=on_answer, is_done=is_done, stragglers=stragglers,
             is_complete=lambda: len(addressed) == len(subjects) and not unheard and is_done())
@@ -3248,9 +3423,15 @@ def batch_size_flag(text: str) -> str:
                                      "or a percentage of the plan from 1% to 100% (e.g. 25%)")
 
 
-def rollout_plan(bus: Bus, subject: str, rollout: Rollout, *, window: float, stragglers: float,
-                 discover_subject: str) -> list[tuple[str, list[HostInfo]]]:
-    """The batches of the hosts whose deploy subjects include `subject`, sorted by hostname: only hosts of the
+def rollout_plan(bus: Bus, subject: str, rollout: Rollout, **survey) -> list[tuple[str, list[HostInfo]]]:
+    """rollout_hosts in the rollout's batches."""
+    return rollout.batches(rollout_hosts(bus, subject, **survey))
+
+
+def rollout_hosts(bus: Bus, subject: str, *, window: float, stragglers: float, discover_subject: str,
+                  parse=HostInfo.parse) -> list:
+    """The hosts whose deploy subjects include `subject` (their discovery answers, or with STATUS_SUBJECT and
+    HostStatus.parse their status), sorted by hostname: only hosts of the
     subject's tier that listen on deploy.<tier>.<host>, where a rollout deploys each. A discovery answer is the
     host's own word: one that claims another tier or lacks that subject is left out with a warning, never
     deployed on another tier's subject (a test host claiming prod) nor allowed to stop the others."""
@@ -3259,7 +3440,7 @@ def rollout_plan(bus: Bus, subject: str, rollout: Rollout, *, window: float, str
         raise ValueError(f"a rollout deploys each host on deploy.<tier>.<host>, so its target must be a deploy "
                          f"subject of a tier ({DEPLOY_SUBJECTS}), not {subject!r}; deploy without rollout flags")
     hosts = []
-    for h in discover_hosts(bus, discover_subject, window, stragglers):
+    for h in discover_hosts(bus, discover_subject, window, stragglers, parse):
         if subject not in h.deploy_subjects:
             continue
         if h.tier != tier or f"deploy.{tier}.{h.hostname}" not in h.deploy_subjects:
@@ -3269,12 +3450,12 @@ def rollout_plan(bus: Bus, subject: str, rollout: Rollout, *, window: float, str
                         tier, tier)
             continue
         hosts.append(h)
-    return rollout.batches(sorted(hosts, key=lambda h: h.hostname))
+    return sorted(hosts, key=lambda h: h.hostname)
 
 
 def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollout, *, action: Action, revision: str,
              timeout: float, window: float, stragglers: float, report, stop: threading.Event,
-             results: list[tuple[str, list[DeployResponse]]]) -> None:
+             results: list[tuple[str, list[DeployResponse]]], now: bool = False) -> None:
     """Deploy batch after batch, each host on its own subject, reporting report(line, final) per batch start and
     host event; once a canary or more than max_failures hosts failed, or `stop` is set, the rest are skipped.
     Appends (batch name, final responses) to `results` as each batch ends, kept when a NatsError ends it early."""
@@ -3288,9 +3469,10 @@ def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollo
             for r in results[-1][1]:
                 report(describe(r), True)
             continue
-        report(f"{name}: deploying {', '.join(h.hostname for h in batch)}", True)
+        report(f"{name}: {'rebooting' if action is Action.REBOOT else 'deploying'} "
+               f"{', '.join(h.hostname for h in batch)}", True)
         hosts, _ = deploy_hosts(bus, [f"deploy.{h.tier}.{h.hostname}" for h in batch], action, revision, timeout,
-                                window, lambda r: report(describe(r), r.status.final), stragglers)
+                                window, lambda r: report(describe(r), r.status.final), stragglers, now)
         gone = [DeployResponse(h.hostname, Status.FAILED, message=f"did not answer within {window:g}s: it left the "
                                "fleet since the plan, or its listener is down (`homelab-deploy list-hosts` shows who "
                                "listens)") for h in batch if h.hostname not in hosts]
@@ -3307,20 +3489,22 @@ def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollo
             report(f"stopping the rollout: {why or 'interrupted'}", True)
 
 
-def deploy_exit(hosts: list[DeployResponse]) -> Exit:
-    """A deploy's exit code from each host's last answer: OK when every one completed, NO_ANSWER without any."""
+def deploy_exit(hosts: list[DeployResponse], needless: frozenset[str] = frozenset()) -> Exit:
+    """A deploy's exit code from each host's last answer: OK when every one completed (or is `needless`: skipped
+    by reboot --only-if-needed), NO_ANSWER without any."""
     if not hosts:
         return Exit.NO_ANSWER
-    return Exit.OK if all(r.status is Status.COMPLETED for r in hosts) else Exit.FAILED
+    return Exit.OK if all(r.status is Status.COMPLETED or r.hostname in needless for r in hosts) else Exit.FAILED
 
 
 def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: list[DeployResponse],
-                  batches: list[tuple[str, list[DeployResponse]]] | None = None) -> Exit:
+                  batches: list[tuple[str, list[DeployResponse]]] | None = None,
+                  needless: frozenset[str] = frozenset()) -> Exit:
     """Print a deploy's --json document, its summary line and which hosts run which commit when they differ;
     returns its deploy_exit."""
     hosts = sorted(hosts, key=lambda r: r.hostname)
     counts = collections.Counter(r.status.value if r.status.final else "unfinished" for r in hosts)
-    code = deploy_exit(hosts)
+    code = deploy_exit(hosts, needless)
     pin = {"pin": f"{args.branch} -> {revision}"} if args.pin else {}
     if args.json:
         print(json.dumps({"subject": subject, "action": args.action, "revision": revision, **pin,
@@ -3353,29 +3537,41 @@ def unknown_deploy_outcome(e: OutcomeUnknown, aside: str = "") -> CommandError:
 
 
 def deploy_rollout(args: argparse.Namespace, subject: str, revision: str, bus: Bus, progress: Progress) -> int:
-    """deploy with rollout flags: a plan from discovery, then roll_out; exit 130 when a signal stopped it."""
+    """deploy with rollout flags, and reboot: a plan from discovery (reboot: from status answers, --only-if-needed
+    leaving out the hosts that need none), then roll_out; exit 130 when a signal stopped it."""
     rollout = Rollout(args.canary or 0, args.batch_size or "100%", args.max_failures or 0)
+    reboot = args.action == Action.REBOOT.value
     stop = stop_on_signals(b"interrupted: starting no new batch; waiting for the running hosts to finish "
                            b"(Ctrl-C again leaves at once)\n", again_leaves=True)
     results: list[tuple[str, list[DeployResponse]]] = []
-    error = None
+    error, needless = None, []
     try:
-        batches = rollout_plan(bus, subject, rollout, window=args.answer_window, stragglers=args.straggler_window,
-                               discover_subject=args.discover_subject)
-        if not batches:
-            raise CommandError(f"no host answered discovery with {subject} among its deploy subjects within "
+        hosts = rollout_hosts(bus, subject, window=args.answer_window, stragglers=args.straggler_window,
+                              discover_subject=STATUS_SUBJECT if reboot else args.discover_subject,
+                              parse=HostStatus.parse if reboot else HostInfo.parse)
+        needless = [DeployResponse(h.hostname, Status.SKIPPED, message="not rebooted: it needs no reboot "
+                                   "(--only-if-needed)") for h in hosts if reboot and args.only_if_needed
+                    and not h.needs_reboot]
+        batches = rollout.batches([h for h in hosts if h.hostname not in {r.hostname for r in needless}])
+        results += [("needs no reboot", needless)] * bool(needless)
+        if not hosts:
+            raise CommandError(f"no host answered {'status' if reboot else 'discovery'} with {subject} among its "
+                               f"deploy subjects within "
                                f"{args.answer_window:g}s; check the subject (`homelab-deploy list-hosts` shows every "
                                "host's subjects) and that the listeners are connected", Exit.NO_ANSWER)
         if args.plan:
             if args.json:
                 print(json.dumps({"subject": subject, "batches": [
-                    {"name": name, "hosts": [h.hostname for h in batch]} for name, batch in batches]}, indent=2))
+                    {"name": name, "hosts": [h.hostname for h in batch]} for name, batch in results + batches]},
+                    indent=2))
             else:
-                print("\n".join(f"{name}: {' '.join(h.hostname for h in batch)}" for name, batch in batches))
+                print("\n".join(f"{name}: {' '.join(h.hostname for h in batch)}" for name, batch in results + batches))
             return Exit.OK
+        for r in needless:
+            progress.event(describe(r), True)
         roll_out(bus, batches, rollout, action=Action(args.action), revision=revision, timeout=args.timeout,
                  window=args.answer_window, stragglers=args.straggler_window, report=progress.event, stop=stop,
-                 results=results)
+                 results=results, now=reboot and args.now)
     except ValueError as e:
         raise CommandError(str(e)) from None
     except OutcomeUnknown as e:
@@ -3385,7 +3581,12 @@ def deploy_rollout(args: argparse.Namespace, subject: str, revision: str, bus: B
     finally:
         bus.close()
     progress.done()
-    code = report_deploy(args, subject, revision, [r for _, batch in results for r in batch], results)
+    if reboot:  # not back within --wait-timeout: failed, with what it said last (when the window opens)
+        results = [(name, [r if r.status.final else r._replace(status=Status.FAILED, error=ErrorCode.TIMEOUT, message=(
+            f"not back within --wait-timeout {args.timeout:g}s; it said: {r.message}")) for r in batch])
+            for name, batch in results]
+    code = report_deploy(args, subject, revision, [r for _, batch in results for r in batch], results,
+                         frozenset(r.hostname for r in needless))
     if error:
         raise error
     return Exit.INTERRUPTED if stop.is_set() else code
@@ -3396,8 +3597,9 @@ def deploy_command(args: argparse.Namespace) -> int:
         subject = resolve_target(args.target)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    if args.action not in [a.value for a in Action]:
-        raise CommandError(f"invalid --action {args.action!r}; use one of {', '.join(a.value for a in Action)}")
+    if args.action not in REBUILD_ACTIONS:
+        raise CommandError(f"invalid --action {args.action!r}; use one of {', '.join(REBUILD_ACTIONS)}"
+                           + ("; to reboot, `homelab-deploy reboot TARGET`" if args.action == "reboot" else ""))
     if not is_valid_ref(args.branch):
         raise CommandError(f"invalid --branch {args.branch!r}; use a git branch, tag or 40-hex commit")
     revision = args.branch
@@ -3430,6 +3632,15 @@ def deploy_command(args: argparse.Namespace) -> int:
         waiting = [h for h, r in sorted(hosts.items()) if not r.status.final]
         raise CommandError(f"no final status within {args.timeout:.0f}s from: {', '.join(waiting)}", code)
     return code
+
+
+def reboot_command(args: argparse.Namespace) -> int:
+    """`reboot TARGET`: reboot requests rolled out as deploys are (deploy_rollout), each host done once it is back."""
+    try:
+        subject = resolve_target(args.target)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    return deploy_rollout(args, subject, "", Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli"), Progress())
 
 
 def survey(args: argparse.Namespace, subject: str, parse) -> list:
@@ -4386,6 +4597,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the listeners' discovery subject (env HOMELAB_DEPLOY_DISCOVER_SUBJECT, default: "
                             "deploy.discover)")
 
+    def rollout_flags(p: argparse.ArgumentParser, verb: str) -> None:
+        p.add_argument("--canary", type=count_flag, metavar="K",
+                       help=f"roll out: {verb} the first K hosts of the plan alone first; stop if any fails")
+        p.add_argument("--batch-size", type=batch_size_flag, metavar="N|P%",
+                       help="roll out: hosts per batch after the canary, a number or a percentage of the plan "
+                            "(default: the rest at once)")
+        p.add_argument("--max-failures", type=count_flag, metavar="F",
+                       help="roll out: start no new batch once more than F hosts failed (default: 0)")
+        p.add_argument("--plan", action="store_true", help=f"roll out: print the batches and exit without {verb}ing")
+
     def boolean(value: str) -> bool:
         word = value.strip().lower()
         if word not in ("1", "true", "yes", "0", "false", "no"):
@@ -4442,6 +4663,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--booted-system", default="/run/booted-system", metavar="PATH",
                    help="the running system, whose kernel, initrd and kernel modules are compared with the system "
                         "profile's to tell whether the host needs a reboot (default: /run/booted-system)")
+    p.add_argument("--reboot-command", default="systemctl reboot", metavar="CMD",
+                   help="what a reboot request runs (split into words, never by a shell; default: systemctl reboot)")
+    p.add_argument("--boot-id-file", default="/proc/sys/kernel/random/boot_id", metavar="PATH",
+                   help="the boot id, whose change tells the listener that starts after a reboot that the host "
+                        "rebooted (default: /proc/sys/kernel/random/boot_id)")
     p.set_defaults(func=listener_command, daemon=True)
 
     p = sub.add_parser("rollback-watchdog")  # no help: armed by the listener, not run by hand
@@ -4474,16 +4700,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the listeners' git flake URL, for --pin (env HOMELAB_DEPLOY_FLAKE_URL)")
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
-    p.add_argument("--canary", type=count_flag, metavar="K",
-                   help="roll out: deploy the first K hosts of the plan alone first; stop if any fails")
-    p.add_argument("--batch-size", type=batch_size_flag, metavar="N|P%",
-                   help="roll out: hosts per batch after the canary, a number or a percentage of the plan "
-                        "(default: the rest at once)")
-    p.add_argument("--max-failures", type=count_flag, metavar="F",
-                   help="roll out: start no new batch once more than F hosts failed (default: 0)")
-    p.add_argument("--plan", action="store_true", help="roll out: print the batches and exit without deploying")
+    rollout_flags(p, "deploy")
     discover_flag(p)
     p.set_defaults(func=deploy_command)
+
+    p = sub.add_parser("reboot", help="reboot the hosts behind a subject or alias, batch after batch, each done "
+                       "once it is back")
+    p.add_argument("target", metavar="SUBJECT_OR_ALIAS",
+                   help="deploy subject (deploy.<tier>.<host>|all|role.<role>) or alias from "
+                        "HOMELAB_DEPLOY_ALIAS_<NAME>")
+    nats_flags(p, env=True)
+    p.add_argument("--only-if-needed", action="store_true",
+                   help="reboot only the hosts whose status says needs_reboot (a new kernel, initrd or kernel "
+                        "modules); list the others as skipped")
+    p.add_argument("--now", action="store_true",
+                   help="reboot at once, also outside the hosts' maintenance windows")
+    p.add_argument("--wait-timeout", dest="timeout", type=positive_seconds, default=600.0, metavar="S",
+                   help="seconds each batch's hosts have to come back; a host not back is failed (timeout) "
+                        "(default: 600)")
+    window_flags(p)
+    p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
+    rollout_flags(p, "reboot")
+    p.set_defaults(func=reboot_command, action="reboot", pin=False, branch=None)
 
     p = sub.add_parser("list-hosts", help="list the listening hosts (discovery)")
     nats_flags(p, env=True)

@@ -280,6 +280,27 @@ class TestProtocol:
             assert e.value.code is None and e.value.reply_to == "deploy.responses.me.abc"
             assert "invalid expires_in" in str(e.value) and "a number greater than 0" in str(e.value)
 
+    def test_reboot_request_has_no_action_or_revision_and_now_is_a_boolean(self):
+        reply_to = "deploy.responses.me.abc"
+        for now in (False, True):
+            req = hd.DeployRequest(hd.Action.REBOOT, "", reply_to, 1.0, now)
+            assert json.loads(req.to_json()) == {"reboot": True, "reply_to": reply_to, "expires_in": 1.0} | (
+                {"now": True} if now else {}
+            )
+            assert hd.DeployRequest.parse(req.to_json()) == req
+        for bad in (
+            {"reboot": "yes"},
+            {"reboot": False},
+            {"reboot": True, "action": "switch"},
+            {"reboot": True, "revision": "main"},
+            {"reboot": True, "now": 1},
+        ):
+            with pytest.raises(hd.ProtocolError) as e:
+                hd.DeployRequest.parse(json.dumps({"reply_to": reply_to, **bad}).encode())
+            assert e.value.code is hd.ErrorCode.INVALID_ACTION and e.value.reply_to == reply_to, bad
+        # "reboot" stays an invalid `action` (HOSTILE_ACTIONS): only the reboot field asks for one
+        assert "reboot" not in hd.REBUILD_ACTIONS
+
     @pytest.mark.parametrize("action", HOSTILE_ACTIONS)
     def test_hostile_action_is_invalid_action(self, action):
         with pytest.raises(hd.ProtocolError) as e:

@@ -6,10 +6,95 @@ command, and the test restarts the listener as the host would after a reboot."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
+
+import pytest
 
 import homelab_deploy as hd
-from tests.helpers import deploy_args, fake_system, run_cli
+from tests.helpers import PROGRAM, deploy_args, fake_system, run_cli, stop_process, wait_for
+
+REBOOT = """\
+#!{python}
+# Stands for `systemctl reboot`: records that it ran, then leaves the host as a reboot would, on a new boot id with
+# the profile's system booted. The test restarts the listener, as the host's boot would.
+import os, sys
+d = sys.argv[1]
+with open(os.path.join(d, "reboots"), "a") as f:
+    f.write("ran\\n")
+with open(os.path.join(d, "boot_id"), "w") as f:
+    f.write(os.urandom(16).hex())
+os.symlink(os.path.realpath(os.path.join(d, "profiles", "system")), os.path.join(d, "booted.tmp"))
+os.replace(os.path.join(d, "booted.tmp"), os.path.join(d, "booted-system"))
+"""
+
+
+@pytest.fixture
+def rebooting_host(start_listener, tmp_path):
+    """rebooting_host(hostname, needs=True, *flags) -> a listener booted into generation 1 whose profile is at
+    generation 2, with a new kernel when `needs`; its reboot command is REBOOT."""
+    script = tmp_path / "reboot"
+    script.write_text(REBOOT.format(python=sys.executable))
+    script.chmod(0o755)
+
+    def start(hostname: str, *flags: str, needs: bool = True, role: str | None = None):
+        d = tmp_path / hostname
+        host = start_listener(
+            hostname,
+            "test",
+            role,
+            "--booted-system",
+            str(d / "booted-system"),
+            "--boot-id-file",
+            str(d / "boot_id"),
+            "--reboot-command",
+            f"{script} {d}",
+            *flags,
+        )
+        generations = host.standin.profile.parent
+        (d / "booted-system").symlink_to(fake_system(generations / "system-1-link"))
+        (d / "boot_id").write_text("first-boot")
+        fake_system(generations / "system-2-link", kernel="k2" if needs else "k1")
+        host.standin.set_generation(2)
+        return host
+
+    return start
+
+
+@pytest.fixture
+def reboot_cli(nats_server):
+    """reboot_cli(*args) -> a running `homelab-deploy reboot ... --json` as test-deployer, stopped after the test."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        argv = [*PROGRAM, "reboot", *args, *deploy_args(nats_server, "test-deployer", "--json")]
+        started.append(
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        )
+        return started[-1]
+
+    yield start
+    for proc in started:
+        stop_process(proc)
+
+
+def ran(host) -> int:
+    """How often the host's reboot command ran."""
+    path = Path(host.standin.dir) / "reboots"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def boot_again(host) -> None:
+    """The host is back: its listener starts again (the reboot script already gave it a new boot)."""
+    host.stop()
+    host.start()
+
+
+def finished(proc: subprocess.Popen) -> tuple[int, dict]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, json.loads(out) if out else {"stderr": err}
 
 
 def scrape(port: int, name: str) -> float:
@@ -70,3 +155,69 @@ class TestNeedsReboot:
         [answer] = json.loads(r.stdout)["hosts"]
         assert (answer["status"], answer["needs_reboot"]) == ("completed", False), answer
         assert "reboot" not in answer["message"]
+
+
+class TestReboot:
+    def test_the_listener_after_the_reboot_completes_it_and_nothing_runs_twice(
+        self, nats_server, rebooting_host, reboot_cli
+    ):
+        host = rebooting_host("testhost1")
+        cli = reboot_cli("deploy.test.testhost1", "--wait-timeout", "60")
+        wait_for(lambda: ran(host) == 1, what="the reboot command")
+        state = host.standin.dir / "state"
+        assert len(list(state.glob("reboot-*.json"))) == 1  # recorded before it ran
+        assert status_of(nats_server, "testhost1")[0]["needs_reboot"] is False  # the script booted generation 2
+        boot_again(host)
+        code, doc = finished(cli)
+        assert code == 0, doc
+        [answer] = doc["hosts"]
+        assert (answer["hostname"], answer["status"], answer["needs_reboot"]) == ("testhost1", "completed", False)
+        assert answer["message"].startswith("rebooted: back ") and "on a new boot of" in answer["message"]
+        assert not list(state.glob("reboot-*.json")) and ran(host) == 1
+        boot_again(host)  # another start: nothing left to report or run
+        assert ran(host) == 1 and "reboot completed" not in host.log_text().rsplit(" ready ", 2)[-2]
+
+    def test_a_host_not_back_within_the_wait_timeout_failed_timeout(self, nats_server, rebooting_host):
+        host = rebooting_host("testhost1")
+        r = run_cli(
+            "reboot",
+            "deploy.test.testhost1",
+            *deploy_args(nats_server, "test-deployer", "--json", "--wait-timeout", "3"),
+        )
+        assert r.returncode == 1 and ran(host) == 1, r.stderr
+        [answer] = json.loads(r.stdout)["hosts"]
+        assert (answer["status"], answer["error"]) == ("failed", "timeout")
+        assert "not back within --wait-timeout 3s" in answer["message"]
+
+    def test_a_failing_reboot_command_is_reboot_failed(self, nats_server, start_listener):
+        start_listener("testhost1", "test", None, "--reboot-command", "false")
+        r = run_cli("reboot", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer", "--json"))
+        assert r.returncode == 1, r.stderr
+        [answer] = json.loads(r.stdout)["hosts"]
+        assert (answer["status"], answer["error"]) == ("failed", "reboot_failed")
+        assert "the reboot command `false` failed (exit code 1)" in answer["message"]
+
+    def test_the_next_batch_starts_once_the_canary_is_back(self, nats_server, rebooting_host, reboot_cli):
+        first, second = rebooting_host("testhost1"), rebooting_host("testhost2", role="web")
+        cli = reboot_cli("deploy.test.all", "--canary", "1", "--wait-timeout", "60")
+        wait_for(lambda: ran(first) == 1, what="the canary's reboot")
+        assert ran(second) == 0  # its batch waits for the canary's `completed`, which needs its listener back
+        boot_again(first)
+        wait_for(lambda: ran(second) == 1, what="the second batch's reboot")
+        boot_again(second)
+        code, doc = finished(cli)
+        assert code == 0, doc
+        assert [(b["name"], [h["status"] for h in b["hosts"]]) for b in doc["batches"]] == [
+            ("canary", ["completed"]),
+            ("batch 1", ["completed"]),
+        ]
+
+    def test_only_if_needed_reboots_just_the_hosts_that_need_it(self, nats_server, rebooting_host, reboot_cli):
+        needs, fine = rebooting_host("testhost1"), rebooting_host("testhost2", needs=False, role="web")
+        cli = reboot_cli("deploy.test.all", "--only-if-needed", "--wait-timeout", "60")
+        wait_for(lambda: ran(needs) == 1, what="the reboot of the host that needs it")
+        boot_again(needs)
+        code, doc = finished(cli)
+        assert code == 0, doc
+        assert {h["hostname"]: h["status"] for h in doc["hosts"]} == {"testhost1": "completed", "testhost2": "skipped"}
+        assert ran(fine) == 0 and "needs no reboot" in doc["hosts"][1]["message"]

@@ -537,6 +537,7 @@ DEPLOY_ERROR_CODES = DEPLOY_ERRORS | {
     "rolled_back",
     "rollback_failed",
     "health_check_failed",
+    "reboot_failed",
     "unauthorized",
 }
 BUILD_ERROR_CODES = {
