@@ -41,6 +41,7 @@ import time
 import typing
 
 if typing.TYPE_CHECKING:
+    import datetime
     import subprocess
 
     import nats.aio.client
@@ -1784,6 +1785,7 @@ class ListenerFields(typing.NamedTuple):
     booted_system: str = "/run/booted-system"  # compared with `profile`: does the host need a reboot?
     reboot_command: str = "systemctl reboot"  # a command line, split by shlex, run for a reboot request
     boot_id_file: str = "/proc/sys/kernel/random/boot_id"  # a new boot id: the host rebooted
+    maintenance_windows: tuple[str, ...] = ()  # when reboots run (MaintenanceWindow specs); none: at once
 
 
 class ListenerConfig(ListenerFields):
@@ -1826,6 +1828,8 @@ class ListenerConfig(ListenerFields):
             if not command_argv(check):
                 raise ValueError(f"--health-check {check!r} must be a command line (split into words as a shell "
                                  "would, never run by one), e.g. 'curl -fsS http://127.0.0.1:8080/health'")
+        for window in self.maintenance_windows:
+            MaintenanceWindow.parse(window)
         if not command_argv(self.reboot_command):
             raise ValueError(f"--reboot-command {self.reboot_command!r} must be a command line (split into words as a "
                              "shell would, never run by one), e.g. 'systemctl reboot'")
@@ -1839,7 +1843,7 @@ class ListenerConfig(ListenerFields):
                    args.shutdown_grace, args.rollback_timeout, args.restart_after_switch, args.allow_any_ref,
                    tuple(args.trusted_key or ()), (args.trusted_keys_file,) if args.trusted_keys_file else (),
                    args.require_signed, tuple(args.health_check or ()), args.health_timeout, args.booted_system,
-                   args.reboot_command, args.boot_id_file)
+                   args.reboot_command, args.boot_id_file, tuple(args.maintenance_window or ()))
 
     def load_signers(self, nonce_file: str | None, required: bool = False) -> TrustedSigners | None:
         """The trusted keys from --trusted-key and --trusted-keys-file (at start, and anew on SIGHUP)."""
@@ -2594,6 +2598,48 @@ REBOOT_PREFIX = "reboot-"  # state files reboot-<request>.json: a reboot asked f
 REBOOT_COMMAND_TIMEOUT = 120.0  # seconds the reboot command may take: `systemctl reboot` queues a job and returns
 
 
+WINDOW_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")  # datetime's weekday() order
+WINDOW_RE = re.compile(r"(daily|Mon|Tue|Wed|Thu|Fri|Sat|Sun) ([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)")
+
+
+class MaintenanceWindow(typing.NamedTuple):
+    """A --maintenance-window, `Sat 02:00-05:00` or `daily 03:00-04:00` in the host's local time; an end before
+    the start runs past midnight."""
+
+    day: int | None  # 0 (Monday) to 6; None: every day
+    start: int  # minutes after midnight
+    end: int  # minutes after midnight, up to 24:00
+
+    @classmethod
+    def parse(cls, spec: str) -> MaintenanceWindow:
+        m = WINDOW_RE.fullmatch(spec)
+        start, end = (int(m[2]) * 60 + int(m[3]), int(m[4]) * 60 + int(m[5])) if m else (0, 0)
+        if not m or end > 24 * 60 or start == end:
+            raise ValueError(f"--maintenance-window {spec[:80]!r} must be DAY HH:MM-HH:MM in the host's local time, "
+                             f"DAY one of daily, {', '.join(WINDOW_DAYS)}, the two times different (24:00 ends a "
+                             "day), e.g. 'Sat 02:00-05:00' or 'daily 03:00-04:00'")
+        return cls(None if m[1] == "daily" else WINDOW_DAYS.index(m[1]), start, end)
+
+
+def next_window(windows: list[MaintenanceWindow], now: datetime.datetime) -> datetime.datetime | None:
+    """None when `now` (local time, naive) is inside one of the windows, or there are none; else when the next one
+    opens."""
+    import datetime
+
+    midnight, opens = now.replace(hour=0, minute=0, second=0, microsecond=0), []
+    for window in windows:
+        length = datetime.timedelta(minutes=(window.end - window.start) % (24 * 60) or 24 * 60)
+        for days in range(-1, 8):  # yesterday's may run past midnight; a weekly one opens within 7 days
+            start = midnight + datetime.timedelta(days=days, minutes=window.start)
+            if window.day is not None and start.weekday() != window.day:
+                continue
+            if start <= now < start + length:
+                return None
+            if start > now:
+                opens.append(start)
+    return min(opens, default=None)
+
+
 def read_boot_id(path: str) -> str | None:
     try:
         with open(path) as f:
@@ -2612,7 +2658,9 @@ class Reboots:
                  report):
         self.config, self.bus, self.stop, self.busy, self.reply, self.report = config, bus, stop, busy, reply, report
         self.argv, self.lock = command_argv(config.reboot_command), threading.Lock()
-        self.thread: threading.Thread | None = None
+        self.windows = [MaintenanceWindow.parse(w) for w in config.maintenance_windows]
+        self.thread: threading.Thread | None = None  # carries out the reboots not run yet; None when there are none
+        self.wake = threading.Event()  # a reboot was held: a --now one must not wait for the thread's next look
 
     def path(self, rid: str) -> str:
         return os.path.join(self.config.state_dir, f"{REBOOT_PREFIX}{rid}.json")
@@ -2621,9 +2669,19 @@ class Reboots:
         """(the boot id, the booted system resolved)."""
         return read_boot_id(self.config.boot_id_file), os.path.realpath(self.config.booted_system)
 
+    def window_opens(self) -> datetime.datetime | None:
+        """When the next maintenance window opens; None when one is open, or none is set."""
+        import datetime
+
+        return next_window(self.windows, datetime.datetime.now())
+
     def accepted(self, request: DeployRequest, signed: str) -> str:
-        """The `accepted` message of a reboot request."""
-        return f"reboot accepted{signed}; `completed` follows once the host is back on a new boot"
+        """The `accepted` message of a reboot request: when it runs."""
+        opens, windows = self.window_opens(), ", ".join(self.config.maintenance_windows)
+        when = ("" if opens is None else f"; --now: at once, outside the maintenance windows ({windows})"
+                if request.now else f"; held: outside the maintenance windows ({windows}), it runs when the next "
+                f"opens, {opens:%a %Y-%m-%d %H:%M} host time")
+        return f"reboot accepted{signed}{when}; `completed` follows once the host is back on a new boot"
 
     def hold(self, request: DeployRequest, rid: str, signer: str | None) -> DeployResponse | None:
         """An accepted reboot: recorded, then left to the thread that carries it out; a record that cannot be
@@ -2664,23 +2722,40 @@ class Reboots:
             found[rid] = (request, record)
         return found
 
+    def held(self) -> dict[str, tuple[DeployRequest, dict]]:
+        """The reboots not run yet."""
+        return {rid: (request, record) for rid, (request, record) in self.records().items() if record["ran_at"] is None}
+
     def carry_out(self) -> None:
         """Start the thread that runs the reboots not run yet, unless it runs."""
         with self.lock:
-            if self.thread is None or not self.thread.is_alive():
+            self.wake.set()
+            if self.thread is None:
                 self.thread = threading.Thread(target=self.run_held, name="reboot", daemon=True)
                 self.thread.start()
 
+    def due(self) -> bool:
+        """Whether the held reboots run now: a window is open (or none is set), or one was sent with --now; else
+        waits up to a minute (the clock may change) for the next window, and False. The thread ends without any."""
+        with self.lock:  # a reboot held meanwhile finds no thread and starts one
+            if not (held := self.held()):
+                self.thread = None
+                return False
+        if (opens := self.window_opens()) is None or any(request.now for request, _ in held.values()):
+            return True
+        self.wake.wait(min(60.0, max(0.5, opens.timestamp() - time.time())))  # stopping: the daemon thread ends
+        self.wake.clear()
+        return False
+
     def run_held(self) -> None:
-        """Once `busy` is free (a running deploy ends first), mark every reboot not run yet as run (fsynced), then
-        run the reboot command once for all; if it fails, each requester gets `failed`/reboot_failed."""
+        """Once due and `busy` is free (a running deploy ends first), mark every reboot not run yet as run
+        (fsynced), then run the reboot command once for all; if it fails, each requester gets `failed`."""
         hostname = self.config.hostname
-        while not self.stop.is_set():
-            if not self.busy.acquire(timeout=1.0):  # a deploy runs: bounded by --timeout
+        while self.thread and not self.stop.is_set():
+            if not self.due() or not self.busy.acquire(timeout=1.0):  # a deploy runs: bounded by --timeout
                 continue
             try:
-                held = {rid: (request, record) for rid, (request, record) in self.records().items()
-                        if record["ran_at"] is None}
+                held = self.held()
                 for rid, (request, record) in held.items():
                     save_state(self.path(rid), {**record, "ran_at": time.time()})
                     log.warning("host=%s request=%s rebooting: running %s", hostname, rid, " ".join(self.argv))
@@ -2689,7 +2764,7 @@ class Reboots:
             finally:
                 self.busy.release()
             if result is None or (result.returncode == 0 and not result.timed_out):
-                return
+                continue  # the thread ends once no reboot is left unrun
             how = (f"killed after {REBOOT_COMMAND_TIMEOUT:g}s" if result.timed_out else "cannot run"
                    if result.returncode is None else f"exit code {result.returncode}")
             for rid, (request, record) in held.items():
@@ -2699,7 +2774,6 @@ class Reboots:
                 log.error("host=%s request=%s %s", hostname, rid, final.message)
                 self.report(request, rid, final, signer=record["signer"], reconnects=self.bus.reconnects)
                 save_state(self.path(rid), None)
-            return
 
     def recover(self) -> None:
         """At start, connected to NATS: a reboot that ran is reported `completed` when the host is on a new boot,
@@ -4665,6 +4739,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "profile's to tell whether the host needs a reboot (default: /run/booted-system)")
     p.add_argument("--reboot-command", default="systemctl reboot", metavar="CMD",
                    help="what a reboot request runs (split into words, never by a shell; default: systemctl reboot)")
+    p.add_argument("--maintenance-window", action="append", metavar="SPEC",
+                   help="run reboot requests only inside this window, host local time, repeatable: 'Sat 02:00-05:00' "
+                        "or 'daily 03:00-04:00' (an end before the start runs past midnight); one outside every "
+                        "window is held until the next opens, unless sent with `reboot --now` (default: at once)")
     p.add_argument("--boot-id-file", default="/proc/sys/kernel/random/boot_id", metavar="PATH",
                    help="the boot id, whose change tells the listener that starts after a reboot that the host "
                         "rebooted (default: /proc/sys/kernel/random/boot_id)")

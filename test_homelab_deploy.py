@@ -763,6 +763,52 @@ class TestNeedsReboot:
         assert hd.needs_reboot(str(booted), str(profile)) is False  # one system: missing from both
 
 
+class TestMaintenanceWindows:
+    """next_window on its own: host local time as naive datetimes (2026-12-05 is a Saturday)."""
+
+    def at(self, day: int, hour: int, minute: int = 0):
+        import datetime
+
+        return datetime.datetime(2026, 12, day, hour, minute)
+
+    def test_inside_is_none_outside_is_the_next_opening(self):
+        saturday = [hd.MaintenanceWindow.parse("Sat 02:00-05:00")]
+        assert hd.next_window(saturday, self.at(5, 2)) is None
+        assert hd.next_window(saturday, self.at(5, 4, 59)) is None
+        assert hd.next_window(saturday, self.at(5, 5)) == self.at(12, 2)  # its end is outside: a week later
+        assert hd.next_window(saturday, self.at(4, 23)) == self.at(5, 2)
+        assert hd.next_window(saturday, self.at(6, 3)) == self.at(12, 2)
+
+    def test_past_midnight_whole_days_and_the_earliest_of_several(self):
+        night = [hd.MaintenanceWindow.parse("daily 22:00-02:00")]
+        assert hd.next_window(night, self.at(6, 1, 30)) is None  # yesterday's window, still open
+        assert hd.next_window(night, self.at(6, 2)) == self.at(6, 22)
+        assert hd.next_window([hd.MaintenanceWindow.parse("Sun 00:00-24:00")], self.at(6, 23, 59)) is None
+        both = [hd.MaintenanceWindow.parse(w) for w in ("Sat 02:00-05:00", "daily 03:00-04:00")]
+        assert hd.next_window(both, self.at(5, 6)) == self.at(6, 3)
+        assert hd.next_window([], self.at(5, 6)) is None  # no windows: reboots run at once
+
+    @pytest.mark.parametrize(
+        "spec",
+        [
+            "Sat 2:00-05:00",
+            "sat 02:00-05:00",
+            "weekly 02:00-03:00",
+            "daily 05:00-05:00",
+            "daily 24:00-01:00",
+            "Sat 02:00-24:30",
+            "daily 03:00-04:00 ",
+            "daily 03:60-04:00",
+            "",
+        ],
+    )
+    def test_a_bad_spec_stops_the_listener_at_start_naming_the_format(self, spec):
+        with pytest.raises(ValueError, match="must be DAY HH:MM-HH:MM in the host's local time"):
+            hd.ListenerConfig(
+                "h1", "test", "git+https://g.example/c.git", maintenance_windows=("daily 03:00-04:00", spec)
+            )
+
+
 @pytest.mark.integration
 class TestListenerConfig:
     """Issue 27: a listener is built from a checked, frozen ListenerConfig record; nothing needs the CLI parser."""

@@ -221,3 +221,48 @@ class TestReboot:
         assert code == 0, doc
         assert {h["hostname"]: h["status"] for h in doc["hosts"]} == {"testhost1": "completed", "testhost2": "skipped"}
         assert ran(fine) == 0 and "needs no reboot" in doc["hosts"][1]["message"]
+
+
+def daily_window(start: float, end: float) -> str:
+    """A daily maintenance window from `start` to `end` hours from now, host local time."""
+    import datetime
+
+    now = datetime.datetime.now()
+    return "daily " + "-".join(f"{now + datetime.timedelta(hours=h):%H:%M}" for h in (start, end))
+
+
+class TestMaintenanceWindows:
+    def test_a_reboot_outside_every_window_is_held_across_a_restart_until_now_overrides_it(
+        self, nats_server, rebooting_host, reboot_cli
+    ):
+        host = rebooting_host(
+            "testhost1", "--maintenance-window", daily_window(2, 3), "--maintenance-window", daily_window(-3, -2)
+        )
+        r = run_cli(
+            "reboot",
+            "deploy.test.testhost1",
+            *deploy_args(nats_server, "test-deployer", "--json", "--wait-timeout", "3"),
+        )
+        [answer] = json.loads(r.stdout)["hosts"]
+        assert r.returncode == 1 and (answer["status"], answer["error"]) == ("failed", "timeout"), r.stderr
+        assert "held: outside the maintenance windows" in answer["message"] and "host time" in answer["message"]
+        assert "held: outside the maintenance windows" in r.stderr  # the progress line of its `accepted`
+        state = host.standin.dir / "state"
+        [record] = state.glob("reboot-*.json")
+        boot_again(host)  # still held: its record is read again, not run
+        assert ran(host) == 0 and record.exists()
+        cli = reboot_cli("deploy.test.testhost1", "--now", "--wait-timeout", "60")
+        wait_for(lambda: ran(host) == 1, what="the reboot sent with --now")
+        boot_again(host)
+        code, doc = finished(cli)
+        assert code == 0 and doc["hosts"][0]["status"] == "completed", doc
+        assert ran(host) == 1 and not list(state.glob("reboot-*.json"))  # the held one was served by that reboot
+        assert host.log_text().count(" reboot completed: ") == 2  # the held request's requester is told too
+
+    def test_a_reboot_inside_a_window_runs_at_once(self, nats_server, rebooting_host, reboot_cli):
+        host = rebooting_host("testhost1", "--maintenance-window", daily_window(-1, 1))
+        cli = reboot_cli("deploy.test.testhost1", "--wait-timeout", "60")
+        wait_for(lambda: ran(host) == 1, what="the reboot inside the window")
+        boot_again(host)
+        code, doc = finished(cli)
+        assert code == 0 and doc["hosts"][0]["status"] == "completed", doc
