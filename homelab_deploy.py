@@ -3502,6 +3502,17 @@ def rollout_plan(bus: Bus, subject: str, rollout: Rollout, **survey) -> list[tup
     return rollout.batches(rollout_hosts(bus, subject, **survey))
 
 
+def reboot_plan(bus: Bus, subject: str, rollout: Rollout, *, only_if_needed: bool, window: float,
+                stragglers: float) -> tuple[list[tuple[str, list[HostInfo]]], list[DeployResponse]]:
+    """A reboot's batches, planned from the hosts' status answers, and with only_if_needed the hosts whose status
+    says they need no reboot, left out as `skipped` answers."""
+    hosts = rollout_hosts(bus, subject, window=window, stragglers=stragglers, discover_subject=STATUS_SUBJECT,
+                          parse=HostStatus.parse)
+    needless = [DeployResponse(h.hostname, Status.SKIPPED, message="not rebooted: it needs no reboot (only if "
+                               "needed)") for h in hosts if only_if_needed and not h.needs_reboot]
+    return rollout.batches([h for h in hosts if h.needs_reboot or not only_if_needed]), needless
+
+
 def rollout_hosts(bus: Bus, subject: str, *, window: float, stragglers: float, discover_subject: str,
                   parse=HostInfo.parse) -> list:
     """The hosts whose deploy subjects include `subject` (their discovery answers, or with STATUS_SUBJECT and
@@ -3618,17 +3629,16 @@ def deploy_rollout(args: argparse.Namespace, subject: str, revision: str, bus: B
     stop = stop_on_signals(b"interrupted: starting no new batch; waiting for the running hosts to finish "
                            b"(Ctrl-C again leaves at once)\n", again_leaves=True)
     results: list[tuple[str, list[DeployResponse]]] = []
-    error, needless = None, []
+    error, needless = None, list[DeployResponse]()
     try:
-        hosts = rollout_hosts(bus, subject, window=args.answer_window, stragglers=args.straggler_window,
-                              discover_subject=STATUS_SUBJECT if reboot else args.discover_subject,
-                              parse=HostStatus.parse if reboot else HostInfo.parse)
-        needless = [DeployResponse(h.hostname, Status.SKIPPED, message="not rebooted: it needs no reboot "
-                                   "(--only-if-needed)") for h in hosts if reboot and args.only_if_needed
-                    and not h.needs_reboot]
-        batches = rollout.batches([h for h in hosts if h.hostname not in {r.hostname for r in needless}])
+        if reboot:
+            batches, needless = reboot_plan(bus, subject, rollout, only_if_needed=args.only_if_needed,
+                                            window=args.answer_window, stragglers=args.straggler_window)
+        else:
+            batches = rollout_plan(bus, subject, rollout, window=args.answer_window, stragglers=args.straggler_window,
+                                   discover_subject=args.discover_subject)
         results += [("needs no reboot", needless)] * bool(needless)
-        if not hosts:
+        if not batches and not needless:
             raise CommandError(f"no host answered {'status' if reboot else 'discovery'} with {subject} among its "
                                f"deploy subjects within "
                                f"{args.answer_window:g}s; check the subject (`homelab-deploy list-hosts` shows every "

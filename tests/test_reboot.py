@@ -7,60 +7,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 import homelab_deploy as hd
-from tests.helpers import PROGRAM, deploy_args, fake_system, run_cli, stop_process, wait_for
-
-REBOOT = """\
-#!{python}
-# Stands for `systemctl reboot`: records that it ran, then leaves the host as a reboot would, on a new boot id with
-# the profile's system booted. The test restarts the listener, as the host's boot would.
-import os, sys
-d = sys.argv[1]
-with open(os.path.join(d, "reboots"), "a") as f:
-    f.write("ran\\n")
-with open(os.path.join(d, "boot_id"), "w") as f:
-    f.write(os.urandom(16).hex())
-os.symlink(os.path.realpath(os.path.join(d, "profiles", "system")), os.path.join(d, "booted.tmp"))
-os.replace(os.path.join(d, "booted.tmp"), os.path.join(d, "booted-system"))
-"""
-
-
-@pytest.fixture
-def rebooting_host(start_listener, tmp_path):
-    """rebooting_host(hostname, needs=True, *flags) -> a listener booted into generation 1 whose profile is at
-    generation 2, with a new kernel when `needs`; its reboot command is REBOOT."""
-    script = tmp_path / "reboot"
-    script.write_text(REBOOT.format(python=sys.executable))
-    script.chmod(0o755)
-
-    def start(hostname: str, *flags: str, needs: bool = True, role: str | None = None):
-        d = tmp_path / hostname
-        host = start_listener(
-            hostname,
-            "test",
-            role,
-            "--booted-system",
-            str(d / "booted-system"),
-            "--boot-id-file",
-            str(d / "boot_id"),
-            "--reboot-command",
-            f"{script} {d}",
-            *flags,
-        )
-        generations = host.standin.profile.parent
-        (d / "booted-system").symlink_to(fake_system(generations / "system-1-link"))
-        (d / "boot_id").write_text("first-boot")
-        fake_system(generations / "system-2-link", kernel="k2" if needs else "k1")
-        host.standin.set_generation(2)
-        return host
-
-    return start
+from tests.helpers import PROGRAM, boot_again, deploy_args, fake_system, ran, run_cli, stop_process, wait_for
 
 
 @pytest.fixture
@@ -78,18 +30,6 @@ def reboot_cli(nats_server):
     yield start
     for proc in started:
         stop_process(proc)
-
-
-def ran(host) -> int:
-    """How often the host's reboot command ran."""
-    path = Path(host.standin.dir) / "reboots"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def boot_again(host) -> None:
-    """The host is back: its listener starts again (the reboot script already gave it a new boot)."""
-    host.stop()
-    host.start()
 
 
 def finished(proc: subprocess.Popen) -> tuple[int, dict]:
