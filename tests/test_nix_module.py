@@ -434,6 +434,17 @@ def test_listener_health_checks(nix):
     assert "services.homelab-deploy.listener.healthChecks needs the rollback watchdog" in err
 
 
+def test_listener_maintenance_windows_and_reboot_command(nix):
+    argv = listener_argv(nix, host(listener=listener_config()))
+    assert "--maintenance-window" not in argv and "--reboot-command" not in argv  # the listener's defaults
+    windows = ["Sat 02:00-05:00", "daily 03:00-04:00"]
+    argv = listener_argv(
+        nix, host(listener=listener_config(maintenanceWindows=windows, rebootCommand="systemctl kexec"))
+    )
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--maintenance-window"] == windows
+    assert argv[argv.index("--reboot-command") + 1] == "systemctl kexec"
+
+
 def test_trusted_keys(nix):
     key = "UAOSFNKWGLYFMICPCOXKPHA6AJTQMNMKSJ7JZG655Q7OMOEDJDPFL7B5"
     argv = listener_argv(
