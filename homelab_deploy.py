@@ -2751,29 +2751,36 @@ class Reboots:
         """Once due and `busy` is free (a running deploy ends first), mark every reboot not run yet as run
         (fsynced), then run the reboot command once for all; if it fails, each requester gets `failed`."""
         hostname = self.config.hostname
-        while self.thread and not self.stop.is_set():
-            if not self.due() or not self.busy.acquire(timeout=1.0):  # a deploy runs: bounded by --timeout
-                continue
-            try:
-                held = self.held()
+        try:
+            while self.thread and not self.stop.is_set():
+                if not self.due() or not self.busy.acquire(timeout=1.0):  # a deploy runs: bounded by --timeout
+                    continue
+                try:
+                    held = self.held()
+                    for rid, (request, record) in held.items():
+                        save_state(self.path(rid), {**record, "ran_at": time.time()})
+                        log.warning("host=%s request=%s rebooting: running %s", hostname, rid, " ".join(self.argv))
+                        self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(self.argv)}")
+                    result = run_with_timeout(self.argv, REBOOT_COMMAND_TIMEOUT, f"host={hostname} ") if held else None
+                finally:
+                    self.busy.release()
+                if result is None or (result.returncode == 0 and not result.timed_out):
+                    continue  # the thread ends once no reboot is left unrun
+                how = (f"killed after {REBOOT_COMMAND_TIMEOUT:g}s" if result.timed_out else "cannot run"
+                       if result.returncode is None else f"exit code {result.returncode}")
                 for rid, (request, record) in held.items():
-                    save_state(self.path(rid), {**record, "ran_at": time.time()})
-                    log.warning("host=%s request=%s rebooting: running %s", hostname, rid, " ".join(self.argv))
-                    self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(self.argv)}")
-                result = run_with_timeout(self.argv, REBOOT_COMMAND_TIMEOUT, f"host={hostname} ") if held else None
-            finally:
-                self.busy.release()
-            if result is None or (result.returncode == 0 and not result.timed_out):
-                continue  # the thread ends once no reboot is left unrun
-            how = (f"killed after {REBOOT_COMMAND_TIMEOUT:g}s" if result.timed_out else "cannot run"
-                   if result.returncode is None else f"exit code {result.returncode}")
-            for rid, (request, record) in held.items():
-                final = DeployResponse(hostname, Status.FAILED, ErrorCode.REBOOT_FAILED, (
-                    f"the reboot command `{' '.join(self.argv)}` failed ({how}): {nix_error_summary(result.output)}; "
-                    "nothing was rebooted: check the listener's --reboot-command"), None, result.output)
-                log.error("host=%s request=%s %s", hostname, rid, final.message)
-                self.report(request, rid, final, signer=record["signer"], reconnects=self.bus.reconnects)
-                save_state(self.path(rid), None)
+                    final = DeployResponse(hostname, Status.FAILED, ErrorCode.REBOOT_FAILED, (
+                        f"the reboot command `{' '.join(self.argv)}` failed ({how}): "
+                        f"{nix_error_summary(result.output)}; nothing was rebooted: check the listener's "
+                        "--reboot-command"), None, result.output)
+                    log.error("host=%s request=%s %s", hostname, rid, final.message)
+                    self.report(request, rid, final, signer=record["signer"], reconnects=self.bus.reconnects)
+                    save_state(self.path(rid), None)
+        except Exception:  # a bug, or a state directory gone unwritable: the records stay for the next start
+            log.exception("host=%s the reboot thread failed; the listener's next start carries out the reboots "
+                          "not run yet", hostname)
+            with self.lock:
+                self.thread = None  # the next reboot request tries again
 
     def recover(self) -> None:
         """At start, connected to NATS: a reboot that ran is reported `completed` when the host is on a new boot,

@@ -12,7 +12,18 @@ import urllib.request
 import pytest
 
 import homelab_deploy as hd
-from tests.helpers import PROGRAM, boot_again, deploy_args, fake_system, ran, run_cli, stop_process, wait_for
+from tests.helpers import (
+    PROGRAM,
+    boot_again,
+    deploy_args,
+    fake_system,
+    ran,
+    run_cli,
+    start_deploy,
+    stop_process,
+    trusted,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -116,6 +127,23 @@ class TestReboot:
         assert not list(state.glob("reboot-*.json")) and ran(host) == 1
         boot_again(host)  # another start: nothing left to report or run
         assert ran(host) == 1 and "reboot completed" not in host.log_text().rsplit(" ready ", 2)[-2]
+
+    def test_signed_like_deploys_an_unsigned_or_forged_reboot_runs_nothing(
+        self, nats_server, rebooting_host, reboot_cli, bus_factory
+    ):
+        host = rebooting_host("testhost1", *trusted(nats_server, "test-deployer"))
+        admin = bus_factory(nats_server, "admin")  # may publish there, but is no trusted key of the host
+        reply_to, replies = start_deploy(admin, "deploy.test.testhost1")
+        for request in ({"reboot": True, "reply_to": reply_to}, {"reboot": True, "now": True, "reply_to": reply_to}):
+            admin.publish("deploy.test.testhost1", json.dumps(request).encode(), confirm=True)
+        wait_for(lambda: host.log_text().count("rejected: unauthorized") == 3, what="the unsigned requests' refusal")
+        assert ran(host) == 0 and replies.empty() and not list((host.standin.dir / "state").glob("reboot-*"))
+        cli = reboot_cli("deploy.test.testhost1", "--wait-timeout", "60")  # the CLI signs with its key
+        wait_for(lambda: ran(host) == 1, what="the signed reboot")
+        assert "accepted reboot" in host.log_text() and "(signed by test-deployer)" in host.log_text()
+        boot_again(host)
+        code, doc = finished(cli)
+        assert code == 0 and doc["hosts"][0]["status"] == "completed", doc
 
     def test_a_host_not_back_within_the_wait_timeout_failed_timeout(self, nats_server, rebooting_host):
         host = rebooting_host("testhost1")
