@@ -2274,7 +2274,7 @@ class Listener:
     """One host's agent, intake and replies: it takes deploy requests from its subjects (parse, authenticate, admit
     or reject), runs one at a time with nixos-rebuild, answers the requester (accepted, started, the final status)
     and publishes each state change on deploy.events.<tier>.<host>; it answers discovery and status queries. Its
-    `state` keeps the state files, its `rollback` the automatic rollback."""
+    `state` keeps the state files, its `rollback` the automatic rollback, its `reboots` the reboot requests."""
 
     def __init__(self, config: ListenerConfig, bus: Bus, *, stop: threading.Event,
                  metrics: ListenerMetrics | None = None, signers: TrustedSigners | None = None):

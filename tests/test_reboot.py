@@ -107,6 +107,18 @@ class TestNeedsReboot:
         assert (answer["status"], answer["needs_reboot"]) == ("completed", False), answer
         assert "reboot" not in answer["message"]
 
+    def test_a_switch_confirmed_over_nats_says_so_too(self, nats_server, start_listener, tmp_path):
+        booted = tmp_path / "testhost1" / "booted-system"
+        host = start_listener("testhost1", "test", None, "--booted-system", str(booted), "--rollback-timeout", "60")
+        generations = host.standin.profile.parent
+        booted.symlink_to(fake_system(generations / "system-1-link"))
+        host.standin.set_generation(1)
+        fake_system(generations / "system-2-link", initrd="i2")  # a new initrd alone
+        r = run_cli("deploy", "deploy.test.testhost1", *deploy_args(nats_server, "test-deployer", "--json"))
+        [answer] = json.loads(r.stdout)["hosts"]
+        assert r.returncode == 0 and "confirmed over NATS" in answer["message"], answer
+        assert answer["needs_reboot"] is True and "take effect after a reboot" in answer["message"]
+
 
 class TestReboot:
     def test_the_listener_after_the_reboot_completes_it_and_nothing_runs_twice(
@@ -182,6 +194,10 @@ class TestReboot:
 
     def test_only_if_needed_reboots_just_the_hosts_that_need_it(self, nats_server, rebooting_host, reboot_cli):
         needs, fine = rebooting_host("testhost1"), rebooting_host("testhost2", needs=False, role="web")
+        plan = run_cli(
+            "reboot", "deploy.test.all", "--only-if-needed", "--plan", *deploy_args(nats_server, "test-deployer")
+        )
+        assert plan.stdout.splitlines() == ["needs no reboot: testhost2", "batch 1: testhost1"], plan.stderr
         cli = reboot_cli("deploy.test.all", "--only-if-needed", "--wait-timeout", "60")
         wait_for(lambda: ran(needs) == 1, what="the reboot of the host that needs it")
         boot_again(needs)
