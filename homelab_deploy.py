@@ -13,6 +13,7 @@ Sections, each opened by a `# ---- name` banner, follow the data:
   metrics                    the Prometheus metrics and their HTTP endpoint
   deploy output              nixos-rebuild's output live to the requester (--follow), and whole logs (logs)
   listener                   the daemon on every host: requests in, nixos-rebuild, answers out
+  reboots                    reboot requests, carried out and confirmed by the listener that starts after them
   rollback watchdog          rolls a switch back unless a listener confirms it over NATS
   builder                    the daemon that pre-builds every host of a repository
   clients                    deploy, rollout, list-hosts, status, events and build, over NATS
@@ -41,6 +42,7 @@ import time
 import typing
 
 if typing.TYPE_CHECKING:
+    import datetime
     import subprocess
 
     import nats.aio.client
@@ -87,6 +89,10 @@ class Action(enum.Enum):
     BOOT = "boot"
     TEST = "test"
     DRY_ACTIVATE = "dry-activate"
+    REBOOT = "reboot"  # a reboot request ({"reboot": true}), never a request's `action`: nixos-rebuild has none
+
+
+REBUILD_ACTIONS = tuple(a.value for a in Action if a is not Action.REBOOT)  # what a request's `action` may be
 
 
 class Status(enum.Enum):
@@ -114,6 +120,7 @@ class ErrorCode(enum.Enum):
     ROLLED_BACK = "rolled_back"  # the new system did not confirm over NATS in time; the watchdog rolled it back
     ROLLBACK_FAILED = "rollback_failed"  # as rolled_back, but the rollback command failed: the host needs a person
     HEALTH_CHECK_FAILED = "health_check_failed"  # a --health-check failed after a switch or test: rolled back at once
+    REBOOT_FAILED = "reboot_failed"  # the --reboot-command failed, or ran and the host did not reboot; not in spec
     UNAUTHORIZED = "unauthorized"  # with trusted keys: unsigned, forged, stale, replayed or re-addressed; not in spec
 
 
@@ -290,29 +297,38 @@ def expand_subjects(templates: list[str], hostname: str, tier: str, role: str | 
 
 
 class DeployRequest(typing.NamedTuple):
+    """A deploy request, or a reboot request (action REBOOT, revision ""), on a host's deploy subjects."""
+
     action: Action
     revision: str
     reply_to: str
     expires_in: float | None = None  # seconds from arrival within which `accepted` must go out; None: no limit
     follow: bool = False  # send nixos-rebuild's output lines while it runs (`started` answers with `log`)
     queue_until: int | None = None  # a queued deploy (desired state): unix time after which it is not applied
+    now: bool = False  # a reboot outside every maintenance window is carried out at once (`reboot --now`)
 
     @classmethod
     def parse(cls, data: bytes, allow_any_ref: bool = False) -> DeployRequest:
         obj = decode_message(data)
         reply_to = parse_reply_to(obj, "deploy")
-        action = obj.get("action")
-        if action not in [a.value for a in Action]:
+        action, revision, reboot = obj.get("action"), obj.get("revision"), obj.get("reboot")
+        if reboot is not None:
+            if reboot is not True or action is not None or revision is not None or \
+                    type(obj.get("now", False)) is not bool:
+                raise ProtocolError("invalid reboot request: `reboot` must be true and `now` true or false, without "
+                                    "`action` or `revision` (a reboot runs no nixos-rebuild)",
+                                    ErrorCode.INVALID_ACTION, reply_to)
+            action, revision = Action.REBOOT.value, ""
+        elif action not in REBUILD_ACTIONS:
             raise ProtocolError(
-                f"invalid action {str(action)[:40]!r}: must be one of {', '.join(a.value for a in Action)}",
+                f"invalid action {str(action)[:40]!r}: must be one of {', '.join(REBUILD_ACTIONS)}",
                 ErrorCode.INVALID_ACTION, reply_to)
-        revision = obj.get("revision")
-        if not is_valid_ref(revision):
+        elif not is_valid_ref(revision):
             raise ProtocolError(
                 f"invalid revision {str(revision)[:40]!r}: must be a git branch, tag or 40-hex commit "
                 "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit)",
                 ErrorCode.INVALID_REVISION, reply_to)
-        if not allow_any_ref and not is_branch_or_tag(revision):
+        elif not allow_any_ref and not is_branch_or_tag(revision):
             raise ProtocolError(REF_POLICY.format(what="revision", ref=revision, daemon="listener"),
                                 ErrorCode.INVALID_REVISION, reply_to)
         expires_in = obj.get("expires_in")
@@ -328,10 +344,14 @@ class DeployRequest(typing.NamedTuple):
         if queue_until is not None and not (type(queue_until) is int and 0 < queue_until < 2 ** 40):
             raise ProtocolError(f"invalid queue_until {str(queue_until)[:40]!r}: must be unix seconds (an integer); "
                                 "`deploy --queue-ttl` sets it", None, reply_to)
-        return cls(Action(action), revision, reply_to, expires_in, follow, queue_until)
+        return cls(Action(action), str(revision), reply_to, expires_in, follow, queue_until,
+                   reboot is True and obj.get("now") is True)
 
     def to_json(self) -> bytes:
-        obj: dict[str, object] = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
+        obj: dict[str, object] = ({"reboot": True, **({"now": True} if self.now else {})}
+                                  if self.action is Action.REBOOT else
+                                  {"action": self.action.value, "revision": self.revision})
+        obj["reply_to"] = self.reply_to
         for field in ("expires_in", "queue_until"):
             if getattr(self, field) is not None:
                 obj[field] = getattr(self, field)
@@ -352,12 +372,14 @@ class DeployResponse(typing.NamedTuple):
     output: list[str] | None = None  # last lines of nixos-rebuild's output, on failure
     commit: str | None = None  # configurationRevision of the new system after a successful switch/boot, if set
     log: list[str] | None = None  # `started` answers to a `follow` request: output lines since the last such answer
+    needs_reboot: bool | None = None  # after a completed switch or boot: its kernel, initrd or modules wait for one
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> DeployResponse:
         fields = answer_fields(decode_message(data, limit), {
             "hostname": is_subject_token, "status": DEPLOY_STATUSES, "error": tuple(ErrorCode), "message": str,
-            "duration_seconds": float, "output": list, "commit": is_valid_ref, "log": list}, "deploy answer",
+            "duration_seconds": float, "output": list, "commit": is_valid_ref, "log": list, "needs_reboot": bool},
+            "deploy answer",
             required=("hostname", "status"))
         return cls(**{**fields, "message": fields["message"] or ""})
 
@@ -372,6 +394,8 @@ class DeployResponse(typing.NamedTuple):
             d["commit"] = self.commit
         if self.log is not None:
             d["log"] = self.log
+        if self.needs_reboot is not None:
+            d["needs_reboot"] = self.needs_reboot
         return d
 
 
@@ -463,15 +487,16 @@ class HostStatus(typing.NamedTuple):
     commit: str | None  # configurationRevision of the profile's current generation; None when the flake sets none
     history: list[DeployRecord]
     unsigned: bool = False  # as HostInfo.unsigned
+    needs_reboot: bool = False  # the profile's kernel, initrd or kernel modules are not the booted ones
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> HostStatus:
         obj = decode_message(data, limit)
         fields = answer_fields(obj, {
             "hostname": is_subject_token, "tier": TIERS, "role": is_subject_token, "deploy_subjects": list,
-            "deploying": bool, "generation": int, "commit": is_valid_ref, "unsigned": bool}, "status answer",
-            required=("hostname", "tier", "deploy_subjects"))
-        fields["unsigned"] = bool(fields["unsigned"])
+            "deploying": bool, "generation": int, "commit": is_valid_ref, "unsigned": bool, "needs_reboot": bool},
+            "status answer", required=("hostname", "tier", "deploy_subjects"))
+        fields["unsigned"], fields["needs_reboot"] = bool(fields["unsigned"]), bool(fields["needs_reboot"])
         history = obj.get("history") or []
         if not isinstance(history, list) or len(history) > HISTORY_LENGTH:
             raise ProtocolError(f"malformed status answer: history is {reprlib.repr(history)}, not a list of at most "
@@ -1567,7 +1592,7 @@ class ListenerMetrics:
     """The spec's four listener metrics, plus when deploys last ended, the profile's generation and the age of the
     last success; every label combination exists from start-up."""
 
-    def __init__(self, hostname: str, tier: str, role: str | None, profile: str):
+    def __init__(self, hostname: str, tier: str, role: str | None, profile: str, booted: str = "/run/booted-system"):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
         disable_created_metrics()  # *_created series only add noise to a host's scrape
@@ -1599,6 +1624,9 @@ class ListenerMetrics:
             last.labels(final.value).set_function(functools.partial(self.last_end.__getitem__, final))
         Gauge("homelab_deploy_generation", "Generation the system profile points to (0 = unreadable)",
               registry=self.registry).set_function(lambda: current_generation(profile) or 0)
+        Gauge("homelab_deploy_needs_reboot", "1 if the system profile's kernel, initrd or kernel modules are not the "
+              "booted system's, 0 otherwise", registry=self.registry).set_function(
+            lambda: needs_reboot(booted, profile))
         Gauge("homelab_deploy_seconds_since_last_success",
               "Seconds since the last completed deployment ended (-1 = none yet)", registry=self.registry,
               ).set_function(lambda: time.time() - self.last_end[Status.COMPLETED] if self.last_end[Status.COMPLETED]
@@ -1839,12 +1867,13 @@ def rebuild_argv(action: Action, flake_url: str, revision: str, hostname: str) -
     return ["nixos-rebuild", action.value, "--refresh", "--flake", f"{flake_ref(flake_url, revision)}#{hostname}"]
 
 
-def health_check_argv(check: str) -> list[str]:
-    """A --health-check's argv (shlex words, never a shell); [] when it has none or unbalanced quotes."""
+def command_argv(command: str) -> list[str]:
+    """A --health-check's or the --reboot-command's argv (shlex words, never a shell); [] when it has none or
+    unbalanced quotes."""
     import shlex
 
     try:
-        return shlex.split(check)
+        return shlex.split(command)
     except ValueError:
         return []
 
@@ -1884,7 +1913,7 @@ def failed_health_check(checks: tuple[str, ...], timeout: float, prefix: str,
     systemd's failed units; None when all pass, else the first failure, named with its output's last lines, and
     that output."""
     for check in checks:
-        result = run_with_timeout(health_check_argv(check), timeout, prefix)
+        result = run_with_timeout(command_argv(check), timeout, prefix)
         if failure := check_failed(check, result, timeout):
             return failure, result.output
     return failed_units(timeout, prefix) if units else None
@@ -1901,6 +1930,23 @@ def current_generation(profile: str) -> int | None:
     except OSError:
         return None
     return int(m.group(1)) if m else None
+
+
+BOOT_LINKS = ("kernel", "initrd", "kernel-modules")  # what a running system keeps until it reboots
+
+
+def needs_reboot(booted: str, profile: str) -> bool:
+    """Whether the system profile's kernel, initrd or kernel modules (each link resolved) differ from the booted
+    system's; a link missing from both is no difference, missing from one is."""
+    def resolved(system: str, link: str) -> str | None:
+        path = os.path.join(system, link)
+        return os.path.realpath(path) if os.path.exists(path) else None
+
+    return any(resolved(booted, link) != resolved(profile, link) for link in BOOT_LINKS)
+
+
+# Said after a completed switch or boot whose kernel, initrd or kernel modules wait for a reboot.
+REBOOT_NOTE = "; the new kernel, initrd or kernel modules take effect after a reboot (`homelab-deploy reboot`)"
 
 
 def save_state(path: str, record: dict | list | None, durable: bool = True) -> None:
@@ -2037,6 +2083,10 @@ class ListenerFields(typing.NamedTuple):
     health_checks: tuple[str, ...] = ()  # command lines, split by shlex, run after a switch or test
     health_timeout: float = 60.0
     failed_units_check: str = "auto"  # on, off, or auto: on under systemd (SYSTEMD_RUNTIME exists)
+    booted_system: str = "/run/booted-system"  # compared with `profile`: does the host need a reboot?
+    reboot_command: str = "systemctl reboot"  # a command line, split by shlex, run for a reboot request
+    boot_id_file: str = "/proc/sys/kernel/random/boot_id"  # a new boot id: the host rebooted
+    maintenance_windows: tuple[str, ...] = ()  # when reboots run (MaintenanceWindow specs); none: at once
 
 
 class ListenerConfig(ListenerFields):
@@ -2083,9 +2133,14 @@ class ListenerConfig(ListenerFields):
             raise ValueError("--health-check needs the rollback watchdog, which undoes a switch or test whose check "
                              "fails: give --rollback-timeout S (e.g. 120), or drop --health-check")
         for check in self.health_checks:
-            if not health_check_argv(check):
+            if not command_argv(check):
                 raise ValueError(f"--health-check {check!r} must be a command line (split into words as a shell "
                                  "would, never run by one), e.g. 'curl -fsS http://127.0.0.1:8080/health'")
+        for window in self.maintenance_windows:
+            MaintenanceWindow.parse(window)
+        if not command_argv(self.reboot_command):
+            raise ValueError(f"--reboot-command {self.reboot_command!r} must be a command line (split into words as a "
+                             "shell would, never run by one), e.g. 'systemctl reboot'")
         self.subjects  # noqa: B018 (expands the templates now: a bad one is refused here)
 
     @classmethod
@@ -2095,7 +2150,8 @@ class ListenerConfig(ListenerFields):
                    args.discover_subject, args.state_dir, args.system_profile, args.timeout, args.heartbeat_interval,
                    args.shutdown_grace, args.rollback_timeout, args.restart_after_switch, args.allow_any_ref,
                    tuple(args.trusted_key or ()), (args.trusted_keys_file,) if args.trusted_keys_file else (),
-                   args.require_signed, tuple(args.health_check or ()), args.health_timeout, args.failed_units_check)
+                   args.require_signed, tuple(args.health_check or ()), args.health_timeout, args.failed_units_check,
+                   args.booted_system, args.reboot_command, args.boot_id_file, tuple(args.maintenance_window or ()))
 
     def load_signers(self, nonce_file: str | None, required: bool = False) -> TrustedSigners | None:
         """The trusted keys from --trusted-key and --trusted-keys-file (at start, and anew on SIGHUP)."""
@@ -2145,8 +2201,9 @@ class ListenerState:
             log.error("host=%s unreadable in-flight record %s (%s); removing it", hostname, self.inflight_file, e)
             self.record_inflight(None)
             return None
-        if os.path.exists(rollback_path(self.config.state_dir, "rollback", request_id(reply_to))):
-            self.record_inflight(None)
+        if os.path.exists(rollback_path(self.config.state_dir, "rollback", request_id(reply_to))) or \
+                os.path.exists(os.path.join(self.config.state_dir, f"{REBOOT_PREFIX}{request_id(reply_to)}.json")):
+            self.record_inflight(None)  # its watchdog's or its reboot's record stands for it
             return None
         pid = record.get("pid")
         if isinstance(pid, int) and pid > 1:
@@ -2185,6 +2242,8 @@ class ListenerState:
     def remember(self, request: DeployRequest, rid: str, final: DeployResponse, *, started: float,
                  before: int | None, signer: str | None) -> None:
         """Add a finished deploy to the history file (its last HISTORY_LENGTH); a failed write is logged, not fatal."""
+        if request.action is Action.REBOOT:  # the history is what nixos-rebuild did; a reboot has no revision
+            return
         try:
             record = DeployRecord(rid, request.action, request.revision, final.commit, final.status, final.error,
                                   time.strftime(ISO_TIME_FORMAT, time.gmtime(started)),
@@ -2356,13 +2415,22 @@ class Rollback:
                  config.rollback_timeout)
         return None
 
-    def hand_over(self, rid: str) -> None:
-        """nixos-rebuild succeeded: its record becomes switched-<request>, which a confirmation over NATS removes."""
-        switched = self.path("switched", rid)
+    def hand_over(self, request: DeployRequest, rid: str, message: str, *, restarting: bool) -> DeployResponse | None:
+        """nixos-rebuild succeeded: its record becomes switched-<request>, which a confirmation over NATS removes;
+        settled here, or (None) by the listener that starts next when this one restarts after the switch."""
+        config, switched = self.config, self.path("switched", rid)
         with contextlib.suppress(FileNotFoundError):  # gone: the watchdog gave up waiting; settle reports it
             os.rename(self.path("pending", rid), switched)
             os.utime(switched)  # when the switch ended, for the confirmation's message
         self.state.record_inflight(None)  # nixos-rebuild is over: from here on the watchdog's record stands for it
+        self.bus.publish(answer_subject(request.reply_to, config.hostname), json.dumps(DeployResponse(
+            config.hostname, Status.STARTED, message=f"switched; waiting for the new system to confirm over NATS (it "
+            f"is rolled back unless it does within {config.rollback_timeout:g}s): {message}").to_dict()).encode())
+        if restarting:
+            log.info("host=%s request=%s switched; the listener that starts next confirms it over NATS",
+                     config.hostname, rid)
+            return None
+        return (self.settle(rid) or (None, None))[1]
 
     def undo_failed_switch(self, rid: str, failure: str, output: list[str], *, before: int | None, armed: bool,
                            action: Action = Action.SWITCH, code: ErrorCode = ErrorCode.ROLLED_BACK,
@@ -2431,11 +2499,13 @@ class Rollback:
                     break  # the watchdog took it first
                 log.info("host=%s request=%s %s confirmed over NATS %.1fs after the switch", config.hostname, rid,
                          request.action.value, after)
-                generation = current_generation(config.profile)
+                generation, switch = current_generation(config.profile), request.action is Action.SWITCH
+                reboot = needs_reboot(config.booted_system, config.profile) if switch else None
                 return request, DeployResponse(config.hostname, Status.COMPLETED, None, (
                     f"{request.action.value} of {request.revision} confirmed over NATS {after:.1f}s after the switch"
-                    + (f"; the system profile is at generation {generation}" if generation is not None else "")),
-                    commit=self.state.profile_commit() if request.action is Action.SWITCH else None), record
+                    + (f"; the system profile is at generation {generation}" if generation is not None else "")
+                    + REBOOT_NOTE * bool(reboot)),
+                    commit=self.state.profile_commit() if switch else None, needs_reboot=reboot), record
             while True:
                 request, record = read_rollback_record(rolled)
                 # by then the watchdog's nixos-rebuild and its rollback, each bounded by --timeout, are long over
@@ -2524,16 +2594,17 @@ class Listener:
     """One host's agent, intake and replies: it takes deploy requests from its subjects (parse, authenticate, admit
     or reject), runs one at a time with nixos-rebuild, answers the requester (accepted, started, the final status)
     and publishes each state change on deploy.events.<tier>.<host>; it answers discovery and status queries. Its
-    `state` keeps the state files, its `rollback` the automatic rollback."""
+    `state` keeps the state files, its `rollback` the automatic rollback, its `reboots` the reboot requests."""
 
     def __init__(self, config: ListenerConfig, bus: Bus, *, stop: threading.Event,
                  metrics: ListenerMetrics | None = None, signers: TrustedSigners | None = None):
         self.config, self.bus, self.metrics, self.stop = config, bus, metrics, stop  # stop: signal, restart
         self.state = ListenerState(config, bus, metrics=metrics, stop=stop, signers=signers)
         self.rollback = Rollback(config, bus, stop, self.state)
+        self.busy = threading.Lock()  # one deploy (or reboot) at a time
+        self.reboots = Reboots(config, bus, stop=stop, busy=self.busy, reply=self.reply, report=self.report_final)
         self.rejections = Rejections(lambda count, reason: self.announce(
             Status.REJECTED, None, None, None, reason=reason, suppressed=count), "listener")
-        self.busy = threading.Lock()  # one deploy at a time
         self.reporting = threading.Lock()  # held until a deploy's final status is out; shutdown waits on it
         self.restarting = False  # a switch succeeded with --restart-after-switch: set before `busy` is released
         self.current: DeployRequest | None = None  # the running deploy; run_exclusive sets it and current_since
@@ -2603,7 +2674,8 @@ class Listener:
         if e.reply_to:
             self.reply(e.reply_to, Status.REJECTED, e.code, str(e))
         if self.metrics and (e.reply_to or request):  # refused signatures are counted too, though unanswered
-            action = None if e.code is ErrorCode.INVALID_ACTION else Action(decode_message(data)["action"])
+            valid = decode_message(data).get("action", Action.REBOOT.value)  # a reboot request has no `action`
+            action = None if e.code is ErrorCode.INVALID_ACTION else Action(valid)
             self.metrics.count(Status.REJECTED, action, e.code)
 
     def admit(self, request: DeployRequest, rid: str, signer: str | None) -> bool:
@@ -2644,8 +2716,9 @@ class Listener:
             signed = f" (signed by {signer})" if signer else ""
             log.info("host=%s request=%s accepted %s of %s%s", hostname, rid, request.action.value, request.revision,
                      signed)
-            self.reply(request.reply_to, Status.ACCEPTED,
-                       message=f"{request.action.value} of {request.revision} accepted{signed}")
+            message = f"{request.action.value} of {request.revision} accepted{signed}"
+            self.reply(request.reply_to, Status.ACCEPTED, message=self.reboots.accepted(request, signed)
+                       if request.action is Action.REBOOT else message)
             self.announce(Status.ACCEPTED, rid, request, signer)
             try:
                 self.state.record_inflight(request)  # after `accepted`: its fsync stays off the requester's path
@@ -2685,6 +2758,8 @@ class Listener:
         """Run nixos-rebuild for an accepted request; returns the final status to report, None when it is left to
         the listener that starts next (a switch awaiting confirmation, or this listener stopping)."""
         config, action, hostname = self.config, request.action, self.config.hostname
+        if action is Action.REBOOT:
+            return self.reboots.hold(request, rid, signer)
         before = current_generation(config.profile)
         argv = rebuild_argv(action, config.flake_url, request.revision, hostname)
         armed = config.rollback_timeout > 0 and action in (Action.SWITCH, Action.TEST)
@@ -2719,18 +2794,12 @@ class Listener:
         if armed and not success:  # nothing new is active to roll back, or this listener is up to report the failure
             save_state(self.rollback.path("pending", rid), None)
         elif armed:
-            self.rollback.hand_over(rid)
-            self.reply(request.reply_to, Status.STARTED, message=(
-                f"switched; waiting for the new system to confirm over NATS (it is rolled back unless it does "
-                f"within {config.rollback_timeout:g}s): {message}"))
-            if self.restarting:
-                log.info("host=%s request=%s switched; the listener that starts next confirms it over NATS",
-                         hostname, rid)
-                return None
-            return (self.rollback.settle(rid) or (None, None))[1]
-        commit = self.state.profile_commit() if success and action in (Action.SWITCH, Action.BOOT) else None
-        return DeployResponse(hostname, status, error, message, result.duration,
-                              None if success else result.output, commit)
+            return self.rollback.hand_over(request, rid, message, restarting=self.restarting)
+        installed = success and action in (Action.SWITCH, Action.BOOT)  # a new boot default: has its kernel changed?
+        reboot = needs_reboot(config.booted_system, config.profile) if installed else None
+        return DeployResponse(hostname, status, error, message + REBOOT_NOTE * bool(reboot), result.duration,
+                              None if success else result.output, self.state.profile_commit() if installed else None,
+                              needs_reboot=reboot)
 
     def recover(self) -> None:
         """At start, connected to NATS: report an interrupted deploy, load the history, resume the re-sends of final
@@ -2746,6 +2815,7 @@ class Listener:
             self.state.record_inflight(None)
         self.state.load_history()
         self.state.resume_resends()
+        self.reboots.recover()
         for rid in self.rollback.left_over():
             if settled := self.rollback.settle(rid):
                 request, final, record = settled
@@ -2765,7 +2835,7 @@ class Listener:
         unsigned, subjects = self.state.signers is None, list(config.subjects)
         answer = (HostStatus(config.hostname, config.tier, config.role, subjects, self.busy.locked(),
                              current_generation(config.profile), self.state.profile_commit(), self.state.history,
-                             unsigned).to_dict()
+                             unsigned, needs_reboot(config.booted_system, config.profile)).to_dict()
                   if subject == STATUS_SUBJECT else HostInfo(config.hostname, config.tier, config.role, subjects,
                                                              __version__, self.busy.locked(), unsigned)._asdict())
         self.bus.publish(answer_subject(reply_to, config.hostname), json.dumps(answer).encode())
@@ -2898,7 +2968,8 @@ def listener_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     stop = stop_on_signals(reload=(reload := threading.Event()))
-    metrics = ListenerMetrics(hostname, config.tier, config.role, config.profile) if args.metrics_enabled else None
+    metrics = (ListenerMetrics(hostname, config.tier, config.role, config.profile, config.booted_system)
+               if args.metrics_enabled else None)
     if metrics:
         serve_metrics(args.metrics_addr, metrics.registry)
     try:
@@ -2934,6 +3005,222 @@ def listener_command(args: argparse.Namespace) -> int:
     listener.rejections.flush()  # the count of the window still open
     bus.close()
     return 0
+
+
+# ---------------------------------------------------------------- reboots
+
+REBOOT_PREFIX = "reboot-"  # state files reboot-<request>.json: a reboot asked for, until the host is back from it
+REBOOT_COMMAND_TIMEOUT = 120.0  # seconds the reboot command may take: `systemctl reboot` queues a job and returns
+
+
+WINDOW_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")  # datetime's weekday() order
+WINDOW_RE = re.compile(r"(daily|Mon|Tue|Wed|Thu|Fri|Sat|Sun) ([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)")
+
+
+class MaintenanceWindow(typing.NamedTuple):
+    """A --maintenance-window, `Sat 02:00-05:00` or `daily 03:00-04:00` in the host's local time; an end before
+    the start runs past midnight."""
+
+    day: int | None  # 0 (Monday) to 6; None: every day
+    start: int  # minutes after midnight
+    end: int  # minutes after midnight, up to 24:00
+
+    @classmethod
+    def parse(cls, spec: str) -> MaintenanceWindow:
+        m = WINDOW_RE.fullmatch(spec)
+        start, end = (int(m[2]) * 60 + int(m[3]), int(m[4]) * 60 + int(m[5])) if m else (0, 0)
+        if not m or end > 24 * 60 or start == end:
+            raise ValueError(f"--maintenance-window {spec[:80]!r} must be DAY HH:MM-HH:MM in the host's local time, "
+                             f"DAY one of daily, {', '.join(WINDOW_DAYS)}, the two times different (24:00 ends a "
+                             "day), e.g. 'Sat 02:00-05:00' or 'daily 03:00-04:00'")
+        return cls(None if m[1] == "daily" else WINDOW_DAYS.index(m[1]), start, end)
+
+
+def next_window(windows: list[MaintenanceWindow], now: datetime.datetime) -> datetime.datetime | None:
+    """None when `now` (local time, naive) is inside one of the windows, or there are none; else when the next one
+    opens."""
+    import datetime
+
+    midnight, opens = now.replace(hour=0, minute=0, second=0, microsecond=0), []
+    for window in windows:
+        length = datetime.timedelta(minutes=(window.end - window.start) % (24 * 60) or 24 * 60)
+        for days in range(-1, 8):  # yesterday's may run past midnight; a weekly one opens within 7 days
+            start = midnight + datetime.timedelta(days=days, minutes=window.start)
+            if window.day is not None and start.weekday() != window.day:
+                continue
+            if start <= now < start + length:
+                return None
+            if start > now:
+                opens.append(start)
+    return min(opens, default=None)
+
+
+def read_boot_id(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read(64).strip() or None
+    except OSError:
+        return None
+
+
+class Reboots:
+    """A listener's reboots: a reboot request is recorded in the state directory (reboot-<request>.json, fsynced)
+    and carried out on a thread of its own (taking `busy`: no deploy is cut short), its record marked run before
+    --reboot-command runs, so no restart runs it again; the listener that starts after the reboot sees a new boot
+    id, or the profile's system booted, and sends `completed`, as a switch is confirmed by the listener after it."""
+
+    def __init__(self, config: ListenerConfig, bus: Bus, *, stop: threading.Event, busy: threading.Lock, reply,
+                 report):
+        self.config, self.bus, self.stop, self.busy, self.reply, self.report = config, bus, stop, busy, reply, report
+        self.argv, self.lock = command_argv(config.reboot_command), threading.Lock()
+        self.windows = [MaintenanceWindow.parse(w) for w in config.maintenance_windows]
+        self.thread: threading.Thread | None = None  # carries out the reboots not run yet; None when there are none
+        self.wake = threading.Event()  # a reboot was held: a --now one must not wait for the thread's next look
+
+    def path(self, rid: str) -> str:
+        return os.path.join(self.config.state_dir, f"{REBOOT_PREFIX}{rid}.json")
+
+    def booted(self) -> tuple[str | None, str]:
+        """(the boot id, the booted system resolved)."""
+        return read_boot_id(self.config.boot_id_file), os.path.realpath(self.config.booted_system)
+
+    def window_opens(self) -> datetime.datetime | None:
+        """When the next maintenance window opens; None when one is open, or none is set."""
+        import datetime
+
+        return next_window(self.windows, datetime.datetime.now())
+
+    def accepted(self, request: DeployRequest, signed: str) -> str:
+        """The `accepted` message of a reboot request: when it runs."""
+        opens, windows = self.window_opens(), ", ".join(self.config.maintenance_windows)
+        when = ("" if opens is None else f"; --now: at once, outside the maintenance windows ({windows})"
+                if request.now else f"; held: outside the maintenance windows ({windows}), it runs when the next "
+                f"opens, {opens:%a %Y-%m-%d %H:%M} host time")
+        return f"reboot accepted{signed}{when}; `completed` follows once the host is back on a new boot"
+
+    def hold(self, request: DeployRequest, rid: str, signer: str | None) -> DeployResponse | None:
+        """An accepted reboot: recorded, then left to the thread that carries it out; a record that cannot be
+        written is the final status (nothing runs)."""
+        boot, system = self.booted()
+        try:
+            save_state(self.path(rid), {"request": json.loads(request.to_json()), "signer": signer, "boot_id": boot,
+                                        "booted": system, "accepted_at": time.time(), "ran_at": None})
+        except OSError as e:
+            log.error("host=%s request=%s reboot not run: cannot write %s: %s", self.config.hostname, rid,
+                      self.path(rid), e.strerror)
+            return DeployResponse(self.config.hostname, Status.FAILED, ErrorCode.INTERNAL_ERROR, (
+                f"nothing was run: the listener on {self.config.hostname} cannot record the reboot in "
+                f"{self.config.state_dir} ({e.strerror}); make it writable and ask again"))
+        self.carry_out()
+        return None
+
+    def records(self) -> dict[str, tuple[DeployRequest, dict]]:
+        """The reboot records in the state directory, by request id; an unreadable one is logged and removed."""
+        found = {}
+        for name in sorted(os.listdir(self.config.state_dir)):
+            rid = name[len(REBOOT_PREFIX):-len(".json")]
+            if not (name.startswith(REBOOT_PREFIX) and name.endswith(".json") and REPLY_TOKEN_RE.fullmatch(rid)):
+                continue
+            try:
+                with open(self.path(rid)) as f:
+                    record = json.load(f)
+                request = DeployRequest.parse(json.dumps(record["request"]).encode())
+                if request.action is not Action.REBOOT or request_id(request.reply_to) != rid or not (
+                        type(record["ran_at"]) in (int, float, type(None)) and type(record["accepted_at"]) is float
+                        and (record["signer"] is None or SIGNER_NAME_RE.fullmatch(str(record["signer"])))):
+                    raise ValueError("not a reboot record of its request")
+            except (OSError, ValueError, KeyError, TypeError, ProtocolError) as e:
+                log.error("host=%s request=%s unreadable reboot record (%s); removing it", self.config.hostname, rid,
+                          e)
+                save_state(self.path(rid), None)
+                continue
+            found[rid] = (request, record)
+        return found
+
+    def held(self) -> dict[str, tuple[DeployRequest, dict]]:
+        """The reboots not run yet."""
+        return {rid: (request, record) for rid, (request, record) in self.records().items() if record["ran_at"] is None}
+
+    def carry_out(self) -> None:
+        """Start the thread that runs the reboots not run yet, unless it runs."""
+        with self.lock:
+            self.wake.set()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run_held, name="reboot", daemon=True)
+                self.thread.start()
+
+    def due(self) -> bool:
+        """Whether the held reboots run now: a window is open (or none is set), or one was sent with --now; else
+        waits up to a minute (the clock may change) for the next window, and False. The thread ends without any."""
+        with self.lock:  # a reboot held meanwhile finds no thread and starts one
+            if not (held := self.held()):
+                self.thread = None
+                return False
+        if (opens := self.window_opens()) is None or any(request.now for request, _ in held.values()):
+            return True
+        self.wake.wait(min(60.0, max(0.5, opens.timestamp() - time.time())))  # stopping: the daemon thread ends
+        self.wake.clear()
+        return False
+
+    def run_held(self) -> None:
+        """Once due and `busy` is free (a running deploy ends first), mark every reboot not run yet as run
+        (fsynced), then run the reboot command once for all; if it fails, each requester gets `failed`."""
+        hostname = self.config.hostname
+        try:
+            while self.thread and not self.stop.is_set():
+                if not self.due() or not self.busy.acquire(timeout=1.0):  # a deploy runs: bounded by --timeout
+                    continue
+                try:
+                    held = self.held()
+                    for rid, (request, record) in held.items():
+                        save_state(self.path(rid), {**record, "ran_at": time.time()})
+                        log.warning("host=%s request=%s rebooting: running %s", hostname, rid, " ".join(self.argv))
+                        self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(self.argv)}")
+                    result = run_with_timeout(self.argv, REBOOT_COMMAND_TIMEOUT, f"host={hostname} ") if held else None
+                finally:
+                    self.busy.release()
+                if result is None or (result.returncode == 0 and not result.timed_out):
+                    continue  # the thread ends once no reboot is left unrun
+                how = (f"killed after {REBOOT_COMMAND_TIMEOUT:g}s" if result.timed_out else "cannot run"
+                       if result.returncode is None else f"exit code {result.returncode}")
+                for rid, (request, record) in held.items():
+                    final = DeployResponse(hostname, Status.FAILED, ErrorCode.REBOOT_FAILED, (
+                        f"the reboot command `{' '.join(self.argv)}` failed ({how}): "
+                        f"{nix_error_summary(result.output)}; nothing was rebooted: check the listener's "
+                        "--reboot-command"), None, result.output)
+                    log.error("host=%s request=%s %s", hostname, rid, final.message)
+                    self.report(request, rid, final, signer=record["signer"], reconnects=self.bus.reconnects)
+                    save_state(self.path(rid), None)
+        except Exception:  # a bug, or a state directory gone unwritable: the records stay for the next start
+            log.exception("host=%s the reboot thread failed; the listener's next start carries out the reboots "
+                          "not run yet", hostname)
+            with self.lock:
+                self.thread = None  # the next reboot request tries again
+
+    def recover(self) -> None:
+        """At start, connected to NATS: a reboot that ran is reported `completed` when the host is on a new boot,
+        else `failed`; the ones not run yet are carried out."""
+        config = self.config
+        boot, system = self.booted()
+        for rid, (request, record) in self.records().items():
+            if record["ran_at"] is None:
+                self.carry_out()
+                continue
+            took = time.time() - record["ran_at"]
+            reboot = needs_reboot(config.booted_system, config.profile)
+            if (boot is not None and boot != record["boot_id"]) or (
+                    system != record["booted"] and system == os.path.realpath(config.profile)):
+                final = DeployResponse(config.hostname, Status.COMPLETED, None, (
+                    f"rebooted: back {took:.0f}s after `{' '.join(self.argv)}` ran, on a new boot of {system}"
+                    + ("; it still needs a reboot: the profile's kernel, initrd or modules are not the booted ones"
+                       if reboot else "")), took, needs_reboot=reboot)
+            else:
+                final = DeployResponse(config.hostname, Status.FAILED, ErrorCode.REBOOT_FAILED, (
+                    f"`{' '.join(self.argv)}` ran {took:.0f}s ago and exited 0, but the host did not reboot (the "
+                    f"same boot id, {system} booted); its journal says why: reboot it by hand"), took)
+            log.info("host=%s request=%s reboot %s: %s", config.hostname, rid, final.status.value, final.message)
+            self.report(request, rid, final, signer=record["signer"], reconnects=self.bus.reconnects)
+            save_state(self.path(rid), None)
 
 
 # ---------------------------------------------------------------- rollback watchdog
@@ -3525,10 +3812,11 @@ class Interrupted(KeyboardInterrupt):
 
 def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
                  window: float = ANSWER_WINDOW, on_event=None, stragglers: float = STRAGGLER_WINDOW,
-                 on_log=None) -> tuple[dict[str, DeployResponse], bool]:
-    """Publish a deploy request (on each subject of a list) and gather every answering host's responses.
-    Returns the last response per host and whether everything finished before the timeout. With on_log, the
-    request asks for the output while it runs (`follow`): on_log(answer) gets each answer carrying `log`."""
+                 on_log=None, now: bool = False) -> tuple[dict[str, DeployResponse], bool]:
+    """Publish a deploy request, or a reboot request (REBOOT, `now` overriding maintenance windows), on each
+    subject of a list, and gather every answering host's responses. Returns the last response per host and
+    whether everything finished before the timeout. With on_log, the request asks for the output while it runs
+    (`follow`): on_log(answer) gets each answer carrying `log`."""
     hosts: dict[str, DeployResponse] = {}
     subjects = [subject] if isinstance(subject, str) else subject
     # deploy.<tier>.<host> names one host: once every named host (and any other that answered) finished, nobody
@@ -3564,7 +3852,8 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
     try:  # expires_in: half the window, the other half covers the trips of the request and `accepted` through NATS
         finished = collect_answers(
             bus, subject, "deploy",
-            make_request=lambda to: DeployRequest(action, revision, to, window / 2, on_log is not None).to_json(),
+            make_request=lambda to: DeployRequest(action, revision, to, window / 2, on_log is not None,
+                                                  now=now).to_json(),
             parse=DeployResponse.parse, sender=lambda r: r.hostname, timeout=timeout, window=window,
             on_answer=on_answer, is_done=is_done, stragglers=stragglers,
             is_complete=lambda: len(addressed) == len(subjects) and not unheard and is_done())
@@ -3636,9 +3925,26 @@ def batch_size_flag(text: str) -> str:
                                      "or a percentage of the plan from 1% to 100% (e.g. 25%)")
 
 
-def rollout_plan(bus: Bus, subject: str, rollout: Rollout, *, window: float, stragglers: float,
-                 discover_subject: str) -> list[tuple[str, list[HostInfo]]]:
-    """The batches of the hosts whose deploy subjects include `subject`, sorted by hostname: only hosts of the
+def rollout_plan(bus: Bus, subject: str, rollout: Rollout, **survey) -> list[tuple[str, list[HostInfo]]]:
+    """rollout_hosts in the rollout's batches."""
+    return rollout.batches(rollout_hosts(bus, subject, **survey))
+
+
+def reboot_plan(bus: Bus, subject: str, rollout: Rollout, *, only_if_needed: bool, window: float,
+                stragglers: float) -> tuple[list[tuple[str, list[HostInfo]]], list[DeployResponse]]:
+    """A reboot's batches, planned from the hosts' status answers, and with only_if_needed the hosts whose status
+    says they need no reboot, left out as `skipped` answers."""
+    hosts = rollout_hosts(bus, subject, window=window, stragglers=stragglers, discover_subject=STATUS_SUBJECT,
+                          parse=HostStatus.parse)
+    needless = [DeployResponse(h.hostname, Status.SKIPPED, message="not rebooted: it needs no reboot (only if "
+                               "needed)") for h in hosts if only_if_needed and not h.needs_reboot]
+    return rollout.batches([h for h in hosts if h.needs_reboot or not only_if_needed]), needless
+
+
+def rollout_hosts(bus: Bus, subject: str, *, window: float, stragglers: float, discover_subject: str,
+                  parse=HostInfo.parse) -> list:
+    """The hosts whose deploy subjects include `subject` (their discovery answers, or with STATUS_SUBJECT and
+    HostStatus.parse their status), sorted by hostname: only hosts of the
     subject's tier that listen on deploy.<tier>.<host>, where a rollout deploys each. A discovery answer is the
     host's own word: one that claims another tier or lacks that subject is left out with a warning, never
     deployed on another tier's subject (a test host claiming prod) nor allowed to stop the others."""
@@ -3647,7 +3953,7 @@ def rollout_plan(bus: Bus, subject: str, rollout: Rollout, *, window: float, str
         raise ValueError(f"a rollout deploys each host on deploy.<tier>.<host>, so its target must be a deploy "
                          f"subject of a tier ({DEPLOY_SUBJECTS}), not {subject!r}; deploy without rollout flags")
     hosts = []
-    for h in discover_hosts(bus, discover_subject, window, stragglers):
+    for h in discover_hosts(bus, discover_subject, window, stragglers, parse):
         if subject not in h.deploy_subjects:
             continue
         if h.tier != tier or f"deploy.{tier}.{h.hostname}" not in h.deploy_subjects:
@@ -3657,12 +3963,12 @@ def rollout_plan(bus: Bus, subject: str, rollout: Rollout, *, window: float, str
                         tier, tier)
             continue
         hosts.append(h)
-    return rollout.batches(sorted(hosts, key=lambda h: h.hostname))
+    return sorted(hosts, key=lambda h: h.hostname)
 
 
 def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollout, *, action: Action, revision: str,
              timeout: float, window: float, stragglers: float, report, stop: threading.Event,
-             results: list[tuple[str, list[DeployResponse]]], on_log=None) -> None:
+             results: list[tuple[str, list[DeployResponse]]], on_log=None, now: bool = False) -> None:
     """Deploy batch after batch, each host on its own subject, reporting report(line, final) per batch start and
     host event; once a canary or more than max_failures hosts failed, or `stop` is set, the rest are skipped.
     Appends (batch name, final responses) to `results` as each batch ends, kept when a NatsError ends it early."""
@@ -3676,9 +3982,10 @@ def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollo
             for r in results[-1][1]:
                 report(describe(r), True)
             continue
-        report(f"{name}: deploying {', '.join(h.hostname for h in batch)}", True)
+        report(f"{name}: {'rebooting' if action is Action.REBOOT else 'deploying'} "
+               f"{', '.join(h.hostname for h in batch)}", True)
         hosts, _ = deploy_hosts(bus, [f"deploy.{h.tier}.{h.hostname}" for h in batch], action, revision, timeout,
-                                window, lambda r: report(describe(r), r.status.final), stragglers, on_log)
+                                window, lambda r: report(describe(r), r.status.final), stragglers, on_log, now)
         gone = [DeployResponse(h.hostname, Status.FAILED, message=f"did not answer within {window:g}s: it left the "
                                "fleet since the plan, or its listener is down (`homelab-deploy list-hosts` shows who "
                                "listens)") for h in batch if h.hostname not in hosts]
@@ -3695,20 +4002,22 @@ def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollo
             report(f"stopping the rollout: {why or 'interrupted'}", True)
 
 
-def deploy_exit(hosts: list[DeployResponse]) -> Exit:
-    """A deploy's exit code from each host's last answer: OK when every one completed, NO_ANSWER without any."""
+def deploy_exit(hosts: list[DeployResponse], needless: frozenset[str] = frozenset()) -> Exit:
+    """A deploy's exit code from each host's last answer: OK when every one completed (or is `needless`: skipped
+    by reboot --only-if-needed), NO_ANSWER without any."""
     if not hosts:
         return Exit.NO_ANSWER
-    return Exit.OK if all(r.status is Status.COMPLETED for r in hosts) else Exit.FAILED
+    return Exit.OK if all(r.status is Status.COMPLETED or r.hostname in needless for r in hosts) else Exit.FAILED
 
 
 def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: list[DeployResponse],
-                  batches: list[tuple[str, list[DeployResponse]]] | None = None) -> Exit:
+                  batches: list[tuple[str, list[DeployResponse]]] | None = None,
+                  needless: frozenset[str] = frozenset()) -> Exit:
     """Print a deploy's --json document, its summary line and which hosts run which commit when they differ;
     returns its deploy_exit."""
     hosts = sorted(hosts, key=lambda r: r.hostname)
     counts = collections.Counter(r.status.value if r.status.final else "unfinished" for r in hosts)
-    code = deploy_exit(hosts)
+    code = deploy_exit(hosts, needless)
     pin = {"pin": f"{args.branch} -> {revision}"} if args.pin else {}
     if args.json:
         print(json.dumps({"subject": subject, "action": args.action, "revision": revision, **pin,
@@ -3753,29 +4062,40 @@ def unknown_deploy_outcome(e: OutcomeUnknown, aside: str = "") -> CommandError:
 
 
 def deploy_rollout(args: argparse.Namespace, subject: str, revision: str, bus: Bus, progress: Progress) -> int:
-    """deploy with rollout flags: a plan from discovery, then roll_out; exit 130 when a signal stopped it."""
+    """deploy with rollout flags, and reboot: a plan from discovery (reboot: from status answers, --only-if-needed
+    leaving out the hosts that need none), then roll_out; exit 130 when a signal stopped it."""
     rollout = Rollout(args.canary or 0, args.batch_size or "100%", args.max_failures or 0)
+    reboot = args.action == Action.REBOOT.value
     stop = stop_on_signals(b"interrupted: starting no new batch; waiting for the running hosts to finish "
                            b"(Ctrl-C again leaves at once)\n", again_leaves=True)
     results: list[tuple[str, list[DeployResponse]]] = []
-    error = None
+    error, needless = None, list[DeployResponse]()
     try:
-        batches = rollout_plan(bus, subject, rollout, window=args.answer_window, stragglers=args.straggler_window,
-                               discover_subject=args.discover_subject)
-        if not batches:
-            raise CommandError(f"no host answered discovery with {subject} among its deploy subjects within "
+        if reboot:
+            batches, needless = reboot_plan(bus, subject, rollout, only_if_needed=args.only_if_needed,
+                                            window=args.answer_window, stragglers=args.straggler_window)
+        else:
+            batches = rollout_plan(bus, subject, rollout, window=args.answer_window, stragglers=args.straggler_window,
+                                   discover_subject=args.discover_subject)
+        results += [("needs no reboot", needless)] * bool(needless)
+        if not batches and not needless:
+            raise CommandError(f"no host answered {'status' if reboot else 'discovery'} with {subject} among its "
+                               f"deploy subjects within "
                                f"{args.answer_window:g}s; check the subject (`homelab-deploy list-hosts` shows every "
                                "host's subjects) and that the listeners are connected", Exit.NO_ANSWER)
         if args.plan:
             if args.json:
                 print(json.dumps({"subject": subject, "batches": [
-                    {"name": name, "hosts": [h.hostname for h in batch]} for name, batch in batches]}, indent=2))
+                    {"name": name, "hosts": [h.hostname for h in batch]} for name, batch in results + batches]},
+                    indent=2))
             else:
-                print("\n".join(f"{name}: {' '.join(h.hostname for h in batch)}" for name, batch in batches))
+                print("\n".join(f"{name}: {' '.join(h.hostname for h in batch)}" for name, batch in results + batches))
             return Exit.OK
+        for r in needless:
+            progress.event(describe(r), True)
         roll_out(bus, batches, rollout, action=Action(args.action), revision=revision, timeout=args.timeout,
                  window=args.answer_window, stragglers=args.straggler_window, report=progress.event, stop=stop,
-                 results=results, on_log=show_log(args, progress))
+                 results=results, on_log=show_log(args, progress), now=reboot and args.now)
     except ValueError as e:
         raise CommandError(str(e)) from None
     except OutcomeUnknown as e:
@@ -3785,7 +4105,12 @@ def deploy_rollout(args: argparse.Namespace, subject: str, revision: str, bus: B
     finally:
         bus.close()
     progress.done()
-    code = report_deploy(args, subject, revision, [r for _, batch in results for r in batch], results)
+    if reboot:  # not back within --wait-timeout: failed, with what it said last (when the window opens)
+        results = [(name, [r if r.status.final else r._replace(status=Status.FAILED, error=ErrorCode.TIMEOUT, message=(
+            f"not back within --wait-timeout {args.timeout:g}s; it said: {r.message}")) for r in batch])
+            for name, batch in results]
+    code = report_deploy(args, subject, revision, [r for _, batch in results for r in batch], results,
+                         frozenset(r.hostname for r in needless))
     if error:
         raise error
     return Exit.INTERRUPTED if stop.is_set() else code
@@ -3796,8 +4121,9 @@ def deploy_command(args: argparse.Namespace) -> int:
         subject = resolve_target(args.target)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    if args.action not in [a.value for a in Action]:
-        raise CommandError(f"invalid --action {args.action!r}; use one of {', '.join(a.value for a in Action)}")
+    if args.action not in REBUILD_ACTIONS:
+        raise CommandError(f"invalid --action {args.action!r}; use one of {', '.join(REBUILD_ACTIONS)}"
+                           + ("; to reboot, `homelab-deploy reboot TARGET`" if args.action == "reboot" else ""))
     if not is_valid_ref(args.branch):
         raise CommandError(f"invalid --branch {args.branch!r}; use a git branch, tag or 40-hex commit")
     revision = args.branch
@@ -3830,6 +4156,15 @@ def deploy_command(args: argparse.Namespace) -> int:
         waiting = [h for h, r in sorted(hosts.items()) if not r.status.final]
         raise CommandError(f"no final status within {args.timeout:.0f}s from: {', '.join(waiting)}", code)
     return code
+
+
+def reboot_command(args: argparse.Namespace) -> int:
+    """`reboot TARGET`: reboot requests rolled out as deploys are (deploy_rollout), each host done once it is back."""
+    try:
+        subject = resolve_target(args.target)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    return deploy_rollout(args, subject, "", Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli"), Progress())
 
 
 def survey(args: argparse.Namespace, subject: str, parse) -> list:
@@ -3926,7 +4261,8 @@ def status_command(args: argparse.Namespace) -> int:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "GEN", "COMMIT", "LAST DEPLOY")]
         for h in hosts:
             rows.append((h.hostname, h.tier, h.role or "-",
-                         ("deploying" if h.deploying else "idle") + (",unsigned" if h.unsigned else ""),
+                         ("deploying" if h.deploying else "idle") + (",unsigned" if h.unsigned else "")
+                         + (",needs-reboot" if h.needs_reboot else ""),
                          "-" if h.generation is None else str(h.generation), (h.commit or "-")[:12], last_deploy(h)))
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
         for row, host in zip(rows, [None, *hosts], strict=True):
@@ -4861,6 +5197,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the listeners' discovery subject (env HOMELAB_DEPLOY_DISCOVER_SUBJECT, default: "
                             "deploy.discover)")
 
+    def rollout_flags(p: argparse.ArgumentParser, verb: str) -> None:
+        p.add_argument("--canary", type=count_flag, metavar="K",
+                       help=f"roll out: {verb} the first K hosts of the plan alone first; stop if any fails")
+        p.add_argument("--batch-size", type=batch_size_flag, metavar="N|P%",
+                       help="roll out: hosts per batch after the canary, a number or a percentage of the plan "
+                            "(default: the rest at once)")
+        p.add_argument("--max-failures", type=count_flag, metavar="F",
+                       help="roll out: start no new batch once more than F hosts failed (default: 0)")
+        p.add_argument("--plan", action="store_true", help=f"roll out: print the batches and exit without {verb}ing")
+
     def boolean(value: str) -> bool:
         word = value.strip().lower()
         if word not in ("1", "true", "yes", "0", "false", "no"):
@@ -4917,6 +5263,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-profile", default="/nix/var/nix/profiles/system",
                    help="system profile whose generation is reported after switch/boot "
                         "(default: /nix/var/nix/profiles/system)")
+    p.add_argument("--booted-system", default="/run/booted-system", metavar="PATH",
+                   help="the running system, whose kernel, initrd and kernel modules are compared with the system "
+                        "profile's to tell whether the host needs a reboot (default: /run/booted-system)")
+    p.add_argument("--reboot-command", default="systemctl reboot", metavar="CMD",
+                   help="what a reboot request runs (split into words, never by a shell; default: systemctl reboot)")
+    p.add_argument("--maintenance-window", action="append", metavar="SPEC",
+                   help="run reboot requests only inside this window, host local time, repeatable: 'Sat 02:00-05:00' "
+                        "or 'daily 03:00-04:00' (an end before the start runs past midnight); one outside every "
+                        "window is held until the next opens, unless sent with `reboot --now` (default: at once)")
+    p.add_argument("--boot-id-file", default="/proc/sys/kernel/random/boot_id", metavar="PATH",
+                   help="the boot id, whose change tells the listener that starts after a reboot that the host "
+                        "rebooted (default: /proc/sys/kernel/random/boot_id)")
     p.set_defaults(func=listener_command, daemon=True)
 
     p = sub.add_parser("rollback-watchdog")  # no help: armed by the listener, not run by hand
@@ -4952,16 +5310,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true",
                    help="print nixos-rebuild's output while it runs, each line as `host | line` (with --json: a JSON "
                         "line {hostname, log}, and the final document on one line)")
-    p.add_argument("--canary", type=count_flag, metavar="K",
-                   help="roll out: deploy the first K hosts of the plan alone first; stop if any fails")
-    p.add_argument("--batch-size", type=batch_size_flag, metavar="N|P%",
-                   help="roll out: hosts per batch after the canary, a number or a percentage of the plan "
-                        "(default: the rest at once)")
-    p.add_argument("--max-failures", type=count_flag, metavar="F",
-                   help="roll out: start no new batch once more than F hosts failed (default: 0)")
-    p.add_argument("--plan", action="store_true", help="roll out: print the batches and exit without deploying")
+    rollout_flags(p, "deploy")
     discover_flag(p)
     p.set_defaults(func=deploy_command)
+
+    p = sub.add_parser("reboot", help="reboot the hosts behind a subject or alias, batch after batch, each done "
+                       "once it is back")
+    p.add_argument("target", metavar="SUBJECT_OR_ALIAS",
+                   help="deploy subject (deploy.<tier>.<host>|all|role.<role>) or alias from "
+                        "HOMELAB_DEPLOY_ALIAS_<NAME>")
+    nats_flags(p, env=True)
+    p.add_argument("--only-if-needed", action="store_true",
+                   help="reboot only the hosts whose status says needs_reboot (a new kernel, initrd or kernel "
+                        "modules); list the others as skipped")
+    p.add_argument("--now", action="store_true",
+                   help="reboot at once, also outside the hosts' maintenance windows")
+    p.add_argument("--wait-timeout", dest="timeout", type=positive_seconds, default=600.0, metavar="S",
+                   help="seconds each batch's hosts have to come back; a host not back is failed (timeout) "
+                        "(default: 600)")
+    window_flags(p)
+    p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
+    rollout_flags(p, "reboot")
+    p.set_defaults(func=reboot_command, action="reboot", pin=False, branch=None, follow=False)
 
     p = sub.add_parser("list-hosts", help="list the listening hosts (discovery)")
     nats_flags(p, env=True)

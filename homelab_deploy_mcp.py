@@ -2,7 +2,8 @@
 """homelab-deploy MCP server: lets an AI assistant deploy NixOS hosts over NATS.
 
 `deploy` reaches the test tier only, on the `--nkey-file` credential; `deploy_admin` (with
-`--enable-admin`) reaches any tier on a separate admin credential and connection; `list_hosts`
+`--enable-admin`) reaches any tier on a separate admin credential and connection, as does `reboot_admin`,
+which reboots hosts (batch after batch, each done once it is back); `list_hosts`
 runs discovery; `fleet_status` asks every listener what it runs and how its last deploys went;
 `deploy_logs` fetches a test host's whole output of one of its last deploys;
 `build` (with `--enable-builds`) asks the builder to pre-build a repository.
@@ -141,7 +142,7 @@ async def in_thread(work, acts: bool = False):
 # ---------------------------------------------------------------- deploy subjects
 
 # spelled out for mypy, which takes no computed Literal; test_literals_match_the_protocol keeps them equal
-ActionName = Literal["switch", "boot", "test", "dry-activate"]  # hd.Action's values
+ActionName = Literal["switch", "boot", "test", "dry-activate"]  # hd.REBUILD_ACTIONS (a reboot is reboot_admin's)
 TierName = Literal["test", "prod"]  # hd.TIERS
 TOKEN_RULE = "one NATS subject token: letters, digits, '_' and '-', starting with a letter, digit or '_'"
 
@@ -184,6 +185,12 @@ BatchSizeParam = Annotated[str | None, Field(description=(
     "Roll out: hosts per batch after the canary, a number ('2') or a percentage of the target hosts ('25%')."))]
 MaxFailuresParam = Annotated[int | None, Field(ge=0, description=(
     "Roll out: start no new batch once more than this many hosts failed (0 when omitted in a rollout)."))]
+OnlyIfNeededParam = Annotated[bool, Field(description=(
+    "Reboot only the hosts whose fleet_status says needs_reboot (a new kernel, initrd or kernel modules); the "
+    "others are skipped."))]
+NowParam = Annotated[bool, Field(description=(
+    "Reboot at once, also outside the hosts' maintenance windows; without it a host outside its windows holds "
+    "the reboot until the next opens."))]
 
 
 class FleetTools:
@@ -244,10 +251,29 @@ class FleetTools:
         return await self.run_deploy(ctx, "admin", tier, hostname, all, role, branch, action, pin,
                                      canary, batch_size, max_failures)
 
+    async def reboot_admin(self, ctx: Context,
+                           tier: Annotated[TierName, Field(description="Tier of the hosts: test or prod.")],
+                           hostname: HostnameParam = None, all: AllParam = False, role: RoleParam = None,
+                           only_if_needed: OnlyIfNeededParam = False, now: NowParam = False,
+                           canary: CanaryParam = None, batch_size: BatchSizeParam = None,
+                           max_failures: MaxFailuresParam = None) -> Annotated[CallToolResult, Outcome]:
+        """Reboot hosts of ANY tier, including PRODUCTION, with the admin credential, batch after batch.
+
+        Same targets and rollout options as deploy_admin. Each host is done when its listener is back on a new
+        boot, so the call waits while hosts reboot; a batch starts once the one before is back. A host outside
+        its maintenance windows holds the reboot until the next window opens (its line says when) unless
+        now=true. Use only when the user asked for a reboot, and confirm the hosts first: a reboot stops every
+        service on them.
+        """
+        return await self.run_deploy(ctx, "admin", tier, hostname, all, role, "", hd.Action.REBOOT.value, False,
+                                     canary, batch_size, max_failures, reboot=(only_if_needed, now))
+
     async def run_deploy(self, ctx: Context, credential: str, tier: str, hostname: str | None, all_hosts: bool,
                          role: str | None, branch: str, action: str, pin: bool, canary: int | None = None,
-                         batch_size: str | None = None, max_failures: int | None = None) -> CallToolResult:
-        if not hd.is_valid_ref(branch):
+                         batch_size: str | None = None, max_failures: int | None = None,
+                         reboot: tuple[bool, bool] | None = None) -> CallToolResult:
+        """A deploy, or with `reboot` (only_if_needed, now) a reboot, always rolled out."""
+        if reboot is None and not hd.is_valid_ref(branch):
             raise ToolError(f"invalid branch {str(branch)[:80]!r}: use a git branch, tag or 40-hex commit "
                             "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit; no '..')")
         subject = deploy_subject(tier, hostname, all_hosts, role)
@@ -258,22 +284,25 @@ class FleetTools:
             except ValueError as e:  # its words name flags: here the operator sets them, so say so
                 raise ToolError(f"cannot pin {branch!r}: {e} (the MCP server's setting: ask the operator)") from None
         try:
-            rollout = None if canary is None and batch_size is None and max_failures is None else hd.Rollout(
-                canary or 0, hd.batch_size_flag(batch_size or "100%"), max_failures or 0)
+            rollout = None if canary is None and batch_size is None and max_failures is None and not reboot else \
+                hd.Rollout(canary or 0, hd.batch_size_flag(batch_size or "100%"), max_failures or 0)
         except argparse.ArgumentTypeError as e:
             raise ToolError(f"invalid batch_size: {e}") from None
         report = progress_reporter(ctx)
         results: list = []  # a rollout's (batch name, final statuses)
+        needless: list[hd.DeployResponse] = []  # a reboot's hosts that need none, with only_if_needed
 
         def roll_out() -> tuple[dict[str, hd.DeployResponse], bool]:
             assert rollout is not None  # called only for a rollout
-            bus = self.bus(credential)
-            batches = hd.rollout_plan(bus, subject, rollout, window=self.args.answer_window,
-                                      stragglers=self.args.straggler_window,
-                                      discover_subject=self.args.discover_subject)
+            bus, window, stragglers = self.bus(credential), self.args.answer_window, self.args.straggler_window
+            batches, needless[:] = hd.reboot_plan(bus, subject, rollout, only_if_needed=reboot[0], window=window,
+                                                  stragglers=stragglers) if reboot else (hd.rollout_plan(
+                bus, subject, rollout, window=window, stragglers=stragglers,
+                discover_subject=self.args.discover_subject), [])
+            results.extend([("needs no reboot", needless)] * bool(needless))
             hd.roll_out(bus, batches, rollout, action=hd.Action(action), revision=revision, timeout=self.args.timeout,
-                        window=self.args.answer_window, stragglers=self.args.straggler_window,
-                        report=lambda line, final: report(line), stop=threading.Event(), results=results)
+                        window=window, stragglers=stragglers, report=lambda line, final: report(line),
+                        stop=threading.Event(), results=results, now=bool(reboot and reboot[1]))
             hosts = {r.hostname: r for _, batch in results for r in batch}
             return hosts, all(r.status.final for r in hosts.values())
 
@@ -291,10 +320,11 @@ class FleetTools:
                             f"{reach}; call list_hosts to see the hostnames, roles and tiers that are listening")
         completed = sum(r.status is hd.Status.COMPLETED for r in hosts.values())
         shown = f"{branch} -> {revision}" if pin else branch
-        summary = f"{completed}/{len(hosts)} hosts completed on {subject} ({action} of {shown})"
+        summary = f"{completed}/{len(hosts)} hosts completed on {subject} ({action}{f' of {shown}' * (not reboot)})"
         if rollout:
-            skipped = sum(r.status is hd.Status.SKIPPED for r in hosts.values())
+            skipped = sum(r.status is hd.Status.SKIPPED for r in hosts.values()) - len(needless)
             summary += f" in {len(results)} batches" + (f"; {skipped} skipped: the rollout stopped" if skipped else "")
+            summary += f"; {len(needless)} need no reboot (skipped)" if needless else ""
         commits = {r.commit for r in hosts.values() if r.commit}
         if len(commits) > 1:
             summary += (f"; the hosts now run {len(commits)} different commits (fleet_status shows which)"
@@ -305,7 +335,7 @@ class FleetTools:
                         "(it may still be running there; list_hosts shows which hosts are deploying)")
         log.info("%s: %s", "deploy_admin" if credential == "admin" else "deploy", summary)
         fields = [f.name for f in dataclasses.fields(HostOutcome)]
-        return Outcome(summary, finished and completed == len(hosts), subject, [
+        return Outcome(summary, finished and completed + len(needless) == len(hosts), subject, [
             HostOutcome(**{k: v for k, v in hosts[h].to_dict().items() if k in fields}) for h in sorted(hosts)
         ]).result()
 
@@ -346,8 +376,9 @@ class FleetTools:
         """What each host runs and how its last deploys went (read-only; nothing is deployed).
 
         For each host: tier, role, whether it is deploying now, its system generation, the commit it runs
-        (when the flake sets system.configurationRevision), its last deploys (action, revision, result, time)
-        and drift: a generation made outside homelab-deploy (someone ran nixos-rebuild by hand), or, with
+        (when the flake sets system.configurationRevision), whether it needs a reboot (needs_reboot: its system
+        profile's kernel, initrd or kernel modules are not the booted ones), its last deploys (action, revision,
+        result, time) and drift: a generation made outside homelab-deploy (someone ran nixos-rebuild by hand), or, with
         expect, a last successful switch that was not that revision. It is an error result when no host
         answers or any host has drifted.
         """
@@ -370,12 +401,14 @@ class FleetTools:
         problems = {h.hostname: hd.drift(h, commit) for h in hosts}
         commits = {h.commit for h in hosts if h.commit}
         summary = (f"{len(hosts)} host{'s' if len(hosts) > 1 else ''}, {sum(map(bool, problems.values()))} drifted"
-                   + (f", on {len(commits)} different commits" if len(commits) > 1 else ""))
+                   + (f", on {len(commits)} different commits" if len(commits) > 1 else "")
+                   + f", {sum(h.needs_reboot for h in hosts)} need a reboot" * any(h.needs_reboot for h in hosts))
         lines = [summary]
         for h in hosts:
             lines.append(f"{h.hostname}: tier {h.tier}, role {h.role or '-'}, "
                          f"{'deploying' if h.deploying else 'idle'}, generation {h.generation}, commit "
-                         f"{h.commit or 'unknown'}, last deploy {hd.last_deploy(h)}")
+                         f"{h.commit or 'unknown'}, last deploy {hd.last_deploy(h)}"
+                         + ", NEEDS REBOOT (new kernel, initrd or kernel modules)" * h.needs_reboot)
             lines += [f"    DRIFT: {problem}" for problem in problems[h.hostname]]
         return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))], is_error=any(
             problems.values()), structured_content={"summary": summary, "hosts": [
@@ -513,6 +546,8 @@ def serve(args) -> int:
     if args.enable_admin:
         server.add_tool(tools.deploy_admin, title="Deploy to any tier (admin)", annotations=ToolAnnotations(
             read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True))
+        server.add_tool(tools.reboot_admin, title="Reboot hosts of any tier (admin)", annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True))
     server.add_tool(tools.list_hosts, title="List hosts", annotations=ToolAnnotations(
         read_only_hint=True, open_world_hint=True))
     server.add_tool(tools.fleet_status, title="Fleet status and drift", annotations=ToolAnnotations(
@@ -524,7 +559,7 @@ def serve(args) -> int:
             read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True))
     log.info("MCP server on stdio: tools deploy%s, list_hosts, fleet_status, deploy_logs%s; NATS %s (connects on first "
              "use)",
-             ", deploy_admin" if args.enable_admin else "", ", build" if args.enable_builds else "",
+             ", deploy_admin, reboot_admin" if args.enable_admin else "", ", build" if args.enable_builds else "",
              hd.redact(args.nats_url))
 
     async def serve_until_stopped() -> None:

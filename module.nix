@@ -144,6 +144,8 @@ let
     ++ lib.optionals (lcfg.trustedKeysFile != null) [ "--trusted-keys-file" (toString lcfg.trustedKeysFile) ]
     ++ lib.concatMap (check: [ "--health-check" check ]) lcfg.healthChecks
     ++ [ "--failed-units-check" (if lcfg.healthCheckFailedUnits then "on" else "off") ]
+    ++ lib.concatMap (window: [ "--maintenance-window" window ]) lcfg.maintenanceWindows
+    ++ lib.optionals (lcfg.rebootCommand != null) [ "--reboot-command" lcfg.rebootCommand ]
     ++ lib.optionals lcfg.metrics.enable [ "--metrics-enabled" "--metrics-addr" lcfg.metrics.address ]
     ++ lcfg.extraArgs
   );
@@ -293,6 +295,31 @@ in
         message, `failed units: a.service, b.service`) and rolls the host
         back at once.  A unit that had failed before the deploy counts too;
         `systemctl reset-failed UNIT` clears it.
+      '';
+    };
+
+    maintenanceWindows = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "Sat 02:00-05:00" "daily 03:00-04:00" ];
+      description = ''
+        When the listener carries out `homelab-deploy reboot` requests, in
+        the host's local time: `DAY HH:MM-HH:MM`, DAY one of `daily`, `Mon`
+        ... `Sun` (an end before the start runs past midnight).  A reboot
+        requested outside every window is answered `accepted` saying when
+        the next one opens, kept in the state directory (across restarts)
+        and run then; `reboot --now` runs it at once.  Empty: at once.
+        A malformed window stops the listener at start, naming the format.
+      '';
+    };
+
+    rebootCommand = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "systemctl kexec";
+      description = ''
+        What a reboot request runs, split into words as a shell would but
+        never run by one; null: the listener's default, `systemctl reboot`.
       '';
     };
 

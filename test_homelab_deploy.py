@@ -302,6 +302,27 @@ class TestProtocol:
             assert e.value.code is None and e.value.reply_to == "deploy.responses.me.abc"
             assert "invalid expires_in" in str(e.value) and "a number greater than 0" in str(e.value)
 
+    def test_reboot_request_has_no_action_or_revision_and_now_is_a_boolean(self):
+        reply_to = "deploy.responses.me.abc"
+        for now in (False, True):
+            req = hd.DeployRequest(hd.Action.REBOOT, "", reply_to, 1.0, now=now)
+            assert json.loads(req.to_json()) == {"reboot": True, "reply_to": reply_to, "expires_in": 1.0} | (
+                {"now": True} if now else {}
+            )
+            assert hd.DeployRequest.parse(req.to_json()) == req
+        for bad in (
+            {"reboot": "yes"},
+            {"reboot": False},
+            {"reboot": True, "action": "switch"},
+            {"reboot": True, "revision": "main"},
+            {"reboot": True, "now": 1},
+        ):
+            with pytest.raises(hd.ProtocolError) as e:
+                hd.DeployRequest.parse(json.dumps({"reply_to": reply_to, **bad}).encode())
+            assert e.value.code is hd.ErrorCode.INVALID_ACTION and e.value.reply_to == reply_to, bad
+        # "reboot" stays an invalid `action` (HOSTILE_ACTIONS): only the reboot field asks for one
+        assert "reboot" not in hd.REBUILD_ACTIONS
+
     @pytest.mark.parametrize("action", HOSTILE_ACTIONS)
     def test_hostile_action_is_invalid_action(self, action):
         with pytest.raises(hd.ProtocolError) as e:
@@ -733,6 +754,81 @@ class TestBus:
                 if isinstance(n, ast.Attribute) and n.attr in ("nc", "_call") and id(n) not in inside
             ]
             assert reached == []
+
+
+class TestNeedsReboot:
+    """needs_reboot compares the resolved kernel, initrd and kernel-modules links of the booted system and the
+    system profile: temp directories of symlinks stand for both."""
+
+    def test_true_exactly_when_a_link_resolves_elsewhere(self, tmp_path):
+        booted = helpers.fake_system(tmp_path / "booted")
+        assert hd.needs_reboot(str(booted), str(booted)) is False
+        same = helpers.fake_system(tmp_path / "same")  # other links, the same store paths
+        assert hd.needs_reboot(str(booted), str(same)) is False
+        for link in ("kernel", "initrd", "modules"):
+            other = helpers.fake_system(tmp_path / f"new-{link}", **{link: "new"})
+            assert hd.needs_reboot(str(booted), str(other)) is True, link
+
+    def test_links_are_resolved_through_the_profile_and_a_missing_link_counts_only_when_missing_in_one(self, tmp_path):
+        system = helpers.fake_system(tmp_path / "system-1-link")
+        profile = tmp_path / "system"
+        profile.symlink_to("system-1-link")  # as the system profile points at its generation
+        booted = tmp_path / "booted-system"
+        booted.symlink_to(system)
+        assert hd.needs_reboot(str(booted), str(profile)) is False
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty2").mkdir()
+        assert hd.needs_reboot(str(tmp_path / "empty"), str(tmp_path / "empty2")) is False
+        assert hd.needs_reboot(str(tmp_path / "empty"), str(profile)) is True
+        assert hd.needs_reboot(str(booted), str(tmp_path / "nowhere")) is True
+        (system / "initrd").unlink()
+        assert hd.needs_reboot(str(booted), str(profile)) is False  # one system: missing from both
+
+
+class TestMaintenanceWindows:
+    """next_window on its own: host local time as naive datetimes (2026-12-05 is a Saturday)."""
+
+    def at(self, day: int, hour: int, minute: int = 0):
+        import datetime
+
+        return datetime.datetime(2026, 12, day, hour, minute)
+
+    def test_inside_is_none_outside_is_the_next_opening(self):
+        saturday = [hd.MaintenanceWindow.parse("Sat 02:00-05:00")]
+        assert hd.next_window(saturday, self.at(5, 2)) is None
+        assert hd.next_window(saturday, self.at(5, 4, 59)) is None
+        assert hd.next_window(saturday, self.at(5, 5)) == self.at(12, 2)  # its end is outside: a week later
+        assert hd.next_window(saturday, self.at(4, 23)) == self.at(5, 2)
+        assert hd.next_window(saturday, self.at(6, 3)) == self.at(12, 2)
+
+    def test_past_midnight_whole_days_and_the_earliest_of_several(self):
+        night = [hd.MaintenanceWindow.parse("daily 22:00-02:00")]
+        assert hd.next_window(night, self.at(6, 1, 30)) is None  # yesterday's window, still open
+        assert hd.next_window(night, self.at(6, 2)) == self.at(6, 22)
+        assert hd.next_window([hd.MaintenanceWindow.parse("Sun 00:00-24:00")], self.at(6, 23, 59)) is None
+        both = [hd.MaintenanceWindow.parse(w) for w in ("Sat 02:00-05:00", "daily 03:00-04:00")]
+        assert hd.next_window(both, self.at(5, 6)) == self.at(6, 3)
+        assert hd.next_window([], self.at(5, 6)) is None  # no windows: reboots run at once
+
+    @pytest.mark.parametrize(
+        "spec",
+        [
+            "Sat 2:00-05:00",
+            "sat 02:00-05:00",
+            "weekly 02:00-03:00",
+            "daily 05:00-05:00",
+            "daily 24:00-01:00",
+            "Sat 02:00-24:30",
+            "daily 03:00-04:00 ",
+            "daily 03:60-04:00",
+            "",
+        ],
+    )
+    def test_a_bad_spec_stops_the_listener_at_start_naming_the_format(self, spec):
+        with pytest.raises(ValueError, match="must be DAY HH:MM-HH:MM in the host's local time"):
+            hd.ListenerConfig(
+                "h1", "test", "git+https://g.example/c.git", maintenance_windows=("daily 03:00-04:00", spec)
+            )
 
 
 @pytest.mark.integration

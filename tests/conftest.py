@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 from mcp import Client, StdioServerParameters, stdio_client
 
-from tests.helpers import ANSWER_WINDOW, HOSTS, MCP_SCRIPT, REPO, BuilderProcess, commit_flake, flake_text, nix_env
+from tests.helpers import (
+    ANSWER_WINDOW,
+    HOSTS,
+    MCP_SCRIPT,
+    REBOOT_SCRIPT,
+    REPO,
+    BuilderProcess,
+    commit_flake,
+    fake_system,
+    flake_text,
+    nix_env,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,6 +63,38 @@ def flake(tmp_path):
         return commit_flake(tmp_path / "repos" / name, text or flake_text(hosts), branch)
 
     return make
+
+
+@pytest.fixture
+def rebooting_host(start_listener, tmp_path):
+    """rebooting_host(hostname, needs=True, *flags) -> a listener booted into generation 1 whose profile is at
+    generation 2, with a new kernel when `needs`; its reboot command is REBOOT_SCRIPT."""
+    script = tmp_path / "reboot"
+    script.write_text(REBOOT_SCRIPT.format(python=sys.executable))
+    script.chmod(0o755)
+
+    def start(hostname: str, *flags: str, needs: bool = True, role: str | None = None, tier: str = "test"):
+        d = tmp_path / hostname
+        host = start_listener(
+            hostname,
+            tier,
+            role,
+            "--booted-system",
+            str(d / "booted-system"),
+            "--boot-id-file",
+            str(d / "boot_id"),
+            "--reboot-command",
+            f"{script} {d}",
+            *flags,
+        )
+        generations = host.standin.profile.parent
+        (d / "booted-system").symlink_to(fake_system(generations / "system-1-link"))
+        (d / "boot_id").write_text("first-boot")
+        fake_system(generations / "system-2-link", kernel="k2" if needs else "k1")
+        host.standin.set_generation(2)
+        return host
+
+    return start
 
 
 @pytest.fixture

@@ -285,6 +285,44 @@ class StandIn:
         return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+def fake_system(path: Path, kernel: str = "k1", initrd: str = "i1", modules: str = "m1") -> Path:
+    """A directory standing for a NixOS system (a generation, /run/booted-system): its kernel, initrd and
+    kernel-modules links point at directories of those names in a store beside it."""
+    store = path.parent / "store"
+    path.mkdir(parents=True)
+    for link, target in (("kernel", kernel), ("initrd", initrd), ("kernel-modules", modules)):
+        (store / target).mkdir(parents=True, exist_ok=True)
+        (path / link).symlink_to(store / target)
+    return path
+
+
+REBOOT_SCRIPT = """\
+#!{python}
+# Stands for `systemctl reboot`: records that it ran, then leaves the host as a reboot would, on a new boot id with
+# the profile's system booted. The test restarts the listener, as the host's boot would.
+import os, sys
+d = sys.argv[1]
+with open(os.path.join(d, "reboots"), "a") as f:
+    f.write("ran\\n")
+with open(os.path.join(d, "boot_id"), "w") as f:
+    f.write(os.urandom(16).hex())
+os.symlink(os.path.realpath(os.path.join(d, "profiles", "system")), os.path.join(d, "booted.tmp"))
+os.replace(os.path.join(d, "booted.tmp"), os.path.join(d, "booted-system"))
+"""
+
+
+def ran(host) -> int:
+    """How often the host's reboot command ran."""
+    path = Path(host.standin.dir) / "reboots"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def boot_again(host) -> None:
+    """The host is back: its listener starts again (the reboot script already gave it a new boot)."""
+    host.stop()
+    host.start()
+
+
 class Listener:
     def __init__(self, server: NatsServer, hostname: str, tier: str, role: str | None, workdir: Path, *extra: str):
         self.hostname = hostname

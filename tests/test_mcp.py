@@ -23,7 +23,9 @@ from tests.helpers import (
     MCP_SCRIPT,
     REPO,
     TGKILL,
+    boot_again,
     needs_nix,
+    ran,
     sigterm_to_a_thread,
     stop_process,
     text,
@@ -53,7 +55,7 @@ def test_literals_match_the_protocol():
 
     import homelab_deploy_mcp as mcp_server
 
-    assert typing.get_args(mcp_server.ActionName) == tuple(a.value for a in hd.Action)
+    assert typing.get_args(mcp_server.ActionName) == hd.REBUILD_ACTIONS  # a reboot is reboot_admin's
     assert typing.get_args(mcp_server.TierName) == hd.TIERS
 
 
@@ -216,11 +218,11 @@ async def test_secrets_never_reach_stderr_or_tool_errors(mcp_server, nats_server
         (["--enable-builds"], {"deploy", "list_hosts", "fleet_status", "deploy_logs", "build"}),
         (
             ["--enable-admin", "--admin-nkey-file", "ADMIN"],
-            {"deploy", "deploy_admin", "list_hosts", "fleet_status", "deploy_logs"},
+            {"deploy", "deploy_admin", "reboot_admin", "list_hosts", "fleet_status", "deploy_logs"},
         ),
         (
             ["--enable-admin", "--admin-nkey-file", "ADMIN", "--enable-builds"],
-            {"deploy", "deploy_admin", "list_hosts", "fleet_status", "deploy_logs", "build"},
+            {"deploy", "deploy_admin", "reboot_admin", "list_hosts", "fleet_status", "deploy_logs", "build"},
         ),
     ],
 )
@@ -260,6 +262,10 @@ async def test_tool_lists(mcp_server, nats_server, flags, tools):
         assert admin["properties"]["tier"]["enum"] == ["test", "prod"]
         assert {"canary", "batch_size", "max_failures"} <= set(admin["properties"])
         assert "PRODUCTION" in listed["deploy_admin"].description
+        reboot = listed["reboot_admin"].input_schema
+        assert reboot["required"] == ["tier"] and {"only_if_needed", "now", "canary"} <= set(reboot["properties"])
+        assert not {"branch", "action", "pin"} & set(reboot["properties"])
+        assert listed["reboot_admin"].annotations.destructive_hint is True
     if "build" in tools:
         assert listed["build"].input_schema["required"] == ["repo"]
         assert set(listed["build"].input_schema["properties"]) == {"repo", "target", "all", "branch"}
@@ -749,3 +755,30 @@ async def test_build_reports_per_host_results(mcp_server, start_builder, flake):
             assert result.is_error and message in text(result), (arguments, text(result))
     assert len(builder.builds()) == 4
     assert not any("bad;name" in arg for call in builder.nix_calls for arg in call)
+
+
+async def test_reboot_admin_reboots_the_hosts_fleet_status_says_need_it(mcp_server, nats_server, rebooting_host):
+    needs = rebooting_host("dns1", role="dns", tier="prod")
+    fine = rebooting_host("testhost1", needs=False)
+    async with mcp_server("--enable-admin", "--admin-nkey-file", str(nats_server.seeds["admin"])) as client:
+        result = await client.call_tool("fleet_status", {})
+        assert text(result).splitlines()[0] == "2 hosts, 0 drifted, 1 need a reboot", text(result)
+        assert "NEEDS REBOOT" in text(result).splitlines()[1] and "NEEDS REBOOT" not in text(result).splitlines()[2]
+        assert [h["needs_reboot"] for h in result.structured_content["hosts"]] == [True, False]
+        done = {}
+
+        async def reboot(tier: str, host: str) -> None:
+            arguments = {"tier": tier, "hostname": host, "only_if_needed": True}
+            done[host] = await client.call_tool("reboot_admin", arguments)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(reboot, "prod", "dns1")
+            await until(lambda: ran(needs) == 1, "dns1's reboot")
+            await anyio.to_thread.run_sync(boot_again, needs)
+        assert not done["dns1"].is_error, text(done["dns1"])
+        assert text(done["dns1"]).splitlines()[0] == "1/1 hosts completed on deploy.prod.dns1 (reboot) in 1 batches"
+        await reboot("test", "testhost1")  # needs none: skipped, and that is success
+        assert not done["testhost1"].is_error and ran(fine) == 0, text(done["testhost1"])
+        assert "1 need no reboot (skipped)" in text(done["testhost1"]).splitlines()[0]
+        result = await client.call_tool("fleet_status", {})
+        assert [h["needs_reboot"] for h in result.structured_content["hosts"]] == [False, False]

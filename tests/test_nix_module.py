@@ -309,6 +309,8 @@ def test_listener_minimal_exec_start(nix):
         "deploy.discover",
         "--restart-after-switch",
         "--require-signed",
+        "--failed-units-check",
+        "on",
     ]
 
 
@@ -439,6 +441,17 @@ def test_listener_failed_units_check(nix):
     assert argv.count("--failed-units-check") == 1 and argv[argv.index("--failed-units-check") + 1] == "on"
     argv = listener_argv(nix, host(listener=listener_config(healthCheckFailedUnits=False)))
     assert argv[argv.index("--failed-units-check") + 1] == "off"
+
+
+def test_listener_maintenance_windows_and_reboot_command(nix):
+    argv = listener_argv(nix, host(listener=listener_config()))
+    assert "--maintenance-window" not in argv and "--reboot-command" not in argv  # the listener's defaults
+    windows = ["Sat 02:00-05:00", "daily 03:00-04:00"]
+    argv = listener_argv(
+        nix, host(listener=listener_config(maintenanceWindows=windows, rebootCommand="systemctl kexec"))
+    )
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--maintenance-window"] == windows
+    assert argv[argv.index("--reboot-command") + 1] == "systemctl kexec"
 
 
 def test_trusted_keys(nix):

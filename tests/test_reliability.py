@@ -537,6 +537,7 @@ DEPLOY_ERROR_CODES = DEPLOY_ERRORS | {
     "rolled_back",
     "rollback_failed",
     "health_check_failed",
+    "reboot_failed",
     "unauthorized",
 }
 BUILD_ERROR_CODES = {
@@ -631,6 +632,7 @@ DEPLOY_ANSWER = {
     "output": LINES,
     "commit": name_field(ref_ok, git_refs(), "a..b", "main;id", "-rf", near_names),  # the new system's revision
     "log": LINES,  # output lines while it runs, to a `follow` request
+    "needs_reboot": FLAG,  # after a completed switch or boot
 }
 DISCOVERY_ANSWER = {
     "hostname": HOST_NAME,
@@ -785,7 +787,7 @@ class TestValidatorProperties:
             assert accepted == reply_ok(kind, reply_to), reply_to
 
     @FUZZ_SETTINGS
-    @given(st.sampled_from(list(hd.Action)), git_refs(), tokens())
+    @given(st.sampled_from([hd.Action(a) for a in hd.REBUILD_ACTIONS]), git_refs(), tokens())
     def test_validated_values_stay_inside_their_argv_element(self, action, ref, host):
         argv = hd.rebuild_argv(action, "git+https://g.example/c.git", ref, host)
         assert len(argv) == 5 and argv[:4] == ["nixos-rebuild", action.value, "--refresh", "--flake"]
