@@ -78,6 +78,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
 TOKEN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
 REPLY_TOKEN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # never a leading '-': tokens reach argvs
 SIGNER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # a trusted key's name, as records and events carry it
+# A store path's last part: 32 characters of nix's base32 (no e o u t), '-', a name as nix allows it, not a dot first.
+STORE_NAME_RE = re.compile(r"[0-9a-df-np-sv-z]{32}-(?!\.)[A-Za-z0-9+._?=-]{1,211}")
 
 
 class Action(enum.Enum):
@@ -112,6 +114,7 @@ class ErrorCode(enum.Enum):
     ROLLED_BACK = "rolled_back"  # the new system did not confirm over NATS in time; the watchdog rolled it back
     ROLLBACK_FAILED = "rollback_failed"  # as rolled_back, but the rollback command failed: the host needs a person
     HEALTH_CHECK_FAILED = "health_check_failed"  # a --health-check failed after a switch or test: rolled back at once
+    INVALID_STORE_PATH = "invalid_store_path"  # store_path is not <store dir>/<32 base32>-<name>; nothing ran
     UNAUTHORIZED = "unauthorized"  # with trusted keys: unsigned, forged, stale, replayed or re-addressed; not in spec
 
 
@@ -157,6 +160,18 @@ def is_subject_token(value: object) -> typing.TypeGuard[str]:
 
 def is_valid_name(value: object) -> bool:
     return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
+
+
+def store_dir() -> str:
+    """The nix store's directory, as nix itself finds it: NIX_STORE_DIR (a test's private store), else /nix/store."""
+    return os.environ.get("NIX_STORE_DIR") or "/nix/store"
+
+
+def is_store_path(value: object) -> typing.TypeGuard[str]:
+    """A top-level path of this machine's nix store, <store dir>/<hash>-<name>, and nothing else (no '..', no
+    subdirectory, no whitespace): safe in an argv and as a command's directory."""
+    return isinstance(value, str) and value.rpartition("/")[0] == store_dir() and \
+        STORE_NAME_RE.fullmatch(value.rpartition("/")[2]) is not None
 
 
 def is_publish_subject(subject: str) -> bool:
@@ -292,6 +307,7 @@ class DeployRequest(typing.NamedTuple):
     revision: str
     reply_to: str
     expires_in: float | None = None  # seconds from arrival within which `accepted` must go out; None: no limit
+    store_path: str | None = None  # a built system to activate as it is (deploy --from-build); None: nixos-rebuild
 
     @classmethod
     def parse(cls, data: bytes, allow_any_ref: bool = False) -> DeployRequest:
@@ -316,12 +332,19 @@ class DeployRequest(typing.NamedTuple):
             raise ProtocolError(f"invalid expires_in {str(expires_in)[:40]!r}: must be the seconds the sender waits "
                                 "for `accepted`, a number greater than 0; leave it out to wait without a limit",
                                 None, reply_to)
-        return cls(Action(action), revision, reply_to, expires_in)
+        store_path = obj.get("store_path")
+        if store_path is not None and not is_store_path(store_path):
+            raise ProtocolError(f"invalid store_path {str(store_path)[:80]!r}: must be {store_dir()}/<32 characters of "
+                                "nix base32>-<name> (letters, digits, '+._?=-'), a system the builder built; nothing "
+                                "was run", ErrorCode.INVALID_STORE_PATH, reply_to)
+        return cls(Action(action), revision, reply_to, expires_in, store_path)
 
     def to_json(self) -> bytes:
         obj: dict[str, object] = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
         if self.expires_in is not None:
             obj["expires_in"] = self.expires_in
+        if self.store_path is not None:
+            obj["store_path"] = self.store_path
         return json.dumps(obj).encode()
 
 
@@ -569,10 +592,12 @@ class BuildResponse(typing.NamedTuple):
     duration_seconds: float | None = None
     error: str | None = None  # progress: why the host failed
     output: list[str] | None = None  # last lines of nix's output, on failure
-    results: list[dict] | None = None  # completed/failed: [{host, success, duration_seconds, error?}]
+    store_path: str | None = None  # progress: the host's built system, when it built
+    results: list[dict] | None = None  # completed/failed: [{host, success, duration_seconds, error?, store_path?}]
     total_duration_seconds: float | None = None
     succeeded: int | None = None
     failed: int | None = None
+    commit: str | None = None  # the commit the branch named when the build began: every host built that one
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> BuildResponse:
@@ -582,10 +607,12 @@ class BuildResponse(typing.NamedTuple):
             raise ProtocolError(f"malformed build answer: results is {reprlib.repr(results)}, not a list of objects")
         fields = answer_fields(obj, {
             "status": BUILD_STATUSES, "message": str, "repo": is_subject_token, "branch": is_valid_ref,
-            "error_code": tuple(BuildErrorCode), "hosts_total": int, "host": is_valid_name, "host_success": bool,
-            "hosts_completed": int, "duration_seconds": float, "error": str, "output": list,
-            "total_duration_seconds": float, "succeeded": int, "failed": int}, "build answer", required=("status",))
-        entry = {"host": is_valid_name, "success": bool, "duration_seconds": float, "error": str, "output": list}
+            "commit": COMMIT_RE.fullmatch, "error_code": tuple(BuildErrorCode), "hosts_total": int,
+            "host": is_valid_name, "host_success": bool, "hosts_completed": int, "duration_seconds": float,
+            "error": str, "output": list, "store_path": is_store_path, "total_duration_seconds": float,
+            "succeeded": int, "failed": int}, "build answer", required=("status",))
+        entry = {"host": is_valid_name, "success": bool, "duration_seconds": float, "error": str, "output": list,
+                 "store_path": is_store_path}
         fields["results"] = None if results is None else [
             {k: v for k, v in answer_fields(r, entry, "build result", ("host", "success")).items() if v is not None}
             for r in results]
@@ -619,6 +646,37 @@ class BuildResponse(typing.NamedTuple):
             if key in d:
                 d[key] = round(d[key], 3)
         return d
+
+
+BUILDS_BUCKET = "HOMELAB_DEPLOY_BUILDS"  # JetStream KV: <repo>.<host> -> that host's latest successful BuildRecord
+# Its definition (nats-py KeyValueConfig): one value per key, direct gets (`deploy --from-build` reads a key each).
+BUILDS_BUCKET_CONFIG = {"bucket": BUILDS_BUCKET, "history": 1, "max_value_size": 1024, "max_bytes": 64 << 20,
+                        "storage": "file", "direct": True}
+
+
+class BuildRecord(typing.NamedTuple):
+    """A host's latest successful build, as the builder keeps it in BUILDS_BUCKET under <repo>.<host>."""
+
+    commit: str
+    store_path: str
+    time: str  # UTC, ISO 8601
+
+    @classmethod
+    def parse(cls, data: bytes) -> BuildRecord:
+        return cls(**answer_fields(decode_message(data), {"commit": COMMIT_RE.fullmatch, "store_path": is_store_path,
+                                                          "time": is_iso_time}, "build record",
+                                   required=("commit", "store_path", "time")))
+
+    def to_json(self) -> bytes:
+        return json.dumps(self._asdict()).encode()
+
+
+def create_builds_bucket(bus: Bus) -> None:
+    """Create (or keep) the builds bucket; needs a credential with JetStream's stream-create rights (an operator)."""
+    from nats.js.api import KeyValueConfig, StorageType
+
+    config = KeyValueConfig(**{**BUILDS_BUCKET_CONFIG, "storage": StorageType.FILE})  # type: ignore[arg-type]
+    bus._call(bus.client.jetstream(timeout=5).create_key_value(config), 15)
 
 
 # ---------------------------------------------------------------- signed requests
@@ -1239,6 +1297,24 @@ class Bus:
                             f"the JetStream stream {stream}; follow live events without --since" if refused else
                             f"the JetStream API did not answer about {stream}: is JetStream enabled (-js)?") from None
 
+    def last_stored(self, stream: str, subject: str) -> bytes | None:
+        """The newest message JetStream `stream` holds on `subject` (a direct get), None when it holds none; raises
+        NatsError when the stream is missing, JetStream is off, or this credential may not read it."""
+        import nats.errors
+        import nats.js.errors
+
+        errors_before = self.permission_errors_seen
+        try:
+            return self._call(self.client.jetstream(timeout=5).get_msg(stream, subject=subject, direct=True), 15).data
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.js.errors.Error, NatsError):
+            refused = self.denied(f"$JS.API.DIRECT.GET.{stream}.{subject}", since=errors_before)
+            raise NatsError(f"cannot read {subject} from the JetStream stream {stream}: " + (
+                f"this credential ({self.nkey_file}) may not (an admin credential may)" if refused else
+                "it is missing or JetStream is off (nats-server -js); the operator creates it (BUILDS_BUCKET_CONFIG)")
+            ) from None
+
     def close(self) -> None:
         with self.outbox_room:  # a publisher waiting for room must not hold up the exit (lane threads are joined)
             self.closing = True
@@ -1355,6 +1431,17 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
         finally:
             os.close(pidfd)
     return RunResult(proc.returncode, timed_out, list(tail), time.monotonic() - started, bytes(captured))
+
+
+def run_steps(argvs: list[list[str]], timeout: float, log_prefix: str = "", **options) -> tuple[RunResult, list[str]]:
+    """Run argvs in order, together within `timeout` seconds, until one fails; returns the last one's result (with
+    the total duration) and its argv. `options` as for run_with_timeout, passed to each."""
+    started, result, argv = time.monotonic(), RunResult(0, False, [], 0.0), []
+    for argv in argvs:
+        result = run_with_timeout(argv, max(0.0, timeout - (time.monotonic() - started)), log_prefix, **options)
+        if result.returncode != 0 or result.timed_out:
+            break
+    return result._replace(duration=time.monotonic() - started), argv
 
 
 def nix_error_summary(output: list[str]) -> str:
@@ -1566,6 +1653,17 @@ def is_flake_url(url: object) -> bool:
 def rebuild_argv(action: Action, flake_url: str, revision: str, hostname: str) -> list[str]:
     """The one place the nixos-rebuild command line is built; every part was validated before."""
     return ["nixos-rebuild", action.value, "--refresh", "--flake", f"{flake_ref(flake_url, revision)}#{hostname}"]
+
+
+def deploy_argvs(request: DeployRequest, flake_url: str, hostname: str, profile: str) -> list[list[str]]:
+    """The one place a deploy's commands are built, run in order: nixos-rebuild, or for a built system (store_path,
+    which matched is_store_path) no evaluation: fetch it (the host's substituters and trusted keys decide), make it
+    the profile's new generation (switch, boot), activate it."""
+    if request.store_path is None:
+        return [rebuild_argv(request.action, flake_url, request.revision, hostname)]
+    path, action = request.store_path, request.action
+    install = [["nix-env", "--profile", profile, "--set", path]] if action in (Action.SWITCH, Action.BOOT) else []
+    return [["nix-store", "--realise", path], *install, [f"{path}/bin/switch-to-configuration", action.value]]
 
 
 def health_check_argv(check: str) -> list[str]:
@@ -1845,7 +1943,7 @@ class ListenerState:
         if isinstance(pid, int) and pid > 1:
             with contextlib.suppress(OSError):  # an orphaned nixos-rebuild from the dead listener: stop it
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"nixos-rebuild" in f.read():
+                    if re.search(rb"nixos-rebuild|switch-to-configuration|nix-store|nix-env", f.read()):
                         os.killpg(pid, signal.SIGKILL)
                         log.warning("host=%s killed the orphaned nixos-rebuild (pid %d)", hostname, pid)
         before, now = record.get("generation"), current_generation(self.config.profile)
@@ -2181,8 +2279,10 @@ class Rollback:
 
 
 def rebuild_outcome(action: Action, revision: str, result: RunResult, *, killed: bool, timeout: float,
-                    hostname: str, generation: int | None) -> tuple[Status, ErrorCode | None, str]:
-    """The final status, error code and message of a nixos-rebuild run; `killed`: by the listener's shutdown."""
+                    hostname: str, generation: int | None, argv: list[str]) -> tuple[Status, ErrorCode | None, str]:
+    """The final status, error code and message of a deploy's commands (`argv` the last that ran); `killed`: by the
+    listener's shutdown."""
+    command = f"{os.path.basename(argv[0])} {argv[1]}"  # nixos-rebuild switch, nix-store --realise, ...
     if result.returncode == 0 and not result.timed_out:
         gen = f"generation {generation}" if generation is not None else "the new generation"
         return Status.COMPLETED, None, {
@@ -2193,13 +2293,13 @@ def rebuild_outcome(action: Action, revision: str, result: RunResult, *, killed:
         }[action]
     if result.timed_out:
         return Status.FAILED, ErrorCode.TIMEOUT, \
-            f"nixos-rebuild {action.value} did not finish within {timeout}s; its process group was killed"
+            f"{command} did not finish within {timeout}s; its process group was killed"
     if killed:
         return Status.FAILED, ErrorCode.INTERRUPTED, (
-            f"the listener on {hostname} was shut down and nixos-rebuild {action.value} did not finish within the "
+            f"the listener on {hostname} was shut down and {command} did not finish within the "
             "shutdown grace period; its process group was killed. Deploy again")
     return Status.FAILED, ErrorCode.BUILD_FAILED, \
-        f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {nix_error_summary(result.output)}"
+        f"{command} failed (exit code {result.returncode}): {nix_error_summary(result.output)}"
 
 
 class Listener:
@@ -2370,19 +2470,19 @@ class Listener:
         the listener that starts next (a switch awaiting confirmation, or this listener stopping)."""
         config, action, hostname = self.config, request.action, self.config.hostname
         before = current_generation(config.profile)
-        argv = rebuild_argv(action, config.flake_url, request.revision, hostname)
+        argvs = deploy_argvs(request, config.flake_url, hostname, config.profile)
         armed = config.rollback_timeout > 0 and action in (Action.SWITCH, Action.TEST)
         if armed and (failure := self.rollback.arm(request, rid, signer, before)):
             return failure
-        self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(argv)}")
+        self.reply(request.reply_to, Status.STARTED, message=f"running {'; '.join(' '.join(a) for a in argvs)}")
         if self.metrics:
             self.metrics.in_progress.set(1)
         try:
-            result = run_with_timeout(argv, config.timeout, f"host={hostname} request={rid} ", stop=self.kill,
-                                      on_start=lambda pid: self.state.record_inflight(request, pid),
-                                      every=(config.heartbeat_interval, lambda running: self.reply(
-                                          request.reply_to, Status.STARTED,
-                                          message=f"{action.value} still running after {running:.0f}s")))
+            result, argv = run_steps(argvs, config.timeout, f"host={hostname} request={rid} ", stop=self.kill,
+                                     on_start=lambda pid: self.state.record_inflight(request, pid),
+                                     every=(config.heartbeat_interval, lambda running: self.reply(
+                                         request.reply_to, Status.STARTED,
+                                         message=f"{action.value} still running after {running:.0f}s")))
         finally:
             if self.metrics:
                 self.metrics.in_progress.set(0)
@@ -2394,7 +2494,8 @@ class Listener:
         self.restarting = success and action is Action.SWITCH and config.restart_after_switch
         status, error, message = rebuild_outcome(action, request.revision, result, killed=killed,
                                                  timeout=config.timeout, hostname=hostname,
-                                                 generation=current_generation(config.profile) if success else None)
+                                                 generation=current_generation(config.profile) if success else None,
+                                                 argv=argv)
         log.info("host=%s request=%s %s in %.1fs: %s", hostname, rid, status.value, result.duration, message)
         if action is Action.SWITCH and not (success or killed) and current_generation(config.profile) != before:
             return self.rollback.undo_failed_switch(rid, message, result.output, before=before, armed=armed)
@@ -2601,6 +2702,8 @@ class Repo(typing.NamedTuple):
     url: str
     default_branch: str = "master"
     signers: TrustedSigners | None = None  # the top-level trusted_keys and the repo's own; None: unsigned requests
+    cache: str | None = None  # a nix store URL each built host is copied to (`nix copy --to`); None: none
+    cache_secret_key: str | None = None  # a key file `nix store sign` signs each built host with before the copy
 
     @classmethod
     def parse_config(cls, path: str) -> dict[str, Repo]:
@@ -2635,10 +2738,10 @@ class Repo(typing.NamedTuple):
             if not isinstance(entry, dict):
                 raise ValueError(f"{where} must be a mapping with `url` and optionally `default_branch`, "
                                  f"e.g. {example}")
-            unknown = set(entry) - {"url", "default_branch", "trusted_keys"}
+            unknown = set(entry) - {"url", "default_branch", "trusted_keys", "cache", "cache_secret_key"}
             if unknown:
                 raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                                 "allowed: url, default_branch, trusted_keys")
+                                 "allowed: url, default_branch, trusted_keys, cache, cache_secret_key")
             own = entry.get("trusted_keys") or []
             if not isinstance(own, list):
                 raise ValueError(f"{where}: trusted_keys must be a list of PUBKEY[=NAME] strings (keys trusted for "
@@ -2653,9 +2756,42 @@ class Repo(typing.NamedTuple):
                                  "e.g. git+https://git.example.com/org/nixos-servers.git")
             if not is_valid_ref(branch):
                 raise ValueError(f"{where}: default_branch {branch!r} must be a git branch, tag or 40-hex commit")
+            cache, key = entry.get("cache"), entry.get("cache_secret_key")
+            check_cache(where, cache, key)
             repos[name] = cls(name, url, branch, TrustedSigners.load(
-                [str(e) for e in trusted + own], [], where=f"{path}: trusted_keys (top-level, or of repo {name})"))
+                [str(e) for e in trusted + own], [], where=f"{path}: trusted_keys (top-level, or of repo {name})"),
+                cache, key)
         return repos
+
+
+CACHE_SCHEMES = ("file://", "s3://", "ssh://", "ssh-ng://", "http://", "https://")
+
+
+def check_cache(where: str, cache: object, key: object) -> None:
+    """A repo's `cache` (a nix store URL of CACHE_SCHEMES) and `cache_secret_key` (a readable file); a ValueError
+    names the problem and the fix."""
+    if cache is not None and not (isinstance(cache, str) and cache.startswith(CACHE_SCHEMES) and
+                                  len(cache) > cache.index("//") + 2 and not any(c.isspace() for c in cache)):
+        raise ValueError(f"{where}: cache {str(cache)[:100]!r} must be a nix store URL without whitespace starting "
+                         f"with {', '.join(CACHE_SCHEMES)}, e.g. file:///var/cache/nix-fleet or "
+                         "s3://nix-cache?region=eu-west-1")
+    if key is None:
+        return
+    if cache is None:
+        raise ValueError(f"{where}: cache_secret_key needs a `cache` to copy the signed systems to; add one, or drop "
+                         "cache_secret_key")
+    try:
+        with open(str(key), "rb"):
+            pass
+    except (OSError, TypeError) as e:
+        raise ValueError(f"{where}: cache_secret_key {str(key)[:100]!r} cannot be read "
+                         f"({getattr(e, 'strerror', None) or e}): give the path of a key file that `nix key "
+                         "generate-secret --key-name NAME` made, readable by the builder's user") from None
+
+
+def flake_metadata_argv(url: str, branch: str) -> list[str]:
+    """The commit `branch` names now (its `revision`); --refresh so a moved branch is fetched anew."""
+    return ["nix", "flake", "metadata", "--json", "--refresh", flake_ref(url, branch)]
 
 
 def flake_show_argv(url: str, branch: str) -> list[str]:
@@ -2665,9 +2801,18 @@ def flake_show_argv(url: str, branch: str) -> list[str]:
 
 
 def build_argv(url: str, branch: str, host: str) -> list[str]:
-    """The one place the nix build command line is built; host matched NAME_RE, branch is_valid_ref."""
-    return ["nix", "build", "--no-link",
+    """The one place the nix build command line is built; host matched NAME_RE, branch is_valid_ref; --json
+    prints the built store path."""
+    return ["nix", "build", "--no-link", "--json",
             f'{flake_ref(url, branch)}#nixosConfigurations."{host}".config.system.build.toplevel']
+
+
+def cache_argvs(repo: Repo, store_path: str) -> list[list[str]]:
+    """The commands that put a built system into the repo's cache: sign it (with a key), then copy it; store_path
+    matched is_store_path, the cache and key were checked at load."""
+    assert repo.cache is not None
+    sign = [["nix", "store", "sign", "--key-file", repo.cache_secret_key, store_path]] if repo.cache_secret_key else []
+    return [*sign, ["nix", "copy", "--to", repo.cache, store_path]]
 
 
 class EvalFailed(Exception):
@@ -2796,7 +2941,9 @@ class Builder:
         if self.metrics:
             self.metrics.last.labels(repo.name).set_to_current_time()
         try:
-            hosts, skipped = self.list_hosts(repo, branch, request.target, where)
+            commit = self.resolve(repo, branch, where)
+            common["commit"] = commit
+            hosts, skipped = self.list_hosts(repo, commit or branch, request.target, where)
         except EvalFailed as e:
             message, output = e.args
             log.warning("%s host=%s failed: %s", where, request.target, message)
@@ -2810,15 +2957,18 @@ class Builder:
                    hosts_total=len(hosts), **common)
         results = []
         with concurrent.futures.ThreadPoolExecutor(self.parallel, thread_name_prefix="nix-build") as pool:
-            futures = [pool.submit(self.build_host, repo, branch, host, where) for host in hosts]
+            futures = [pool.submit(self.build_host, repo, commit or branch, host, where) for host in hosts]
             for future in concurrent.futures.as_completed(futures):
                 result, output = future.result()
                 results.append(result)
+                if commit and result.get("store_path") and is_subject_token(result["host"]):  # kept if JetStream is
+                    self.bus.publish(f"$KV.{BUILDS_BUCKET}.{repo.name}.{result['host']}", BuildRecord(
+                        commit, result["store_path"], time.strftime(ISO_TIME_FORMAT, time.gmtime())).to_json())
                 self.reply(request.reply_to, Status.PROGRESS,
                            f"{result['host']} {'built' if result['success'] else 'failed'}", host=result["host"],
                            host_success=result["success"], hosts_completed=len(results), hosts_total=len(hosts),
                            duration_seconds=result["duration_seconds"], error=result.get("error"),
-                           output=output or None, **common)
+                           output=output or None, store_path=result.get("store_path"), **common)
         results.sort(key=lambda r: hosts.index(r["host"]))
         failed = [r["host"] for r in results if not r["success"]]
         succeeded = len(results) - len(failed)
@@ -2832,6 +2982,20 @@ class Builder:
                              error_code=BuildErrorCode.BUILD_FAILED if failed else None, results=results,
                              total_duration_seconds=time.monotonic() - started, succeeded=succeeded,
                              failed=len(failed), **common)
+
+    def resolve(self, repo: Repo, branch: str, where: str) -> str | None:
+        """The commit `branch` names now, which every host then builds; None when nix reports none (a flake
+        that is not a git repository), then the hosts build the branch."""
+        result = run_with_timeout(flake_metadata_argv(repo.url, branch), self.timeout, where + " ",
+                                  capture_stdout=True, stop=self.stop)
+        if result.returncode != 0 or result.timed_out:
+            why = f"did not finish within {self.timeout}s" if result.timed_out else nix_error_summary(result.output)
+            raise EvalFailed(f"cannot fetch {repo.name} at {branch}: {why}", result.output)
+        try:
+            commit = json.loads(result.stdout).get("revision")
+        except (ValueError, AttributeError):
+            commit = None
+        return commit if isinstance(commit, str) and COMMIT_RE.fullmatch(commit) else None
 
     def list_hosts(self, repo: Repo, branch: str, target: str, where: str) -> tuple[list[str], int]:
         """The hosts to build and how many were skipped: nixosConfigurations from `nix flake show` whose names
@@ -2870,15 +3034,33 @@ class Builder:
             return {"host": host, "success": False, "duration_seconds": 0.0,
                     "error": "cancelled: the builder is shutting down"}, []
         result = run_with_timeout(build_argv(repo.url, branch, host), self.timeout, f"{where} host={host} ",
-                                  stop=self.stop)
-        success = result.returncode == 0 and not result.timed_out
+                                  stop=self.stop, capture_stdout=True)
+        success, copy, store_path = result.returncode == 0 and not result.timed_out, None, None
+        if success:
+            try:  # [{"drvPath": ..., "outputs": {"out": <store path>}}]
+                store_path = json.loads(result.stdout)[0]["outputs"]["out"]
+            except (ValueError, LookupError, TypeError):
+                store_path = None
+            success = is_store_path(store_path)
+        if success and repo.cache and store_path:
+            copy, argv = run_steps(cache_argvs(repo, store_path), self.timeout - result.duration,
+                                   f"{where} host={host} ", stop=self.stop)
+            result = copy._replace(duration=result.duration + copy.duration)
+            success = copy.returncode == 0 and not copy.timed_out
         entry = {"host": host, "success": success, "duration_seconds": round(result.duration, 3)}
         if result.timed_out:
             entry["error"] = f"timed out after {self.timeout}s; its process group was killed"
         elif not success and self.stop.is_set():
             entry["error"] = "cancelled: the builder is shutting down"
+        elif not success and copy:
+            entry["error"] = f"built, but `{' '.join(argv[:3])}` failed: {nix_error_summary(result.output)}"
+        elif not success and result.returncode == 0:
+            printed = clip(result.stdout.decode(errors="replace"), 200)
+            entry["error"] = f"nix build printed no store path of {store_dir()}: {printed!r}"
         elif not success:
             entry["error"] = nix_error_summary(result.output)
+        else:
+            entry["store_path"] = store_path
         log.info("%s host=%s %s in %.1fs%s", where, host, "built" if success else "FAILED", result.duration,
                  "" if success else f": {entry['error']}")
         if self.metrics:
@@ -3731,9 +3913,11 @@ class FleetReader:
     # Audit events: each daemon publishes its own; deployers read their tier's live. JetStream API rights (replay)
     # are admins' only: the server neither checks a consumer's deliver subject nor a JS API reply subject, so a
     # reader of a stream that test hosts write into could have it publish their text on any subject (a deploy).
+    # The builds bucket (only builders write it) is read by admins: `deploy --from-build` gets a key directly.
     ADMIN_DEPLOYER = (("deploy.>", f"$JS.API.STREAM.INFO.{EVENTS_STREAM}", *(
-        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in ("deploy.events.>", "build.events.>"))),
-                      ("deploy.>", "build.events.>"))
+        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in ("deploy.events.>", "build.events.>")),
+        f"$JS.API.STREAM.INFO.KV_{BUILDS_BUCKET}", f"$JS.API.DIRECT.GET.KV_{BUILDS_BUCKET}.$KV.{BUILDS_BUCKET}.>",
+        f"$JS.API.CONSUMER.CREATE.KV_{BUILDS_BUCKET}.*.$KV.{BUILDS_BUCKET}.>"), ("deploy.>", "build.events.>"))
 
     def read(self) -> list[Credential]:
         for section, fields in FLEET_SECTIONS.items():
@@ -3850,7 +4034,8 @@ class FleetReader:
         names = self.repos(entry, "repos", where)
         self.credentials.append(Credential(f"builder {name} ({', '.join(names)})", self.key(entry, where),
                                            (*(f"build.responses.*.*.{r}" for r in names),
-                                            *(f"build.events.{r}" for r in names)),
+                                            *(f"build.events.{r}" for r in names),
+                                            *(f"$KV.{BUILDS_BUCKET}.{r}.*" for r in names)),
                                            tuple(f"build.{r}.*" for r in names), f"builder-{name}",
                                            tuple(f"build.{r}.all" for r in names)))
 
