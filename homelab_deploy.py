@@ -3239,7 +3239,7 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, *, make_reque
                     window: float, on_answer, is_done, is_complete=lambda: False,
                     stragglers: float = STRAGGLER_WINDOW) -> bool:
     """Subscribe the answers to a fresh reply subject of this credential (before publishing, so none is missed),
-    publish make_request(reply_to) on `subject` (on each of a list, all answering to that one reply subject),
+    publish make_request(reply_to, s) on `subject` s (on each of a list, all answering to that one reply subject),
     then feed each reply that parse() accepts and that came from the responder sender(answer) names (malformed
     and forged ones are logged and skipped) to on_answer (True for a new responder) until
     nobody answered within `window`; or is_complete() holds (no other responder can exist); or is_done()
@@ -3248,7 +3248,7 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, *, make_reque
     reply_to = new_reply_subject(kind, bus.public_key)
     replies = bus.inbox(answer_subject(reply_to, "*"))
     subjects = [subject] if isinstance(subject, str) else subject
-    since = [bus.publish(s, bus.sign(s, make_request(reply_to)), confirm=True) for s in subjects][0]
+    since = [bus.publish(s, bus.sign(s, make_request(reply_to, s)), confirm=True) for s in subjects][0]
     start = time.monotonic()
     deadline = start + timeout
     last_new: float | None = None  # when the latest new responder answered
@@ -3293,9 +3293,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
-                 window: float = ANSWER_WINDOW, on_event=None,
-                 stragglers: float = STRAGGLER_WINDOW) -> tuple[dict[str, DeployResponse], bool]:
+                 window: float = ANSWER_WINDOW, on_event=None, stragglers: float = STRAGGLER_WINDOW,
+                 builds: dict[str, BuildRecord] | None = None) -> tuple[dict[str, DeployResponse], bool]:
     """Publish a deploy request (on each subject of a list) and gather every answering host's responses.
+    With `builds` (subjects deploy.<tier>.<host>), each host gets its build's store path and commit.
     Returns the last response per host and whether everything finished before the timeout."""
     hosts: dict[str, DeployResponse] = {}
     subjects = [subject] if isinstance(subject, str) else subject
@@ -3327,7 +3328,9 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
 
     try:  # expires_in: half the window, the other half covers the trips of the request and `accepted` through NATS
         finished = collect_answers(
-            bus, subject, "deploy", make_request=lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
+            bus, subject, "deploy", make_request=lambda to, s: DeployRequest(action, revision, to, window / 2).to_json()
+            if builds is None else DeployRequest(action, builds[s.split(".")[2]].commit, to, window / 2,
+                                                 builds[s.split(".")[2]].store_path).to_json(),
             parse=DeployResponse.parse, sender=lambda r: r.hostname, timeout=timeout, window=window,
             on_answer=on_answer, is_done=is_done, stragglers=stragglers,
             is_complete=lambda: len(addressed) == len(subjects) and not unheard and is_done())
@@ -3350,7 +3353,7 @@ def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: 
         return new
 
     collect_answers(bus, discover_subject, "deploy",
-                    make_request=lambda reply_to: json.dumps({"reply_to": reply_to}).encode(), parse=parse,
+                    make_request=lambda reply_to, _: json.dumps({"reply_to": reply_to}).encode(), parse=parse,
                     sender=lambda h: h.hostname, timeout=window, window=window, on_answer=on_answer,
                     is_done=lambda: True, stragglers=stragglers)
     return sorted(hosts.values(), key=lambda h: (h.tier, h.hostname))
@@ -3421,6 +3424,36 @@ def rollout_plan(bus: Bus, subject: str, rollout: Rollout, *, window: float, str
             continue
         hosts.append(h)
     return rollout.batches(sorted(hosts, key=lambda h: h.hostname))
+
+
+def latest_builds(bus: Bus, subject: str, repo: str, commit: str | None, *, window: float, stragglers: float,
+                  discover_subject: str) -> tuple[dict[str, BuildRecord], list[str]]:
+    """deploy --from-build: each host behind `subject` with its latest successful build of `repo` (of `commit` when
+    given) from the builds bucket, and a line naming each host without one. deploy.<tier>.<host> names its host;
+    other subjects are planned from discovery as a rollout is (its hosts are sent deploy.<tier>.<host>)."""
+    if not is_subject_token(repo):
+        raise ValueError(f"--from-build {repo!r} must be a repository name of the builder's config (letters, digits, "
+                         "'_' and '-')")
+    tier, _, rest = subject.removeprefix("deploy.").partition(".")
+    hosts = [rest] if tier in TIERS and is_subject_token(rest) and rest != "all" else [
+        h.hostname for _, batch in rollout_plan(bus, subject, Rollout(), window=window, stragglers=stragglers,
+                                                discover_subject=discover_subject) for h in batch]
+    builds, missing = {}, []
+    for host in hosts:
+        data = bus.last_stored(f"KV_{BUILDS_BUCKET}", f"$KV.{BUILDS_BUCKET}.{repo}.{host}")
+        try:
+            record = BuildRecord.parse(data) if data else None  # b"": a deleted key
+        except ProtocolError as e:
+            missing.append(f"{host}: its build record is unreadable ({e}); build it again")
+            continue
+        if record is None:
+            missing.append(f"{host}: no successful build of {repo} yet; `homelab-deploy build {repo} {host}` makes one")
+        elif commit and record.commit != commit:
+            missing.append(f"{host}: its latest build of {repo} is of {record.commit[:12]}, not {commit[:12]}; build "
+                           f"that commit (`homelab-deploy build {repo} {host} --branch {commit}`)")
+        else:
+            builds[host] = record
+    return builds, missing
 
 
 def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollout, *, action: Action, revision: str,
@@ -3552,6 +3585,10 @@ def deploy_command(args: argparse.Namespace) -> int:
     if not is_valid_ref(args.branch):
         raise CommandError(f"invalid --branch {args.branch!r}; use a git branch, tag or 40-hex commit")
     revision = args.branch
+    rollout = args.canary is not None or args.batch_size is not None or args.max_failures is not None or args.plan
+    if rollout and args.from_build:
+        raise CommandError("--from-build deploys each host its own build and takes no rollout flags (--canary, "
+                           "--batch-size, --max-failures, --plan); deploy a canary host first by its subject")
     if args.pin:
         try:
             revision = pin_revision(args.flake_url, args.branch)
@@ -3560,18 +3597,32 @@ def deploy_command(args: argparse.Namespace) -> int:
         print(f"pinned {args.branch} -> {revision}", file=sys.stderr)
     progress = Progress(quiet=False)
     bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
-    if args.canary is not None or args.batch_size is not None or args.max_failures is not None or args.plan:
+    if rollout:
         return deploy_rollout(args, subject, revision, bus, progress)
+    builds: dict[str, BuildRecord] | None = None
+    missing: list[str] = []
     try:
-        hosts, finished = deploy_hosts(bus, subject, Action(args.action), revision, args.timeout,
-                                       args.answer_window,
-                                       lambda r: progress.event(describe(r), r.status.final), args.straggler_window)
+        if args.from_build:  # a commit (--pin, or given) selects builds of it; a branch, each host's latest build
+            builds, missing = latest_builds(bus, subject, args.from_build, revision if COMMIT_RE.fullmatch(revision)
+                                            else None, window=args.answer_window, stragglers=args.straggler_window,
+                                            discover_subject=args.discover_subject)
+            if not builds:
+                raise CommandError(f"nothing deployed from {args.from_build}'s builds: " + (
+                    "; ".join(missing) or f"no host answered discovery with {subject} among its subjects"))
+        hosts, finished = deploy_hosts(
+            bus, subject if builds is None else [f"deploy.{subject.split('.')[1]}.{h}" for h in builds],
+            Action(args.action), revision, args.timeout, args.answer_window,
+            lambda r: progress.event(describe(r), r.status.final), args.straggler_window, builds)
     except OutcomeUnknown as e:
         raise unknown_deploy_outcome(e, " (a host's listener log has its result)") from None
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     finally:
         bus.close()
         progress.done()
-    code = report_deploy(args, subject, revision, list(hosts.values()))
+    for line in missing:
+        print(f"not deployed: {line}", file=sys.stderr)
+    code = max(report_deploy(args, subject, revision, list(hosts.values())), Exit.FAILED if missing else Exit.OK)
     if code is Exit.NO_ANSWER:
         raise CommandError(f"no host answered on {subject} within {args.answer_window:.0f}s; check the subject "
                            "(`homelab-deploy list-hosts` shows what is listening), that the listeners are connected, "
@@ -3783,7 +3834,7 @@ def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: fl
 
     try:
         collect_answers(bus, subject, "build",
-                        make_request=lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
+                        make_request=lambda to, _: BuildRequest(repo, target, branch or None, to).to_json(),
                         parse=lambda data, limit: BuildResponse.parse(data, limit).to_dict(),
                         sender=lambda r: r.get("repo"), timeout=timeout, window=window, on_answer=on_answer,
                         is_done=lambda: bool(final), is_complete=lambda: bool(final))
@@ -4622,6 +4673,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(env HOMELAB_DEPLOY_PIN)")
     p.add_argument("--flake-url", default=env_default("HOMELAB_DEPLOY_FLAKE_URL"),
                    help="the listeners' git flake URL, for --pin (env HOMELAB_DEPLOY_FLAKE_URL)")
+    p.add_argument("--from-build", metavar="REPO",
+                   help="send each host the system the builder built for it (the builds bucket), no evaluation on "
+                        "the host: its latest build, or with --pin or a commit as --branch, its build of that commit")
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
     p.add_argument("--canary", type=count_flag, metavar="K",
