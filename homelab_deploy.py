@@ -167,11 +167,15 @@ def store_dir() -> str:
     return os.environ.get("NIX_STORE_DIR") or "/nix/store"
 
 
-def is_store_path(value: object) -> typing.TypeGuard[str]:
-    """A top-level path of this machine's nix store, <store dir>/<hash>-<name>, and nothing else (no '..', no
-    subdirectory, no whitespace): safe in an argv and as a command's directory."""
-    return isinstance(value, str) and value.rpartition("/")[0] == store_dir() and \
-        STORE_NAME_RE.fullmatch(value.rpartition("/")[2]) is not None
+def is_store_path(value: object, store: str | None = None) -> typing.TypeGuard[str]:
+    """A top-level path of the nix store in directory `store`, <store>/<hash>-<name>, and nothing else (no '..',
+    no subdirectory, no whitespace): safe in an argv and as a command's directory. Without `store`, of any
+    absolute store directory: what a client shows or passes on from a builder whose store may be elsewhere."""
+    if not isinstance(value, str):
+        return False
+    directory, _, name = value.rpartition("/")
+    return STORE_NAME_RE.fullmatch(name) is not None and (directory == store if store else directory[:1] == "/" and all(
+        part not in ("", ".", "..") and not any(c.isspace() for c in part) for part in directory[1:].split("/")))
 
 
 def is_publish_subject(subject: str) -> bool:
@@ -333,7 +337,7 @@ class DeployRequest(typing.NamedTuple):
                                 "for `accepted`, a number greater than 0; leave it out to wait without a limit",
                                 None, reply_to)
         store_path = obj.get("store_path")
-        if store_path is not None and not is_store_path(store_path):
+        if store_path is not None and not is_store_path(store_path, store_dir()):
             raise ProtocolError(f"invalid store_path {str(store_path)[:80]!r}: must be {store_dir()}/<32 characters of "
                                 "nix base32>-<name> (letters, digits, '+._?=-'), a system the builder built; nothing "
                                 "was run", ErrorCode.INVALID_STORE_PATH, reply_to)
@@ -3041,7 +3045,7 @@ class Builder:
                 store_path = json.loads(result.stdout)[0]["outputs"]["out"]
             except (ValueError, LookupError, TypeError):
                 store_path = None
-            success = is_store_path(store_path)
+            success = is_store_path(store_path, store_dir())
         if success and repo.cache and store_path:
             copy, argv = run_steps(cache_argvs(repo, store_path), self.timeout - result.duration,
                                    f"{where} host={host} ", stop=self.stop)
@@ -3053,7 +3057,7 @@ class Builder:
         elif not success and self.stop.is_set():
             entry["error"] = "cancelled: the builder is shutting down"
         elif not success and copy:
-            entry["error"] = f"built, but `{' '.join(argv[:3])}` failed: {nix_error_summary(result.output)}"
+            entry["error"] = f"built, but `{' '.join(argv[:4])}` failed: {nix_error_summary(result.output)}"
         elif not success and result.returncode == 0:
             printed = clip(result.stdout.decode(errors="replace"), 200)
             entry["error"] = f"nix build printed no store path of {store_dir()}: {printed!r}"
@@ -3608,7 +3612,7 @@ def deploy_command(args: argparse.Namespace) -> int:
                                             discover_subject=args.discover_subject)
             if not builds:
                 raise CommandError(f"nothing deployed from {args.from_build}'s builds: " + (
-                    "; ".join(missing) or f"no host answered discovery with {subject} among its subjects"))
+                    "; ".join(missing) or f"no host answered discovery with {subject} among its subjects"), Exit.FAILED)
         hosts, finished = deploy_hosts(
             bus, subject if builds is None else [f"deploy.{subject.split('.')[1]}.{h}" for h in builds],
             Action(args.action), revision, args.timeout, args.answer_window,
