@@ -2994,7 +2994,7 @@ class Builder:
                                   capture_stdout=True, stop=self.stop)
         if result.returncode != 0 or result.timed_out:
             why = f"did not finish within {self.timeout}s" if result.timed_out else nix_error_summary(result.output)
-            raise EvalFailed(f"cannot fetch {repo.name} at {branch}: {why}", result.output)
+            raise EvalFailed(f"cannot list the hosts of {repo.name} at {branch}: {why}", result.output)
         try:
             commit = json.loads(result.stdout).get("revision")
         except (ValueError, AttributeError):
