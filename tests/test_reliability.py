@@ -187,8 +187,9 @@ def standin_argv_ok(argv: list[str], hostname: str, revisions: set[str]) -> bool
 
 
 def nix_argv_ok(argv: list[str], url: str, hosts: set[str], branches: set[str]) -> bool:
-    """A recorded nix argv: flake show or build of this repo's URL at a sent, valid branch; builds only of
-    `hosts` (safe names from the flake); no option other than the builder's own."""
+    """A recorded nix argv: flake metadata of this repo's URL at a sent, valid branch, then flake show or build
+    at that branch or the commit it resolved to; builds only of `hosts` (safe names from the flake); no option
+    other than the builder's own."""
     if any(a.startswith("-") and a not in ("--json", "--refresh", "--no-link") for a in argv):
         return False
     m = re.fullmatch(
@@ -196,7 +197,11 @@ def nix_argv_ok(argv: list[str], url: str, hosts: set[str], branches: set[str]) 
         r"\.config\.system\.build\.toplevel)?",
         argv[-1],
     )
-    if not m or not ref_ok(m["branch"]) or m["branch"] not in branches:
+    if not m or not ref_ok(m["branch"]):
+        return False
+    if argv[:2] == ["flake", "metadata"]:
+        return m["host"] is None and m["branch"] in branches
+    if m["branch"] not in branches and not re.fullmatch("[0-9a-f]{40}", m["branch"]):
         return False
     if argv[:2] == ["flake", "show"]:
         return m["host"] is None
