@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
 import homelab_deploy as hd
-from tests.helpers import Listener, NatsServer, commit_flake, flake_text, needs_nix, run_cli
+from tests.helpers import MCP_SCRIPT, REPO, Listener, NatsServer, commit_flake, flake_text, needs_nix, run_cli, text
 
 pytestmark = needs_nix
 
@@ -24,7 +25,7 @@ SYSTEM = (
     'mkdir -p $out/bin; printf \'#!/bin/sh\\necho "$*" >> "$SWITCH_LOG"\\n\' > $out/bin/switch-to-configuration; '
     "chmod +x $out/bin/switch-to-configuration"
 )
-USERS = ("testhost1", "testhost2", "admin", "builder", "bclient", "ops")
+USERS = ("testhost1", "testhost2", "admin", "builder", "bclient", "mcp", "mcpadmin", "ops")
 
 
 def nix(env: dict, *args: str) -> str:
@@ -43,6 +44,7 @@ def fleet(tmp_path, nix_store):
             "deployers": [{"name": "admin", "access": "admin", "nkey": pub["admin"]}],
             "builders": [{"name": "builder", "repos": ["fleet"], "nkey": pub["builder"]}],
             "build_clients": [{"name": "bclient", "repos": ["fleet"], "nkey": pub["bclient"]}],
+            "mcp": [{"name": "mcp", "nkey": pub["mcp"], "admin_nkey": pub["mcpadmin"]}],
         }
     )
     config = hd.authorization_config(credentials).replace(
@@ -305,3 +307,29 @@ def test_the_builds_bucket_is_written_by_builders_and_read_by_admins_only(fleet,
     for user in ("testhost1", "bclient", "builder"):
         with pytest.raises(hd.NatsError, match="may not"):
             bus_factory(fleet, user).last_stored(f"KV_{hd.BUILDS_BUCKET}", subject)
+
+
+@pytest.mark.anyio
+async def test_mcp_deploy_admin_from_build(fleet, builder, host, bus_factory, tmp_path):
+    """deploy_admin with from_build switches the host to its build; the test-tier deploy may not read the builds."""
+    import anyio.to_thread
+    from mcp import Client, StdioServerParameters, stdio_client
+
+    builder(f"file://{tmp_path / 'cache'}")
+    final, _ = await anyio.to_thread.run_sync(lambda: build(fleet, bus_factory, "testhost1"))
+    path = final["results"][0]["store_path"]
+    one = await anyio.to_thread.run_sync(lambda: host("testhost1"))
+    args = [*MCP_SCRIPT, "--nats-url", fleet.url, "--nkey-file", str(fleet.seeds["mcp"]), "--answer-window", "2"]
+    args += ["--enable-admin", "--admin-nkey-file", str(fleet.seeds["mcpadmin"])]
+    with open(tmp_path / "mcp-stderr.log", "a") as err:
+        params = StdioServerParameters(command=sys.executable, args=args, cwd=str(REPO))
+        async with Client(stdio_client(params, errlog=err)) as client:
+            refused = await client.call_tool("deploy", {"hostname": "testhost1", "from_build": "fleet"})
+            result = await client.call_tool(
+                "deploy_admin", {"tier": "test", "hostname": "testhost1", "from_build": "fleet"}
+            )
+    assert refused.is_error and "may not (an admin credential may)" in text(refused), text(refused)
+    assert not result.is_error and result.structured_content["success"] is True, text(result)
+    assert os.readlink(f"{one.standin.profile}-1-link") == path and one.switch_log.read_text() == "switch\n"
+    assert one.standin.calls == []
+    assert "Traceback" not in (tmp_path / "mcp-stderr.log").read_text()
