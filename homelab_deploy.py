@@ -653,7 +653,7 @@ class BuildResponse(typing.NamedTuple):
 
 
 BUILDS_BUCKET = "HOMELAB_DEPLOY_BUILDS"  # JetStream KV: <repo>.<host> -> that host's latest successful BuildRecord
-# Its definition (nats-py KeyValueConfig): one value per key, direct gets (`deploy --from-build` reads a key each).
+# Its definition (nats-py KeyValueConfig, Bus.create_bucket): one value per key, direct gets (a key per host).
 BUILDS_BUCKET_CONFIG = {"bucket": BUILDS_BUCKET, "history": 1, "max_value_size": 1024, "max_bytes": 64 << 20,
                         "storage": "file", "direct": True}
 
@@ -674,13 +674,6 @@ class BuildRecord(typing.NamedTuple):
     def to_json(self) -> bytes:
         return json.dumps(self._asdict()).encode()
 
-
-def create_builds_bucket(bus: Bus) -> None:
-    """Create (or keep) the builds bucket; needs a credential with JetStream's stream-create rights (an operator)."""
-    from nats.js.api import KeyValueConfig, StorageType
-
-    config = KeyValueConfig(**{**BUILDS_BUCKET_CONFIG, "storage": StorageType.FILE})  # type: ignore[arg-type]
-    bus._call(bus.client.jetstream(timeout=5).create_key_value(config), 15)
 
 
 # ---------------------------------------------------------------- signed requests
@@ -1300,6 +1293,14 @@ class Bus:
             raise NatsError(f"replay (--since) needs an admin credential: this one ({self.nkey_file}) may not read "
                             f"the JetStream stream {stream}; follow live events without --since" if refused else
                             f"the JetStream API did not answer about {stream}: is JetStream enabled (-js)?") from None
+
+    def create_bucket(self, config: dict) -> None:
+        """Create (or keep) a JetStream KV bucket of `config` (BUILDS_BUCKET_CONFIG); needs an operator's credential
+        with the rights to create streams."""
+        from nats.js.api import KeyValueConfig, StorageType
+
+        bucket = KeyValueConfig(**{**config, "storage": StorageType(config["storage"])})
+        self._call(self.client.jetstream(timeout=5).create_key_value(bucket), 15)
 
     def last_stored(self, stream: str, subject: str) -> bytes | None:
         """The newest message JetStream `stream` holds on `subject` (a direct get), None when it holds none; raises
@@ -2282,8 +2283,8 @@ class Rollback:
         return rids
 
 
-def rebuild_outcome(action: Action, revision: str, result: RunResult, *, killed: bool, timeout: float,
-                    hostname: str, generation: int | None, argv: list[str]) -> tuple[Status, ErrorCode | None, str]:
+def rebuild_outcome(action: Action, revision: str, result: RunResult, argv: list[str], *, killed: bool,
+                    timeout: float, hostname: str, generation: int | None) -> tuple[Status, ErrorCode | None, str]:
     """The final status, error code and message of a deploy's commands (`argv` the last that ran); `killed`: by the
     listener's shutdown."""
     command = f"{os.path.basename(argv[0])} {argv[1]}"  # nixos-rebuild switch, nix-store --realise, ...
@@ -2496,10 +2497,9 @@ class Listener:
             self.metrics.duration.labels(action.value, str(success).lower()).observe(result.duration)
         # decided here, while `busy` is held: from now on requests are refused until the exit
         self.restarting = success and action is Action.SWITCH and config.restart_after_switch
-        status, error, message = rebuild_outcome(action, request.revision, result, killed=killed,
+        status, error, message = rebuild_outcome(action, request.revision, result, argv, killed=killed,
                                                  timeout=config.timeout, hostname=hostname,
-                                                 generation=current_generation(config.profile) if success else None,
-                                                 argv=argv)
+                                                 generation=current_generation(config.profile) if success else None)
         log.info("host=%s request=%s %s in %.1fs: %s", hostname, rid, status.value, result.duration, message)
         if action is Action.SWITCH and not (success or killed) and current_generation(config.profile) != before:
             return self.rollback.undo_failed_switch(rid, message, result.output, before=before, armed=armed)

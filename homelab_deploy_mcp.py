@@ -287,30 +287,13 @@ class FleetTools:
             hosts = {r.hostname: r for _, batch in results for r in batch}
             return hosts, all(r.status.final for r in hosts.values())
 
-        def from_builds() -> tuple[dict[str, hd.DeployResponse], bool]:
-            assert from_build is not None  # called only with it
-            bus = self.bus(credential)
-            try:
-                builds, lacking = hd.latest_builds(
-                    bus, subject, from_build, revision if hd.COMMIT_RE.fullmatch(revision) else None,
-                    window=self.args.answer_window, stragglers=self.args.straggler_window,
-                    discover_subject=self.args.discover_subject)
-            except ValueError as e:
-                raise ToolError(str(e)) from None
-            missing.extend(lacking)
-            if not builds:
-                raise ToolError(f"nothing deployed from {from_build}'s builds: " + (
-                    "; ".join(missing) or f"no host answered discovery with {subject} among its subjects"))
-            return hd.deploy_hosts(bus, [f"deploy.{tier}.{h}" for h in builds], hd.Action(action), revision,
-                                   self.args.timeout, self.args.answer_window,
-                                   lambda response: report(hd.describe(response)), self.args.straggler_window, builds)
-
+        work = roll_out if rollout else lambda: hd.deploy_hosts(
+            self.bus(credential), subject, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
+            lambda response: report(hd.describe(response)), self.args.straggler_window)
+        if from_build:  # each host its own build: a request per host
+            work = lambda: self.deploy_builds(credential, subject, from_build, revision, action, report, missing)
         try:
-            hosts, finished = await in_thread(
-                roll_out if rollout else from_builds if from_build else lambda: hd.deploy_hosts(
-                    self.bus(credential), subject, hd.Action(action), revision, self.args.timeout,
-                    self.args.answer_window, lambda response: report(hd.describe(response)),
-                    self.args.straggler_window), acts=True)
+            hosts, finished = await in_thread(work, acts=True)
         except hd.OutcomeUnknown as e:
             log.warning("deploy to %s: outcome unknown: %s", subject, e)
             return Outcome.unknown(subject, e, "Do not retry blindly: call list_hosts to see which hosts are "
@@ -340,6 +323,26 @@ class FleetTools:
         return Outcome(summary, finished and completed == len(hosts) and not missing, subject, [
             HostOutcome(**{k: v for k, v in hosts[h].to_dict().items() if k in fields}) for h in sorted(hosts)
         ]).result()
+
+    def deploy_builds(self, credential: str, subject: str, repo: str, revision: str, action: str, report,
+                      missing: list[str]) -> tuple[dict[str, hd.DeployResponse], bool]:
+        """from_build: each host behind `subject` its latest build of `repo` (of `revision` when it is a commit);
+        the hosts without one are added to `missing`. On a worker thread."""
+        bus = self.bus(credential)
+        try:
+            builds, lacking = hd.latest_builds(
+                bus, subject, repo, revision if hd.COMMIT_RE.fullmatch(revision) else None,
+                window=self.args.answer_window, stragglers=self.args.straggler_window,
+                discover_subject=self.args.discover_subject)
+        except ValueError as e:
+            raise ToolError(str(e)) from None
+        missing.extend(lacking)
+        if not builds:
+            raise ToolError(f"nothing deployed from {repo}'s builds: " + (
+                "; ".join(missing) or f"no host answered discovery with {subject} among its subjects"))
+        return hd.deploy_hosts(bus, [f"deploy.{subject.split('.')[1]}.{h}" for h in builds], hd.Action(action),
+                               revision, self.args.timeout, self.args.answer_window,
+                               lambda response: report(hd.describe(response)), self.args.straggler_window, builds)
 
     async def list_hosts(self, tier: Annotated[TierName | None, Field(
             description="Only hosts of this tier (test or prod); all tiers when omitted.")] = None,

@@ -132,7 +132,7 @@ def bench(tmp: str, args: argparse.Namespace) -> int:
         url = wait(lambda: re.search(r"client connections on (127\.0\.0\.1:\d+)", read(log)), "nats-server")[1]
         url = f"nats://{url}"
         bus = hd.Bus(url, seeds["ops"], "bench-ops")
-        hd.create_builds_bucket(bus)
+        bus.create_bucket(hd.BUILDS_BUCKET_CONFIG)
         bus.close()
         daemon_env = {**env, "PATH": f"{tmp}/bin:{env['PATH']}", "BENCH_PROFILE": f"{tmp}/profiles/system"}
         with open(f"{tmp}/builder.log", "w") as out:

@@ -55,7 +55,7 @@ def fleet(tmp_path, nix_store):
     server.start()
     ops = hd.Bus(server.url, str(server.seeds["ops"]), "ops")
     try:
-        hd.create_builds_bucket(ops)
+        ops.create_bucket(hd.BUILDS_BUCKET_CONFIG)
         server.ops, server.nix_env = ops, nix_store
         server.url_of_flake = commit_flake(
             tmp_path / "repos" / "fleet", flake_text({"testhost1": SYSTEM, "testhost2": SYSTEM})
