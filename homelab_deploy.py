@@ -675,7 +675,6 @@ class BuildRecord(typing.NamedTuple):
         return json.dumps(self._asdict()).encode()
 
 
-
 # ---------------------------------------------------------------- signed requests
 
 SIGNATURE_SKEW = 60  # seconds a request's signed_at may be off the receiver's clock; its nonce is kept twice as long
