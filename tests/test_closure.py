@@ -333,3 +333,17 @@ async def test_mcp_deploy_admin_from_build(fleet, builder, host, bus_factory, tm
     assert os.readlink(f"{one.standin.profile}-1-link") == path and one.switch_log.read_text() == "switch\n"
     assert one.standin.calls == []
     assert "Traceback" not in (tmp_path / "mcp-stderr.log").read_text()
+
+
+def test_a_closure_switch_arms_the_rollback_watchdog_and_is_confirmed(fleet, builder, host, bus_factory, tmp_path):
+    """As any switch: the watchdog is armed before it, and the round trip through NATS confirms it."""
+    builder(f"file://{tmp_path / 'cache'}")
+    final, _ = build(fleet, bus_factory, "testhost1")
+    one = host("testhost1", "--rollback-timeout", "120")
+    r = deploy(fleet, "deploy.test.testhost1", "--from-build", "fleet")
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)["hosts"][0]
+    assert answer["status"] == "completed" and "confirmed over NATS" in answer["message"], answer
+    assert os.readlink(f"{one.standin.profile}-1-link") == final["results"][0]["store_path"]
+    assert "rollback watchdog armed" in one.log_text() and one.standin.calls == []
+    assert not [name for name in os.listdir(one.standin.dir / "state") if name.startswith(("pending-", "switched-"))]
