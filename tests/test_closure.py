@@ -28,8 +28,10 @@ SYSTEM = (
 USERS = ("testhost1", "testhost2", "admin", "builder", "bclient", "mcp", "mcpadmin", "ops")
 
 
-def nix(env: dict, *args: str) -> str:
-    return subprocess.run(["nix", *args], env=env, check=True, capture_output=True, text=True, timeout=120).stdout
+def nix(env: dict, *args: str, input: str | None = None) -> str:
+    return subprocess.run(
+        ["nix", *args], env=env, input=input, check=True, capture_output=True, text=True, timeout=120
+    ).stdout
 
 
 @pytest.fixture
@@ -95,11 +97,12 @@ def host(fleet, nix_store, tmp_path):
     <its dir>/switch.log; stopped after the test."""
     started: list[Listener] = []
 
-    def start(name: str, *extra: str) -> Listener:
+    def start(name: str, *extra: str, env: dict | None = None) -> Listener:
         listener = Listener(fleet, name, "test", None, tmp_path, *extra)
         listener.standin.profile.parent.mkdir(parents=True)
         listener.switch_log = listener.standin.dir / "switch.log"
         listener.env.update({k: v for k, v in nix_store.items() if k != "PATH"}, SWITCH_LOG=str(listener.switch_log))
+        listener.env.update(env or {})
         started.append(listener)
         return listener.start()
 
@@ -347,3 +350,37 @@ def test_a_closure_switch_arms_the_rollback_watchdog_and_is_confirmed(fleet, bui
     assert os.readlink(f"{one.standin.profile}-1-link") == final["results"][0]["store_path"]
     assert "rollback watchdog armed" in one.log_text() and one.standin.calls == []
     assert not [name for name in os.listdir(one.standin.dir / "state") if name.startswith(("pending-", "switched-"))]
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_the_host_fetches_from_the_cache_only_what_its_trusted_keys_signed(
+    fleet, builder, host, bus_factory, nix_store, tmp_path, trusted
+):
+    """A host with a store of its own (NIX_REMOTE, a chroot store with the same store directory) whose
+    substituters name the builder's signed cache: with the cache's public key among its trusted-public-keys it
+    fetches and switches; with another key nix refuses the path and nothing is activated."""
+    cache = tmp_path / "cache"
+    builder(f"file://{cache}", str(fleet.secret_key))
+    final, _ = build(fleet, bus_factory, "testhost1")
+    path = final["results"][0]["store_path"]
+    key = nix(nix_store, "key", "convert-secret-to-public", input=fleet.secret_key.read_text()).strip()
+    other = nix(
+        nix_store, "key", "convert-secret-to-public", input=nix(nix_store, "key", "generate-secret", "--key-name", "x")
+    )
+    own = {**nix_store, "NIX_REMOTE": f"local?root={tmp_path / 'host-store'}"}
+    config = (
+        f"{nix_store['NIX_CONFIG']}substituters = file://{cache}\ntrusted-public-keys = {key if trusted else other}"
+    )
+    one = host("testhost1", env={"NIX_REMOTE": own["NIX_REMOTE"], "NIX_CONFIG": config})
+    r = deploy(fleet, "deploy.test.testhost1", "--from-build", "fleet")
+    answer = json.loads(r.stdout)["hosts"][0]
+    valid = subprocess.run(["nix-store", "--check-validity", path], env=own, capture_output=True).returncode == 0
+    if trusted:
+        assert r.returncode == 0 and answer["status"] == "completed", r.stderr
+        assert valid and os.readlink(f"{one.standin.profile}-1-link") == path
+        assert one.switch_log.read_text() == "switch\n"
+    else:
+        assert r.returncode == 1 and (answer["status"], answer["error"]) == ("failed", "build_failed"), answer
+        assert answer["message"].startswith("nix-store --realise failed (exit code 1): error: build of"), answer
+        assert any("is not signed by any of the keys in 'trusted-public-keys'" in line for line in answer["output"])
+        assert not valid and not one.switch_log.exists() and not one.standin.profile.exists()
