@@ -384,3 +384,17 @@ def test_the_host_fetches_from_the_cache_only_what_its_trusted_keys_signed(
         assert answer["message"].startswith("nix-store --realise failed (exit code 1): error: build of"), answer
         assert any("is not signed by any of the keys in 'trusted-public-keys'" in line for line in answer["output"])
         assert not valid and not one.switch_log.exists() and not one.standin.profile.exists()
+
+
+def test_without_the_bucket_builds_work_and_from_build_names_what_is_missing(
+    fleet, builder, host, bus_factory, tmp_path
+):
+    fleet.ops._call(fleet.ops.client.jetstream().delete_key_value(hd.BUILDS_BUCKET))
+    builder(f"file://{tmp_path / 'cache'}")
+    final, _ = build(fleet, bus_factory, "testhost1")
+    assert final["status"] == "completed" and final["results"][0]["store_path"], final  # the lost write is quiet
+    one = host("testhost1")
+    r = deploy(fleet, "deploy.test.testhost1", "--from-build", "fleet")
+    assert r.returncode == hd.Exit.NATS, r.stderr
+    assert f"from the JetStream stream KV_{hd.BUILDS_BUCKET}: it is missing or JetStream is off" in r.stderr
+    assert not one.switch_log.exists() and one.standin.calls == []
