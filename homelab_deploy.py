@@ -82,6 +82,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
 TOKEN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
 REPLY_TOKEN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # never a leading '-': tokens reach argvs
 SIGNER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # a trusted key's name, as records and events carry it
+# A store path's last part: 32 characters of nix's base32 (no e o u t), '-', a name as nix allows it, not a dot first.
+STORE_NAME_RE = re.compile(r"[0-9a-df-np-sv-z]{32}-(?!\.)[A-Za-z0-9+._?=-]{1,211}")
 
 
 class Action(enum.Enum):
@@ -121,6 +123,7 @@ class ErrorCode(enum.Enum):
     ROLLBACK_FAILED = "rollback_failed"  # as rolled_back, but the rollback command failed: the host needs a person
     HEALTH_CHECK_FAILED = "health_check_failed"  # a --health-check failed after a switch or test: rolled back at once
     REBOOT_FAILED = "reboot_failed"  # the --reboot-command failed, or ran and the host did not reboot; not in spec
+    INVALID_STORE_PATH = "invalid_store_path"  # store_path is not <store dir>/<32 base32>-<name>; nothing ran
     UNAUTHORIZED = "unauthorized"  # with trusted keys: unsigned, forged, stale, replayed or re-addressed; not in spec
 
 
@@ -166,6 +169,22 @@ def is_subject_token(value: object) -> typing.TypeGuard[str]:
 
 def is_valid_name(value: object) -> bool:
     return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
+
+
+def store_dir() -> str:
+    """The nix store's directory, as nix itself finds it: NIX_STORE_DIR (a test's private store), else /nix/store."""
+    return os.environ.get("NIX_STORE_DIR") or "/nix/store"
+
+
+def is_store_path(value: object, store: str | None = None) -> typing.TypeGuard[str]:
+    """A top-level path of the nix store in directory `store`, <store>/<hash>-<name>, and nothing else (no '..',
+    no subdirectory, no whitespace): safe in an argv and as a command's directory. Without `store`, of any
+    absolute store directory: what a client shows or passes on from a builder whose store may be elsewhere."""
+    if not isinstance(value, str):
+        return False
+    directory, _, name = value.rpartition("/")
+    return STORE_NAME_RE.fullmatch(name) is not None and (directory == store if store else directory[:1] == "/" and all(
+        part not in ("", ".", "..") and not any(c.isspace() for c in part) for part in directory[1:].split("/")))
 
 
 def is_publish_subject(subject: str) -> bool:
@@ -306,6 +325,7 @@ class DeployRequest(typing.NamedTuple):
     follow: bool = False  # send nixos-rebuild's output lines while it runs (`started` answers with `log`)
     queue_until: int | None = None  # a queued deploy (desired state): unix time after which it is not applied
     now: bool = False  # a reboot outside every maintenance window is carried out at once (`reboot --now`)
+    store_path: str | None = None  # a built system to activate as it is (deploy --from-build); None: nixos-rebuild
 
     @classmethod
     def parse(cls, data: bytes, allow_any_ref: bool = False) -> DeployRequest:
@@ -344,15 +364,20 @@ class DeployRequest(typing.NamedTuple):
         if queue_until is not None and not (type(queue_until) is int and 0 < queue_until < 2 ** 40):
             raise ProtocolError(f"invalid queue_until {str(queue_until)[:40]!r}: must be unix seconds (an integer); "
                                 "`deploy --queue-ttl` sets it", None, reply_to)
+        store_path = obj.get("store_path")
+        if store_path is not None and (reboot is not None or not is_store_path(store_path, store_dir())):
+            raise ProtocolError(f"invalid store_path {str(store_path)[:80]!r}: must be {store_dir()}/<32 characters of "
+                                "nix base32>-<name> (letters, digits, '+._?=-'), a system the builder built, and no "
+                                "reboot; nothing was run", ErrorCode.INVALID_STORE_PATH, reply_to)
         return cls(Action(action), str(revision), reply_to, expires_in, follow, queue_until,
-                   reboot is True and obj.get("now") is True)
+                   reboot is True and obj.get("now") is True, store_path)
 
     def to_json(self) -> bytes:
         obj: dict[str, object] = ({"reboot": True, **({"now": True} if self.now else {})}
                                   if self.action is Action.REBOOT else
                                   {"action": self.action.value, "revision": self.revision})
         obj["reply_to"] = self.reply_to
-        for field in ("expires_in", "queue_until"):
+        for field in ("expires_in", "queue_until", "store_path"):
             if getattr(self, field) is not None:
                 obj[field] = getattr(self, field)
         if self.follow:  # only when asked: a request without it is byte for byte what listeners before it read
@@ -670,10 +695,12 @@ class BuildResponse(typing.NamedTuple):
     duration_seconds: float | None = None
     error: str | None = None  # progress: why the host failed
     output: list[str] | None = None  # last lines of nix's output, on failure
-    results: list[dict] | None = None  # completed/failed: [{host, success, duration_seconds, error?}]
+    store_path: str | None = None  # progress: the host's built system, when it built
+    results: list[dict] | None = None  # completed/failed: [{host, success, duration_seconds, error?, store_path?}]
     total_duration_seconds: float | None = None
     succeeded: int | None = None
     failed: int | None = None
+    commit: str | None = None  # the commit the branch named when the build began: every host built that one
 
     @classmethod
     def parse(cls, data: bytes, limit: int = MAX_MESSAGE_BYTES) -> BuildResponse:
@@ -683,10 +710,12 @@ class BuildResponse(typing.NamedTuple):
             raise ProtocolError(f"malformed build answer: results is {reprlib.repr(results)}, not a list of objects")
         fields = answer_fields(obj, {
             "status": BUILD_STATUSES, "message": str, "repo": is_subject_token, "branch": is_valid_ref,
-            "error_code": tuple(BuildErrorCode), "hosts_total": int, "host": is_valid_name, "host_success": bool,
-            "hosts_completed": int, "duration_seconds": float, "error": str, "output": list,
-            "total_duration_seconds": float, "succeeded": int, "failed": int}, "build answer", required=("status",))
-        entry = {"host": is_valid_name, "success": bool, "duration_seconds": float, "error": str, "output": list}
+            "commit": COMMIT_RE.fullmatch, "error_code": tuple(BuildErrorCode), "hosts_total": int,
+            "host": is_valid_name, "host_success": bool, "hosts_completed": int, "duration_seconds": float,
+            "error": str, "output": list, "store_path": is_store_path, "total_duration_seconds": float,
+            "succeeded": int, "failed": int}, "build answer", required=("status",))
+        entry = {"host": is_valid_name, "success": bool, "duration_seconds": float, "error": str, "output": list,
+                 "store_path": is_store_path}
         fields["results"] = None if results is None else [
             {k: v for k, v in answer_fields(r, entry, "build result", ("host", "success")).items() if v is not None}
             for r in results]
@@ -720,6 +749,29 @@ class BuildResponse(typing.NamedTuple):
             if key in d:
                 d[key] = round(d[key], 3)
         return d
+
+
+BUILDS_BUCKET = "HOMELAB_DEPLOY_BUILDS"  # JetStream KV: <repo>.<host> -> that host's latest successful BuildRecord
+# Its definition (nats-py KeyValueConfig, Bus.create_bucket): one value per key, direct gets (a key per host).
+BUILDS_BUCKET_CONFIG = {"bucket": BUILDS_BUCKET, "history": 1, "max_value_size": 1024, "max_bytes": 64 << 20,
+                        "storage": "file", "direct": True}
+
+
+class BuildRecord(typing.NamedTuple):
+    """A host's latest successful build, as the builder keeps it in BUILDS_BUCKET under <repo>.<host>."""
+
+    commit: str
+    store_path: str
+    time: str  # UTC, ISO 8601
+
+    @classmethod
+    def parse(cls, data: bytes) -> BuildRecord:
+        return cls(**answer_fields(decode_message(data), {"commit": COMMIT_RE.fullmatch, "store_path": is_store_path,
+                                                          "time": is_iso_time}, "build record",
+                                   required=("commit", "store_path", "time")))
+
+    def to_json(self) -> bytes:
+        return json.dumps(self._asdict()).encode()
 
 
 # ---------------------------------------------------------------- signed requests
@@ -1369,6 +1421,32 @@ class Bus:
                             f"the JetStream stream {stream}; follow live events without --since" if refused else
                             f"the JetStream API did not answer about {stream}: is JetStream enabled (-js)?") from None
 
+    def create_bucket(self, config: dict) -> None:
+        """Create (or keep) a JetStream KV bucket of `config` (BUILDS_BUCKET_CONFIG); needs an operator's credential
+        with the rights to create streams."""
+        from nats.js.api import KeyValueConfig, StorageType
+
+        bucket = KeyValueConfig(**{**config, "storage": StorageType(config["storage"])})
+        self._call(self.client.jetstream(timeout=5).create_key_value(bucket), 15)
+
+    def last_stored(self, stream: str, subject: str) -> bytes | None:
+        """The newest message JetStream `stream` holds on `subject` (a direct get), None when it holds none; raises
+        NatsError when the stream is missing, JetStream is off, or this credential may not read it."""
+        import nats.errors
+        import nats.js.errors
+
+        errors_before = self.permission_errors_seen
+        try:
+            return self._call(self.client.jetstream(timeout=5).get_msg(stream, subject=subject, direct=True), 15).data
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.js.errors.Error, NatsError):
+            refused = self.denied(f"$JS.API.DIRECT.GET.{stream}.{subject}", since=errors_before)
+            raise NatsError(f"cannot read {subject} from the JetStream stream {stream}: " + (
+                f"this credential ({self.nkey_file}) may not (an admin credential may)" if refused else
+                "it is missing or JetStream is off (nats-server -js); the operator creates it (BUILDS_BUCKET_CONFIG)")
+            ) from None
+
     def close(self) -> None:
         with self.outbox_room:  # a publisher waiting for room must not hold up the exit (lane threads are joined)
             self.closing = True
@@ -1489,6 +1567,17 @@ def run_with_timeout(argv: list[str], timeout: float, log_prefix: str = "", env:
         finally:
             os.close(pidfd)
     return RunResult(proc.returncode, timed_out, list(tail), time.monotonic() - started, bytes(captured))
+
+
+def run_steps(argvs: list[list[str]], timeout: float, log_prefix: str = "", **options) -> tuple[RunResult, list[str]]:
+    """Run argvs in order, together within `timeout` seconds, until one fails; returns the last one's result (with
+    the total duration) and its argv. `options` as for run_with_timeout, passed to each."""
+    started, result, argv = time.monotonic(), RunResult(0, False, [], 0.0), []
+    for argv in argvs:
+        result = run_with_timeout(argv, max(0.0, timeout - (time.monotonic() - started)), log_prefix, **options)
+        if result.returncode != 0 or result.timed_out:
+            break
+    return result._replace(duration=time.monotonic() - started), argv
 
 
 def nix_error_summary(output: list[str]) -> str:
@@ -1867,6 +1956,17 @@ def rebuild_argv(action: Action, flake_url: str, revision: str, hostname: str) -
     return ["nixos-rebuild", action.value, "--refresh", "--flake", f"{flake_ref(flake_url, revision)}#{hostname}"]
 
 
+def deploy_argvs(request: DeployRequest, flake_url: str, hostname: str, profile: str) -> list[list[str]]:
+    """The one place a deploy's commands are built, run in order: nixos-rebuild, or for a built system (store_path,
+    which matched is_store_path) no evaluation: fetch it (the host's substituters and trusted keys decide), make it
+    the profile's new generation (switch, boot), activate it."""
+    if request.store_path is None:
+        return [rebuild_argv(request.action, flake_url, request.revision, hostname)]
+    path, action = request.store_path, request.action
+    install = [["nix-env", "--profile", profile, "--set", path]] if action in (Action.SWITCH, Action.BOOT) else []
+    return [["nix-store", "--realise", path], *install, [f"{path}/bin/switch-to-configuration", action.value]]
+
+
 def command_argv(command: str) -> list[str]:
     """A --health-check's or the --reboot-command's argv (shlex words, never a shell); [] when it has none or
     unbalanced quotes."""
@@ -2209,7 +2309,7 @@ class ListenerState:
         if isinstance(pid, int) and pid > 1:
             with contextlib.suppress(OSError):  # an orphaned nixos-rebuild from the dead listener: stop it
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"nixos-rebuild" in f.read():
+                    if re.search(rb"nixos-rebuild|switch-to-configuration|nix-store|nix-env", f.read()):
                         os.killpg(pid, signal.SIGKILL)
                         log.warning("host=%s killed the orphaned nixos-rebuild (pid %d)", hostname, pid)
         before, now = record.get("generation"), current_generation(self.config.profile)
@@ -2558,9 +2658,11 @@ class Rollback:
         return rids
 
 
-def rebuild_outcome(action: Action, revision: str, result: RunResult, *, killed: bool, timeout: float,
-                    hostname: str, generation: int | None) -> tuple[Status, ErrorCode | None, str]:
-    """The final status, error code and message of a nixos-rebuild run; `killed`: by the listener's shutdown."""
+def rebuild_outcome(action: Action, revision: str, result: RunResult, argv: list[str], *, killed: bool,
+                    timeout: float, hostname: str, generation: int | None) -> tuple[Status, ErrorCode | None, str]:
+    """The final status, error code and message of a deploy's commands (`argv` the last that ran); `killed`: by the
+    listener's shutdown."""
+    command = f"{os.path.basename(argv[0])} {argv[1]}"  # nixos-rebuild switch, nix-store --realise, ...
     if result.returncode == 0 and not result.timed_out:
         gen = f"generation {generation}" if generation is not None else "the new generation"
         return Status.COMPLETED, None, {
@@ -2571,13 +2673,13 @@ def rebuild_outcome(action: Action, revision: str, result: RunResult, *, killed:
         }[action]
     if result.timed_out:
         return Status.FAILED, ErrorCode.TIMEOUT, \
-            f"nixos-rebuild {action.value} did not finish within {timeout}s; its process group was killed"
+            f"{command} did not finish within {timeout}s; its process group was killed"
     if killed:
         return Status.FAILED, ErrorCode.INTERRUPTED, (
-            f"the listener on {hostname} was shut down and nixos-rebuild {action.value} did not finish within the "
+            f"the listener on {hostname} was shut down and {command} did not finish within the "
             "shutdown grace period; its process group was killed. Deploy again")
     return Status.FAILED, ErrorCode.BUILD_FAILED, \
-        f"nixos-rebuild {action.value} failed (exit code {result.returncode}): {nix_error_summary(result.output)}"
+        f"{command} failed (exit code {result.returncode}): {nix_error_summary(result.output)}"
 
 
 def subscribe_optional(bus: Bus, subject: str, handler, hostname: str, what: str, lane: str | None = None) -> None:
@@ -2761,21 +2863,21 @@ class Listener:
         if action is Action.REBOOT:
             return self.reboots.hold(request, rid, signer)
         before = current_generation(config.profile)
-        argv = rebuild_argv(action, config.flake_url, request.revision, hostname)
+        argvs = deploy_argvs(request, config.flake_url, hostname, config.profile)
         armed = config.rollback_timeout > 0 and action in (Action.SWITCH, Action.TEST)
         if armed and (failure := self.rollback.arm(request, rid, signer, before)):
             return failure
-        self.reply(request.reply_to, Status.STARTED, message=f"running {' '.join(argv)}")
+        self.reply(request.reply_to, Status.STARTED, message=f"running {'; '.join(' '.join(a) for a in argvs)}")
         if self.metrics:
             self.metrics.in_progress.set(1)
         try:
             with DeployOutput((lambda lines: self.reply(request.reply_to, Status.STARTED, log=lines)) if request.follow
                               else None, functools.partial(self.state.logs.save, rid, request)) as output:
-                result = run_with_timeout(argv, config.timeout, f"host={hostname} request={rid} ", stop=self.kill,
-                                          on_start=lambda pid: self.state.record_inflight(request, pid),
-                                          on_line=output.line, every=(config.heartbeat_interval, lambda t: self.reply(
-                                              request.reply_to, Status.STARTED,
-                                              message=f"{action.value} still running after {t:.0f}s")))
+                result, argv = run_steps(argvs, config.timeout, f"host={hostname} request={rid} ", stop=self.kill,
+                                         on_start=lambda pid: self.state.record_inflight(request, pid),
+                                         on_line=output.line, every=(config.heartbeat_interval, lambda t: self.reply(
+                                             request.reply_to, Status.STARTED,
+                                             message=f"{action.value} still running after {t:.0f}s")))
         finally:
             if self.metrics:
                 self.metrics.in_progress.set(0)
@@ -2785,7 +2887,7 @@ class Listener:
             self.metrics.duration.labels(action.value, str(success).lower()).observe(result.duration)
         # decided here, while `busy` is held: from now on requests are refused until the exit
         self.restarting = success and action is Action.SWITCH and config.restart_after_switch
-        status, error, message = rebuild_outcome(action, request.revision, result, killed=killed,
+        status, error, message = rebuild_outcome(action, request.revision, result, argv, killed=killed,
                                                  timeout=config.timeout, hostname=hostname,
                                                  generation=current_generation(config.profile) if success else None)
         log.info("host=%s request=%s %s in %.1fs: %s", hostname, rid, status.value, result.duration, message)
@@ -3301,6 +3403,8 @@ class Repo(typing.NamedTuple):
     url: str
     default_branch: str = "master"
     signers: TrustedSigners | None = None  # the top-level trusted_keys and the repo's own; None: unsigned requests
+    cache: str | None = None  # a nix store URL each built host is copied to (`nix copy --to`); None: none
+    cache_secret_key: str | None = None  # a key file `nix store sign` signs each built host with before the copy
 
     @classmethod
     def parse_config(cls, path: str) -> dict[str, Repo]:
@@ -3335,10 +3439,10 @@ class Repo(typing.NamedTuple):
             if not isinstance(entry, dict):
                 raise ValueError(f"{where} must be a mapping with `url` and optionally `default_branch`, "
                                  f"e.g. {example}")
-            unknown = set(entry) - {"url", "default_branch", "trusted_keys"}
+            unknown = set(entry) - {"url", "default_branch", "trusted_keys", "cache", "cache_secret_key"}
             if unknown:
                 raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                                 "allowed: url, default_branch, trusted_keys")
+                                 "allowed: url, default_branch, trusted_keys, cache, cache_secret_key")
             own = entry.get("trusted_keys") or []
             if not isinstance(own, list):
                 raise ValueError(f"{where}: trusted_keys must be a list of PUBKEY[=NAME] strings (keys trusted for "
@@ -3353,9 +3457,42 @@ class Repo(typing.NamedTuple):
                                  "e.g. git+https://git.example.com/org/nixos-servers.git")
             if not is_valid_ref(branch):
                 raise ValueError(f"{where}: default_branch {branch!r} must be a git branch, tag or 40-hex commit")
+            cache, key = entry.get("cache"), entry.get("cache_secret_key")
+            check_cache(where, cache, key)
             repos[name] = cls(name, url, branch, TrustedSigners.load(
-                [str(e) for e in trusted + own], [], where=f"{path}: trusted_keys (top-level, or of repo {name})"))
+                [str(e) for e in trusted + own], [], where=f"{path}: trusted_keys (top-level, or of repo {name})"),
+                cache, key)
         return repos
+
+
+CACHE_SCHEMES = ("file://", "s3://", "ssh://", "ssh-ng://", "http://", "https://")
+
+
+def check_cache(where: str, cache: object, key: object) -> None:
+    """A repo's `cache` (a nix store URL of CACHE_SCHEMES) and `cache_secret_key` (a readable file); a ValueError
+    names the problem and the fix."""
+    if cache is not None and not (isinstance(cache, str) and cache.startswith(CACHE_SCHEMES) and
+                                  len(cache) > cache.index("//") + 2 and not any(c.isspace() for c in cache)):
+        raise ValueError(f"{where}: cache {str(cache)[:100]!r} must be a nix store URL without whitespace starting "
+                         f"with {', '.join(CACHE_SCHEMES)}, e.g. file:///var/cache/nix-fleet or "
+                         "s3://nix-cache?region=eu-west-1")
+    if key is None:
+        return
+    if cache is None:
+        raise ValueError(f"{where}: cache_secret_key needs a `cache` to copy the signed systems to; add one, or drop "
+                         "cache_secret_key")
+    try:
+        with open(str(key), "rb"):
+            pass
+    except (OSError, TypeError) as e:
+        raise ValueError(f"{where}: cache_secret_key {str(key)[:100]!r} cannot be read "
+                         f"({getattr(e, 'strerror', None) or e}): give the path of a key file that `nix key "
+                         "generate-secret --key-name NAME` made, readable by the builder's user") from None
+
+
+def flake_metadata_argv(url: str, branch: str) -> list[str]:
+    """The commit `branch` names now (its `revision`); --refresh so a moved branch is fetched anew."""
+    return ["nix", "flake", "metadata", "--json", "--refresh", flake_ref(url, branch)]
 
 
 def flake_show_argv(url: str, branch: str) -> list[str]:
@@ -3365,9 +3502,18 @@ def flake_show_argv(url: str, branch: str) -> list[str]:
 
 
 def build_argv(url: str, branch: str, host: str) -> list[str]:
-    """The one place the nix build command line is built; host matched NAME_RE, branch is_valid_ref."""
-    return ["nix", "build", "--no-link",
+    """The one place the nix build command line is built; host matched NAME_RE, branch is_valid_ref; --json
+    prints the built store path."""
+    return ["nix", "build", "--no-link", "--json",
             f'{flake_ref(url, branch)}#nixosConfigurations."{host}".config.system.build.toplevel']
+
+
+def cache_argvs(repo: Repo, store_path: str) -> list[list[str]]:
+    """The commands that put a built system into the repo's cache: sign it (with a key), then copy it; store_path
+    matched is_store_path, the cache and key were checked at load."""
+    assert repo.cache is not None
+    sign = [["nix", "store", "sign", "--key-file", repo.cache_secret_key, store_path]] if repo.cache_secret_key else []
+    return [*sign, ["nix", "copy", "--to", repo.cache, store_path]]
 
 
 class EvalFailed(Exception):
@@ -3496,7 +3642,9 @@ class Builder:
         if self.metrics:
             self.metrics.last.labels(repo.name).set_to_current_time()
         try:
-            hosts, skipped = self.list_hosts(repo, branch, request.target, where)
+            commit = self.resolve(repo, branch, where)
+            common["commit"] = commit
+            hosts, skipped = self.list_hosts(repo, commit or branch, request.target, where)
         except EvalFailed as e:
             message, output = e.args
             log.warning("%s host=%s failed: %s", where, request.target, message)
@@ -3510,15 +3658,18 @@ class Builder:
                    hosts_total=len(hosts), **common)
         results = []
         with concurrent.futures.ThreadPoolExecutor(self.parallel, thread_name_prefix="nix-build") as pool:
-            futures = [pool.submit(self.build_host, repo, branch, host, where) for host in hosts]
+            futures = [pool.submit(self.build_host, repo, commit or branch, host, where) for host in hosts]
             for future in concurrent.futures.as_completed(futures):
                 result, output = future.result()
                 results.append(result)
+                if commit and result.get("store_path") and is_subject_token(result["host"]):  # kept if JetStream is
+                    self.bus.publish(f"$KV.{BUILDS_BUCKET}.{repo.name}.{result['host']}", BuildRecord(
+                        commit, result["store_path"], time.strftime(ISO_TIME_FORMAT, time.gmtime())).to_json())
                 self.reply(request.reply_to, Status.PROGRESS,
                            f"{result['host']} {'built' if result['success'] else 'failed'}", host=result["host"],
                            host_success=result["success"], hosts_completed=len(results), hosts_total=len(hosts),
                            duration_seconds=result["duration_seconds"], error=result.get("error"),
-                           output=output or None, **common)
+                           output=output or None, store_path=result.get("store_path"), **common)
         results.sort(key=lambda r: hosts.index(r["host"]))
         failed = [r["host"] for r in results if not r["success"]]
         succeeded = len(results) - len(failed)
@@ -3532,6 +3683,20 @@ class Builder:
                              error_code=BuildErrorCode.BUILD_FAILED if failed else None, results=results,
                              total_duration_seconds=time.monotonic() - started, succeeded=succeeded,
                              failed=len(failed), **common)
+
+    def resolve(self, repo: Repo, branch: str, where: str) -> str | None:
+        """The commit `branch` names now, which every host then builds; None when nix reports none (a flake
+        that is not a git repository), then the hosts build the branch."""
+        result = run_with_timeout(flake_metadata_argv(repo.url, branch), self.timeout, where + " ",
+                                  capture_stdout=True, stop=self.stop)
+        if result.returncode != 0 or result.timed_out:
+            why = f"did not finish within {self.timeout}s" if result.timed_out else nix_error_summary(result.output)
+            raise EvalFailed(f"cannot list the hosts of {repo.name} at {branch}: {why}", result.output)
+        try:
+            commit = json.loads(result.stdout).get("revision")
+        except (ValueError, AttributeError):
+            commit = None
+        return commit if isinstance(commit, str) and COMMIT_RE.fullmatch(commit) else None
 
     def list_hosts(self, repo: Repo, branch: str, target: str, where: str) -> tuple[list[str], int]:
         """The hosts to build and how many were skipped: nixosConfigurations from `nix flake show` whose names
@@ -3570,15 +3735,33 @@ class Builder:
             return {"host": host, "success": False, "duration_seconds": 0.0,
                     "error": "cancelled: the builder is shutting down"}, []
         result = run_with_timeout(build_argv(repo.url, branch, host), self.timeout, f"{where} host={host} ",
-                                  stop=self.stop)
-        success = result.returncode == 0 and not result.timed_out
+                                  stop=self.stop, capture_stdout=True)
+        success, copy, store_path = result.returncode == 0 and not result.timed_out, None, None
+        if success:
+            try:  # [{"drvPath": ..., "outputs": {"out": <store path>}}]
+                store_path = json.loads(result.stdout)[0]["outputs"]["out"]
+            except (ValueError, LookupError, TypeError):
+                store_path = None
+            success = is_store_path(store_path, store_dir())
+        if success and repo.cache and store_path:
+            copy, argv = run_steps(cache_argvs(repo, store_path), self.timeout - result.duration,
+                                   f"{where} host={host} ", stop=self.stop)
+            result = copy._replace(duration=result.duration + copy.duration)
+            success = copy.returncode == 0 and not copy.timed_out
         entry = {"host": host, "success": success, "duration_seconds": round(result.duration, 3)}
         if result.timed_out:
             entry["error"] = f"timed out after {self.timeout}s; its process group was killed"
         elif not success and self.stop.is_set():
             entry["error"] = "cancelled: the builder is shutting down"
+        elif not success and copy:
+            entry["error"] = f"built, but `{' '.join(argv[:4])}` failed: {nix_error_summary(result.output)}"
+        elif not success and result.returncode == 0:
+            printed = clip(result.stdout.decode(errors="replace"), 200)
+            entry["error"] = f"nix build printed no store path of {store_dir()}: {printed!r}"
         elif not success:
             entry["error"] = nix_error_summary(result.output)
+        else:
+            entry["store_path"] = store_path
         log.info("%s host=%s %s in %.1fs%s", where, host, "built" if success else "FAILED", result.duration,
                  "" if success else f": {entry['error']}")
         if self.metrics:
@@ -3757,7 +3940,7 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, *, make_reque
                     window: float, on_answer, is_done, is_complete=lambda: False,
                     stragglers: float = STRAGGLER_WINDOW) -> bool:
     """Subscribe the answers to a fresh reply subject of this credential (before publishing, so none is missed),
-    publish make_request(reply_to) on `subject` (on each of a list, all answering to that one reply subject),
+    publish make_request(reply_to, s) on `subject` s (on each of a list, all answering to that one reply subject),
     then feed each reply that parse() accepts and that came from the responder sender(answer) names (malformed
     and forged ones are logged and skipped) to on_answer (True for a new responder) until
     nobody answered within `window`; or is_complete() holds (no other responder can exist); or is_done()
@@ -3766,7 +3949,7 @@ def collect_answers(bus: Bus, subject: str | list[str], kind: str, *, make_reque
     reply_to = new_reply_subject(kind, bus.public_key)
     replies = bus.inbox(answer_subject(reply_to, "*"))
     subjects = [subject] if isinstance(subject, str) else subject
-    since = [bus.publish(s, bus.sign(s, make_request(reply_to)), confirm=True) for s in subjects][0]
+    since = [bus.publish(s, bus.sign(s, make_request(reply_to, s)), confirm=True) for s in subjects][0]
     start = time.monotonic()
     deadline = start + timeout
     last_new: float | None = None  # when the latest new responder answered
@@ -3812,11 +3995,13 @@ class Interrupted(KeyboardInterrupt):
 
 def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
                  window: float = ANSWER_WINDOW, on_event=None, stragglers: float = STRAGGLER_WINDOW,
-                 on_log=None, now: bool = False) -> tuple[dict[str, DeployResponse], bool]:
+                 on_log=None, now: bool = False,
+                 builds: dict[str, BuildRecord] | None = None) -> tuple[dict[str, DeployResponse], bool]:
     """Publish a deploy request, or a reboot request (REBOOT, `now` overriding maintenance windows), on each
     subject of a list, and gather every answering host's responses. Returns the last response per host and
     whether everything finished before the timeout. With on_log, the request asks for the output while it runs
-    (`follow`): on_log(answer) gets each answer carrying `log`."""
+    (`follow`): on_log(answer) gets each answer carrying `log`. With `builds` (subjects deploy.<tier>.<host>),
+    each host gets its build's store path and commit."""
     hosts: dict[str, DeployResponse] = {}
     subjects = [subject] if isinstance(subject, str) else subject
     # deploy.<tier>.<host> names one host: once every named host (and any other that answered) finished, nobody
@@ -3851,9 +4036,10 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
 
     try:  # expires_in: half the window, the other half covers the trips of the request and `accepted` through NATS
         finished = collect_answers(
-            bus, subject, "deploy",
-            make_request=lambda to: DeployRequest(action, revision, to, window / 2, on_log is not None,
-                                                  now=now).to_json(),
+            bus, subject, "deploy", make_request=lambda to, s: DeployRequest(
+                action, revision if builds is None else builds[s.split(".")[2]].commit, to, window / 2,
+                on_log is not None, now=now,
+                store_path=None if builds is None else builds[s.split(".")[2]].store_path).to_json(),
             parse=DeployResponse.parse, sender=lambda r: r.hostname, timeout=timeout, window=window,
             on_answer=on_answer, is_done=is_done, stragglers=stragglers,
             is_complete=lambda: len(addressed) == len(subjects) and not unheard and is_done())
@@ -3876,7 +4062,7 @@ def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: 
         return new
 
     collect_answers(bus, discover_subject, "deploy",
-                    make_request=lambda reply_to: json.dumps({"reply_to": reply_to}).encode(), parse=parse,
+                    make_request=lambda reply_to, _: json.dumps({"reply_to": reply_to}).encode(), parse=parse,
                     sender=lambda h: h.hostname, timeout=window, window=window, on_answer=on_answer,
                     is_done=lambda: True, stragglers=stragglers)
     return sorted(hosts.values(), key=lambda h: (h.tier, h.hostname))
@@ -3964,6 +4150,36 @@ def rollout_hosts(bus: Bus, subject: str, *, window: float, stragglers: float, d
             continue
         hosts.append(h)
     return sorted(hosts, key=lambda h: h.hostname)
+
+
+def latest_builds(bus: Bus, subject: str, repo: str, commit: str | None, *, window: float, stragglers: float,
+                  discover_subject: str) -> tuple[dict[str, BuildRecord], list[str]]:
+    """deploy --from-build: each host behind `subject` with its latest successful build of `repo` (of `commit` when
+    given) from the builds bucket, and a line naming each host without one. deploy.<tier>.<host> names its host;
+    other subjects are planned from discovery as a rollout is (its hosts are sent deploy.<tier>.<host>)."""
+    if not is_subject_token(repo):
+        raise ValueError(f"--from-build {repo!r} must be a repository name of the builder's config (letters, digits, "
+                         "'_' and '-')")
+    tier, _, rest = subject.removeprefix("deploy.").partition(".")
+    hosts = [rest] if tier in TIERS and is_subject_token(rest) and rest != "all" else [
+        h.hostname for _, batch in rollout_plan(bus, subject, Rollout(), window=window, stragglers=stragglers,
+                                                discover_subject=discover_subject) for h in batch]
+    builds, missing = {}, []
+    for host in hosts:
+        data = bus.last_stored(f"KV_{BUILDS_BUCKET}", f"$KV.{BUILDS_BUCKET}.{repo}.{host}")
+        try:
+            record = BuildRecord.parse(data) if data else None  # b"": a deleted key
+        except ProtocolError as e:
+            missing.append(f"{host}: its build record is unreadable ({e}); build it again")
+            continue
+        if record is None:
+            missing.append(f"{host}: no successful build of {repo} yet; `homelab-deploy build {repo} {host}` makes one")
+        elif commit and record.commit != commit:
+            missing.append(f"{host}: its latest build of {repo} is of {record.commit[:12]}, not {commit[:12]}; build "
+                           f"that commit (`homelab-deploy build {repo} {host} --branch {commit}`)")
+        else:
+            builds[host] = record
+    return builds, missing
 
 
 def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollout, *, action: Action, revision: str,
@@ -4127,6 +4343,10 @@ def deploy_command(args: argparse.Namespace) -> int:
     if not is_valid_ref(args.branch):
         raise CommandError(f"invalid --branch {args.branch!r}; use a git branch, tag or 40-hex commit")
     revision = args.branch
+    rollout = args.canary is not None or args.batch_size is not None or args.max_failures is not None or args.plan
+    if rollout and args.from_build:
+        raise CommandError("--from-build deploys each host its own build and takes no rollout flags (--canary, "
+                           "--batch-size, --max-failures, --plan); deploy a canary host first by its subject")
     if args.pin:
         try:
             revision = pin_revision(args.flake_url, args.branch)
@@ -4135,18 +4355,33 @@ def deploy_command(args: argparse.Namespace) -> int:
         print(f"pinned {args.branch} -> {revision}", file=sys.stderr)
     progress = Progress(quiet=False)
     bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
-    if args.canary is not None or args.batch_size is not None or args.max_failures is not None or args.plan:
+    if rollout:
         return deploy_rollout(args, subject, revision, bus, progress)
+    builds: dict[str, BuildRecord] | None = None
+    missing: list[str] = []
     try:
-        hosts, finished = deploy_hosts(bus, subject, Action(args.action), revision, args.timeout,
-                                       args.answer_window, lambda r: progress.event(describe(r), r.status.final),
-                                       args.straggler_window, show_log(args, progress))
+        if args.from_build:  # a commit (--pin, or given) selects builds of it; a branch, each host's latest build
+            builds, missing = latest_builds(bus, subject, args.from_build, revision if COMMIT_RE.fullmatch(revision)
+                                            else None, window=args.answer_window, stragglers=args.straggler_window,
+                                            discover_subject=args.discover_subject)
+            if not builds:
+                raise CommandError(f"nothing deployed from {args.from_build}'s builds: " + (
+                    "; ".join(missing) or f"no host answered discovery with {subject} among its subjects"), Exit.FAILED)
+        hosts, finished = deploy_hosts(
+            bus, subject if builds is None else [f"deploy.{subject.split('.')[1]}.{h}" for h in builds],
+            Action(args.action), revision, args.timeout, args.answer_window,
+            lambda r: progress.event(describe(r), r.status.final), args.straggler_window, show_log(args, progress),
+            builds=builds)
     except OutcomeUnknown as e:
         raise unknown_deploy_outcome(e, " (a host's listener log has its result)") from None
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     finally:
         bus.close()
         progress.done()
-    code = report_deploy(args, subject, revision, list(hosts.values()))
+    for line in missing:
+        print(f"not deployed: {line}", file=sys.stderr)
+    code = max(report_deploy(args, subject, revision, list(hosts.values())), Exit.FAILED if missing else Exit.OK)
     if code is Exit.NO_ANSWER:
         raise CommandError(f"no host answered on {subject} within {args.answer_window:.0f}s; check the subject "
                            "(`homelab-deploy list-hosts` shows what is listening), that the listeners are connected, "
@@ -4303,7 +4538,7 @@ def fetch_log(bus: Bus, hostname: str, tier: str, request: str | None, timeout: 
         return len(parts) == 1
 
     finished = collect_answers(
-        bus, logs_subject(tier, hostname), "deploy", make_request=lambda to: LogsRequest(to, request).to_json(),
+        bus, logs_subject(tier, hostname), "deploy", make_request=lambda to, _: LogsRequest(to, request).to_json(),
         parse=LogAnswer.parse, sender=lambda a: a.hostname, timeout=timeout, window=window, on_answer=on_answer,
         is_done=lambda: False, is_complete=lambda: bool(parts) and len(parts) >= next(iter(parts.values())).parts)
     if not parts:
@@ -4444,7 +4679,7 @@ def build_repo(bus: Bus, repo: str, target: str, branch: str | None, timeout: fl
 
     try:
         collect_answers(bus, subject, "build",
-                        make_request=lambda to: BuildRequest(repo, target, branch or None, to).to_json(),
+                        make_request=lambda to, _: BuildRequest(repo, target, branch or None, to).to_json(),
                         parse=lambda data, limit: BuildResponse.parse(data, limit).to_dict(),
                         sender=lambda r: r.get("repo"), timeout=timeout, window=window, on_answer=on_answer,
                         is_done=lambda: bool(final), is_complete=lambda: bool(final))
@@ -4574,9 +4809,11 @@ class FleetReader:
     # Audit events: each daemon publishes its own; deployers read their tier's live. JetStream API rights (replay)
     # are admins' only: the server neither checks a consumer's deliver subject nor a JS API reply subject, so a
     # reader of a stream that test hosts write into could have it publish their text on any subject (a deploy).
+    # The builds bucket (only builders write it) is read by admins: `deploy --from-build` gets a key directly.
     ADMIN_DEPLOYER = (("deploy.>", f"$JS.API.STREAM.INFO.{EVENTS_STREAM}", *(
-        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in ("deploy.events.>", "build.events.>"))),
-                      ("deploy.>", "build.events.>"))
+        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in ("deploy.events.>", "build.events.>")),
+        f"$JS.API.STREAM.INFO.KV_{BUILDS_BUCKET}", f"$JS.API.DIRECT.GET.KV_{BUILDS_BUCKET}.$KV.{BUILDS_BUCKET}.>",
+        f"$JS.API.CONSUMER.CREATE.KV_{BUILDS_BUCKET}.*.$KV.{BUILDS_BUCKET}.>"), ("deploy.>", "build.events.>"))
 
     def read(self) -> list[Credential]:
         for section, fields in FLEET_SECTIONS.items():
@@ -4693,7 +4930,8 @@ class FleetReader:
         names = self.repos(entry, "repos", where)
         self.credentials.append(Credential(f"builder {name} ({', '.join(names)})", self.key(entry, where),
                                            (*(f"build.responses.*.*.{r}" for r in names),
-                                            *(f"build.events.{r}" for r in names)),
+                                            *(f"build.events.{r}" for r in names),
+                                            *(f"$KV.{BUILDS_BUCKET}.{r}.*" for r in names)),
                                            tuple(f"build.{r}.*" for r in names), f"builder-{name}",
                                            tuple(f"build.{r}.all" for r in names)))
 
@@ -5305,6 +5543,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(env HOMELAB_DEPLOY_PIN)")
     p.add_argument("--flake-url", default=env_default("HOMELAB_DEPLOY_FLAKE_URL"),
                    help="the listeners' git flake URL, for --pin (env HOMELAB_DEPLOY_FLAKE_URL)")
+    p.add_argument("--from-build", metavar="REPO",
+                   help="send each host the system the builder built for it (the builds bucket), no evaluation on "
+                        "the host: its latest build, or with --pin or a commit as --branch, its build of that commit")
     window_flags(p)
     p.add_argument("--json", action="store_true", help="print the final status of every host as JSON")
     p.add_argument("--follow", action="store_true",

@@ -179,6 +179,10 @@ PinParam = Annotated[bool, Field(description=(
 ActionParam = Annotated[ActionName, Field(description=(
     "nixos-rebuild action: switch (activate now and make it the boot default), boot (boot default only, "
     "active after a reboot), test (activate now, no boot entry), dry-activate (report what would change)."))]
+FromBuildParam = Annotated[str | None, Field(description=(
+    "Repository name of the builder: send each host the system the builder built for it (no evaluation on the "
+    "host): its latest build, or with pin=true or a 40-hex branch its build of that commit. A host without one is "
+    "named and not deployed. Reading the builds needs the admin credential (deploy_admin)."))]
 CanaryParam = Annotated[int | None, Field(ge=0, description=(
     "Roll out: deploy the first K target hosts (sorted by hostname) alone first; stop if any fails."))]
 BatchSizeParam = Annotated[str | None, Field(description=(
@@ -217,7 +221,8 @@ class FleetTools:
     async def deploy(self, ctx: Context, hostname: HostnameParam = None, all: AllParam = False,
                      role: RoleParam = None, branch: BranchParam = "master", action: ActionParam = "switch",
                      pin: PinParam = False, canary: CanaryParam = None, batch_size: BatchSizeParam = None,
-                     max_failures: MaxFailuresParam = None) -> Annotated[CallToolResult, Outcome]:
+                     max_failures: MaxFailuresParam = None,
+                     from_build: FromBuildParam = None) -> Annotated[CallToolResult, Outcome]:
         """Deploy the fleet's NixOS configuration to TEST-tier hosts (runs nixos-rebuild on each host).
 
         Give exactly one target: hostname (one host), all=true (every test host) or role (test hosts with
@@ -234,14 +239,15 @@ class FleetTools:
         other, stopping when the canary or more than max_failures hosts fail; hosts never started are "skipped".
         """
         return await self.run_deploy(ctx, "main", "test", hostname, all, role, branch, action, pin,
-                                     canary, batch_size, max_failures)
+                                     canary, batch_size, max_failures, from_build)
 
     async def deploy_admin(self, ctx: Context,
                            tier: Annotated[TierName, Field(description="Tier to deploy to: test or prod.")],
                            hostname: HostnameParam = None, all: AllParam = False, role: RoleParam = None,
                            branch: BranchParam = "master", action: ActionParam = "switch",
                            pin: PinParam = False, canary: CanaryParam = None, batch_size: BatchSizeParam = None,
-                           max_failures: MaxFailuresParam = None) -> Annotated[CallToolResult, Outcome]:
+                           max_failures: MaxFailuresParam = None,
+                           from_build: FromBuildParam = None) -> Annotated[CallToolResult, Outcome]:
         """Deploy to ANY tier, including PRODUCTION, with the separate admin credential.
 
         Same targets, rollout options and results as deploy (exactly one of hostname, all=true or role), plus
@@ -249,7 +255,7 @@ class FleetTools:
         asked to deploy to prod, and confirm the target first: a prod switch changes running production systems.
         """
         return await self.run_deploy(ctx, "admin", tier, hostname, all, role, branch, action, pin,
-                                     canary, batch_size, max_failures)
+                                     canary, batch_size, max_failures, from_build)
 
     async def reboot_admin(self, ctx: Context,
                            tier: Annotated[TierName, Field(description="Tier of the hosts: test or prod.")],
@@ -271,8 +277,9 @@ class FleetTools:
     async def run_deploy(self, ctx: Context, credential: str, tier: str, hostname: str | None, all_hosts: bool,
                          role: str | None, branch: str, action: str, pin: bool, canary: int | None = None,
                          batch_size: str | None = None, max_failures: int | None = None,
+                         from_build: str | None = None,
                          reboot: tuple[bool, bool] | None = None) -> CallToolResult:
-        """A deploy, or with `reboot` (only_if_needed, now) a reboot, always rolled out."""
+        """A deploy (`from_build`: each host its own build), or a reboot (`reboot`: only_if_needed, now)."""
         if reboot is None and not hd.is_valid_ref(branch):
             raise ToolError(f"invalid branch {str(branch)[:80]!r}: use a git branch, tag or 40-hex commit "
                             "(letters, digits, '.', '_', '/', '-'; starting with a letter or digit; no '..')")
@@ -288,7 +295,11 @@ class FleetTools:
                 hd.Rollout(canary or 0, hd.batch_size_flag(batch_size or "100%"), max_failures or 0)
         except argparse.ArgumentTypeError as e:
             raise ToolError(f"invalid batch_size: {e}") from None
+        if rollout and from_build:
+            raise ToolError("from_build sends each host its own build and takes no rollout options (canary, "
+                            "batch_size, max_failures); deploy a canary host first by its hostname")
         report = progress_reporter(ctx)
+        missing: list[str] = []  # from_build: the hosts without a build, each with why
         results: list = []  # a rollout's (batch name, final statuses)
         needless: list[hd.DeployResponse] = []  # a reboot's hosts that need none, with only_if_needed
 
@@ -306,10 +317,13 @@ class FleetTools:
             hosts = {r.hostname: r for _, batch in results for r in batch}
             return hosts, all(r.status.final for r in hosts.values())
 
+        work = roll_out if rollout else lambda: hd.deploy_hosts(
+            self.bus(credential), subject, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
+            lambda response: report(hd.describe(response)), self.args.straggler_window)
+        if from_build:  # each host its own build: a request per host
+            work = lambda: self.deploy_builds(credential, subject, from_build, revision, action, report, missing)
         try:
-            hosts, finished = await in_thread(roll_out if rollout else lambda: hd.deploy_hosts(
-                self.bus(credential), subject, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
-                lambda response: report(hd.describe(response)), self.args.straggler_window), acts=True)
+            hosts, finished = await in_thread(work, acts=True)
         except hd.OutcomeUnknown as e:
             log.warning("deploy to %s: outcome unknown: %s", subject, e)
             return Outcome.unknown(subject, e, "Do not retry blindly: call list_hosts to see which hosts are "
@@ -329,15 +343,38 @@ class FleetTools:
         if len(commits) > 1:
             summary += (f"; the hosts now run {len(commits)} different commits (fleet_status shows which)"
                         + ("" if pin else f": {branch} moved during the deploy; deploy again with pin=true"))
+        if missing:
+            summary += f"; not deployed (no build): {'; '.join(missing)}"
         if not finished:
             waiting = ", ".join(h for h, r in sorted(hosts.items()) if not r.status.final)
             summary += (f"; no final status within {self.args.timeout:g}s from {waiting} "
                         "(it may still be running there; list_hosts shows which hosts are deploying)")
         log.info("%s: %s", "deploy_admin" if credential == "admin" else "deploy", summary)
         fields = [f.name for f in dataclasses.fields(HostOutcome)]
-        return Outcome(summary, finished and completed + len(needless) == len(hosts), subject, [
+        return Outcome(summary, finished and completed + len(needless) == len(hosts) and not missing, subject, [
             HostOutcome(**{k: v for k, v in hosts[h].to_dict().items() if k in fields}) for h in sorted(hosts)
         ]).result()
+
+    def deploy_builds(self, credential: str, subject: str, repo: str, revision: str, action: str, report,
+                      missing: list[str]) -> tuple[dict[str, hd.DeployResponse], bool]:
+        """from_build: each host behind `subject` its latest build of `repo` (of `revision` when it is a commit);
+        the hosts without one are added to `missing`. On a worker thread."""
+        bus = self.bus(credential)
+        try:
+            builds, lacking = hd.latest_builds(
+                bus, subject, repo, revision if hd.COMMIT_RE.fullmatch(revision) else None,
+                window=self.args.answer_window, stragglers=self.args.straggler_window,
+                discover_subject=self.args.discover_subject)
+        except ValueError as e:
+            raise ToolError(str(e)) from None
+        missing.extend(lacking)
+        if not builds:
+            raise ToolError(f"nothing deployed from {repo}'s builds: " + (
+                "; ".join(missing) or f"no host answered discovery with {subject} among its subjects"))
+        return hd.deploy_hosts(bus, [f"deploy.{subject.split('.')[1]}.{h}" for h in builds], hd.Action(action),
+                               revision, self.args.timeout, self.args.answer_window,
+                               lambda response: report(hd.describe(response)), self.args.straggler_window,
+                               builds=builds)
 
     async def list_hosts(self, tier: Annotated[TierName | None, Field(
             description="Only hosts of this tier (test or prod); all tiers when omitted.")] = None,

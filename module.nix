@@ -155,7 +155,9 @@ let
   # taken: submodule values can carry internal attributes (`_module`).
   generatedBuilderConfig = pkgs.writeText "homelab-deploy-builder.yaml" (builtins.toJSON ({
     repos = lib.mapAttrs (_: repo: { inherit (repo) url default_branch; }
-      // (if repo.trusted_keys != [ ] then { inherit (repo) trusted_keys; } else { })) bcfg.settings.repos;
+      // (if repo.trusted_keys != [ ] then { inherit (repo) trusted_keys; } else { })
+      // (if repo.cache != null then { inherit (repo) cache; } else { })
+      // (if repo.cacheSecretKey != null then { cache_secret_key = repo.cacheSecretKey; } else { })) bcfg.settings.repos;
   } // (if bcfg.settings.trusted_keys != [ ] then { inherit (bcfg.settings) trusted_keys; } else { })));
 
   builderConfigFile =
@@ -196,6 +198,30 @@ let
         description = ''
           NKey user public keys (`PUBKEY[=NAME]`) trusted to build `${name}`
           only, on top of `settings.trusted_keys` (trusted for every repo).
+        '';
+      };
+      cache = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "file:///var/cache/nix-fleet";
+        description = ''
+          Nix store URL (file://, s3://, ssh://, ssh-ng://, http(s)://) each
+          host's built system of `${name}` is copied to with `nix copy --to`;
+          a failed copy fails that host.  Hosts deployed with
+          `deploy --from-build` fetch it from there: list it in their
+          `nix.settings.substituters` and its public key in
+          `nix.settings.trusted-public-keys`.
+        '';
+      };
+      cacheSecretKey = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/var/lib/homelab-deploy-builder/cache-key.sec";
+        description = ''
+          Path (a string, so the secret never enters the store) of a key file
+          made by `nix key generate-secret --key-name NAME`, readable by the
+          builder's user; each built system is signed with it
+          (`nix store sign`) before the copy.  Needs `cache`.
         '';
       };
     };

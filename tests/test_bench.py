@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, needs_nix
 
 BENCH = REPO / "bench" / "run"
 PROGRAM = os.path.join(os.path.dirname(sys.executable), "homelab-deploy")
@@ -153,3 +153,21 @@ def test_sigterm_mid_run_stops_everything():
             proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted; the sandbox's processes are stopped" in rest, rest
     assert sandbox_processes(workdir) == [] and not os.path.exists(workdir)
+
+
+@needs_nix
+def test_closure_bench_deploys_the_built_path_both_ways(tmp_path):
+    """bench/closure.py: one change built once, then deployed from the build and by a rebuild; it fails unless
+    the profile ends at the built path each time. Every figure is a positive measurement."""
+    out = tmp_path / "closure.json"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "closure.py"), "--runs", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    medians = json.loads(out.read_text())["medians"]
+    assert set(medians) == {"build", "closure", "closure_host", "rebuild", "rebuild_host"}
+    assert all(value > 0 for value in medians.values()), medians
+    assert "deploy --from-build, CLI start to exit" in r.stdout

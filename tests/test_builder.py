@@ -230,10 +230,19 @@ class TestBuildProtocol:
     def test_argv(self):
         url = "git+https://g.example/c.git"
         assert hd.flake_show_argv(url, "main") == ["nix", "flake", "show", "--json", "--refresh", f"{url}?ref=main"]
+        assert hd.flake_metadata_argv(url, "main") == [
+            "nix",
+            "flake",
+            "metadata",
+            "--json",
+            "--refresh",
+            f"{url}?ref=main",
+        ]
         assert hd.build_argv(url + "?dir=x", "0" * 40, "web1") == [
             "nix",
             "build",
             "--no-link",
+            "--json",
             f"{url}?dir=x&rev={'0' * 40}#{attr('web1')}",
         ]
 
@@ -338,7 +347,8 @@ class TestBuilderConfig:
 @needs_nix
 class TestBuilder:
     def test_all_hosts_progress_and_unsafe_name_skipped(self, nats_server, start_builder, flake, bus_factory):
-        builder = start_builder({"fleet": flake()})
+        url = flake()
+        builder = start_builder({"fleet": url})
         events: list[dict] = []
         final = hd.build_repo(bus_factory(nats_server, "build-client"), "fleet", "all", None, 60, 1, events.append)
         assert final is events[-1]
@@ -372,7 +382,9 @@ class TestBuilder:
         assert "skipping 'bad;name'" in builder.log_text()
         assert not any("bad;name" in arg or "bad_name" in arg for call in builder.nix_calls for arg in call)
         assert sorted(builder.builds()) == sorted(attr(h) for h in ("good1", "good2", "broken"))
-        assert builder.nix_calls[0][:4] == ["flake", "show", "--json", "--refresh"]
+        # the branch is resolved to its commit once; every host then builds that commit
+        assert builder.nix_calls[0] == ["flake", "metadata", "--json", "--refresh", f"{url}?ref=main"]
+        assert builder.nix_calls[1] == ["flake", "show", "--json", "--refresh", f"{url}?rev={final['commit']}"]
 
     def test_single_host_and_missing_host(self, nats_server, start_builder, flake, bus_factory):
         url = flake()
@@ -386,9 +398,11 @@ class TestBuilder:
             0,
         )
         assert [r["host"] for r in final["results"]] == ["good1"]
+        commit = final["commit"]
         assert builder.nix_calls == [
-            ["flake", "show", "--json", "--refresh", f"{url}?ref=main"],
-            ["build", "--no-link", f"{url}?ref=main#{attr('good1')}"],
+            ["flake", "metadata", "--json", "--refresh", f"{url}?ref=main"],
+            ["flake", "show", "--json", "--refresh", f"{url}?rev={commit}"],
+            ["build", "--no-link", "--json", f"{url}?rev={commit}#{attr('good1')}"],
         ]
         final = hd.build_repo(bus, "fleet", "nosuch", None, 60, 1)
         assert (final["status"], final["error_code"]) == ("failed", "eval_failed")
@@ -496,7 +510,7 @@ class TestBuilder:
         publish, held, following = builder_bus.publish, [], []
 
         def hold_the_first_final_answer(subject: str, payload: bytes, confirm: bool = False) -> None:
-            if json.loads(payload)["status"] in FINAL and not held:
+            if json.loads(payload).get("status") in FINAL and not held:
                 held.append(subject)
                 following.append(send(client, "build.fleet.good1", {"repo": "fleet", "target": "good1"}))
                 wait_for(lambda: not following[0].empty(), what="the next request's first answer")
@@ -798,7 +812,9 @@ class TestBuildCLI:
         }
         r = run_cli("build", "fleet", "good2", "--answer-window", "1", env=env)
         assert r.returncode == 0, r.stderr
-        assert builder.nix_calls[-1] == ["build", "--no-link", f"{url}?ref=feature/x#{attr('good2')}"]
+        assert builder.nix_calls[0] == ["flake", "metadata", "--json", "--refresh", f"{url}?ref=feature/x"]
+        assert builder.nix_calls[-1][:3] == ["build", "--no-link", "--json"]
+        assert builder.nix_calls[-1][3].startswith(f"{url}?rev=") and builder.nix_calls[-1][3].endswith(attr("good2"))
 
     def test_invalid_arguments_send_nothing(self, nats_server, start_builder, flake):
         builder = start_builder({"fleet": flake()})

@@ -242,6 +242,7 @@ async def test_tool_lists(mcp_server, nats_server, flags, tools):
         "canary",
         "batch_size",
         "max_failures",
+        "from_build",
     }
     assert deploy["properties"]["branch"]["default"] == "master"
     assert deploy["properties"]["action"]["enum"] == ["switch", "boot", "test", "dry-activate"]

@@ -519,6 +519,38 @@ def test_builder_trusted_keys_reach_its_generated_config(nix):
     assert argv[argv.index("--config") + 1] == result["expected"], f"generated config differs from {expected}"
 
 
+def test_builder_cache_options_reach_its_generated_config(nix):
+    key = "/var/lib/homelab-deploy-builder/cache-key.sec"
+    repos = {
+        "fleet": {"url": "git+https://git.example.com/fleet.git", "cache": "file:///srv/cache", "cacheSecretKey": key},
+        "other": {"url": "git+https://git.example.com/other.git"},
+    }
+    expected = json.dumps(
+        {
+            "repos": {
+                "fleet": {
+                    "url": "git+https://git.example.com/fleet.git",
+                    "default_branch": "master",
+                    "cache": "file:///srv/cache",
+                    "cache_secret_key": key,
+                },
+                "other": {"url": "git+https://git.example.com/other.git", "default_branch": "master"},
+            },
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    result = nix.host(
+        host(builder=builder_config(settings={"repos": repos})),
+        f"""{{
+          exec = svc.{BUILDER}.serviceConfig.ExecStart;
+          expected = builtins.toFile "homelab-deploy-builder.yaml" {to_nix(expected)};
+        }}""",
+    )
+    argv = systemd_split(result["exec"])
+    assert argv[argv.index("--config") + 1] == result["expected"], f"generated config differs from {expected}"
+
+
 def test_allow_any_ref(nix):
     cfg = host(
         listener=listener_config(allowAnyRef=True), builder=builder_config(configFile="/etc/hd.yaml", allowAnyRef=True)

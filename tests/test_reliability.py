@@ -187,8 +187,9 @@ def standin_argv_ok(argv: list[str], hostname: str, revisions: set[str]) -> bool
 
 
 def nix_argv_ok(argv: list[str], url: str, hosts: set[str], branches: set[str]) -> bool:
-    """A recorded nix argv: flake show or build of this repo's URL at a sent, valid branch; builds only of
-    `hosts` (safe names from the flake); no option other than the builder's own."""
+    """A recorded nix argv: flake metadata of this repo's URL at a sent, valid branch, then flake show or build
+    at that branch or the commit it resolved to; builds only of `hosts` (safe names from the flake); no option
+    other than the builder's own."""
     if any(a.startswith("-") and a not in ("--json", "--refresh", "--no-link") for a in argv):
         return False
     m = re.fullmatch(
@@ -196,7 +197,11 @@ def nix_argv_ok(argv: list[str], url: str, hosts: set[str], branches: set[str]) 
         r"\.config\.system\.build\.toplevel)?",
         argv[-1],
     )
-    if not m or not ref_ok(m["branch"]) or m["branch"] not in branches:
+    if not m or not ref_ok(m["branch"]):
+        return False
+    if argv[:2] == ["flake", "metadata"]:
+        return m["host"] is None and m["branch"] in branches
+    if m["branch"] not in branches and not re.fullmatch("[0-9a-f]{40}", m["branch"]):
         return False
     if argv[:2] == ["flake", "show"]:
         return m["host"] is None
@@ -539,6 +544,7 @@ DEPLOY_ERROR_CODES = DEPLOY_ERRORS | {
     "health_check_failed",
     "reboot_failed",
     "unauthorized",
+    "invalid_store_path",
 }
 BUILD_ERROR_CODES = {
     "unknown_repo",
@@ -643,12 +649,54 @@ DISCOVERY_ANSWER = {
     "deploying": FLAG,
     "unsigned": FLAG,
 }
+NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"  # nix's: no e, o, u, t
+
+
+def store_path_ok(v: object) -> bool:
+    """<an absolute directory>/<32 of nix base32>-<name>: no '.', '..' or empty component, no whitespace."""
+    if not isinstance(v, str):
+        return False
+    directory, _, name = v.rpartition("/")
+    parts = directory.split("/")
+    return (
+        re.fullmatch(rf"[{NIX_BASE32}]{{32}}-(?!\.)[A-Za-z0-9+._?=-]{{1,211}}", name) is not None
+        and parts[0] == ""
+        and len(parts) > 1
+        and all(p not in ("", ".", "..") and not any(c.isspace() for c in p) for p in parts[1:])
+    )
+
+
+STORE_PATH = name_field(
+    store_path_ok,
+    st.builds(
+        lambda h, n: f"/nix/store/{h}-{n}",
+        st.text(NIX_BASE32, min_size=32, max_size=32),
+        st.text(ALNUM + "+._?=-", min_size=1, max_size=40).filter(lambda n: not n.startswith(".")),
+    ),
+    "/nix/store/short-x",
+    f"/nix/store/{'e' * 32}-x",
+    f"/nix/store/../{'a' * 32}-x",
+    f"/nix/store/{'a' * 32}-a b",
+    f"nix/store/{'a' * 32}-x",
+    f"/nix/store/{'a' * 32}-.x",
+    5,
+)
+COMMIT = name_field(
+    lambda v: re.fullmatch("[0-9a-f]{40}", v) is not None,
+    st.text("0123456789abcdef", min_size=40, max_size=40),
+    "main",
+    "0" * 39,
+    "0" * 41,
+    "G" * 40,
+    5,
+)
 BUILD_RESULT = {
     "host": name_field(name_ok, tokens(NAME_CHARS), "a;b", "-rf", "x" * 64, near_names, required=True),
     "success": replace(FLAG, required=True),
     "duration_seconds": SECONDS,
     "error": TEXT,
     "output": LINES,
+    "store_path": STORE_PATH,
 }
 
 
@@ -695,6 +743,8 @@ BUILD_ANSWER = {
     "failed": COUNT,
     "duration_seconds": SECONDS,
     "total_duration_seconds": SECONDS,
+    "commit": COMMIT,
+    "store_path": STORE_PATH,
     "results": field(
         lambda v: isinstance(v, list) and all(answer_ok(BUILD_RESULT, r) for r in v),
         st.lists(answer_objects(BUILD_RESULT, "none"), max_size=4),
