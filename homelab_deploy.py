@@ -292,6 +292,7 @@ class DeployRequest(typing.NamedTuple):
     revision: str
     reply_to: str
     expires_in: float | None = None  # seconds from arrival within which `accepted` must go out; None: no limit
+    queue_until: int | None = None  # a queued deploy (DESIRED_BUCKET): unix seconds after which it is not run
 
     @classmethod
     def parse(cls, data: bytes, allow_any_ref: bool = False) -> DeployRequest:
@@ -316,12 +317,18 @@ class DeployRequest(typing.NamedTuple):
             raise ProtocolError(f"invalid expires_in {str(expires_in)[:40]!r}: must be the seconds the sender waits "
                                 "for `accepted`, a number greater than 0; leave it out to wait without a limit",
                                 None, reply_to)
-        return cls(Action(action), revision, reply_to, expires_in)
+        queue_until = obj.get("queue_until")
+        if queue_until is not None and not (type(queue_until) is int and 0 < queue_until < 2 ** 40):
+            raise ProtocolError(f"invalid queue_until {str(queue_until)[:40]!r}: must be the unix time (whole "
+                                "seconds) after which a queued deploy is not run", None, reply_to)
+        return cls(Action(action), revision, reply_to, expires_in, queue_until)
 
     def to_json(self) -> bytes:
         obj: dict[str, object] = {"action": self.action.value, "revision": self.revision, "reply_to": self.reply_to}
         if self.expires_in is not None:
             obj["expires_in"] = self.expires_in
+        if self.queue_until is not None:
+            obj["queue_until"] = self.queue_until
         return json.dumps(obj).encode()
 
 
@@ -470,6 +477,67 @@ EVENTS_STREAM_CONFIG = {"name": EVENTS_STREAM, "subjects": ["deploy.events.>", "
                         "retention": "limits", "storage": "file", "discard": "old", "max_age": 90 * 86400 * 10**9,
                         "max_msgs": 1_000_000, "max_bytes": 1 << 30, "max_msg_size": MAX_MESSAGE_BYTES,
                         "num_replicas": 1}
+
+
+# The fleet's memory, JetStream key-value buckets made by `setup-jetstream`, keys <tier>.<hostname> in both: each
+# listener's HostEntry, and the deploys queued for hosts that were offline (the signed request, with queue_until).
+REGISTRY_BUCKET = "HOMELAB_DEPLOY_HOSTS"
+DESIRED_BUCKET = "HOMELAB_DEPLOY_DESIRED"
+MAX_QUEUE_TTL = 30 * 86400  # seconds a queued deploy may wait for its host (--queue-ttl); the bucket keeps no older
+OFFLINE_AFTER = 3  # heartbeat intervals without a registry write after which a host counts as offline
+
+
+def kv_stream_config(bucket: str, max_age: int) -> dict:
+    """A bucket's stream as nats-py's create_key_value makes it: history 1, bounded in size and age."""
+    return {"name": f"KV_{bucket}", "subjects": [f"$KV.{bucket}.>"], "retention": "limits", "storage": "file",
+            "discard": "new", "max_msgs_per_subject": 1, "max_bytes": 64 << 20, "max_msg_size": MAX_MESSAGE_BYTES,
+            "max_age": max_age * 10**9, "duplicate_window": 120 * 10**9, "allow_direct": True,
+            "allow_rollup_hdrs": True, "deny_delete": True, "num_replicas": 1}
+
+
+# What `setup-jetstream` makes: a registry entry lives 90 days unrefreshed (a host gone for good leaves by itself)
+JETSTREAM_STREAMS = (EVENTS_STREAM_CONFIG, kv_stream_config(REGISTRY_BUCKET, 90 * 86400),
+                     kv_stream_config(DESIRED_BUCKET, MAX_QUEUE_TTL))
+
+
+class HostEntry(typing.NamedTuple):
+    """A listener's registry entry, under <tier>.<hostname> of REGISTRY_BUCKET, written at start, every heartbeat,
+    and with online false on a clean stop."""
+
+    hostname: str
+    tier: str
+    role: str | None
+    subjects: list[str]
+    version: str
+    generation: int | None
+    commit: str | None
+    last_seen: str  # UTC, ISO 8601
+    heartbeat: float  # the listener's --heartbeat-interval
+    online: bool  # false once it stopped cleanly
+    queue_applied: int | None  # the DESIRED_BUCKET revision it last applied or skipped
+
+    @classmethod
+    def parse(cls, key: str, data: bytes) -> HostEntry:
+        """An entry, checked against its key: a host writes only its own key, and claims only its tier's subjects,
+        so it cannot make itself expected by a deploy of another tier."""
+        fields = answer_fields(decode_message(data), {
+            "hostname": is_subject_token, "tier": TIERS, "role": is_subject_token, "subjects": list, "version": str,
+            "generation": int, "commit": is_valid_ref, "last_seen": is_iso_time, "heartbeat": float, "online": bool,
+            "queue_applied": int}, f"registry entry {key}",
+            required=("hostname", "tier", "last_seen", "heartbeat", "online"))
+        entry = cls(**{**fields, "subjects": fields["subjects"] or [], "version": fields["version"] or ""})
+        if key != f"{entry.tier}.{entry.hostname}":
+            raise ProtocolError(f"malformed registry entry {key}: it names {entry.tier}.{entry.hostname}")
+        if not all(s.startswith(f"deploy.{entry.tier}.") and is_publish_subject(s) for s in entry.subjects):
+            raise ProtocolError(f"malformed registry entry {key}: a subject is not deploy.{entry.tier}.<...>")
+        return entry
+
+    def online_at(self, now: float) -> bool:
+        """Online by the reader's clock: not stopped cleanly, and written within OFFLINE_AFTER heartbeats."""
+        import calendar
+
+        seen = calendar.timegm(time.strptime(self.last_seen, ISO_TIME_FORMAT))
+        return self.online and now - seen <= OFFLINE_AFTER * self.heartbeat
 
 
 class AuditEvent(typing.NamedTuple):
@@ -891,6 +959,10 @@ class NatsError(Exception):
         super().__init__(redact(message))
 
 
+class NoJetStream(NatsError):
+    """The server has no JetStream, or not the stream or bucket asked for."""
+
+
 class OutcomeUnknown(NatsError):
     """A request went out but NATS did not confirm it: it may have been delivered and be running."""
 
@@ -1238,6 +1310,76 @@ class Bus:
             raise NatsError(f"replay (--since) needs an admin credential: this one ({self.nkey_file}) may not read "
                             f"the JetStream stream {stream}; follow live events without --since" if refused else
                             f"the JetStream API did not answer about {stream}: is JetStream enabled (-js)?") from None
+
+    def request(self, subject: str, payload: bytes = b"", timeout: float = 5.0):
+        """One request and its answer (a nats-py Msg), for the JetStream API and key-value buckets: NoJetStream
+        when nothing serves `subject`, NatsError when the server refused it or nobody answered in time."""
+        import asyncio
+        import concurrent.futures
+
+        import nats.errors
+
+        self.require_connection(subject)
+        since, deadline = self.permission_errors_seen, time.monotonic() + timeout + 5
+        answer = asyncio.run_coroutine_threadsafe(self.client.request(subject, payload, timeout=timeout), self.loop)
+        try:
+            while not answer.done() and time.monotonic() < deadline:  # a refused request gets no answer: the
+                if self.denied(subject, since=since):  # server's -ERR comes within a round trip
+                    answer.cancel()
+                    break
+                time.sleep(0.01)
+            return answer.result(0)
+        except nats.errors.NoRespondersError:
+            raise NoJetStream(f"nothing serves {subject}: this NATS server has no JetStream (nats-server -js) or not "
+                              "the stream; run `homelab-deploy setup-jetstream` once with a setup credential") from None
+        except (nats.errors.TimeoutError, concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            self._check_permission(subject, "publish", since)
+            raise NatsError(f"the NATS server did not answer {subject} within {timeout:g}s") from None
+
+    def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        """Store `value` under `key` of a JetStream key-value bucket; returns its revision."""
+        ack = json.loads(self.request(f"$KV.{bucket}.{key}", value).data)
+        if "error" in ack or not isinstance(ack.get("seq"), int):
+            raise NatsError(f"JetStream refused {bucket} {key}: {str(ack.get('error', ack))[:200]}")
+        return ack["seq"]
+
+    def kv_entries(self, bucket: str, timeout: float = 5.0) -> dict[str, tuple[int, bytes]]:
+        """Every key's latest value of a bucket as {key: (revision, value)}: one ephemeral push consumer delivering
+        the last message per key to this credential's replies, read until none is pending."""
+        prefix, deliver = f"$KV.{bucket}.", new_reply_subject("deploy", self.public_key)
+        deliveries: queue.Queue = queue.Queue()
+
+        async def on_message(msg):  # the metadata is in the ack subject, also without acks
+            meta = msg.metadata
+            deliveries.put((msg.subject, msg.data, meta.sequence.stream, meta.num_pending, msg.headers or {}))
+
+        self.require_connection(deliver)
+        subscription = self._call(self.client.subscribe(deliver, cb=on_message))
+        try:
+            self._check_permission(deliver, "subscription")
+            config = {"name": deliver.rsplit(".", 1)[1], "deliver_subject": deliver, "ack_policy": "none",
+                      "deliver_policy": "last_per_subject", "filter_subject": prefix + ">", "mem_storage": True,
+                      "inactive_threshold": 10 * 10**9, "num_replicas": 1}
+            created = json.loads(self.request(f"$JS.API.CONSUMER.CREATE.KV_{bucket}.{config['name']}.{prefix}>",
+                                              json.dumps({"stream_name": f"KV_{bucket}", "config": config}).encode(),
+                                              timeout).data)
+            if "error" in created:
+                raise (NoJetStream if created["error"].get("code") == 404 else NatsError)(
+                    f"JetStream refused to read {bucket}: {str(created['error'].get('description'))[:200]}")
+            found: dict[str, tuple[int, bytes]] = {}
+            pending, deadline = created.get("num_pending", 0), time.monotonic() + timeout
+            while pending:
+                try:
+                    subject, data, revision, pending, headers = deliveries.get(
+                        timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise NatsError(f"JetStream stopped delivering {bucket} after {len(found)} entries") from None
+                if headers.get("KV-Operation") not in ("DEL", "PURGE") and subject.startswith(prefix):
+                    found[subject[len(prefix):]] = (revision, data)
+            return found
+        finally:
+            with contextlib.suppress(Exception):
+                self._call(subscription.unsubscribe())
 
     def close(self) -> None:
         with self.outbox_room:  # a publisher waiting for room must not hold up the exit (lane threads are joined)
@@ -3731,9 +3873,15 @@ class FleetReader:
     # Audit events: each daemon publishes its own; deployers read their tier's live. JetStream API rights (replay)
     # are admins' only: the server neither checks a consumer's deliver subject nor a JS API reply subject, so a
     # reader of a stream that test hosts write into could have it publish their text on any subject (a deploy).
+    # The registry and queued deploys (docs/decisions.md): every deployer reads both buckets, as the events of its
+    # tier, and a daemon drops what a consumer or the JetStream API delivers onto its subjects; each host writes its
+    # own entry and reads its own queued deploy, answered on its own replies.
+    BUCKET_READER = tuple(right for bucket in (REGISTRY_BUCKET, DESIRED_BUCKET) for right in (
+        f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.>",
+        f"$JS.API.CONSUMER.CREATE.KV_{bucket}.*.$KV.{bucket}.>"))
     ADMIN_DEPLOYER = (("deploy.>", f"$JS.API.STREAM.INFO.{EVENTS_STREAM}", *(
-        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in ("deploy.events.>", "build.events.>"))),
-                      ("deploy.>", "build.events.>"))
+        f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in ("deploy.events.>", "build.events.>")),
+                       *BUCKET_READER, f"$KV.{DESIRED_BUCKET}.>"), ("deploy.>", "build.events.>"))
 
     def read(self) -> list[Credential]:
         for section, fields in FLEET_SECTIONS.items():
@@ -3796,7 +3944,7 @@ class FleetReader:
         return value
 
     def test_deployer(self, public: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (("deploy.test.>", self.discover, STATUS_SUBJECT),
+        return (("deploy.test.>", self.discover, STATUS_SUBJECT, *self.BUCKET_READER, f"$KV.{DESIRED_BUCKET}.test.*"),
                 (f"deploy.responses.{public}.>", self.discover, "deploy.events.test.>"))
 
     @staticmethod
@@ -3818,10 +3966,15 @@ class FleetReader:
             own = expand_subjects(entry.get("deploy_subjects", list(DEFAULT_SUBJECTS)), name, tier, role)
         except (ValueError, TypeError, AttributeError) as e:
             raise FleetError(f"{where}: deploy_subjects: {e}") from None
+        public, desired = self.key(entry, where), f"KV_{DESIRED_BUCKET}"
         self.credentials.append(Credential(
-            f"listener {name} (tier {tier}{', role ' + role if role else ''})", self.key(entry, where),
-            (f"deploy.responses.*.*.{name}", f"deploy.events.{tier}.{name}"),  # no requests: no discovery
-            (*own, self.discover, STATUS_SUBJECT), name, (f"deploy.{tier}.{name}",), site))
+            f"listener {name} (tier {tier}{', role ' + role if role else ''})", public,
+            (f"deploy.responses.*.*.{name}", f"deploy.events.{tier}.{name}",  # no requests: no discovery
+             f"$KV.{REGISTRY_BUCKET}.{tier}.{name}", f"$JS.API.STREAM.INFO.{desired}",
+             f"$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_BUCKET}.{tier}.{name}",
+             f"$JS.API.CONSUMER.CREATE.{desired}.*.$KV.{DESIRED_BUCKET}.{tier}.{name}"),
+            (*own, self.discover, STATUS_SUBJECT, f"deploy.responses.{public}.>"), name, (f"deploy.{tier}.{name}",),
+            site))
 
     def sites(self, entry: dict, where: str, name: str) -> None:
         """The hub knows a site's leaf node as one user with all its hosts' rights."""
@@ -3840,10 +3993,12 @@ class FleetReader:
 
     def deployers(self, entry: dict, where: str, name: str) -> None:
         access = entry.get("access")
-        if access not in ("test", "admin"):
-            raise FleetError(f"{where}: access {access!r} must be 'test' (deploy.test.> only) or 'admin'")
+        if access not in ("test", "admin", "setup"):
+            raise FleetError(f"{where}: access {access!r} must be 'test' (deploy.test.> only), 'admin', or 'setup' "
+                             "(the JetStream API only, for `homelab-deploy setup-jetstream`)")
         public = self.key(entry, where)
-        publish, subscribe = self.test_deployer(public) if access == "test" else self.ADMIN_DEPLOYER
+        publish, subscribe = (self.test_deployer(public) if access == "test" else self.ADMIN_DEPLOYER
+                              if access == "admin" else (("$JS.API.>",), (f"deploy.responses.{public}.>",)))
         self.credentials.append(Credential(f"{access} deployer {name}", public, publish, subscribe, name))
 
     def builders(self, entry: dict, where: str, name: str) -> None:
@@ -3969,6 +4124,38 @@ def nats_config_command(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot read fleet file {args.fleet}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise CommandError(f"{args.fleet} is not valid YAML: {e}") from None
+    return Exit.OK
+
+
+def setup_jetstream_command(args: argparse.Namespace) -> int:
+    """The `setup-jetstream` command: create, or update to JETSTREAM_STREAMS, the events stream and both buckets;
+    a line each saying what it did. Idempotent: run it after every upgrade."""
+    bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-setup")
+    try:
+        for config in JETSTREAM_STREAMS:
+            name = config["name"]
+            info = json.loads(bus.request(f"$JS.API.STREAM.INFO.{name}").data)
+            if "error" in info and info["error"].get("code") != 404:
+                raise NatsError(f"JetStream refused to describe {name}: {str(info['error'].get('description'))[:200]}")
+            if "error" not in info and all(info["config"].get(k) == v for k, v in config.items()):
+                print(f"{name}: unchanged")
+                continue
+            verb = "create" if "error" in info else "update"
+            done = json.loads(bus.request(f"$JS.API.STREAM.{verb.upper()}.{name}", json.dumps(config).encode()).data)
+            if "error" in done:
+                raise NatsError(f"JetStream refused to {verb} {name}: {str(done['error'].get('description'))[:200]}; "
+                                f"if a setting cannot change (storage), remove the stream (`nats stream rm {name}`) "
+                                "and run setup-jetstream again")
+            print(f"{name}: {verb}d", flush=True)
+    except NoJetStream:
+        raise CommandError("this NATS server has no JetStream: start nats-server with -js (NixOS: "
+                           "services.nats.jetstream = true), then run setup-jetstream again", Exit.NATS) from None
+    except NatsError as e:
+        raise CommandError(f"{e}; setup-jetstream needs a credential allowed $JS.API.> (a fleet file's deployer "
+                           "with `access: setup`)" if str(e).startswith("permission denied") else str(e),
+                           Exit.NATS) from None
+    finally:
+        bus.close()
     return Exit.OK
 
 
@@ -4500,6 +4687,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", metavar="NAME", help="print the config of site NAME's leaf-node nats-server instead of "
                    "the hub's (see docs/security.md, 'Topology')")
     p.set_defaults(func=nats_config_command)
+
+    p = sub.add_parser("setup-jetstream", help="create or update the JetStream registry, queue and events stream")
+    nats_flags(p, env=True)
+    p.set_defaults(func=setup_jetstream_command)
 
     p = sub.add_parser("demo", help="run a local sandbox: nats-server, simulated hosts, deploys, metrics")
     p.add_argument("--keep", action="store_true", help="leave the sandbox running until Ctrl-C and print how to use it")

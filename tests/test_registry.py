@@ -1,0 +1,130 @@
+"""Issue 28, the registry side: `setup-jetstream`, the host registry and queued deploys on JetStream key-value
+buckets, on a real nats-server with JetStream and exactly `nats-config`'s users (the registry_server fixture)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import homelab_deploy as hd
+from tests.helpers import NatsServer, run_cli
+
+DESIRED, REGISTRY = hd.DESIRED_BUCKET, hd.REGISTRY_BUCKET
+
+
+def cli(server, user: str, *args: str, timeout: float = 120):
+    return run_cli(
+        *args[:1], "--nats-url", server.url, "--nkey-file", str(server.seeds[user]), *args[1:], timeout=timeout
+    )
+
+
+def consumer_create(bus, bucket: str, key: str):
+    """A named push consumer of one key, as a host watches its queued deploy (nats-py names it in the subject)."""
+    name = "c" + hd.os.urandom(8).hex()
+    config = {
+        "name": name,
+        "deliver_subject": hd.new_reply_subject("deploy", bus.public_key),
+        "ack_policy": "none",
+        "filter_subject": f"$KV.{bucket}.{key}",
+        "deliver_policy": "last_per_subject",
+    }
+    subject = f"$JS.API.CONSUMER.CREATE.KV_{bucket}.{name}.$KV.{bucket}.{key}"
+    return json.loads(bus.request(subject, json.dumps({"stream_name": f"KV_{bucket}", "config": config}).encode()).data)
+
+
+class TestSetupJetStream:
+    def test_creates_then_leaves_unchanged_then_updates_what_changed(self, registry_server):
+        assert registry_server.setup_output.splitlines() == [
+            "HOMELAB_DEPLOY_EVENTS: created",
+            "KV_HOMELAB_DEPLOY_HOSTS: created",
+            "KV_HOMELAB_DEPLOY_DESIRED: created",
+        ]
+        again = cli(registry_server, "ops", "setup-jetstream")
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.splitlines() == [
+            "HOMELAB_DEPLOY_EVENTS: unchanged",
+            "KV_HOMELAB_DEPLOY_HOSTS: unchanged",
+            "KV_HOMELAB_DEPLOY_DESIRED: unchanged",
+        ]
+        # someone made the queue unbounded by hand: setup-jetstream bounds it again
+        ops = hd.Bus(registry_server.url, str(registry_server.seeds["ops"]), "ops")
+        try:
+            config = {**hd.JETSTREAM_STREAMS[2], "max_bytes": -1}
+            assert "error" not in json.loads(
+                ops.request(f"$JS.API.STREAM.UPDATE.KV_{DESIRED}", json.dumps(config).encode()).data
+            )
+            fixed = cli(registry_server, "ops", "setup-jetstream")
+            assert fixed.stdout.splitlines()[2] == "KV_HOMELAB_DEPLOY_DESIRED: updated", fixed.stderr
+            info = json.loads(ops.request(f"$JS.API.STREAM.INFO.KV_{DESIRED}").data)
+            assert info["config"]["max_bytes"] == 64 << 20
+            assert info["config"]["max_msgs_per_subject"] == 1 and info["config"]["max_msg_size"] == 64 * 1024
+        finally:
+            ops.close()
+
+    def test_only_a_setup_credential_may_and_it_may_not_deploy(self, registry_server):
+        refused = cli(registry_server, "tdep", "setup-jetstream")
+        assert refused.returncode == hd.Exit.NATS
+        assert "permission denied" in refused.stderr and "access: setup" in refused.stderr
+        setup = next(c for c in registry_server.credentials if c.name == "ops")
+        assert setup.publish == ("$JS.API.>",) and setup.subscribe == (f"deploy.responses.{setup.public_key}.>",)
+        assert all(setup.public_key not in keys for keys in hd.trusted_keys(registry_server.credentials).values())
+
+    def test_without_jetstream_it_says_how_to_enable_it(self, tmp_path):
+        server = NatsServer(tmp_path, {"ops": {"publish": [">"], "subscribe": [">"]}})
+        server.start()
+        try:
+            result = cli(server, "ops", "setup-jetstream")
+        finally:
+            server.stop()
+        assert result.returncode == hd.Exit.NATS
+        assert "no JetStream" in result.stderr and "-js" in result.stderr, result.stderr
+
+
+class TestBucketRights:
+    """Each credential's rights on the buckets, as `nats-config` grants them, exercised on the server."""
+
+    @pytest.fixture
+    def buses(self, registry_server, bus_factory):
+        return {user: bus_factory(registry_server, user) for user in ("web1", "web2", "tdep", "admin", "mcp")}
+
+    def test_a_host_writes_its_own_registry_entry_and_no_other(self, buses):
+        assert buses["web1"].kv_put(REGISTRY, "test.web1", b"{}") > 0
+        for key in ("test.web2", "prod.web1", "test.web1x"):
+            with pytest.raises(hd.NatsError, match="permission denied"):
+                buses["web1"].kv_put(REGISTRY, key, b"{}")
+        with pytest.raises(hd.NatsError, match="permission denied"):  # nor the queue, its own key included
+            buses["web1"].kv_put(DESIRED, "test.web1", b"{}")
+        assert set(buses["tdep"].kv_entries(REGISTRY)) == {"test.web1"}
+
+    def test_a_test_deployer_queues_for_test_hosts_only_and_an_admin_for_any(self, buses):
+        for user in ("tdep", "mcp"):
+            assert buses[user].kv_put(DESIRED, "test.web2", b"{}") > 0
+            with pytest.raises(hd.NatsError, match="permission denied"):
+                buses[user].kv_put(DESIRED, "prod.p1", b"{}")
+            with pytest.raises(hd.NatsError, match="permission denied"):  # a host's registry entry is its own
+                buses[user].kv_put(REGISTRY, "test.web2", b"{}")
+        assert buses["admin"].kv_put(DESIRED, "prod.p1", b"{}") > 0
+        assert set(buses["tdep"].kv_entries(DESIRED)) == {"test.web2", "prod.p1"}
+
+    def test_a_host_reads_its_own_queued_deploy_and_no_other(self, buses):
+        buses["admin"].kv_put(DESIRED, "test.web1", b'{"mine": 1}')
+        buses["admin"].kv_put(DESIRED, "test.web2", b'{"mine": 2}')
+        web1 = buses["web1"]
+        own = web1.request(f"$JS.API.DIRECT.GET.KV_{DESIRED}.$KV.{DESIRED}.test.web1")
+        assert own.data == b'{"mine": 1}' and own.headers["Nats-Sequence"] == "1"
+        assert "error" not in json.loads(web1.request(f"$JS.API.STREAM.INFO.KV_{DESIRED}").data)
+        assert consumer_create(web1, DESIRED, "test.web1")["num_pending"] == 1
+        with pytest.raises(hd.NatsError, match="permission denied"):
+            web1.request(f"$JS.API.DIRECT.GET.KV_{DESIRED}.$KV.{DESIRED}.test.web2")
+        with pytest.raises(hd.NatsError, match="permission denied"):
+            consumer_create(web1, DESIRED, "test.web2")
+        with pytest.raises(hd.NatsError, match="permission denied"):  # nor the whole queue, nor the registry
+            web1.kv_entries(DESIRED)
+        with pytest.raises(hd.NatsError, match="permission denied"):
+            web1.request(f"$JS.API.STREAM.INFO.KV_{REGISTRY}")
+
+    def test_no_test_credential_gets_a_right_on_the_events_stream(self, registry_server):
+        for c in registry_server.credentials:
+            if c.name in ("tdep", "mcp") or c.serves:
+                assert not any(hd.EVENTS_STREAM in p for p in c.publish), c
