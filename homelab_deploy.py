@@ -2596,6 +2596,55 @@ class Listener:
         log.debug("host=%s answered %s on %s", config.hostname, subject, reply_to)
 
 
+class Registration:
+    """A listener's HostEntry in the registry: written at start, every heartbeat interval on a thread of its own
+    until `stop`, and with online false on a clean stop. Without JetStream or the bucket it warns once and tries
+    again at each heartbeat, quietly; refused by its NATS permissions, it stops trying."""
+
+    def __init__(self, listener: Listener):
+        self.listener, self.config = listener, listener.config
+        self.queue_applied: int | None = None  # the DESIRED_BUCKET revision last applied or skipped (the queue sets it)
+        self.warned = self.refused = False
+        self.thread: threading.Thread | None = None
+
+    def write(self, online: bool = True) -> bool:
+        config = self.config
+        if self.refused:
+            return False
+        entry = HostEntry(config.hostname, config.tier, config.role, list(config.subjects), __version__,
+                          current_generation(config.profile), self.listener.state.profile_commit(),
+                          time.strftime(ISO_TIME_FORMAT, time.gmtime()), config.heartbeat_interval, online,
+                          self.queue_applied)
+        try:
+            self.listener.bus.kv_put(REGISTRY_BUCKET, f"{config.tier}.{config.hostname}",
+                                     json.dumps(entry._asdict()).encode())
+            return True
+        except NatsError as e:
+            self.refused = str(e).startswith("permission denied")
+            if not self.warned or self.refused:
+                log.warning("host=%s not in the registry (deploys work on; `status` cannot show it offline): %s%s",
+                            config.hostname, e, "; regenerate the NATS config with `homelab-deploy nats-config`"
+                            " and restart the listener" if self.refused else "; trying again every heartbeat")
+            self.warned = True
+            return False
+
+    def start(self, stop: threading.Event) -> None:
+        self.write()
+        self.thread = threading.Thread(target=self.beat, args=(stop,), name="registry", daemon=True)
+        self.thread.start()
+
+    def beat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.config.heartbeat_interval):
+            self.write()
+
+    def leave(self) -> None:
+        """On a clean stop, before the connection closes: after the heartbeat's last write, online false."""
+        if self.thread:
+            self.thread.join(10)
+        if self.write(online=False):
+            log.info("host=%s marked offline in the registry", self.config.hostname)
+
+
 def listener_command(args: argparse.Namespace) -> int:
     """The `listener` command: its configuration and state directory checked, it recovers what the last run left,
     serves until a signal, then waits up to --shutdown-grace for the running deploy."""
@@ -2651,6 +2700,8 @@ def listener_command(args: argparse.Namespace) -> int:
                   "and %s", hostname, e, config.discover_subject)
         bus.close()
         return 1
+    registration = Registration(listener)
+    registration.start(stop)
     log.info("host=%s tier=%s role=%s ready (%s)", hostname, config.tier, config.role or "-",
              ", ".join(config.subjects))
     serve_until_stopped(stop, reload, listener.state.reload_signers)
@@ -2661,6 +2712,7 @@ def listener_command(args: argparse.Namespace) -> int:
             listener.reporting.acquire(timeout=60)
     log.info("host=%s shutting down", hostname)
     listener.rejections.flush()  # the count of the window still open
+    registration.leave()
     bus.close()
     return 0
 

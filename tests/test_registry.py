@@ -4,11 +4,13 @@ buckets, on a real nats-server with JetStream and exactly `nats-config`'s users 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 import homelab_deploy as hd
-from tests.helpers import NatsServer, run_cli
+from tests import helpers
+from tests.helpers import Listener, NatsServer, run_cli, wait_for
 
 DESIRED, REGISTRY = hd.DESIRED_BUCKET, hd.REGISTRY_BUCKET
 
@@ -128,3 +130,74 @@ class TestBucketRights:
         for c in registry_server.credentials:
             if c.name in ("tdep", "mcp") or c.serves:
                 assert not any(hd.EVENTS_STREAM in p for p in c.publish), c
+
+
+def registry(server, bus_factory, user: str = "tdep") -> dict[str, hd.HostEntry]:
+    bus = bus_factory(server, user)
+    return {key: hd.HostEntry.parse(key, data) for key, (_, data) in bus.kv_entries(REGISTRY).items()}
+
+
+class TestListenerRegistration:
+    def test_it_registers_at_start_refreshes_every_heartbeat_and_leaves_offline(
+        self, registry_server, bus_factory, tmp_path
+    ):
+        reader = bus_factory(registry_server, "tdep")
+        host = Listener(registry_server, "web1", "test", "web", tmp_path, "--heartbeat-interval", "0.5")
+        try:
+            host.start()
+            first = wait_for(lambda: reader.kv_entries(REGISTRY).get("test.web1"), what="web1's entry")
+            entry = hd.HostEntry.parse("test.web1", first[1])
+            assert (entry.hostname, entry.tier, entry.role, entry.version) == ("web1", "test", "web", hd.__version__)
+            assert entry.subjects == ["deploy.test.web1", "deploy.test.all", "deploy.test.role.web"]
+            assert entry.online and entry.heartbeat == 0.5 and entry.online_at(time.time())
+            assert entry.queue_applied is None
+            wait_for(lambda: reader.kv_entries(REGISTRY)["test.web1"][0] > first[0], what="a heartbeat's write")
+        finally:
+            host.stop()
+        assert host.proc.returncode == 0, host.log_text()
+        left = hd.HostEntry.parse("test.web1", reader.kv_entries(REGISTRY)["test.web1"][1])
+        assert not left.online and not left.online_at(time.time())
+        assert "marked offline in the registry" in host.log_text()
+
+    def test_without_jetstream_it_warns_once_and_deploys_as_before(self, tmp_path, bus_factory):
+        perms = helpers.listener_permissions("testhost1", "test", None)
+        perms = {"publish": [*perms["publish"], "$KV.>"], "subscribe": [*perms["subscribe"], "deploy.responses.>"]}
+        server = NatsServer(tmp_path, {"testhost1": perms, "test-deployer": helpers.FLEET["test-deployer"]})
+        server.start()
+        host = Listener(server, "testhost1", "test", None, tmp_path, "--heartbeat-interval", "0.1")
+        try:
+            host.start()
+            host.standin.set_mode("slow")  # a deploy of 0.3 s: three heartbeats at least
+            result = cli(server, "test-deployer", "deploy", "deploy.test.testhost1")
+            assert result.returncode == 0, result.stderr
+        finally:
+            host.stop()
+            server.stop()
+        assert host.log_text().count("not in the registry") == 1, host.log_text()
+        assert "trying again every heartbeat" in host.log_text() and "Traceback" not in host.log_text()
+
+    def test_entries_are_checked_against_their_key(self):
+        good = {
+            "hostname": "web1",
+            "tier": "test",
+            "role": "web",
+            "subjects": ["deploy.test.web1"],
+            "version": "1",
+            "generation": 3,
+            "commit": None,
+            "last_seen": "2026-01-01T00:00:00Z",
+            "heartbeat": 30,
+            "online": True,
+            "queue_applied": None,
+        }
+        assert hd.HostEntry.parse("test.web1", json.dumps(good).encode()).generation == 3
+        for key, change, why in (
+            ("test.web2", {}, "names test.web1"),
+            ("prod.web1", {"tier": "prod"}, "not deploy.prod"),
+            ("test.web1", {"role": "web\x1b[2J"}, "role"),
+            ("test.web1", {"online": None}, "online is missing"),
+        ):
+            with pytest.raises(hd.ProtocolError, match=why):
+                hd.HostEntry.parse(key, json.dumps({**good, **change}).encode())
+        shown = hd.HostEntry.parse("test.web1", json.dumps({**good, "version": "1\x1b]0;x\x07"}).encode())
+        assert shown.version == "1"
