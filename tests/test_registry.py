@@ -201,3 +201,72 @@ class TestListenerRegistration:
                 hd.HostEntry.parse(key, json.dumps({**good, **change}).encode())
         shown = hd.HostEntry.parse("test.web1", json.dumps({**good, "version": "1\x1b]0;x\x07"}).encode())
         assert shown.version == "1"
+
+
+@pytest.fixture
+def fleet(registry_server, tmp_path):
+    """start(hostname) -> a listener of registry_server's fleet (web1, web2: test, web; p1: prod), stopped after."""
+    started: list[Listener] = []
+
+    def start(hostname: str, *extra: str) -> Listener:
+        tier, role = ("prod", None) if hostname == "p1" else ("test", "web")
+        started.append(Listener(registry_server, hostname, tier, role, tmp_path, *extra).start())
+        return started[-1]
+
+    yield start
+    for host in started:
+        host.stop()
+
+
+# Windows no command may wait out: a command returns before them only because every expected host answered.
+HUGE = ("--answer-window", "100", "--straggler-window", "100")
+
+
+class TestClientsReadTheRegistry:
+    def test_a_stopped_host_is_listed_offline_and_the_others_end_the_wait(self, registry_server, fleet):
+        fleet("web1")
+        fleet("web2").stop()
+        for command in ("list-hosts", "status"):
+            result = cli(registry_server, "tdep", command, "--json", *HUGE, timeout=60)
+            assert result.returncode == 0, result.stderr
+            hosts = {h["hostname"]: h for h in json.loads(result.stdout)}
+            assert set(hosts) == {"web1", "web2"}
+            assert hosts["web1"]["online"] is True and hosts["web2"]["online"] is False
+            assert all(hd.is_iso_time(h["last_seen"]) for h in hosts.values())
+            assert hosts["web2"]["deploy_subjects"] == ["deploy.test.web2", "deploy.test.all", "deploy.test.role.web"]
+            text = cli(registry_server, "tdep", command, *HUGE, timeout=60)
+            line = next(row for row in text.stdout.splitlines() if row.startswith("web2 "))
+            assert " offline " in line, text.stdout
+            assert " offline " not in next(row for row in text.stdout.splitlines() if row.startswith("web1 "))
+        status = {h["hostname"]: h for h in json.loads(cli(registry_server, "tdep", "status", "--json").stdout)}
+        assert status["web1"]["queued"] is None and status["web2"]["history"] == []
+
+    def test_a_bad_entry_is_skipped_and_hides_no_other(self, registry_server, fleet, bus_factory):
+        fleet("web1")
+        # web2's own credential writes an entry that claims a prod subject: it cannot make itself expected there
+        web2 = bus_factory(registry_server, "web2")
+        web2.kv_put(
+            REGISTRY,
+            "test.web2",
+            json.dumps(
+                {
+                    "hostname": "web2",
+                    "tier": "test",
+                    "subjects": ["deploy.prod.all"],
+                    "last_seen": "2026-01-01T00:00:00Z",
+                    "heartbeat": 30,
+                    "online": True,
+                }
+            ).encode(),
+        )
+        result = cli(registry_server, "tdep", "list-hosts", "--json", *HUGE, timeout=60)
+        assert [h["hostname"] for h in json.loads(result.stdout)] == ["web1"], result.stderr
+        assert "skipping registry entry test.web2" in result.stderr
+
+    def test_without_jetstream_it_works_as_before_and_says_why_in_one_line(self, nats_server, start_listener):
+        start_listener("testhost1", "test")
+        for command in ("list-hosts", "status"):
+            result = run_cli(command, *helpers.deploy_args(nats_server, "test-deployer"), "--answer-window", "1")
+            assert result.returncode == 0 and "testhost1" in result.stdout, result.stderr
+            notes = [line for line in result.stderr.splitlines() if "offline cannot be shown" in line]
+            assert len(notes) == 1 and "registry" in notes[0], result.stderr
