@@ -95,10 +95,11 @@ class Status(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     SKIPPED = "skipped"  # a rollout never started this host; never on the wire
+    QUEUED = "queued"  # `deploy --queue` queued it for an offline host; never on the wire
 
     @property
     def final(self) -> bool:
-        return self in (Status.REJECTED, Status.COMPLETED, Status.FAILED, Status.SKIPPED)
+        return self in (Status.REJECTED, Status.COMPLETED, Status.FAILED, Status.SKIPPED, Status.QUEUED)
 
 
 class ErrorCode(enum.Enum):
@@ -3137,6 +3138,7 @@ class Exit(enum.IntEnum):
     NATS = 3  # NATS unreachable, credentials rejected, or permission denied
     NO_ANSWER = 4
     OUTCOME_UNKNOWN = 5  # the request went out unconfirmed: it may be running
+    QUEUED = 6  # `deploy --queue`: offline hosts were queued, none failed
     INTERRUPTED = 130
 
 
@@ -3305,9 +3307,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
-                 window: float = ANSWER_WINDOW, on_event=None,
-                 stragglers: float = STRAGGLER_WINDOW) -> tuple[dict[str, DeployResponse], bool]:
-    """Publish a deploy request (on each subject of a list) and gather every answering host's responses.
+                 window: float = ANSWER_WINDOW, on_event=None, stragglers: float = STRAGGLER_WINDOW,
+                 expected: frozenset[str] = frozenset()) -> tuple[dict[str, DeployResponse], bool]:
+    """Publish a deploy request (on each subject of a list) and gather every answering host's responses, ending
+    as soon as every `expected` host (the registry's online ones it names) and every other that answered finished.
     Returns the last response per host and whether everything finished before the timeout."""
     hosts: dict[str, DeployResponse] = {}
     subjects = [subject] if isinstance(subject, str) else subject
@@ -3317,7 +3320,7 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
     answer_deadline = time.monotonic() + window
     # kept up to date per answer: checking every host on every answer made a fan-out quadratic in its hosts
     unfinished: set[str] = set()
-    unheard = set(addressed)
+    unheard = set(addressed) | expected
 
     def on_answer(response: DeployResponse) -> bool:
         new = response.hostname not in hosts
@@ -3342,7 +3345,7 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
             bus, subject, "deploy", make_request=lambda to: DeployRequest(action, revision, to, window / 2).to_json(),
             parse=DeployResponse.parse, sender=lambda r: r.hostname, timeout=timeout, window=window,
             on_answer=on_answer, is_done=is_done, stragglers=stragglers,
-            is_complete=lambda: len(addressed) == len(subjects) and not unheard and is_done())
+            is_complete=lambda: (len(addressed) == len(subjects) or bool(expected)) and not unheard and is_done())
     except KeyboardInterrupt:
         running = [h for h, r in sorted(hosts.items()) if not r.status.final]
         raise Interrupted((f"{', '.join(running)} may still be deploying (accepted, no final status yet)" if running
@@ -3424,6 +3427,37 @@ class Registry(typing.NamedTuple):
         """What --json adds to a host: online (it answered), last_seen (its registry entry's), queued (status)."""
         entry = self.hosts.get(hostname)
         return {"online": answered, "last_seen": entry.last_seen if entry else None}
+
+
+def deploy_expected(bus: Bus, subject: str, action: Action, revision: str, timeout: float, *, window: float,
+                    stragglers: float, on_event=None, queue_ttl: float | None = None
+                    ) -> tuple[dict[str, DeployResponse], bool]:
+    """deploy_hosts with the registry: the hosts expected are the registered ones whose subjects include
+    `subject`. Its online ones end the wait once they finished; an expected host that gave no answer is failed, or
+    with `queue_ttl`, if offline, its request is queued in DESIRED_BUCKET (after the deploy: never run twice)."""
+    registry, now = Registry.read(bus), time.time()
+    expected = {h: e for h, e in registry.hosts.items() if any(subject_matches(s, subject) for s in e.subjects)}
+    online = frozenset(h for h, e in expected.items() if e.online_at(now))
+    hosts, finished = deploy_hosts(bus, subject, action, revision, timeout, window, on_event, stragglers, online)
+    for hostname, entry in sorted(expected.items()):
+        if hostname in hosts:
+            continue
+        hosts[hostname] = DeployResponse(hostname, Status.FAILED, message=(
+            f"registered and online but did not answer within {window:g}s; check its listener") if hostname in online
+            else f"offline (last seen {entry.last_seen}): not deployed; `deploy --queue` runs it once it is back")
+        if queue_ttl and hostname not in online:
+            host_subject, until = f"deploy.{entry.tier}.{hostname}", int(time.time() + queue_ttl)
+            request = DeployRequest(action, revision, new_reply_subject("deploy", bus.public_key), None, until)
+            try:
+                bus.kv_put(DESIRED_BUCKET, f"{entry.tier}.{hostname}", bus.sign(host_subject, request.to_json()))
+                hosts[hostname] = DeployResponse(hostname, Status.QUEUED, message=(
+                    f"offline (last seen {entry.last_seen}): queued until "
+                    f"{time.strftime(ISO_TIME_FORMAT, time.gmtime(until))}; it runs once when the host is back"))
+            except NatsError as e:
+                hosts[hostname] = DeployResponse(hostname, Status.FAILED, message=f"offline, and not queued: {e}")
+        if on_event:
+            on_event(hosts[hostname])
+    return hosts, finished
 
 
 def describe(response: DeployResponse) -> str:
@@ -3529,10 +3563,13 @@ def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollo
 
 
 def deploy_exit(hosts: list[DeployResponse]) -> Exit:
-    """A deploy's exit code from each host's last answer: OK when every one completed, NO_ANSWER without any."""
+    """A deploy's exit code from each host's last answer: OK when every one completed, QUEUED when the others were
+    queued, NO_ANSWER without any."""
     if not hosts:
         return Exit.NO_ANSWER
-    return Exit.OK if all(r.status is Status.COMPLETED for r in hosts) else Exit.FAILED
+    if any(r.status not in (Status.COMPLETED, Status.QUEUED) for r in hosts):
+        return Exit.FAILED
+    return Exit.QUEUED if any(r.status is Status.QUEUED for r in hosts) else Exit.OK
 
 
 def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: list[DeployResponse],
@@ -3629,13 +3666,18 @@ def deploy_command(args: argparse.Namespace) -> int:
             raise CommandError(str(e)) from None
         print(f"pinned {args.branch} -> {revision}", file=sys.stderr)
     progress = Progress(quiet=False)
+    rollout = args.canary is not None or args.batch_size is not None or args.max_failures is not None or args.plan
+    if rollout and args.queue:
+        raise CommandError("--queue works without rollout flags: a rollout's plan is the hosts that answer "
+                           "discovery; deploy the offline hosts with `deploy --queue` alone")
     bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
-    if args.canary is not None or args.batch_size is not None or args.max_failures is not None or args.plan:
+    if rollout:
         return deploy_rollout(args, subject, revision, bus, progress)
     try:
-        hosts, finished = deploy_hosts(bus, subject, Action(args.action), revision, args.timeout,
-                                       args.answer_window,
-                                       lambda r: progress.event(describe(r), r.status.final), args.straggler_window)
+        hosts, finished = deploy_expected(bus, subject, Action(args.action), revision, args.timeout,
+                                          window=args.answer_window, stragglers=args.straggler_window,
+                                          on_event=lambda r: progress.event(describe(r), r.status.final),
+                                          queue_ttl=args.queue_ttl if args.queue else None)
     except OutcomeUnknown as e:
         raise unknown_deploy_outcome(e, " (a host's listener log has its result)") from None
     finally:
@@ -4611,6 +4653,15 @@ def subject_flag(text: str) -> str:
                                      "wildcards or spaces, the listeners' --discover-subject, e.g. deploy.discover")
 
 
+def queue_ttl_flag(text: str) -> float:
+    """type= of deploy --queue-ttl: a duration as events --since takes it, at most MAX_QUEUE_TTL."""
+    seconds = since_seconds(text)
+    if seconds > MAX_QUEUE_TTL:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than {MAX_QUEUE_TTL // 86400}d, the longest a queued "
+                                         "deploy is kept; give e.g. 24h or 7d")
+    return seconds
+
+
 def since_seconds(text: str) -> float:
     """type= of events --since: seconds, or a number with s, m, h or d (90d)."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
@@ -4762,6 +4813,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=count_flag, metavar="F",
                    help="roll out: start no new batch once more than F hosts failed (default: 0)")
     p.add_argument("--plan", action="store_true", help="roll out: print the batches and exit without deploying")
+    p.add_argument("--queue", action="store_true",
+                   help="with the registry: queue the deploy for each expected host that is offline; it runs once "
+                        "when the host is back (exit 6 when hosts were queued and none failed)")
+    p.add_argument("--queue-ttl", type=queue_ttl_flag, default=24 * 3600.0, metavar="DURATION",
+                   help="with --queue: how long a queued deploy stays valid, e.g. 30m, 24h, 7d (default: 24h, "
+                        "at most 30d)")
     discover_flag(p)
     p.set_defaults(func=deploy_command)
 

@@ -270,3 +270,75 @@ class TestClientsReadTheRegistry:
             assert result.returncode == 0 and "testhost1" in result.stdout, result.stderr
             notes = [line for line in result.stderr.splitlines() if "offline cannot be shown" in line]
             assert len(notes) == 1 and "registry" in notes[0], result.stderr
+
+
+class TestDeployWithTheRegistry:
+    def test_a_stopped_host_named_by_the_target_fails_as_offline(self, registry_server, fleet):
+        fleet("web1")
+        web2 = fleet("web2")
+        web2.stop()
+        result = cli(registry_server, "tdep", "deploy", "deploy.test.role.web", "--branch", "main", *HUGE, timeout=60)
+        assert result.returncode == hd.Exit.FAILED, result.stderr
+        assert "web1: completed" in result.stderr
+        assert "web2: failed - offline (last seen " in result.stderr and "--queue" in result.stderr
+        assert "deploy.test.role.web: 1/2 hosts completed" in result.stderr
+        assert web2.standin.calls == []
+
+    def test_a_fan_out_exits_at_the_last_final_status(self, registry_server, fleet):
+        """Windows of 100 s that the command never waits out: it returns once web1 and web2 (the registered
+        hosts of deploy.test.all) sent their final status; p1 is prod and not expected."""
+        hosts = [fleet("web1"), fleet("web2"), fleet("p1")]
+        result = cli(
+            registry_server, "tdep", "deploy", "deploy.test.all", "--branch", "main", "--json", *HUGE, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert [(h["hostname"], h["status"]) for h in json.loads(result.stdout)["hosts"]] == [
+            ("web1", "completed"),
+            ("web2", "completed"),
+        ]
+        assert [len(h.standin.calls) for h in hosts] == [1, 1, 0]
+
+    def test_queue_writes_the_signed_request_for_the_offline_host_and_runs_the_online_one(
+        self, registry_server, fleet, bus_factory
+    ):
+        web1 = fleet("web1")
+        fleet("web2").stop()
+        before = int(time.time())
+        result = cli(
+            registry_server, "tdep", "deploy", "deploy.test.role.web", "--branch", "main", "--queue",
+            "--queue-ttl", "2h", *HUGE, timeout=60,
+        )  # fmt: skip
+        after = int(time.time())
+        assert result.returncode == hd.Exit.QUEUED, result.stderr
+        assert "web2: queued - offline (last seen " in result.stderr and len(web1.standin.calls) == 1
+        revision, data = bus_factory(registry_server, "tdep").kv_entries(DESIRED)["test.web2"]
+        request = hd.DeployRequest.parse(data)
+        assert (request.action, request.revision) == (hd.Action.SWITCH, "main")
+        assert before + 7200 <= request.queue_until <= after + 7200
+        signers = hd.TrustedSigners({registry_server.public["tdep"]: "tdep"})
+        assert signers.verify("deploy.test.web2", data, request.reply_to, None) == "tdep"
+        with pytest.raises(hd.ProtocolError, match="does not match"):  # signed for web2's subject only
+            signers.verify("deploy.test.web1", data, request.reply_to, None)
+        tampered = json.loads(data) | {"queue_until": request.queue_until + 86400}
+        with pytest.raises(hd.ProtocolError, match="does not match"):  # the signature covers queue_until
+            hd.TrustedSigners({registry_server.public["tdep"]: "tdep"}).verify(
+                "deploy.test.web2", json.dumps(tampered).encode(), request.reply_to, None
+            )
+        status = {h["hostname"]: h for h in json.loads(cli(registry_server, "tdep", "status", "--json").stdout)}
+        assert status["web2"]["queued"] == {
+            "action": "switch",
+            "revision": "main",
+            "queue_until": request.queue_until,
+            "queued_at": status["web2"]["queued"]["queued_at"],
+        }
+        assert hd.is_iso_time(status["web2"]["queued"]["queued_at"]) and status["web1"]["queued"] is None
+        assert revision > 0
+
+    def test_queue_flags_are_checked_before_anything_is_sent(self, registry_server):
+        for flags, why in (
+            (("--queue", "--queue-ttl", "31d"), "longer than 30d"),
+            (("--queue", "--queue-ttl", "soon"), "not a duration"),
+            (("--queue", "--canary", "1"), "--queue works without rollout flags"),
+        ):
+            result = cli(registry_server, "tdep", "deploy", "deploy.test.all", *flags)
+            assert result.returncode == hd.Exit.USAGE and why in result.stderr, result.stderr
