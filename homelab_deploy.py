@@ -3651,9 +3651,11 @@ def deploy_rollout(args: argparse.Namespace, subject: str, revision: str, bus: B
 
 def deploy_command(args: argparse.Namespace) -> int:
     try:
-        subject = resolve_target(args.target)
+        subject, unresolved = resolve_target(args.target), ""
     except ValueError as e:
-        raise CommandError(str(e)) from None
+        if not is_subject_token(args.target):
+            raise CommandError(str(e)) from None
+        subject, unresolved = "", str(e)  # perhaps a registered hostname: looked up once connected
     if args.action not in [a.value for a in Action]:
         raise CommandError(f"invalid --action {args.action!r}; use one of {', '.join(a.value for a in Action)}")
     if not is_valid_ref(args.branch):
@@ -3671,6 +3673,17 @@ def deploy_command(args: argparse.Namespace) -> int:
         raise CommandError("--queue works without rollout flags: a rollout's plan is the hosts that answer "
                            "discovery; deploy the offline hosts with `deploy --queue` alone")
     bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
+    if unresolved:  # `deploy web1`: deploy.<tier>.web1 of the registered host
+        registry = Registry.read(bus)
+        if (entry := registry.hosts.get(args.target)) is None:
+            import difflib
+
+            bus.close()
+            close = difflib.get_close_matches(args.target, list(registry.hosts), 3, 0.5)
+            raise CommandError(f"{args.target!r} is not a registered host" + (
+                f"; the closest registered: {', '.join(close)}" if close else
+                f" (the registry is unreadable: {registry.why})" if registry.why else "") + f"; and {unresolved}")
+        subject = f"deploy.{entry.tier}.{entry.hostname}"
     if rollout:
         return deploy_rollout(args, subject, revision, bus, progress)
     try:

@@ -342,3 +342,26 @@ class TestDeployWithTheRegistry:
         ):
             result = cli(registry_server, "tdep", "deploy", "deploy.test.all", *flags)
             assert result.returncode == hd.Exit.USAGE and why in result.stderr, result.stderr
+
+
+class TestDeployByHostname:
+    def test_a_registered_hostname_deploys_that_host_on_its_own_subject(self, registry_server, fleet):
+        web1, web2 = fleet("web1"), fleet("web2")
+        result = cli(registry_server, "tdep", "deploy", "web1", "--branch", "main", "--json", *HUGE, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["subject"] == "deploy.test.web1"
+        assert (len(web1.standin.calls), len(web2.standin.calls)) == (1, 0)
+
+    def test_an_unknown_hostname_exits_2_naming_the_closest_registered_hosts(self, registry_server, fleet):
+        fleet("web1")
+        fleet("web2")
+        result = cli(registry_server, "tdep", "deploy", "web3")
+        assert result.returncode == hd.Exit.USAGE
+        closest = result.stderr.split("the closest registered: ")[1].split(";")[0]
+        assert "'web3' is not a registered host" in result.stderr and sorted(closest.split(", ")) == ["web1", "web2"]
+        assert "HOMELAB_DEPLOY_ALIAS_WEB3" in result.stderr
+
+    def test_without_the_registry_it_says_why(self, nats_server):
+        result = run_cli("deploy", "web1", *helpers.deploy_args(nats_server, "test-deployer"))
+        assert result.returncode == hd.Exit.USAGE
+        assert "the registry is unreadable" in result.stderr and "HOMELAB_DEPLOY_ALIAS_WEB1" in result.stderr
