@@ -485,6 +485,7 @@ EVENTS_STREAM_CONFIG = {"name": EVENTS_STREAM, "subjects": ["deploy.events.>", "
 REGISTRY_BUCKET = "HOMELAB_DEPLOY_HOSTS"
 DESIRED_BUCKET = "HOMELAB_DEPLOY_DESIRED"
 MAX_QUEUE_TTL = 30 * 86400  # seconds a queued deploy may wait for its host (--queue-ttl); the bucket keeps no older
+DEFAULT_QUEUE_TTL = 24 * 3600  # deploy --queue without --queue-ttl, and the MCP tools' queue
 OFFLINE_AFTER = 3  # heartbeat intervals without a registry write after which a host counts as offline
 
 
@@ -4798,8 +4799,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="deploy to the hosts behind a subject or alias")
     p.add_argument("target", metavar="SUBJECT_OR_ALIAS",
-                   help="deploy subject (deploy.<tier>.<host>|all|role.<role>) or alias from "
-                        "HOMELAB_DEPLOY_ALIAS_<NAME>")
+                   help="deploy subject (deploy.<tier>.<host>|all|role.<role>), alias from "
+                        "HOMELAB_DEPLOY_ALIAS_<NAME>, or a registered hostname")
     nats_flags(p, env=True)
     p.add_argument("--branch", default=env_default("HOMELAB_DEPLOY_BRANCH", "master"),
                    help="git branch, tag or commit (env HOMELAB_DEPLOY_BRANCH, default: master)")
@@ -4829,7 +4830,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", action="store_true",
                    help="with the registry: queue the deploy for each expected host that is offline; it runs once "
                         "when the host is back (exit 6 when hosts were queued and none failed)")
-    p.add_argument("--queue-ttl", type=queue_ttl_flag, default=24 * 3600.0, metavar="DURATION",
+    p.add_argument("--queue-ttl", type=queue_ttl_flag, default=float(DEFAULT_QUEUE_TTL), metavar="DURATION",
                    help="with --queue: how long a queued deploy stays valid, e.g. 30m, 24h, 7d (default: 24h, "
                         "at most 30d)")
     discover_flag(p)

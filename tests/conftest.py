@@ -188,3 +188,20 @@ def registry_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def registry_fleet(registry_server, tmp_path):
+    """start(hostname) -> a listener of registry_server's fleet (web1, web2: test, web; p1: prod), stopped after."""
+    from tests.helpers import Listener
+
+    started: list[Listener] = []
+
+    def start(hostname: str, *extra: str) -> Listener:
+        tier, role = ("prod", None) if hostname == "p1" else ("test", "web")
+        started.append(Listener(registry_server, hostname, tier, role, tmp_path, *extra).start())
+        return started[-1]
+
+    yield start
+    for host in started:
+        host.stop()

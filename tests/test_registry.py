@@ -203,29 +203,14 @@ class TestListenerRegistration:
         assert shown.version == "1"
 
 
-@pytest.fixture
-def fleet(registry_server, tmp_path):
-    """start(hostname) -> a listener of registry_server's fleet (web1, web2: test, web; p1: prod), stopped after."""
-    started: list[Listener] = []
-
-    def start(hostname: str, *extra: str) -> Listener:
-        tier, role = ("prod", None) if hostname == "p1" else ("test", "web")
-        started.append(Listener(registry_server, hostname, tier, role, tmp_path, *extra).start())
-        return started[-1]
-
-    yield start
-    for host in started:
-        host.stop()
-
-
 # Windows no command may wait out: a command returns before them only because every expected host answered.
 HUGE = ("--answer-window", "100", "--straggler-window", "100")
 
 
 class TestClientsReadTheRegistry:
-    def test_a_stopped_host_is_listed_offline_and_the_others_end_the_wait(self, registry_server, fleet):
-        fleet("web1")
-        fleet("web2").stop()
+    def test_a_stopped_host_is_listed_offline_and_the_others_end_the_wait(self, registry_server, registry_fleet):
+        registry_fleet("web1")
+        registry_fleet("web2").stop()
         for command in ("list-hosts", "status"):
             result = cli(registry_server, "tdep", command, "--json", *HUGE, timeout=60)
             assert result.returncode == 0, result.stderr
@@ -241,8 +226,8 @@ class TestClientsReadTheRegistry:
         status = {h["hostname"]: h for h in json.loads(cli(registry_server, "tdep", "status", "--json").stdout)}
         assert status["web1"]["queued"] is None and status["web2"]["history"] == []
 
-    def test_a_bad_entry_is_skipped_and_hides_no_other(self, registry_server, fleet, bus_factory):
-        fleet("web1")
+    def test_a_bad_entry_is_skipped_and_hides_no_other(self, registry_server, registry_fleet, bus_factory):
+        registry_fleet("web1")
         # web2's own credential writes an entry that claims a prod subject: it cannot make itself expected there
         web2 = bus_factory(registry_server, "web2")
         web2.kv_put(
@@ -273,9 +258,9 @@ class TestClientsReadTheRegistry:
 
 
 class TestDeployWithTheRegistry:
-    def test_a_stopped_host_named_by_the_target_fails_as_offline(self, registry_server, fleet):
-        fleet("web1")
-        web2 = fleet("web2")
+    def test_a_stopped_host_named_by_the_target_fails_as_offline(self, registry_server, registry_fleet):
+        registry_fleet("web1")
+        web2 = registry_fleet("web2")
         web2.stop()
         result = cli(registry_server, "tdep", "deploy", "deploy.test.role.web", "--branch", "main", *HUGE, timeout=60)
         assert result.returncode == hd.Exit.FAILED, result.stderr
@@ -284,10 +269,10 @@ class TestDeployWithTheRegistry:
         assert "deploy.test.role.web: 1/2 hosts completed" in result.stderr
         assert web2.standin.calls == []
 
-    def test_a_fan_out_exits_at_the_last_final_status(self, registry_server, fleet):
+    def test_a_fan_out_exits_at_the_last_final_status(self, registry_server, registry_fleet):
         """Windows of 100 s that the command never waits out: it returns once web1 and web2 (the registered
         hosts of deploy.test.all) sent their final status; p1 is prod and not expected."""
-        hosts = [fleet("web1"), fleet("web2"), fleet("p1")]
+        hosts = [registry_fleet("web1"), registry_fleet("web2"), registry_fleet("p1")]
         result = cli(
             registry_server, "tdep", "deploy", "deploy.test.all", "--branch", "main", "--json", *HUGE, timeout=60
         )
@@ -299,10 +284,10 @@ class TestDeployWithTheRegistry:
         assert [len(h.standin.calls) for h in hosts] == [1, 1, 0]
 
     def test_queue_writes_the_signed_request_for_the_offline_host_and_runs_the_online_one(
-        self, registry_server, fleet, bus_factory
+        self, registry_server, registry_fleet, bus_factory
     ):
-        web1 = fleet("web1")
-        fleet("web2").stop()
+        web1 = registry_fleet("web1")
+        registry_fleet("web2").stop()
         before = int(time.time())
         result = cli(
             registry_server, "tdep", "deploy", "deploy.test.role.web", "--branch", "main", "--queue",
@@ -345,16 +330,16 @@ class TestDeployWithTheRegistry:
 
 
 class TestDeployByHostname:
-    def test_a_registered_hostname_deploys_that_host_on_its_own_subject(self, registry_server, fleet):
-        web1, web2 = fleet("web1"), fleet("web2")
+    def test_a_registered_hostname_deploys_that_host_on_its_own_subject(self, registry_server, registry_fleet):
+        web1, web2 = registry_fleet("web1"), registry_fleet("web2")
         result = cli(registry_server, "tdep", "deploy", "web1", "--branch", "main", "--json", *HUGE, timeout=60)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["subject"] == "deploy.test.web1"
         assert (len(web1.standin.calls), len(web2.standin.calls)) == (1, 0)
 
-    def test_an_unknown_hostname_exits_2_naming_the_closest_registered_hosts(self, registry_server, fleet):
-        fleet("web1")
-        fleet("web2")
+    def test_an_unknown_hostname_exits_2_naming_the_closest_registered_hosts(self, registry_server, registry_fleet):
+        registry_fleet("web1")
+        registry_fleet("web2")
         result = cli(registry_server, "tdep", "deploy", "web3")
         assert result.returncode == hd.Exit.USAGE
         closest = result.stderr.split("the closest registered: ")[1].split(";")[0]
