@@ -2610,6 +2610,8 @@ class Registration:
         self.thread: threading.Thread | None = None
 
     def write(self, online: bool = True) -> bool:
+        """Write the entry and wait for JetStream's ack; offline, only hand it to the connection, which close()
+        sends out: a listener stopped with its NATS server must not wait for an ack that never comes."""
         config = self.config
         if self.refused:
             return False
@@ -2617,9 +2619,12 @@ class Registration:
                           current_generation(config.profile), self.listener.state.profile_commit(),
                           time.strftime(ISO_TIME_FORMAT, time.gmtime()), config.heartbeat_interval, online,
                           self.queue_applied)
+        key, value = f"{config.tier}.{config.hostname}", json.dumps(entry._asdict()).encode()
         try:
-            self.listener.bus.kv_put(REGISTRY_BUCKET, f"{config.tier}.{config.hostname}",
-                                     json.dumps(entry._asdict()).encode())
+            if online:
+                self.listener.bus.kv_put(REGISTRY_BUCKET, key, value)
+            else:
+                self.listener.bus.publish(f"$KV.{REGISTRY_BUCKET}.{key}", value)
             return True
         except NatsError as e:
             self.refused = str(e).startswith("permission denied")
@@ -2642,9 +2647,9 @@ class Registration:
     def leave(self) -> None:
         """On a clean stop, before the connection closes: after the heartbeat's last write, online false."""
         if self.thread:
-            self.thread.join(10)
+            self.thread.join(5)
         if self.write(online=False):
-            log.info("host=%s marked offline in the registry", self.config.hostname)
+            log.info("host=%s marking itself offline in the registry", self.config.hostname)
 
 
 def listener_command(args: argparse.Namespace) -> int:

@@ -157,7 +157,7 @@ class TestListenerRegistration:
         assert host.proc.returncode == 0, host.log_text()
         left = hd.HostEntry.parse("test.web1", reader.kv_entries(REGISTRY)["test.web1"][1])
         assert not left.online and not left.online_at(time.time())
-        assert "marked offline in the registry" in host.log_text()
+        assert "marking itself offline in the registry" in host.log_text()
 
     def test_without_jetstream_it_warns_once_and_deploys_as_before(self, tmp_path, bus_factory):
         perms = helpers.listener_permissions("testhost1", "test", None)
