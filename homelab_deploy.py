@@ -1329,7 +1329,7 @@ class Bus:
                 if self.denied(subject, since=since):  # server's -ERR comes within a round trip
                     answer.cancel()
                     break
-                time.sleep(0.01)
+                concurrent.futures.wait([answer], 0.01)
             return answer.result(0)
         except nats.errors.NoRespondersError:
             raise NoJetStream(f"nothing serves {subject}: this NATS server has no JetStream (nats-server -js) or not "

@@ -350,3 +350,13 @@ class TestDeployByHostname:
         result = run_cli("deploy", "web1", *helpers.deploy_args(nats_server, "test-deployer"))
         assert result.returncode == hd.Exit.USAGE
         assert "the registry is unreadable" in result.stderr and "HOMELAB_DEPLOY_ALIAS_WEB1" in result.stderr
+
+
+def test_queue_until_is_a_whole_number_of_unix_seconds_and_round_trips():
+    request = hd.DeployRequest(hd.Action.BOOT, "main", "deploy.responses.U1.t", None, 1_900_000_000)
+    assert hd.DeployRequest.parse(request.to_json()) == request
+    assert "queue_until" not in json.loads(request._replace(queue_until=None).to_json())
+    for bad in ("1900000000", 0, -5, 2**40, 1.5, True):
+        data = json.dumps({**json.loads(request.to_json()), "queue_until": bad}).encode()
+        with pytest.raises(hd.ProtocolError, match="invalid queue_until"):
+            hd.DeployRequest.parse(data)
