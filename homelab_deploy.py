@@ -1357,8 +1357,7 @@ class Bus:
 
         self.require_connection(deliver)
         subscription = self._call(self.client.subscribe(deliver, cb=on_message))
-        try:
-            self._check_permission(deliver, "subscription")
+        try:  # a credential may read its own replies (nats-config): no round trips to check it; a refusal shows below
             config = {"name": deliver.rsplit(".", 1)[1], "deliver_subject": deliver, "ack_policy": "none",
                       "deliver_policy": "last_per_subject", "filter_subject": prefix + ">", "mem_storage": True,
                       "inactive_threshold": 10 * 10**9, "num_replicas": 1}
@@ -1375,6 +1374,7 @@ class Bus:
                     subject, data, revision, pending, headers = deliveries.get(
                         timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
+                    self._check_permission(deliver, "subscription")
                     raise NatsError(f"JetStream stopped delivering {bucket} after {len(found)} entries") from None
                 if headers.get("KV-Operation") not in ("DEL", "PURGE") and subject.startswith(prefix):
                     found[subject[len(prefix):]] = (revision, data)
@@ -3366,17 +3366,19 @@ def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: 
     """Every listener's answer to discovery (HostInfo), or with STATUS_SUBJECT and HostStatus.parse, to status;
     once every `expected` host (the registry's online ones) answered, at once."""
     hosts: dict[str, HostInfo | HostStatus] = {}
+    unheard = set(expected)
 
     def on_answer(info: HostInfo | HostStatus) -> bool:
         new = info.hostname not in hosts
         hosts[info.hostname] = info
+        unheard.discard(info.hostname)
         return new
 
     collect_answers(bus, discover_subject, "deploy",
                     make_request=lambda reply_to: json.dumps({"reply_to": reply_to}).encode(), parse=parse,
                     sender=lambda h: h.hostname, timeout=window, window=window, on_answer=on_answer,
                     is_done=lambda: True, stragglers=stragglers,
-                    is_complete=lambda: bool(expected) and expected <= hosts.keys())
+                    is_complete=lambda: bool(expected) and not unheard)
     return sorted(hosts.values(), key=lambda h: (h.tier, h.hostname))
 
 
