@@ -360,3 +360,49 @@ def test_queue_until_is_a_whole_number_of_unix_seconds_and_round_trips():
         data = json.dumps({**json.loads(request.to_json()), "queue_until": bad}).encode()
         with pytest.raises(hd.ProtocolError, match="invalid queue_until"):
             hd.DeployRequest.parse(data)
+
+
+def test_a_site_leaf_user_gets_its_hosts_bucket_rights_and_no_more(tmp_path):
+    """JetStream stays on the hub: a site's leaf user carries its hosts' rights there, the union, nothing else."""
+    pub = {name: helpers.make_user_key(tmp_path, name)[1] for name in ("t1", "t2", "home")}
+    credentials = hd.fleet_credentials(
+        {
+            "hosts": [
+                {"hostname": "t1", "tier": "test", "nkey": pub["t1"], "site": "home"},
+                {"hostname": "t2", "tier": "test", "nkey": pub["t2"]},
+            ],
+            "sites": [{"name": "home", "hub": "nats-leaf://hub.example.com:7422", "nkey": pub["home"]}],
+        }
+    )
+    site = next(c for c in credentials if c.description.startswith("leaf node of site home"))
+    t1 = next(c for c in credentials if c.name == "t1")
+    assert set(site.publish) == set(t1.publish) and f"$KV.{REGISTRY}.test.t1" in site.publish
+    assert not any("t2" in p for p in site.publish)
+
+
+class TestQueuedInStatus:
+    def test_only_a_live_entry_newer_than_what_the_host_applied_is_pending(self, registry_server, bus_factory):
+        admin, web1 = bus_factory(registry_server, "admin"), bus_factory(registry_server, "web1")
+
+        def queue_for(host: str, until: int) -> int:
+            request = hd.DeployRequest(hd.Action.SWITCH, "main", hd.new_reply_subject("deploy", admin.public_key))
+            data = admin.sign(f"deploy.test.{host}", request._replace(queue_until=until).to_json())
+            return admin.kv_put(DESIRED, f"test.{host}", data)
+
+        def register(host: str, applied: int | None) -> None:
+            entry = hd.HostEntry(host, "test", "web", [f"deploy.test.{host}"], "1", None, None,
+                                 time.strftime(hd.ISO_TIME_FORMAT, time.gmtime()), 30.0, False, applied)  # fmt: skip
+            bus = web1 if host == "web1" else bus_factory(registry_server, host)
+            bus.kv_put(REGISTRY, f"test.{host}", json.dumps(entry._asdict()).encode())
+
+        applied = queue_for("web1", int(time.time()) + 3600)
+        register("web1", applied)  # web1 applied it: nothing pending
+        queue_for("web2", int(time.time()) - 1)  # expired
+        register("web2", None)
+        status = {h["hostname"]: h for h in json.loads(cli(registry_server, "tdep", "status", "--json").stdout)}
+        assert status["web1"]["queued"] is None and status["web2"]["queued"] is None
+        assert (status["web1"]["online"], status["web2"]["online"]) == (False, False)
+        newer = queue_for("web1", int(time.time()) + 3600)
+        assert newer > applied
+        status = {h["hostname"]: h for h in json.loads(cli(registry_server, "tdep", "status", "--json").stdout)}
+        assert status["web1"]["queued"]["action"] == "switch"
