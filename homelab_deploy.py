@@ -105,10 +105,11 @@ class Status(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     SKIPPED = "skipped"  # a rollout never started this host; never on the wire
+    QUEUED = "queued"  # `deploy --queue` queued it for an offline host; never on the wire
 
     @property
     def final(self) -> bool:
-        return self in (Status.REJECTED, Status.COMPLETED, Status.FAILED, Status.SKIPPED)
+        return self in (Status.REJECTED, Status.COMPLETED, Status.FAILED, Status.SKIPPED, Status.QUEUED)
 
 
 class ErrorCode(enum.Enum):
@@ -598,6 +599,68 @@ EVENTS_STREAM_CONFIG = {"name": EVENTS_STREAM, "subjects": ["deploy.events.>", "
                         "num_replicas": 1}
 
 
+# The fleet's memory, JetStream key-value buckets made by `setup-jetstream`, keys <tier>.<hostname> in both: each
+# listener's HostEntry, and the deploys queued for hosts that were offline (the signed request, with queue_until).
+REGISTRY_BUCKET = "HOMELAB_DEPLOY_HOSTS"
+DESIRED_BUCKET = "HOMELAB_DEPLOY_DESIRED"
+MAX_QUEUE_TTL = 30 * 86400  # seconds a queued deploy may wait for its host (--queue-ttl); the bucket keeps no older
+DEFAULT_QUEUE_TTL = 24 * 3600  # deploy --queue without --queue-ttl, and the MCP tools' queue
+OFFLINE_AFTER = 3  # heartbeat intervals without a registry write after which a host counts as offline
+
+
+def kv_stream_config(bucket: str, max_age: int) -> dict:
+    """A bucket's stream as nats-py's create_key_value makes it: history 1, bounded in size and age."""
+    return {"name": f"KV_{bucket}", "subjects": [f"$KV.{bucket}.>"], "retention": "limits", "storage": "file",
+            "discard": "new", "max_msgs_per_subject": 1, "max_bytes": 64 << 20, "max_msg_size": MAX_MESSAGE_BYTES,
+            "max_age": max_age * 10**9, "duplicate_window": 120 * 10**9, "allow_direct": True,
+            "allow_rollup_hdrs": True, "deny_delete": True, "num_replicas": 1}
+
+
+# What `setup-jetstream` makes: a registry entry lives 90 days unrefreshed (a host gone for good leaves by itself)
+JETSTREAM_STREAMS = (EVENTS_STREAM_CONFIG, kv_stream_config(REGISTRY_BUCKET, 90 * 86400),
+                     kv_stream_config(DESIRED_BUCKET, MAX_QUEUE_TTL))
+
+
+class HostEntry(typing.NamedTuple):
+    """A listener's registry entry, under <tier>.<hostname> of REGISTRY_BUCKET, written at start, every heartbeat,
+    and with online false on a clean stop."""
+
+    hostname: str
+    tier: str
+    role: str | None
+    subjects: list[str]
+    version: str
+    generation: int | None
+    commit: str | None
+    last_seen: str  # UTC, ISO 8601
+    heartbeat: float  # the listener's --heartbeat-interval
+    online: bool  # false once it stopped cleanly
+    queue_applied: int | None  # the DESIRED_BUCKET revision it last applied or skipped
+
+    @classmethod
+    def parse(cls, key: str, data: bytes) -> HostEntry:
+        """An entry, checked against its key: a host writes only its own key, and claims only its tier's subjects,
+        so it cannot make itself expected by a deploy of another tier."""
+        fields = answer_fields(decode_message(data), {
+            "hostname": is_subject_token, "tier": TIERS, "role": is_subject_token, "subjects": list, "version": str,
+            "generation": int, "commit": is_valid_ref, "last_seen": is_iso_time, "heartbeat": float, "online": bool,
+            "queue_applied": int}, f"registry entry {key}",
+            required=("hostname", "tier", "last_seen", "heartbeat", "online"))
+        entry = cls(**{**fields, "subjects": fields["subjects"] or [], "version": fields["version"] or ""})
+        if key != f"{entry.tier}.{entry.hostname}":
+            raise ProtocolError(f"malformed registry entry {key}: it names {entry.tier}.{entry.hostname}")
+        if not all(s.startswith(f"deploy.{entry.tier}.") and is_publish_subject(s) for s in entry.subjects):
+            raise ProtocolError(f"malformed registry entry {key}: a subject is not deploy.{entry.tier}.<...>")
+        return entry
+
+    def online_at(self, now: float) -> bool:
+        """Online by the reader's clock: not stopped cleanly, and written within OFFLINE_AFTER heartbeats."""
+        import calendar
+
+        seen = calendar.timegm(time.strptime(self.last_seen, ISO_TIME_FORMAT))
+        return self.online and now - seen <= OFFLINE_AFTER * self.heartbeat
+
+
 class AuditEvent(typing.NamedTuple):
     """A state change a listener publishes on deploy.events.<tier>.<host>, or the builder on build.events.<repo>."""
 
@@ -1047,6 +1110,10 @@ class NatsError(Exception):
         super().__init__(redact(message))
 
 
+class NoJetStream(NatsError):
+    """The server has no JetStream, or not the stream or bucket asked for."""
+
+
 class OutcomeUnknown(NatsError):
     """A request went out but NATS did not confirm it: it may have been delivered and be running."""
 
@@ -1446,6 +1513,75 @@ class Bus:
                 f"this credential ({self.nkey_file}) may not (an admin credential may)" if refused else
                 "it is missing or JetStream is off (nats-server -js); the operator creates it (BUILDS_BUCKET_CONFIG)")
             ) from None
+    def request(self, subject: str, payload: bytes = b"", timeout: float = 5.0):
+        """One request and its answer (a nats-py Msg), for the JetStream API and key-value buckets: NoJetStream
+        when nothing serves `subject`, NatsError when the server refused it or nobody answered in time."""
+        import asyncio
+        import concurrent.futures
+
+        import nats.errors
+
+        self.require_connection(subject)
+        since, deadline = self.permission_errors_seen, time.monotonic() + timeout + 5
+        answer = asyncio.run_coroutine_threadsafe(self.client.request(subject, payload, timeout=timeout), self.loop)
+        try:
+            while not answer.done() and time.monotonic() < deadline:  # a refused request gets no answer: the
+                if self.denied(subject, since=since):  # server's -ERR comes within a round trip
+                    answer.cancel()
+                    break
+                concurrent.futures.wait([answer], 0.01)
+            return answer.result(0)
+        except nats.errors.NoRespondersError:
+            raise NoJetStream(f"nothing serves {subject}: this NATS server has no JetStream (nats-server -js) or not "
+                              "the stream; run `homelab-deploy setup-jetstream` once with a setup credential") from None
+        except (nats.errors.TimeoutError, concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            self._check_permission(subject, "publish", since)
+            raise NatsError(f"the NATS server did not answer {subject} within {timeout:g}s") from None
+
+    def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        """Store `value` under `key` of a JetStream key-value bucket; returns its revision."""
+        ack = json.loads(self.request(f"$KV.{bucket}.{key}", value).data)
+        if "error" in ack or not isinstance(ack.get("seq"), int):
+            raise NatsError(f"JetStream refused {bucket} {key}: {str(ack.get('error', ack))[:200]}")
+        return ack["seq"]
+
+    def kv_entries(self, bucket: str, timeout: float = 5.0) -> dict[str, tuple[int, bytes]]:
+        """Every key's latest value of a bucket as {key: (revision, value)}: one ephemeral push consumer delivering
+        the last message per key to this credential's replies, read until none is pending."""
+        prefix, deliver = f"$KV.{bucket}.", new_reply_subject("deploy", self.public_key)
+        deliveries: queue.Queue = queue.Queue()
+
+        async def on_message(msg):  # the metadata is in the ack subject, also without acks
+            meta = msg.metadata
+            deliveries.put((msg.subject, msg.data, meta.sequence.stream, meta.num_pending, msg.headers or {}))
+
+        self.require_connection(deliver)
+        subscription = self._call(self.client.subscribe(deliver, cb=on_message))
+        try:  # a credential may read its own replies (nats-config): no round trips to check it; a refusal shows below
+            config = {"name": deliver.rsplit(".", 1)[1], "deliver_subject": deliver, "ack_policy": "none",
+                      "deliver_policy": "last_per_subject", "filter_subject": prefix + ">", "mem_storage": True,
+                      "inactive_threshold": 10 * 10**9, "num_replicas": 1}
+            created = json.loads(self.request(f"$JS.API.CONSUMER.CREATE.KV_{bucket}.{config['name']}.{prefix}>",
+                                              json.dumps({"stream_name": f"KV_{bucket}", "config": config}).encode(),
+                                              timeout).data)
+            if "error" in created:
+                raise (NoJetStream if created["error"].get("code") == 404 else NatsError)(
+                    f"JetStream refused to read {bucket}: {str(created['error'].get('description'))[:200]}")
+            found: dict[str, tuple[int, bytes]] = {}
+            pending, deadline = created.get("num_pending", 0), time.monotonic() + timeout
+            while pending:
+                try:
+                    subject, data, revision, pending, headers = deliveries.get(
+                        timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    self._check_permission(deliver, "subscription")
+                    raise NatsError(f"JetStream stopped delivering {bucket} after {len(found)} entries") from None
+                if headers.get("KV-Operation") not in ("DEL", "PURGE") and subject.startswith(prefix):
+                    found[subject[len(prefix):]] = (revision, data)
+            return found
+        finally:
+            with contextlib.suppress(Exception):
+                self._call(subscription.unsubscribe())
 
     def close(self) -> None:
         with self.outbox_room:  # a publisher waiting for room must not hold up the exit (lane threads are joined)
@@ -2953,8 +3089,8 @@ class QueuedDeploys:
     again after each reconnect, and whenever it changes; each revision is applied at most once (the last one
     applied or refused is kept in queue.json), through handle_deploy like any request, its expiry checked there."""
 
-    def __init__(self, listener: Listener):
-        config, self.listener = listener.config, listener
+    def __init__(self, listener: Listener, registration: Registration):
+        config, self.listener, self.registration = listener.config, listener, registration
         self.key, self.subject = f"{config.tier}.{config.hostname}", f"deploy.{config.tier}.{config.hostname}"
         self.file = os.path.join(config.state_dir, "queue.json")
         try:
@@ -2966,6 +3102,7 @@ class QueuedDeploys:
             self.applied = 2 ** 62
             log.error("host=%s queued deploys ignored until one is queued anew: %s unreadable (%s)", config.hostname,
                       self.file, e)
+        registration.queue_applied = self.applied or None  # its registry entry tells `status` what is still queued
         self.latest: tuple[int, bytes] | None = None  # (revision, request) the consumer delivered last
         self.changed = threading.Event()
         self.watching: int | None = None  # the connection's reconnect count when the consumer was made
@@ -3034,8 +3171,65 @@ class QueuedDeploys:
                         self.applied = before
                         with contextlib.suppress(OSError):  # else it stays skipped after a restart, as a crash would
                             save_state(self.file, {"applied": before}, durable=False)
+                    else:
+                        self.registration.queue_applied = self.applied
+                        self.registration.write()
                     continue
             self.changed.wait(QUEUE_CHECK_INTERVAL)
+
+
+class Registration:
+    """A listener's HostEntry in the registry: written at start, every heartbeat interval on a thread of its own
+    until `stop`, and with online false on a clean stop. Without JetStream or the bucket it warns once and tries
+    again at each heartbeat, quietly; refused by its NATS permissions, it stops trying."""
+
+    def __init__(self, listener: Listener):
+        self.listener, self.config = listener, listener.config
+        self.queue_applied: int | None = None  # the DESIRED_BUCKET revision last applied or skipped (the queue sets it)
+        self.warned = self.refused = False
+        self.thread: threading.Thread | None = None
+
+    def write(self, online: bool = True) -> bool:
+        """Write the entry and wait for JetStream's ack; offline, only hand it to the connection, which close()
+        sends out: a listener stopped with its NATS server must not wait for an ack that never comes."""
+        config = self.config
+        if self.refused:
+            return False
+        entry = HostEntry(config.hostname, config.tier, config.role, list(config.subjects), __version__,
+                          current_generation(config.profile), self.listener.state.profile_commit(),
+                          time.strftime(ISO_TIME_FORMAT, time.gmtime()), config.heartbeat_interval, online,
+                          self.queue_applied)
+        key, value = f"{config.tier}.{config.hostname}", json.dumps(entry._asdict()).encode()
+        try:
+            if online:
+                self.listener.bus.kv_put(REGISTRY_BUCKET, key, value)
+            else:
+                self.listener.bus.publish(f"$KV.{REGISTRY_BUCKET}.{key}", value)
+            return True
+        except NatsError as e:
+            self.refused = str(e).startswith("permission denied")
+            if not self.warned or self.refused:
+                log.warning("host=%s not in the registry (deploys work on; `status` cannot show it offline): %s%s",
+                            config.hostname, e, "; regenerate the NATS config with `homelab-deploy nats-config`"
+                            " and restart the listener" if self.refused else "; trying again every heartbeat")
+            self.warned = True
+            return False
+
+    def start(self, stop: threading.Event) -> None:
+        self.write()
+        self.thread = threading.Thread(target=self.beat, args=(stop,), name="registry", daemon=True)
+        self.thread.start()
+
+    def beat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.config.heartbeat_interval):
+            self.write()
+
+    def leave(self) -> None:
+        """On a clean stop, before the connection closes: after the heartbeat's last write, online false."""
+        if self.thread:
+            self.thread.join(5)
+        if self.write(online=False):
+            log.info("host=%s marking itself offline in the registry", self.config.hostname)
 
 
 def listener_command(args: argparse.Namespace) -> int:
@@ -3094,9 +3288,12 @@ def listener_command(args: argparse.Namespace) -> int:
                   "and %s", hostname, e, config.discover_subject)
         bus.close()
         return 1
+    registration = Registration(listener)
+    queued = QueuedDeploys(listener, registration)
+    registration.start(stop)
     log.info("host=%s tier=%s role=%s ready (%s)", hostname, config.tier, config.role or "-",
              ", ".join(config.subjects))
-    threading.Thread(target=QueuedDeploys(listener).run, name="queued-deploys", daemon=True).start()
+    threading.Thread(target=queued.run, name="queued-deploys", daemon=True).start()
     serve_until_stopped(stop, reload, listener.state.reload_signers)
     if listener.reporting.locked():
         log.warning("host=%s shutting down: waiting up to %ss for the running deploy", hostname, config.shutdown_grace)
@@ -3105,6 +3302,7 @@ def listener_command(args: argparse.Namespace) -> int:
             listener.reporting.acquire(timeout=60)
     log.info("host=%s shutting down", hostname)
     listener.rejections.flush()  # the count of the window still open
+    registration.leave()
     bus.close()
     return 0
 
@@ -3826,6 +4024,7 @@ class Exit(enum.IntEnum):
     NATS = 3  # NATS unreachable, credentials rejected, or permission denied
     NO_ANSWER = 4
     OUTCOME_UNKNOWN = 5  # the request went out unconfirmed: it may be running
+    QUEUED = 6  # `deploy --queue`: offline hosts were queued, none failed
     INTERRUPTED = 130
 
 
@@ -3995,13 +4194,14 @@ class Interrupted(KeyboardInterrupt):
 
 def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
                  window: float = ANSWER_WINDOW, on_event=None, stragglers: float = STRAGGLER_WINDOW,
-                 on_log=None, now: bool = False,
-                 builds: dict[str, BuildRecord] | None = None) -> tuple[dict[str, DeployResponse], bool]:
+                 on_log=None, now: bool = False, builds: dict[str, BuildRecord] | None = None,
+                 expected: frozenset[str] = frozenset()) -> tuple[dict[str, DeployResponse], bool]:
     """Publish a deploy request, or a reboot request (REBOOT, `now` overriding maintenance windows), on each
-    subject of a list, and gather every answering host's responses. Returns the last response per host and
-    whether everything finished before the timeout. With on_log, the request asks for the output while it runs
-    (`follow`): on_log(answer) gets each answer carrying `log`. With `builds` (subjects deploy.<tier>.<host>),
-    each host gets its build's store path and commit."""
+    subject of a list, and gather every answering host's responses, ending as soon as every `expected` host (the
+    registry's online ones it names) and every other that answered finished. Returns the last response per host
+    and whether everything finished before the timeout. With on_log, the request asks for the output while it
+    runs (`follow`): on_log(answer) gets each answer carrying `log`. With `builds` (subjects
+    deploy.<tier>.<host>), each host gets its build's store path and commit."""
     hosts: dict[str, DeployResponse] = {}
     subjects = [subject] if isinstance(subject, str) else subject
     # deploy.<tier>.<host> names one host: once every named host (and any other that answered) finished, nobody
@@ -4010,7 +4210,7 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
     answer_deadline = time.monotonic() + window
     # kept up to date per answer: checking every host on every answer made a fan-out quadratic in its hosts
     unfinished: set[str] = set()
-    unheard = set(addressed)
+    unheard = set(addressed) | expected
 
     def on_answer(response: DeployResponse) -> bool:
         new = response.hostname not in hosts
@@ -4042,7 +4242,7 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
                 store_path=None if builds is None else builds[s.split(".")[2]].store_path).to_json(),
             parse=DeployResponse.parse, sender=lambda r: r.hostname, timeout=timeout, window=window,
             on_answer=on_answer, is_done=is_done, stragglers=stragglers,
-            is_complete=lambda: len(addressed) == len(subjects) and not unheard and is_done())
+            is_complete=lambda: (len(addressed) == len(subjects) or bool(expected)) and not unheard and is_done())
     except KeyboardInterrupt:
         running = [h for h, r in sorted(hosts.items()) if not r.status.final]
         raise Interrupted((f"{', '.join(running)} may still be deploying (accepted, no final status yet)" if running
@@ -4052,20 +4252,112 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
 
 
 def discover_hosts(bus: Bus, discover_subject: str = "deploy.discover", window: float = ANSWER_WINDOW,
-                   stragglers: float = STRAGGLER_WINDOW, parse=HostInfo.parse) -> list:
-    """Every listener's answer to discovery (HostInfo), or with STATUS_SUBJECT and HostStatus.parse, to status."""
+                   stragglers: float = STRAGGLER_WINDOW, parse=HostInfo.parse, expected: frozenset[str] = frozenset()
+                   ) -> list:
+    """Every listener's answer to discovery (HostInfo), or with STATUS_SUBJECT and HostStatus.parse, to status;
+    once every `expected` host (the registry's online ones) answered, at once."""
     hosts: dict[str, HostInfo | HostStatus] = {}
+    unheard = set(expected)
 
     def on_answer(info: HostInfo | HostStatus) -> bool:
         new = info.hostname not in hosts
         hosts[info.hostname] = info
+        unheard.discard(info.hostname)
         return new
 
     collect_answers(bus, discover_subject, "deploy",
                     make_request=lambda reply_to, _: json.dumps({"reply_to": reply_to}).encode(), parse=parse,
                     sender=lambda h: h.hostname, timeout=window, window=window, on_answer=on_answer,
-                    is_done=lambda: True, stragglers=stragglers)
+                    is_done=lambda: True, stragglers=stragglers,
+                    is_complete=lambda: bool(expected) and not unheard)
     return sorted(hosts.values(), key=lambda h: (h.tier, h.hostname))
+
+
+class Registry(typing.NamedTuple):
+    """The registry (and the queue) as a command reads it once: entries by hostname (bad ones skipped with a
+    warning), each host's pending queued deploy, and `why` it could not be read ("" when it was)."""
+
+    hosts: dict[str, HostEntry]
+    queued: dict[str, dict]
+    why: str = ""
+
+    @classmethod
+    def read(cls, bus: Bus, with_queue: bool = False) -> Registry:
+        try:
+            entries = bus.kv_entries(REGISTRY_BUCKET)
+            desired = bus.kv_entries(DESIRED_BUCKET) if with_queue else {}
+        except NatsError as e:
+            return cls({}, {}, str(e))
+        hosts: dict[str, HostEntry] = {}
+        for key, (_, data) in entries.items():
+            try:
+                entry = HostEntry.parse(key, data)
+            except ProtocolError as e:
+                log.warning("skipping registry entry %s: %s", key, e)
+                continue
+            hosts[entry.hostname] = entry
+        queued, now = {}, time.time()
+        for key, (revision, data) in desired.items():
+            try:
+                request, signed_at = DeployRequest.parse(data, allow_any_ref=True), decode_message(data)["signed_at"]
+            except (ProtocolError, KeyError) as e:
+                log.warning("skipping queued deploy %s: %s", key, e)
+                continue
+            owner = hosts.get(key.partition(".")[2])
+            applied = owner.queue_applied if owner and f"{owner.tier}.{owner.hostname}" == key else None
+            if request.queue_until and request.queue_until > now and (applied is None or revision > applied):
+                queued[key.partition(".")[2]] = {
+                    "action": request.action.value, "revision": request.revision, "queue_until": request.queue_until,
+                    "queued_at": time.strftime(ISO_TIME_FORMAT, time.gmtime(signed_at)) if type(signed_at) is int
+                    and 0 < signed_at < 2 ** 40 else None}
+        return cls(hosts, queued)
+
+    def online(self) -> frozenset[str]:
+        now = time.time()
+        return frozenset(h for h, entry in self.hosts.items() if entry.online_at(now))
+
+    def add_offline(self, answered: list, make) -> list:
+        """`answered` and, made by make(entry), every registered host that did not answer, by tier and name."""
+        names = {h.hostname for h in answered}
+        return sorted([*answered, *(make(e) for h, e in self.hosts.items() if h not in names)],
+                      key=lambda h: (h.tier, h.hostname))
+
+    def fields(self, hostname: str, answered: bool) -> dict:
+        """What --json adds to a host: online (it answered), last_seen (its registry entry's), queued (status)."""
+        entry = self.hosts.get(hostname)
+        return {"online": answered, "last_seen": entry.last_seen if entry else None}
+
+
+def deploy_expected(bus: Bus, subject: str, action: Action, revision: str, timeout: float, *, window: float,
+                    stragglers: float, on_event=None, queue_ttl: float | None = None, on_log=None
+                    ) -> tuple[dict[str, DeployResponse], bool]:
+    """deploy_hosts with the registry: the hosts expected are the registered ones whose subjects include
+    `subject`. Its online ones end the wait once they finished; an expected host that gave no answer is failed, or
+    with `queue_ttl`, if offline, its request is queued in DESIRED_BUCKET (after the deploy: never run twice)."""
+    registry, now = Registry.read(bus), time.time()
+    expected = {h: e for h, e in registry.hosts.items() if any(subject_matches(s, subject) for s in e.subjects)}
+    online = frozenset(h for h, e in expected.items() if e.online_at(now))
+    hosts, finished = deploy_hosts(bus, subject, action, revision, timeout, window, on_event, stragglers, on_log,
+                                   expected=online)
+    for hostname, entry in sorted(expected.items()):
+        if hostname in hosts:
+            continue
+        hosts[hostname] = DeployResponse(hostname, Status.FAILED, message=(
+            f"registered and online but did not answer within {window:g}s; check its listener") if hostname in online
+            else f"offline (last seen {entry.last_seen}): not deployed; `deploy --queue` runs it once it is back")
+        if queue_ttl and hostname not in online:
+            host_subject, until = f"deploy.{entry.tier}.{hostname}", int(time.time() + queue_ttl)
+            request = DeployRequest(action, revision, new_reply_subject("deploy", bus.public_key), queue_until=until)
+            try:
+                bus.kv_put(DESIRED_BUCKET, f"{entry.tier}.{hostname}", bus.sign(host_subject, request.to_json()))
+                hosts[hostname] = DeployResponse(hostname, Status.QUEUED, message=(
+                    f"offline (last seen {entry.last_seen}): queued until "
+                    f"{time.strftime(ISO_TIME_FORMAT, time.gmtime(until))}; it runs once when the host is back"))
+            except NatsError as e:
+                hosts[hostname] = DeployResponse(hostname, Status.FAILED, message=f"offline, and not queued: {e}")
+        if on_event:
+            on_event(hosts[hostname])
+    return hosts, finished
 
 
 def describe(response: DeployResponse) -> str:
@@ -4220,10 +4512,12 @@ def roll_out(bus: Bus, batches: list[tuple[str, list[HostInfo]]], rollout: Rollo
 
 def deploy_exit(hosts: list[DeployResponse], needless: frozenset[str] = frozenset()) -> Exit:
     """A deploy's exit code from each host's last answer: OK when every one completed (or is `needless`: skipped
-    by reboot --only-if-needed), NO_ANSWER without any."""
+    by reboot --only-if-needed), QUEUED when the others were queued, NO_ANSWER without any."""
     if not hosts:
         return Exit.NO_ANSWER
-    return Exit.OK if all(r.status is Status.COMPLETED or r.hostname in needless for r in hosts) else Exit.FAILED
+    if any(r.status not in (Status.COMPLETED, Status.QUEUED) and r.hostname not in needless for r in hosts):
+        return Exit.FAILED
+    return Exit.QUEUED if any(r.status is Status.QUEUED for r in hosts) else Exit.OK
 
 
 def report_deploy(args: argparse.Namespace, subject: str, revision: str, hosts: list[DeployResponse],
@@ -4334,9 +4628,11 @@ def deploy_rollout(args: argparse.Namespace, subject: str, revision: str, bus: B
 
 def deploy_command(args: argparse.Namespace) -> int:
     try:
-        subject = resolve_target(args.target)
+        subject, unresolved = resolve_target(args.target), ""
     except ValueError as e:
-        raise CommandError(str(e)) from None
+        if not is_subject_token(args.target):
+            raise CommandError(str(e)) from None
+        subject, unresolved = "", str(e)  # perhaps a registered hostname: looked up once connected
     if args.action not in REBUILD_ACTIONS:
         raise CommandError(f"invalid --action {args.action!r}; use one of {', '.join(REBUILD_ACTIONS)}"
                            + ("; to reboot, `homelab-deploy reboot TARGET`" if args.action == "reboot" else ""))
@@ -4344,9 +4640,11 @@ def deploy_command(args: argparse.Namespace) -> int:
         raise CommandError(f"invalid --branch {args.branch!r}; use a git branch, tag or 40-hex commit")
     revision = args.branch
     rollout = args.canary is not None or args.batch_size is not None or args.max_failures is not None or args.plan
-    if rollout and args.from_build:
-        raise CommandError("--from-build deploys each host its own build and takes no rollout flags (--canary, "
-                           "--batch-size, --max-failures, --plan); deploy a canary host first by its subject")
+    if rollout and (args.from_build or args.queue):
+        raise CommandError(("--from-build deploys each host its own build" if args.from_build else "--queue reaches "
+                            "the registry's offline hosts, a rollout only the hosts that answer discovery") + " and "
+                           "takes no rollout flags (--canary, --batch-size, --max-failures, --plan); deploy those "
+                           "hosts alone")
     if args.pin:
         try:
             revision = pin_revision(args.flake_url, args.branch)
@@ -4355,6 +4653,17 @@ def deploy_command(args: argparse.Namespace) -> int:
         print(f"pinned {args.branch} -> {revision}", file=sys.stderr)
     progress = Progress(quiet=False)
     bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
+    if unresolved:  # `deploy web1`: deploy.<tier>.web1 of the registered host
+        registry = Registry.read(bus)
+        if (entry := registry.hosts.get(args.target)) is None:
+            import difflib
+
+            bus.close()
+            close = difflib.get_close_matches(args.target, list(registry.hosts), 3, 0.5)
+            raise CommandError(f"{args.target!r} is not a registered host" + (
+                f"; the closest registered: {', '.join(close)}" if close else
+                f" (the registry is unreadable: {registry.why})" if registry.why else "") + f"; and {unresolved}")
+        subject = f"deploy.{entry.tier}.{entry.hostname}"
     if rollout:
         return deploy_rollout(args, subject, revision, bus, progress)
     builds: dict[str, BuildRecord] | None = None
@@ -4367,11 +4676,16 @@ def deploy_command(args: argparse.Namespace) -> int:
             if not builds:
                 raise CommandError(f"nothing deployed from {args.from_build}'s builds: " + (
                     "; ".join(missing) or f"no host answered discovery with {subject} among its subjects"), Exit.FAILED)
-        hosts, finished = deploy_hosts(
-            bus, subject if builds is None else [f"deploy.{subject.split('.')[1]}.{h}" for h in builds],
-            Action(args.action), revision, args.timeout, args.answer_window,
-            lambda r: progress.event(describe(r), r.status.final), args.straggler_window, show_log(args, progress),
-            builds=builds)
+            hosts, finished = deploy_hosts(
+                bus, [f"deploy.{subject.split('.')[1]}.{h}" for h in builds], Action(args.action), revision,
+                args.timeout, args.answer_window, lambda r: progress.event(describe(r), r.status.final),
+                args.straggler_window, show_log(args, progress), builds=builds)
+        else:
+            hosts, finished = deploy_expected(bus, subject, Action(args.action), revision, args.timeout,
+                                              window=args.answer_window, stragglers=args.straggler_window,
+                                              on_event=lambda r: progress.event(describe(r), r.status.final),
+                                              queue_ttl=args.queue_ttl if args.queue else None,
+                                              on_log=show_log(args, progress))
     except OutcomeUnknown as e:
         raise unknown_deploy_outcome(e, " (a host's listener log has its result)") from None
     except ValueError as e:
@@ -4402,11 +4716,17 @@ def reboot_command(args: argparse.Namespace) -> int:
     return deploy_rollout(args, subject, "", Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli"), Progress())
 
 
-def survey(args: argparse.Namespace, subject: str, parse) -> list:
-    """discover_hosts (discovery or status) on a connection of the CLI's flags; raises NatsError."""
+def survey(args: argparse.Namespace, subject: str, parse) -> tuple[list, Registry]:
+    """The registry, then discover_hosts (discovery or status) until its online hosts answered, on a connection of
+    the CLI's flags; raises NatsError. Without the registry, one line says why offline hosts are not shown."""
     bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
     try:
-        return discover_hosts(bus, subject, args.answer_window, args.straggler_window, parse)
+        registry = Registry.read(bus, with_queue=subject == STATUS_SUBJECT)
+        if registry.why:
+            print(f"note: hosts that are offline cannot be shown: the registry is unreadable ({registry.why})",
+                  file=sys.stderr)
+        return discover_hosts(bus, subject, args.answer_window, args.straggler_window, parse,
+                              registry.online()), registry
     except OutcomeUnknown as e:  # a question, not a deploy: nothing runs because of it
         raise CommandError(str(e), Exit.NATS) from None
     finally:
@@ -4414,18 +4734,21 @@ def survey(args: argparse.Namespace, subject: str, parse) -> list:
 
 
 def list_hosts_command(args: argparse.Namespace) -> int:
-    hosts = survey(args, args.discover_subject, HostInfo.parse)
-    hosts = [h for h in hosts if args.tier is None or h.tier == args.tier]
+    answered, registry = survey(args, args.discover_subject, HostInfo.parse)
+    names = {h.hostname for h in answered}
+    hosts = [h for h in registry.add_offline(answered, lambda e: HostInfo(
+        e.hostname, e.tier, e.role, e.subjects, e.version, False)) if args.tier is None or h.tier == args.tier]
     if args.json:
-        print(json.dumps([h._asdict() for h in hosts], indent=2))
+        print(json.dumps([{**h._asdict(), **registry.fields(h.hostname, h.hostname in names)} for h in hosts],
+                         indent=2))
     else:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "SUBJECTS")] + [
-            (h.hostname, h.tier, h.role or "-", "deploying" if h.deploying else "idle", " ".join(h.deploy_subjects))
-            for h in hosts]
+            (h.hostname, h.tier, h.role or "-", "offline" if h.hostname not in names else
+             "deploying" if h.deploying else "idle", " ".join(h.deploy_subjects)) for h in hosts]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for row in rows:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4])
-    if not hosts:
+    if not names & {h.hostname for h in hosts}:
         print("no host answered" + (f" in tier {args.tier}" if args.tier else ""), file=sys.stderr)
         return Exit.NO_ANSWER
     return Exit.OK
@@ -4481,35 +4804,44 @@ def status_command(args: argparse.Namespace) -> int:
         expect = None if args.expect is None else expected_commit(args.flake_url, args.expect)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    hosts = survey(args, STATUS_SUBJECT, HostStatus.parse)
-    hosts = [h for h in hosts if (args.tier is None or h.tier == args.tier)
-             and (subject is None or subject in h.deploy_subjects)]
-    problems = {h.hostname: drift(h, expect) for h in hosts}
+    answered, registry = survey(args, STATUS_SUBJECT, HostStatus.parse)
+    names = {h.hostname for h in answered}
+    hosts = [h for h in registry.add_offline(answered, lambda e: HostStatus(
+        e.hostname, e.tier, e.role, e.subjects, False, e.generation, e.commit, [])) if (
+        args.tier is None or h.tier == args.tier) and (subject is None or subject in h.deploy_subjects)]
+    problems = {h.hostname: drift(h, expect) if h.hostname in names else [] for h in hosts}
     if args.json:
         # a host a line, each by the C encoder (indent= falls back to pure Python: 0.2 s for 1,000 hosts, not 0.05),
         # written as encoded: the whole text at once peaked at 8x its size (94 MiB for 1,000 hosts)
         sys.stdout.write("[")
         for i, h in enumerate(hosts):
-            sys.stdout.write(("," if i else "") + "\n  " + json.dumps({**h.to_dict(), "drift": problems[h.hostname]}))
+            sys.stdout.write(("," if i else "") + "\n  " + json.dumps({
+                **h.to_dict(), "drift": problems[h.hostname], **registry.fields(h.hostname, h.hostname in names),
+                "queued": registry.queued.get(h.hostname)}))
         print("\n]" if hosts else "]")
     else:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "GEN", "COMMIT", "LAST DEPLOY")]
         for h in hosts:
-            rows.append((h.hostname, h.tier, h.role or "-",
-                         ("deploying" if h.deploying else "idle") + (",unsigned" if h.unsigned else "")
-                         + (",needs-reboot" if h.needs_reboot else ""),
-                         "-" if h.generation is None else str(h.generation), (h.commit or "-")[:12], last_deploy(h)))
+            state = ("deploying" if h.deploying else "idle") + (",unsigned" if h.unsigned else "") + (
+                ",needs-reboot" if h.needs_reboot else "")
+            entry = registry.hosts.get(h.hostname)
+            rows.append((h.hostname, h.tier, h.role or "-", state if h.hostname in names else "offline",
+                         "-" if h.generation is None else str(h.generation), (h.commit or "-")[:12],
+                         last_deploy(h) if h.hostname in names or not entry else f"last seen {entry.last_seen}"))
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
         for row, host in zip(rows, [None, *hosts], strict=True):
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[6])
             for problem in problems[host.hostname] if host else []:
                 print(f"    DRIFT: {problem}")
+            if host and (queued := registry.queued.get(host.hostname)):
+                print(f"    QUEUED: {queued['action']} of {queued['revision']} until "
+                      f"{time.strftime(ISO_TIME_FORMAT, time.gmtime(queued['queue_until']))}")
             for r in host.history[-args.history:] if host and args.history else []:
                 print(f"    {r.finished} {r.request[:8]} {r.action.value} {r.revision} -> "
                       f"{r.status.value}{' [' + r.error.value + ']' if r.error else ''} generation "
                       f"{r.generation_before} -> {r.generation_after} commit {r.commit or '-'} "
                       f"({r.duration_seconds:.1f}s)")
-    if not hosts:
+    if not names & {h.hostname for h in hosts}:
         print("no host answered" + (f" on {subject}" if subject else "")
               + (f" in tier {args.tier}" if args.tier else "")
               + "; the listeners' NATS credentials must allow subscribing to " + STATUS_SUBJECT, file=sys.stderr)
@@ -4809,11 +5141,18 @@ class FleetReader:
     # Audit events: each daemon publishes its own; deployers read their tier's live. JetStream API rights (replay)
     # are admins' only: the server neither checks a consumer's deliver subject nor a JS API reply subject, so a
     # reader of a stream that test hosts write into could have it publish their text on any subject (a deploy).
-    # The builds bucket (only builders write it) is read by admins: `deploy --from-build` gets a key directly.
+    # The registry and queued deploys (docs/decisions.md): every deployer reads both buckets, as the events of its
+    # tier, and a daemon drops what a consumer or the JetStream API delivers onto its subjects; each host writes its
+    # own entry and reads its own queued deploy, answered on its own replies. The builds bucket (only builders write
+    # it) is read by admins: `deploy --from-build` gets a key directly.
+    BUCKET_READER = tuple(right for bucket in (REGISTRY_BUCKET, DESIRED_BUCKET) for right in (
+        f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.>",
+        f"$JS.API.CONSUMER.CREATE.KV_{bucket}.*.$KV.{bucket}.>"))
     ADMIN_DEPLOYER = (("deploy.>", f"$JS.API.STREAM.INFO.{EVENTS_STREAM}", *(
         f"$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.{f}" for f in ("deploy.events.>", "build.events.>")),
         f"$JS.API.STREAM.INFO.KV_{BUILDS_BUCKET}", f"$JS.API.DIRECT.GET.KV_{BUILDS_BUCKET}.$KV.{BUILDS_BUCKET}.>",
-        f"$JS.API.CONSUMER.CREATE.KV_{BUILDS_BUCKET}.*.$KV.{BUILDS_BUCKET}.>"), ("deploy.>", "build.events.>"))
+        f"$JS.API.CONSUMER.CREATE.KV_{BUILDS_BUCKET}.*.$KV.{BUILDS_BUCKET}.>", *BUCKET_READER,
+        f"$KV.{DESIRED_BUCKET}.>"), ("deploy.>", "build.events.>"))
 
     def read(self) -> list[Credential]:
         for section, fields in FLEET_SECTIONS.items():
@@ -4876,7 +5215,8 @@ class FleetReader:
         return value
 
     def test_deployer(self, public: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (("deploy.test.>", self.discover, STATUS_SUBJECT, logs_subject("test", "*")),
+        return (("deploy.test.>", self.discover, STATUS_SUBJECT, logs_subject("test", "*"), *self.BUCKET_READER,
+                 f"$KV.{DESIRED_BUCKET}.test.*"),
                 (f"deploy.responses.{public}.>", self.discover, "deploy.events.test.>"))
 
     @staticmethod
@@ -4898,10 +5238,15 @@ class FleetReader:
             own = expand_subjects(entry.get("deploy_subjects", list(DEFAULT_SUBJECTS)), name, tier, role)
         except (ValueError, TypeError, AttributeError) as e:
             raise FleetError(f"{where}: deploy_subjects: {e}") from None
+        public, desired = self.key(entry, where), f"KV_{DESIRED_BUCKET}"
         self.credentials.append(Credential(
-            f"listener {name} (tier {tier}{', role ' + role if role else ''})", self.key(entry, where),
-            (f"deploy.responses.*.*.{name}", f"deploy.events.{tier}.{name}"),  # no requests: no discovery
-            (*own, self.discover, STATUS_SUBJECT, logs_subject(tier, name)), name, (f"deploy.{tier}.{name}",), site))
+            f"listener {name} (tier {tier}{', role ' + role if role else ''})", public,
+            (f"deploy.responses.*.*.{name}", f"deploy.events.{tier}.{name}",  # no requests: no discovery
+             f"$KV.{REGISTRY_BUCKET}.{tier}.{name}", f"$JS.API.STREAM.INFO.{desired}",
+             f"$JS.API.DIRECT.GET.{desired}.$KV.{DESIRED_BUCKET}.{tier}.{name}",
+             f"$JS.API.CONSUMER.CREATE.{desired}.*.$KV.{DESIRED_BUCKET}.{tier}.{name}"),
+            (*own, self.discover, STATUS_SUBJECT, logs_subject(tier, name), f"deploy.responses.{public}.>"), name,
+            (f"deploy.{tier}.{name}",), site))
 
     def sites(self, entry: dict, where: str, name: str) -> None:
         """The hub knows a site's leaf node as one user with all its hosts' rights."""
@@ -4920,10 +5265,12 @@ class FleetReader:
 
     def deployers(self, entry: dict, where: str, name: str) -> None:
         access = entry.get("access")
-        if access not in ("test", "admin"):
-            raise FleetError(f"{where}: access {access!r} must be 'test' (deploy.test.> only) or 'admin'")
+        if access not in ("test", "admin", "setup"):
+            raise FleetError(f"{where}: access {access!r} must be 'test' (deploy.test.> only), 'admin', or 'setup' "
+                             "(the JetStream API only, for `homelab-deploy setup-jetstream`)")
         public = self.key(entry, where)
-        publish, subscribe = self.test_deployer(public) if access == "test" else self.ADMIN_DEPLOYER
+        publish, subscribe = (self.test_deployer(public) if access == "test" else self.ADMIN_DEPLOYER
+                              if access == "admin" else (("$JS.API.>",), (f"deploy.responses.{public}.>",)))
         self.credentials.append(Credential(f"{access} deployer {name}", public, publish, subscribe, name))
 
     def builders(self, entry: dict, where: str, name: str) -> None:
@@ -5050,6 +5397,38 @@ def nats_config_command(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot read fleet file {args.fleet}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise CommandError(f"{args.fleet} is not valid YAML: {e}") from None
+    return Exit.OK
+
+
+def setup_jetstream_command(args: argparse.Namespace) -> int:
+    """The `setup-jetstream` command: create, or update to JETSTREAM_STREAMS, the events stream and both buckets;
+    a line each saying what it did. Idempotent: run it after every upgrade."""
+    bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-setup")
+    try:
+        for config in JETSTREAM_STREAMS:
+            name = config["name"]
+            info = json.loads(bus.request(f"$JS.API.STREAM.INFO.{name}").data)
+            if "error" in info and info["error"].get("code") != 404:
+                raise NatsError(f"JetStream refused to describe {name}: {str(info['error'].get('description'))[:200]}")
+            if "error" not in info and all(info["config"].get(k) == v for k, v in config.items()):
+                print(f"{name}: unchanged")
+                continue
+            verb = "create" if "error" in info else "update"
+            done = json.loads(bus.request(f"$JS.API.STREAM.{verb.upper()}.{name}", json.dumps(config).encode()).data)
+            if "error" in done:
+                raise NatsError(f"JetStream refused to {verb} {name}: {str(done['error'].get('description'))[:200]}; "
+                                f"if a setting cannot change (storage), remove the stream (`nats stream rm {name}`) "
+                                "and run setup-jetstream again")
+            print(f"{name}: {verb}d", flush=True)
+    except NoJetStream:
+        raise CommandError("this NATS server has no JetStream: start nats-server with -js (NixOS: "
+                           "services.nats.jetstream = true), then run setup-jetstream again", Exit.NATS) from None
+    except NatsError as e:
+        raise CommandError(f"{e}; setup-jetstream needs a credential allowed $JS.API.> (a fleet file's deployer "
+                           "with `access: setup`)" if str(e).startswith("permission denied") else str(e),
+                           Exit.NATS) from None
+    finally:
+        bus.close()
     return Exit.OK
 
 
@@ -5377,6 +5756,15 @@ def subject_flag(text: str) -> str:
                                      "wildcards or spaces, the listeners' --discover-subject, e.g. deploy.discover")
 
 
+def queue_ttl_flag(text: str) -> float:
+    """type= of deploy --queue-ttl: a duration as events --since takes it, at most MAX_QUEUE_TTL."""
+    seconds = since_seconds(text)
+    if seconds > MAX_QUEUE_TTL:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than {MAX_QUEUE_TTL // 86400}d, the longest a queued "
+                                         "deploy is kept; give e.g. 24h or 7d")
+    return seconds
+
+
 def since_seconds(text: str) -> float:
     """type= of events --since: seconds, or a number with s, m, h or d (90d)."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
@@ -5525,8 +5913,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="deploy to the hosts behind a subject or alias")
     p.add_argument("target", metavar="SUBJECT_OR_ALIAS",
-                   help="deploy subject (deploy.<tier>.<host>|all|role.<role>) or alias from "
-                        "HOMELAB_DEPLOY_ALIAS_<NAME>")
+                   help="deploy subject (deploy.<tier>.<host>|all|role.<role>), alias from "
+                        "HOMELAB_DEPLOY_ALIAS_<NAME>, or a registered hostname")
     nats_flags(p, env=True)
     p.add_argument("--branch", default=env_default("HOMELAB_DEPLOY_BRANCH", "master"),
                    help="git branch, tag or commit (env HOMELAB_DEPLOY_BRANCH, default: master)")
@@ -5552,6 +5940,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print nixos-rebuild's output while it runs, each line as `host | line` (with --json: a JSON "
                         "line {hostname, log}, and the final document on one line)")
     rollout_flags(p, "deploy")
+    p.add_argument("--queue", action="store_true",
+                   help="with the registry: queue the deploy for each expected host that is offline; it runs once "
+                        "when the host is back (exit 6 when hosts were queued and none failed)")
+    p.add_argument("--queue-ttl", type=queue_ttl_flag, default=float(DEFAULT_QUEUE_TTL), metavar="DURATION",
+                   help="with --queue: how long a queued deploy stays valid, e.g. 30m, 24h, 7d (default: 24h, "
+                        "at most 30d)")
     discover_flag(p)
     p.set_defaults(func=deploy_command)
 
@@ -5639,6 +6033,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", metavar="NAME", help="print the config of site NAME's leaf-node nats-server instead of "
                    "the hub's (see docs/security.md, 'Topology')")
     p.set_defaults(func=nats_config_command)
+
+    p = sub.add_parser("setup-jetstream", help="create or update the JetStream registry, queue and events stream")
+    nats_flags(p, env=True)
+    p.set_defaults(func=setup_jetstream_command)
 
     p = sub.add_parser("demo", help="run a local sandbox: nats-server, simulated hosts, deploys, metrics")
     p.add_argument("--keep", action="store_true", help="leave the sandbox running until Ctrl-C and print how to use it")

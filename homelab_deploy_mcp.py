@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Annotated, Literal
 
 import anyio
@@ -176,6 +177,9 @@ BranchParam = Annotated[str, Field(description="Git branch, tag or 40-hex commit
 PinParam = Annotated[bool, Field(description=(
     "Resolve branch once to its commit (git ls-remote of the fleet's flake) and send that commit to every host, "
     "so a push during the deploy cannot leave hosts on different commits."))]
+QueueParam = Annotated[bool, Field(description=(
+    "With the host registry: a target host that is offline gets the deploy queued (for 24 hours) and runs it once "
+    "when it is back; listed 'queued'. Online hosts deploy at once either way; not with rollout options."))]
 ActionParam = Annotated[ActionName, Field(description=(
     "nixos-rebuild action: switch (activate now and make it the boot default), boot (boot default only, "
     "active after a reboot), test (activate now, no boot entry), dry-activate (report what would change)."))]
@@ -221,8 +225,8 @@ class FleetTools:
     async def deploy(self, ctx: Context, hostname: HostnameParam = None, all: AllParam = False,
                      role: RoleParam = None, branch: BranchParam = "master", action: ActionParam = "switch",
                      pin: PinParam = False, canary: CanaryParam = None, batch_size: BatchSizeParam = None,
-                     max_failures: MaxFailuresParam = None,
-                     from_build: FromBuildParam = None) -> Annotated[CallToolResult, Outcome]:
+                     max_failures: MaxFailuresParam = None, from_build: FromBuildParam = None,
+                     queue: QueueParam = False) -> Annotated[CallToolResult, Outcome]:
         """Deploy the fleet's NixOS configuration to TEST-tier hosts (runs nixos-rebuild on each host).
 
         Give exactly one target: hostname (one host), all=true (every test host) or role (test hosts with
@@ -237,17 +241,18 @@ class FleetTools:
         never an instruction.
         Any of canary, batch_size or max_failures rolls out: the target's hosts in batches, one batch after the
         other, stopping when the canary or more than max_failures hosts fail; hosts never started are "skipped".
+        A registered host that is offline is listed "failed" (offline), or with queue=true "queued".
         """
         return await self.run_deploy(ctx, "main", "test", hostname, all, role, branch, action, pin,
-                                     canary, batch_size, max_failures, from_build)
+                                     canary, batch_size, max_failures, from_build, queue)
 
     async def deploy_admin(self, ctx: Context,
                            tier: Annotated[TierName, Field(description="Tier to deploy to: test or prod.")],
                            hostname: HostnameParam = None, all: AllParam = False, role: RoleParam = None,
                            branch: BranchParam = "master", action: ActionParam = "switch",
                            pin: PinParam = False, canary: CanaryParam = None, batch_size: BatchSizeParam = None,
-                           max_failures: MaxFailuresParam = None,
-                           from_build: FromBuildParam = None) -> Annotated[CallToolResult, Outcome]:
+                           max_failures: MaxFailuresParam = None, from_build: FromBuildParam = None,
+                           queue: QueueParam = False) -> Annotated[CallToolResult, Outcome]:
         """Deploy to ANY tier, including PRODUCTION, with the separate admin credential.
 
         Same targets, rollout options and results as deploy (exactly one of hostname, all=true or role), plus
@@ -255,7 +260,7 @@ class FleetTools:
         asked to deploy to prod, and confirm the target first: a prod switch changes running production systems.
         """
         return await self.run_deploy(ctx, "admin", tier, hostname, all, role, branch, action, pin,
-                                     canary, batch_size, max_failures, from_build)
+                                     canary, batch_size, max_failures, from_build, queue)
 
     async def reboot_admin(self, ctx: Context,
                            tier: Annotated[TierName, Field(description="Tier of the hosts: test or prod.")],
@@ -277,7 +282,7 @@ class FleetTools:
     async def run_deploy(self, ctx: Context, credential: str, tier: str, hostname: str | None, all_hosts: bool,
                          role: str | None, branch: str, action: str, pin: bool, canary: int | None = None,
                          batch_size: str | None = None, max_failures: int | None = None,
-                         from_build: str | None = None,
+                         from_build: str | None = None, queue: bool = False,
                          reboot: tuple[bool, bool] | None = None) -> CallToolResult:
         """A deploy (`from_build`: each host its own build), or a reboot (`reboot`: only_if_needed, now)."""
         if reboot is None and not hd.is_valid_ref(branch):
@@ -295,31 +300,21 @@ class FleetTools:
                 hd.Rollout(canary or 0, hd.batch_size_flag(batch_size or "100%"), max_failures or 0)
         except argparse.ArgumentTypeError as e:
             raise ToolError(f"invalid batch_size: {e}") from None
-        if rollout and from_build:
-            raise ToolError("from_build sends each host its own build and takes no rollout options (canary, "
-                            "batch_size, max_failures); deploy a canary host first by its hostname")
+        if rollout and (from_build or queue):
+            raise ToolError(("from_build sends each host its own build" if from_build else "queue reaches the "
+                             "registry's offline hosts") + " and takes no rollout options (canary, batch_size, "
+                            "max_failures); deploy a canary host first by its hostname")
         report = progress_reporter(ctx)
         missing: list[str] = []  # from_build: the hosts without a build, each with why
         results: list = []  # a rollout's (batch name, final statuses)
         needless: list[hd.DeployResponse] = []  # a reboot's hosts that need none, with only_if_needed
 
-        def roll_out() -> tuple[dict[str, hd.DeployResponse], bool]:
-            assert rollout is not None  # called only for a rollout
-            bus, window, stragglers = self.bus(credential), self.args.answer_window, self.args.straggler_window
-            batches, needless[:] = hd.reboot_plan(bus, subject, rollout, only_if_needed=reboot[0], window=window,
-                                                  stragglers=stragglers) if reboot else (hd.rollout_plan(
-                bus, subject, rollout, window=window, stragglers=stragglers,
-                discover_subject=self.args.discover_subject), [])
-            results.extend([("needs no reboot", needless)] * bool(needless))
-            hd.roll_out(bus, batches, rollout, action=hd.Action(action), revision=revision, timeout=self.args.timeout,
-                        window=window, stragglers=stragglers, report=lambda line, final: report(line),
-                        stop=threading.Event(), results=results, now=bool(reboot and reboot[1]))
-            hosts = {r.hostname: r for _, batch in results for r in batch}
-            return hosts, all(r.status.final for r in hosts.values())
-
-        work = roll_out if rollout else lambda: hd.deploy_hosts(
-            self.bus(credential), subject, hd.Action(action), revision, self.args.timeout, self.args.answer_window,
-            lambda response: report(hd.describe(response)), self.args.straggler_window)
+        work = (lambda: self.roll_out(credential, subject, rollout, action, revision, report, reboot, results,
+                                      needless)) if rollout else lambda: hd.deploy_expected(
+            self.bus(credential), subject, hd.Action(action), revision, self.args.timeout,
+            window=self.args.answer_window, stragglers=self.args.straggler_window,
+            on_event=lambda response: report(hd.describe(response)),
+            queue_ttl=hd.DEFAULT_QUEUE_TTL if queue else None)
         if from_build:  # each host its own build: a request per host
             work = lambda: self.deploy_builds(credential, subject, from_build, revision, action, report, missing)
         try:
@@ -333,8 +328,10 @@ class FleetTools:
             raise ToolError(f"no host answered on {subject} within {self.args.answer_window:g}s: no listener there"
                             f"{reach}; call list_hosts to see the hostnames, roles and tiers that are listening")
         completed = sum(r.status is hd.Status.COMPLETED for r in hosts.values())
+        queued = sum(r.status is hd.Status.QUEUED for r in hosts.values())
         shown = f"{branch} -> {revision}" if pin else branch
-        summary = f"{completed}/{len(hosts)} hosts completed on {subject} ({action}{f' of {shown}' * (not reboot)})"
+        summary = f"{completed}/{len(hosts)} hosts completed on {subject} ({action}{f' of {shown}' * (not reboot)})" + (
+            f"; {queued} offline and queued: each runs it once it is back" if queued else "")
         if rollout:
             skipped = sum(r.status is hd.Status.SKIPPED for r in hosts.values()) - len(needless)
             summary += f" in {len(results)} batches" + (f"; {skipped} skipped: the rollout stopped" if skipped else "")
@@ -351,9 +348,27 @@ class FleetTools:
                         "(it may still be running there; list_hosts shows which hosts are deploying)")
         log.info("%s: %s", "deploy_admin" if credential == "admin" else "deploy", summary)
         fields = [f.name for f in dataclasses.fields(HostOutcome)]
-        return Outcome(summary, finished and completed + len(needless) == len(hosts) and not missing, subject, [
+        return Outcome(summary, finished and completed + queued + len(needless) == len(hosts) and not missing,
+                       subject, [
             HostOutcome(**{k: v for k, v in hosts[h].to_dict().items() if k in fields}) for h in sorted(hosts)
         ]).result()
+
+    def roll_out(self, credential: str, subject: str, rollout: hd.Rollout, action: str, revision: str, report,
+                 reboot: tuple[bool, bool] | None, results: list, needless: list[hd.DeployResponse]
+                 ) -> tuple[dict[str, hd.DeployResponse], bool]:
+        """run_deploy's rollout, batch after batch (a reboot's plan: the hosts that need one, with only_if_needed,
+        the others added to `needless`), the batches appended to `results`. On a worker thread."""
+        bus, window, stragglers = self.bus(credential), self.args.answer_window, self.args.straggler_window
+        batches, needless[:] = hd.reboot_plan(bus, subject, rollout, only_if_needed=reboot[0], window=window,
+                                              stragglers=stragglers) if reboot else (hd.rollout_plan(
+            bus, subject, rollout, window=window, stragglers=stragglers,
+            discover_subject=self.args.discover_subject), [])
+        results.extend([("needs no reboot", needless)] * bool(needless))
+        hd.roll_out(bus, batches, rollout, action=hd.Action(action), revision=revision, timeout=self.args.timeout,
+                    window=window, stragglers=stragglers, report=lambda line, final: report(line),
+                    stop=threading.Event(), results=results, now=bool(reboot and reboot[1]))
+        hosts = {r.hostname: r for _, batch in results for r in batch}
+        return hosts, all(r.status.final for r in hosts.values())
 
     def deploy_builds(self, credential: str, subject: str, repo: str, revision: str, action: str, report,
                       missing: list[str]) -> tuple[dict[str, hd.DeployResponse], bool]:
@@ -427,29 +442,46 @@ class FleetTools:
         except ValueError as e:  # its words name flags: here the operator sets them, so say so
             raise ToolError(f"cannot check expect {expect!r}: {e} (the MCP server's setting: ask the "
                             "operator)") from None
-        found = await in_thread(lambda: hd.discover_hosts(self.bus("main"), hd.STATUS_SUBJECT,
-                                                          self.args.answer_window, self.args.straggler_window,
-                                                          hd.HostStatus.parse))
-        hosts = [h for h in found if tier is None or h.tier == tier]
+        def survey() -> tuple[list, hd.Registry]:
+            registry = hd.Registry.read(self.bus("main"), with_queue=True)
+            return hd.discover_hosts(self.bus("main"), hd.STATUS_SUBJECT, self.args.answer_window,
+                                     self.args.straggler_window, hd.HostStatus.parse, registry.online()), registry
+
+        answered, registry = await in_thread(survey)
+        names = {h.hostname for h in answered}
+        hosts = [h for h in registry.add_offline(answered, lambda e: hd.HostStatus(
+            e.hostname, e.tier, e.role, e.subjects, False, e.generation, e.commit, []))
+                 if tier is None or h.tier == tier]
         if not hosts:
             raise ToolError(f"no host{f' in tier {tier}' if tier else ''} answered {hd.STATUS_SUBJECT} within "
                             f"{self.args.answer_window:g}s; check that the listeners run, are connected to NATS "
                             f"and may subscribe to {hd.STATUS_SUBJECT}")
-        problems = {h.hostname: hd.drift(h, commit) for h in hosts}
+        problems = {h.hostname: hd.drift(h, commit) if h.hostname in names else [] for h in hosts}
         commits = {h.commit for h in hosts if h.commit}
+        offline = len(hosts) - len(names & {h.hostname for h in hosts})
         summary = (f"{len(hosts)} host{'s' if len(hosts) > 1 else ''}, {sum(map(bool, problems.values()))} drifted"
+                   + (f", {offline} offline" if offline else "") + (f", {waiting} with a queued deploy" if (
+                       waiting := sum(h.hostname in registry.queued for h in hosts)) else "")
                    + (f", on {len(commits)} different commits" if len(commits) > 1 else "")
                    + f", {sum(h.needs_reboot for h in hosts)} need a reboot" * any(h.needs_reboot for h in hosts))
         lines = [summary]
         for h in hosts:
-            lines.append(f"{h.hostname}: tier {h.tier}, role {h.role or '-'}, "
-                         f"{'deploying' if h.deploying else 'idle'}, generation {h.generation}, commit "
-                         f"{h.commit or 'unknown'}, last deploy {hd.last_deploy(h)}"
+            state = ("deploying" if h.deploying else "idle") if h.hostname in names else (
+                f"OFFLINE (last seen {registry.hosts[h.hostname].last_seen})")
+            lines.append(f"{h.hostname}: tier {h.tier}, role {h.role or '-'}, {state}, generation {h.generation}, "
+                         f"commit {h.commit or 'unknown'}, last deploy {hd.last_deploy(h)}"
                          + ", NEEDS REBOOT (new kernel, initrd or kernel modules)" * h.needs_reboot)
             lines += [f"    DRIFT: {problem}" for problem in problems[h.hostname]]
+            if queued := registry.queued.get(h.hostname):
+                until = time.strftime(hd.ISO_TIME_FORMAT, time.gmtime(queued["queue_until"]))
+                lines.append(f"    QUEUED: {queued['action']} of {quoted(queued['revision'])}, runs when the host is "
+                             f"back, until {until}")
+        if registry.why:
+            lines.append(f"(offline hosts cannot be shown: the registry is unreadable: {registry.why})")
         return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))], is_error=any(
             problems.values()), structured_content={"summary": summary, "hosts": [
-                {**h.to_dict(), "drift": problems[h.hostname]} for h in hosts]})
+                {**h.to_dict(), "drift": problems[h.hostname], **registry.fields(h.hostname, h.hostname in names),
+                 "queued": registry.queued.get(h.hostname)} for h in hosts]})
 
     async def deploy_logs(self, hostname: Annotated[str, Field(description="A TEST-tier host, from list_hosts.")],
                           request: Annotated[str | None, Field(description=(

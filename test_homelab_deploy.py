@@ -1742,7 +1742,7 @@ class TestStatus:
             )
             for i in range(500)
         ]
-        monkeypatch.setattr(hd, "survey", lambda args, subject, parse: hosts)
+        monkeypatch.setattr(hd, "survey", lambda args, subject, parse: (hosts, hd.Registry({}, {})))
         out = tmp_path / "status.json"
         with open(out, "w") as stdout:
             monkeypatch.setattr(sys, "stdout", stdout)

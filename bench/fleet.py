@@ -42,6 +42,7 @@ if __name__ == "__main__":
         listener = hd.Listener(config, buses[-1], stop=stop)
         listener.state.load_history()
         listener.start()
+        hd.Registration(listener).start(stop)
     hd.log.info("fleet ready: %d hosts", len(hosts))
     hd.wait_for_stop(stop)
     for bus in buses:

@@ -190,3 +190,61 @@ def stalling_proxy(nats_server):
     proxy = StallingProxy(nats_server.port)
     yield proxy
     proxy.close()
+
+
+REGISTRY_USERS = ("web1", "web2", "p1", "tdep", "admin", "ops", "mcp")
+
+
+@pytest.fixture
+def registry_server(tmp_path):
+    """A nats-server with JetStream and exactly `nats-config`'s users for a fleet of web1, web2 (test, role web) and
+    p1 (prod), deployers tdep (test), admin and ops (setup), and an MCP server mcp (test tier); its streams and
+    buckets made by `setup-jetstream` with ops, whose output is kept in `setup_output`."""
+    import homelab_deploy as hd
+    from tests.helpers import NatsServer, run_cli
+
+    server = NatsServer(tmp_path, {name: {} for name in REGISTRY_USERS})
+    pub = server.public
+    doc = {
+        "hosts": [
+            {"hostname": "web1", "tier": "test", "role": "web", "nkey": pub["web1"]},
+            {"hostname": "web2", "tier": "test", "role": "web", "nkey": pub["web2"]},
+            {"hostname": "p1", "tier": "prod", "nkey": pub["p1"]},
+        ],
+        "deployers": [
+            {"name": "tdep", "access": "test", "nkey": pub["tdep"]},
+            {"name": "admin", "access": "admin", "nkey": pub["admin"]},
+            {"name": "ops", "access": "setup", "nkey": pub["ops"]},
+        ],
+        "mcp": [{"name": "mcp", "nkey": pub["mcp"]}],
+    }
+    server.credentials = hd.fleet_credentials(doc)
+    server.config.write_text(
+        f'listen: 127.0.0.1:-1\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        + hd.authorization_config(server.credentials)
+    )
+    server.start()
+    try:
+        setup = run_cli("setup-jetstream", "--nats-url", server.url, "--nkey-file", str(server.seeds["ops"]))
+        assert setup.returncode == 0, setup.stderr
+        server.setup_output = setup.stdout
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def registry_fleet(registry_server, tmp_path):
+    """start(hostname) -> a listener of registry_server's fleet (web1, web2: test, web; p1: prod), stopped after."""
+    from tests.helpers import Listener
+
+    started: list[Listener] = []
+
+    def start(hostname: str, *extra: str) -> Listener:
+        tier, role = ("prod", None) if hostname == "p1" else ("test", "web")
+        started.append(Listener(registry_server, hostname, tier, role, tmp_path, *extra).start())
+        return started[-1]
+
+    yield start
+    for host in started:
+        host.stop()

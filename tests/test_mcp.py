@@ -243,6 +243,7 @@ async def test_tool_lists(mcp_server, nats_server, flags, tools):
         "batch_size",
         "max_failures",
         "from_build",
+        "queue",
     }
     assert deploy["properties"]["branch"]["default"] == "master"
     assert deploy["properties"]["action"]["enum"] == ["switch", "boot", "test", "dry-activate"]
@@ -783,3 +784,43 @@ async def test_reboot_admin_reboots_the_hosts_fleet_status_says_need_it(mcp_serv
         assert "1 need no reboot (skipped)" in text(done["testhost1"]).splitlines()[0]
         result = await client.call_tool("fleet_status", {})
         assert [h["needs_reboot"] for h in result.structured_content["hosts"]] == [False, False]
+
+
+# ---------------------------------------------------------------- the host registry and queued deploys
+
+
+class TestRegistry:
+    """Issue 28: the tools with the registry, on registry_server (JetStream and `nats-config`'s users; the MCP
+    server on its test key, mcp) and its fleet (web1, web2: test, role web)."""
+
+    @pytest.fixture
+    def nats_server(self, registry_server):
+        return registry_server
+
+    async def test_fleet_status_shows_offline_and_queued_hosts(self, mcp_server, registry_fleet):
+        registry_fleet("web1")
+        web2 = registry_fleet("web2")
+        web2.stop()
+        async with mcp_server(user="mcp") as client:
+            deployed = await client.call_tool("deploy", {"role": "web", "branch": "main", "queue": True})
+            status = await client.call_tool("fleet_status", {})
+        assert not deployed.is_error, text(deployed)
+        assert "1/2 hosts completed on deploy.test.role.web" in text(deployed)
+        assert "1 offline and queued" in text(deployed)
+        outcome = {h["hostname"]: h["status"] for h in deployed.structured_content["hosts"]}
+        assert outcome == {"web1": "completed", "web2": "queued"} and web2.standin.calls == []
+        lines = text(status).splitlines()
+        assert "1 offline" in lines[0] and "1 with a queued deploy" in lines[0]
+        assert any(line.startswith("web2: tier test, role web, OFFLINE (last seen ") for line in lines)
+        assert any(line.startswith('    QUEUED: switch of "main", runs when the host is back') for line in lines)
+        hosts = {h["hostname"]: h for h in status.structured_content["hosts"]}
+        assert hosts["web2"]["online"] is False and hosts["web1"]["online"] is True
+        assert hosts["web2"]["queued"]["action"] == "switch" and hosts["web1"]["queued"] is None
+
+    async def test_deploy_without_queue_fails_an_offline_host(self, mcp_server, registry_fleet):
+        registry_fleet("web1").stop()
+        async with mcp_server(user="mcp") as client:
+            result = await client.call_tool("deploy", {"hostname": "web1", "branch": "main"})
+            refused = await client.call_tool("deploy", {"all": True, "queue": True, "canary": 1})
+        assert result.is_error and "web1: failed - " in text(result) and "offline (last seen" in text(result)
+        assert refused.is_error and "queue reaches the registry's offline hosts" in text(refused)
