@@ -3107,6 +3107,7 @@ class QueuedDeploys:
         self.changed = threading.Event()
         self.watching: int | None = None  # the connection's reconnect count when the consumer was made
         self.retry_at = 0.0  # after a failed watch(): its monotonic time to try again (each try may be logged)
+        self.held: int | None = None  # the revision last said to wait for a maintenance window
         self.subscription = None
 
     def watch(self) -> None:
@@ -3159,7 +3160,13 @@ class QueuedDeploys:
             if stale and listener.bus.connected and time.monotonic() >= self.retry_at:
                 self.watch()
             latest, before = self.latest, self.applied
-            if latest and latest[0] > before and not listener.busy.locked():
+            opens = listener.reboots.window_opens() if latest and latest[0] > before else None
+            if opens is not None and latest and self.held != latest[0]:  # interactive deploys are not held
+                self.held = latest[0]
+                log.info("host=%s queued deploy revision %d held: outside the maintenance windows (%s), it runs when "
+                         "the next opens, %s host time", hostname, latest[0], ", ".join(
+                             listener.config.maintenance_windows), f"{opens:%a %Y-%m-%d %H:%M}")
+            if latest and latest[0] > before and opens is None and not listener.busy.locked():
                 try:  # recorded before it runs: a crash or a stop then skips it rather than run it twice
                     save_state(self.file, {"applied": latest[0]})
                 except OSError as e:

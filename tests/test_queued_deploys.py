@@ -5,6 +5,7 @@ Real nats-server with JetStream, real listeners, the real bucket."""
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import time
@@ -135,3 +136,28 @@ class TestQueuedDeploys:
         finally:
             t1.stop()
         assert t1.standin.calls == []
+
+
+def daily_window(start_hours: float, end_hours: float) -> str:
+    """A --maintenance-window opening `start_hours` from now and closing `end_hours` from now, local time."""
+    now = datetime.datetime.now()
+    start, end = (now + datetime.timedelta(hours=h) for h in (start_hours, end_hours))
+    return f"daily {start:%H:%M}-{end:%H:%M}"
+
+
+def test_a_queued_deploy_waits_for_a_maintenance_window(queue_server, tmp_path, bus_factory):
+    """Outside every window the queued deploy is held (not run, not recorded), also across a restart; a listener
+    whose window is open runs it."""
+    revision = queue(queue_server, queued_request(bus_factory(queue_server, "admin")))
+    trusted = ("--trusted-key", f"{queue_server.public['admin']}=admin")
+    t1 = Listener(queue_server, "t1", "test", None, tmp_path, *trusted, "--maintenance-window", daily_window(2, 3))
+    t1.start()
+    try:
+        wait_for(lambda: f"queued deploy revision {revision} held" in t1.log_text(), what="t1 to hold it")
+        t1.stop()
+        assert t1.standin.calls == [] and not (t1.standin.dir / "state" / "queue.json").exists()
+        t1.argv[-1] = daily_window(-1, 1)  # the same host, restarted inside a window
+        t1.start()
+        wait_for(lambda: len(t1.standin.calls) == 1, what="t1 to run it inside the window")
+    finally:
+        t1.stop()
