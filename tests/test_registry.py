@@ -13,6 +13,7 @@ from tests import helpers
 from tests.helpers import Listener, NatsServer, run_cli, wait_for
 
 DESIRED, REGISTRY = hd.DESIRED_BUCKET, hd.REGISTRY_BUCKET
+FLAKE = "git+https://git.example.com/cfg.git"  # tests.helpers.Listener's
 
 
 def cli(server, user: str, *args: str, timeout: float = 120):
@@ -286,8 +287,10 @@ class TestDeployWithTheRegistry:
     def test_queue_writes_the_signed_request_for_the_offline_host_and_runs_the_online_one(
         self, registry_server, registry_fleet, bus_factory
     ):
+        """... and web2, back with nats-config's rights, runs it once: not again after another restart."""
         web1 = registry_fleet("web1")
-        registry_fleet("web2").stop()
+        web2 = registry_fleet("web2", "--trusted-key", f"{registry_server.public['tdep']}=tdep")
+        web2.stop()
         before = int(time.time())
         result = cli(
             registry_server, "tdep", "deploy", "deploy.test.role.web", "--branch", "main", "--queue",
@@ -318,6 +321,18 @@ class TestDeployWithTheRegistry:
         }
         assert hd.is_iso_time(status["web2"]["queued"]["queued_at"]) and status["web1"]["queued"] is None
         assert revision > 0
+        web2.start()
+        tdep = bus_factory(registry_server, "tdep")
+        entry = lambda: hd.HostEntry.parse("test.web2", tdep.kv_entries(REGISTRY)["test.web2"][1])  # noqa: E731
+        wait_for(lambda: entry().queue_applied == revision, what="web2 to run its queued deploy", interval=0.2)
+        assert web2.standin.calls == [hd.rebuild_argv(hd.Action.SWITCH, FLAKE, "main", "web2")[1:]]
+        assert "(signed by tdep)" in web2.log_text()
+        status = {h["hostname"]: h for h in json.loads(cli(registry_server, "tdep", "status", "--json").stdout)}
+        assert status["web2"]["queued"] is None and status["web2"]["history"][-1]["status"] == "completed"
+        web2.stop()
+        web2.start()
+        wait_for(lambda: "was applied or refused before; not again" in web2.log_text(), what="web2 to see it again")
+        assert len(web2.standin.calls) == 1
 
     def test_queue_flags_are_checked_before_anything_is_sent(self, registry_server):
         for flags, why in (
