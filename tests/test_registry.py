@@ -4,6 +4,7 @@ buckets, on a real nats-server with JetStream and exactly `nats-config`'s users 
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -159,6 +160,23 @@ class TestListenerRegistration:
         left = hd.HostEntry.parse("test.web1", reader.kv_entries(REGISTRY)["test.web1"][1])
         assert not left.online and not left.online_at(time.time())
         assert "marking itself offline in the registry" in host.log_text()
+
+    def test_sigterm_stops_a_registered_listener_following_its_queue_every_time(
+        self, registry_server, registry_fleet, bus_factory
+    ):
+        """With JetStream, the heartbeat and the queue's consumer running (their own threads), SIGTERM ends the
+        listener with exit 0 within its grace, each of 5 times, and it leaves its entry offline each time."""
+        reader = bus_factory(registry_server, "tdep")
+        web1 = registry_fleet("web1", "--trusted-key", f"{registry_server.public['tdep']}=tdep")
+        for run in range(1, 6):
+            wait_for(lambda: web1.log_text().count("following its queued deploys") == run, what="the queue's consumer")
+            wait_for(lambda: hd.HostEntry.parse("test.web1", reader.kv_entries(REGISTRY)["test.web1"][1]).online,
+                     what="web1 online", interval=0.1)  # fmt: skip
+            web1.proc.send_signal(signal.SIGTERM)
+            assert web1.proc.wait(30) == 0, web1.log_text()
+            assert not hd.HostEntry.parse("test.web1", reader.kv_entries(REGISTRY)["test.web1"][1]).online
+            if run < 5:
+                web1.start()
 
     def test_without_jetstream_it_warns_once_and_deploys_as_before(self, tmp_path, bus_factory):
         perms = helpers.listener_permissions("testhost1", "test", None)
