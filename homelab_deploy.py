@@ -4336,12 +4336,13 @@ class Registry(typing.NamedTuple):
 
 
 def deploy_expected(bus: Bus, subject: str, action: Action, revision: str, timeout: float, *, window: float,
-                    stragglers: float, on_event=None, queue_ttl: float | None = None, on_log=None
-                    ) -> tuple[dict[str, DeployResponse], bool]:
-    """deploy_hosts with the registry: the hosts expected are the registered ones whose subjects include
-    `subject`. Its online ones end the wait once they finished; an expected host that gave no answer is failed, or
-    with `queue_ttl`, if offline, its request is queued in DESIRED_BUCKET (after the deploy: never run twice)."""
-    registry, now = Registry.read(bus), time.time()
+                    stragglers: float, on_event=None, queue_ttl: float | None = None, on_log=None,
+                    registry: Registry | None = None) -> tuple[dict[str, DeployResponse], bool]:
+    """deploy_hosts with the registry (`registry`, or read now): the hosts expected are the registered ones whose
+    subjects include `subject`. Its online ones end the wait once they finished; an expected host that gave no
+    answer is failed, or with `queue_ttl`, if offline, its request is queued in DESIRED_BUCKET (after the deploy:
+    never run twice)."""
+    registry, now = registry or Registry.read(bus), time.time()
     expected = {h: e for h, e in registry.hosts.items() if any(subject_matches(s, subject) for s in e.subjects)}
     online = frozenset(h for h, e in expected.items() if e.online_at(now))
     hosts, finished = deploy_hosts(bus, subject, action, revision, timeout, window, on_event, stragglers, on_log,
@@ -4659,7 +4660,7 @@ def deploy_command(args: argparse.Namespace) -> int:
             raise CommandError(str(e)) from None
         print(f"pinned {args.branch} -> {revision}", file=sys.stderr)
     progress = Progress(quiet=False)
-    bus = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli")
+    bus, registry = Bus(args.nats_url, args.nkey_file, "homelab-deploy-cli"), None
     if unresolved:  # `deploy web1`: deploy.<tier>.web1 of the registered host
         registry = Registry.read(bus)
         if (entry := registry.hosts.get(args.target)) is None:
@@ -4692,7 +4693,7 @@ def deploy_command(args: argparse.Namespace) -> int:
                                               window=args.answer_window, stragglers=args.straggler_window,
                                               on_event=lambda r: progress.event(describe(r), r.status.final),
                                               queue_ttl=args.queue_ttl if args.queue else None,
-                                              on_log=show_log(args, progress))
+                                              on_log=show_log(args, progress), registry=registry)
     except OutcomeUnknown as e:
         raise unknown_deploy_outcome(e, " (a host's listener log has its result)") from None
     except ValueError as e:
