@@ -429,7 +429,7 @@ class FleetTools:
 
         For each host: tier, role, whether it is deploying now, its system generation, the commit it runs
         (when the flake sets system.configurationRevision), whether it needs a reboot (needs_reboot: its system
-        profile's kernel, initrd or kernel modules are not the booted ones), its last deploys (action, revision,
+        profile's kernel, initrd or kernel modules are not the booted ones), its last deploy (action, revision,
         result, time) and drift: a generation made outside homelab-deploy (someone ran nixos-rebuild by hand), or, with
         expect, a last successful switch that was not that revision. It is an error result when no host
         answers or any host has drifted.
@@ -445,7 +445,7 @@ class FleetTools:
         def survey() -> tuple[list, hd.Registry]:
             registry = hd.Registry.read(self.bus("main"), with_queue=True)
             return hd.discover_hosts(self.bus("main"), hd.STATUS_SUBJECT, self.args.answer_window,
-                                     self.args.straggler_window, hd.HostStatus.parse, registry.online()), registry
+                                     self.args.straggler_window, hd.HostStatus.parse, registry.online(), 1), registry
 
         answered, registry = await in_thread(survey)
         names = {h.hostname for h in answered}
@@ -480,7 +480,7 @@ class FleetTools:
             lines.append(f"(offline hosts cannot be shown: the registry is unreadable: {registry.why})")
         return CallToolResult(content=[TextContent(type="text", text="\n".join(lines))], is_error=any(
             problems.values()), structured_content={"summary": summary, "hosts": [
-                {**h.to_dict(), "drift": problems[h.hostname], **registry.fields(h.hostname, h.hostname in names),
+                {**h.to_dict(1), "drift": problems[h.hostname], **registry.fields(h.hostname, h.hostname in names),
                  "queued": registry.queued.get(h.hostname)} for h in hosts]})
 
     async def deploy_logs(self, hostname: Annotated[str, Field(description="A TEST-tier host, from list_hosts.")],

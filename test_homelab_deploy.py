@@ -1742,7 +1742,7 @@ class TestStatus:
             )
             for i in range(500)
         ]
-        monkeypatch.setattr(hd, "survey", lambda args, subject, parse: (hosts, hd.Registry({}, {})))
+        monkeypatch.setattr(hd, "survey", lambda args, subject, parse, history: (hosts, hd.Registry({}, {})))
         out = tmp_path / "status.json"
         with open(out, "w") as stdout:
             monkeypatch.setattr(sys, "stdout", stdout)
@@ -1890,6 +1890,64 @@ class TestStatus:
             if host:
                 host.stop()
             server.stop()
+
+    def test_a_status_query_gets_the_last_deploys_and_those_drift_needs(self, nats_server, start_listener, bus_factory):
+        """`history` in a status query: the last N deploys, after the older ones drift compares with (the last
+        completed switch here), so `status` needs no whole history; a bad value gets no answer."""
+        host = start_listener("testhost1", "test")
+        host.standin.set_revision(COMMIT_A)
+        bus = bus_factory(nats_server, "test-deployer")
+        hd.deploy_hosts(bus, "deploy.test.testhost1", hd.Action.SWITCH, "main", 30)
+        for i in range(4):
+            hd.deploy_hosts(bus, "deploy.test.testhost1", hd.Action.TEST, f"r{i}", 30)
+
+        def revisions(history: int | None) -> list[str]:
+            [status] = hd.discover_hosts(bus, hd.STATUS_SUBJECT, parse=hd.HostStatus.parse, history=history)
+            return [r.revision for r in status.history]
+
+        assert revisions(None) == ["main", "r0", "r1", "r2", "r3"]  # a client from before the field
+        assert revisions(hd.HISTORY_LENGTH) == revisions(None)
+        assert revisions(2) == ["main", "r2", "r3"]
+        assert revisions(1) == revisions(0) == ["main", "r3"]  # r3 left the last generation
+        r = self.status(nats_server, "--expect", COMMIT_A, "--json")  # the switch is older than the last deploy
+        assert r.returncode == 0, r.stdout + r.stderr
+        [doc] = json.loads(r.stdout)
+        assert ([h["revision"] for h in doc["history"]], doc["drift"]) == (["r3"], [])
+        assert [
+            h["revision"] for h in json.loads(self.status(nats_server, "--json", "--history", "3").stdout)[0]["history"]
+        ] == ["r1", "r2", "r3"]
+        for bad in (hd.HISTORY_LENGTH + 1, -1, True, "3", 1.0):
+            assert hd.discover_hosts(bus, hd.STATUS_SUBJECT, 1, parse=hd.HostStatus.parse, history=bad) == []
+        helpers.wait_for(lambda: host.log_text().count("status request ignored: history must be a whole number") == 5)
+
+    def test_status_query_history_selection(self):
+        def record(revision: str, action: hd.Action, status: hd.Status, after: int | None) -> hd.DeployRecord:
+            return hd.DeployRecord(
+                "0" * 16,
+                action,
+                revision,
+                None,
+                status,
+                None,
+                "2026-01-01T00:00:00Z",
+                "2026-01-01T00:00:01Z",
+                1,
+                after,
+                1.0,
+            )
+
+        history = [
+            record("s1", hd.Action.SWITCH, hd.Status.COMPLETED, 2),
+            record("s2", hd.Action.SWITCH, hd.Status.COMPLETED, 3),
+            record("b1", hd.Action.BOOT, hd.Status.FAILED, 3),
+            record("t1", hd.Action.TEST, hd.Status.FAILED, None),
+            record("t2", hd.Action.TEST, hd.Status.COMPLETED, None),
+        ]
+        pick = lambda n: [r.revision for r in hd.StatusQuery("deploy.responses.k.t", n).answer_history(history)]  # noqa: E731
+        assert pick(0) == ["s2", "b1"] and pick(1) == ["s2", "b1", "t2"] and pick(3) == ["s2", "b1", "t1", "t2"]
+        assert pick(4) == pick(3) and pick(5) == pick(20) == ["s1", "s2", "b1", "t1", "t2"]
+        assert pick(2) == ["s2", "b1", "t1", "t2"]
+        assert hd.StatusQuery("deploy.responses.k.t", 1).answer_history([]) == []
 
     def test_malformed_status_answers_are_refused(self):
         good = {"hostname": "h1", "tier": "test", "deploy_subjects": [], "history": []}
