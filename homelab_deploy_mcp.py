@@ -442,12 +442,9 @@ class FleetTools:
         except ValueError as e:  # its words name flags: here the operator sets them, so say so
             raise ToolError(f"cannot check expect {expect!r}: {e} (the MCP server's setting: ask the "
                             "operator)") from None
-        def survey() -> tuple[list, hd.Registry]:
-            registry = hd.Registry.read(self.bus("main"), with_queue=True)
-            return hd.discover_hosts(self.bus("main"), hd.STATUS_SUBJECT, self.args.answer_window,
-                                     self.args.straggler_window, hd.HostStatus.parse, registry.online(), 1), registry
-
-        answered, registry = await in_thread(survey)
+        answered, registry = await in_thread(lambda: hd.survey_hosts(
+            self.bus("main"), hd.STATUS_SUBJECT, self.args.answer_window, self.args.straggler_window,
+            hd.HostStatus.parse, 1))
         names = {h.hostname for h in answered}
         hosts = [h for h in registry.add_offline(answered, lambda e: hd.HostStatus(
             e.hostname, e.tier, e.role, e.subjects, False, e.generation, e.commit, []))
