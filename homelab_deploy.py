@@ -4812,14 +4812,24 @@ def survey(args: argparse.Namespace, subject: str, parse, history: int | None = 
         bus.close()
 
 
+def print_json_lines(objects) -> None:
+    """A JSON array, an object a line (grep finds a host), each by the C encoder (indent= falls back to pure
+    Python: 0.2 s for 1,000 status hosts, not 0.05), written as encoded (all at once peaked at 8x its size)."""
+    sys.stdout.write("[")
+    separator = "\n  "
+    for obj in objects:
+        sys.stdout.write(separator + json.dumps(obj))
+        separator = ",\n  "
+    print("]" if separator == "\n  " else "\n]")
+
+
 def list_hosts_command(args: argparse.Namespace) -> int:
     answered, registry = survey(args, args.discover_subject, HostInfo.parse)
     names = {h.hostname for h in answered}
     hosts = [h for h in registry.add_offline(answered, lambda e: HostInfo(
         e.hostname, e.tier, e.role, e.subjects, e.version, False)) if args.tier is None or h.tier == args.tier]
     if args.json:
-        print(json.dumps([{**h._asdict(), **registry.fields(h.hostname, h.hostname in names)} for h in hosts],
-                         indent=2))
+        print_json_lines({**h._asdict(), **registry.fields(h.hostname, h.hostname in names)} for h in hosts)
     else:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "SUBJECTS")] + [
             (h.hostname, h.tier, h.role or "-", "offline" if h.hostname not in names else
@@ -4889,14 +4899,8 @@ def status_command(args: argparse.Namespace) -> int:
         args.tier is None or h.tier == args.tier) and (subject is None or subject in h.deploy_subjects)]
     problems = {h.hostname: drift(h, expect) if h.hostname in names else [] for h in hosts}
     if args.json:
-        # a host a line, each by the C encoder (indent= falls back to pure Python: 0.2 s for 1,000 hosts, not 0.05),
-        # written as encoded: the whole text at once peaked at 8x its size (94 MiB for 1,000 hosts)
-        sys.stdout.write("[")
-        for i, h in enumerate(hosts):
-            sys.stdout.write(("," if i else "") + "\n  " + json.dumps({
-                **h.to_dict(last), "drift": problems[h.hostname], **registry.fields(h.hostname, h.hostname in names),
-                "queued": registry.queued.get(h.hostname)}))
-        print("\n]" if hosts else "]")
+        print_json_lines({**h.to_dict(last), "drift": problems[h.hostname], **registry.fields(
+            h.hostname, h.hostname in names), "queued": registry.queued.get(h.hostname)} for h in hosts)
     else:
         rows = [("HOSTNAME", "TIER", "ROLE", "STATE", "GEN", "COMMIT", "LAST DEPLOY")]
         for h in hosts:
