@@ -1181,6 +1181,7 @@ def read_seed(path: str, fix: str = NKEY_FILE_FIX) -> tuple[str, str]:
 
 
 LANE_WORKERS = 8  # threads per lane: one may run a deploy or build for minutes while the others answer
+QUERIES_INLINE = 20.0  # discovery and status queries a second a listener answers on its event loop, not a lane
 LANE_DEPTH = 1024  # messages a lane holds, running or waiting (about 1 KiB each); a flood's surplus is dropped
 DROP_LOG_INTERVAL = 10.0  # seconds between "dropped" lines of one lane during a flood
 OUTBOX_DEPTH = 256  # unconfirmed publishes queued for the loop before a publisher waits: a flood's answers pace
@@ -1400,6 +1401,14 @@ class Bus:
         """A PING answered by the server: everything published before it reached the server."""
         self._call(self.client.flush(timeout=5), 6)
 
+    def on_loop(self) -> bool:
+        import asyncio
+
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
     def require_connection(self, subject: str) -> None:
         if not self.connected:
             raise NatsError(f"not connected to NATS (reconnecting to {', '.join(self.servers)}); "
@@ -1417,7 +1426,8 @@ class Bus:
             # a daemon's answer or event: what it says leaves the host; any bytes pass through (never raises)
             payload = redact(payload.decode(errors="surrogateescape")).encode(errors="surrogateescape")
             with self.outbox_room:  # unless the outbox is full: then the publisher (a flood's lane) waits for it
-                self.outbox_room.wait_for(lambda: len(self.outbox) < OUTBOX_DEPTH or self.closing, OUTBOX_WAIT)
+                if not self.on_loop():  # the loop itself (an inline handler) empties it: it must never wait
+                    self.outbox_room.wait_for(lambda: len(self.outbox) < OUTBOX_DEPTH or self.closing, OUTBOX_WAIT)
                 self.outbox.append((subject, payload))
                 wake, self.sending = not self.sending, True
             if wake:
@@ -1452,15 +1462,28 @@ class Bus:
         obj["signature"] = base64.b64encode(self.signing_key.sign(signing_input(subject, obj))).decode()
         return json.dumps(obj).encode()
 
-    def subscribe(self, subject: str, handler, lane: str | typing.Callable[[bytes], str] | None = None) -> None:
+    def subscribe(self, subject: str, handler, lane: str | typing.Callable[[bytes], str] | None = None,
+                  inline: float = 0) -> None:
         """Call handler(subject, data, received) for every message on a thread of `lane` (default: a lane of
         the subject's own; a function: the lane it names for each message, on the event loop), `received` being
-        its time.monotonic() of arrival; errors are logged, never raised."""
+        its time.monotonic() of arrival; errors are logged, never raised. Up to `inline` messages a second (a
+        brief handler's: a query) are handled on the event loop itself, the rest on the lane."""
         choose = lane if callable(lane) else lambda data: lane or subject
+        budget = [inline, time.monotonic()]  # a token bucket: a flood's surplus goes to the bounded lane
 
         async def on_message(msg):
             if from_stream(msg, subject):
                 return
+            if inline:
+                now = time.monotonic()
+                budget[:] = min(inline, budget[0] + (now - budget[1]) * inline), now
+                if budget[0] >= 1:
+                    budget[0] -= 1
+                    try:
+                        handler(msg.subject, msg.data, now)
+                    except Exception:
+                        log.exception("handler for %s failed", subject)
+                    return
             name = choose(msg.data)
             if name not in self.lanes:
                 self.lanes[name] = Lane(name)
@@ -2852,11 +2875,12 @@ def rebuild_outcome(action: Action, revision: str, result: RunResult, argv: list
         f"{command} failed (exit code {result.returncode}): {nix_error_summary(result.output)}"
 
 
-def subscribe_optional(bus: Bus, subject: str, handler, hostname: str, what: str, lane: str | None = None) -> None:
+def subscribe_optional(bus: Bus, subject: str, handler, hostname: str, what: str, lane: str | None = None,
+                       inline: float = 0) -> None:
     """A listener's subscription to `subject` that a NATS config from before it was added may refuse: then deploys
     work on, and `what` is not answered (logged)."""
     try:
-        bus.subscribe(subject, handler, lane=lane)
+        bus.subscribe(subject, handler, lane=lane, inline=inline)
     except NatsError as e:
         log.warning("host=%s %s not answered: %s; regenerate the NATS config with `homelab-deploy nats-config` so "
                     "listeners may subscribe to %s", hostname, what, e, subject)
@@ -2887,8 +2911,9 @@ class Listener:
         lane = functools.partial(signers.lane, base="deploy") if (signers := self.state.signers) else "deploy"
         for subject in config.subjects:
             self.bus.subscribe(subject, self.handle_deploy, lane=lane)  # never queued behind discovery
-        self.bus.subscribe(config.discover_subject, self.handle_query)
-        subscribe_optional(self.bus, STATUS_SUBJECT, self.handle_query, config.hostname, "status queries")
+        self.bus.subscribe(config.discover_subject, self.handle_query, inline=QUERIES_INLINE)
+        subscribe_optional(self.bus, STATUS_SUBJECT, self.handle_query, config.hostname, "status queries",
+                           inline=QUERIES_INLINE)
         self.state.logs.serve()
         log.info("host=%s listening on %s and %s", config.hostname, ", ".join(config.subjects), config.discover_subject)
 
@@ -2951,8 +2976,7 @@ class Listener:
             self.metrics.count(Status.REJECTED, action, e.code)
 
     def admit(self, request: DeployRequest, rid: str, signer: str | None) -> bool:
-        """Take `busy`, then `reporting` (the caller releases it once the final status is out); else answer
-        `rejected`/already_running: the host cannot take a deploy now, a retry later can."""
+        """Take `busy`, then `reporting` (released after the final status); else answer `rejected`/already_running."""
         hostname, running = self.config.hostname, self.current
         if not (taken := self.busy.acquire(blocking=False)):
             why, message = "already running", (

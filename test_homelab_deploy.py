@@ -732,6 +732,37 @@ class TestBus:
             busy.set()
             closing.join(30)
 
+    def test_inline_handles_a_burst_up_to_its_rate_on_the_loop_and_the_rest_on_the_lane(self, nats_server, bus_factory):
+        """Queries are answered on the event loop (no thread hop: one turn of a busy machine's CPU), at most
+        `inline` a second; a flood's surplus goes to the bounded lane. An inline handler's answer never waits for
+        the outbox it is the one to empty."""
+        bus, sender = bus_factory(nats_server, "admin"), bus_factory(nats_server, "admin")
+        answers = sender.inbox("deploy.responses.inline.*")
+        threads: list[tuple[int, str]] = []
+
+        def handler(subject: str, data: bytes, received: float) -> None:
+            threads.append((int(data), threading.current_thread().name))
+            bus.publish(f"deploy.responses.inline.{int(data)}", data)
+
+        bus.subscribe("deploy.inline", handler, inline=2)
+        with bus.outbox_room:  # a full outbox, as a flood of answers leaves it
+            bus.outbox.extend([("deploy.responses.inline.fill", b"-1")] * hd.OUTBOX_DEPTH)
+            bus.sending = True  # the loop drains it only once it is woken
+        start = time.monotonic()
+        for i in range(10):
+            sender.publish("deploy.inline", str(i).encode())
+        sender.round_trip()
+        # an inline handler waiting for room would hold the loop, and the messages after it, for OUTBOX_WAIT (10 s)
+        wait_for(lambda: len(threads) == 10, hd.OUTBOX_WAIT / 2, what="10 messages handled")
+        elapsed = time.monotonic() - start
+        inline = [i for i, name in threads if not name.startswith("lane-")]
+        assert inline[:2] == [0, 1] and len(inline) <= 2 + 2 * elapsed + 1, (threads, elapsed)
+        assert {name for i, name in threads if i not in inline} and all(
+            name.startswith("lane-deploy.inline") for i, name in threads if i not in inline
+        )
+        bus.loop.call_soon_threadsafe(lambda: bus.loop.create_task(bus._send()))
+        wait_for(lambda: answers.qsize() >= hd.OUTBOX_DEPTH + 10, what="every answer sent")
+
     def test_front_answers_what_callers_asked_nats_py_for(self, nats_server, bus_factory):
         bus = bus_factory(nats_server, "admin")
         bus.round_trip()
