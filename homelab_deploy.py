@@ -1463,18 +1463,19 @@ class Bus:
         return json.dumps(obj).encode()
 
     def subscribe(self, subject: str, handler, lane: str | typing.Callable[[bytes], str] | None = None,
-                  inline: float = 0) -> None:
+                  inline: float = 0, brief=lambda: True) -> None:
         """Call handler(subject, data, received) for every message on a thread of `lane` (default: a lane of
         the subject's own; a function: the lane it names for each message, on the event loop), `received` being
-        its time.monotonic() of arrival; errors are logged, never raised. Up to `inline` messages a second (a
-        brief handler's: a query) are handled on the event loop itself, the rest on the lane."""
+        its time.monotonic() of arrival; errors are logged, never raised. Up to `inline` messages a second are
+        handled on the event loop itself while brief() holds (the handler will neither block nor run long: a
+        query), the rest on the lane."""
         choose = lane if callable(lane) else lambda data: lane or subject
         budget = [inline, time.monotonic()]  # a token bucket: a flood's surplus goes to the bounded lane
 
         async def on_message(msg):
             if from_stream(msg, subject):
                 return
-            if inline:
+            if inline and brief():
                 now = time.monotonic()
                 budget[:] = min(inline, budget[0] + (now - budget[1]) * inline), now
                 if budget[0] >= 1:
@@ -2550,6 +2551,11 @@ class ListenerState:
             log.error("host=%s request=%s deploy not added to the history %s: %r; make %s writable",
                       self.config.hostname, rid, self.history_file, e, self.config.state_dir)
 
+    def commit_known(self) -> bool:
+        """Whether profile_commit() answers without running nixos-version."""
+        generation = current_generation(self.config.profile)
+        return generation is None or self.profile_commit_of[0] == generation
+
     def profile_commit(self) -> str | None:
         """configurationRevision of the system profile's current generation (its `nixos-version --json`), None
         when the flake does not set system.configurationRevision; asked once per generation."""
@@ -2876,11 +2882,11 @@ def rebuild_outcome(action: Action, revision: str, result: RunResult, argv: list
 
 
 def subscribe_optional(bus: Bus, subject: str, handler, hostname: str, what: str, lane: str | None = None,
-                       inline: float = 0) -> None:
+                       **inline) -> None:
     """A listener's subscription to `subject` that a NATS config from before it was added may refuse: then deploys
-    work on, and `what` is not answered (logged)."""
+    work on, and `what` is not answered (logged). `inline`: as Bus.subscribe takes it."""
     try:
-        bus.subscribe(subject, handler, lane=lane, inline=inline)
+        bus.subscribe(subject, handler, lane=lane, **inline)
     except NatsError as e:
         log.warning("host=%s %s not answered: %s; regenerate the NATS config with `homelab-deploy nats-config` so "
                     "listeners may subscribe to %s", hostname, what, e, subject)
@@ -2913,7 +2919,7 @@ class Listener:
             self.bus.subscribe(subject, self.handle_deploy, lane=lane)  # never queued behind discovery
         self.bus.subscribe(config.discover_subject, self.handle_query, inline=QUERIES_INLINE)
         subscribe_optional(self.bus, STATUS_SUBJECT, self.handle_query, config.hostname, "status queries",
-                           inline=QUERIES_INLINE)
+                           inline=QUERIES_INLINE, brief=self.state.commit_known)
         self.state.logs.serve()
         log.info("host=%s listening on %s and %s", config.hostname, ", ".join(config.subjects), config.discover_subject)
 

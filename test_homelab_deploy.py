@@ -1951,6 +1951,36 @@ class TestStatus:
             assert hd.discover_hosts(bus, hd.STATUS_SUBJECT, 1, parse=hd.HostStatus.parse, history=bad) == []
         helpers.wait_for(lambda: host.log_text().count("status request ignored: history must be a whole number") == 5)
 
+    def test_a_status_query_that_runs_nixos_version_leaves_the_event_loop_free(
+        self, nats_server, start_listener, bus_factory
+    ):
+        """Queries are answered on the listener's event loop, but not one that must run nixos-version (a new
+        generation's commit, not known yet): it could take its 10 s there. Discovery is answered meanwhile."""
+        host = start_listener("testhost1", "test")
+        bus = bus_factory(nats_server, "test-deployer")
+        release, started = host.standin.dir / "release-version", host.standin.dir / "version-started"
+        version = host.standin.dir / "profiles" / "system-2-link" / "sw" / "bin" / "nixos-version"
+        version.parent.mkdir(parents=True)
+        version.write_text(
+            f"#!/bin/sh\ntouch {started}\nwhile [ ! -e {release} ]; do sleep 0.05; done\n"
+            f'echo \'{{"configurationRevision": "{COMMIT_B}"}}\'\n'
+        )
+        version.chmod(0o755)
+        host.standin.set_generation(2)  # switched by hand: its commit is unknown until nixos-version answers
+        statuses: list = []
+        asking = threading.Thread(
+            target=lambda: statuses.extend(hd.discover_hosts(bus, hd.STATUS_SUBJECT, 30, parse=hd.HostStatus.parse))
+        )
+        asking.start()
+        try:
+            wait_for(started.exists, what="nixos-version to run")
+            [answer] = hd.discover_hosts(bus, window=5)  # the loop is free: nixos-version still waits
+            assert answer.hostname == "testhost1" and not release.exists()
+        finally:
+            release.write_text("")
+            asking.join(60)
+        assert [(h.generation, h.commit) for h in statuses] == [(2, COMMIT_B)]
+
     def test_status_query_history_selection(self):
         def record(revision: str, action: hd.Action, status: hd.Status, after: int | None) -> hd.DeployRecord:
             return hd.DeployRecord(
