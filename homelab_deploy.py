@@ -4269,12 +4269,10 @@ class Interrupted(KeyboardInterrupt):
 def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: str, timeout: float,
                  window: float = ANSWER_WINDOW, on_event=None, stragglers: float = STRAGGLER_WINDOW,
                  on_log=None, now: bool = False, builds: dict[str, BuildRecord] | None = None,
-                 expected: frozenset[str] | typing.Callable[[], frozenset[str]] = frozenset()
-                 ) -> tuple[dict[str, DeployResponse], bool]:
+                 expected: frozenset[str] = frozenset()) -> tuple[dict[str, DeployResponse], bool]:
     """Publish a deploy request, or a reboot request (REBOOT, `now` overriding maintenance windows), on each
     subject of a list, and gather every answering host's responses, ending as soon as every `expected` host (the
-    registry's online ones it names, or a function giving them, called once the request is out) and every other
-    that answered finished. Returns the last response per host
+    registry's online ones it names) and every other that answered finished. Returns the last response per host
     and whether everything finished before the timeout. With on_log, the request asks for the output while it
     runs (`follow`): on_log(answer) gets each answer carrying `log`. With `builds` (subjects
     deploy.<tier>.<host>), each host gets its build's store path and commit."""
@@ -4286,11 +4284,7 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
     answer_deadline = time.monotonic() + window
     # kept up to date per answer: checking every host on every answer made a fan-out quadratic in its hosts
     unfinished: set[str] = set()
-    unheard, wanted = set(addressed), set[str]()
-
-    def expect() -> None:  # before the first answer is read
-        wanted.update(expected() if callable(expected) else expected)
-        unheard.update(wanted)
+    unheard = set(addressed) | expected
 
     def on_answer(response: DeployResponse) -> bool:
         new = response.hostname not in hosts
@@ -4322,8 +4316,7 @@ def deploy_hosts(bus: Bus, subject: str | list[str], action: Action, revision: s
                 store_path=None if builds is None else builds[s.split(".")[2]].store_path).to_json(),
             parse=DeployResponse.parse, sender=lambda r: r.hostname, timeout=timeout, window=window,
             on_answer=on_answer, is_done=is_done, stragglers=stragglers,
-            is_complete=lambda: (len(addressed) == len(subjects) or bool(wanted)) and not unheard and is_done(),
-            meanwhile=expect)
+            is_complete=lambda: (len(addressed) == len(subjects) or bool(expected)) and not unheard and is_done())
     except KeyboardInterrupt:
         running = [h for h, r in sorted(hosts.items()) if not r.status.final]
         raise Interrupted((f"{', '.join(running)} may still be deploying (accepted, no final status yet)" if running
@@ -4433,22 +4426,15 @@ def survey_hosts(bus: Bus, subject: str, window: float, stragglers: float, parse
 def deploy_expected(bus: Bus, subject: str, action: Action, revision: str, timeout: float, *, window: float,
                     stragglers: float, on_event=None, queue_ttl: float | None = None, on_log=None,
                     registry: Registry | None = None) -> tuple[dict[str, DeployResponse], bool]:
-    """deploy_hosts with the registry (`registry`, or read while the hosts work): the hosts expected are the
-    registered ones whose subjects include `subject`. Its online ones end the wait once they finished; an expected
-    host that gave no answer is failed, or with `queue_ttl`, if offline, its request is queued in DESIRED_BUCKET
-    (after the deploy: never run twice)."""
-    expected: dict[str, HostEntry] = {}
-    online: set[str] = set()
-
-    def expect() -> frozenset[str]:
-        now = time.time()
-        expected.update((h, e) for h, e in (registry or Registry.read(bus)).hosts.items()
-                        if any(subject_matches(s, subject) for s in e.subjects))
-        online.update(h for h, e in expected.items() if e.online_at(now))
-        return frozenset(online)
-
+    """deploy_hosts with the registry (`registry`, or read now: read while the hosts work, it measured no faster):
+    the hosts expected are the registered ones whose subjects include `subject`. Its online ones end the wait once
+    they finished; an expected host that gave no answer is failed, or with `queue_ttl`, if offline, its request is
+    queued in DESIRED_BUCKET (after the deploy: never run twice)."""
+    registry, now = registry or Registry.read(bus), time.time()
+    expected = {h: e for h, e in registry.hosts.items() if any(subject_matches(s, subject) for s in e.subjects)}
+    online = frozenset(h for h, e in expected.items() if e.online_at(now))
     hosts, finished = deploy_hosts(bus, subject, action, revision, timeout, window, on_event, stragglers, on_log,
-                                   expected=expect)
+                                   expected=online)
     for hostname, entry in sorted(expected.items()):
         if hostname in hosts:
             continue
