@@ -2269,7 +2269,17 @@ def save_state(path: str, record: dict | list | None, durable: bool = True) -> N
 ROLLBACK_STATES = ("pending", "switched", "rollback")  # <state>-<request>.json, one at a time (docs/operations.md)
 WATCHDOG_POLL = 0.5  # seconds between the watchdog's looks at the state directory
 WATCHDOG_START = 30.0  # seconds the listener waits for its watchdog's "armed" marker; without it nothing runs
-INFLIGHT_FILE = "inflight.json"  # in the state directory: the running deploy and its nixos-rebuild's pid
+INFLIGHT_FILE = "inflight.json"  # in the state directory: the running deploy
+INFLIGHT_PID = "inflight.pid"  # beside it, a symlink to "<request id>:<pid>" of its nixos-rebuild: no data to write
+
+
+def inflight_pid(state_dir: str, rid: str) -> int | None:
+    """The pid of request `rid`'s nixos-rebuild as the in-flight pid link names it; None while none is recorded."""
+    with contextlib.suppress(OSError, ValueError):
+        link_rid, pid = os.readlink(os.path.join(state_dir, INFLIGHT_PID)).split(":")
+        if link_rid == rid and int(pid) > 1:
+            return int(pid)
+    return None
 
 
 def rollback_path(state_dir: str, state: str, rid: str) -> str:
@@ -2467,17 +2477,23 @@ class ListenerState:
         self.inflight_file = os.path.join(config.state_dir, INFLIGHT_FILE)
         self.history_file = os.path.join(config.state_dir, "history.json")
         self.history: list[DeployRecord] = []  # replaced, never changed in place: status queries read it unlocked
+        self.appended: int | None = None  # records appended to the history file since it was rewritten; None: rewrite
         self.profile_commit_of: tuple[int | None, str | None] = (None, None)  # (generation, its commit), cached
         self.logs = DeployLogs(config, bus, self)  # the output of the last deploys, for `homelab-deploy logs`
 
     def record_inflight(self, request: DeployRequest | None, pid: int | None = None) -> None:
         """Keep the running request on disk so a restarted listener can report it; None clears it, and never
-        raises: a record left behind is reported as interrupted by the next start, which is safe. Adding the
-        pid is not fsynced: the pid only matters to a listener restarted on the same boot."""
+        raises: a record left behind is reported as interrupted by the next start, which is safe. The pid is a
+        symlink beside it, not fsynced (it only matters to a listener restarted on the same boot): no file is
+        rewritten for it (docs/benchmarks.md)."""
+        link = os.path.join(self.config.state_dir, INFLIGHT_PID)
+        if request is not None and pid is not None:
+            os.symlink(f"{request_id(request.reply_to)}:{pid}", link)
+            return
+        save_state(link, None)  # first: a link never outlives its record
         save_state(self.inflight_file, None if request is None else {
             "reply_to": request.reply_to, "action": request.action.value, "revision": request.revision,
-            "started": time.time(), "pid": pid, "generation": current_generation(self.config.profile)},
-            durable=pid is None)
+            "started": time.time(), "generation": current_generation(self.config.profile)})
 
     def interrupted(self) -> tuple[DeployRequest, str] | None:
         """At start: the deploy the in-flight record names, cut short (crash, kill), and the message telling its
@@ -2499,8 +2515,7 @@ class ListenerState:
                 os.path.exists(os.path.join(self.config.state_dir, f"{REBOOT_PREFIX}{request_id(reply_to)}.json")):
             self.record_inflight(None)  # its watchdog's or its reboot's record stands for it
             return None
-        pid = record.get("pid")
-        if isinstance(pid, int) and pid > 1:
+        if pid := inflight_pid(self.config.state_dir, request_id(reply_to)):
             with contextlib.suppress(OSError):  # an orphaned nixos-rebuild from the dead listener: stop it
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     if re.search(rb"nixos-rebuild|switch-to-configuration|nix-store|nix-env", f.read()):
@@ -2516,12 +2531,17 @@ class ListenerState:
             "re-run")
 
     def load_history(self) -> None:
-        """At start: the deploys recorded before; a corrupt file is logged and replaced, never fatal."""
+        """At start: the deploys recorded before (the history file: a JSON list, then a record a line appended
+        after it, a last line torn by a crash left out); a corrupt file is logged and replaced, never fatal."""
         try:
-            with open(self.history_file) as f:
-                records = json.load(f)
+            with open(self.history_file, "rb") as f:
+                first, *appended = f.read().split(b"\n")
+            records = json.loads(first)
             if not isinstance(records, list):
                 raise ValueError(f"a JSON {type(records).__name__}, not a list")
+            records += [json.loads(line) for line in appended[:-1]]
+            with contextlib.suppress(ValueError):  # torn: its deploy never reported a final status
+                records += [json.loads(line) for line in appended[-1:]]
             self.history = [DeployRecord.parse(r) for r in records][-HISTORY_LENGTH:]
             if self.metrics:
                 for record in self.history:
@@ -2535,7 +2555,9 @@ class ListenerState:
 
     def remember(self, request: DeployRequest, rid: str, final: DeployResponse, *, started: float,
                  before: int | None, signer: str | None) -> None:
-        """Add a finished deploy to the history file (its last HISTORY_LENGTH); a failed write is logged, not fatal."""
+        """Add a finished deploy to the history file, fsynced: appended (a record a line), rewritten with the last
+        HISTORY_LENGTH every HISTORY_LENGTH deploys, so that the file stays bounded and a deploy replaces no file
+        (docs/benchmarks.md); a failed write is logged, not fatal."""
         if request.action is Action.REBOOT:  # the history is what nixos-rebuild did; a reboot has no revision
             return
         try:
@@ -2546,8 +2568,19 @@ class ListenerState:
             self.history = (self.history + [record])[-HISTORY_LENGTH:]
             if self.metrics:
                 self.metrics.deployed(record)
-            save_state(self.history_file, [r.to_dict() for r in self.history])
+            if self.appended is None or self.appended >= HISTORY_LENGTH:
+                save_state(self.history_file, [r.to_dict() for r in self.history])
+                self.appended = 0
+            else:
+                fd = os.open(self.history_file, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+                try:
+                    os.write(fd, b"\n" + json.dumps(record.to_dict()).encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self.appended += 1
         except Exception as e:
+            self.appended = None  # the next deploy rewrites the file
             log.error("host=%s request=%s deploy not added to the history %s: %r; make %s writable",
                       self.config.hostname, rid, self.history_file, e, self.config.state_dir)
 
@@ -3598,14 +3631,9 @@ class Reboots:
 # ---------------------------------------------------------------- rollback watchdog
 
 def rebuild_exited(state_dir: str, rid: str, pid: int | None) -> tuple[int | None, bool]:
-    """(pid, exited) of request `rid`'s nixos-rebuild: its pid as the in-flight record names it (read until it
+    """(pid, exited) of request `rid`'s nixos-rebuild: its pid as the in-flight pid link names it (read until it
     does, then passed back in), and whether that process is gone; (None, False) while no pid is recorded."""
-    if pid is None:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            with open(os.path.join(state_dir, INFLIGHT_FILE)) as f:
-                record = json.load(f)
-            if request_id(record["reply_to"]) == rid and type(record["pid"]) is int and record["pid"] > 1:
-                pid = record["pid"]
+    pid = pid or inflight_pid(state_dir, rid)
     if pid is None:
         return None, False
     try:  # a zombie's cmdline is empty; a reused pid is not a nixos-rebuild
@@ -5444,8 +5472,8 @@ def keygen_command(args: argparse.Namespace) -> int:
     except OSError as e:
         exists = isinstance(e, FileExistsError) and e.filename == args.out
         raise CommandError(f"{args.out} exists; refusing to overwrite a key (remove it first or pick another name)"
-                           if exists else f"cannot write {e.filename or args.out}: {e.strerror}; give --out a path "
-                           "in a writable directory") from None
+                           if exists else f"cannot write {e.filename or args.out or 'the key'}: {e.strerror}"
+                           + ("; give --out a path in a writable directory" if args.out else "")) from None
     except NatsError as e:  # an unreadable seed is the user's file, not NATS
         raise CommandError(str(e)) from None
     return Exit.OK
@@ -6216,19 +6244,28 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError as e:
                 raise CommandError(f"--metrics-enabled needs the Python package prometheus-client ({e}); install "
                                    "it (pip install prometheus-client) or leave out --metrics-enabled") from None
-        return args.func(args)
+        code = args.func(args)
     except CommandError as e:  # the one place a command's error is printed
         print(f"error: {e}", file=sys.stderr)
-        return e.code
+        code = e.code
     except OutcomeUnknown as e:
         print(f"error: OUTCOME UNKNOWN: {e}", file=sys.stderr)
-        return Exit.OUTCOME_UNKNOWN
+        code = Exit.OUTCOME_UNKNOWN
     except NatsError as e:
         print(f"error: {e}", file=sys.stderr)
-        return Exit.NATS
+        code = Exit.NATS
     except KeyboardInterrupt as e:  # Ctrl-C in a client: one line (Interrupted says what may still run), no traceback
         print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return Exit.INTERRUPTED
+        code = Exit.INTERRUPTED
+    if argv is None:  # the whole process ends here: the interpreter's teardown would add 20 to 40 ms to each command
+        logging.shutdown()
+        try:
+            sys.stdout.flush()
+        except OSError as e:  # e.g. a closed pipe: the output is incomplete, so the command did not succeed
+            print(f"error: the output was not all written ({e.strerror})", file=sys.stderr)
+            code = code or Exit.FAILED
+        os._exit(code)
+    return code
 
 
 def mcp_command(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from tests.helpers import (
     REPO,
     TGKILL,
     deploy_args,
+    history_records,
     iter_queue,
     run_cli,
     sigterm_to_a_thread,
@@ -459,6 +460,27 @@ class TestCommandLine:
         )
         assert hd.deploy_exit([]) is hd.Exit.NO_ANSWER and hd.deploy_exit([done]) is hd.Exit.OK
         assert [hd.deploy_exit([done, other]) for other in (failed, running, skipped)] == [hd.Exit.FAILED] * 3
+
+    def test_a_command_ends_without_teardown_and_with_all_its_output(self, tmp_path):
+        """main() of the whole process flushes stdout and ends at once (os._exit: no interpreter teardown): the
+        output arrives whole, and an output that could not be written is an error, not a success."""
+        seed = tmp_path / "deployer.seed"
+        assert run_cli("keygen", "--out", str(seed)).returncode == 0
+        public = hd.public_key_of(str(seed))
+        r = run_cli("keygen", "--pubout", "--in", str(seed))
+        assert (r.returncode, r.stdout, r.stderr) == (0, public + "\n", "")
+        read, write = os.pipe()
+        os.close(read)  # a reader that went away, like `| head` done reading
+        buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # written at the end, by main()
+        with os.fdopen(write, "wb") as out:
+            r = subprocess.run(
+                [*helpers.PROGRAM, "keygen", "--pubout", "--in", str(seed)],
+                stdout=out,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=buffered,
+            )
+        assert (r.returncode, r.stderr) == (1, "error: the output was not all written (Broken pipe)\n")
 
     def test_a_command_error_is_one_line_and_its_code(self, tmp_path, capsys):
         (tmp_path / "fleet.yaml").write_text("hosts: [1]\n")
@@ -1805,7 +1827,7 @@ class TestStatus:
             ).returncode
             == 1
         )
-        history = json.loads((host.standin.dir / "state" / "history.json").read_text())
+        history = history_records(host.standin.dir / "state")
         assert oct((host.standin.dir / "state" / "history.json").stat().st_mode & 0o777) == "0o600"
         first, second = (hd.DeployRecord.parse(r) for r in history)
         assert (
@@ -1833,13 +1855,21 @@ class TestStatus:
     ):
         host = start_listener("testhost1", "test")
         bus = bus_factory(nats_server, "test-deployer")
+        history_file, lines = host.standin.dir / "state" / "history.json", []
         for i in range(hd.HISTORY_LENGTH + 2):
             hd.deploy_hosts(bus, "deploy.test.testhost1", hd.Action.TEST, f"r{i}", 30)
+            lines.append(len(history_file.read_text().split("\n")))
+            assert [r["revision"] for r in history_records(history_file.parent)][-1] == f"r{i}"
+        # appended a line a deploy, rewritten with the last 20 when 20 were appended: bounded, no file replaced
+        assert lines == [1, *range(2, hd.HISTORY_LENGTH + 2), 1]
         host.stop()
+        with history_file.open("a") as f:
+            f.write('\n{"request": "a crash tore this line')
         host.log.write_text("")  # start() waits for a new " ready " line
         host.start()
         [status] = hd.discover_hosts(bus, hd.STATUS_SUBJECT, parse=hd.HostStatus.parse)
         assert [r.revision for r in status.history] == [f"r{i}" for i in range(2, hd.HISTORY_LENGTH + 2)]
+        assert "unreadable deploy history" not in host.log_text()  # a torn last line is left out, not fatal
         host.stop()
         (host.standin.dir / "state" / "history.json").write_text('[{"request": 1}')
         host.log.write_text("")

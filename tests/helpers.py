@@ -416,6 +416,12 @@ class Rogue:
         self.bus.close()
 
 
+def history_records(state_dir: Path) -> list[dict]:
+    """A listener's history file as written: a JSON list, then a record a line appended after it."""
+    first, *appended = (state_dir / "history.json").read_text().split("\n")
+    return json.loads(first) + [json.loads(line) for line in appended]
+
+
 def start_deploy(bus, subject: str, action: str = "switch", revision: str = "main"):
     """Publish a deploy request with a fresh reply subject; returns (reply_to, queue of (subject, raw reply))."""
     import homelab_deploy

@@ -24,6 +24,7 @@ from tests.helpers import (
     TGKILL,
     Listener,
     gone,
+    history_records,
     run_cli,
     sigterm_to_a_thread,
     start_deploy,
@@ -81,7 +82,10 @@ class TestStateDirectory:
         reply_to, replies = start_deploy(bus, "deploy.test.testhost1")
         wait_for(lambda: host.standin.pids, what="nixos-rebuild to run")
         record = json.loads((host.standin.dir / "state" / "inflight.json").read_text())
-        assert record["reply_to"] == reply_to and record["action"] == "switch" and record["pid"]
+        assert record["reply_to"] == reply_to and record["action"] == "switch"
+        pid_link = host.standin.dir / "state" / "inflight.pid"  # the pid beside it: no file rewritten per deploy
+        wait_for(lambda: os.path.lexists(pid_link), what="the pid link")
+        assert os.readlink(pid_link) == f"{hd.request_id(reply_to)}:{host.standin.pids[0]}"
         host.proc.send_signal(signal.SIGKILL)  # crash / OOM: no chance to report
         host.proc.wait(10)
         host.start()
@@ -93,6 +97,7 @@ class TestStateDirectory:
             wait_for(lambda: gone(pid), what=f"orphan {pid} to be killed")
         assert len(host.standin.calls) == 1
         wait_for(lambda: not (host.standin.dir / "state" / "inflight.json").exists(), what="the record to be cleared")
+        assert not os.path.lexists(pid_link)
         host.standin.set_mode("succeed")
         _, replies = start_deploy(bus, "deploy.test.testhost1")
         assert final_reply(replies)["status"] == "completed"  # and it works normally afterwards
@@ -446,7 +451,7 @@ class TestAutomaticRollback:
         assert (reply["status"], reply["error"]) == ("failed", "rolled_back")
         assert "did not confirm over NATS within 2s after the switch of main" in reply["message"]
         assert "rolled back with `nixos-rebuild switch --rollback`" in reply["message"]
-        history = json.loads((host.standin.dir / "state" / "history.json").read_text())
+        history = history_records(host.standin.dir / "state")
         assert [
             (r["request"], r["status"], r["error"], r["generation_before"], r["generation_after"]) for r in history
         ] == [(hd.request_id(reply_to), "failed", "rolled_back", 1, 1)]
