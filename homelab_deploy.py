@@ -2049,6 +2049,7 @@ class DeployLogs:
 
     def __init__(self, config: ListenerConfig, bus: Bus, state: ListenerState):
         self.config, self.bus, self.state = config, bus, state  # state.signers: a reload replaces them
+        self.saved: list[str] | None = None  # kept() as save() left it, so a deploy lists no directory; None: list it
 
     def path(self, rid: str) -> str:
         return os.path.join(self.config.state_dir, f"{LOG_PREFIX}{rid}.json")
@@ -2073,8 +2074,10 @@ class DeployLogs:
             save_state(self.path(rid), {"request": rid, "action": request.action.value, "revision": request.revision,
                                         "finished": time.strftime(ISO_TIME_FORMAT, time.gmtime()), "lines": lines},
                        durable=False)  # not fsynced: a log lost with the machine costs no deploy
-            for old in self.kept()[:-LOGS_KEPT]:
+            saved, self.saved = (self.kept() if self.saved is None else [*self.saved, rid]), None
+            for old in saved[:-LOGS_KEPT]:
                 save_state(self.path(old), None)
+            self.saved = saved[-LOGS_KEPT:]
         except OSError as e:
             log.error("host=%s request=%s output not kept in %s (%s), so `homelab-deploy logs` cannot show it; make "
                       "%s writable", self.config.hostname, rid, self.path(rid), e.strerror, self.config.state_dir)

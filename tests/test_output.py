@@ -164,7 +164,11 @@ def test_logs_prints_every_line_of_a_long_failure(nats_server, start_listener):
 
 def test_a_host_keeps_the_output_of_its_last_five_deploys(nats_server, start_listener, bus_factory):
     host = start_listener("testhost1", "test")
-    rids = [deploy(nats_server, bus_factory, host) for _ in range(6)]
+    rids = [deploy(nats_server, bus_factory, host) for _ in range(3)]
+    host.stop()  # the next listener finds the logs kept by the one before it
+    host.log.write_text("")  # start() waits for a new " ready " line
+    host.start()
+    rids += [deploy(nats_server, bus_factory, host) for _ in range(3)]
     kept = sorted(p.name for p in (host.standin.dir / "state").glob("log-*.json"))
     assert kept == sorted(f"log-{rid}.json" for rid in rids[1:])
     r = run_cli("logs", "testhost1", "--request", rids[0], *deploy_args(nats_server, "test-deployer"))
