@@ -4540,14 +4540,14 @@ def reboot_plan(bus: Bus, subject: str, rollout: Rollout, *, only_if_needed: boo
     """A reboot's batches, planned from the hosts' status answers, and with only_if_needed the hosts whose status
     says they need no reboot, left out as `skipped` answers."""
     hosts = rollout_hosts(bus, subject, window=window, stragglers=stragglers, discover_subject=STATUS_SUBJECT,
-                          parse=HostStatus.parse)
+                          parse=HostStatus.parse, history=0)  # needs_reboot, not the deploys
     needless = [DeployResponse(h.hostname, Status.SKIPPED, message="not rebooted: it needs no reboot (only if "
                                "needed)") for h in hosts if only_if_needed and not h.needs_reboot]
     return rollout.batches([h for h in hosts if h.needs_reboot or not only_if_needed]), needless
 
 
 def rollout_hosts(bus: Bus, subject: str, *, window: float, stragglers: float, discover_subject: str,
-                  parse=HostInfo.parse) -> list:
+                  parse=HostInfo.parse, history: int | None = None) -> list:
     """The hosts whose deploy subjects include `subject` (their discovery answers, or with STATUS_SUBJECT and
     HostStatus.parse their status), sorted by hostname: only hosts of the
     subject's tier that listen on deploy.<tier>.<host>, where a rollout deploys each. A discovery answer is the
@@ -4558,7 +4558,7 @@ def rollout_hosts(bus: Bus, subject: str, *, window: float, stragglers: float, d
         raise ValueError(f"a rollout deploys each host on deploy.<tier>.<host>, so its target must be a deploy "
                          f"subject of a tier ({DEPLOY_SUBJECTS}), not {subject!r}; deploy without rollout flags")
     hosts = []
-    for h in discover_hosts(bus, discover_subject, window, stragglers, parse):
+    for h in discover_hosts(bus, discover_subject, window, stragglers, parse, history=history):
         if subject not in h.deploy_subjects:
             continue
         if h.tier != tier or f"deploy.{tier}.{h.hostname}" not in h.deploy_subjects:

@@ -192,12 +192,18 @@ class TestReboot:
             ("batch 1", ["completed"]),
         ]
 
-    def test_only_if_needed_reboots_just_the_hosts_that_need_it(self, nats_server, rebooting_host, reboot_cli):
+    def test_only_if_needed_reboots_just_the_hosts_that_need_it(
+        self, nats_server, rebooting_host, reboot_cli, bus_factory
+    ):
         needs, fine = rebooting_host("testhost1"), rebooting_host("testhost2", needs=False, role="web")
+        queries = []
+        bus_factory(nats_server, "admin").subscribe(hd.STATUS_SUBJECT, lambda _s, data, _r: queries.append(data))
         plan = run_cli(
             "reboot", "deploy.test.all", "--only-if-needed", "--plan", *deploy_args(nats_server, "test-deployer")
         )
         assert plan.stdout.splitlines() == ["needs no reboot: testhost2", "batch 1: testhost1"], plan.stderr
+        wait_for(lambda: queries, what="the plan's status query")
+        assert [json.loads(q)["history"] for q in queries] == [0]  # it needs needs_reboot, not the deploys
         cli = reboot_cli("deploy.test.all", "--only-if-needed", "--wait-timeout", "60")
         wait_for(lambda: ran(needs) == 1, what="the reboot of the host that needs it")
         boot_again(needs)
