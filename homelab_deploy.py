@@ -6263,7 +6263,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the whole process ends here: the interpreter's teardown would add 20 to 40 ms to each command
         logging.shutdown()
         try:
-            sys.stdout.flush()
+            if sys.stdout:  # None when started with descriptor 1 closed
+                sys.stdout.flush()
         except OSError as e:  # e.g. a closed pipe: the output is incomplete, so the command did not succeed
             print(f"error: the output was not all written ({e.strerror})", file=sys.stderr)
             code = code or Exit.FAILED

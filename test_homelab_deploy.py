@@ -481,6 +481,13 @@ class TestCommandLine:
                 env=buffered,
             )
         assert (r.returncode, r.stderr) == (1, "error: the output was not all written (Broken pipe)\n")
+        r = subprocess.run(  # descriptor 1 closed: Python has no sys.stdout, and print() writes nothing
+            [*helpers.PROGRAM, "keygen", "--pubout", "--in", str(seed)],
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.close(1),
+        )
+        assert (r.returncode, r.stderr) == (0, "")
 
     def test_a_command_error_is_one_line_and_its_code(self, tmp_path, capsys):
         (tmp_path / "fleet.yaml").write_text("hosts: [1]\n")
